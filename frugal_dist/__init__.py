@@ -1,0 +1,20 @@
+"""frugal_dist: FRUGAL and RSO memory-efficient optimizers for distributed LLM pre-training."""
+
+from frugal_dist.optim import (
+    FRUGAL,
+    FRUGAL_DEFAULTS,
+    build_param_groups,
+    check_param_coverage,
+    classify_parameters,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FRUGAL",
+    "FRUGAL_DEFAULTS",
+    "__version__",
+    "build_param_groups",
+    "check_param_coverage",
+    "classify_parameters",
+]

@@ -1,0 +1,179 @@
+"""A slow, obviously correct FRUGAL step: the test oracle for every fast path and every engine.
+
+One instance optimises one group of named parameters with one set of hyper-parameters. Each
+parameter is handled on its own, with explicit dense objects: a bool mask for coordinate subspaces,
+the matrix P for projections, full tensors for blocks. For parameter W with gradient G, at each
+step (``s`` = steps taken before this one, T = ``update_gap``):
+
+    if s % T == 0: choose subspace S_k, k = s // T; reset the state-full statistics if
+                   ``reset_statistics`` (or if there are none yet)
+    G_sf = down(G)                              # block: G or nothing; coord: G[mask]; proj: P^T G | G P
+    U    = StateFull(G_sf)                      # rules.py equations, written out again here
+    R    = G - up(G_sf)
+    W   <- W * (1 - lr * wd)
+    W   <- W - lr * s_p * up(U) - lr * s_p * s_i * StateFree(R)
+
+``algorithm="adamw"`` is plain AdamW on every tensor; ``algorithm="signsgd"`` / ``"sgd"`` is the
+state-free rule on every tensor (W <- W*(1-lr*wd) - lr*D).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from frugal_dist.core.seeding import block_seed, coordinate_seed, projection_seed
+from frugal_dist.core.subspaces import (
+    BlockSchedule,
+    coordinate_selection,
+    matrix_shape,
+    projection_selection,
+)
+
+
+class ReferenceFRUGAL:
+    """Reference FRUGAL for one group: ``step()`` reads ``p.grad`` of each named parameter."""
+
+    def __init__(
+        self,
+        named_params: list[tuple[str, Tensor]],
+        *,
+        algorithm: str = "frugal",
+        lr: float = 1e-3,
+        density: float = 0.25,
+        update_gap: int = 200,
+        subspace: str = "block",
+        block_order: str = "descending",
+        coord_choice: str = "columns",
+        proj_type: str = "random",
+        proj_side: str = "auto",
+        state_full: str = "adamw",
+        state_free: str = "signsgd",
+        inactive_lr_scale: float = 1.0,
+        proj_params_lr_scale: float = 1.0,
+        reset_statistics: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.named_params = list(named_params)
+        self.h = dict(
+            algorithm=algorithm, lr=lr, density=density, update_gap=update_gap,
+            subspace=subspace, block_order=block_order, coord_choice=coord_choice,
+            proj_type=proj_type, proj_side=proj_side, state_full=state_full,
+            state_free=state_free, s_i=inactive_lr_scale, s_p=proj_params_lr_scale,
+            reset=reset_statistics, betas=betas, eps=eps, wd=weight_decay, seed=seed,
+        )  # fmt: skip
+        names = [n for n, _ in self.named_params]
+        self.schedule = BlockSchedule(len(names), density, block_order, block_seed(seed, names))
+        self.state: dict[str, dict] = {n: {"step": 0} for n in names}
+
+    # ---------------------------------------------------------------------------- the rules
+    def _state_full(self, st: dict, g: Tensor) -> Tensor:
+        h = self.h
+        b1, b2 = h["betas"]
+        st["t"] += 1
+        t = st["t"]
+        if h["state_full"] == "adamw" or h["algorithm"] == "adamw":
+            st["m"] = b1 * st["m"] + (1 - b1) * g
+            st["v"] = b2 * st["v"] + (1 - b2) * g * g
+            m_hat = st["m"] / (1 - b1**t)
+            return m_hat / (st["v"].sqrt() / math.sqrt(1 - b2**t) + h["eps"])
+        if h["state_full"] == "sgdm":
+            st["m"] = b1 * st["m"] + g
+            return st["m"].clone()
+        if h["state_full"] == "lion":
+            d = torch.sign(b1 * st["m"] + (1 - b1) * g)
+            st["m"] = b2 * st["m"] + (1 - b2) * g
+            return d
+        raise ValueError(h["state_full"])
+
+    def _state_free(self, r: Tensor, rule: str) -> Tensor:
+        if rule == "signsgd":
+            return torch.sign(r)
+        if rule == "sgd":
+            return r
+        return torch.zeros_like(r)
+
+    @staticmethod
+    def _zero_stats(st: dict, like: Tensor) -> None:
+        st["m"] = torch.zeros_like(like)
+        st["v"] = torch.zeros_like(like)
+        st["t"] = 0
+
+    # ---------------------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self) -> None:
+        h = self.h
+        for idx, (name, p) in enumerate(self.named_params):
+            if p.grad is None:
+                continue
+            st = self.state[name]
+            s = st["step"]
+            st["step"] = s + 1
+            m, n = matrix_shape(p.shape)
+            g = p.grad.detach().float().reshape(m, n)
+            w = p.detach().float().reshape(m, n)
+            w = w * (1 - h["lr"] * h["wd"])
+
+            if h["algorithm"] == "adamw":
+                if s == 0:
+                    self._zero_stats(st, g)
+                w = w - h["lr"] * self._state_full(st, g)
+            elif h["algorithm"] in ("signsgd", "sgd"):
+                w = w - h["lr"] * self._state_free(g, h["algorithm"])
+            else:
+                refresh = s % h["update_gap"] == 0
+                k = s // h["update_gap"]
+                kind = h["subspace"]
+                if kind == "block":
+                    active = idx in self.schedule.active(k)
+                    g_sf = g if active else None
+                    if refresh:
+                        if active and (h["reset"] or "m" not in st):
+                            self._zero_stats(st, g)
+                        if not active:
+                            for key in ("m", "v", "t"):
+                                st.pop(key, None)
+                    if active:
+                        up_u = self._state_full(st, g)
+                        r = torch.zeros_like(g)
+                    else:
+                        up_u = torch.zeros_like(g)
+                        r = g
+                elif kind == "coordinate":
+                    if refresh:
+                        sel = coordinate_selection(
+                            (m, n), h["density"], h["coord_choice"], coordinate_seed(h["seed"], name, k)
+                        )
+                        st["mask"] = sel.dense_mask()
+                    mask = st["mask"]
+                    g_sf = g[mask]  # row-major order
+                    if refresh and (h["reset"] or "m" not in st):
+                        self._zero_stats(st, g_sf)
+                    u = self._state_full(st, g_sf)
+                    up_u = torch.zeros_like(g)
+                    up_u[mask] = u
+                    r = g.clone()
+                    r[mask] = 0.0
+                else:  # projection
+                    if refresh:
+                        st["P"] = projection_selection(
+                            (m, n), h["density"], h["proj_type"], h["proj_side"],
+                            projection_seed(h["seed"], name, k), grad=g,
+                        )  # fmt: skip
+                    sel = st["P"]
+                    P = sel.basis.to(g.device)
+                    g_sf = P.T @ g if sel.side == "left" else g @ P
+                    if refresh and (h["reset"] or "m" not in st):
+                        self._zero_stats(st, g_sf)
+                    u = self._state_full(st, g_sf)
+                    up_u = P @ u if sel.side == "left" else u @ P.T
+                    up_g = P @ g_sf if sel.side == "left" else g_sf @ P.T
+                    r = g - up_g
+                free = self._state_free(r, h["state_free"])
+                w = w - h["lr"] * h["s_p"] * up_u - h["lr"] * h["s_p"] * h["s_i"] * free
+            p.copy_(w.reshape(p.shape).to(p.dtype))

@@ -1,0 +1,266 @@
+"""Which coordinates of a gradient are "state-full": block schedules, coordinate sets, projections.
+
+Every choice here is a pure function of (seed, parameter name or group, refresh index k) -- and, for
+``proj_type="svd"``, of the gradient at the refresh. Nothing communicates.
+
+A parameter of shape (d0, d1, ...) is viewed as the matrix (m, n) = (d0, d1*...); a 1-D tensor as
+(1, n). Counts use round-half-up: ``k = floor(rho * dim + 0.5)``.
+
+Subspace kinds (DESIGN section 1):
+
+* block      -- S = whole tensors. Of the group's n tensors, a = max(1, round(rho*n)) (0 if rho=0)
+                are active per refresh. A *pass* is W = ceil(n/a) consecutive windows; window j of a
+                pass covers positions [min(j*a, n-a), +a) of the pass's ordering:
+                ``ascending`` model order, ``descending`` reversed model order, ``mirror`` alternates
+                ascending / descending passes, ``random`` a fresh permutation per pass.
+* coordinate -- S = a random subset of ``columns`` (k = round(rho*n) of them), ``rows``
+                (k = round(rho*m)), or ``randk`` single entries (k = round(rho*m*n)). The compact
+                coordinates are the selected entries in row-major order, so a contiguous flat
+                fragment of the parameter maps to a contiguous slice of the compact state.
+* projection -- S = span of an orthonormal basis P with r = round(rho*min(m,n)) columns.
+                ``right``: P is (n, r), down(G) = G P (m, r), up(U) = U P^T.
+                ``left``:  P is (m, r), down(G) = P^T G (r, n), up(U) = P U.
+                ``auto`` (GaLore's rule) projects the smaller dimension: right if m >= n else left.
+                ``random``: QR of a Gaussian; ``randperm``: r random columns of the identity;
+                ``svd``: the top-r singular vectors of the gradient at the refresh.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from frugal_dist.core.seeding import derive_seed, make_generator
+
+BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
+COORD_CHOICES = ("columns", "rows", "randk")
+PROJ_TYPES = ("svd", "random", "randperm")
+PROJ_SIDES = ("auto", "left", "right")
+
+
+def round_half_up(x: float) -> int:
+    """``floor(x + 0.5)``: the rounding used for every subspace size (not banker's rounding)."""
+    return int(math.floor(x + 0.5))
+
+
+def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """The (m, n) matrix view of a parameter shape: (d0, d1*d2*...), or (1, n) for 1-D."""
+    if len(shape) == 0:
+        return (1, 1)
+    if len(shape) == 1:
+        return (1, int(shape[0]))
+    return (int(shape[0]), int(math.prod(shape[1:])))
+
+
+# ----------------------------------------------------------------------------------------- block
+@dataclass(frozen=True)
+class BlockSchedule:
+    """The active set of a group of ``num_blocks`` tensors at each refresh (see module doc)."""
+
+    num_blocks: int
+    density: float
+    order: str
+    seed: int
+
+    @property
+    def num_active(self) -> int:
+        n = self.num_blocks
+        if n == 0 or self.density <= 0.0:
+            return 0
+        return min(n, max(1, round_half_up(self.density * n)))
+
+    @property
+    def windows_per_pass(self) -> int:
+        a = self.num_active
+        return 0 if a == 0 else -(-self.num_blocks // a)
+
+    def ordering(self, pass_index: int) -> list[int]:
+        """The order in which pass ``pass_index`` visits the tensors."""
+        n = self.num_blocks
+        if self.order == "ascending":
+            return list(range(n))
+        if self.order == "descending":
+            return list(range(n - 1, -1, -1))
+        if self.order == "mirror":
+            return list(range(n)) if pass_index % 2 == 0 else list(range(n - 1, -1, -1))
+        if self.order == "random":
+            gen = make_generator(derive_seed(self.seed, "block-pass", pass_index))
+            return torch.randperm(n, generator=gen).tolist()
+        raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {self.order!r}")
+
+    def active(self, refresh: int) -> frozenset[int]:
+        """Indices (model order) of the tensors that are state-full during refresh ``refresh``."""
+        a = self.num_active
+        if a == 0:
+            return frozenset()
+        w = self.windows_per_pass
+        pass_index, window = divmod(int(refresh), w)
+        start = min(window * a, self.num_blocks - a)
+        return frozenset(self.ordering(pass_index)[start : start + a])
+
+
+# ------------------------------------------------------------------------------------ coordinate
+@dataclass
+class CoordinateSelection:
+    """A set of entries of an (m, n) matrix; ``index`` is sorted (column, row or flat indices)."""
+
+    choice: str
+    shape: tuple[int, int]
+    index: Tensor  # int64, sorted
+
+    @property
+    def numel(self) -> int:
+        m, n = self.shape
+        k = int(self.index.numel())
+        return {"columns": m * k, "rows": k * n, "randk": k}[self.choice]
+
+    @property
+    def compact_shape(self) -> tuple[int, ...]:
+        m, n = self.shape
+        k = int(self.index.numel())
+        return {"columns": (m, k), "rows": (k, n), "randk": (k,)}[self.choice]
+
+    def to(self, device: torch.device) -> CoordinateSelection:
+        return CoordinateSelection(self.choice, self.shape, self.index.to(device))
+
+    def gather(self, g: Tensor) -> Tensor:
+        """The selected entries of matrix ``g`` in compact form (a new tensor)."""
+        if self.choice == "columns":
+            return g.index_select(1, self.index)
+        if self.choice == "rows":
+            return g.index_select(0, self.index)
+        return g.reshape(-1).index_select(0, self.index)
+
+    def scatter_(self, out: Tensor, compact: Tensor) -> Tensor:
+        """``out[selected] = compact`` in place on matrix ``out``; returns ``out``."""
+        if self.choice == "columns":
+            out.index_copy_(1, self.index, compact)
+        elif self.choice == "rows":
+            out.index_copy_(0, self.index, compact)
+        else:
+            out.view(-1).index_copy_(0, self.index, compact)
+        return out
+
+    def fill_(self, out: Tensor, value: float) -> Tensor:
+        """``out[selected] = value`` in place on matrix ``out``."""
+        if self.choice == "columns":
+            out.index_fill_(1, self.index, value)
+        elif self.choice == "rows":
+            out.index_fill_(0, self.index, value)
+        else:
+            out.view(-1).index_fill_(0, self.index, value)
+        return out
+
+    def dense_mask(self) -> Tensor:
+        """A bool (m, n) mask of the selected entries."""
+        m, n = self.shape
+        mask = torch.zeros(m, n, dtype=torch.bool, device=self.index.device)
+        return self.fill_(mask, True)
+
+    def flat_index(self) -> Tensor:
+        """Sorted row-major flat indices of the selected entries (the compact order)."""
+        return self.dense_mask().reshape(-1).nonzero().reshape(-1)
+
+
+def coordinate_selection(
+    shape: tuple[int, int], density: float, choice: str, seed: int
+) -> CoordinateSelection:
+    """Draw the coordinate subspace of an (m, n) matrix from ``seed`` (CPU generator)."""
+    m, n = shape
+    gen = make_generator(seed)
+    if choice == "columns":
+        dim = n
+    elif choice == "rows":
+        dim = m
+    elif choice == "randk":
+        dim = m * n
+    else:
+        raise ValueError(f"coord_choice must be one of {COORD_CHOICES}, got {choice!r}")
+    k = min(dim, round_half_up(density * dim))
+    index = torch.randperm(dim, generator=gen)[:k].sort().values
+    return CoordinateSelection(choice, (m, n), index)
+
+
+# ------------------------------------------------------------------------------------ projection
+@dataclass
+class ProjectionSelection:
+    """An orthonormal basis ``basis`` of the state-full subspace and the side it acts on."""
+
+    side: str  # "left" | "right"
+    basis: Tensor  # (m, r) for left, (n, r) for right; float32
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[1])
+
+    def compact_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        m, n = shape
+        return (self.rank, n) if self.side == "left" else (m, self.rank)
+
+    def down(self, g: Tensor) -> Tensor:
+        """Coordinates of matrix ``g`` in the subspace: P^T g (left) or g P (right)."""
+        p = self.basis.to(g.dtype)
+        return p.T @ g if self.side == "left" else g @ p
+
+    def up(self, u: Tensor) -> Tensor:
+        """The matrix whose subspace coordinates are ``u``: P u (left) or u P^T (right)."""
+        p = self.basis.to(u.dtype)
+        return p @ u if self.side == "left" else u @ p.T
+
+
+def resolve_side(side: str, shape: tuple[int, int]) -> str:
+    """``auto`` -> project the smaller dimension (right if m >= n else left)."""
+    if side == "auto":
+        m, n = shape
+        return "right" if m >= n else "left"
+    if side not in ("left", "right"):
+        raise ValueError(f"proj_side must be one of {PROJ_SIDES}, got {side!r}")
+    return side
+
+
+def projection_rank(shape: tuple[int, int], density: float) -> int:
+    return min(min(shape), round_half_up(density * min(shape)))
+
+
+def projection_selection(
+    shape: tuple[int, int],
+    density: float,
+    proj_type: str,
+    side: str,
+    seed: int,
+    grad: Tensor | None = None,
+) -> ProjectionSelection:
+    """Build the basis of a projection subspace (see module doc); ``grad`` is needed for svd.
+
+    ``random`` and ``randperm`` bases are drawn on the CPU in float64 (identical on every rank and
+    device) and returned as float32 on the CPU; ``svd`` runs on ``grad``'s device in float32.
+    """
+    m, n = shape
+    side = resolve_side(side, shape)
+    dim = m if side == "left" else n
+    r = projection_rank(shape, density)
+    if proj_type == "random":
+        gen = make_generator(seed)
+        gauss = torch.randn(dim, r, generator=gen, dtype=torch.float64)
+        q, rr = torch.linalg.qr(gauss, mode="reduced")
+        # Fix the sign ambiguity of QR so the basis is a deterministic function of the draw.
+        signs = torch.sign(torch.diagonal(rr))
+        signs[signs == 0] = 1.0
+        basis = (q * signs).to(torch.float32)
+    elif proj_type == "randperm":
+        gen = make_generator(seed)
+        idx = torch.randperm(dim, generator=gen)[:r].sort().values
+        basis = torch.zeros(dim, r, dtype=torch.float32)
+        basis[idx, torch.arange(r)] = 1.0
+    elif proj_type == "svd":
+        if grad is None:
+            raise ValueError("proj_type='svd' needs the gradient at the refresh")
+        g = grad.reshape(m, n).float()
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        basis = (u[:, :r] if side == "left" else vh[:r].T).contiguous()
+    else:
+        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+    return ProjectionSelection(side, basis)

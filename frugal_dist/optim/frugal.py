@@ -1,0 +1,424 @@
+"""``FRUGAL``: full-rank updates with gradient splitting (Zmushko et al., ICML 2025).
+
+For a split parameter W with gradient G and state-full subspace S (re-chosen every ``update_gap``
+= T steps from (seed, name, refresh index)):
+
+    G_sf = down(G)                 U = StateFull(G_sf)            R = G - up(G_sf)
+    W   <- W * (1 - lr * weight_decay)
+    W   <- W - lr * s_p * up(U) - lr * s_p * s_i * StateFree(R)
+
+with s_p = ``proj_params_lr_scale`` and s_i = ``inactive_lr_scale``. Groups with
+``algorithm="adamw"`` run AdamW, ``"signsgd"``/``"sgd"`` the state-free rule on the whole tensor.
+The subspace kinds, their sizes and schedules are documented in ``frugal_dist.core.subspaces``;
+the rules in ``frugal_dist.core.rules``; ``frugal_dist.core.reference`` is the oracle this fast path
+is tested against.
+
+State is tensors only, created lazily in ``step()``:
+``step`` (float32 scalar: steps taken), and for the state-full part ``sf_step`` (steps since the
+last reset, for bias correction) plus the rule's buffers (``exp_avg``, ``exp_avg_sq`` /
+``momentum_buffer``), shaped like the compact gradient: the whole tensor for an active block,
+(m, k) / (k, n) / (k,) for coordinates, (m, r) / (r, n) for projections. ``svd`` projections also
+keep their basis ``proj_basis`` (it depends on a past gradient); random bases and coordinate sets
+are rebuilt from the seed. Inactive blocks keep no buffers at all.
+
+Communication: none. This single-process optimizer is what every engine adapter wraps; under DDP
+the gradients it sees are already averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from frugal_dist.core.rules import (
+    state_free_direction,
+    state_free_directions,
+    state_full_directions,
+    state_full_keys,
+)
+from frugal_dist.core.seeding import block_seed, coordinate_seed, projection_seed
+from frugal_dist.core.subspaces import (
+    BlockSchedule,
+    CoordinateSelection,
+    ProjectionSelection,
+    coordinate_selection,
+    matrix_shape,
+    projection_selection,
+    resolve_side,
+)
+from frugal_dist.optim.validation import check_known_keys, validate_options
+
+FRUGAL_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-3,
+    algorithm="frugal",
+    density=0.25,
+    update_gap=200,
+    subspace="block",
+    block_order="descending",
+    coord_choice="columns",
+    proj_type="random",
+    proj_side="auto",
+    state_full="adamw",
+    state_free="signsgd",
+    inactive_lr_scale=1.0,
+    proj_params_lr_scale=1.0,
+    reset_statistics=True,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    seed=0,
+)
+SCALAR_KEYS = ("step", "sf_step")
+GROUP_KEYS = frozenset(FRUGAL_DEFAULTS) | {"params", "names", "name", "initial_lr"}
+
+
+def _apply(p: Tensor, direction: Tensor, alpha: float) -> None:
+    """``p += alpha * direction``; low-precision params are updated through float32."""
+    d = direction.view(p.shape)
+    if p.dtype == d.dtype:
+        p.add_(d, alpha=alpha)
+    else:
+        p.copy_(p.float().add_(d, alpha=alpha))
+
+
+class FRUGAL(Optimizer):
+    """FRUGAL optimizer (see the module docstring for the update equations and the state).
+
+    Args:
+        params: parameters or param groups. Groups should carry ``names`` (a list of parameter names,
+            as made by ``build_param_groups``): the subspace of a parameter is a pure function of
+            (seed, name, refresh index), so names make runs reproducible across engines. Unnamed
+            parameters are named ``"<group>.<position>"``.
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (decoupled weight decay on every
+            parameter; state-free lr = lr * proj_params_lr_scale * inactive_lr_scale).
+        density: rho in [0, 1], the fraction of each split parameter that is state-full.
+        update_gap: T >= 1, steps between subspace refreshes.
+        subspace: "block" | "coordinate" | "projection".
+        block_order, coord_choice, proj_type, proj_side: choices of each subspace kind.
+        state_full: "adamw" | "sgdm" | "lion"; state_free: "signsgd" | "sgd" | "none".
+        reset_statistics: zero the state-full buffers (and restart bias correction) at each refresh.
+        seed: base seed of every subspace choice (all ranks must share it).
+        algorithm: per-group "frugal" | "adamw" | "signsgd" | "sgd".
+    """
+
+    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
+        check_known_keys(kwargs, set(FRUGAL_DEFAULTS), "FRUGAL(...) arguments")
+        defaults = {**FRUGAL_DEFAULTS, **kwargs}
+        if isinstance(defaults["betas"], list):
+            defaults["betas"] = tuple(defaults["betas"])
+        validate_options(defaults, "FRUGAL(...) arguments")
+        super().__init__(params, defaults)
+        self._selections: dict[Tensor, tuple[int, Any]] = {}
+        self._schedules: dict[int, BlockSchedule] = {}
+
+    # ------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        idx = len(self.param_groups)
+        where = f"param group {idx} ({param_group.get('name', 'unnamed')})"
+        check_known_keys({k: v for k, v in param_group.items()}, GROUP_KEYS, where)
+        if isinstance(param_group.get("betas"), list):
+            param_group["betas"] = tuple(param_group["betas"])
+        validate_options(param_group, where)
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        names = param_group.get("names")
+        if names is None:
+            label = param_group.get("name", f"group{idx}")
+            names = [f"{label}.{i}" for i in range(len(params))]
+        names = list(names)
+        if len(names) != len(params):
+            raise ValueError(f"{where}: 'names' has {len(names)} entries for {len(params)} params")
+        param_group["names"] = names
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["algorithm"] == "frugal" and group["subspace"] == "projection":
+            for name, p in zip(group["names"], group["params"]):
+                if p.ndim < 2:
+                    raise ValueError(
+                        f"subspace='projection' needs 2-D (or higher) tensors, but {name!r} in "
+                        f"{where} has shape {tuple(p.shape)}; put it in an algorithm='adamw' group "
+                        "(build_param_groups does) or use subspace='block'/'coordinate'"
+                    )
+
+    # ------------------------------------------------------------------------- helpers
+    def _schedule(self, group: dict[str, Any]) -> BlockSchedule:
+        key = id(group)
+        sched = BlockSchedule(
+            len(group["params"]), group["density"], group["block_order"],
+            block_seed(group["seed"], group["names"]),
+        )  # fmt: skip
+        if self._schedules.get(key) != sched:
+            self._schedules[key] = sched
+        return self._schedules[key]
+
+    def _coordinate(self, p: Tensor, name: str, k: int, group: dict) -> CoordinateSelection:
+        cached = self._selections.get(p)
+        if cached is None or cached[0] != k:
+            sel = coordinate_selection(
+                matrix_shape(p.shape), group["density"], group["coord_choice"],
+                coordinate_seed(group["seed"], name, k),
+            ).to(p.device)  # fmt: skip
+            self._selections[p] = (k, sel)
+            return sel
+        return cached[1]
+
+    def _projection(
+        self, p: Tensor, name: str, k: int, group: dict, grad: Tensor | None
+    ) -> ProjectionSelection:
+        """The basis for refresh k: new from (seed, name, k) or the gradient when ``grad`` is given."""
+        cached = self._selections.get(p)
+        if grad is None and cached is not None and cached[0] == k:
+            return cached[1]
+        shape = matrix_shape(p.shape)
+        st = self.state[p]
+        if group["proj_type"] == "svd" and grad is None:
+            if "proj_basis" not in st:
+                raise RuntimeError(f"svd basis of {name!r} missing from the optimizer state")
+            sel = ProjectionSelection(resolve_side(group["proj_side"], shape), st["proj_basis"])
+        else:
+            sel = projection_selection(
+                shape, group["density"], group["proj_type"], group["proj_side"],
+                projection_seed(group["seed"], name, k), grad=grad,
+            )  # fmt: skip
+            sel = ProjectionSelection(sel.side, sel.basis.to(p.device))
+            if group["proj_type"] == "svd":
+                st["proj_basis"] = sel.basis
+        self._selections[p] = (k, sel)
+        return sel
+
+    @staticmethod
+    def _reset_buffers(st: dict[str, Tensor], rule: str, shape: tuple[int, ...], device) -> None:
+        for key in state_full_keys(rule):
+            st[key] = torch.zeros(shape, dtype=torch.float32, device=device)
+        st["sf_step"] = torch.zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def _drop_buffers(st: dict[str, Tensor], rule: str) -> None:
+        for key in (*state_full_keys(rule), "sf_step"):
+            st.pop(key, None)
+
+    @staticmethod
+    def _advance(st: dict[str, Tensor]) -> int:
+        """Increment ``step``; return the number of steps taken *before* this one."""
+        if "step" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+        s = int(st["step"].item())
+        st["step"] += 1
+        return s
+
+    # ------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            algo = group["algorithm"]
+            if algo == "adamw":
+                self._step_adamw(group)
+            elif algo in ("signsgd", "sgd"):
+                self._step_state_free(group)
+            else:
+                self._step_frugal(group)
+        return loss
+
+    def _step_adamw(self, group: dict[str, Any]) -> None:
+        params, grads, bufs, steps = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if self._advance(st) == 0 or "sf_step" not in st:
+                self._reset_buffers(st, "adamw", tuple(p.shape), p.device)
+            st["sf_step"] += 1
+            params.append(p)
+            grads.append(p.grad.float())
+            bufs.append(st)
+            steps.append(int(st["sf_step"].item()))
+        if not params:
+            return
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        dirs = state_full_directions("adamw", grads, bufs, steps, group["betas"], group["eps"])
+        for p, d in zip(params, dirs):
+            _apply(p, d, -lr)
+
+    def _step_state_free(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            self._advance(self.state[p])
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        dirs = state_free_directions(group["algorithm"], [p.grad.float() for p in params])
+        assert dirs is not None
+        for p, d in zip(params, dirs):
+            _apply(p, d, -lr)
+
+    def _step_frugal(self, group: dict[str, Any]) -> None:
+        kind, gap, rule = group["subspace"], group["update_gap"], group["state_full"]
+        reset, free_rule = group["reset_statistics"], group["state_free"]
+        lr, wd = group["lr"], group["weight_decay"]
+        s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
+        schedule = self._schedule(group) if kind == "block" else None
+
+        touched: list[Tensor] = []
+        dense_p: list[Tensor] = []  # active blocks: the whole tensor is state-full
+        free_p: list[Tensor] = []  # inactive blocks: the whole tensor is state-free
+        free_g: list[Tensor] = []
+        compact: list[tuple[Tensor, Tensor, Any]] = []  # (param, grad matrix, selection)
+        sf_grads: list[Tensor] = []
+        sf_state: list[dict[str, Tensor]] = []
+        sf_steps: list[int] = []
+
+        for idx, (p, name) in enumerate(zip(group["params"], group["names"])):
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            s = self._advance(st)
+            k, refresh = divmod(s, gap)[0], s % gap == 0
+            touched.append(p)
+            g = p.grad.float()
+            if kind == "block":
+                assert schedule is not None
+                active = idx in schedule.active(k)
+                if refresh:
+                    if not active:
+                        self._drop_buffers(st, rule)
+                    elif reset or "sf_step" not in st:
+                        self._reset_buffers(st, rule, tuple(p.shape), p.device)
+                if not active:
+                    free_p.append(p)
+                    free_g.append(g)
+                    continue
+                dense_p.append(p)
+                g_sf = g
+            else:
+                m_n = matrix_shape(p.shape)
+                g2 = g.reshape(m_n)
+                if kind == "coordinate":
+                    sel: Any = self._coordinate(p, name, k, group)
+                    g_sf = sel.gather(g2)
+                    shape = sel.compact_shape
+                else:
+                    sel = self._projection(p, name, k, group, g2 if refresh else None)
+                    g_sf = sel.down(g2)
+                    shape = sel.compact_shape(m_n)
+                if refresh and (reset or "sf_step" not in st):
+                    self._reset_buffers(st, rule, tuple(shape), p.device)
+                compact.append((p, g2, sel))
+            st["sf_step"] += 1
+            sf_grads.append(g_sf)
+            sf_state.append(st)
+            sf_steps.append(int(st["sf_step"].item()))
+
+        if not touched:
+            return
+        if wd != 0.0:
+            torch._foreach_mul_(touched, 1.0 - lr * wd)
+        dirs = state_full_directions(rule, sf_grads, sf_state, sf_steps, group["betas"], group["eps"])
+        n_dense = len(dense_p)
+        for p, d in zip(dense_p, dirs[:n_dense]):
+            _apply(p, d, -lr * s_p)
+        if free_p:
+            fdirs = state_free_directions(free_rule, free_g)
+            if fdirs is not None:
+                for p, d in zip(free_p, fdirs):
+                    _apply(p, d, -lr * s_p * s_i)
+        for (p, g2, sel), u, g_sf in zip(compact, dirs[n_dense:], sf_grads[n_dense:]):
+            if kind == "coordinate":
+                full = state_free_direction(free_rule, g2)
+                if full is None:
+                    full = torch.zeros_like(g2)
+                elif s_i != 1.0:
+                    full.mul_(s_i)
+                sel.scatter_(full, u)  # selected entries: up(U); others: s_i * F(G)
+            else:
+                residual = g2 - sel.up(g_sf)
+                full = state_free_direction(free_rule, residual)
+                if full is None:
+                    full = sel.up(u)
+                else:
+                    if s_i != 1.0:
+                        full.mul_(s_i)
+                    full.add_(sel.up(u))
+            _apply(p, full, -lr * s_p)
+
+    # ------------------------------------------------------------------------- accounting
+    def state_bytes(self) -> int:
+        """Bytes of every tensor in the optimizer state on this process."""
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, Tensor):
+                    total += v.numel() * v.element_size()
+        return total
+
+    def aux_bytes(self) -> int:
+        """Bytes of rebuildable metadata (coordinate indices, random projection bases)."""
+        total = 0
+        for _, sel in self._selections.values():
+            t = sel.index if isinstance(sel, CoordinateSelection) else sel.basis
+            total += t.numel() * t.element_size()
+        return total
+
+    # ------------------------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``; names must match (a checkpoint of another model is refused).
+
+        State tensors keep their saved dtype (torch's default would cast float32 moments to the
+        dtype of a bf16 parameter). The saved seed and hyper-parameters are restored.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"checkpoint has {len(saved_groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}: it comes from another model or param-group layout"
+            )
+        for gi, (saved, cur) in enumerate(zip(saved_groups, self.param_groups)):
+            if "names" in saved and list(saved["names"]) != list(cur["names"]):
+                diff = next(
+                    (i for i, (a, b) in enumerate(zip(saved["names"], cur["names"])) if a != b),
+                    min(len(saved["names"]), len(cur["names"])),
+                )
+                raise ValueError(
+                    f"checkpoint param group {gi} does not match this model: parameter {diff} is "
+                    f"{_at(saved['names'], diff)!r} in the checkpoint but {_at(cur['names'], diff)!r} "
+                    "here. Load a checkpoint of the same model and param-group rules."
+                )
+        saved_dtypes = {
+            pid: {k: v.dtype for k, v in st.items() if isinstance(v, Tensor)}
+            for pid, st in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        id_map = {
+            pid: p
+            for pid, p in zip(
+                (i for g in saved_groups for i in g["params"]),
+                (p for g in self.param_groups for p in g["params"]),
+            )
+        }
+        for pid, dtypes in saved_dtypes.items():
+            p = id_map.get(pid)
+            if p is None:
+                continue
+            st = self.state[p]
+            for key, dtype in dtypes.items():
+                if key in SCALAR_KEYS:  # counters stay float32 on the CPU (no device syncs)
+                    st[key] = state_dict["state"][pid][key].detach().to("cpu", torch.float32).clone()
+                elif key in st and st[key].dtype != dtype:
+                    st[key] = state_dict["state"][pid][key].to(device=st[key].device, dtype=dtype)
+        self._selections.clear()
+        self._schedules.clear()
+
+
+def _at(seq: list[str], i: int) -> str | None:
+    return seq[i] if i < len(seq) else None

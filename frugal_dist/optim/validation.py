@@ -1,0 +1,79 @@
+"""Argument validation: every bad value raises ``ValueError`` naming the argument and what is allowed."""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+from frugal_dist.core.rules import STATE_FREE_RULES, STATE_FULL_RULES
+from frugal_dist.core.subspaces import BLOCK_ORDERS, COORD_CHOICES, PROJ_SIDES, PROJ_TYPES
+
+ALGORITHMS = ("frugal", "adamw", "signsgd", "sgd")
+SUBSPACES = ("block", "coordinate", "projection")
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "algorithm": ALGORITHMS,
+    "subspace": SUBSPACES,
+    "block_order": BLOCK_ORDERS,
+    "coord_choice": COORD_CHOICES,
+    "proj_type": PROJ_TYPES,
+    "proj_side": PROJ_SIDES,
+    "state_full": STATE_FULL_RULES,
+    "state_free": STATE_FREE_RULES,
+}
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_real(name: str, x: Any, lo: float, hi: float | None, lo_open: bool = False) -> None:
+    ok = _is_real(x) and (x > lo if lo_open else x >= lo) and (hi is None or x <= hi)
+    if not ok:
+        lo_s = f"> {lo}" if lo_open else f">= {lo}"
+        rng = f"a number {lo_s}" + (f" and <= {hi}" if hi is not None else "")
+        raise ValueError(f"{name} must be {rng}, got {x!r}")
+
+
+def validate_options(opts: Mapping[str, Any], where: str = "") -> None:
+    """Check every known option present in ``opts`` (a defaults dict or a param group)."""
+    at = f" (in {where})" if where else ""
+    for key, choices in CHOICES.items():
+        if key in opts and opts[key] not in choices:
+            raise ValueError(f"{key} must be one of {list(choices)}, got {opts[key]!r}{at}")
+    if "lr" in opts:
+        _check_real(f"lr{at}", opts["lr"], 0.0, None)
+    if "density" in opts:
+        _check_real(f"density{at}", opts["density"], 0.0, 1.0)
+    if "update_gap" in opts:
+        gap = opts["update_gap"]
+        if not (isinstance(gap, int) and not isinstance(gap, bool) and gap >= 1):
+            raise ValueError(f"update_gap must be an integer >= 1, got {gap!r}{at}")
+    for key in ("inactive_lr_scale", "proj_params_lr_scale", "weight_decay"):
+        if key in opts:
+            _check_real(f"{key}{at}", opts[key], 0.0, None)
+    if "eps" in opts:
+        _check_real(f"eps{at}", opts["eps"], 0.0, None)
+    if "betas" in opts:
+        b = opts["betas"]
+        if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(_is_real(x) for x in b)) or not all(
+            0.0 <= x < 1.0 for x in b
+        ):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {b!r}{at}")
+    if "reset_statistics" in opts and not isinstance(opts["reset_statistics"], bool):
+        raise ValueError(f"reset_statistics must be True or False, got {opts['reset_statistics']!r}{at}")
+    if "seed" in opts and not (isinstance(opts["seed"], int) and not isinstance(opts["seed"], bool)):
+        raise ValueError(f"seed must be an integer, got {opts['seed']!r}{at}")
+
+
+def check_known_keys(opts: Mapping[str, Any], allowed: set[str] | frozenset[str], where: str) -> None:
+    """Unknown keys are errors (a typo must never be silently ignored), with a suggestion."""
+    for key in opts:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"unknown option {key!r} in {where}{hint} Allowed options: {sorted(allowed)}"
+            )
