@@ -7,8 +7,8 @@ step (``s`` = steps taken before this one, T = ``update_gap``):
 
     if s % T == 0: choose subspace S_k, k = s // T; reset the state-full statistics if
                    ``reset_statistics`` (or if there are none yet)
-    G_sf = down(G)                              # block: G or nothing; coord: G[mask]; proj: P^T G | G P
-    U    = StateFull(G_sf)                      # rules.py equations, written out again here
+    G_sf = down(G)                # block: G or nothing; coord: G[mask]; proj: P^T G | G P
+    U    = StateFull(G_sf)        # rules.py equations, written out again here
     R    = G - up(G_sf)
     W   <- W * (1 - lr * wd)
     W   <- W - lr * s_p * up(U) - lr * s_p * s_i * StateFree(R)
@@ -147,7 +147,10 @@ class ReferenceFRUGAL:
                 elif kind == "coordinate":
                     if refresh:
                         sel = coordinate_selection(
-                            (m, n), h["density"], h["coord_choice"], coordinate_seed(h["seed"], name, k)
+                            (m, n),
+                            h["density"],
+                            h["coord_choice"],
+                            coordinate_seed(h["seed"], name, k),
                         )
                         st["mask"] = sel.dense_mask()
                     mask = st["mask"]

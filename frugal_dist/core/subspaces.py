@@ -11,8 +11,9 @@ Subspace kinds (DESIGN section 1):
 * block      -- S = whole tensors. Of the group's n tensors, a = max(1, round(rho*n)) (0 if rho=0)
                 are active per refresh. A *pass* is W = ceil(n/a) consecutive windows; window j of a
                 pass covers positions [min(j*a, n-a), +a) of the pass's ordering:
-                ``ascending`` model order, ``descending`` reversed model order, ``mirror`` alternates
-                ascending / descending passes, ``random`` a fresh permutation per pass.
+                ``ascending`` model order, ``descending`` reversed model order,
+                ``mirror`` alternates ascending / descending passes, ``random`` a fresh
+                permutation per pass.
 * coordinate -- S = a random subset of ``columns`` (k = round(rho*n) of them), ``rows``
                 (k = round(rho*m)), or ``randk`` single entries (k = round(rho*m*n)). The compact
                 coordinates are the selected entries in row-major order, so a contiguous flat

@@ -89,7 +89,7 @@ class FRUGAL(Optimizer):
     """FRUGAL optimizer (see the module docstring for the update equations and the state).
 
     Args:
-        params: parameters or param groups. Groups should carry ``names`` (a list of parameter names,
+        params: parameters or param groups. Groups should carry ``names`` (parameter names,
             as made by ``build_param_groups``): the subspace of a parameter is a pure function of
             (seed, name, refresh index), so names make runs reproducible across engines. Unnamed
             parameters are named ``"<group>.<position>"``.
@@ -169,7 +169,7 @@ class FRUGAL(Optimizer):
     def _projection(
         self, p: Tensor, name: str, k: int, group: dict, grad: Tensor | None
     ) -> ProjectionSelection:
-        """The basis for refresh k: new from (seed, name, k) or the gradient when ``grad`` is given."""
+        """Basis for refresh k: new from (seed, name, k), or from ``grad`` when it is given."""
         cached = self._selections.get(p)
         if grad is None and cached is not None and cached[0] == k:
             return cached[1]
@@ -324,7 +324,9 @@ class FRUGAL(Optimizer):
             return
         if wd != 0.0:
             torch._foreach_mul_(touched, 1.0 - lr * wd)
-        dirs = state_full_directions(rule, sf_grads, sf_state, sf_steps, group["betas"], group["eps"])
+        dirs = state_full_directions(
+            rule, sf_grads, sf_state, sf_steps, group["betas"], group["eps"]
+        )
         n_dense = len(dense_p)
         for p, d in zip(dense_p, dirs[:n_dense]):
             _apply(p, d, -lr * s_p)
@@ -391,8 +393,9 @@ class FRUGAL(Optimizer):
                 )
                 raise ValueError(
                     f"checkpoint param group {gi} does not match this model: parameter {diff} is "
-                    f"{_at(saved['names'], diff)!r} in the checkpoint but {_at(cur['names'], diff)!r} "
-                    "here. Load a checkpoint of the same model and param-group rules."
+                    f"{_at(saved['names'], diff)!r} in the checkpoint but "
+                    f"{_at(cur['names'], diff)!r} here. Load a checkpoint of the same model and "
+                    "param-group rules."
                 )
         saved_dtypes = {
             pid: {k: v.dtype for k, v in st.items() if isinstance(v, Tensor)}
@@ -413,7 +416,9 @@ class FRUGAL(Optimizer):
             st = self.state[p]
             for key, dtype in dtypes.items():
                 if key in SCALAR_KEYS:  # counters stay float32 on the CPU (no device syncs)
-                    st[key] = state_dict["state"][pid][key].detach().to("cpu", torch.float32).clone()
+                    st[key] = (
+                        state_dict["state"][pid][key].detach().to("cpu", torch.float32).clone()
+                    )
                 elif key in st and st[key].dtype != dtype:
                     st[key] = state_dict["state"][pid][key].to(device=st[key].device, dtype=dtype)
         self._selections.clear()

@@ -52,9 +52,9 @@ def build_param_groups(
 ) -> list[dict[str, Any]]:
     """Named param groups for ``FRUGAL`` (each group has ``params``, ``names`` and ``name``).
 
-    Groups, in this order, empty ones left out: one per user rule; ``split`` (frugal); ``state_full``
-    (AdamW: embeddings, LM head); ``no_decay`` (AdamW, weight_decay 0: norms, biases). Groups that
-    do not set an option inherit it from the optimizer's arguments.
+    Groups, in this order, empty ones left out: one per user rule; ``split`` (frugal);
+    ``state_full`` (AdamW: embeddings, LM head); ``no_decay`` (AdamW, weight_decay 0: norms,
+    biases). Groups that do not set an option inherit it from the optimizer's arguments.
     """
     compiled = [(re.compile(pattern), dict(opts)) for pattern, opts in rules]
     roles = classify_parameters(model)
@@ -82,7 +82,9 @@ def build_param_groups(
                 break
         if target is None:
             role = roles[name]
-            key = {"split": "split", "embedding": "state_full", "head": "state_full"}.get(role, "no_decay")
+            key = {"split": "split", "embedding": "state_full", "head": "state_full"}.get(
+                role, "no_decay"
+            )
             target = buckets[key]
         target["params"].append(p)
         target["names"].append(name)
@@ -90,7 +92,7 @@ def build_param_groups(
 
 
 def check_param_coverage(model: nn.Module, param_groups: Iterable[Mapping[str, Any]]) -> None:
-    """Raise ``ValueError`` naming every trainable parameter of ``model`` not in exactly one group."""
+    """Raise ``ValueError`` naming each trainable parameter not in exactly one group."""
     seen: dict[int, int] = {}
     for group in param_groups:
         for p in group["params"]:

@@ -1,4 +1,4 @@
-"""Argument validation: every bad value raises ``ValueError`` naming the argument and what is allowed."""
+"""Argument validation: bad values raise ``ValueError`` naming the argument and the allowed ones."""
 
 from __future__ import annotations
 
@@ -58,17 +58,23 @@ def validate_options(opts: Mapping[str, Any], where: str = "") -> None:
         _check_real(f"eps{at}", opts["eps"], 0.0, None)
     if "betas" in opts:
         b = opts["betas"]
-        if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(_is_real(x) for x in b)) or not all(
-            0.0 <= x < 1.0 for x in b
-        ):
+        if not (
+            isinstance(b, (tuple, list)) and len(b) == 2 and all(_is_real(x) for x in b)
+        ) or not all(0.0 <= x < 1.0 for x in b):
             raise ValueError(f"betas must be two numbers in [0, 1), got {b!r}{at}")
     if "reset_statistics" in opts and not isinstance(opts["reset_statistics"], bool):
-        raise ValueError(f"reset_statistics must be True or False, got {opts['reset_statistics']!r}{at}")
-    if "seed" in opts and not (isinstance(opts["seed"], int) and not isinstance(opts["seed"], bool)):
+        raise ValueError(
+            f"reset_statistics must be True or False, got {opts['reset_statistics']!r}{at}"
+        )
+    if "seed" in opts and not (
+        isinstance(opts["seed"], int) and not isinstance(opts["seed"], bool)
+    ):
         raise ValueError(f"seed must be an integer, got {opts['seed']!r}{at}")
 
 
-def check_known_keys(opts: Mapping[str, Any], allowed: set[str] | frozenset[str], where: str) -> None:
+def check_known_keys(
+    opts: Mapping[str, Any], allowed: set[str] | frozenset[str], where: str
+) -> None:
     """Unknown keys are errors (a typo must never be silently ignored), with a suggestion."""
     for key in opts:
         if key not in allowed:

@@ -1,0 +1,1 @@
+"""Training plumbing: a LLaMA-style causal LM (``model``) and the embedded corpus (``data``)."""
