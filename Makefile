@@ -21,10 +21,10 @@ $(VENV)/.stamp: pyproject.toml Makefile
 venv: $(VENV)/.stamp
 
 train: venv
-	$(PY) -m frugal_dist.train.demo --nproc $(NPROC)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) launchers/train.py --config configs/tiny-cpu.yaml
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p no:cacheprovider tests
 
 lint: venv
 	$(VENV)/bin/ruff check frugal_dist launchers tests benchmarks

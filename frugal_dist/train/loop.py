@@ -1,0 +1,169 @@
+"""The training loop: single process or DDP (torchrun / ``mp.spawn``), gloo on CPU, NCCL on GPU.
+
+Each optimizer step: ``grad_accum`` micro-batches per rank (DDP gradient sync only on the last),
+gradient clipping, FRUGAL (or a baseline) step, lr schedule. Rank 0 prints progress and, with
+``output_dir``, appends one JSON object per logged step to ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from frugal_dist.train.config import TrainConfig
+from frugal_dist.train.data import load_embedded
+from frugal_dist.train.model import build_model
+from frugal_dist.train.optimizers import build_optimizer
+from frugal_dist.train.schedule import lr_factor
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group described by torchrun's environment (no-op for one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data, cfg: TrainConfig, rank: int, world: int, device) -> float:
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(cfg.eval_batches):
+        batch = data.batch(i, cfg.batch_size, rank, world).to(device)
+        _, loss = model(batch, labels=batch)
+        total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return float(total[0] / total[1])
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training; returns a summary (first/last loss, val loss, tokens/s, final state bytes)."""
+    rank, world, device = init_distributed()
+    engine = cfg.engine if cfg.engine != "auto" else ("ddp" if world > 1 else "single")
+    if engine == "ddp" and world == 1 and not dist.is_initialized():
+        engine = "single"
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, max_seq_len=max(cfg.seq_len, 16)).to(device)
+    if cfg.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    opt_cfg = dict(cfg.optimizer)
+    name = opt_cfg.pop("name", "frugal")
+    opt_cfg.setdefault("seed", cfg.seed)
+    optimizer = build_optimizer(model, name, **opt_cfg)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    wrapped = DDP(model) if engine == "ddp" else model
+
+    if cfg.data.get("source", "embedded") != "embedded":
+        raise ValueError(f"data.source {cfg.data['source']!r} is not supported yet; use 'embedded'")
+    train_data, val_data, _ = load_embedded(
+        cfg.seq_len, seed=cfg.seed, max_bytes=cfg.data.get("max_bytes", 2_000_000)
+    )
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    metrics_fh = None
+    if out_dir is not None and rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_fh = open(out_dir / "metrics.jsonl", "a")
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"[frugal_dist] model={cfg.model} ({n_params / 1e6:.2f}M params) engine={engine} "
+            f"world={world} optimizer={name} {opt_cfg} tokens/step="
+            f"{cfg.tokens_per_step_per_rank * world}",
+            flush=True,
+        )
+
+    history: list[dict[str, Any]] = []
+    tokens = 0
+    t_last = time.perf_counter()
+    tokens_last = 0
+    val_loss = math.nan
+    for step in range(cfg.max_steps):
+        factor = lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        for g, base in zip(optimizer.param_groups, base_lrs):
+            g["lr"] = base * factor
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = train_data.batch(step * cfg.grad_accum + micro, cfg.batch_size, rank, world)
+            batch = batch.to(device)
+            last = micro == cfg.grad_accum - 1
+            sync = nullcontext() if (last or engine != "ddp") else wrapped.no_sync()
+            with sync:
+                _, loss = wrapped(batch, labels=batch)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += cfg.tokens_per_step_per_rank * world
+        loss_t = torch.tensor([loss_sum], device=device)
+        if world > 1:
+            dist.all_reduce(loss_t)
+            loss_t /= world
+        record: dict[str, Any] = {"step": step + 1, "tokens": tokens, "loss": loss_t.item(),
+                                  "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
+        do_eval = cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps)
+        if do_eval:
+            val_loss = evaluate(wrapped, val_data, cfg, rank, world, device)
+            record["val_loss"] = val_loss
+            record["val_ppl"] = math.exp(min(val_loss, 50.0))
+        if (step + 1) % cfg.log_every == 0 or step == 0 or do_eval:
+            now = time.perf_counter()
+            record["tokens_per_s"] = (tokens - tokens_last) / max(now - t_last, 1e-9)
+            t_last, tokens_last = now, tokens
+            state_bytes = getattr(optimizer, "state_bytes", None)
+            record["opt_state_mib"] = (state_bytes() if state_bytes else _state_bytes(optimizer)) / 2**20
+            if rank == 0:
+                val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+                print(
+                    f"step {step + 1:5d}/{cfg.max_steps} | loss {record['loss']:.4f}{val} | "
+                    f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
+                    f"opt state {record['opt_state_mib']:.2f} MiB",
+                    flush=True,
+                )
+                if metrics_fh is not None:
+                    metrics_fh.write(json.dumps(record) + "\n")
+                    metrics_fh.flush()
+        history.append(record)
+    if metrics_fh is not None:
+        metrics_fh.close()
+    k = max(1, min(10, len(history) // 5))
+    summary = {
+        "first_loss": sum(r["loss"] for r in history[:k]) / k,
+        "last_loss": sum(r["loss"] for r in history[-k:]) / k,
+        "val_loss": val_loss,
+        "steps": len(history),
+        "tokens": tokens,
+        "world_size": world,
+        "engine": engine,
+    }
+    if rank == 0:
+        print(f"[frugal_dist] done: {json.dumps(summary)}", flush=True)
+    return summary
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for st in optimizer.state.values()
+        for v in st.values()
+        if isinstance(v, torch.Tensor)
+    )

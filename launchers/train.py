@@ -1,0 +1,49 @@
+"""The one training entry point.
+
+    torchrun --standalone --nproc_per_node 2 launchers/train.py --config configs/tiny-cpu.yaml
+    python launchers/train.py --config configs/tiny-cpu.yaml --max_steps=50 --optimizer.density=0.5
+
+Any config key can be overridden with ``--key=value`` (dotted keys for the ``optimizer`` and
+``data`` sections). ``--help`` lists every key with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import torch.distributed as dist
+
+from frugal_dist.train.config import TrainConfig, load_config
+from frugal_dist.train.loop import train
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = TrainConfig()
+    keys = "\n".join(
+        f"  --{f.name}=...  (default: {getattr(defaults, f.name)!r})"
+        for f in dataclasses.fields(TrainConfig)
+    )
+    parser = argparse.ArgumentParser(
+        description="Pre-train a LLaMA-style model with FRUGAL (or a baseline).",
+        epilog="config keys (override any with --key=value; sections with --optimizer.lr=...):\n"
+        + keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML config file (configs/*.yaml)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ValueError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
