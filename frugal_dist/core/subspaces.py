@@ -265,3 +265,22 @@ def projection_selection(
     else:
         raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
     return ProjectionSelection(side, basis)
+
+
+# ----------------------------------------------------------------------------------- fingerprints
+_MIX = 2654435761
+
+
+def tensor_fingerprint(t: Tensor) -> int:
+    """An exact, order-independent int64 fingerprint of a tensor's values (integer arithmetic on
+    its bit patterns), so ranks can compare selections without sending them."""
+    flat = t.detach().reshape(-1).contiguous()
+    if flat.dtype == torch.float32:
+        flat = flat.view(torch.int32)
+    elif flat.dtype == torch.float64:
+        flat = flat.view(torch.int64)
+    bits = flat.to(torch.int64)
+    weights = (torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device) * _MIX) % (
+        1 << 31
+    )
+    return int((bits * weights).sum().item()) ^ bits.numel()

@@ -34,12 +34,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from frugal_dist.core.rules import (
-    state_free_direction,
-    state_free_directions,
-    state_full_directions,
-    state_full_keys,
-)
+from frugal_dist.comm.collectives import agree_on_seed, rank_and_world
+from frugal_dist.comm.stats import CommStats
+from frugal_dist.core.rules import state_full_keys
 from frugal_dist.core.seeding import block_seed, coordinate_seed, projection_seed
 from frugal_dist.core.subspaces import (
     BlockSchedule,
@@ -47,9 +44,13 @@ from frugal_dist.core.subspaces import (
     ProjectionSelection,
     coordinate_selection,
     matrix_shape,
+    projection_rank,
     projection_selection,
     resolve_side,
+    round_half_up,
 )
+from frugal_dist.optim.frugal_step import FrugalStepMixin
+from frugal_dist.optim.sharding import ShardPlan, assign_owners
 from frugal_dist.optim.validation import check_known_keys, validate_options
 
 FRUGAL_DEFAULTS: dict[str, Any] = dict(
@@ -73,19 +74,11 @@ FRUGAL_DEFAULTS: dict[str, Any] = dict(
     seed=0,
 )
 SCALAR_KEYS = ("step", "sf_step")
+RESIDUAL_COMM = ("exact", "sign")
 GROUP_KEYS = frozenset(FRUGAL_DEFAULTS) | {"params", "names", "name", "initial_lr"}
 
 
-def _apply(p: Tensor, direction: Tensor, alpha: float) -> None:
-    """``p += alpha * direction``; low-precision params are updated through float32."""
-    d = direction.view(p.shape)
-    if p.dtype == d.dtype:
-        p.add_(d, alpha=alpha)
-    else:
-        p.copy_(p.float().add_(d, alpha=alpha))
-
-
-class FRUGAL(Optimizer):
+class FRUGAL(FrugalStepMixin, Optimizer):
     """FRUGAL optimizer (see the module docstring for the update equations and the state).
 
     Args:
@@ -105,15 +98,51 @@ class FRUGAL(Optimizer):
         algorithm: per-group "frugal" | "adamw" | "signsgd" | "sgd".
     """
 
-    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        *,
+        process_group: Any = None,
+        shard_state: bool = False,
+        reduce_gradients: bool = False,
+        residual_comm: str = "exact",
+        check_agreement: bool = True,
+        **kwargs: Any,
+    ) -> None:
         check_known_keys(kwargs, set(FRUGAL_DEFAULTS), "FRUGAL(...) arguments")
+        if residual_comm not in RESIDUAL_COMM:
+            raise ValueError(
+                f"residual_comm must be one of {list(RESIDUAL_COMM)}, got {residual_comm!r}"
+            )
         defaults = {**FRUGAL_DEFAULTS, **kwargs}
         if isinstance(defaults["betas"], list):
             defaults["betas"] = tuple(defaults["betas"])
+        self._pg = process_group
+        if defaults["seed"] is None:  # rank 0 draws the seed; every rank uses it
+            defaults["seed"] = agree_on_seed(None, process_group)
         validate_options(defaults, "FRUGAL(...) arguments")
-        super().__init__(params, defaults)
+        self.shard_state = bool(shard_state)
+        self.reduce_gradients = bool(reduce_gradients)
+        self.residual_comm = residual_comm
+        self.check_agreement = bool(check_agreement)
+        self.comm = CommStats()
+        self._plan: ShardPlan | None = None
         self._selections: dict[Tensor, tuple[int, Any]] = {}
         self._schedules: dict[int, BlockSchedule] = {}
+        self._block_owners: dict[tuple, dict[int, int]] = {}
+        super().__init__(params, defaults)
+        names = [n for g in self.param_groups for n in g["names"]]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"parameter names must be unique across groups; repeated: {dup[:5]}")
+        if residual_comm == "sign":
+            for g in self.param_groups:
+                if g["algorithm"] == "frugal" and g["state_free"] == "sgd":
+                    raise ValueError(
+                        f"residual_comm='sign' sends 1-bit signs of the state-free residual, which "
+                        f"state_free='sgd' cannot use (group {g.get('name')!r}); use "
+                        "state_free='signsgd' or residual_comm='exact'"
+                    )
 
     # ------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -134,6 +163,7 @@ class FRUGAL(Optimizer):
             raise ValueError(f"{where}: 'names' has {len(names)} entries for {len(params)} params")
         param_group["names"] = names
         super().add_param_group(param_group)
+        self._plan = None
         group = self.param_groups[-1]
         if group["algorithm"] == "frugal" and group["subspace"] == "projection":
             for name, p in zip(group["names"], group["params"]):
@@ -217,142 +247,55 @@ class FRUGAL(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            algo = group["algorithm"]
-            if algo == "adamw":
-                self._step_adamw(group)
-            elif algo in ("signsgd", "sgd"):
-                self._step_state_free(group)
-            else:
-                self._step_frugal(group)
+        self._run_step()
         return loss
 
-    def _step_adamw(self, group: dict[str, Any]) -> None:
-        params, grads, bufs, steps = [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            st = self.state[p]
-            if self._advance(st) == 0 or "sf_step" not in st:
-                self._reset_buffers(st, "adamw", tuple(p.shape), p.device)
-            st["sf_step"] += 1
-            params.append(p)
-            grads.append(p.grad.float())
-            bufs.append(st)
-            steps.append(int(st["sf_step"].item()))
-        if not params:
-            return
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
-        dirs = state_full_directions("adamw", grads, bufs, steps, group["betas"], group["eps"])
-        for p, d in zip(params, dirs):
-            _apply(p, d, -lr)
+    # ------------------------------------------------------------------------- ownership
+    def _shard_plan(self, world: int) -> ShardPlan:
+        if self._plan is None or len(self._plan.load) != world:
+            weights: dict[str, int] = {}
+            for group in self.param_groups:
+                for p, name in zip(group["params"], group["names"]):
+                    weights[name] = _expected_state_bytes(p, group)
+            self._plan = assign_owners(weights, world)
+        return self._plan
 
-    def _step_state_free(self, group: dict[str, Any]) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        for p in params:
-            self._advance(self.state[p])
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
-        dirs = state_free_directions(group["algorithm"], [p.grad.float() for p in params])
-        assert dirs is not None
-        for p, d in zip(params, dirs):
-            _apply(p, d, -lr)
+    def _plan_owner(self, name: str, rank: int, world: int) -> int:
+        """Rank that computes one-off work for ``name`` (e.g. its svd refresh)."""
+        return 0 if world == 1 else self._shard_plan(world).owner[name]
 
-    def _step_frugal(self, group: dict[str, Any]) -> None:
-        kind, gap, rule = group["subspace"], group["update_gap"], group["state_full"]
-        reset, free_rule = group["reset_statistics"], group["state_free"]
-        lr, wd = group["lr"], group["weight_decay"]
-        s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
-        schedule = self._schedule(group) if kind == "block" else None
+    def _state_owner(self, name: str, rank: int, world: int) -> int:
+        """Rank that holds ``name``'s state-full buffers (every rank unless ``shard_state``)."""
+        if not self.shard_state or world == 1:
+            return rank
+        return self._shard_plan(world).owner[name]
 
-        touched: list[Tensor] = []
-        dense_p: list[Tensor] = []  # active blocks: the whole tensor is state-full
-        free_p: list[Tensor] = []  # inactive blocks: the whole tensor is state-free
-        free_g: list[Tensor] = []
-        compact: list[tuple[Tensor, Tensor, Any]] = []  # (param, grad matrix, selection)
-        sf_grads: list[Tensor] = []
-        sf_state: list[dict[str, Tensor]] = []
-        sf_steps: list[int] = []
+    def _block_owner(self, group: dict[str, Any], idx: int, k: int, rank: int, world: int) -> int:
+        """Owner of block tensor ``idx`` during refresh ``k``: the active set is balanced anew at
+        each refresh (LPT by size) because statistics restart there anyway. With
+        ``reset_statistics=False`` ownership stays static so kept moments never move."""
+        if not self.shard_state or world == 1:
+            return rank
+        if not group["reset_statistics"]:
+            return self._shard_plan(world).owner[group["names"][idx]]
+        key = (id(group), k, world)
+        if key not in self._block_owners:
+            active = sorted(self._schedule(group).active(k))
+            weights = {str(i): group["params"][i].numel() for i in active}
+            plan = assign_owners(weights, world)
+            self._block_owners = {key: {int(i): r for i, r in plan.owner.items()}}
+        return self._block_owners[key].get(idx, rank)
 
-        for idx, (p, name) in enumerate(zip(group["params"], group["names"])):
-            if p.grad is None:
-                continue
-            st = self.state[p]
-            s = self._advance(st)
-            k, refresh = divmod(s, gap)[0], s % gap == 0
-            touched.append(p)
-            g = p.grad.float()
-            if kind == "block":
-                assert schedule is not None
-                active = idx in schedule.active(k)
-                if refresh:
-                    if not active:
-                        self._drop_buffers(st, rule)
-                    elif reset or "sf_step" not in st:
-                        self._reset_buffers(st, rule, tuple(p.shape), p.device)
-                if not active:
-                    free_p.append(p)
-                    free_g.append(g)
-                    continue
-                dense_p.append(p)
-                g_sf = g
-            else:
-                m_n = matrix_shape(p.shape)
-                g2 = g.reshape(m_n)
-                if kind == "coordinate":
-                    sel: Any = self._coordinate(p, name, k, group)
-                    g_sf = sel.gather(g2)
-                    shape = sel.compact_shape
-                else:
-                    sel = self._projection(p, name, k, group, g2 if refresh else None)
-                    g_sf = sel.down(g2)
-                    shape = sel.compact_shape(m_n)
-                if refresh and (reset or "sf_step" not in st):
-                    self._reset_buffers(st, rule, tuple(shape), p.device)
-                compact.append((p, g2, sel))
-            st["sf_step"] += 1
-            sf_grads.append(g_sf)
-            sf_state.append(st)
-            sf_steps.append(int(st["sf_step"].item()))
+    def shard_report(self) -> dict[str, Any]:
+        """The ownership plan: expected state bytes per rank and the imbalance (max / mean)."""
+        _, world = rank_and_world(self._pg)
+        plan = self._shard_plan(world)
+        return {"world_size": world, "sharded": self.shard_state, "load_bytes": list(plan.load),
+                "imbalance": plan.imbalance}  # fmt: skip
 
-        if not touched:
-            return
-        if wd != 0.0:
-            torch._foreach_mul_(touched, 1.0 - lr * wd)
-        dirs = state_full_directions(
-            rule, sf_grads, sf_state, sf_steps, group["betas"], group["eps"]
-        )
-        n_dense = len(dense_p)
-        for p, d in zip(dense_p, dirs[:n_dense]):
-            _apply(p, d, -lr * s_p)
-        if free_p:
-            fdirs = state_free_directions(free_rule, free_g)
-            if fdirs is not None:
-                for p, d in zip(free_p, fdirs):
-                    _apply(p, d, -lr * s_p * s_i)
-        for (p, g2, sel), u, g_sf in zip(compact, dirs[n_dense:], sf_grads[n_dense:]):
-            if kind == "coordinate":
-                full = state_free_direction(free_rule, g2)
-                if full is None:
-                    full = torch.zeros_like(g2)
-                elif s_i != 1.0:
-                    full.mul_(s_i)
-                sel.scatter_(full, u)  # selected entries: up(U); others: s_i * F(G)
-            else:
-                residual = g2 - sel.up(g_sf)
-                full = state_free_direction(free_rule, residual)
-                if full is None:
-                    full = sel.up(u)
-                else:
-                    if s_i != 1.0:
-                        full.mul_(s_i)
-                    full.add_(sel.up(u))
-            _apply(p, full, -lr * s_p)
+    def comm_stats(self) -> dict[str, Any]:
+        """Bytes this rank handed to collectives, by kind, for the last step and in total."""
+        return self.comm.as_dict()
 
     # ------------------------------------------------------------------------- accounting
     def state_bytes(self) -> int:
@@ -427,3 +370,22 @@ class FRUGAL(Optimizer):
 
 def _at(seq: list[str], i: int) -> str | None:
     return seq[i] if i < len(seq) else None
+
+
+def _expected_state_bytes(p: Tensor, group: dict[str, Any]) -> int:
+    """Float32 state-full bytes of ``p`` under ``group``'s options (the sharding weight)."""
+    algo = group["algorithm"]
+    if algo in ("signsgd", "sgd"):
+        return 0
+    per = 4 * len(state_full_keys("adamw" if algo == "adamw" else group["state_full"]))
+    if algo == "adamw" or group["subspace"] == "block":
+        return per * p.numel()
+    m, n = matrix_shape(p.shape)
+    rho = group["density"]
+    if group["subspace"] == "coordinate":
+        choice = group["coord_choice"]
+        count = {"columns": m * min(n, round_half_up(rho * n)),
+                 "rows": min(m, round_half_up(rho * m)) * n,
+                 "randk": min(m * n, round_half_up(rho * m * n))}[choice]  # fmt: skip
+        return per * count
+    return per * projection_rank((m, n), rho) * max(m, n)

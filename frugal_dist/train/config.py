@@ -27,7 +27,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
     optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "frugal", "lr": 3e-3})
-    data: dict[str, Any] = field(default_factory=lambda: {"source": "embedded", "max_bytes": 2_000_000})
+    data: dict[str, Any] = field(
+        default_factory=lambda: {"source": "embedded", "max_bytes": 2_000_000}
+    )
     eval_every: int = 50
     eval_batches: int = 4
     log_every: int = 10

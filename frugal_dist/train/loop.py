@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from frugal_dist.comm.ddp_hooks import defer_to_optimizer_hook
 from frugal_dist.train.config import TrainConfig
 from frugal_dist.train.data import load_embedded
 from frugal_dist.train.model import build_model
@@ -41,7 +42,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data, cfg: TrainConfig, rank: int, world: int, device) -> float:
+def evaluate(
+    model: torch.nn.Module, data, cfg: TrainConfig, rank: int, world: int, device
+) -> float:
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(cfg.eval_batches):
@@ -70,6 +73,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     optimizer = build_optimizer(model, name, **opt_cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     wrapped = DDP(model) if engine == "ddp" else model
+    if engine == "ddp" and getattr(optimizer, "reduce_gradients", False):
+        # FRUGAL reduces the gradients itself (compressed): DDP must not all-reduce them too.
+        wrapped.register_comm_hook(None, defer_to_optimizer_hook)
 
     if cfg.data.get("source", "embedded") != "embedded":
         raise ValueError(f"data.source {cfg.data['source']!r} is not supported yet; use 'embedded'")
@@ -120,7 +126,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             loss_t /= world
         record: dict[str, Any] = {"step": step + 1, "tokens": tokens, "loss": loss_t.item(),
                                   "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
-        do_eval = cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps)
+        do_eval = cfg.eval_every > 0 and (
+            (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps
+        )
         if do_eval:
             val_loss = evaluate(wrapped, val_data, cfg, rank, world, device)
             record["val_loss"] = val_loss
@@ -130,13 +138,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             record["tokens_per_s"] = (tokens - tokens_last) / max(now - t_last, 1e-9)
             t_last, tokens_last = now, tokens
             state_bytes = getattr(optimizer, "state_bytes", None)
-            record["opt_state_mib"] = (state_bytes() if state_bytes else _state_bytes(optimizer)) / 2**20
+            record["opt_state_mib"] = (
+                state_bytes() if state_bytes else _state_bytes(optimizer)
+            ) / 2**20
+            if hasattr(optimizer, "comm_stats"):
+                record["comm_bytes"] = optimizer.comm_stats()["last_step_total"]
             if rank == 0:
                 val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
                 print(
                     f"step {step + 1:5d}/{cfg.max_steps} | loss {record['loss']:.4f}{val} | "
                     f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
-                    f"opt state {record['opt_state_mib']:.2f} MiB",
+                    f"opt state {record['opt_state_mib']:.2f} MiB"
+                    + (
+                        f" | comm {record['comm_bytes'] / 2**20:.2f} MiB"
+                        if "comm_bytes" in record
+                        else ""
+                    ),
                     flush=True,
                 )
                 if metrics_fh is not None:
@@ -154,6 +171,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "tokens": tokens,
         "world_size": world,
         "engine": engine,
+        "state_bytes": optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else None,
+        "comm_bytes_last_step": (
+            optimizer.comm_stats()["last_step_total"] if hasattr(optimizer, "comm_stats") else None
+        ),
     }
     if rank == 0:
         print(f"[frugal_dist] done: {json.dumps(summary)}", flush=True)

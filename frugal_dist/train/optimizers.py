@@ -27,7 +27,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 OPTIMIZERS = ("frugal", "adamw", "signsgd", "galore", "badam")
 
 
-def build_optimizer(model: nn.Module, name: str = "frugal", **options: Any) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, name: str = "frugal", **options: Any
+) -> torch.optim.Optimizer:
     """The optimizer ``name`` for ``model`` with FRUGAL keyword ``options`` (lr, density, ...)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name must be one of {list(OPTIMIZERS)}, got {name!r}")

@@ -1,0 +1,150 @@
+"""The collectives FRUGAL issues. Every function returns immediately at world size 1.
+
+Tensors travel on their own device (CPU for gloo, CUDA for NCCL). Byte counts go to ``CommStats``
+(see ``stats.py`` for payload vs wire bytes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from frugal_dist.comm.bits import majority_from_packed, pack_signs
+from frugal_dist.comm.stats import CommStats
+
+ProcessGroup = dist.ProcessGroup | None
+
+
+def rank_and_world(pg: ProcessGroup = None) -> tuple[int, int]:
+    """(rank, world size) in ``pg``; (0, 1) when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(pg), dist.get_world_size(pg)
+
+
+def _global(pg: ProcessGroup, group_rank: int) -> int:
+    return group_rank if pg is None else dist.get_global_rank(pg, group_rank)
+
+
+def _small_device(pg: ProcessGroup) -> torch.device:
+    backend = dist.get_backend(pg)
+    if "nccl" in str(backend).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def allreduce_mean_(tensors: list[Tensor], pg: ProcessGroup, stats: CommStats, kind: str) -> None:
+    """In place: each tensor becomes its mean over ranks (one coalesced float32 all-reduce)."""
+    _, world = rank_and_world(pg)
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat, group=pg)
+    flat.div_(world)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view(t.shape))
+        offset += n
+    stats.add(kind, flat.nbytes, 2 * (world - 1) / world * flat.nbytes)
+
+
+def sign_majority(tensors: list[Tensor], pg: ProcessGroup, stats: CommStats) -> list[Tensor]:
+    """The majority vote of every rank's signs of each tensor (packed 8 signs per byte, one
+    all-gather). Returns float32 tensors of +1 / -1 / 0 (tie) shaped like the inputs."""
+    _, world = rank_and_world(pg)
+    if world == 1:
+        return [torch.sign(t.float()) for t in tensors]
+    if not tensors:
+        return []
+    packed = [pack_signs(t) for t in tensors]
+    flat = torch.cat(packed)
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat, group=pg)
+    stacked = torch.stack(gathered)
+    out, offset = [], 0
+    for t, pk in zip(tensors, packed):
+        nb = pk.numel()
+        out.append(majority_from_packed(stacked[:, offset : offset + nb], t.numel()).view(t.shape))
+        offset += nb
+    stats.add("sign_allgather", flat.nbytes, (world - 1) * flat.nbytes)
+    return out
+
+
+def broadcast_from_owners(
+    owned: list[list[Tensor]], pg: ProcessGroup, stats: CommStats, kind: str
+) -> None:
+    """``owned[r]``: tensors rank r computed (pre-allocated with the right shapes elsewhere).
+    After the call every rank holds rank r's values in ``owned[r]`` (one broadcast per rank)."""
+    rank, world = rank_and_world(pg)
+    if world == 1:
+        return
+    total = 0
+    for src, tensors in enumerate(owned):
+        if not tensors:
+            continue
+        if src == rank:
+            flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        else:
+            n = sum(t.numel() for t in tensors)
+            flat = torch.empty(n, dtype=torch.float32, device=tensors[0].device)
+        dist.broadcast(flat, src=_global(pg, src), group=pg)
+        total += flat.nbytes
+        if src == rank:
+            stats.add(kind, flat.nbytes, 0.0)
+        else:
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+                offset += t.numel()
+    stats.add(kind + "_wire", 0, (world - 1) / world * total)
+
+
+def agree_on_seed(seed: int | None, pg: ProcessGroup = None) -> int:
+    """Rank 0's seed on every rank (rank 0 draws one when ``seed`` is None)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    _, world = rank_and_world(pg)
+    if world == 1:
+        return int(seed)
+    t = torch.tensor([int(seed)], dtype=torch.int64, device=_small_device(pg))
+    dist.broadcast(t, src=_global(pg, 0), group=pg)
+    return int(t.item())
+
+
+def check_agreement(
+    names: list[str], fingerprints: list[int], pg: ProcessGroup, stats: CommStats, what: str
+) -> None:
+    """All-gather per-parameter fingerprints and raise if any rank disagrees (never diverge
+    silently). Two small all-gathers: the count, then the values."""
+    rank, world = rank_and_world(pg)
+    if world == 1:
+        return
+    dev = _small_device(pg)
+    count = torch.tensor([len(fingerprints)], dtype=torch.int64, device=dev)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=pg)
+    if len({int(c.item()) for c in counts}) != 1:
+        raise RuntimeError(
+            f"FRUGAL ranks disagree on {what}: ranks refresh "
+            f"{[int(c.item()) for c in counts]} parameters at this step. All ranks must run the "
+            "same model, param groups and optimizer settings."
+        )
+    if not fingerprints:
+        return
+    mine = torch.tensor(fingerprints, dtype=torch.int64, device=dev)
+    allv = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(allv, mine, group=pg)
+    stats.add("agreement_check", mine.nbytes + count.nbytes, (world - 1) * mine.nbytes)
+    table = torch.stack(allv).cpu()
+    bad = (table != table[0]).any(dim=0).nonzero().reshape(-1)
+    if bad.numel():
+        i = int(bad[0])
+        values = {r: int(table[r, i]) for r in range(world)}
+        raise RuntimeError(
+            f"FRUGAL ranks disagree on the {what} of parameter {names[i]!r} "
+            f"(fingerprint by rank: {values}; this is rank {rank}). Ranks were started with "
+            "different seeds or optimizer settings: pass the same seed= on every rank, or "
+            "seed=None to use rank 0's."
+        )

@@ -1,0 +1,136 @@
+"""Functions that run inside each rank of a distributed test (see launch.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from frugal_dist import FRUGAL, build_param_groups
+
+SHAPES = [(12, 8), (8, 12), (10, 10), (6, 16), (16, 6)]
+ADAMW_SHAPES = [(10,), (20, 4)]
+
+
+def named_params(seed: int = 0) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    gen = torch.Generator().manual_seed(seed)
+    split = [nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    full = [nn.Parameter(torch.randn(s, generator=gen)) for s in ADAMW_SHAPES]
+    return split, full
+
+
+def groups(split, full) -> list[dict[str, Any]]:
+    return [
+        {"params": split, "names": [f"layers.{i}.w" for i in range(len(split))]},
+        {"params": full, "names": [f"extra.{i}" for i in range(len(full))], "algorithm": "adamw"},
+    ]
+
+
+def rank_grads(step: int, rank: int, shapes) -> list[torch.Tensor]:
+    """Rank ``rank``'s gradients at ``step``: dyadic values (multiples of 1/64, |g| < 8) so every
+    sum over ranks is exact in float32 whatever the reduction order."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return [torch.round(torch.randn(s, generator=gen) * 64).clamp(-511, 511) / 64 for s in shapes]
+
+
+def mean_grads(step: int, world: int, shapes) -> list[torch.Tensor]:
+    per = [rank_grads(step, r, shapes) for r in range(world)]
+    return [sum(gs[i] for gs in per) / world for i in range(len(shapes))]
+
+
+def synthetic_run(rank: int, world: int, steps: int, opt_kw: dict, mode: str) -> dict[str, Any]:
+    """``mode``: "optimizer" -- each rank sets its own gradient and FRUGAL reduces;
+    "ddp" -- gradients arrive averaged (as DDP hands them); "single" -- one process, mean grads."""
+    split, full = named_params()
+    params = split + full
+    shapes = [tuple(p.shape) for p in params]
+    dist_kw = {}
+    if mode == "optimizer":
+        dist_kw = dict(reduce_gradients=True, shard_state=True)
+    elif mode == "ddp":
+        dist_kw = dict(shard_state=True)
+    opt = FRUGAL(groups(split, full), **dist_kw, **opt_kw)
+    comm = []
+    for step in range(steps):
+        grads = (
+            rank_grads(step, rank, shapes)
+            if mode == "optimizer"
+            else mean_grads(step, world, shapes)
+        )
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        comm.append(opt.comm_stats()["last_step"])
+    return {
+        "params": [p.detach().clone() for p in params],
+        "state_bytes": opt.state_bytes(),
+        "comm": comm,
+        "shard": opt.shard_report(),
+    }
+
+
+def seed_mismatch(rank: int, world: int) -> str:
+    split, full = named_params()
+    opt = FRUGAL(groups(split, full), subspace="coordinate", seed=rank, reduce_gradients=True)
+    for p in split + full:
+        p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def seed_broadcast(rank: int, world: int) -> int:
+    split, full = named_params()
+    opt = FRUGAL(groups(split, full), seed=None)
+    return opt.param_groups[0]["seed"]
+
+
+def tiny_llama_ddp(rank: int, world: int, steps: int, opt_kw: dict) -> list[torch.Tensor]:
+    """A float64 tiny LLaMA under DDP with a sharded FRUGAL; rank r trains on its slice of the
+    global batch. Returns the final parameters."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from frugal_dist.train.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", max_seq_len=32).double()
+    ddp = DDP(model) if world > 1 else model
+    opt = FRUGAL(build_param_groups(model), shard_state=world > 1, **opt_kw)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        batch = torch.randint(0, 257, (6, 32), generator=gen)
+        per = 6 // world
+        local = batch[rank * per : (rank + 1) * per]
+        _, loss = ddp(local, labels=local)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def fewer_params_than_ranks(rank: int, world: int):
+    split, _ = named_params()
+    opt = FRUGAL([{"params": split[:1], "names": ["only"]}], reduce_gradients=True,
+                 shard_state=True, subspace="coordinate")  # fmt: skip
+    for step in range(3):
+        split[0].grad = rank_grads(step, rank, [tuple(split[0].shape)])[0]
+        opt.step()
+    return split[0].detach().clone(), opt.state_bytes()
+
+
+def comm_bytes_by_mode(rank: int, world: int, kinds: dict, common: dict):
+    out = {}
+    for name, kw in kinds.items():
+        for comm in ("exact", "sign"):
+            split, full = named_params()
+            opt = FRUGAL(groups(split, full), reduce_gradients=True, residual_comm=comm,
+                         check_agreement=False, **{**common, **kw})  # fmt: skip
+            params = split + full
+            for p, g in zip(params, rank_grads(1, rank, [tuple(p.shape) for p in params])):
+                p.grad = g
+            opt.step()
+            out[name, comm] = opt.comm_stats()["last_step"]
+    return out
