@@ -5,9 +5,10 @@ hand each rank its local gradient; ``FRUGAL(..., reduce_gradients=True)`` then c
 what the algorithm needs (see ``FRUGAL``'s communication schedule). Use it when you want DDP's
 other services (buffer broadcast, unused-parameter detection, ``no_sync``) but FRUGAL's smaller
 gradient traffic. Without DDP, simply don't wrap the model.
+
+(No ``from __future__ import annotations`` here: DDP checks the hook's real annotations.)
 """
 
-from __future__ import annotations
 
 from typing import Any
 

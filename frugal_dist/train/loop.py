@@ -86,7 +86,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics_fh = None
     if out_dir is not None and rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_fh = open(out_dir / "metrics.jsonl", "a")
+        metrics_fh = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed after the loop
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         print(

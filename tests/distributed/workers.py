@@ -134,3 +134,16 @@ def comm_bytes_by_mode(rank: int, world: int, kinds: dict, common: dict):
             opt.step()
             out[name, comm] = opt.comm_stats()["last_step"]
     return out
+
+
+def train_tiny(rank: int, world: int, optimizer: dict, steps: int) -> dict:
+    """The real training loop (DDP on gloo) for ``steps`` steps; returns its summary."""
+    from frugal_dist.train.config import build_config
+    from frugal_dist.train.loop import train
+
+    cfg = build_config(
+        {"model": "tiny", "seq_len": 64, "batch_size": 4, "max_steps": steps, "warmup_steps": 20,
+         "eval_every": steps, "eval_batches": 4, "log_every": 10_000, "optimizer": optimizer,
+         "data": {"source": "embedded", "max_bytes": 400_000}}
+    )  # fmt: skip
+    return train(cfg)
