@@ -21,8 +21,29 @@ last reset, for bias correction) plus the rule's buffers (``exp_avg``, ``exp_avg
 keep their basis ``proj_basis`` (it depends on a past gradient); random bases and coordinate sets
 are rebuilt from the seed. Inactive blocks keep no buffers at all.
 
-Communication: none. This single-process optimizer is what every engine adapter wraps; under DDP
-the gradients it sees are already averaged.
+Distributed (replicated parameters: DDP, plain torchrun). Options of the optimizer, not of a group:
+
+* ``shard_state=True`` -- ZeRO-1 for the state-full buffers: every parameter has one owner rank
+  (longest-first balancing of state bytes; block tensors re-balanced at each refresh), only the
+  owner keeps its buffers and computes U; per-rank state ~ total / world size.
+* ``reduce_gradients=True`` -- FRUGAL reduces the gradients itself (leave the model unwrapped, or
+  wrap it in DDP with ``frugal_dist.comm.defer_to_optimizer_hook``). Non-final micro-steps of
+  gradient accumulation communicate nothing (gradients just accumulate in ``.grad``).
+* ``residual_comm`` -- ``"exact"`` (default): one mean all-reduce of the full gradients;
+  ``"sign"``: compact state-full gradients all-reduced, the state-free residual sent as 1-bit
+  signs and decided by majority vote (needs ``state_free="signsgd"``).
+* ``seed=None`` -- rank 0 draws the seed and broadcasts it; at every refresh the ranks compare a
+  fingerprint of each parameter's subspace and raise, naming the parameter, if any disagree.
+
+Communication schedule of one ``step()`` (every collective is skipped at world size 1):
+
+    1. [reduce_gradients, exact] all_reduce(mean) of every gradient, coalesced     4 B x params
+       [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
+                                 all_reduce(mean) of compact G_sf (coord: rho, proj: r x max(m,n)),
+                                 all_gather of packed residual signs               1 bit x params
+    2. [svd refresh]             owner computes the SVD, broadcast of P            4 B x dim x r
+    3. [refresh, world > 1]      all_gather of one int64 fingerprint per refreshing parameter
+    4. [shard_state]             each owner broadcasts the compact U it computed   4 B x |S|
 """
 
 from __future__ import annotations

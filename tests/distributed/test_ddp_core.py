@@ -135,3 +135,10 @@ def test_sign_mode_trains_within_margin_of_exact_mode():
     # The tiny model keeps ~25% of its parameters in AdamW groups (embeddings, head: full
     # all-reduce), so the whole-model saving is bounded well above rho + 1/32 (measured 0.56).
     assert sign["comm_bytes_last_step"] < 0.6 * exact["comm_bytes_last_step"]
+
+
+def test_svd_refresh_is_computed_once_per_parameter():
+    calls = run_distributed(workers.svd_calls, 2)
+    # 5 matrices x 2 refreshes = 10 SVDs in the whole job, split between the owners (each basis
+    # is broadcast), instead of 10 on every rank.
+    assert sum(calls) == 10 and max(calls) < 10, calls

@@ -147,3 +147,30 @@ def train_tiny(rank: int, world: int, optimizer: dict, steps: int) -> dict:
          "data": {"source": "embedded", "max_bytes": 400_000}}
     )  # fmt: skip
     return train(cfg)
+
+
+def svd_calls(rank: int, world: int) -> int:
+    """How many SVDs this rank computes over 2 refreshes of 5 svd-projected matrices."""
+    import frugal_dist.optim.frugal_step as fs
+
+    calls = 0
+    original = fs.projection_selection
+
+    def counting(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    fs.projection_selection = counting
+    try:
+        split, full = named_params()
+        opt = FRUGAL(groups(split, full), subspace="projection", proj_type="svd", update_gap=2,
+                     reduce_gradients=True, shard_state=True)  # fmt: skip
+        params = split + full
+        for step in range(4):
+            for p, g in zip(params, rank_grads(step, rank, [tuple(p.shape) for p in params])):
+                p.grad = g
+            opt.step()
+    finally:
+        fs.projection_selection = original
+    return calls
