@@ -57,6 +57,7 @@ from torch.optim import Optimizer
 
 from frugal_dist.comm.collectives import agree_on_seed, rank_and_world
 from frugal_dist.comm.stats import CommStats
+from frugal_dist.core.fragments import RowSpan
 from frugal_dist.core.rules import state_full_keys
 from frugal_dist.core.seeding import block_seed, coordinate_seed, projection_seed
 from frugal_dist.core.subspaces import (
@@ -70,6 +71,7 @@ from frugal_dist.core.subspaces import (
     resolve_side,
     round_half_up,
 )
+from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim.frugal_step import FrugalStepMixin
 from frugal_dist.optim.sharding import ShardPlan, assign_owners
 from frugal_dist.optim.validation import check_known_keys, validate_options
@@ -148,7 +150,8 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         self.check_agreement = bool(check_agreement)
         self.comm = CommStats()
         self._plan: ShardPlan | None = None
-        self._selections: dict[Tensor, tuple[int, Any]] = {}
+        self._selections: dict[str, tuple[int, Any]] = {}
+        self._layout: Any = None
         self._schedules: dict[int, BlockSchedule] = {}
         self._block_owners: dict[tuple, dict[int, int]] = {}
         super().__init__(params, defaults)
@@ -206,40 +209,68 @@ class FRUGAL(FrugalStepMixin, Optimizer):
             self._schedules[key] = sched
         return self._schedules[key]
 
-    def _coordinate(self, p: Tensor, name: str, k: int, group: dict) -> CoordinateSelection:
-        cached = self._selections.get(p)
+    def _coordinate(self, view: ParamView, k: int, group: dict) -> CoordinateSelection:
+        """The global coordinate subspace of ``view``'s parameter at refresh k (cached)."""
+        cached = self._selections.get(view.name)
         if cached is None or cached[0] != k:
             sel = coordinate_selection(
-                matrix_shape(p.shape), group["density"], group["coord_choice"],
-                coordinate_seed(group["seed"], name, k),
-            ).to(p.device)  # fmt: skip
-            self._selections[p] = (k, sel)
+                matrix_shape(view.shape), group["density"], group["coord_choice"],
+                coordinate_seed(group["seed"], view.name, k),
+            ).to(view.data.device)  # fmt: skip
+            self._selections[view.name] = (k, sel)
             return sel
         return cached[1]
 
-    def _projection(
-        self, p: Tensor, name: str, k: int, group: dict, grad: Tensor | None
-    ) -> ProjectionSelection:
-        """Basis for refresh k: new from (seed, name, k), or from ``grad`` when it is given."""
-        cached = self._selections.get(p)
-        if grad is None and cached is not None and cached[0] == k:
+    def _projection(self, view: ParamView, k: int, group: dict) -> ProjectionSelection:
+        """The global basis at refresh k: drawn from (seed, name, k), or the svd basis kept in
+        the state (svd refreshes themselves happen in ``_svd_refresh``)."""
+        cached = self._selections.get(view.name)
+        if cached is not None and cached[0] == k:
             return cached[1]
-        shape = matrix_shape(p.shape)
-        st = self.state[p]
-        if group["proj_type"] == "svd" and grad is None:
-            if "proj_basis" not in st:
-                raise RuntimeError(f"svd basis of {name!r} missing from the optimizer state")
-            sel = ProjectionSelection(resolve_side(group["proj_side"], shape), st["proj_basis"])
+        shape = matrix_shape(view.shape)
+        if group["proj_type"] == "svd":
+            if "proj_basis" not in view.state:
+                raise RuntimeError(f"svd basis of {view.name!r} missing from the optimizer state")
+            sel = ProjectionSelection(
+                resolve_side(group["proj_side"], shape), view.state["proj_basis"]
+            )
         else:
             sel = projection_selection(
                 shape, group["density"], group["proj_type"], group["proj_side"],
-                projection_seed(group["seed"], name, k), grad=grad,
+                projection_seed(group["seed"], view.name, k),
             )  # fmt: skip
-            sel = ProjectionSelection(sel.side, sel.basis.to(p.device))
-            if group["proj_type"] == "svd":
-                st["proj_basis"] = sel.basis
-        self._selections[p] = (k, sel)
+            sel = ProjectionSelection(sel.side, sel.basis.to(view.data.device))
+        self._selections[view.name] = (k, sel)
         return sel
+
+    def _views(self, group: dict[str, Any]) -> list[ParamView]:
+        """Every parameter of ``group`` as a view: from the bound layout, or whole tensors."""
+        if self._layout is not None:
+            return self._layout.views(self, group)
+        out = []
+        for idx, (p, name) in enumerate(zip(group["params"], group["names"])):
+            m, n = matrix_shape(p.shape)
+            span = RowSpan(m, n, 0, p.numel())
+            out.append(ParamView(name, idx, tuple(p.shape), span, p, p.grad, self.state[p]))
+        return out
+
+    def bind_layout(self, layout: Any) -> None:
+        """Let an engine adapter describe where each parameter's local fragment lives (see
+        ``frugal_dist.layouts``). Gradients then come reduced by the engine, so the optimizer's
+        own ``shard_state`` / ``reduce_gradients`` must be off."""
+        if self.shard_state or self.reduce_gradients:
+            raise ValueError(
+                "shard_state / reduce_gradients are for replicated parameters (DDP); with an "
+                "engine that shards (DeepSpeed ZeRO, FSDP) leave them False"
+            )
+        self._layout = layout
+        self._pg = getattr(layout, "process_group", self._pg)
+        self._selections.clear()
+
+    def _global_rank(self, group_rank: int) -> int:
+        import torch.distributed as dist
+
+        return group_rank if self._pg is None else dist.get_global_rank(self._pg, group_rank)
 
     @staticmethod
     def _reset_buffers(st: dict[str, Tensor], rule: str, shape: tuple[int, ...], device) -> None:

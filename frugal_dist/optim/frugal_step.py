@@ -1,16 +1,20 @@
 """The FRUGAL step as a pipeline of phases over per-parameter work items.
 
-    plan      counters, refresh decisions, coordinate / random-projection selections, state resets
-    reduce    (reduce_gradients, world > 1) exact: one mean all-reduce of every gradient;
+    plan      views of every parameter (whole tensors, or fragments from a bound layout), step
+              counters, refresh decisions, coordinate / random-projection selections restricted to
+              the local rows, state resets
+    reduce    (reduce_gradients, dense, world > 1) exact: one mean all-reduce of every gradient;
               sign: full all-reduce only where exactness is needed (AdamW params, active blocks,
               svd refreshes), a mean all-reduce of the *compact* state-full gradients, and a 1-bit
               majority vote of the local state-free residual signs
-    select    svd refreshes: the owner computes the basis, then broadcasts it; at every refresh the
-              ranks compare selection fingerprints (one small all-gather)
-    split     G_sf = down(G) and the state-free direction F(R) where not already communicated
+    select    svd refreshes: the owner gets the full gradient (local, or one ``reduce`` of the
+              fragments), computes the basis and broadcasts it; at every refresh the ranks compare
+              selection fingerprints (one small all-gather)
+    down      G_sf = down(G); for fragments, partial projections are summed over ranks in one
+              coalesced all-reduce (right: boundary rows only; left: the (r, n) products)
     state     owners advance the state-full rule (``torch._foreach_*``) -> directions U
     exchange  (shard_state, world > 1) each owner broadcasts the U it computed
-    apply     W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R))
+    apply     W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R)); fragments drop phantom entries
 
 At world size 1 every collective is skipped and the pipeline is the plain FRUGAL step.
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from frugal_dist.comm.collectives import (
@@ -30,6 +35,7 @@ from frugal_dist.comm.collectives import (
     rank_and_world,
     sign_majority,
 )
+from frugal_dist.core.fragments import RowSpan, local_coordinates, local_projection
 from frugal_dist.core.rules import state_free_direction, state_full_directions
 from frugal_dist.core.seeding import projection_seed
 from frugal_dist.core.subspaces import (
@@ -40,32 +46,47 @@ from frugal_dist.core.subspaces import (
     resolve_side,
     tensor_fingerprint,
 )
+from frugal_dist.layouts.base import ParamView
+from frugal_dist.optim.sharding import assign_owners
 
 
 @dataclass
 class Item:
     """One parameter's work in one step."""
 
-    p: Tensor
-    name: str
+    view: ParamView
     group: dict[str, Any]
-    st: dict[str, Tensor]
     kind: str  # adamw | free | block | coordinate | projection
     refresh: bool
     k: int
     active: bool  # has a state-full part this step
     owner: int  # rank holding the state-full buffers (computes U)
-    g: Tensor  # float32 gradient (matrix view for coordinate / projection)
-    sel: Any = None
+    g: Tensor  # float32 gradient: local matrix (coordinate / projection) or local values
+    sel: Any = None  # selection in local coordinates
+    gsel: Any = None  # global selection
     g_sf: Tensor | None = None
-    free: Tensor | None = None  # state-free direction (param-matrix shaped), None if none
+    free: Tensor | None = None  # state-free direction (local shape), None if none
     free_done: bool = False
     u: Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return self.view.name
+
+    @property
+    def st(self):
+        return self.view.state
+
+    @property
+    def span(self) -> RowSpan:
+        return self.view.span
 
 
 def apply_update(p: Tensor, direction: Tensor, alpha: float) -> None:
     """``p += alpha * direction``; 16-bit params are updated through float32 (one rounding)."""
-    d = direction.view(p.shape)
+    if p.numel() == 0:
+        return
+    d = direction.reshape(p.shape)
     if p.dtype in (torch.bfloat16, torch.float16):
         p.copy_(p.float().add_(d, alpha=alpha))
     else:
@@ -74,23 +95,23 @@ def apply_update(p: Tensor, direction: Tensor, alpha: float) -> None:
 
 def compact_shape(it: Item) -> tuple[int, ...]:
     if it.kind in ("adamw", "block"):
-        return tuple(it.p.shape)
+        return tuple(it.view.data.shape)
     if it.kind == "coordinate":
         return tuple(it.sel.compact_shape)
-    shape = matrix_shape(it.p.shape)
+    shape = matrix_shape(it.view.shape)
     side = resolve_side(it.group["proj_side"], shape)
     r = projection_rank(shape, it.group["density"])
-    return (r, shape[1]) if side == "left" else (shape[0], r)
+    return (r, shape[1]) if side == "left" else (it.span.rows_touched, r)
 
 
 class FrugalStepMixin:
     """The phases of ``FRUGAL.step`` (mixed into ``FRUGAL``; see the module docstring)."""
 
-    # provided by FRUGAL
     state: Any
     param_groups: list[dict[str, Any]]
     comm: Any
     _pg: Any
+    _layout: Any
 
     def _run_step(self) -> None:
         self.comm.begin_step()
@@ -101,12 +122,12 @@ class FrugalStepMixin:
         if not items:
             return
         if self.reduce_gradients and world > 1:
-            self._reduce(items, world)
+            self._reduce(items)
         self._select(items, rank, world)
-        self._split(items)
+        self._down(items, world)
         self._state_full(items, rank)
         if self.shard_state and world > 1:
-            self._exchange(items, rank, world)
+            self._exchange(items, world)
         self._apply(items)
 
     # ---------------------------------------------------------------------------------- plan
@@ -118,44 +139,47 @@ class FrugalStepMixin:
             rule = "adamw"
         schedule = self._schedule(group) if kind == "block" else None
         out = []
-        for idx, (p, name) in enumerate(zip(group["params"], group["names"])):
-            if p.grad is None:
+        for view in self._views(group):
+            if view.grad is None:
                 continue
-            st = self.state[p]
+            st = view.state
             s = self._advance(st)
             k, refresh = s // gap, s % gap == 0
             if kind == "block":
-                owner = self._block_owner(group, idx, k, rank, world)
+                owner = self._block_owner(group, view.index, k, rank, world)
             else:
-                owner = self._state_owner(name, rank, world)
+                owner = self._state_owner(view.name, rank, world)
             mine = owner == rank
-            g = p.grad.float()
-            it = Item(p, name, group, st, kind, refresh, k, kind != "free", owner, g)
+            g = view.grad.float()
+            it = Item(view, group, kind, refresh, k, kind != "free", owner, g)
+            dev = view.data.device
             if kind == "adamw":
                 if mine and "sf_step" not in st:
-                    self._reset_buffers(st, rule, tuple(p.shape), p.device)
+                    self._reset_buffers(st, rule, tuple(view.data.shape), dev)
             elif kind == "block":
-                it.active = idx in schedule.active(k)
+                it.active = view.index in schedule.active(k)
                 if refresh:
                     if not (it.active and mine):
                         self._drop_buffers(st, rule)
                     elif reset or "sf_step" not in st:
-                        self._reset_buffers(st, rule, tuple(p.shape), p.device)
+                        self._reset_buffers(st, rule, tuple(view.data.shape), dev)
             elif kind in ("coordinate", "projection"):
-                it.g = g.reshape(matrix_shape(p.shape))
+                it.g = view.span.pad(g.reshape(-1))
                 if kind == "coordinate":
-                    it.sel = self._coordinate(p, name, k, group)
+                    it.gsel = self._coordinate(view, k, group)
+                    it.sel = local_coordinates(it.gsel, view.span)
                 elif not (refresh and group["proj_type"] == "svd"):
-                    it.sel = self._projection(p, name, k, group, None)
+                    it.gsel = self._projection(view, k, group)
+                    it.sel = local_projection(it.gsel, view.span)
                 if refresh and mine and (reset or "sf_step" not in st):
-                    self._reset_buffers(st, rule, compact_shape(it), p.device)
+                    self._reset_buffers(st, rule, compact_shape(it), dev)
             if it.active and mine:
                 st["sf_step"] += 1
             out.append(it)
         return out
 
     # ---------------------------------------------------------------------------------- reduce
-    def _reduce(self, items: list[Item], world: int) -> None:
+    def _reduce(self, items: list[Item]) -> None:
         if self.residual_comm == "exact":
             allreduce_mean_([it.g for it in items], self._pg, self.comm, "grad_full")
             return
@@ -195,28 +219,7 @@ class FrugalStepMixin:
     def _select(self, items: list[Item], rank: int, world: int) -> None:
         pending = [it for it in items if it.kind == "projection" and it.sel is None]
         if pending:
-            per_rank: list[list[Tensor]] = [[] for _ in range(world)]
-            for it in pending:
-                shape = matrix_shape(it.p.shape)
-                owner = self._plan_owner(it.name, rank, world)
-                if owner == rank:
-                    sel = projection_selection(
-                        shape, it.group["density"], "svd", it.group["proj_side"],
-                        projection_seed(it.group["seed"], it.name, it.k), grad=it.g,
-                    )  # fmt: skip
-                    basis = sel.basis
-                else:
-                    side = resolve_side(it.group["proj_side"], shape)
-                    dim = shape[0] if side == "left" else shape[1]
-                    basis = torch.empty(dim, projection_rank(shape, it.group["density"]),
-                                        device=it.g.device)  # fmt: skip
-                it.st["proj_basis"] = basis
-                per_rank[owner].append(basis)
-            broadcast_from_owners(per_rank, self._pg, self.comm, "basis_broadcast")
-            for it in pending:
-                side = resolve_side(it.group["proj_side"], matrix_shape(it.p.shape))
-                it.sel = ProjectionSelection(side, it.st["proj_basis"])
-                self._selections[it.p] = (it.k, it.sel)
+            self._svd_refresh(pending, rank, world)
         if world > 1 and self.check_agreement:
             refreshing = [it for it in items if it.refresh and it.kind not in ("adamw", "free")]
             fps = []
@@ -224,34 +227,114 @@ class FrugalStepMixin:
                 if it.kind == "block":
                     fps.append(it.k * 2 + int(it.active))
                 elif it.kind == "coordinate":
-                    fps.append(tensor_fingerprint(it.sel.index))
+                    fps.append(tensor_fingerprint(it.gsel.index))
                 else:
-                    fps.append(tensor_fingerprint(it.sel.basis))
+                    fps.append(tensor_fingerprint(it.gsel.basis))
             check_agreement([it.name for it in refreshing], fps, self._pg, self.comm, "subspace")
 
-    # ---------------------------------------------------------------------------------- split
-    def _split(self, items: list[Item]) -> None:
-        for it in items:
-            if it.kind == "free":
-                if not it.free_done:
-                    it.free = state_free_direction(it.group["algorithm"], it.g)
-                continue
-            rule = it.group["state_free"]
-            if it.kind in ("adamw",) or (it.kind == "block" and it.active):
-                it.g_sf = it.g
-            elif it.kind == "block":
-                if not it.free_done:
-                    it.free = state_free_direction(rule, it.g)
-            elif it.kind == "coordinate":
-                if it.g_sf is None:
-                    it.g_sf = it.sel.gather(it.g)
-                if not it.free_done:
-                    it.free = state_free_direction(rule, it.g)  # selected entries overwritten
+    def _svd_refresh(self, pending: list[Item], rank: int, world: int) -> None:
+        """Each basis is computed once, by an owner, from the full gradient, then broadcast."""
+        sharded = self._layout is not None
+        if world > 1:
+            weights = {it.name: it.span.m * it.span.n for it in pending}
+            owners = assign_owners(weights, world).owner
+        else:
+            owners = {it.name: 0 for it in pending}
+        per_rank: list[list[Tensor]] = [[] for _ in range(world)]
+        for it in pending:
+            shape = matrix_shape(it.view.shape)
+            owner = owners[it.name]
+            full_g = it.g
+            if sharded and world > 1:  # gather the fragments onto the owner only
+                buf = torch.zeros(shape[0] * shape[1], device=it.g.device)
+                sp = it.span
+                buf[sp.start : sp.start + sp.numel] = it.span.unpad(it.g)
+                dist.reduce(buf, dst=self._global_rank(owner), group=self._pg)
+                self.comm.add("svd_gather", buf.nbytes, buf.nbytes)
+                full_g = buf.view(shape)
+            side = resolve_side(it.group["proj_side"], shape)
+            if owner == rank:
+                basis = projection_selection(
+                    shape, it.group["density"], "svd", it.group["proj_side"],
+                    projection_seed(it.group["seed"], it.name, it.k), grad=full_g,
+                ).basis  # fmt: skip
             else:
-                if it.g_sf is None:
-                    it.g_sf = it.sel.down(it.g)
-                if not it.free_done:
-                    it.free = state_free_direction(rule, it.g - it.sel.up(it.g_sf))
+                dim = shape[0] if side == "left" else shape[1]
+                basis = torch.empty(dim, projection_rank(shape, it.group["density"]),
+                                    device=it.g.device)  # fmt: skip
+            per_rank[owner].append(basis)
+            it.st["proj_basis"] = basis
+        broadcast_from_owners(per_rank, self._pg, self.comm, "basis_broadcast")
+        for it in pending:
+            side = resolve_side(it.group["proj_side"], matrix_shape(it.view.shape))
+            it.gsel = ProjectionSelection(side, it.st["proj_basis"])
+            it.sel = local_projection(it.gsel, it.span)
+            self._selections[it.name] = (it.k, it.gsel)
+
+    # ---------------------------------------------------------------------------------- down
+    def _down(self, items: list[Item], world: int) -> None:
+        partial: list[Item] = []
+        for it in items:
+            if it.kind in ("adamw", "free") or (it.kind == "block" and it.active):
+                if it.kind != "free":
+                    it.g_sf = it.g
+            elif it.kind == "coordinate" and it.g_sf is None:
+                it.g_sf = it.sel.gather(it.g)
+            elif it.kind == "projection" and it.g_sf is None:
+                it.g_sf = it.sel.down(it.g)
+                if self._layout is not None and world > 1:
+                    partial.append(it)
+        if partial:
+            self._sum_partial_projections(partial)
+        for it in items:
+            if it.free_done:
+                continue
+            rule = it.group["algorithm"] if it.kind == "free" else it.group["state_free"]
+            if it.kind == "free" or (it.kind == "block" and not it.active):
+                it.free = state_free_direction(rule, it.g)
+            elif it.kind == "coordinate":
+                it.free = state_free_direction(rule, it.g)  # selected entries are overwritten
+            elif it.kind == "projection":
+                it.free = state_free_direction(rule, it.g - it.sel.up(it.g_sf))
+
+    def _sum_partial_projections(self, items: list[Item]) -> None:
+        """Fragments' partial G_sf summed over ranks in one all-reduce: right projections send
+        only their boundary rows (known to every rank from the layout), left ones (r, n)."""
+        chunks: list[Tensor] = []
+        slots: list[tuple[Item, list[tuple[int, int]]]] = []
+        for it in items:
+            if it.sel.side == "left":
+                chunks.append(it.g_sf.reshape(-1))
+                slots.append((it, []))
+                continue
+            rows = self._layout.split_rows(it.name)
+            r = it.g_sf.shape[1]
+            buf = it.g_sf.new_zeros(len(rows), r)
+            mine = []
+            for j, row in enumerate(rows):
+                local = row - it.span.first_row
+                if it.span.numel and 0 <= local < it.span.rows_touched:
+                    buf[j] = it.g_sf[local]
+                    mine.append((j, local))
+            chunks.append(buf.reshape(-1))
+            slots.append((it, mine))
+        flat = torch.cat(chunks) if chunks else None
+        if flat is None or flat.numel() == 0:
+            return
+        dist.all_reduce(flat, group=self._pg)
+        _, world = rank_and_world(self._pg)
+        self.comm.add("fragment_projection", flat.nbytes, 2 * (world - 1) / world * flat.nbytes)
+        offset = 0
+        for (it, mine), chunk in zip(slots, chunks):
+            n = chunk.numel()
+            summed = flat[offset : offset + n]
+            offset += n
+            if it.sel.side == "left":
+                it.g_sf = summed.view(it.g_sf.shape).clone()
+            else:
+                rows = summed.view(-1, it.g_sf.shape[1])
+                for j, local in mine:
+                    it.g_sf[local] = rows[j]
 
     # ---------------------------------------------------------------------------------- state
     def _state_full(self, items: list[Item], rank: int) -> None:
@@ -262,14 +345,15 @@ class FrugalStepMixin:
         for its in by_group.values():
             group = its[0].group
             rule = "adamw" if its[0].kind == "adamw" else group["state_full"]
+            bufs = [_Buffers(it.st) for it in its]
             dirs = state_full_directions(
-                rule, [it.g_sf for it in its], [it.st for it in its],
+                rule, [it.g_sf for it in its], bufs,
                 [int(it.st["sf_step"].item()) for it in its], group["betas"], group["eps"],
             )  # fmt: skip
             for it, d in zip(its, dirs):
                 it.u = d
 
-    def _exchange(self, items: list[Item], rank: int, world: int) -> None:
+    def _exchange(self, items: list[Item], world: int) -> None:
         per_rank: list[list[Tensor]] = [[] for _ in range(world)]
         for it in items:
             if not it.active:
@@ -288,25 +372,28 @@ class FrugalStepMixin:
             group = its[0].group
             lr, wd = group["lr"], group["weight_decay"]
             if wd != 0.0:
-                torch._foreach_mul_([it.p for it in its], 1.0 - lr * wd)
+                data = [it.view.data for it in its if it.view.data.numel()]
+                if data:
+                    torch._foreach_mul_(data, 1.0 - lr * wd)
             s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
             for it in its:
+                data = it.view.data
                 if it.kind == "adamw":
-                    apply_update(it.p, it.u, -lr)
+                    apply_update(data, it.u, -lr)
                 elif it.kind == "free":
                     if it.free is not None:
-                        apply_update(it.p, it.free, -lr)
+                        apply_update(data, it.free, -lr)
                 elif it.kind == "block":
                     if it.active:
-                        apply_update(it.p, it.u, -lr * s_p)
+                        apply_update(data, it.u, -lr * s_p)
                     elif it.free is not None:
-                        apply_update(it.p, it.free, -lr * s_p * s_i)
+                        apply_update(data, it.free, -lr * s_p * s_i)
                 elif it.kind == "coordinate":
                     full = it.free if it.free is not None else torch.zeros_like(it.g)
                     if it.free is not None and s_i != 1.0:
                         full = full * s_i
                     it.sel.scatter_(full, it.u)  # selected: up(U); others: s_i F(R)
-                    apply_update(it.p, full, -lr * s_p)
+                    apply_update(data, it.span.unpad(full), -lr * s_p)
                 else:
                     up_u = it.sel.up(it.u)
                     if it.free is None:
@@ -314,4 +401,14 @@ class FrugalStepMixin:
                     else:
                         full = it.free * s_i if s_i != 1.0 else it.free
                         full = full + up_u
-                    apply_update(it.p, full, -lr * s_p)
+                    apply_update(data, it.span.unpad(full), -lr * s_p)
+
+
+class _Buffers:
+    """Dict-style access to a state mapping's buffers for the foreach rules."""
+
+    def __init__(self, st) -> None:
+        self.st = st
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.st[key]

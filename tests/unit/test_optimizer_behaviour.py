@@ -97,8 +97,8 @@ def test_same_seed_same_subspaces_in_independent_instances(kind):
     (pa, oa), (pb, ob) = runs
     assert max_diff(pa, pb) == 0.0
     if kind != "block":
-        for x, y in zip(pa, pb):
-            sa, sb = oa._selections[x][1], ob._selections[y][1]
+        for name in NAMES:
+            sa, sb = oa._selections[name][1], ob._selections[name][1]
             ta = sa.index if kind == "coordinate" else sa.basis
             tb = sb.index if kind == "coordinate" else sb.basis
             assert torch.equal(ta, tb)
@@ -118,9 +118,9 @@ def test_refresh_happens_exactly_every_update_gap(kind):
         set_grads(ps, grads)
         opt.step()
         st = opt.state[ps[0]]
-        assert opt._selections[ps[0]][0] == s // gap
+        assert opt._selections[NAMES[0]][0] == s // gap
         assert int(st["sf_step"]) == s % gap + 1  # bias correction restarts at each refresh
-        seen.append(opt._selections[ps[0]][1])
+        seen.append(opt._selections[NAMES[0]][1])
     changed = [i for i in range(1, 13) if seen[i] is not seen[i - 1]]
     assert changed == [4, 8, 12]
 

@@ -1,0 +1,111 @@
+"""Math on a *fragment* of a parameter: the flat range [start, start + numel) of its row-major
+(m, n) matrix view. ZeRO-1/2 partitions, ZeRO-3 ``ds_tensor`` slices, FSDP1 flat slices and FSDP2
+``Shard(0)`` rows are all fragments; a whole parameter is the fragment [0, m*n).
+
+A fragment touches rows ``first_row .. last_row``; ``RowSpan.pad`` embeds it in a zero-filled
+(rows_touched, n) *local matrix*, on which every subspace works as on a whole matrix once its
+selection is restricted to those rows (``local_selection``). Entries of the local matrix outside
+the fragment ("phantoms") hold zero gradients, so their state-full statistics stay exactly zero,
+and ``RowSpan.unpad`` drops them from every update.
+
+Cross-fragment sums are needed only by projections:
+
+* right (P: n x r): row i of G_sf = G[i] P is local unless row i is split between fragments
+  (a *boundary row*): then the partial products of its pieces are summed over ranks;
+* left (P: m x r): G_sf = P^T G sums over rows: the partial (r, n) products of all fragments are
+  summed over ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from frugal_dist.core.subspaces import CoordinateSelection, ProjectionSelection
+
+
+@dataclass(frozen=True)
+class RowSpan:
+    """The fragment [start, start + numel) of a row-major (m, n) matrix."""
+
+    m: int
+    n: int
+    start: int
+    numel: int
+
+    @property
+    def is_full(self) -> bool:
+        return self.start == 0 and self.numel == self.m * self.n
+
+    @property
+    def first_row(self) -> int:
+        return self.start // self.n
+
+    @property
+    def last_row(self) -> int:
+        return (self.start + max(self.numel, 1) - 1) // self.n
+
+    @property
+    def rows_touched(self) -> int:
+        return 0 if self.numel == 0 else self.last_row - self.first_row + 1
+
+    @property
+    def offset(self) -> int:
+        """Position of the fragment's first element in the padded local matrix."""
+        return self.start - self.first_row * self.n
+
+    def boundary_rows(self) -> list[int]:
+        """Rows this fragment shares with another fragment (partially covered rows)."""
+        if self.numel == 0:
+            return []
+        rows = []
+        if self.start % self.n != 0:
+            rows.append(self.first_row)
+        end = self.start + self.numel
+        if end % self.n != 0 and (not rows or self.last_row != rows[0]):
+            rows.append(self.last_row)
+        return rows
+
+    def pad(self, flat: Tensor) -> Tensor:
+        """(rows_touched, n) matrix holding ``flat`` (the fragment) and zeros elsewhere."""
+        if self.is_full:
+            return flat.reshape(self.m, self.n)
+        out = flat.new_zeros(self.rows_touched * self.n)
+        out[self.offset : self.offset + self.numel] = flat.reshape(-1)
+        return out.view(self.rows_touched, self.n)
+
+    def unpad(self, local: Tensor) -> Tensor:
+        """The fragment's entries of a (rows_touched, n) local matrix, as a 1-D tensor."""
+        if self.is_full:
+            return local.reshape(-1)
+        return local.reshape(-1)[self.offset : self.offset + self.numel]
+
+
+def local_coordinates(sel: CoordinateSelection, span: RowSpan) -> CoordinateSelection:
+    """``sel`` restricted to the rows a fragment touches, in local-matrix coordinates.
+
+    The compact order stays row-major, so the local compact tensor is the slice of the global
+    one covering the touched rows (boundary rows included: their phantom entries stay zero)."""
+    if span.is_full:
+        return sel
+    r0, r1 = span.first_row, span.first_row + span.rows_touched
+    shape = (span.rows_touched, span.n)
+    if sel.choice == "columns":
+        return CoordinateSelection("columns", shape, sel.index)
+    if sel.choice == "rows":
+        idx = sel.index[(sel.index >= r0) & (sel.index < r1)] - r0
+        return CoordinateSelection("rows", shape, idx)
+    lo, hi = r0 * span.n, r1 * span.n
+    idx = sel.index[(sel.index >= lo) & (sel.index < hi)] - lo
+    return CoordinateSelection("randk", shape, idx)
+
+
+def local_projection(sel: ProjectionSelection, span: RowSpan) -> ProjectionSelection:
+    """For a left projection, the rows of P the fragment touches; a right projection's P is
+    shared by every row."""
+    if span.is_full or sel.side == "right":
+        return sel
+    return ProjectionSelection(
+        "left", sel.basis[span.first_row : span.first_row + span.rows_touched]
+    )
