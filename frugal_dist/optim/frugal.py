@@ -202,7 +202,7 @@ class FRUGAL(FrugalStepMixin, Optimizer):
     def _schedule(self, group: dict[str, Any]) -> BlockSchedule:
         key = id(group)
         sched = BlockSchedule(
-            len(group["params"]), group["density"], group["block_order"],
+            len(group["names"]), group["density"], group["block_order"],
             block_seed(group["seed"], group["names"]),
         )  # fmt: skip
         if self._schedules.get(key) != sched:

@@ -174,3 +174,48 @@ def svd_calls(rank: int, world: int) -> int:
     finally:
         fs.projection_selection = original
     return calls
+
+
+def zero_sim_run(rank: int, world: int, steps: int, opt_kw: dict) -> list[torch.Tensor]:
+    """FRUGAL on ZeRO-style flat partitions built with plain torch.distributed: each group's params
+    are packed into one flat vector cut into ``world`` equal pieces (mid-row cuts included); rank r
+    holds piece r and its slice of the mean gradient. Returns the reassembled full parameters."""
+    import torch.distributed as dist
+
+    from frugal_dist.layouts.flat import FlatEntry, FlatLayout, partition_evenly
+
+    split, full = named_params()
+    opt = FRUGAL(groups(split, full), **opt_kw)
+    entries, flats, layouts = [], [], []
+    for gi, group in enumerate(opt.param_groups):
+        named = [(n, p.shape) for n, p in zip(group["names"], group["params"])]
+        size, frags = partition_evenly(named, rank, world)
+        whole = torch.cat([p.detach().reshape(-1) for p in group["params"]])
+        whole = torch.cat([whole, whole.new_zeros(size * world - whole.numel())])
+        flat = whole[rank * size : (rank + 1) * size].clone()
+        for idx, ((name, shape), (_, off, start, numel)) in enumerate(zip(named, frags)):
+            entries.append(FlatEntry(name, tuple(shape), gi, idx, flat if numel else None, off,
+                                     start, numel))  # fmt: skip
+        group["params"] = [flat]
+        flats.append((flat, size, [p.shape for p in (split if gi == 0 else full)]))
+        layouts.append(named)
+    opt.bind_layout(FlatLayout(entries))
+    shapes = [tuple(p.shape) for p in split + full]
+    for step in range(steps):
+        grads = mean_grads(step, world, shapes)
+        per_group = [grads[: len(split)], grads[len(split) :]]
+        for (flat, size, _), gs in zip(flats, per_group):
+            g = torch.cat([x.reshape(-1) for x in gs])
+            g = torch.cat([g, g.new_zeros(size * world - g.numel())])
+            flat.grad = g[rank * size : (rank + 1) * size].clone()
+        opt.step()
+    out = []
+    for flat, _size, pshapes in flats:
+        parts = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(parts, flat)
+        whole, pos = torch.cat(parts), 0
+        for s in pshapes:
+            n = int(torch.Size(s).numel())
+            out.append(whole[pos : pos + n].view(s).clone())
+            pos += n
+    return out

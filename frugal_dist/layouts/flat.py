@@ -1,0 +1,110 @@
+"""Flat layouts: parameters packed into flat partitions, cut anywhere (ZeRO-1/2 fragments,
+ZeRO-3 ``ds_tensor`` slices, FSDP1 flat slices).
+
+The engine adapter builds a table: for each logical parameter, where its fragment on this rank
+lives (flat tensor, offset in it, logical start, numel); ``FlatLayout`` all-gathers the fragment
+boundaries once so every rank knows which rows are cut between ranks. State of parameter ``name``
+is kept in the state dict of the group's flat tensor under ``"name::key"`` (tensors only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from frugal_dist.comm.collectives import rank_and_world
+from frugal_dist.core.fragments import RowSpan
+from frugal_dist.core.subspaces import matrix_shape
+from frugal_dist.layouts.base import ParamView, PrefixedState
+
+
+@dataclass
+class FlatEntry:
+    """Where logical parameter ``name`` lives on this rank."""
+
+    name: str
+    shape: tuple[int, ...]
+    group_index: int  # optimizer param group
+    index: int  # position in that group's ``names``
+    flat: Tensor | None  # the flat tensor holding the fragment (None: nothing on this rank)
+    offset: int  # offset of the fragment in ``flat``
+    start: int  # offset of the fragment in the parameter's flattening
+    numel: int
+
+
+class FlatLayout:
+    """Views into flat partitions (see module doc)."""
+
+    name = "flat"
+
+    def __init__(self, entries: list[FlatEntry], process_group: Any = None) -> None:
+        self.process_group = process_group
+        self.entries = entries
+        self._by_group: dict[int, list[FlatEntry]] = {}
+        for e in entries:
+            self._by_group.setdefault(e.group_index, []).append(e)
+        for es in self._by_group.values():
+            es.sort(key=lambda e: e.index)
+        mine = [(e.name, e.start, e.numel) for e in entries if e.numel > 0]
+        _, world = rank_and_world(process_group)
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, mine, group=process_group)
+        else:
+            gathered = [mine]
+        self._cuts: dict[str, set[int]] = {}
+        for table in gathered:
+            for name, start, numel in table:
+                self._cuts.setdefault(name, set()).update((start, start + numel))
+
+    def split_rows(self, name: str) -> list[int]:
+        entry = next(e for e in self.entries if e.name == name)
+        m, n = matrix_shape(entry.shape)
+        rows = {b // n for b in self._cuts.get(name, ()) if 0 < b < m * n and b % n != 0}
+        return sorted(rows)
+
+    def views(self, optimizer: Any, group: dict[str, Any]) -> list[ParamView]:
+        gi = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
+        holder = group["params"][0]
+        parent = optimizer.state[holder]
+        out = []
+        for e in self._by_group.get(gi, []):
+            m, n = matrix_shape(e.shape)
+            if e.flat is not None and e.numel > 0:
+                data = e.flat.narrow(0, e.offset, e.numel)
+                grad = None if e.flat.grad is None else e.flat.grad.narrow(0, e.offset, e.numel)
+                span = RowSpan(m, n, e.start, e.numel)
+            else:
+                data = holder.new_empty(0)
+                grad = None if holder.grad is None else holder.grad.new_empty(0)
+                span = RowSpan(m, n, 0, 0)
+            out.append(
+                ParamView(e.name, e.index, e.shape, span, data, grad, PrefixedState(parent, e.name))
+            )
+        return out
+
+
+def partition_evenly(
+    named: list[tuple[str, torch.Size]], rank: int, world: int
+) -> tuple[int, list[tuple[str, int, int, int]]]:
+    """Pack parameters in order into one flat vector padded to a multiple of ``world`` and cut it
+    into equal partitions (what ZeRO-1/2 do per param group). Returns this rank's partition size
+    and its fragments ``(name, offset_in_partition, start_in_param, numel)``, including empty ones.
+    """
+    total = sum(int(torch.Size(s).numel()) for _, s in named)
+    size = -(-total // world)
+    lo, hi = rank * size, (rank + 1) * size
+    frags, pos = [], 0
+    for name, shape in named:
+        numel = int(torch.Size(shape).numel())
+        a, b = max(lo, pos), min(hi, pos + numel)
+        if a < b:
+            frags.append((name, a - lo, a - pos, b - a))
+        else:
+            frags.append((name, 0, 0, 0))
+        pos += numel
+    return size, frags
