@@ -259,9 +259,10 @@ def projection_selection(
     elif proj_type == "svd":
         if grad is None:
             raise ValueError("proj_type='svd' needs the gradient at the refresh")
-        g = grad.reshape(m, n).float()
+        g = grad.reshape(m, n)
+        g = g if g.dtype == torch.float64 else g.float()  # at least float32; float64 kept
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
-        basis = (u[:, :r] if side == "left" else vh[:r].T).contiguous()
+        basis = (u[:, :r] if side == "left" else vh[:r].T).to(torch.float32).contiguous()
     else:
         raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
     return ProjectionSelection(side, basis)

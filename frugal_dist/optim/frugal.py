@@ -245,6 +245,10 @@ class FRUGAL(FrugalStepMixin, Optimizer):
 
     def _views(self, group: dict[str, Any]) -> list[ParamView]:
         """Every parameter of ``group`` as a view: from the bound layout, or whole tensors."""
+        if self._layout is None and _holds_dtensors(group):
+            from frugal_dist.layouts.dtensor import DTensorLayout
+
+            self.bind_layout(DTensorLayout(self))  # FSDP2: bind on first use
         if self._layout is not None:
             return self._layout.views(self, group)
         out = []
@@ -441,3 +445,11 @@ def _expected_state_bytes(p: Tensor, group: dict[str, Any]) -> int:
                  "randk": min(m * n, round_half_up(rho * m * n))}[choice]  # fmt: skip
         return per * count
     return per * projection_rank((m, n), rho) * max(m, n)
+
+
+def _holds_dtensors(group: dict[str, Any]) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in group["params"])

@@ -244,11 +244,15 @@ class FrugalStepMixin:
         for it in pending:
             shape = matrix_shape(it.view.shape)
             owner = owners[it.name]
-            full_g = it.g
+            # The gradient in its own precision (float32 at least): SVD bases are sensitive to
+            # last-bit differences when singular values are close.
+            raw = it.view.grad
+            dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
+            full_g = it.span.pad(raw.reshape(-1).to(dtype))
             if sharded and world > 1:  # gather the fragments onto the owner only
-                buf = torch.zeros(shape[0] * shape[1], device=it.g.device)
+                buf = torch.zeros(shape[0] * shape[1], device=it.g.device, dtype=dtype)
                 sp = it.span
-                buf[sp.start : sp.start + sp.numel] = it.span.unpad(it.g)
+                buf[sp.start : sp.start + sp.numel] = raw.reshape(-1).to(dtype)
                 dist.reduce(buf, dst=self._global_rank(owner), group=self._pg)
                 self.comm.add("svd_gather", buf.nbytes, buf.nbytes)
                 full_g = buf.view(shape)

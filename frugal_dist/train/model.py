@@ -106,7 +106,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize the last dimension of ``x``."""
         dtype = x.dtype
-        xf = x.float()
+        xf = x if x.dtype == torch.float64 else x.float()  # float32 at least
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
 
@@ -224,7 +224,9 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(self.norm(x))
         loss = None
         if labels is not None:
-            shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+            shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
+            if shift_logits.dtype != torch.float64:  # float32 at least
+                shift_logits = shift_logits.float()
             shift_labels = labels[:, 1:].reshape(-1).long()
             loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
         return logits, loss

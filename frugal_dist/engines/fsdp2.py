@@ -1,0 +1,63 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) adapter.
+
+    model = build_model(...)
+    shard_model(model)                       # fully_shard per transformer block, then the root
+    opt = FRUGAL(build_param_groups(model))  # params are DTensors; FRUGAL binds DTensorLayout
+    ...                                      # train as usual; DCP checkpoints reshard
+
+``shard_model`` finds the transformer blocks of this project's LLaMA (``model.layers``) and of
+Hugging Face LLaMA-style models (``model.model.layers``). Mixed precision: bf16 compute with
+float32 master weights and float32 gradient reduction (``MixedPrecisionPolicy``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The per-layer modules to shard one by one."""
+    for path in ("layers", "model.layers", "transformer.h", "model.decoder.layers"):
+        obj: Any = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return list(obj)
+    return []
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    mesh: Any = None,
+    bf16: bool = False,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Apply ``fully_shard`` to every transformer block and to the root (in place; returned)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
+    if mesh is not None:
+        kwargs["mesh"] = mesh
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    for block in transformer_blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def cpu_mesh() -> Any:
+    """A 1-D device mesh over all ranks on the CPU (gloo)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device, (dist.get_world_size(),))
