@@ -360,7 +360,8 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         for st in self.state.values():
             for v in st.values():
                 if isinstance(v, Tensor):
-                    total += v.numel() * v.element_size()
+                    local = v.to_local() if hasattr(v, "to_local") else v  # DTensor: this rank's
+                    total += local.numel() * local.element_size()
         return total
 
     def aux_bytes(self) -> int:

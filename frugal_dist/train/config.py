@@ -34,7 +34,7 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 10
     seed: int = 0
-    engine: str = "auto"  # auto | single | ddp
+    engine: str = "auto"  # auto | single | ddp | fsdp2
     output_dir: str | None = None
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16
 
@@ -44,7 +44,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-ENGINES = ("auto", "single", "ddp")
+ENGINES = ("auto", "single", "ddp", "fsdp2")
 
 
 def _coerce(text: str) -> Any:

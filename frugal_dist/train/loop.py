@@ -67,12 +67,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = build_model(cfg.model, max_seq_len=max(cfg.seq_len, 16)).to(device)
     if cfg.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
+    if engine == "fsdp2":
+        from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
+
+        shard_model(model, mesh=cpu_mesh())
+    wrapped = DDP(model) if engine == "ddp" else model
     opt_cfg = dict(cfg.optimizer)
     name = opt_cfg.pop("name", "frugal")
     opt_cfg.setdefault("seed", cfg.seed)
     optimizer = build_optimizer(model, name, **opt_cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    wrapped = DDP(model) if engine == "ddp" else model
     if engine == "ddp" and getattr(optimizer, "reduce_gradients", False):
         # FRUGAL reduces the gradients itself (compressed): DDP must not all-reduce them too.
         wrapped.register_comm_hook(None, defer_to_optimizer_hook)
@@ -111,6 +115,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             batch = batch.to(device)
             last = micro == cfg.grad_accum - 1
             sync = nullcontext() if (last or engine != "ddp") else wrapped.no_sync()
+            if engine == "fsdp2":  # reduce-scatter only on the last micro-step
+                model.set_requires_gradient_sync(last)
             with sync:
                 _, loss = wrapped(batch, labels=batch)
                 (loss / cfg.grad_accum).backward()
@@ -141,7 +147,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             record["opt_state_mib"] = (
                 state_bytes() if state_bytes else _state_bytes(optimizer)
             ) / 2**20
-            if hasattr(optimizer, "comm_stats"):
+            if hasattr(optimizer, "comm_stats") and optimizer.comm_stats()["last_step_total"]:
                 record["comm_bytes"] = optimizer.comm_stats()["last_step_total"]
             if rank == 0:
                 val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
