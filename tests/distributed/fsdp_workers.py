@@ -92,29 +92,21 @@ def fsdp2(rank: int, world: int, steps: int, opt_kw: dict) -> dict[str, Any]:
 
 
 def dcp_save(rank: int, world: int, steps: int, opt_kw: dict, path: str) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
+    from frugal_dist.engines import fsdp2_checkpoint
     from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
 
     model = shard_model(make_model(), mesh=cpu_mesh())
     opt = FRUGAL(build_param_groups(model), **opt_kw)
     _train(model, opt, steps, rank, world)
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    fsdp2_checkpoint.save(path, model, opt)
 
 
 def dcp_resume(rank: int, world: int, start: int, steps: int, opt_kw: dict, path: str):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
+    from frugal_dist.engines import fsdp2_checkpoint
     from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
 
     model = shard_model(make_model(), mesh=cpu_mesh())
     opt = FRUGAL(build_param_groups(model), **{**opt_kw, "seed": 12345})  # the saved seed wins
-    msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    fsdp2_checkpoint.load(path, model, opt)
     losses = _train(model, opt, steps, rank, world, start=start)
     return {"losses": losses, "params": _full_params(model), "pid": os.getpid()}

@@ -48,7 +48,7 @@ def test_fsdp2_matches_single_process(kind, world):
             _close({k: v for k, v in got[r]["state"][name].items()}, st, tol)
 
 
-@pytest.mark.parametrize("kind", ["columns", "projection"])
+@pytest.mark.parametrize("kind", ["block", "columns", "svd"])
 def test_dcp_checkpoint_reshards_from_two_ranks_to_one_and_four(kind, tmp_path):
     kw = {**COMMON, **KINDS[kind]}
     first, rest = 5, 5
@@ -58,4 +58,4 @@ def test_dcp_checkpoint_reshards_from_two_ranks_to_one_and_four(kind, tmp_path):
     for world in (1, 4):
         got = run_distributed(fw.dcp_resume, world, first, rest, kw, path)[0]
         assert got["losses"] == pytest.approx(ref["losses"][first:], rel=1e-6)
-        _close(got["params"], ref["params"], 5e-6)
+        _close(got["params"], ref["params"], 1e-4 if kind == "svd" else 5e-6)

@@ -1,0 +1,95 @@
+"""FSDP2 checkpoints with torch.distributed.checkpoint (DCP) that reshard to any world size.
+
+``save(path, model, optimizer)`` / ``load(path, model, optimizer)``, called on every rank.
+
+Why not plain ``get_state_dict`` + ``dcp.load``: DCP loads exactly the state keys the *new*
+optimizer holds. FRUGAL's key set depends on where the run was -- with ``subspace="block"`` only the
+tensors active at the saved step have moments -- so ``load`` first reads the checkpoint's metadata,
+makes the optimizer hold exactly the saved keys (zero tensors of the saved shapes, sharded like
+the parameter), and only then lets DCP fill them in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+PREFIX = "optim.state."
+
+
+def save(path: str, model: nn.Module, optimizer: Any) -> None:
+    """Save model and optimizer state (sharded, one file per rank plus metadata)."""
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+
+
+def _saved_state_keys(path: str) -> dict[str, dict[str, Any]]:
+    meta = dcp.FileSystemReader(path).read_metadata()
+    out: dict[str, dict[str, Any]] = {}
+    for flat_key, md in meta.state_dict_metadata.items():
+        if not flat_key.startswith(PREFIX):
+            continue
+        fqn, key = flat_key[len(PREFIX) :].rsplit(".", 1)
+        out.setdefault(fqn, {})[key] = md
+    return out
+
+
+def _local_rows(global_rows: int, p: Any) -> int:
+    mesh = p.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunk = -(-global_rows // world)
+    start = min(rank * chunk, global_rows)
+    return min(start + chunk, global_rows) - start
+
+
+def _reconcile(path: str, model: nn.Module, optimizer: Any) -> None:
+    """Give ``optimizer`` exactly the state keys (and shapes) stored in the checkpoint."""
+    saved = _saved_state_keys(path)
+    views = {}
+    for group in optimizer.param_groups:
+        for view in optimizer._views(group):
+            views[view.name] = view
+    for fqn, keys in saved.items():
+        view = views.get(fqn)
+        if view is None:
+            continue
+        st = view.state
+        for key in [k for k in st if k not in keys]:
+            del st[key]
+        for key, md in keys.items():
+            if key in st and tuple(st[key].shape) == tuple(_local_shape(md, st, key, view)):
+                continue
+            size = tuple(md.size)
+            dtype = md.properties.dtype
+            if len(size) == 0:
+                st[key] = torch.zeros((), dtype=dtype)
+                continue
+            st[key] = torch.zeros(_local_shape(md, st, key, view), dtype=dtype,
+                                  device=view.data.device)  # fmt: skip
+
+
+def _local_shape(md: Any, st: Any, key: str, view: Any) -> tuple[int, ...]:
+    size = tuple(md.size)
+    if len(size) == 0:
+        return ()
+    param = st.p  # DTensorState
+    if st.replicated or key == "proj_basis":
+        return size
+    return (_local_rows(size[0], param), *size[1:])
+
+
+def load(path: str, model: nn.Module, optimizer: Any) -> None:
+    """Load a checkpoint written by ``save`` at any world size into ``model`` / ``optimizer``
+    (both already built, sharded and with no gradients pending)."""
+    get_state_dict(model, optimizer)  # materialises the optimizer state (DCP's zero-grad step)
+    _reconcile(path, model, optimizer)
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
