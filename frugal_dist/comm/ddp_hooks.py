@@ -9,7 +9,6 @@ gradient traffic. Without DDP, simply don't wrap the model.
 (No ``from __future__ import annotations`` here: DDP checks the hook's real annotations.)
 """
 
-
 from typing import Any
 
 import torch

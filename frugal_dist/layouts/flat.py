@@ -28,12 +28,11 @@ class FlatEntry:
 
     name: str
     shape: tuple[int, ...]
-    group_index: int  # optimizer param group
-    index: int  # position in that group's ``names``
-    flat: Tensor | None  # the flat tensor holding the fragment (None: nothing on this rank)
-    offset: int  # offset of the fragment in ``flat``
+    index: int  # position in its param group's ``names`` (block schedules use it)
+    holder: Tensor  # the flat tensor ``step()`` sees for this parameter; its state lives there
+    offset: int  # offset of the fragment in ``holder``
     start: int  # offset of the fragment in the parameter's flattening
-    numel: int
+    numel: int  # 0: nothing of this parameter on this rank
 
 
 class FlatLayout:
@@ -44,10 +43,12 @@ class FlatLayout:
     def __init__(self, entries: list[FlatEntry], process_group: Any = None) -> None:
         self.process_group = process_group
         self.entries = entries
-        self._by_group: dict[int, list[FlatEntry]] = {}
+        self._by_holder: dict[int, list[FlatEntry]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         for e in entries:
-            self._by_group.setdefault(e.group_index, []).append(e)
-        for es in self._by_group.values():
+            self._by_holder.setdefault(id(e.holder), []).append(e)
+            self._shapes[e.name] = e.shape
+        for es in self._by_holder.values():
             es.sort(key=lambda e: e.index)
         mine = [(e.name, e.start, e.numel) for e in entries if e.numel > 0]
         _, world = rank_and_world(process_group)
@@ -62,29 +63,26 @@ class FlatLayout:
                 self._cuts.setdefault(name, set()).update((start, start + numel))
 
     def split_rows(self, name: str) -> list[int]:
-        entry = next(e for e in self.entries if e.name == name)
-        m, n = matrix_shape(entry.shape)
+        m, n = matrix_shape(self._shapes[name])
         rows = {b // n for b in self._cuts.get(name, ()) if 0 < b < m * n and b % n != 0}
         return sorted(rows)
 
     def views(self, optimizer: Any, group: dict[str, Any]) -> list[ParamView]:
-        gi = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
-        holder = group["params"][0]
-        parent = optimizer.state[holder]
         out = []
-        for e in self._by_group.get(gi, []):
-            m, n = matrix_shape(e.shape)
-            if e.flat is not None and e.numel > 0:
-                data = e.flat.narrow(0, e.offset, e.numel)
-                grad = None if e.flat.grad is None else e.flat.grad.narrow(0, e.offset, e.numel)
-                span = RowSpan(m, n, e.start, e.numel)
-            else:
-                data = holder.new_empty(0)
-                grad = None if holder.grad is None else holder.grad.new_empty(0)
-                span = RowSpan(m, n, 0, 0)
-            out.append(
-                ParamView(e.name, e.index, e.shape, span, data, grad, PrefixedState(parent, e.name))
-            )
+        for holder in group["params"]:
+            parent = optimizer.state[holder]
+            for e in self._by_holder.get(id(holder), []):
+                m, n = matrix_shape(e.shape)
+                if e.numel > 0:
+                    data = holder.narrow(0, e.offset, e.numel)
+                    grad = None if holder.grad is None else holder.grad.narrow(0, e.offset, e.numel)
+                    span = RowSpan(m, n, e.start, e.numel)
+                else:
+                    data = holder.new_empty(0)
+                    grad = None if holder.grad is None else holder.grad.new_empty(0)
+                    span = RowSpan(m, n, 0, 0)
+                st = PrefixedState(parent, e.name)
+                out.append(ParamView(e.name, e.index, e.shape, span, data, grad, st))
         return out
 
 

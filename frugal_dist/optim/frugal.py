@@ -191,7 +191,7 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         group = self.param_groups[-1]
         if group["algorithm"] == "frugal" and group["subspace"] == "projection":
             for name, p in zip(group["names"], group["params"]):
-                if p.ndim < 2:
+                if len(tuple(getattr(p, "ds_shape", p.shape))) < 2:  # zero.Init: ds_shape
                     raise ValueError(
                         f"subspace='projection' needs 2-D (or higher) tensors, but {name!r} in "
                         f"{where} has shape {tuple(p.shape)}; put it in an algorithm='adamw' group "

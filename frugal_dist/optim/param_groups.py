@@ -35,7 +35,7 @@ def classify_parameters(model: nn.Module) -> dict[str, str]:
             roles[name] = "head"
         elif module is not None and "norm" in type(module).__name__.lower():
             roles[name] = "norm"
-        elif p.ndim < 2:
+        elif len(logical_shape(p)) < 2:
             roles[name] = "bias"
         else:
             roles[name] = "split"
@@ -106,6 +106,11 @@ def check_param_coverage(model: nn.Module, param_groups: Iterable[Mapping[str, A
         )
     if twice:
         raise ValueError(f"parameters in more than one optimizer group: {twice}")
+
+
+def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's real shape, also under ``deepspeed.zero.Init`` (data of shape (0,))."""
+    return tuple(getattr(p, "ds_shape", p.shape))
 
 
 def param_names_for(model: nn.Module) -> dict[int, str]:

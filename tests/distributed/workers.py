@@ -194,8 +194,7 @@ def zero_sim_run(rank: int, world: int, steps: int, opt_kw: dict) -> list[torch.
         whole = torch.cat([whole, whole.new_zeros(size * world - whole.numel())])
         flat = whole[rank * size : (rank + 1) * size].clone()
         for idx, ((name, shape), (_, off, start, numel)) in enumerate(zip(named, frags)):
-            entries.append(FlatEntry(name, tuple(shape), gi, idx, flat if numel else None, off,
-                                     start, numel))  # fmt: skip
+            entries.append(FlatEntry(name, tuple(shape), idx, flat, off, start, numel))
         group["params"] = [flat]
         flats.append((flat, size, [p.shape for p in (split if gi == 0 else full)]))
         layouts.append(named)

@@ -1,0 +1,187 @@
+"""DeepSpeed adapter: ``frugal_dist.deepspeed.initialize`` is ``deepspeed.initialize`` that reads a
+``"optimizer": {"type": "FRUGAL", "params": {...}}`` section of the DeepSpeed config.
+
+    engine, optimizer, loader, scheduler = frugal_dist.deepspeed.initialize(
+        model=model, config="ds_configs/zero2.json")           # the only change in a user script
+
+It builds FRUGAL with named param groups, hands it to DeepSpeed as a client optimizer, then binds
+it to the engine's layout (verified against DeepSpeed 0.15-0.19.8 attribute names):
+
+* ZeRO-0, fp32: the module's own parameters (dense); bf16: ``fp32_groups`` full-size masters
+* ZeRO-1/2: one flat fp32 partition per group (``single_partition_of_fp32_groups`` or, under
+  ``BF16_Optimizer``, ``fp32_groups_flat_partition``); each parameter's fragment from
+  ``p._hp_mapping`` (``lp_fragment_address`` in the parameter, ``hp_fragment_address`` in the flat)
+* ZeRO-3: one flat fp32 tensor per sub-group (``fp32_partitioned_groups_flat``); parameters of
+  ``fp16_groups[s]`` back to back, ``partition_numel()`` slots each, rank r holding elements
+  [r * part, min((r + 1) * part, ds_numel)).
+
+DeepSpeed clips the gradients it hands the optimizer (``gradient_clipping``; its default is 1.0
+from DeepSpeed 0.19.3, 0 before) and averages them over ranks; FRUGAL sees that gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from frugal_dist.layouts.flat import FlatEntry, FlatLayout
+from frugal_dist.optim import FRUGAL, build_param_groups
+
+FRUGAL_TYPES = ("frugal",)
+DEEPSPEED_BUILTINS = ("adam", "adamw", "lamb", "onebitadam", "onebitlamb", "zerooneadam",
+                      "muadam", "muadamw", "musgd", "lion", "adagrad", "sgd", "muon",
+                      "cpuadam", "fusedadam")  # fmt: skip
+
+
+def _load_config(config: Any) -> dict[str, Any]:
+    if config is None:
+        raise ValueError("frugal_dist.deepspeed.initialize needs config= (a dict or a JSON path)")
+    if isinstance(config, (str, Path)):
+        with open(config) as fh:
+            return json.load(fh)
+    return json.loads(json.dumps(config))  # a deep copy of a JSON-like dict
+
+
+def _zero_stage(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def frugal_options(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The FRUGAL keyword arguments of a DeepSpeed config, or None if it names another optimizer.
+
+    Raises ``ValueError`` with the fix for an unknown type or a missing
+    ``zero_allow_untested_optimizer``."""
+    section = cfg.get("optimizer")
+    if section is None:
+        return None
+    kind = str(section.get("type", ""))
+    if kind.lower() not in FRUGAL_TYPES:
+        if kind.lower() in DEEPSPEED_BUILTINS or hasattr(torch.optim, kind):
+            return None
+        raise ValueError(
+            f'unknown optimizer type {kind!r} in the DeepSpeed config: write "type": "FRUGAL" '
+            f'(with its arguments under "params"), or one of DeepSpeed\'s own optimizers'
+        )
+    extra = set(section) - {"type", "params"}
+    if extra:
+        raise ValueError(f'optimizer section keys {sorted(extra)} are not understood; use "type" '
+                         'and "params"')  # fmt: skip
+    if _zero_stage(cfg) >= 1 and not cfg.get("zero_allow_untested_optimizer", False):
+        raise ValueError(
+            'FRUGAL is a client optimizer: ZeRO stage >= 1 needs "zero_allow_untested_optimizer": '
+            "true at the top level of the DeepSpeed config"
+        )
+    zopt = cfg.get("zero_optimization", {})
+    if zopt.get("round_robin_gradients", False):
+        raise ValueError('"round_robin_gradients": true breaks DeepSpeed\'s fragment map '
+                         '(_hp_mapping); set it to false for FRUGAL')  # fmt: skip
+    for key in ("offload_optimizer",):
+        if zopt.get(key, {}).get("device", "none") != "none" and cfg.get(
+            "zero_force_ds_cpu_optimizer", True
+        ):
+            raise ValueError('ZeRO-Offload with FRUGAL needs "zero_force_ds_cpu_optimizer": false')
+    params = dict(section.get("params", {}))
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    return params
+
+
+def initialize(*args: Any, model: torch.nn.Module, config: Any = None, **kwargs: Any):
+    """``deepspeed.initialize`` with FRUGAL built from the config's optimizer section; same return
+    value ``(engine, optimizer, training_dataloader, lr_scheduler)``."""
+    import deepspeed
+
+    cfg = _load_config(config if config is not None else kwargs.pop("config_params", None))
+    options = frugal_options(cfg)
+    if options is None or kwargs.get("optimizer") is not None:
+        return deepspeed.initialize(*args, model=model, config=cfg, **kwargs)
+    cfg.pop("optimizer")
+    _skip_cpu_shm_build()
+    frugal = FRUGAL(build_param_groups(model), **options)
+    # DeepSpeed may call step() once inside initialize with zero gradients (ZeRO-0 bf16): run it
+    # with lr 0 and forget its state, so the first real step is step 1 everywhere.
+    lrs = [g["lr"] for g in frugal.param_groups]
+    for g in frugal.param_groups:
+        g["lr"] = 0.0
+    out = deepspeed.initialize(*args, model=model, optimizer=frugal, config=cfg, **kwargs)
+    for g, lr in zip(frugal.param_groups, lrs):
+        g["lr"] = lr
+    frugal.state.clear()
+    bind(out[0], frugal)
+    return out
+
+
+def _skip_cpu_shm_build() -> None:
+    """On CPU DeepSpeed compiles a shared-memory op (~2 min) used only by inference all-reduce."""
+    if torch.cuda.is_available():
+        return
+    try:
+        import deepspeed.ops as ops
+
+        ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except Exception:  # pragma: no cover - other DeepSpeed versions
+        pass
+
+
+def bind(engine: Any, frugal: FRUGAL) -> None:
+    """Bind ``frugal`` to the layout of ``engine`` (see module doc)."""
+    entries = fragments(engine, frugal)
+    if entries is not None:
+        frugal.bind_layout(FlatLayout(entries, getattr(engine.optimizer, "dp_process_group", None)))
+
+
+def fragments(engine: Any, frugal: FRUGAL) -> list[FlatEntry] | None:
+    """Every parameter's fragment on this rank, or None where the layout is dense (ZeRO-0)."""
+    opt = engine.optimizer
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    index = {n: i for g in frugal.param_groups for i, n in enumerate(g["names"])}
+    out: list[FlatEntry] = []
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        pg = getattr(opt, "dp_process_group", None)
+        for s, params in enumerate(opt.fp16_groups):
+            flat, off = opt.fp32_partitioned_groups_flat[s], 0
+            for p in params:
+                part = p.partition_numel()
+                r = dist.get_rank(group=getattr(p, "ds_process_group", pg))
+                n = max(0, min(part, p.ds_numel - r * part))
+                name = names[id(p)]
+                out.append(FlatEntry(name, tuple(p.ds_shape), index[name], flat, off,
+                                     r * part if n else 0, n))  # fmt: skip
+                off += part
+        return out
+    lp = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
+    hp = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(
+        opt, "fp32_groups_flat_partition", None
+    )
+    if lp is not None and hp is not None:  # ZeRO-1/2 (DeepSpeedZeroOptimizer, BF16_Optimizer)
+        for i, params in enumerate(lp):
+            for p in params:
+                name = names[id(p)]
+                m = getattr(p, "_hp_mapping", None)
+                if m is None:
+                    out.append(FlatEntry(name, tuple(p.shape), index[name], hp[i], 0, 0, 0))
+                else:
+                    out.append(FlatEntry(name, tuple(p.shape), index[name], hp[i],
+                                         m.hp_fragment_address.start, m.lp_fragment_address.start,
+                                         m.hp_fragment_address.numel))  # fmt: skip
+        return out
+    return None  # ZeRO-0: params (or full fp32 masters) in the groups, in order -> dense
+
+
+def mpi_environment() -> None:
+    """Under ``mpirun``, fill torch.distributed's variables from the MPI launcher's, on loopback
+    (DeepSpeed's own discovery picks a non-loopback address)."""
+    env = os.environ
+    rank = env.get("PMI_RANK", env.get("OMPI_COMM_WORLD_RANK"))
+    size = env.get("PMI_SIZE", env.get("OMPI_COMM_WORLD_SIZE"))
+    local = env.get("MPI_LOCALRANKID", env.get("OMPI_COMM_WORLD_LOCAL_RANK", rank))
+    if rank is None or size is None or "RANK" in env:
+        return
+    env.update(RANK=rank, WORLD_SIZE=size, LOCAL_RANK=local or "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29511")

@@ -1,0 +1,148 @@
+"""Per-rank functions for the DeepSpeed tests. The probe model's loss is linear in its weights,
+sum_i <W_i, C_i>, so each gradient is exactly C_i: dyadic values (multiples of 1/8, |C| < 4) that
+survive bf16, averaging over ranks and any reduction order bit for bit. Engine runs can then be
+compared with the single-process run exactly, with no feedback of rounding into gradients."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from frugal_dist import FRUGAL, build_param_groups
+
+SHAPES = {"blocks.0": (12, 8), "blocks.1": (8, 12), "blocks.2": (10, 10), "blocks.3": (6, 16),
+          "blocks.4": (16, 6)}  # fmt: skip
+
+
+class Lin(nn.Module):
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return (self.weight * c).sum()
+
+
+class NormLike(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return (self.weight * c).sum()
+
+
+class Probe(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Lin(s) for s in SHAPES.values())
+        self.norm = NormLike(10)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.round(torch.randn(p.shape, generator=gen) * 8) / 8)
+
+    def forward(self, cs: list[torch.Tensor]) -> torch.Tensor:
+        total = self.norm(cs[-1])
+        for block, c in zip(self.blocks, cs[:-1]):
+            total = total + block(c)
+        return total
+
+
+def coefficients(step: int, rank: int, dtype=torch.float32) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    shapes = [*SHAPES.values(), (10,)]
+    return [(torch.round(torch.randn(s, generator=gen) * 8).clamp(-31, 31) / 8).to(dtype)
+            for s in shapes]  # fmt: skip
+
+
+def mean_coefficients(step: int, world: int) -> list[torch.Tensor]:
+    per = [coefficients(step, r) for r in range(world)]
+    return [sum(c[i] for c in per) / world for i in range(len(per[0]))]
+
+
+def single(steps: int, world: int, opt_kw: dict) -> dict[str, torch.Tensor]:
+    model = Probe()
+    opt = FRUGAL(build_param_groups(model), **opt_kw)
+    for step in range(steps):
+        model(mean_coefficients(step, world)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def ds_config(stage: int, bf16: bool, opt_kw: dict) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_clipping": 0.0,  # exact comparison; clipping is DeepSpeed's, not FRUGAL's
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "optimizer": {"type": "FRUGAL", "params": opt_kw},
+    }
+
+
+def full_params(engine, stage: int) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for n, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if stage >= 1 else None
+        if full is None:
+            full = p.detach().float()
+        out[n] = (
+            full.detach().clone().float().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+        )
+    return out
+
+
+def _train(engine, steps: int, rank: int, bf16: bool, start: int = 0) -> None:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    for step in range(start, start + steps):
+        loss = engine(coefficients(step, rank, dtype))
+        engine.backward(loss)
+        engine.step()
+
+
+def run(rank: int, world: int, stage: int, bf16: bool, steps: int, kinds: dict, common: dict):
+    import frugal_dist.deepspeed as fds
+
+    out = {}
+    for name, kw in kinds.items():
+        torch.manual_seed(0)
+        engine, opt, _, _ = fds.initialize(
+            model=Probe(), config=ds_config(stage, bf16, {**common, **kw})
+        )
+        _train(engine, steps, rank, bf16)
+        frugal = (
+            engine.optimizer if isinstance(engine.optimizer, FRUGAL) else engine.optimizer.optimizer
+        )
+        out[name] = {"params": full_params(engine, stage), "state_bytes": frugal.state_bytes()}
+    return out
+
+
+def resume(rank: int, world: int, stage: int, steps: int, cut: int, opt_kw: dict, path: str):
+    import frugal_dist.deepspeed as fds
+
+    engine, *_ = fds.initialize(model=Probe(), config=ds_config(stage, False, opt_kw))
+    _train(engine, cut, rank, False)
+    engine.save_checkpoint(path, tag="cut")
+    fresh, *_ = fds.initialize(
+        model=Probe(), config=ds_config(stage, False, {**opt_kw, "seed": 99})
+    )
+    fresh.load_checkpoint(path, tag="cut")
+    _train(fresh, steps - cut, rank, False, start=cut)
+    return {"params": full_params(fresh, stage), "pid": os.getpid()}
+
+
+def bad_config(rank: int, world: int, cfg: dict) -> str:
+    import frugal_dist.deepspeed as fds
+
+    try:
+        fds.initialize(model=Probe(), config=cfg)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
