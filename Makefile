@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch; the GPU images bring their own torch (2.11) and skip this file.
 TORCH_CPU ?= torch==2.13.0
 NPROC  ?= 2
+# DeepSpeed version of the GPU machines' wheel; MPI (mpich wheel) for mpirun launches.
+DEEPSPEED ?= 0.19.8
 
 .PHONY: venv train test lint bench clean
 
@@ -16,6 +18,7 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_CPU)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q "deepspeed==$(DEEPSPEED)" mpich mpi4py
 	touch $@
 
 venv: $(VENV)/.stamp

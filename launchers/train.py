@@ -2,6 +2,10 @@
 
     torchrun --standalone --nproc_per_node 2 launchers/train.py --config configs/tiny-cpu.yaml
     python launchers/train.py --config configs/tiny-cpu.yaml --max_steps=50 --optimizer.density=0.5
+    deepspeed --num_gpus 2 launchers/train.py --config configs/tiny-cpu.yaml --engine=deepspeed \
+        --deepspeed_config=ds_configs/zero2.json
+    mpirun -n 2 python launchers/train.py --config configs/tiny-cpu.yaml --engine=deepspeed \
+        --deepspeed_config=ds_configs/zero3.json
 
 Any config key can be overridden with ``--key=value`` (dotted keys for the ``optimizer`` and
 ``data`` sections). ``--help`` lists every key with its default.
@@ -32,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML config file (configs/*.yaml)")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # passed by the deepspeed launcher; env has it
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)

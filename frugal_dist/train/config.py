@@ -34,7 +34,8 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 10
     seed: int = 0
-    engine: str = "auto"  # auto | single | ddp | fsdp2
+    engine: str = "auto"  # auto | single | ddp | fsdp2 | deepspeed
+    deepspeed_config: str | None = None  # DeepSpeed JSON (engine=deepspeed)
     output_dir: str | None = None
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16
 
@@ -44,7 +45,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-ENGINES = ("auto", "single", "ddp", "fsdp2")
+ENGINES = ("auto", "single", "ddp", "fsdp2", "deepspeed")
 
 
 def _coerce(text: str) -> Any:

@@ -29,6 +29,9 @@ from frugal_dist.train.schedule import lr_factor
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the process group described by torchrun's environment (no-op for one process)."""
+    from frugal_dist.engines.deepspeed import mpi_environment
+
+    mpi_environment()  # under mpirun: RANK / WORLD_SIZE / LOCAL_RANK from the MPI launcher
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -71,11 +74,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
 
         shard_model(model, mesh=cpu_mesh())
-    wrapped = DDP(model) if engine == "ddp" else model
+    if engine != "deepspeed":
+        wrapped = DDP(model) if engine == "ddp" else model
     opt_cfg = dict(cfg.optimizer)
     name = opt_cfg.pop("name", "frugal")
     opt_cfg.setdefault("seed", cfg.seed)
-    optimizer = build_optimizer(model, name, **opt_cfg)
+    ds_engine = None
+    if engine == "deepspeed":
+        ds_engine, optimizer = _deepspeed_engine(model, cfg, name, opt_cfg)
+        wrapped = ds_engine
+    else:
+        optimizer = build_optimizer(model, name, **opt_cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if engine == "ddp" and getattr(optimizer, "reduce_gradients", False):
         # FRUGAL reduces the gradients itself (compressed): DDP must not all-reduce them too.
@@ -92,7 +101,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics_fh = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed after the loop
     if rank == 0:
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(
+            int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in model.parameters()
+        )
         print(
             f"[frugal_dist] model={cfg.model} ({n_params / 1e6:.2f}M params) engine={engine} "
             f"world={world} optimizer={name} {opt_cfg} tokens/step="
@@ -117,14 +128,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             sync = nullcontext() if (last or engine != "ddp") else wrapped.no_sync()
             if engine == "fsdp2":  # reduce-scatter only on the last micro-step
                 model.set_requires_gradient_sync(last)
+            if ds_engine is not None:  # DeepSpeed accumulates, clips and steps at the boundary
+                _, loss = ds_engine(batch, labels=batch)
+                ds_engine.backward(loss)
+                ds_engine.step()
+                loss_sum += loss.item() / cfg.grad_accum
+                continue
             with sync:
                 _, loss = wrapped(batch, labels=batch)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if ds_engine is None:
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         tokens += cfg.tokens_per_step_per_rank * world
         loss_t = torch.tensor([loss_sum], device=device)
         if world > 1:
@@ -185,6 +203,36 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         print(f"[frugal_dist] done: {json.dumps(summary)}", flush=True)
     return summary
+
+
+def _deepspeed_engine(model, cfg: TrainConfig, name: str, opt_cfg: dict[str, Any]):
+    """A DeepSpeed engine from ``cfg.deepspeed_config``; the config's FRUGAL section wins, else
+    the training config's optimizer section is used. Batch size, accumulation and clipping are
+    taken from the training config."""
+    from frugal_dist.engines.deepspeed import _load_config, initialize
+
+    if cfg.deepspeed_config is None:
+        raise ValueError("engine=deepspeed needs --deepspeed_config=ds_configs/zero2.json")
+    ds_cfg = _load_config(cfg.deepspeed_config)
+    ds_cfg["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds_cfg["gradient_accumulation_steps"] = cfg.grad_accum
+    ds_cfg.pop("train_batch_size", None)
+    ds_cfg["gradient_clipping"] = cfg.grad_clip
+    if cfg.dtype != "bfloat16":
+        ds_cfg.setdefault("bf16", {})["enabled"] = False
+    if name != "frugal":
+        raise ValueError(
+            "engine=deepspeed runs FRUGAL from the DeepSpeed config; optimizer.name "
+            f"must be 'frugal', got {name!r}"
+        )
+    section = ds_cfg.setdefault("optimizer", {"type": "FRUGAL", "params": {}})
+    if str(section.get("type", "")).lower() == "frugal":  # the DeepSpeed JSON's values win
+        section["params"] = {**opt_cfg, **section.get("params", {})}
+    engine, optimizer, _, _ = initialize(model=model, config=ds_cfg)
+    inner = (
+        optimizer if hasattr(optimizer, "state_bytes") else getattr(optimizer, "optimizer", None)
+    )
+    return engine, inner
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
