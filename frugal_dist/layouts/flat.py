@@ -67,9 +67,22 @@ class FlatLayout:
         rows = {b // n for b in self._cuts.get(name, ()) if 0 < b < m * n and b % n != 0}
         return sorted(rows)
 
-    def views(self, optimizer: Any, group: dict[str, Any]) -> list[ParamView]:
+    def views(
+        self, optimizer: Any, group: dict[str, Any], all_holders: bool = False
+    ) -> list[ParamView]:
+        """Views of the parameters in the flat tensors of ``group["params"]`` (what ``step()``
+        sees), or with ``all_holders`` of every flat tensor holding the group's parameters (ZeRO-3
+        empties ``params`` outside ``step()``; checkpoint code needs them all)."""
+        holders = group["params"]
+        if all_holders:
+            names = set(group["names"])
+            seen: dict[int, Tensor] = {}
+            for e in self.entries:
+                if e.name in names:
+                    seen.setdefault(id(e.holder), e.holder)
+            holders = list(seen.values())
         out = []
-        for holder in group["params"]:
+        for holder in holders:
             parent = optimizer.state[holder]
             for e in self._by_holder.get(id(holder), []):
                 m, n = matrix_shape(e.shape)

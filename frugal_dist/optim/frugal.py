@@ -243,13 +243,16 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         self._selections[view.name] = (k, sel)
         return sel
 
-    def _views(self, group: dict[str, Any]) -> list[ParamView]:
-        """Every parameter of ``group`` as a view: from the bound layout, or whole tensors."""
+    def _views(self, group: dict[str, Any], all_holders: bool = False) -> list[ParamView]:
+        """Every parameter of ``group`` as a view: from the bound layout, or whole tensors.
+        ``all_holders``: also outside ``step()`` (checkpointing), where ZeRO-3 hides them."""
         if self._layout is None and _holds_dtensors(group):
             from frugal_dist.layouts.dtensor import DTensorLayout
 
             self.bind_layout(DTensorLayout(self))  # FSDP2: bind on first use
         if self._layout is not None:
+            if all_holders and hasattr(self._layout, "entries"):
+                return self._layout.views(self, group, all_holders=True)
             return self._layout.views(self, group)
         out = []
         for idx, (p, name) in enumerate(zip(group["params"], group["names"])):

@@ -146,3 +146,64 @@ def bad_config(rank: int, world: int, cfg: dict) -> str:
     except ValueError as exc:
         return str(exc)
     return "no error"
+
+
+def _frugal(engine):
+    return engine.optimizer if isinstance(engine.optimizer, FRUGAL) else engine.optimizer.optimizer
+
+
+def export_run(rank: int, world: int, stage: int, steps: int, opt_kw: dict, path: str) -> None:
+    import frugal_dist.deepspeed as fds
+    from frugal_dist.optim.consolidate import export_state
+
+    engine, *_ = fds.initialize(model=Probe(), config=ds_config(stage, False, opt_kw))
+    _train(engine, steps, rank, False)
+    blob = export_state(_frugal(engine))
+    params = full_params(engine, stage)
+    if rank == 0:
+        torch.save({"optim": blob, "params": params}, path)
+
+
+def import_run(rank: int, world: int, stage: int, start: int, steps: int, src_world: int,
+               opt_kw: dict, path: str) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Resume a consolidated checkpoint under ZeRO ``stage`` on ``world`` ranks, feeding the same
+    global gradients as the original ``src_world``-rank run."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    import frugal_dist.deepspeed as fds
+    from frugal_dist.optim.consolidate import import_state
+
+    ckpt = torch.load(path, weights_only=False)
+    engine, *_ = fds.initialize(
+        model=Probe(), config=ds_config(stage, False, {**opt_kw, "seed": 5})
+    )
+    for n, p in engine.module.named_parameters():
+        if stage >= 1:
+            safe_set_full_fp32_param(p, ckpt["params"][n])
+        else:
+            with torch.no_grad():
+                p.copy_(ckpt["params"][n])
+    import_state(_frugal(engine), ckpt["optim"])
+    for step in range(start, start + steps):
+        # every rank feeds the global mean of the source run's ranks (identical on all ranks)
+        loss = engine(mean_coefficients(step, src_world))
+        engine.backward(loss)
+        engine.step()
+    return full_params(engine, stage)
+
+
+def import_single(start: int, steps: int, src_world: int, opt_kw: dict, path: str):
+    from frugal_dist.optim.consolidate import import_state
+
+    ckpt = torch.load(path, weights_only=False)
+    model = Probe()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(ckpt["params"][n])
+    opt = FRUGAL(build_param_groups(model), **{**opt_kw, "seed": 5})
+    import_state(opt, ckpt["optim"])
+    for step in range(start, start + steps):
+        model(mean_coefficients(step, src_world)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
