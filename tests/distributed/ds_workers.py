@@ -107,15 +107,18 @@ def _train(engine, steps: int, rank: int, bf16: bool, start: int = 0) -> None:
         engine.step()
 
 
-def run(rank: int, world: int, stage: int, bf16: bool, steps: int, kinds: dict, common: dict):
+def run(rank: int, world: int, stage: int, bf16: bool, steps: int, kinds: dict, common: dict,
+        offload: bool = False):  # fmt: skip
     import frugal_dist.deepspeed as fds
 
     out = {}
     for name, kw in kinds.items():
         torch.manual_seed(0)
-        engine, opt, _, _ = fds.initialize(
-            model=Probe(), config=ds_config(stage, bf16, {**common, **kw})
-        )
+        cfg = ds_config(stage, bf16, {**common, **kw})
+        if offload:
+            cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+            cfg["zero_force_ds_cpu_optimizer"] = False
+        engine, opt, _, _ = fds.initialize(model=Probe(), config=cfg)
         _train(engine, steps, rank, bf16)
         frugal = (
             engine.optimizer if isinstance(engine.optimizer, FRUGAL) else engine.optimizer.optimizer

@@ -51,7 +51,7 @@ def test_bf16_matches_single_process(stage):
         assert diff < 1e-5, (stage, name, diff)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_checkpoint_resume_is_exact(stage, tmp_path):
     kw = {**COMMON, **KINDS["projection"]}
     ref = dw.single(STEPS, 2, kw)
@@ -91,3 +91,13 @@ def test_consolidated_checkpoint_reshards_across_world_size_and_stage(kind, tmp_
     # -> ZeRO-3 on 2 ranks (every rank feeds the global mean gradient: world-size-free data)
     z3 = run_distributed(dw.import_run, 2, 3, cut, STEPS - cut, 2, kw, path)[0]
     assert max((z3[n] - ref[n]).abs().max().item() for n in ref) < 1e-5
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_offload_matches_single_process(stage):
+    kinds = {"columns": KINDS["columns"], "projection": KINDS["projection"]}
+    got = run_distributed(dw.run, 2, stage, False, STEPS, kinds, COMMON, True)
+    for name, kw in kinds.items():
+        ref = dw.single(STEPS, 2, {**COMMON, **kw})
+        diff = max((got[0][name]["params"][n] - ref[n]).abs().max().item() for n in ref)
+        assert diff < 1e-5, (stage, name, diff)
