@@ -87,8 +87,9 @@ class FlatLayout:
             for e in self._by_holder.get(id(holder), []):
                 m, n = matrix_shape(e.shape)
                 if e.numel > 0:
-                    data = holder.narrow(0, e.offset, e.numel)
-                    grad = None if holder.grad is None else holder.grad.narrow(0, e.offset, e.numel)
+                    data = holder.view(-1).narrow(0, e.offset, e.numel)
+                    g = holder.grad
+                    grad = None if g is None else g.view(-1).narrow(0, e.offset, e.numel)
                     span = RowSpan(m, n, e.start, e.numel)
                 else:
                     data = holder.new_empty(0)

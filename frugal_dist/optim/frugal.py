@@ -73,6 +73,7 @@ from frugal_dist.core.subspaces import (
 )
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim.frugal_step import FrugalStepMixin
+from frugal_dist.optim.param_groups import logical_shape
 from frugal_dist.optim.sharding import ShardPlan, assign_owners
 from frugal_dist.optim.validation import check_known_keys, validate_options
 
@@ -191,7 +192,7 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         group = self.param_groups[-1]
         if group["algorithm"] == "frugal" and group["subspace"] == "projection":
             for name, p in zip(group["names"], group["params"]):
-                if len(tuple(getattr(p, "ds_shape", p.shape))) < 2:  # zero.Init: ds_shape
+                if len(logical_shape(p)) < 2:  # real shape under zero.Init / FSDP1
                     raise ValueError(
                         f"subspace='projection' needs 2-D (or higher) tensors, but {name!r} in "
                         f"{where} has shape {tuple(p.shape)}; put it in an algorithm='adamw' group "

@@ -15,6 +15,18 @@ from typing import Any
 import torch
 from torch import nn
 
+# Wrapper modules whose names must not leak into parameter names: subspaces are seeded by name, so
+# the same model must have the same names under every engine.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """``name`` without FSDP1 / activation-checkpointing / torch.compile wrapper components."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 HEAD_NAME = re.compile(r"(^|\.)(lm_head|output|logits|head|classifier)(\.weight|\.bias)?$")
 
 
@@ -72,7 +84,8 @@ def build_param_groups(
     bucket("state_full", {"algorithm": "adamw", **wd, **(state_full_options or {})})
     bucket("no_decay", {"algorithm": "adamw", **(state_full_options or {}), "weight_decay": 0.0})
 
-    for name, p in model.named_parameters():
+    for raw, p in model.named_parameters():
+        name = clean_name(raw)
         if not p.requires_grad:
             continue
         target = None
@@ -81,7 +94,7 @@ def build_param_groups(
                 target = buckets[f"rule{i}:{pattern.pattern}"]
                 break
         if target is None:
-            role = roles[name]
+            role = roles[raw]
             key = {"split": "split", "embedding": "state_full", "head": "state_full"}.get(
                 role, "no_decay"
             )
@@ -109,8 +122,9 @@ def check_param_coverage(model: nn.Module, param_groups: Iterable[Mapping[str, A
 
 
 def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
-    """The parameter's real shape, also under ``deepspeed.zero.Init`` (data of shape (0,))."""
-    return tuple(getattr(p, "ds_shape", p.shape))
+    """The parameter's real shape, also under ``deepspeed.zero.Init`` (data of shape (0,)) and
+    FSDP1 (1-D shards; the adapter records the shape in ``_frugal_shape``)."""
+    return tuple(getattr(p, "_frugal_shape", None) or getattr(p, "ds_shape", p.shape))
 
 
 def param_names_for(model: nn.Module) -> dict[int, str]:

@@ -110,3 +110,21 @@ def dcp_resume(rank: int, world: int, start: int, steps: int, opt_kw: dict, path
     fsdp2_checkpoint.load(path, model, opt)
     losses = _train(model, opt, steps, rank, world, start=start)
     return {"losses": losses, "params": _full_params(model), "pid": os.getpid()}
+
+
+def fsdp1(rank: int, world: int, steps: int, opt_kw: dict) -> dict[str, Any]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from frugal_dist.engines.fsdp1 import build_frugal
+    from frugal_dist.train.model import DecoderLayer
+
+    policy = ModuleWrapPolicy({DecoderLayer})
+    model = FSDP(make_model(), use_orig_params=True, auto_wrap_policy=policy,
+                 device_id=torch.device("cpu"))  # fmt: skip
+    opt = build_frugal(model, **opt_kw)
+    losses = _train(model, opt, steps, rank, world)
+    with FSDP.summon_full_params(model):
+        params = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                  for n, p in model.named_parameters()}  # fmt: skip
+    return {"losses": losses, "params": params}

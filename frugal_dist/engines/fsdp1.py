@@ -1,0 +1,81 @@
+"""FSDP1 adapter (``FullyShardedDataParallel(..., use_orig_params=True)``).
+
+FSDP1 flattens each wrapped module's parameters into one ``FlatParameter`` and shards it into equal
+1-D pieces; with ``use_orig_params=True`` the optimizer sees every original parameter as the 1-D
+slice of it that lives in this rank's piece (possibly empty). ``FlatParameter._shard_param_infos``
+gives, per original parameter, where that slice starts in the parameter's flattening
+(``intra_param_start_idx``) and how long it is (``numel_in_shard``) -- a fragment, like a ZeRO
+partition, so FRUGAL runs on it through ``FlatLayout``.
+
+    model = FSDP(model, use_orig_params=True, auto_wrap_policy=...)
+    opt = build_frugal(model, lr=..., density=...)     # groups by the parameters' real shapes
+
+FSDP1's optimizer-state-dict APIs reject state not shaped like the parameter; checkpoint FRUGAL
+with ``frugal_dist.optim.consolidate.export_state`` / ``import_state`` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from frugal_dist.layouts.flat import FlatEntry, FlatLayout
+from frugal_dist.optim import FRUGAL, build_param_groups
+
+
+def _shard_infos(model: nn.Module) -> dict[int, tuple[tuple[int, ...], int, int]]:
+    """id(original param) -> (full shape, start in the param's flattening, numel on this rank)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    out: dict[int, tuple[tuple[int, ...], int, int]] = {}
+    for module in FSDP.fsdp_modules(model):
+        handle = getattr(module, "_handle", None)
+        if handle is None:
+            continue
+        flat = handle.flat_param
+        params = getattr(flat, "_params", None)
+        if params is None:
+            raise ValueError("FRUGAL needs FSDP1 with use_orig_params=True")
+        for p, shape, info in zip(params, flat._shapes, flat._shard_param_infos):
+            if info.in_shard:
+                out[id(p)] = (
+                    tuple(shape),
+                    int(info.intra_param_start_idx),
+                    int(info.numel_in_shard),
+                )
+            else:
+                out[id(p)] = (tuple(shape), 0, 0)
+    return out
+
+
+def build_frugal(model: nn.Module, **options: Any) -> FRUGAL:
+    """FRUGAL for an FSDP1 model (``use_orig_params=True``), bound to its fragments."""
+    infos = _shard_infos(model)
+    for p in model.parameters():
+        if id(p) in infos:
+            p._frugal_shape = infos[id(p)][0]  # the real shape, for param-group rules
+    frugal = FRUGAL(build_param_groups(model), **options)
+    entries = []
+    for group in frugal.param_groups:
+        for idx, (p, name) in enumerate(zip(group["params"], group["names"])):
+            shape, start, numel = infos[id(p)]
+            entries.append(FlatEntry(name, shape, idx, p, 0, start, numel))
+    frugal.bind_layout(_Fsdp1Layout(entries))
+    return frugal
+
+
+class _Fsdp1Layout(FlatLayout):
+    """Each original parameter is its own holder; parameters with nothing on this rank still get
+    an (empty) gradient so every rank walks the same items."""
+
+    name = "fsdp1"
+
+    def views(self, optimizer: Any, group: dict[str, Any], all_holders: bool = False):
+        stepping = any(p.grad is not None for p in group["params"])
+        out = super().views(optimizer, group, all_holders)
+        for v in out:
+            if v.grad is None and v.span.numel == 0 and stepping:
+                v.grad = torch.zeros(0, device=v.data.device)
+        return out
