@@ -70,3 +70,11 @@ def test_fsdp1_use_orig_params_matches_single_process(kind):
     # FSDP1 cuts its flat parameter anywhere (mid-row): boundary rows of projections are summed
     # over ranks, so float32 summation order differs slightly from the whole-matrix run.
     _close(got["params"], ref["params"], 5e-6)
+
+
+def test_svd_refresh_work_is_split_across_ranks():
+    calls = run_distributed(fw.fsdp2_svd_calls, 2)
+    n_split = 14  # tiny LLaMA: 2 layers x 7 matrices, each refreshed at steps 0 and 2
+    # Each SVD runs once in the whole job, on its owner (gradient fragments are reduced onto it,
+    # the basis broadcast back): about half per rank, never every SVD on every rank.
+    assert sum(calls) == 2 * n_split and max(calls) <= 2 * n_split * 0.75, calls
