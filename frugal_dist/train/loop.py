@@ -188,6 +188,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics_fh.close()
     k = max(1, min(10, len(history) // 5))
     summary = {
+        "losses": [r["loss"] for r in history],
         "first_loss": sum(r["loss"] for r in history[:k]) / k,
         "last_loss": sum(r["loss"] for r in history[-k:]) / k,
         "val_loss": val_loss,
@@ -206,9 +207,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _deepspeed_engine(model, cfg: TrainConfig, name: str, opt_cfg: dict[str, Any]):
-    """A DeepSpeed engine from ``cfg.deepspeed_config``; the config's FRUGAL section wins, else
-    the training config's optimizer section is used. Batch size, accumulation and clipping are
-    taken from the training config."""
+    """A DeepSpeed engine from ``cfg.deepspeed_config``. The DeepSpeed JSON's FRUGAL section gives
+    defaults; the training config's ``optimizer`` section (and ``--optimizer.*``) override them.
+    Batch size, accumulation and clipping come from the training config."""
     from frugal_dist.engines.deepspeed import _load_config, initialize
 
     if cfg.deepspeed_config is None:
@@ -226,8 +227,8 @@ def _deepspeed_engine(model, cfg: TrainConfig, name: str, opt_cfg: dict[str, Any
             f"must be 'frugal', got {name!r}"
         )
     section = ds_cfg.setdefault("optimizer", {"type": "FRUGAL", "params": {}})
-    if str(section.get("type", "")).lower() == "frugal":  # the DeepSpeed JSON's values win
-        section["params"] = {**opt_cfg, **section.get("params", {})}
+    if str(section.get("type", "")).lower() == "frugal":  # the experiment config's values win
+        section["params"] = {**section.get("params", {}), **opt_cfg}
     engine, optimizer, _, _ = initialize(model=model, config=ds_cfg)
     inner = (
         optimizer if hasattr(optimizer, "state_bytes") else getattr(optimizer, "optimizer", None)

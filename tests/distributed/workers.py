@@ -218,3 +218,19 @@ def zero_sim_run(rank: int, world: int, steps: int, opt_kw: dict) -> list[torch.
             out.append(whole[pos : pos + n].view(s).clone())
             pos += n
     return out
+
+
+def train_engine(rank: int, world: int, engine: str, ds_config: str | None, steps: int) -> dict:
+    """The training loop on a fixed global batch (8 sequences split over the ranks)."""
+    from frugal_dist.train.config import build_config
+    from frugal_dist.train.loop import train
+
+    raw = {"model": "tiny", "seq_len": 32, "batch_size": 8 // world, "max_steps": steps,
+           "warmup_steps": 5, "eval_every": steps, "eval_batches": 2, "log_every": 1,
+           "engine": engine, "grad_clip": 1.0,
+           "optimizer": {"name": "frugal", "lr": 3e-3, "density": 0.25, "update_gap": 5,
+                         "subspace": "coordinate"},
+           "data": {"source": "embedded", "max_bytes": 200_000}}  # fmt: skip
+    if ds_config:
+        raw["deepspeed_config"] = ds_config
+    return train(build_config(raw))

@@ -1,0 +1,34 @@
+"""One tiny config, seed and data through the real training loop under every engine: the loss
+curves agree (the main job's promise: same seed, same data, same result on any engine)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from tests.distributed import workers
+from tests.distributed.launch import run_distributed
+
+pytestmark = pytest.mark.distributed
+STEPS = 15
+ENGINES = [("ddp", None), ("fsdp2", None)]
+if importlib.util.find_spec("deepspeed") is not None:
+    ENGINES += [("deepspeed", f"ds_configs/zero{s}.json") for s in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    return run_distributed(workers.train_engine, 1, "single", None, STEPS)[0]["losses"]
+
+
+@pytest.mark.parametrize(
+    "engine,ds_config", ENGINES, ids=[e if c is None else c for e, c in ENGINES]
+)
+def test_loss_curve_matches_single_process(engine, ds_config, single):
+    got = run_distributed(workers.train_engine, 2, engine, ds_config, STEPS)[0]["losses"]
+    # float32 model: gradient averages differ from the single-process mean in the last bits, and
+    # signSGD can flip the sign of near-zero residual entries; over 15 steps the curves stay
+    # within 0.5% (measured: < 0.1%).
+    for a, b in zip(got, single):
+        assert abs(a - b) < 5e-3 * abs(b), (got, single)
