@@ -16,6 +16,7 @@ KINDS = {
     "block": dict(subspace="block", block_order="random"),
     "columns": dict(subspace="coordinate", coord_choice="columns"),
     "rows": dict(subspace="coordinate", coord_choice="rows"),
+    "randk": dict(subspace="coordinate", coord_choice="randk"),
     "projection": dict(subspace="projection", proj_type="random"),
     "svd": dict(subspace="projection", proj_type="svd"),
 }
