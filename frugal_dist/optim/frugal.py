@@ -369,11 +369,16 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         return total
 
     def aux_bytes(self) -> int:
-        """Bytes of rebuildable metadata (coordinate indices, random projection bases)."""
+        """Bytes of metadata rebuilt from the seed, not saved: coordinate indices and random /
+        randperm projection bases (svd bases are state, counted by ``state_bytes``)."""
+        in_state = {
+            id(v) for st in self.state.values() for v in st.values() if isinstance(v, Tensor)
+        }
         total = 0
         for _, sel in self._selections.values():
             t = sel.index if isinstance(sel, CoordinateSelection) else sel.basis
-            total += t.numel() * t.element_size()
+            if id(t) not in in_state:
+                total += t.numel() * t.element_size()
         return total
 
     # ------------------------------------------------------------------------- checkpoints

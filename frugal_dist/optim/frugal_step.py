@@ -290,16 +290,18 @@ class FrugalStepMixin:
                     partial.append(it)
         if partial:
             self._sum_partial_projections(partial)
-        for it in items:
-            if it.free_done:
-                continue
-            rule = it.group["algorithm"] if it.kind == "free" else it.group["state_free"]
-            if it.kind == "free" or (it.kind == "block" and not it.active):
-                it.free = state_free_direction(rule, it.g)
-            elif it.kind == "coordinate":
-                it.free = state_free_direction(rule, it.g)  # selected entries are overwritten
-            elif it.kind == "projection":
-                it.free = state_free_direction(rule, it.g - it.sel.up(it.g_sf))
+
+    @staticmethod
+    def _free_direction(it: Item) -> Tensor | None:
+        """F(R) of one item, computed when it is applied (one full-size temporary at a time)."""
+        if it.free_done:
+            return it.free
+        rule = it.group["algorithm"] if it.kind == "free" else it.group["state_free"]
+        if it.kind == "free" or (it.kind == "block" and not it.active) or it.kind == "coordinate":
+            return state_free_direction(rule, it.g)  # coordinate: selected entries overwritten
+        if it.kind == "projection":
+            return state_free_direction(rule, it.g - it.sel.up(it.g_sf))
+        return None
 
     def _sum_partial_projections(self, items: list[Item]) -> None:
         """Fragments' partial G_sf summed over ranks in one all-reduce: right projections send
@@ -384,28 +386,29 @@ class FrugalStepMixin:
                 data = it.view.data
                 if it.kind == "adamw":
                     apply_update(data, it.u, -lr)
-                elif it.kind == "free":
-                    if it.free is not None:
-                        apply_update(data, it.free, -lr)
+                    continue
+                if it.kind == "block" and it.active:
+                    apply_update(data, it.u, -lr * s_p)
+                    continue
+                free = self._free_direction(it)
+                if it.kind == "free":
+                    if free is not None:
+                        apply_update(data, free, -lr)
                 elif it.kind == "block":
-                    if it.active:
-                        apply_update(data, it.u, -lr * s_p)
-                    elif it.free is not None:
-                        apply_update(data, it.free, -lr * s_p * s_i)
+                    if free is not None:
+                        apply_update(data, free, -lr * s_p * s_i)
                 elif it.kind == "coordinate":
-                    full = it.free if it.free is not None else torch.zeros_like(it.g)
-                    if it.free is not None and s_i != 1.0:
-                        full = full * s_i
+                    full = free if free is not None else torch.zeros_like(it.g)
+                    if free is not None and s_i != 1.0:
+                        full.mul_(s_i)
                     it.sel.scatter_(full, it.u)  # selected: up(U); others: s_i F(R)
                     apply_update(data, it.span.unpad(full), -lr * s_p)
                 else:
-                    up_u = it.sel.up(it.u)
-                    if it.free is None:
-                        full = up_u
-                    else:
-                        full = it.free * s_i if s_i != 1.0 else it.free
-                        full = full + up_u
+                    full = it.sel.up(it.u)
+                    if free is not None:
+                        full.add_(free, alpha=s_i)
                     apply_update(data, it.span.unpad(full), -lr * s_p)
+                it.free = it.u = it.g_sf = None  # release this item's temporaries now
 
 
 class _Buffers:
