@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,11 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str
         torch.save(result, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+    # The work is done and saved: leave without running interpreter-exit destructors, which
+    # occasionally abort (SIGABRT) in gloo / DeepSpeed teardown after a successful run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn: Callable, world: int, *args: Any) -> list[Any]:
