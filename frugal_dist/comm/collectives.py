@@ -23,7 +23,8 @@ def rank_and_world(pg: ProcessGroup = None) -> tuple[int, int]:
     return dist.get_rank(pg), dist.get_world_size(pg)
 
 
-def _global(pg: ProcessGroup, group_rank: int) -> int:
+def global_rank(pg: ProcessGroup, group_rank: int) -> int:
+    """The global rank of ``group_rank`` in ``pg`` (identity for the default group)."""
     return group_rank if pg is None else dist.get_global_rank(pg, group_rank)
 
 
@@ -80,7 +81,7 @@ def broadcast_from_owners(
     rank, world = rank_and_world(pg)
     if world == 1:
         return
-    total = 0
+    total = mine = 0
     for src, tensors in enumerate(owned):
         if not tensors:
             continue
@@ -89,16 +90,16 @@ def broadcast_from_owners(
         else:
             n = sum(t.numel() for t in tensors)
             flat = torch.empty(n, dtype=torch.float32, device=tensors[0].device)
-        dist.broadcast(flat, src=_global(pg, src), group=pg)
+        dist.broadcast(flat, src=global_rank(pg, src), group=pg)
         total += flat.nbytes
         if src == rank:
-            stats.add(kind, flat.nbytes, 0.0)
+            mine = flat.nbytes
         else:
             offset = 0
             for t in tensors:
                 t.copy_(flat[offset : offset + t.numel()].view(t.shape))
                 offset += t.numel()
-    stats.add(kind + "_wire", 0, (world - 1) / world * total)
+    stats.add(kind, mine, (world - 1) / world * total)
 
 
 def agree_on_seed(seed: int | None, pg: ProcessGroup = None) -> int:
@@ -109,7 +110,7 @@ def agree_on_seed(seed: int | None, pg: ProcessGroup = None) -> int:
     if world == 1:
         return int(seed)
     t = torch.tensor([int(seed)], dtype=torch.int64, device=_small_device(pg))
-    dist.broadcast(t, src=_global(pg, 0), group=pg)
+    dist.broadcast(t, src=global_rank(pg, 0), group=pg)
     return int(t.item())
 
 

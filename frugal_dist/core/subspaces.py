@@ -197,10 +197,6 @@ class ProjectionSelection:
     def rank(self) -> int:
         return int(self.basis.shape[1])
 
-    def compact_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
-        m, n = shape
-        return (self.rank, n) if self.side == "left" else (m, self.rank)
-
     def down(self, g: Tensor) -> Tensor:
         """Coordinates of matrix ``g`` in the subspace: P^T g (left) or g P (right)."""
         p = self.basis.to(g.dtype)

@@ -80,11 +80,9 @@ def frugal_options(cfg: dict[str, Any]) -> dict[str, Any] | None:
     if zopt.get("round_robin_gradients", False):
         raise ValueError('"round_robin_gradients": true breaks DeepSpeed\'s fragment map '
                          '(_hp_mapping); set it to false for FRUGAL')  # fmt: skip
-    for key in ("offload_optimizer",):
-        if zopt.get(key, {}).get("device", "none") != "none" and cfg.get(
-            "zero_force_ds_cpu_optimizer", True
-        ):
-            raise ValueError('ZeRO-Offload with FRUGAL needs "zero_force_ds_cpu_optimizer": false')
+    offload = zopt.get("offload_optimizer", {}).get("device", "none") != "none"
+    if offload and cfg.get("zero_force_ds_cpu_optimizer", True):
+        raise ValueError('ZeRO-Offload with FRUGAL needs "zero_force_ds_cpu_optimizer": false')
     params = dict(section.get("params", {}))
     if "betas" in params:
         params["betas"] = tuple(params["betas"])

@@ -18,6 +18,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from frugal_dist.layouts.dtensor import chunk_rows
+
 PREFIX = "optim.state."
 
 
@@ -38,15 +40,7 @@ def _saved_state_keys(path: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _local_rows(global_rows: int, p: Any) -> int:
-    mesh = p.device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
-    chunk = -(-global_rows // world)
-    start = min(rank * chunk, global_rows)
-    return min(start + chunk, global_rows) - start
-
-
-def _reconcile(path: str, model: nn.Module, optimizer: Any) -> None:
+def _reconcile(path: str, optimizer: Any) -> None:
     """Give ``optimizer`` exactly the state keys (and shapes) stored in the checkpoint."""
     saved = _saved_state_keys(path)
     views = {}
@@ -61,32 +55,29 @@ def _reconcile(path: str, model: nn.Module, optimizer: Any) -> None:
         for key in [k for k in st if k not in keys]:
             del st[key]
         for key, md in keys.items():
-            if key in st and tuple(st[key].shape) == tuple(_local_shape(md, st, key, view)):
+            shape = _local_shape(md, st, key)
+            if key in st and tuple(st[key].shape) == shape:
                 continue
-            size = tuple(md.size)
-            dtype = md.properties.dtype
-            if len(size) == 0:
-                st[key] = torch.zeros((), dtype=dtype)
-                continue
-            st[key] = torch.zeros(_local_shape(md, st, key, view), dtype=dtype,
-                                  device=view.data.device)  # fmt: skip
+            device = "cpu" if not shape else view.data.device  # counters live on the CPU
+            st[key] = torch.zeros(shape, dtype=md.properties.dtype, device=device)
 
 
-def _local_shape(md: Any, st: Any, key: str, view: Any) -> tuple[int, ...]:
+def _local_shape(md: Any, st: Any, key: str) -> tuple[int, ...]:
     size = tuple(md.size)
     if len(size) == 0:
         return ()
-    param = st.p  # DTensorState
-    if st.replicated or key == "proj_basis":
+    if st.replicated or key == "proj_basis":  # st is a DTensorState
         return size
-    return (_local_rows(size[0], param), *size[1:])
+    mesh = st.p.device_mesh
+    _, rows = chunk_rows(size[0], mesh.size(), mesh.get_local_rank())
+    return (rows, *size[1:])
 
 
 def load(path: str, model: nn.Module, optimizer: Any) -> None:
     """Load a checkpoint written by ``save`` at any world size into ``model`` / ``optimizer``
     (both already built, sharded and with no gradients pending)."""
     get_state_dict(model, optimizer)  # materialises the optimizer state (DCP's zero-grad step)
-    _reconcile(path, model, optimizer)
+    _reconcile(path, optimizer)
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=path)

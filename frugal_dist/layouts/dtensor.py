@@ -30,6 +30,14 @@ from frugal_dist.layouts.base import ParamView
 COUNTERS = ("step", "sf_step")
 
 
+def chunk_rows(d0: int, world: int, rank: int) -> tuple[int, int]:
+    """(first row, row count) of ``rank``'s ``Shard(0)`` chunk of ``d0`` rows: torch.chunk
+    semantics, chunks of ceil(d0 / world), trailing ranks possibly empty."""
+    chunk = -(-d0 // world)
+    first = min(rank * chunk, d0)
+    return first, min(first + chunk, d0) - first
+
+
 def local_start(p: DTensor) -> int:
     """Flat offset of ``p``'s local shard in the full tensor (torch.chunk semantics of
     ``Shard(0)``: chunks of ceil(d0 / world) along dim 0, trailing ranks possibly empty)."""
@@ -42,8 +50,7 @@ def local_start(p: DTensor) -> int:
     mesh = p.device_mesh
     world, rank = mesh.size(), mesh.get_local_rank()
     d0 = p.shape[0]
-    chunk = -(-d0 // world)
-    first = min(rank * chunk, d0)
+    first, _ = chunk_rows(d0, world, rank)
     return first * (p.numel() // max(d0, 1))
 
 

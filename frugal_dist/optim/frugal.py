@@ -153,7 +153,7 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         self._plan: ShardPlan | None = None
         self._selections: dict[str, tuple[int, Any]] = {}
         self._layout: Any = None
-        self._schedules: dict[int, BlockSchedule] = {}
+        self._schedules: dict[tuple, BlockSchedule] = {}
         self._block_owners: dict[tuple, dict[int, int]] = {}
         super().__init__(params, defaults)
         names = [n for g in self.param_groups for n in g["names"]]
@@ -201,13 +201,14 @@ class FRUGAL(FrugalStepMixin, Optimizer):
 
     # ------------------------------------------------------------------------- helpers
     def _schedule(self, group: dict[str, Any]) -> BlockSchedule:
-        key = id(group)
-        sched = BlockSchedule(
-            len(group["names"]), group["density"], group["block_order"],
-            block_seed(group["seed"], group["names"]),
-        )  # fmt: skip
-        if self._schedules.get(key) != sched:
-            self._schedules[key] = sched
+        """The group's block schedule, rebuilt only when its options change (not every step:
+        the seed hashes every name of the group)."""
+        key = (id(group), len(group["names"]), group["density"], group["block_order"],
+               group["seed"])  # fmt: skip
+        if key not in self._schedules:
+            self._schedules[key] = BlockSchedule(
+                key[1], key[2], key[3], block_seed(group["seed"], group["names"])
+            )
         return self._schedules[key]
 
     def _coordinate(self, view: ParamView, k: int, group: dict) -> CoordinateSelection:
@@ -274,11 +275,6 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         self._layout = layout
         self._pg = getattr(layout, "process_group", self._pg)
         self._selections.clear()
-
-    def _global_rank(self, group_rank: int) -> int:
-        import torch.distributed as dist
-
-        return group_rank if self._pg is None else dist.get_global_rank(self._pg, group_rank)
 
     @staticmethod
     def _reset_buffers(st: dict[str, Tensor], rule: str, shape: tuple[int, ...], device) -> None:

@@ -32,6 +32,7 @@ from frugal_dist.comm.collectives import (
     allreduce_mean_,
     broadcast_from_owners,
     check_agreement,
+    global_rank,
     rank_and_world,
     sign_majority,
 )
@@ -253,7 +254,7 @@ class FrugalStepMixin:
                 buf = torch.zeros(shape[0] * shape[1], device=it.g.device, dtype=dtype)
                 sp = it.span
                 buf[sp.start : sp.start + sp.numel] = raw.reshape(-1).to(dtype)
-                dist.reduce(buf, dst=self._global_rank(owner), group=self._pg)
+                dist.reduce(buf, dst=global_rank(self._pg, owner), group=self._pg)
                 self.comm.add("svd_gather", buf.nbytes, buf.nbytes)
                 full_g = buf.view(shape)
             side = resolve_side(it.group["proj_side"], shape)
@@ -351,9 +352,8 @@ class FrugalStepMixin:
         for its in by_group.values():
             group = its[0].group
             rule = "adamw" if its[0].kind == "adamw" else group["state_full"]
-            bufs = [_Buffers(it.st) for it in its]
             dirs = state_full_directions(
-                rule, [it.g_sf for it in its], bufs,
+                rule, [it.g_sf for it in its], [it.st for it in its],
                 [int(it.st["sf_step"].item()) for it in its], group["betas"], group["eps"],
             )  # fmt: skip
             for it, d in zip(its, dirs):
@@ -409,13 +409,3 @@ class FrugalStepMixin:
                         full.add_(free, alpha=s_i)
                     apply_update(data, it.span.unpad(full), -lr * s_p)
                 it.free = it.u = it.g_sf = None  # release this item's temporaries now
-
-
-class _Buffers:
-    """Dict-style access to a state mapping's buffers for the foreach rules."""
-
-    def __init__(self, st) -> None:
-        self.st = st
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self.st[key]

@@ -125,12 +125,3 @@ def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
     """The parameter's real shape, also under ``deepspeed.zero.Init`` (data of shape (0,)) and
     FSDP1 (1-D shards; the adapter records the shape in ``_frugal_shape``)."""
     return tuple(getattr(p, "_frugal_shape", None) or getattr(p, "ds_shape", p.shape))
-
-
-def param_names_for(model: nn.Module) -> dict[int, str]:
-    """``id(param) -> name`` for naming plain parameter lists."""
-    return {id(p): n for n, p in model.named_parameters()}
-
-
-def is_splittable(p: torch.Tensor) -> bool:
-    return p.ndim >= 2

@@ -132,23 +132,12 @@ def fsdp1(rank: int, world: int, steps: int, opt_kw: dict) -> dict[str, Any]:
 
 def fsdp2_svd_calls(rank: int, world: int) -> int:
     """SVDs computed on this rank during 2 refreshes of every split matrix under FSDP2."""
-    import frugal_dist.optim.frugal_step as fs
     from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
+    from tests.distributed.cases import count_svd_refreshes
 
-    calls = 0
-    original = fs.projection_selection
-
-    def counting(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        return original(*args, **kwargs)
-
-    fs.projection_selection = counting
-    try:
+    with count_svd_refreshes() as counter:
         model = shard_model(make_model(), mesh=cpu_mesh())
         opt = FRUGAL(build_param_groups(model), subspace="projection", proj_type="svd",
                      update_gap=2, lr=1e-3)  # fmt: skip
         _train(model, opt, 4, rank, world)
-    finally:
-        fs.projection_selection = original
-    return calls
+    return counter[0]

@@ -9,18 +9,12 @@ import pytest
 import torch
 
 from frugal_dist.core.subspaces import projection_rank, round_half_up
-from tests.distributed import workers
+from tests.distributed import cases, workers
 from tests.distributed.launch import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-KINDS = {
-    "block": dict(subspace="block", block_order="random"),
-    "coordinate": dict(subspace="coordinate", coord_choice="columns"),
-    "randk": dict(subspace="coordinate", coord_choice="randk"),
-    "projection": dict(subspace="projection", proj_type="random"),
-    "svd": dict(subspace="projection", proj_type="svd"),
-}
+KINDS = cases.pick("block", "columns", "randk", "projection", "svd")
 COMMON = dict(lr=1e-2, density=0.4, update_gap=8, weight_decay=0.01)
 STEPS = 20  # spans refreshes at steps 0, 8, 16
 
@@ -53,14 +47,14 @@ def test_sharded_frugal_equals_single_process(world, mode, single_runs):
             # Gradients are multiples of 1/64, so the mean over ranks is bitwise the same whatever
             # the reduction order; every rank then runs the single-process float32 arithmetic.
             assert _max_diff(results[r][name]["params"], ref["params"]) == 0.0, (name, r)
-        # State is sharded: the ranks' bytes (minus the replicated step counters) add up to the
-        # single-process total, and no rank holds more than its share plus the largest tensors'
-        # state (the LPT bound: max load <= mean + largest item; block tensors and AdamW tensors
-        # are balanced separately, hence two items).
-        total = sum(results[r][name]["state_bytes"] for r in range(world))
-        n_params = len(workers.SHAPES) + len(workers.ADAMW_SHAPES)
-        counters = 4 * n_params  # "step" on every rank
-        assert total - (world - 1) * counters == ref["state_bytes"] or name in ("block", "svd")
+        # State is sharded: the ranks' sharded bytes (all but the step counters and svd bases,
+        # which every rank holds) add up exactly to the single-process total, and no rank holds
+        # more than its share plus the largest tensors' state (the LPT bound: max load <= mean +
+        # largest item; block tensors and AdamW tensors are balanced separately, hence two).
+        sharded = [results[r][name]["state_bytes"] - results[r][name]["replicated_bytes"]
+                   for r in range(world)]  # fmt: skip
+        assert sum(sharded) == ref["state_bytes"] - ref["replicated_bytes"], (name, sharded)
+        counters = 4 * (len(workers.SHAPES) + len(workers.ADAMW_SHAPES))
         biggest = max(results[r][name]["state_bytes"] for r in range(world))
         largest = 4 + 8 * max(math.prod(s) for s in workers.SHAPES + workers.ADAMW_SHAPES)
         assert biggest <= ref["state_bytes"] / world + 2 * largest + counters, name
@@ -77,14 +71,14 @@ def _bits(n: int) -> int:
 
 
 def test_projected_and_sign_modes_cut_bytes_as_predicted():
-    kinds = {"coordinate": KINDS["coordinate"], "projection": KINDS["projection"]}
+    kinds = cases.pick("columns", "projection")
     stats = run_distributed(workers.comm_bytes_by_mode, 2, kinds, COMMON)[0]
     rho = COMMON["density"]
     full_bytes = 4 * sum(math.prod(s) for s in workers.SHAPES + workers.ADAMW_SHAPES)
     adamw_bytes = 4 * sum(math.prod(s) for s in workers.ADAMW_SHAPES)
-    for name in ("coordinate", "projection"):
+    for name in ("columns", "projection"):
         assert stats[name, "exact"] == {"grad_full": full_bytes}
-        if name == "coordinate":
+        if name == "columns":
             compact = sum(m * round_half_up(rho * n) for m, n in workers.SHAPES)
         else:
             compact = sum(projection_rank((m, n), rho) * max(m, n) for m, n in workers.SHAPES)
@@ -111,9 +105,9 @@ def test_seed_none_is_broadcast_from_rank_zero():
     assert len(set(seeds)) == 1
 
 
-@pytest.mark.parametrize("kind", ["block", "coordinate", "projection"])
+@pytest.mark.parametrize("kind", ["block", "columns", "projection"])
 def test_tiny_llama_ddp_sharded_matches_single_process(kind):
-    kw = dict(lr=3e-3, density=0.25, update_gap=8, **{k: v for k, v in KINDS[kind].items()})
+    kw = dict(lr=3e-3, density=0.25, update_gap=8, **KINDS[kind])
     ref = workers.tiny_llama_ddp(0, 1, STEPS, kw)
     got = run_distributed(workers.tiny_llama_ddp, 2, STEPS, kw)
     # float64 model: DDP's gradient average differs from the single-process mean only by float64

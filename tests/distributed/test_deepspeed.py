@@ -7,19 +7,13 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
+from tests.distributed import cases  # noqa: E402
 from tests.distributed import ds_workers as dw  # noqa: E402
 from tests.distributed.launch import run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
-KINDS = {
-    "block": dict(subspace="block", block_order="random"),
-    "columns": dict(subspace="coordinate", coord_choice="columns"),
-    "rows": dict(subspace="coordinate", coord_choice="rows"),
-    "randk": dict(subspace="coordinate", coord_choice="randk"),
-    "projection": dict(subspace="projection", proj_type="random"),
-    "svd": dict(subspace="projection", proj_type="svd"),
-}
+KINDS = cases.pick("block", "columns", "rows", "randk", "projection", "svd")
 COMMON = dict(lr=1e-2, density=0.4, update_gap=4, weight_decay=0.01)
 STEPS = 10  # refreshes at 0, 4, 8
 
@@ -35,14 +29,14 @@ def test_every_zero_stage_matches_single_process(stage):
             # projections are summed over ranks, so float32 summation order differs (~1e-7/step).
             assert diff < 1e-5, (stage, name, r, diff)
     if stage >= 1:  # ZeRO shards the optimizer state: each rank holds about half
-        full = run_distributed(dw.run, 1, 0, False, 1, {"columns": KINDS["columns"]}, COMMON)
+        full = run_distributed(dw.run, 1, 0, False, 1, cases.pick("columns"), COMMON)
         per_rank = [g["columns"]["state_bytes"] for g in got]
         assert max(per_rank) < 0.75 * full[0]["columns"]["state_bytes"], per_rank
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_bf16_matches_single_process(stage):
-    kinds = {"columns": KINDS["columns"], "projection": KINDS["projection"]}
+    kinds = cases.pick("columns", "projection")
     got = run_distributed(dw.run, 2, stage, True, STEPS, kinds, COMMON)
     for name, kw in kinds.items():
         ref = dw.single(STEPS, 2, {**COMMON, **kw})
@@ -96,7 +90,7 @@ def test_consolidated_checkpoint_reshards_across_world_size_and_stage(kind, tmp_
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_offload_matches_single_process(stage):
-    kinds = {"columns": KINDS["columns"], "projection": KINDS["projection"]}
+    kinds = cases.pick("columns", "projection")
     got = run_distributed(dw.run, 2, stage, False, STEPS, kinds, COMMON, True)
     for name, kw in kinds.items():
         ref = dw.single(STEPS, 2, {**COMMON, **kw})

@@ -6,20 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed import workers
+from tests.distributed import cases, workers
 from tests.distributed.launch import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-KINDS = {
-    "block": dict(subspace="block", block_order="random"),
-    "columns": dict(subspace="coordinate", coord_choice="columns"),
-    "rows": dict(subspace="coordinate", coord_choice="rows"),
-    "randk": dict(subspace="coordinate", coord_choice="randk"),
-    "projection-auto": dict(subspace="projection", proj_type="random"),
-    "projection-left": dict(subspace="projection", proj_type="randperm", proj_side="left"),
-    "svd": dict(subspace="projection", proj_type="svd"),
-}
+KINDS = cases.pick("block", "columns", "rows", "randk", "projection", "projection-left", "svd")
 COMMON = dict(lr=1e-2, density=0.4, update_gap=8, weight_decay=0.01)
 STEPS = 20
 

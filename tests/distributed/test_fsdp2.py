@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from tests.distributed import cases
 from tests.distributed import fsdp_workers as fw
 from tests.distributed.launch import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-KINDS = {
-    "block": dict(subspace="block", block_order="descending"),
-    "columns": dict(subspace="coordinate", coord_choice="columns"),
-    "projection": dict(subspace="projection", proj_type="random"),
-    "svd": dict(subspace="projection", proj_type="svd"),
-}
+KINDS = cases.pick("block-descending", "columns", "projection", "svd")
 COMMON = dict(lr=3e-3, density=0.25, update_gap=4, weight_decay=0.01)
 STEPS = 10  # refreshes at 0, 4, 8
 
@@ -48,7 +44,7 @@ def test_fsdp2_matches_single_process(kind, world):
             _close({k: v for k, v in got[r]["state"][name].items()}, st, tol)
 
 
-@pytest.mark.parametrize("kind", ["block", "columns", "svd"])
+@pytest.mark.parametrize("kind", ["block-descending", "columns", "svd"])
 def test_dcp_checkpoint_reshards_from_two_ranks_to_one_and_four(kind, tmp_path):
     kw = {**COMMON, **KINDS[kind]}
     first, rest = 5, 5
@@ -61,7 +57,7 @@ def test_dcp_checkpoint_reshards_from_two_ranks_to_one_and_four(kind, tmp_path):
         _close(got["params"], ref["params"], 1e-4 if kind == "svd" else 5e-6)
 
 
-@pytest.mark.parametrize("kind", ["block", "columns", "projection"])
+@pytest.mark.parametrize("kind", ["block-descending", "columns", "projection"])
 def test_fsdp1_use_orig_params_matches_single_process(kind):
     kw = {**COMMON, **KINDS[kind]}
     ref = fw.single(STEPS, kw)

@@ -11,6 +11,7 @@ from frugal_dist import FRUGAL, build_param_groups
 
 SHAPES = [(12, 8), (8, 12), (10, 10), (6, 16), (16, 6)]
 ADAMW_SHAPES = [(10,), (20, 4)]
+REPLICATED = ("step", "proj_basis")
 
 
 def named_params(seed: int = 0) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -65,6 +66,10 @@ def synthetic_run(rank: int, world: int, steps: int, opt_kw: dict, mode: str) ->
     return {
         "params": [p.detach().clone() for p in params],
         "state_bytes": opt.state_bytes(),
+        # state every rank holds in full (not sharded): step counters and svd bases
+        "replicated_bytes": sum(
+            v.nbytes for st in opt.state.values() for k, v in st.items() if k in REPLICATED
+        ),
         "comm": comm,
         "shard": opt.shard_report(),
     }
@@ -151,18 +156,9 @@ def train_tiny(rank: int, world: int, optimizer: dict, steps: int) -> dict:
 
 def svd_calls(rank: int, world: int) -> int:
     """How many SVDs this rank computes over 2 refreshes of 5 svd-projected matrices."""
-    import frugal_dist.optim.frugal_step as fs
+    from tests.distributed.cases import count_svd_refreshes
 
-    calls = 0
-    original = fs.projection_selection
-
-    def counting(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        return original(*args, **kwargs)
-
-    fs.projection_selection = counting
-    try:
+    with count_svd_refreshes() as counter:
         split, full = named_params()
         opt = FRUGAL(groups(split, full), subspace="projection", proj_type="svd", update_gap=2,
                      reduce_gradients=True, shard_state=True)  # fmt: skip
@@ -171,9 +167,7 @@ def svd_calls(rank: int, world: int) -> int:
             for p, g in zip(params, rank_grads(step, rank, [tuple(p.shape) for p in params])):
                 p.grad = g
             opt.step()
-    finally:
-        fs.projection_selection = original
-    return calls
+    return counter[0]
 
 
 def zero_sim_run(rank: int, world: int, steps: int, opt_kw: dict) -> list[torch.Tensor]:
