@@ -17,7 +17,7 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_CPU)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,hf,fairscale]"
 	$(PY) -m pip install -q "deepspeed==$(DEEPSPEED)" mpich mpi4py
 	touch $@
 
