@@ -10,8 +10,12 @@ partition, so FRUGAL runs on it through ``FlatLayout``.
     model = FSDP(model, use_orig_params=True, auto_wrap_policy=...)
     opt = build_frugal(model, lr=..., density=...)     # groups by the parameters' real shapes
 
-FSDP1's optimizer-state-dict APIs reject state not shaped like the parameter; checkpoint FRUGAL
-with ``frugal_dist.optim.consolidate.export_state`` / ``import_state`` instead.
+FSDP1's optimizer-state-dict APIs reject state not shaped like the parameter, so checkpoints go
+through ``frugal_dist.optim.consolidate`` (state keyed by parameter name, full tensors):
+``save_checkpoint(path, model, opt)`` writes the full model state dict and the consolidated
+FRUGAL state in one file (rank 0 writes; every rank takes part in the gathers);
+``load_checkpoint(path, model, opt)`` reads it on every rank (a path all ranks can read) and
+gives each rank its slices, so a run saved on W ranks resumes on any world size (FSDP1 or not).
 """
 
 from __future__ import annotations
@@ -64,6 +68,40 @@ def build_frugal(model: nn.Module, **options: Any) -> FRUGAL:
             entries.append(FlatEntry(name, shape, idx, p, 0, start, numel))
     frugal.bind_layout(_Fsdp1Layout(entries))
     return frugal
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer: FRUGAL) -> None:
+    """Model (full state dict) + consolidated FRUGAL state into ``path``. Collective."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from frugal_dist.optim.consolidate import export_state
+
+    # offload_to_cpu on parameters that already live on the CPU crashes (SIGSEGV, torch 2.13)
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    cfg = FullStateDictConfig(offload_to_cpu=on_gpu, rank0_only=True)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
+        model_state = model.state_dict()
+    blob = {"model": model_state, "optimizer": export_state(optimizer)}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(blob, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: FRUGAL) -> None:
+    """Inverse of ``save_checkpoint`` at any world size; the saved seed and options win."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from frugal_dist.optim.consolidate import import_state
+
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
+        model.load_state_dict(blob["model"])
+    import_state(optimizer, blob["optimizer"])
 
 
 class _Fsdp1Layout(FlatLayout):
