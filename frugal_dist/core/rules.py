@@ -93,6 +93,17 @@ def state_free_direction(rule: str, residual: Tensor) -> Tensor | None:
     raise ValueError(f"state_free must be one of {STATE_FREE_RULES}, got {rule!r}")
 
 
+def state_free_direction_(rule: str, residual: Tensor) -> Tensor | None:
+    """``state_free_direction`` computed in place in ``residual`` (a temporary the caller owns)."""
+    if rule == "signsgd":
+        return residual.sign_()
+    if rule == "sgd":
+        return residual
+    if rule == "none":
+        return None
+    raise ValueError(f"state_free must be one of {STATE_FREE_RULES}, got {rule!r}")
+
+
 def state_free_directions(rule: str, grads: list[Tensor]) -> list[Tensor] | None:
     """``state_free_direction`` over a list (foreach kernels)."""
     if rule == "signsgd":

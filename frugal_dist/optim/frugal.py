@@ -73,6 +73,7 @@ from frugal_dist.core.subspaces import (
 )
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim.frugal_step import FrugalStepMixin
+from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.param_groups import logical_shape
 from frugal_dist.optim.sharding import ShardPlan, assign_owners
 from frugal_dist.optim.validation import check_known_keys, validate_options
@@ -99,6 +100,7 @@ FRUGAL_DEFAULTS: dict[str, Any] = dict(
 )
 SCALAR_KEYS = ("step", "sf_step")
 RESIDUAL_COMM = ("exact", "sign")
+PROJ_QR_DEVICES = ("cpu", "param")
 GROUP_KEYS = frozenset(FRUGAL_DEFAULTS) | {"params", "names", "name", "initial_lr"}
 
 
@@ -131,6 +133,9 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         reduce_gradients: bool = False,
         residual_comm: str = "exact",
         check_agreement: bool = True,
+        nonfinite: str = "skip",
+        fused: bool | None = None,
+        proj_qr_device: str = "cpu",
         **kwargs: Any,
     ) -> None:
         check_known_keys(kwargs, set(FRUGAL_DEFAULTS), "FRUGAL(...) arguments")
@@ -149,6 +154,18 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         self.reduce_gradients = bool(reduce_gradients)
         self.residual_comm = residual_comm
         self.check_agreement = bool(check_agreement)
+        self.nonfinite = validate_nonfinite(nonfinite)
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None (auto: CUDA), True or False, got {fused!r}")
+        self.fused = fused
+        if proj_qr_device not in PROJ_QR_DEVICES:
+            raise ValueError(
+                f"proj_qr_device must be one of {list(PROJ_QR_DEVICES)}, got {proj_qr_device!r}"
+            )
+        self.proj_qr_device = proj_qr_device
+        self._skipped = torch.zeros((), dtype=torch.int64)
+        self._dev_steps: dict[str, list] = {}
+        self._local_sel: dict[str, tuple] = {}
         self.comm = CommStats()
         self._plan: ShardPlan | None = None
         self._selections: dict[str, tuple[int, Any]] = {}
@@ -168,6 +185,11 @@ class FRUGAL(FrugalStepMixin, Optimizer):
                         f"state_free='sgd' cannot use (group {g.get('name')!r}); use "
                         "state_free='signsgd' or residual_comm='exact'"
                     )
+
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient held inf/nan (``nonfinite="skip"``); the same on
+        every rank. Not part of ``state_dict()``: it counts this process's steps."""
+        return int(self._skipped.item())
 
     # ------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -237,9 +259,11 @@ class FRUGAL(FrugalStepMixin, Optimizer):
                 resolve_side(group["proj_side"], shape), view.state["proj_basis"]
             )
         else:
+            on_device = self.proj_qr_device == "param" and group["proj_type"] == "random"
             sel = projection_selection(
                 shape, group["density"], group["proj_type"], group["proj_side"],
                 projection_seed(group["seed"], view.name, k),
+                qr_device=view.data.device if on_device else None,
             )  # fmt: skip
             sel = ProjectionSelection(sel.side, sel.basis.to(view.data.device))
         self._selections[view.name] = (k, sel)
@@ -275,6 +299,7 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         self._layout = layout
         self._pg = getattr(layout, "process_group", self._pg)
         self._selections.clear()
+        self._local_sel.clear()
 
     @staticmethod
     def _reset_buffers(st: dict[str, Tensor], rule: str, shape: tuple[int, ...], device) -> None:
@@ -428,6 +453,8 @@ class FRUGAL(FrugalStepMixin, Optimizer):
                     st[key] = state_dict["state"][pid][key].to(device=st[key].device, dtype=dtype)
         self._selections.clear()
         self._schedules.clear()
+        self._dev_steps.clear()
+        self._local_sel.clear()
 
 
 def _at(seq: list[str], i: int) -> str | None:

@@ -37,7 +37,11 @@ from frugal_dist.comm.collectives import (
     sign_majority,
 )
 from frugal_dist.core.fragments import RowSpan, local_coordinates, local_projection
-from frugal_dist.core.rules import state_free_direction, state_full_directions
+from frugal_dist.core.rules import (
+    state_free_direction,
+    state_free_direction_,
+    state_full_directions,
+)
 from frugal_dist.core.seeding import projection_seed
 from frugal_dist.core.subspaces import (
     ProjectionSelection,
@@ -48,7 +52,10 @@ from frugal_dist.core.subspaces import (
     tensor_fingerprint,
 )
 from frugal_dist.layouts.base import ParamView
+from frugal_dist.optim.nonfinite import grads_are_finite
 from frugal_dist.optim.sharding import assign_owners
+
+FREE_CHUNK = 1 << 25  # elements per batched signSGD apply (bounds its temporaries)
 
 
 @dataclass
@@ -69,6 +76,7 @@ class Item:
     free: Tensor | None = None  # state-free direction (local shape), None if none
     free_done: bool = False
     u: Tensor | None = None
+    fused: bool = False  # AdamW through torch._fused_adamw_ in the apply phase
 
     @property
     def name(self) -> str:
@@ -117,9 +125,12 @@ class FrugalStepMixin:
     def _run_step(self) -> None:
         self.comm.begin_step()
         rank, world = rank_and_world(self._pg)
+        views = [(group, self._views(group)) for group in self.param_groups]
+        if self.nonfinite != "ignore" and not self._check_finite(views, world):
+            return
         items: list[Item] = []
-        for group in self.param_groups:
-            items.extend(self._plan_group(group, rank, world))
+        for group, group_views in views:
+            items.extend(self._plan_group(group, group_views, rank, world))
         if not items:
             return
         if self.reduce_gradients and world > 1:
@@ -131,16 +142,37 @@ class FrugalStepMixin:
             self._exchange(items, world)
         self._apply(items)
 
+    def _check_finite(self, views: list[tuple[dict, list[ParamView]]], world: int) -> bool:
+        """One fused inf/nan check of every local gradient (see ``optim.nonfinite``); False:
+        skip this step (nothing touched)."""
+        names = [v.name for _, vs in views for v in vs]
+        grads = [v.grad for _, vs in views for v in vs]
+        ok, first = grads_are_finite(names, grads, self._pg, world)
+        if ok:
+            return True
+        if self.nonfinite == "raise":
+            where = f"first in parameter {first!r}" if first is not None else "on another rank"
+            raise FloatingPointError(
+                f"FRUGAL.step: non-finite (inf/nan) gradient, {where}; nothing was updated. "
+                "Use nonfinite='skip' to skip such steps (e.g. under fp16 loss scaling)"
+            )
+        self._skipped += 1
+        return False
+
     # ---------------------------------------------------------------------------------- plan
-    def _plan_group(self, group: dict[str, Any], rank: int, world: int) -> list[Item]:
+    def _plan_group(
+        self, group: dict[str, Any], views: list[ParamView], rank: int, world: int
+    ) -> list[Item]:
         algo = group["algorithm"]
         kind = {"adamw": "adamw", "signsgd": "free", "sgd": "free"}.get(algo, group["subspace"])
         gap, rule, reset = group["update_gap"], group["state_full"], group["reset_statistics"]
         if kind == "adamw":
             rule = "adamw"
         schedule = self._schedule(group) if kind == "block" else None
+        sharded = self.shard_state and world > 1
+        reduced_here = self.reduce_gradients and world > 1
         out = []
-        for view in self._views(group):
+        for view in views:
             if view.grad is None:
                 continue
             st = view.state
@@ -148,19 +180,22 @@ class FrugalStepMixin:
             k, refresh = s // gap, s % gap == 0
             if kind == "block":
                 owner = self._block_owner(group, view.index, k, rank, world)
+                active = view.index in schedule.active(k)
             else:
                 owner = self._state_owner(view.name, rank, world)
+                active = kind != "free"
             mine = owner == rank
-            g = view.grad.float()
-            it = Item(view, group, kind, refresh, k, kind != "free", owner, g)
+            # State-free-only tensors need no float32 copy of a 16-bit gradient (sign and the
+            # promoted add give the same result), unless FRUGAL reduces the gradients itself.
+            g = view.grad if (not active and not reduced_here) else view.grad.float()
+            it = Item(view, group, kind, refresh, k, active, owner, g)
             dev = view.data.device
             if kind == "adamw":
                 if mine and "sf_step" not in st:
                     self._reset_buffers(st, rule, tuple(view.data.shape), dev)
             elif kind == "block":
-                it.active = view.index in schedule.active(k)
                 if refresh:
-                    if not (it.active and mine):
+                    if not (active and mine):
                         self._drop_buffers(st, rule)
                     elif reset or "sf_step" not in st:
                         self._reset_buffers(st, rule, tuple(view.data.shape), dev)
@@ -168,16 +203,45 @@ class FrugalStepMixin:
                 it.g = view.span.pad(g.reshape(-1))
                 if kind == "coordinate":
                     it.gsel = self._coordinate(view, k, group)
-                    it.sel = local_coordinates(it.gsel, view.span)
+                    it.sel = self._local_selection(view, k, it.gsel)
                 elif not (refresh and group["proj_type"] == "svd"):
                     it.gsel = self._projection(view, k, group)
                     it.sel = local_projection(it.gsel, view.span)
                 if refresh and mine and (reset or "sf_step" not in st):
                     self._reset_buffers(st, rule, compact_shape(it), dev)
-            if it.active and mine:
+            if active and mine:
                 st["sf_step"] += 1
+                it.fused = (
+                    rule == "adamw"
+                    and kind in ("adamw", "block")
+                    and not sharded
+                    and self._fused_for(view)
+                    and (kind == "adamw" or group["proj_params_lr_scale"] > 0)
+                )
             out.append(it)
         return out
+
+    def _fused_for(self, view: ParamView) -> bool:
+        """Use ``torch._fused_adamw_`` for this whole-tensor AdamW item: float32 data and
+        gradient (the kernel wants one dtype for params, grads and moments), non-empty, and
+        ``fused=True`` or (``fused=None`` and a CUDA tensor)."""
+        if self.fused is False or view.data.numel() == 0:
+            return False
+        if view.data.dtype != torch.float32 or view.grad.dtype != torch.float32:
+            return False
+        return bool(self.fused) or view.data.device.type == "cuda"
+
+    def _local_selection(self, view: ParamView, k: int, gsel: Any) -> Any:
+        """``local_coordinates`` of a fragment, cached per refresh (it indexes with a mask,
+        which would sync the device every step)."""
+        if view.span.is_full:
+            return gsel
+        cached = self._local_sel.get(view.name)
+        if cached is not None and cached[0] == k and cached[1] == view.span:
+            return cached[2]
+        sel = local_coordinates(gsel, view.span)
+        self._local_sel[view.name] = (k, view.span, sel)
+        return sel
 
     # ---------------------------------------------------------------------------------- reduce
     def _reduce(self, items: list[Item]) -> None:
@@ -301,8 +365,104 @@ class FrugalStepMixin:
         if it.kind == "free" or (it.kind == "block" and not it.active) or it.kind == "coordinate":
             return state_free_direction(rule, it.g)  # coordinate: selected entries overwritten
         if it.kind == "projection":
-            return state_free_direction(rule, it.g - it.sel.up(it.g_sf))
+            if it.sel.rank == 0:  # rho = 0: R = G, no projection at all
+                return state_free_direction(rule, it.g)
+            return state_free_direction_(rule, it.sel.residual(it.g, it.g_sf))
         return None
+
+    @staticmethod
+    def _batchable_free(it: Item) -> tuple[str, float] | None:
+        """(rule, scale of -lr) if this item's whole update is a state-free direction of its
+        gradient that can go into the batched foreach apply (float32 data), else None."""
+        if it.free_done or it.view.data.dtype != torch.float32 or it.view.data.numel() == 0:
+            return None
+        group = it.group
+        s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
+        if it.kind == "free":
+            return group["algorithm"], 1.0
+        if it.kind == "block" and not it.active:
+            return group["state_free"], s_p * s_i
+        if s_i == 1.0 and (
+            (it.kind == "projection" and it.sel.rank == 0)
+            or (it.kind == "coordinate" and it.sel.numel == 0)
+        ):  # rho = 0: the update is s_p F(G)
+            return group["state_free"], s_p
+        return None
+
+    def _apply_free_batch(self, batch: list[tuple[Item, str, float]], lr: float) -> None:
+        """W += -lr * scale * F(G) over many tensors with foreach kernels; the temporaries of
+        signSGD are bounded to ``FREE_CHUNK`` elements at a time."""
+        by_key: dict[tuple[str, float], list[Item]] = {}
+        for it, rule, scale in batch:
+            if rule != "none":
+                by_key.setdefault((rule, scale), []).append(it)
+        for (rule, scale), its in by_key.items():
+            alpha = -lr * scale
+            chunk: list[Item] = []
+            size = 0
+            for j, it in enumerate(its):
+                chunk.append(it)
+                size += it.view.data.numel()
+                if size >= FREE_CHUNK or j == len(its) - 1:
+                    data = [c.view.data for c in chunk]
+                    grads = [
+                        (c.g if c.kind in ("free", "block") else c.span.unpad(c.g)).reshape(
+                            c.view.data.shape
+                        )
+                        for c in chunk
+                    ]
+                    if rule == "signsgd":
+                        torch._foreach_add_(data, torch._foreach_sign(grads), alpha=alpha)
+                    else:
+                        torch._foreach_add_(data, grads, alpha=alpha)
+                    chunk, size = [], 0
+
+    def _device_steps(self, its: list[Item]) -> list[Tensor]:
+        """State-full step counts as tensors on the data's device for the fused kernel.
+
+        The counters of record stay float32 CPU tensors (``sf_step``, never read from the
+        device); a CUDA mirror per parameter is kept equal to them by one foreach increment per
+        step, and rebuilt (``torch.full``, no sync) whenever it does not hold the previous count.
+        """
+        out: list[Tensor] = []
+        bump: list[Tensor] = []
+        for it in its:
+            st = it.st["sf_step"]
+            if it.view.data.device.type == "cpu":
+                out.append(st)
+                continue
+            t = int(st.item())  # CPU tensor: no device sync
+            cached = self._dev_steps.get(it.name)
+            if cached is not None and cached[1] == t - 1 and cached[0].device == it.g.device:
+                bump.append(cached[0])
+                cached[1] = t
+            else:
+                cached = [torch.full((), float(t), dtype=torch.float32, device=it.g.device), t]
+                self._dev_steps[it.name] = cached
+            out.append(cached[0])
+        if bump:
+            torch._foreach_add_(bump, 1.0)
+        return out
+
+    def _apply_fused(self, its: list[Item], lr: float, wd: float, group: dict) -> None:
+        """``torch._fused_adamw_``: one kernel reads W, G, m, v and writes W, m, v (decoupled
+        weight decay included). Active blocks use lr * s_p and wd / s_p (same product lr * wd)."""
+        by_scale: dict[float, list[Item]] = {}
+        for it in its:
+            scale = 1.0 if it.kind == "adamw" else group["proj_params_lr_scale"]
+            by_scale.setdefault(scale, []).append(it)
+        b1, b2 = group["betas"]
+        for scale, sub in by_scale.items():
+            torch._fused_adamw_(
+                [it.view.data for it in sub],
+                [it.g.view(it.view.data.shape) for it in sub],
+                [it.st["exp_avg"] for it in sub],
+                [it.st["exp_avg_sq"] for it in sub],
+                [],
+                self._device_steps(sub),
+                lr=lr * scale, beta1=b1, beta2=b2, weight_decay=wd / scale, eps=group["eps"],
+                amsgrad=False, maximize=False,
+            )  # fmt: skip
 
     def _sum_partial_projections(self, items: list[Item]) -> None:
         """Fragments' partial G_sf summed over ranks in one all-reduce: right projections send
@@ -347,7 +507,7 @@ class FrugalStepMixin:
     def _state_full(self, items: list[Item], rank: int) -> None:
         by_group: dict[int, list[Item]] = {}
         for it in items:
-            if it.active and it.owner == rank:
+            if it.active and it.owner == rank and not it.fused:
                 by_group.setdefault(id(it.group), []).append(it)
         for its in by_group.values():
             group = its[0].group
@@ -377,18 +537,29 @@ class FrugalStepMixin:
         for its in by_group.values():
             group = its[0].group
             lr, wd = group["lr"], group["weight_decay"]
+            fused = [it for it in its if it.fused]
             if wd != 0.0:
-                data = [it.view.data for it in its if it.view.data.numel()]
+                data = [it.view.data for it in its if it.view.data.numel() and not it.fused]
                 if data:
                     torch._foreach_mul_(data, 1.0 - lr * wd)
+            if fused:
+                self._apply_fused(fused, lr, wd, group)
             s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
+            batch: list[tuple[Item, str, float]] = []
             for it in its:
+                if it.fused:
+                    it.g_sf = None
+                    continue
                 data = it.view.data
                 if it.kind == "adamw":
                     apply_update(data, it.u, -lr)
                     continue
                 if it.kind == "block" and it.active:
                     apply_update(data, it.u, -lr * s_p)
+                    continue
+                how = self._batchable_free(it)
+                if how is not None:
+                    batch.append((it, *how))
                     continue
                 free = self._free_direction(it)
                 if it.kind == "free":
@@ -404,8 +575,10 @@ class FrugalStepMixin:
                     it.sel.scatter_(full, it.u)  # selected: up(U); others: s_i F(R)
                     apply_update(data, it.span.unpad(full), -lr * s_p)
                 else:
-                    full = it.sel.up(it.u)
-                    if free is not None:
-                        full.add_(free, alpha=s_i)
+                    if free is None:
+                        full = it.sel.up(it.u)
+                    else:  # s_i F(R) + up(U), in place in F(R)'s buffer
+                        full = it.sel.up_add_(free, it.u, beta=s_i)
                     apply_update(data, it.span.unpad(full), -lr * s_p)
                 it.free = it.u = it.g_sf = None  # release this item's temporaries now
+            self._apply_free_batch(batch, lr)

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from frugal_dist.train.config_validation import validate_config
+
 
 @dataclass
 class TrainConfig:
@@ -38,6 +40,7 @@ class TrainConfig:
     deepspeed_config: str | None = None  # DeepSpeed JSON (engine=deepspeed)
     output_dir: str | None = None
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16
+    collective_timeout_s: float = 600.0  # a collective waiting longer for a peer rank fails
 
     @property
     def tokens_per_step_per_rank(self) -> int:
@@ -86,15 +89,13 @@ def build_config(raw: dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig()
     for key, value in raw.items():
         if key in ("optimizer", "data"):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{key} must be a mapping (a YAML section), got {value!r}")
             merged = {**getattr(cfg, key), **(value or {})}
             setattr(cfg, key, merged)
         else:
             setattr(cfg, key, value)
-    if cfg.engine not in ENGINES:
-        raise ValueError(f"engine must be one of {list(ENGINES)}, got {cfg.engine!r}")
-    for key in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_batches"):
-        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be an integer >= 1, got {getattr(cfg, key)!r}")
+    validate_config(cfg, ENGINES)  # every field: type, range, choices; the optimizer section
     return cfg
 
 

@@ -1,0 +1,82 @@
+"""Non-finite gradient handling for ``FRUGAL`` (option ``nonfinite``).
+
+Before a step touches any state, every local gradient (whole tensors, or this rank's fragments
+under a layout) is checked for inf/nan with one fused reduction per (device, dtype):
+``torch._foreach_norm(grads, inf)`` (the max-abs norm never overflows and propagates nan), then one
+scalar flag. Distributed: the flag is all-reduced (MAX) over the optimizer's process group, so
+every rank takes the same decision even when only one rank's fragment holds the bad value.
+
+* ``"skip"`` (default): a non-finite step is skipped entirely (parameters, buffers and step
+  counters untouched) and ``skipped_steps`` is incremented.
+* ``"raise"``: ``FloatingPointError`` naming the first offending parameter (in model order; on
+  another rank: said so).
+* ``"ignore"``: no check at all (no sync, no collective).
+
+Cost: one device->host sync per step (reading the flag) plus, at world size > 1, one 4-byte
+all-reduce. ``"raise"`` syncs once more per parameter, but only on the failing step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+NONFINITE_MODES = ("skip", "raise", "ignore")
+
+
+def validate_nonfinite(mode: Any) -> str:
+    if mode not in NONFINITE_MODES:
+        raise ValueError(
+            f"nonfinite must be one of {list(NONFINITE_MODES)}, got {mode!r}: 'skip' skips a step "
+            "whose gradients hold inf/nan, 'raise' raises, 'ignore' does not check"
+        )
+    return str(mode)
+
+
+def _flag_device(pg: Any, grads: list[Tensor]) -> torch.device:
+    if dist.is_available() and dist.is_initialized():
+        if "nccl" in str(dist.get_backend(pg)).lower():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    return grads[0].device if grads else torch.device("cpu")
+
+
+def _max_abs_norms(grads: list[Tensor]) -> list[tuple[list[int], Tensor]]:
+    """Per (device, dtype) bucket: positions in ``grads`` and the stacked inf-norms."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, g in enumerate(grads):
+        buckets.setdefault((g.device, g.dtype), []).append(i)
+    out = []
+    for idx in buckets.values():
+        norms = torch._foreach_norm([grads[i] for i in idx], float("inf"))
+        out.append((idx, torch.stack(list(norms))))
+    return out
+
+
+def grads_are_finite(
+    names: list[str], grads: list[Tensor], pg: Any, world: int
+) -> tuple[bool, str | None]:
+    """(all finite on every rank, first local offending name or None). One host sync."""
+    live = [(n, g) for n, g in zip(names, grads) if g is not None and g.numel()]
+    names_l = [n for n, _ in live]
+    grads_l = [g for _, g in live]
+    device = _flag_device(pg, grads_l)
+    flag = torch.zeros((), dtype=torch.float32, device=device)
+    norms = _max_abs_norms(grads_l)
+    for _, stacked in norms:
+        bad = (~torch.isfinite(stacked)).any().to(device=device, dtype=torch.float32)
+        flag = torch.maximum(flag, bad)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
+    if flag.item() == 0.0:  # the one host sync of the check
+        return True, None
+    first = None
+    for idx, stacked in norms:
+        finite = torch.isfinite(stacked).tolist()  # failing step only
+        for pos, ok in zip(idx, finite):
+            if not ok and (first is None or pos < first):
+                first = pos
+    return False, None if first is None else names_l[first]
