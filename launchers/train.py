@@ -7,8 +7,10 @@
     mpirun -n 2 python launchers/train.py --config configs/tiny-cpu.yaml --engine=deepspeed \
         --deepspeed_config=ds_configs/zero3.json
 
-Any config key can be overridden with ``--key=value`` (dotted keys for the ``optimizer`` and
-``data`` sections). ``--help`` lists every key with its default.
+Any config key can be overridden with ``--key=value`` or ``--key value`` (dotted keys for the
+``optimizer`` and ``data`` sections; ``--max-steps`` = ``--max_steps``). ``--help`` lists every
+key with its default. Checkpoints go to ``<output_dir>/checkpoints``; ``--resume auto`` continues
+from the newest complete one, ``--resume PATH`` from that one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,23 @@ import torch.distributed as dist
 
 from frugal_dist.train.config import TrainConfig, load_config
 from frugal_dist.train.loop import train
+
+
+def join_values(tokens: list[str]) -> list[str]:
+    """``--key value`` -> ``--key=value`` (so ``--resume auto``, ``--max-steps 50`` work like
+    ``--resume=auto``; hyphens in keys become underscores in ``apply_overrides``)."""
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+        if tok.startswith("--") and "=" not in tok and nxt is not None and not nxt.startswith("--"):
+            out.append(f"{tok}={nxt}")
+            i += 2
+        else:
+            out.append(tok)
+            i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )  # passed by the deepspeed launcher; env has it
     args, overrides = parser.parse_known_args(argv)
+    overrides = join_values(overrides)
     try:
         cfg = load_config(args.config, overrides)
     except ValueError as exc:

@@ -39,6 +39,9 @@ class TrainConfig:
     engine: str = "auto"  # auto | single | ddp | fsdp2 | deepspeed
     deepspeed_config: str | None = None  # DeepSpeed JSON (engine=deepspeed)
     output_dir: str | None = None
+    checkpoint_every: int = 100  # optimizer steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept in output_dir/checkpoints (0: all)
+    resume: str | None = None  # None | "auto" (newest valid checkpoint) | a checkpoint path
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16
     collective_timeout_s: float = 600.0  # a collective waiting longer for a peer rank fails
 
@@ -96,6 +99,13 @@ def build_config(raw: dict[str, Any]) -> TrainConfig:
         else:
             setattr(cfg, key, value)
     validate_config(cfg, ENGINES)  # every field: type, range, choices; the optimizer section
+    for key in ("checkpoint_every", "keep_checkpoints"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 0:
+            raise ValueError(f"{key} must be an integer >= 0, got {getattr(cfg, key)!r}")
+    if cfg.resume is not None and not isinstance(cfg.resume, str):
+        raise ValueError(
+            f"resume must be 'auto' or a checkpoint path (or null), got {cfg.resume!r}"
+        )
     return cfg
 
 

@@ -20,10 +20,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from frugal_dist.comm.ddp_hooks import defer_to_optimizer_hook
+from frugal_dist.train import checkpoint
 from frugal_dist.train.config import TrainConfig
 from frugal_dist.train.data import load_embedded
+from frugal_dist.train.faults import maybe_kill
 from frugal_dist.train.model import build_model
 from frugal_dist.train.optimizers import build_optimizer
+from frugal_dist.train.progress import Progress, memory_gib
 from frugal_dist.train.schedule import lr_factor
 
 
@@ -96,10 +99,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cfg.seq_len, seed=cfg.seed, max_bytes=cfg.data.get("max_bytes", 2_000_000)
     )
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    metrics_fh = None
-    if out_dir is not None and rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_fh = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed after the loop
+    start = checkpoint.resume_into(cfg, engine, model=model, optimizer=optimizer,
+                                   ds_engine=ds_engine, train_data=train_data)  # fmt: skip
+    progress = Progress(out_dir, rank, start.step, cfg.max_steps)
     if rank == 0:
         n_params = sum(
             int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in model.parameters()
@@ -112,11 +114,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
 
     history: list[dict[str, Any]] = []
-    tokens = 0
+    tokens = start.tokens
     t_last = time.perf_counter()
-    tokens_last = 0
-    val_loss = math.nan
-    for step in range(cfg.max_steps):
+    tokens_last = tokens
+    val_loss = start.val_loss
+    for step in range(start.step, cfg.max_steps):
         factor = lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         for g, base in zip(optimizer.param_groups, base_lrs):
             g["lr"] = base * factor
@@ -157,7 +159,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             val_loss = evaluate(wrapped, val_data, cfg, rank, world, device)
             record["val_loss"] = val_loss
             record["val_ppl"] = math.exp(min(val_loss, 50.0))
-        if (step + 1) % cfg.log_every == 0 or step == 0 or do_eval:
+        logged = (step + 1) % cfg.log_every == 0 or step == start.step or do_eval
+        if logged:
             now = time.perf_counter()
             record["tokens_per_s"] = (tokens - tokens_last) / max(now - t_last, 1e-9)
             t_last, tokens_last = now, tokens
@@ -167,25 +170,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             ) / 2**20
             if hasattr(optimizer, "comm_stats") and optimizer.comm_stats()["last_step_total"]:
                 record["comm_bytes"] = optimizer.comm_stats()["last_step_total"]
-            if rank == 0:
-                val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
-                print(
-                    f"step {step + 1:5d}/{cfg.max_steps} | loss {record['loss']:.4f}{val} | "
-                    f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
-                    f"opt state {record['opt_state_mib']:.2f} MiB"
-                    + (
-                        f" | comm {record['comm_bytes'] / 2**20:.2f} MiB"
-                        if "comm_bytes" in record
-                        else ""
-                    ),
-                    flush=True,
-                )
-                if metrics_fh is not None:
-                    metrics_fh.write(json.dumps(record) + "\n")
-                    metrics_fh.flush()
+            record["mem_gib"] = memory_gib(device)
+        progress.update(record, logged)
         history.append(record)
-    if metrics_fh is not None:
-        metrics_fh.close()
+        saved = checkpoint.maybe_save(cfg, step + 1, tokens, val_loss, engine=engine, model=model,
+                                      optimizer=optimizer, ds_engine=ds_engine,
+                                      train_data=train_data)  # fmt: skip
+        if saved is not None:
+            progress.note(f"[frugal_dist] checkpoint {saved}")
+        maybe_kill(step + 1, rank)
+    progress.close()
     k = max(1, min(10, len(history) // 5))
     summary = {
         "losses": [r["loss"] for r in history],
@@ -203,6 +197,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     }
     if rank == 0:
         print(f"[frugal_dist] done: {json.dumps(summary)}", flush=True)
+        _final_report(out_dir, val_loss)
     return summary
 
 
@@ -234,6 +229,21 @@ def _deepspeed_engine(model, cfg: TrainConfig, name: str, opt_cfg: dict[str, Any
         optimizer if hasattr(optimizer, "state_bytes") else getattr(optimizer, "optimizer", None)
     )
     return engine, inner
+
+
+def _final_report(out_dir: Path | None, val_loss: float) -> None:
+    """Rank 0, end of run: the validation perplexity and, with ``output_dir``, the run's plot."""
+    if not math.isnan(val_loss):
+        print(f"[frugal_dist] final validation loss {val_loss:.4f}, perplexity "
+              f"{math.exp(min(val_loss, 50.0)):.2f}", flush=True)  # fmt: skip
+    if out_dir is None:
+        return
+    try:
+        from frugal_dist.train.plot import plot_runs
+
+        print(f"[frugal_dist] plot: {plot_runs([out_dir], out_dir / 'curves.png')}", flush=True)
+    except ImportError as exc:
+        print(f"[frugal_dist] no plot ({exc})", flush=True)
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -1,0 +1,174 @@
+"""Per-engine model + optimizer state for ``frugal_dist.train.checkpoint`` (file layout there).
+
+* single / ddp: parameters and (by default) optimizer state are replicated: rank 0 saves
+  ``model.state_dict()`` and ``optimizer.state_dict()``; FRUGAL with ``shard_state`` keeps
+  different state on each rank, saved per rank.
+* fsdp2: DCP through ``frugal_dist.engines.fsdp2_checkpoint`` (FRUGAL) or plain
+  ``get_state_dict`` / ``dcp`` (other optimizers); reshards on load.
+* deepspeed: the fp32 master weights live in the ZeRO optimizer's flat partitions (or the module
+  itself at ZeRO-0). Each rank contributes its fragments (``FlatEntry``: flat holder, offset,
+  logical start, numel), gathered into full tensors keyed by parameter name, with the FRUGAL
+  state from ``consolidate.export_state``. On load each rank copies its new fragments back into
+  the masters, DeepSpeed copies masters to the module's (bf16 / fp32) weights, and
+  ``import_state`` gives the optimizer its slices: any world size, any ZeRO stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def rng_state() -> dict[str, Any]:
+    out: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _is_frugal(optimizer: Any) -> bool:
+    return hasattr(optimizer, "_views")
+
+
+def save_engine_state(
+    tmp: Path, engine: str, model: Any, optimizer: Any, ds_engine: Any, rank: int, world: int
+) -> None:
+    """Write this rank's part of the model / optimizer state into ``tmp`` (collective)."""
+    if engine in ("single", "ddp"):
+        sharded = getattr(optimizer, "shard_state", False) and world > 1
+        if rank == 0:
+            torch.save(model.state_dict(), tmp / "model.pt")
+            if not sharded:
+                torch.save(optimizer.state_dict(), tmp / "optim.pt")
+        if sharded:
+            torch.save(optimizer.state_dict(), tmp / f"optim_rank{rank}.pt")
+    elif engine == "fsdp2":
+        if _is_frugal(optimizer):
+            from frugal_dist.engines.fsdp2_checkpoint import save as dcp_save
+
+            dcp_save(str(tmp / "dcp"), model, optimizer)
+        else:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            msd, osd = get_state_dict(model, optimizer)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    elif engine == "deepspeed":
+        from frugal_dist.optim.consolidate import export_state
+
+        params = _ds_export_params(ds_engine, optimizer)
+        opt_state = export_state(optimizer)
+        if rank == 0:
+            torch.save({"params": params, "optim": opt_state}, tmp / "deepspeed.pt")
+    else:
+        raise ValueError(f"checkpoints for engine {engine!r} are not supported")
+
+
+def load_engine_state(
+    path: Path,
+    engine: str,
+    model: Any,
+    optimizer: Any,
+    ds_engine: Any,
+    saved_world: int,
+    rank: int,
+    world: int,
+) -> None:
+    """Load what ``save_engine_state`` wrote, on every rank (collective: fsdp2, deepspeed)."""
+    if engine in ("single", "ddp"):
+        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu"))
+        per_rank = path / f"optim_rank{rank}.pt"
+        if (path / "optim.pt").is_file():
+            optimizer.load_state_dict(torch.load(path / "optim.pt", map_location="cpu"))
+        elif saved_world != world:
+            raise ValueError(
+                f"checkpoint {path} holds optimizer state sharded over {saved_world} ranks "
+                f"(optimizer.shard_state); resume it with {saved_world} ranks, not {world}"
+            )
+        else:
+            optimizer.load_state_dict(torch.load(per_rank, map_location="cpu"))
+    elif engine == "fsdp2":
+        if _is_frugal(optimizer):
+            from frugal_dist.engines.fsdp2_checkpoint import load as dcp_load
+
+            dcp_load(str(path / "dcp"), model, optimizer)
+        else:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            msd, osd = get_state_dict(model, optimizer)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=str(path / "dcp"))
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])  # fmt: skip
+    elif engine == "deepspeed":
+        from frugal_dist.optim.consolidate import import_state
+
+        blob = torch.load(path / "deepspeed.pt", map_location="cpu", weights_only=False)
+        _ds_import_params(ds_engine, optimizer, blob["params"])
+        import_state(optimizer, blob["optim"])
+    else:
+        raise ValueError(f"checkpoints for engine {engine!r} are not supported")
+
+
+# ----------------------------------------------------------------------------- deepspeed
+def _entries(frugal: Any) -> list[Any] | None:
+    layout = getattr(frugal, "_layout", None)
+    return getattr(layout, "entries", None)
+
+
+def _ds_export_params(ds_engine: Any, frugal: Any) -> dict[str, torch.Tensor]:
+    """Full fp32 master weights by parameter name (collective)."""
+    entries = _entries(frugal)
+    if entries is None:  # ZeRO-0, fp32: the module's own parameters are the masters
+        return {n: p.detach().float().cpu().clone() for n, p in ds_engine.module.named_parameters()}
+    mine = [(e.name, tuple(e.shape), e.start,
+             e.holder.detach()[e.offset : e.offset + e.numel].float().cpu().clone())
+            for e in entries if e.numel > 0]  # fmt: skip
+    group = getattr(frugal._layout, "process_group", None)
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, mine, group=group)
+        pieces = [p for rank_pieces in gathered for p in rank_pieces]
+    else:
+        pieces = mine
+    flat: dict[str, torch.Tensor] = {}
+    shapes = {e.name: tuple(e.shape) for e in entries}
+    for name, shape, start, t in pieces:
+        buf = flat.setdefault(name, torch.zeros(int(torch.Size(shape).numel())))
+        buf[start : start + t.numel()] = t
+    return {name: flat[name].reshape(shapes[name]) for name in flat}
+
+
+@torch.no_grad()
+def _ds_import_params(ds_engine: Any, frugal: Any, full: dict[str, torch.Tensor]) -> None:
+    """Copy full master weights into this rank's fragments, then masters -> module weights."""
+    entries = _entries(frugal)
+    if entries is None:
+        for n, p in ds_engine.module.named_parameters():
+            p.copy_(full[n].to(p.dtype))
+        return
+    missing = sorted({e.name for e in entries} - set(full))
+    if missing:
+        raise ValueError(f"checkpoint lacks parameters {missing[:5]}: it is of another model")
+    for e in entries:
+        if e.numel > 0:
+            src = full[e.name].reshape(-1)[e.start : e.start + e.numel]
+            e.holder[e.offset : e.offset + e.numel].copy_(src.to(e.holder.dtype))
+    opt = ds_engine.optimizer
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: module weights are partitions
+        for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
+            if lp is not None:
+                lp.copy_(hp)
+    else:  # ZeRO-1/2 and BF16_Optimizer: copy partition, all-gather the module's flat weights
+        opt.update_lp_params()
