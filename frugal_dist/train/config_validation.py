@@ -1,0 +1,105 @@
+"""Field-by-field validation of a ``TrainConfig``: a bad value raises ``ValueError`` naming the
+key, the allowed values and what was given, before any process group or model exists.
+
+The ``optimizer`` section is checked with the optimizer's own rules
+(``frugal_dist.optim.validation``): unknown keys (with a suggestion), choices and ranges.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from frugal_dist.optim.frugal import FRUGAL_DEFAULTS, RESIDUAL_COMM
+from frugal_dist.optim.validation import check_known_keys, validate_options
+
+if TYPE_CHECKING:
+    from frugal_dist.train.config import TrainConfig
+
+POSITIVE_INTS = ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_batches")
+NON_NEGATIVE_INTS = ("warmup_steps", "eval_every")  # eval_every=0 disables evaluation
+DTYPES = ("float32", "bfloat16")
+OPTIONAL_PATHS = ("deepspeed_config", "output_dir")
+FRUGAL_PROCESS_OPTIONS = ("shard_state", "reduce_gradients", "check_agreement")
+ADAMW_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "seed"})
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_finite_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_config(cfg: TrainConfig, engines: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` for the first invalid field of ``cfg``."""
+    from frugal_dist.train.model import LLAMA_CONFIGS
+
+    if not isinstance(cfg.model, str) or cfg.model not in LLAMA_CONFIGS:
+        raise ValueError(f"model must be one of {sorted(LLAMA_CONFIGS)}, got {cfg.model!r}")
+    for key in POSITIVE_INTS:
+        if not _is_int(getattr(cfg, key)) or getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {getattr(cfg, key)!r}")
+    for key in NON_NEGATIVE_INTS:
+        if not _is_int(getattr(cfg, key)) or getattr(cfg, key) < 0:
+            raise ValueError(f"{key} must be an integer >= 0, got {getattr(cfg, key)!r}")
+    if not _is_finite_real(cfg.min_lr_ratio) or not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {cfg.min_lr_ratio!r}")
+    if not _is_finite_real(cfg.grad_clip) or cfg.grad_clip < 0:
+        raise ValueError(
+            f"grad_clip must be a finite number >= 0 (0 disables clipping), got {cfg.grad_clip!r}"
+        )
+    if not _is_int(cfg.seed) or not 0 <= cfg.seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {cfg.seed!r}")
+    if not isinstance(cfg.engine, str) or cfg.engine not in engines:
+        raise ValueError(f"engine must be one of {list(engines)}, got {cfg.engine!r}")
+    if not isinstance(cfg.dtype, str) or cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
+    for key in OPTIONAL_PATHS:
+        if getattr(cfg, key) is not None and not isinstance(getattr(cfg, key), str):
+            raise ValueError(f"{key} must be a path (a string) or null, got {getattr(cfg, key)!r}")
+    timeout = getattr(cfg, "collective_timeout_s", 1.0)
+    if not _is_finite_real(timeout) or timeout <= 0:
+        raise ValueError(
+            f"collective_timeout_s must be a finite number of seconds > 0 (e.g. 600), got "
+            f"{timeout!r}"
+        )
+    validate_data_section(cfg.data)
+    validate_optimizer_section(cfg.optimizer)
+
+
+def validate_data_section(data: Any) -> None:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"data must be a mapping (a YAML section), got {data!r}")
+    if "max_bytes" in data and (not _is_int(data["max_bytes"]) or data["max_bytes"] < 1):
+        raise ValueError(f"data.max_bytes must be an integer >= 1, got {data['max_bytes']!r}")
+
+
+def validate_optimizer_section(section: Any) -> None:
+    """The ``optimizer`` section: ``name`` plus the keyword options of that optimizer."""
+    from frugal_dist.train.optimizers import OPTIMIZERS
+
+    if not isinstance(section, Mapping):
+        raise ValueError(f"optimizer must be a mapping (a YAML section), got {section!r}")
+    opts = dict(section)
+    name = opts.pop("name", "frugal")
+    if not isinstance(name, str) or name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name must be one of {list(OPTIMIZERS)}, got {name!r}")
+    where = f"the optimizer section (optimizer.name={name!r})"
+    allowed = ADAMW_KEYS if name == "adamw" else {*FRUGAL_DEFAULTS, *FRUGAL_PROCESS_OPTIONS,
+                                                  "residual_comm"}  # fmt: skip
+    check_known_keys(opts, allowed, where)
+    if opts.get("seed", 0) is None:  # FRUGAL(seed=None): rank 0 draws the seed
+        opts.pop("seed")
+    validate_options(opts, where)
+    for key in FRUGAL_PROCESS_OPTIONS:
+        if key in opts and not isinstance(opts[key], bool):
+            raise ValueError(f"optimizer.{key} must be true or false, got {opts[key]!r}")
+    if "residual_comm" in opts and opts["residual_comm"] not in RESIDUAL_COMM:
+        raise ValueError(
+            f"optimizer.residual_comm must be one of {list(RESIDUAL_COMM)}, got "
+            f"{opts['residual_comm']!r}"
+        )
