@@ -21,6 +21,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -56,10 +57,15 @@ class ByteTokenizer:
 
     vocab_size: int = 257
     eos_id: int = 256
+    fingerprint: str = "byte-utf8-v1"  # keys the token cache (frugal_dist.train.token_cache)
 
     def encode(self, text: str) -> list[int]:
         """UTF-8 bytes of ``text`` as ints."""
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``encode`` of each text."""
+        return [list(t.encode("utf-8")) for t in texts]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Inverse of ``encode``; EOS ids are dropped, invalid UTF-8 becomes U+FFFD."""
@@ -167,35 +173,48 @@ class PackedDataset:
     ``[r * batch_size, (r + 1) * batch_size)`` of it.
     """
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, seed: int = 0) -> None:
-        if tokens.dim() != 1:
+    def __init__(self, tokens: torch.Tensor | np.ndarray, seq_len: int, seed: int = 0) -> None:
+        if tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
         if seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
-        n = tokens.numel() // seq_len
+        n = int(tokens.shape[0]) // seq_len
         if n == 0:
-            raise ValueError(f"{tokens.numel()} tokens is fewer than one sequence of {seq_len}")
+            raise ValueError(f"{tokens.shape[0]} tokens is fewer than one sequence of {seq_len}")
         self.seq_len = seq_len
         self.seed = seed
-        self.sequences = tokens[: n * seq_len].to(torch.int64).view(n, seq_len)
+        # A numpy array (e.g. a memory-mapped uint16 token cache) stays in its compact dtype;
+        # rows are widened to int64 only when a batch is gathered.
+        self.sequences: torch.Tensor | np.ndarray
+        if isinstance(tokens, np.ndarray):
+            self.sequences = tokens[: n * seq_len].reshape(n, seq_len)
+        else:
+            self.sequences = tokens[: n * seq_len].to(torch.int64).view(n, seq_len)
         self._perms: dict[int, torch.Tensor] = {}
+        self._next_step = 0
 
     def __len__(self) -> int:
         return self.sequences.size(0)
 
+    def _rows(self, index: torch.Tensor | int) -> torch.Tensor:
+        if isinstance(self.sequences, np.ndarray):
+            picked = self.sequences[index.numpy() if isinstance(index, torch.Tensor) else index]
+            return torch.from_numpy(np.asarray(picked, dtype=np.int64))
+        return self.sequences[index]
+
     def __getitem__(self, index: int) -> torch.Tensor:
         """The ``index``-th chunk in file order (not permuted)."""
-        return self.sequences[index]
+        return self._rows(index)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """One epoch (epoch 0) of sequences in permuted order."""
         for i in self.permutation(0).tolist():
-            yield self.sequences[i]
+            yield self._rows(i)
 
     @property
     def num_tokens(self) -> int:
         """Tokens covered by the sequences (tail excluded)."""
-        return self.sequences.numel()
+        return len(self) * self.seq_len
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """The sequence order of ``epoch`` (cached)."""
@@ -233,7 +252,31 @@ class PackedDataset:
                 f"rank={rank} world_size={world_size}"
             )
         idx = self.global_indices(step, batch_size * world_size)
-        return self.sequences[idx[rank * batch_size : (rank + 1) * batch_size]]
+        self._next_step = max(self._next_step, step + 1)
+        return self._rows(idx[rank * batch_size : (rank + 1) * batch_size])
+
+    def state_dict(self) -> dict[str, int | str]:
+        """Position and identity (JSON-able). Batches are a pure function of ``step``, so the
+        position (``next_step``: one past the highest step served) is informational; the
+        identity fields let ``load_state_dict`` detect that the data changed."""
+        return {
+            "kind": "packed",
+            "next_step": self._next_step,
+            "num_sequences": len(self),
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        """Restore the position; ``ValueError`` if the state is from a different dataset."""
+        mine = self.state_dict()
+        for key in ("kind", "num_sequences", "seq_len", "seed"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"data state mismatch on {key!r}: checkpoint has {state.get(key)!r}, this "
+                    f"dataset has {mine[key]!r} (different data, tokenizer, seq_len or seed)"
+                )
+        self._next_step = int(state["next_step"])
 
 
 def load_embedded(
