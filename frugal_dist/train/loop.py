@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from frugal_dist.comm.ddp_hooks import defer_to_optimizer_hook
+from frugal_dist.comm.timeouts import explain_collective_timeouts, process_group_timeout, set_phase
 from frugal_dist.train import checkpoint
 from frugal_dist.train.config import TrainConfig
 from frugal_dist.train.data import load_embedded
@@ -27,11 +28,17 @@ from frugal_dist.train.faults import maybe_kill
 from frugal_dist.train.model import build_model
 from frugal_dist.train.optimizers import build_optimizer
 from frugal_dist.train.progress import Progress, memory_gib
+from frugal_dist.train.safeguards import check_model_agreement, check_run_agreement
 from frugal_dist.train.schedule import lr_factor
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group described by torchrun's environment (no-op for one process)."""
+def init_distributed(collective_timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+    """Join the process group described by torchrun's environment (no-op for one process).
+
+    ``collective_timeout_s`` bounds how long any collective waits for a peer (None: torch's
+    default). gloo raises on the waiting ranks; for NCCL see ``frugal_dist.comm.timeouts``
+    (``TORCH_NCCL_ASYNC_ERROR_HANDLING`` aborts the job, ``TORCH_NCCL_BLOCKING_WAIT=1`` raises).
+    """
     from frugal_dist.engines.deepspeed import mpi_environment
 
     mpi_environment()  # under mpirun: RANK / WORLD_SIZE / LOCAL_RANK from the MPI launcher
@@ -43,7 +50,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=process_group_timeout(collective_timeout_s),
+        )
     return rank, world, device
 
 
@@ -63,14 +73,18 @@ def evaluate(
     return float(total[0] / total[1])
 
 
+@explain_collective_timeouts  # a stalled rank: CollectiveTimeoutError naming the step
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training; returns a summary (first/last loss, val loss, tokens/s, final state bytes)."""
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.collective_timeout_s)
+    check_run_agreement(cfg, world)  # same code, config and seed on every rank, or raise
     engine = cfg.engine if cfg.engine != "auto" else ("ddp" if world > 1 else "single")
     if engine == "ddp" and world == 1 and not dist.is_initialized():
         engine = "single"
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, max_seq_len=max(cfg.seq_len, 16)).to(device)
+    check_model_agreement(model)
+    set_phase("start-up (model wrapping, optimizer)")
     if cfg.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     if engine == "fsdp2":
@@ -119,6 +133,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tokens_last = tokens
     val_loss = start.val_loss
     for step in range(start.step, cfg.max_steps):
+        set_phase(f"training step {step + 1} (forward/backward, gradient sync, optimizer step)")
         factor = lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         for g, base in zip(optimizer.param_groups, base_lrs):
             g["lr"] = base * factor
@@ -156,6 +171,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps
         )
         if do_eval:
+            set_phase(f"evaluation after step {step + 1}")
             val_loss = evaluate(wrapped, val_data, cfg, rank, world, device)
             record["val_loss"] = val_loss
             record["val_ppl"] = math.exp(min(val_loss, 50.0))
