@@ -3,6 +3,8 @@
 from frugal_dist.optim import (
     FRUGAL,
     FRUGAL_DEFAULTS,
+    RSO,
+    apply_rso,
     build_param_groups,
     check_param_coverage,
     classify_parameters,
@@ -13,6 +15,8 @@ __version__ = "0.1.0"
 __all__ = [
     "FRUGAL",
     "FRUGAL_DEFAULTS",
+    "RSO",
+    "apply_rso",
     "__version__",
     "build_param_groups",
     "check_param_coverage",

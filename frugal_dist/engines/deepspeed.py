@@ -15,6 +15,9 @@ it to the engine's layout (verified against DeepSpeed 0.15-0.19.8 attribute name
   ``fp16_groups[s]`` back to back, ``partition_numel()`` slots each, rank r holding elements
   [r * part, min((r + 1) * part, ds_numel)).
 
+``"type": "RSO"`` builds ``frugal_dist.RSO`` instead (transforming the model with ``apply_rso``
+unless that was done already); it needs no layout binding (see ``frugal_dist.optim.rso``).
+
 DeepSpeed clips the gradients it hands the optimizer (``gradient_clipping``; its default is 1.0
 from DeepSpeed 0.19.3, 0 before) and averages them over ranks; FRUGAL sees that gradient.
 """
@@ -32,7 +35,7 @@ import torch.distributed as dist
 from frugal_dist.layouts.flat import FlatEntry, FlatLayout
 from frugal_dist.optim import FRUGAL, build_param_groups
 
-FRUGAL_TYPES = ("frugal",)
+FRUGAL_TYPES = ("frugal", "rso")
 DEEPSPEED_BUILTINS = ("adam", "adamw", "lamb", "onebitadam", "onebitlamb", "zerooneadam",
                       "muadam", "muadamw", "musgd", "lion", "adagrad", "sgd", "muon",
                       "cpuadam", "fusedadam")  # fmt: skip
@@ -98,8 +101,10 @@ def initialize(*args: Any, model: torch.nn.Module, config: Any = None, **kwargs:
     options = frugal_options(cfg)
     if options is None or kwargs.get("optimizer") is not None:
         return deepspeed.initialize(*args, model=model, config=cfg, **kwargs)
-    cfg.pop("optimizer")
+    kind = str(cfg.pop("optimizer").get("type", "")).lower()
     _skip_cpu_shm_build()
+    if kind == "rso":  # RSO: transform the model (unless done), no layout binding (see optim.rso)
+        return _initialize_rso(deepspeed, args, model, cfg, options, kwargs)
     frugal = FRUGAL(build_param_groups(model), **options)
     # DeepSpeed may call step() once inside initialize with zero gradients (ZeRO-0 bf16): run it
     # with lr 0 and forget its state, so the first real step is step 1 everywhere.
@@ -111,6 +116,23 @@ def initialize(*args: Any, model: torch.nn.Module, config: Any = None, **kwargs:
         g["lr"] = lr
     frugal.state.clear()
     bind(out[0], frugal)
+    return out
+
+
+def _initialize_rso(deepspeed: Any, args: tuple, model: torch.nn.Module, cfg: dict[str, Any],
+                    options: dict[str, Any], kwargs: dict[str, Any]):  # fmt: skip
+    """RSO updates are elementwise on whatever tensors ZeRO hands it, and the merge runs in the
+    RSO layers (ZeRO-1/2/3 merge at the next forward, from the B the engine copied back)."""
+    from frugal_dist.optim.rso import build_rso
+
+    rso = build_rso(model, **options)
+    lrs = [g["lr"] for g in rso.param_groups]
+    for g in rso.param_groups:  # a warm-up step() inside initialize (ZeRO-0 bf16) changes nothing
+        g["lr"] = 0.0
+    out = deepspeed.initialize(*args, model=model, optimizer=rso, config=cfg, **kwargs)
+    for g, lr in zip(rso.param_groups, lrs):
+        g["lr"] = lr
+    rso.reset_counters()
     return out
 
 

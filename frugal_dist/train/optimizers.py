@@ -7,6 +7,10 @@
 * ``signsgd`` -- signSGD on every parameter (FRUGAL's ``algorithm="signsgd"`` groups)
 * ``galore``  -- GaLore-style: svd projection, no state-free update, statistics kept (FRUGAL code)
 * ``badam``   -- BAdam-style: block subspace, no state-free update (FRUGAL code)
+* ``rso``     -- RSO: targeted Linears become RSO layers (frozen W + B through a random P; the
+  loop applies the transform before wrapping), Adam on B for ``inner_steps`` then merge; AdamW on
+  the rest. Options: ``rank`` | ``density``, ``inner_steps``, ``proj_type``, ``prox``, ``targets``,
+  ``lr``, ``betas``, ``eps``, ``weight_decay``, ``seed``
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                "reset_statistics": False},
     "badam": {"subspace": "block", "block_order": "descending", "state_free": "none"},
 }  # fmt: skip
-OPTIMIZERS = ("frugal", "adamw", "signsgd", "galore", "badam")
+OPTIMIZERS = ("frugal", "adamw", "signsgd", "galore", "badam", "rso")
 
 
 def build_optimizer(
@@ -43,6 +47,10 @@ def build_optimizer(
             kw["betas"] = tuple(kw["betas"])
         on_cuda = next(model.parameters()).is_cuda
         return torch.optim.AdamW(model.parameters(), fused=on_cuda or None, **kw)
+    if name == "rso":
+        from frugal_dist.optim.rso import build_rso
+
+        return build_rso(model, **options)
     groups = build_param_groups(model)
     if name == "signsgd":
         for g in groups:

@@ -1,0 +1,103 @@
+"""RSO core math (Chen et al., ICML 2025): random projections and the low-activation linear.
+
+An RSO layer with frozen weight W (m x n) and trainable B (m x r) computes, for inputs X (N x n),
+
+    Y = X W^T + (X P) B^T                              P (n x r): random, fixed for one outer step
+
+Backward needs only X P (N x r) from the forward pass (plus W, P, B, which are parameters or
+buffers, not activations):
+
+    dL/dB = G^T (X P)            (m x r)  = (G^T X) P: the full-weight gradient projected by P
+    dL/dX = G W + (G B) P^T      (N x n)  = G (W + B P^T)
+
+so the activation memory of the layer shrinks from n to r columns. After an outer iteration the
+update is merged, ``W <- W + B P^T`` and ``B <- 0``, and the next P is drawn.
+
+P is a pure function of ``(seed, name, outer)`` (``rso_projection``): every rank draws the same P
+without any message. Kinds: ``"gaussian"`` -- i.i.d. N(0, 1/r) entries (E[P P^T] = I_n);
+``"orthonormal"`` -- Haar-distributed orthonormal columns (P^T P = I_r) from the QR decomposition
+of a Gaussian matrix with the signs of diag(R) fixed.
+
+This module imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from frugal_dist.core.seeding import derive_seed, make_generator
+from frugal_dist.core.subspaces import round_half_up
+
+PROJ_TYPES = ("gaussian", "orthonormal")
+
+
+def rso_seed(base_seed: int, name: str, outer: int) -> int:
+    """Seed of layer ``name``'s projection at outer iteration ``outer``."""
+    return derive_seed(base_seed, "rso", name, int(outer))
+
+
+def rso_rank(in_features: int, rank: int | None = None, density: float | None = None) -> int:
+    """The subspace rank r: ``rank`` if given, else ``round(density * in_features)``, in [1, n]."""
+    if rank is not None:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1 (or None to use density), got {rank!r}")
+        return min(rank, in_features)
+    if density is None or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1] when rank is None, got {density!r}")
+    return max(1, min(in_features, round_half_up(float(density) * in_features)))
+
+
+def rso_projection(
+    n: int, r: int, seed: int, proj_type: str = "gaussian", dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """P (n x r) on the CPU from ``seed`` (identical on every rank and device)."""
+    if proj_type not in PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {list(PROJ_TYPES)}, got {proj_type!r}")
+    if not 1 <= r <= n:
+        raise ValueError(f"rank r={r} must be in [1, n={n}]")
+    gen = make_generator(seed)
+    g = torch.randn(n, r, generator=gen, dtype=torch.float64)
+    if proj_type == "gaussian":
+        p = g / math.sqrt(r)
+    else:
+        q, rr = torch.linalg.qr(g, mode="reduced")
+        signs = torch.sign(torch.diagonal(rr))
+        signs[signs == 0] = 1.0
+        p = q * signs
+    return p.to(dtype)
+
+
+class RSOLinearFunction(torch.autograd.Function):
+    """``Y = X W^T + (X P) B^T``; saves ``X P`` (not X) for backward. W and P get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, proj: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        xp = x @ proj
+        y = x @ weight.t() + xp @ b.t()
+        ctx.save_for_backward(xp, weight, proj, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        xp, weight, proj, b = ctx.saved_tensors
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ weight + (grad_y @ b) @ proj.t()
+        if ctx.needs_input_grad[3]:
+            g2 = grad_y.reshape(-1, grad_y.shape[-1])
+            grad_b = g2.t() @ xp.reshape(-1, xp.shape[-1])
+        return grad_x, None, None, grad_b
+
+
+def rso_linear(x: Tensor, weight: Tensor, proj: Tensor, b: Tensor) -> Tensor:
+    """Functional form of ``RSOLinearFunction`` (bias is added by the caller)."""
+    return RSOLinearFunction.apply(x, weight, proj, b)
+
+
+@torch.no_grad()
+def merge_delta(b: Tensor, proj: Tensor, dtype: torch.dtype) -> Tensor:
+    """``B P^T`` computed in float32 and cast to ``dtype`` (the merge ``W <- W + B P^T``)."""
+    return (b.float() @ proj.float().t()).to(dtype)

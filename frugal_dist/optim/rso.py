@@ -1,0 +1,261 @@
+"""``RSO``: randomized subspace optimization (Chen et al., ICML 2025) as a torch optimizer.
+
+The model is first transformed (``frugal_dist.optim.rso_layers.apply_rso``): each targeted weight
+W becomes frozen and gains a trainable B (m x r) acting through a random P_k (n x r). Training is
+a sequence of outer iterations k = 0, 1, ...; each runs ``inner_steps`` = K Adam steps on the
+sub-problem
+
+    min_B  f(W_k + B P_k^T) + (prox / 2) ||B||^2            (prox = 1/eta; 0 disables the term)
+
+    g   = dL/dB + prox * B                  (dL/dB = G P_k: the full gradient G projected)
+    m   = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2,   t = steps since the outer start
+    B  -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+and then merges, ``W_{k+1} = W_k + B P_k^T``, draws P_{k+1} and starts again from B = 0 with
+fresh Adam moments (bias correction restarts). Parameters outside the RSO layers (embeddings, LM
+head, norms, biases, untargeted weights) use AdamW with decoupled weight decay.
+
+Every update is elementwise, so the optimizer runs unchanged on whatever tensors an engine hands
+it: the module's own B (single process, DDP, ZeRO-0 fp32), FSDP2 DTensor shards, ZeRO-1/2 flat
+fp32 partitions or ZeRO-3 sub-group partitions -- no layout binding is needed. At a boundary
+(step count divisible by K) it asks each layer to merge: at once if it updated the module's own B
+(``RSOLinear.merge_``), otherwise at the layer's next forward once the engine has copied the new B
+into the module (see ``rso_layers``). At the first step of the next outer iteration it zeroes its
+own copy of B and the moments.
+
+Communication: none beyond the engine's. Under DDP / ZeRO / FSDP2 only B's gradients exist, so the
+gradient all-reduce (reduce-scatter) carries m x r per layer instead of m x n; P is derived from
+(seed, layer name, k) on every rank; the merge is local.
+
+State (tensors only, per optimizer tensor): ``step`` (total steps), ``outer`` (outer iteration of
+the current B), ``adam_step`` (t), ``exp_avg``, ``exp_avg_sq``. The outer-iteration counter is
+thus in ``state_dict()``; a resume mid outer iteration continues exactly (P is regenerated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from frugal_dist.optim.rso_layers import LAYER_KEYS, RSOLinear, apply_rso_from_options, rso_layers
+
+RSO_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, inner_steps=200, prox=0.0, rso=False
+)
+SCALARS = ("step", "outer", "adam_step")
+GROUP_KEYS = frozenset(RSO_DEFAULTS) | {"params", "names", "name", "initial_lr"}
+
+
+class RSO(Optimizer):
+    """RSO optimizer (see the module docstring for the update and the merge).
+
+    Args:
+        params: param groups; groups with ``rso=True`` hold the B parameters of RSO layers and
+            must carry ``names`` (``"<layer name>.B"``), as made by ``rso_param_groups``.
+        layers: the ``RSOLinear`` layers by name (``rso_layers(model)``).
+        lr, betas, eps: Adam's; ``weight_decay``: decoupled, on non-RSO groups only.
+        inner_steps: K >= 1, Adam steps per outer iteration (then merge and redraw P).
+        prox: coefficient of the proximal term (prox / 2) ||B||^2 (0: none).
+    """
+
+    def __init__(
+        self, params: Iterable[Any], *, layers: Mapping[str, RSOLinear] | None = None, **kwargs: Any
+    ) -> None:
+        unknown = set(kwargs) - set(RSO_DEFAULTS)
+        if unknown:
+            raise ValueError(f"RSO(...) got unknown arguments {sorted(unknown)}; allowed: "
+                             f"{sorted(set(RSO_DEFAULTS) - {'rso'})}")  # fmt: skip
+        defaults = {**RSO_DEFAULTS, **kwargs}
+        self._layers: dict[str, RSOLinear] = dict(layers or {})
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        extra = set(param_group) - GROUP_KEYS
+        if extra:
+            raise ValueError(f"RSO param group has unknown keys {sorted(extra)}")
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        g["betas"] = tuple(g["betas"])
+        _validate(g)
+        if g["rso"]:
+            names = g.get("names")
+            if names is None or len(names) != len(g["params"]):
+                raise ValueError("an rso=True group needs 'names' (one '<layer>.B' per param); "
+                                 "build the groups with rso_param_groups(model)")  # fmt: skip
+            missing = [n for n in names if n.removesuffix(".B") not in self._layers]
+            if missing:
+                raise ValueError(f"RSO: no layer for {missing[:3]}; pass layers=rso_layers(model)")
+
+    def group_layers(self, group: dict[str, Any]) -> list[RSOLinear]:
+        return [self._layers[n.removesuffix(".B")] for n in group.get("names", [])]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if not group["params"]:
+                continue
+            if group["lr"] == 0 and all(_zero_grad(p) for p in group["params"]):
+                for p in group["params"]:  # lr 0, zero gradients (DCP materialising): state only
+                    self._state(p)
+                continue
+            for p in group["params"]:
+                self._update(p, group)
+            if group["rso"]:
+                self._after_rso_group(group)
+        return loss
+
+    def _state(self, p: Tensor) -> dict[str, Tensor]:
+        st = self.state[p]
+        if not st:
+            for key in SCALARS:
+                st[key] = torch.zeros((), dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st
+
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        st = self._state(p)
+        k_steps = group["inner_steps"]
+        s = int(st["step"].item())
+        if group["rso"] and s // k_steps > int(st["outer"].item()):  # first step of a new outer
+            p.zero_()
+            st["exp_avg"].zero_()
+            st["exp_avg_sq"].zero_()
+            st["adam_step"].zero_()
+            st["outer"].fill_(s // k_steps)
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        if grad.dtype != p.dtype:
+            grad = grad.to(p.dtype)
+        if group["rso"] and group["prox"]:
+            grad = grad.add(p, alpha=group["prox"])
+        lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
+        if not group["rso"] and group["weight_decay"]:
+            p.mul_(1.0 - lr * group["weight_decay"])
+        st["adam_step"] += 1
+        t = int(st["adam_step"].item())
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        m.mul_(b1).add_(grad, alpha=1.0 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+        denom = (v.sqrt() / ((1.0 - b2**t) ** 0.5)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1.0 - b1**t))
+        st["step"] += 1
+
+    def _after_rso_group(self, group: dict[str, Any]) -> None:
+        steps = [int(self.state[p]["step"].item()) for p in group["params"] if p in self.state]
+        if not steps:
+            return
+        s, k_steps = max(steps), group["inner_steps"]
+        own = {id(p) for p in group["params"]}
+        for layer in self.group_layers(group):
+            layer.target_outer = s // k_steps
+            if s % k_steps == 0 and id(layer.B) in own and layer.outer < layer.target_outer:
+                layer.merge_()  # the optimizer updated the module's own B: merge now
+
+    def outer_iteration(self) -> int:
+        """The outer iteration the optimizer is in (max over its RSO tensors; 0 before step 1)."""
+        out = 0
+        for g in self.param_groups:
+            if g["rso"]:
+                for p in g["params"]:
+                    if p in self.state:
+                        out = max(out, int(self.state[p]["step"].item()) // g["inner_steps"])
+        return out
+
+    def sync_layers(self) -> None:
+        """Tell every layer the optimizer's outer iteration (after loading state)."""
+        for g in self.param_groups:
+            if g["rso"]:
+                steps = [int(self.state[p]["step"].item()) for p in g["params"] if p in self.state]
+                target = max(steps, default=0) // g["inner_steps"]
+                for layer in self.group_layers(g):
+                    layer.target_outer = target
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state on this rank (local shards of DTensors)."""
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, Tensor):
+                    local = v.to_local() if hasattr(v, "to_local") else v
+                    total += local.numel() * local.element_size()
+        return total
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()`` (counters stay float32 on the CPU); sync the layers."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            if pid in saved and p in self.state:
+                for key in SCALARS:
+                    if key in saved[pid]:
+                        self.state[p][key] = saved[pid][key].detach().to("cpu", torch.float32)
+        self.sync_layers()
+
+    def reset_counters(self) -> None:
+        """Forget all state and return every layer to outer iteration 0 (only valid while every B
+        is still zero, e.g. after an engine's warm-up step at lr 0)."""
+        self.state.clear()
+        for layer in self._layers.values():
+            layer.rso_outer.zero_()
+            layer.target_outer = 0
+
+
+def _zero_grad(p: Tensor) -> bool:
+    g = p.grad
+    if g is None:
+        return True
+    g = g.to_local() if hasattr(g, "to_local") else g
+    return not bool(g.any())
+
+
+def _validate(g: dict[str, Any]) -> None:
+    if not isinstance(g["inner_steps"], int) or isinstance(g["inner_steps"], bool) or \
+            g["inner_steps"] < 1:  # fmt: skip
+        raise ValueError(f"inner_steps must be an integer >= 1, got {g['inner_steps']!r}")
+    if g["lr"] < 0:
+        raise ValueError(f"lr must be >= 0, got {g['lr']!r}")
+    if g["prox"] < 0:
+        raise ValueError(f"prox must be >= 0 (coefficient of ||B||^2 / 2), got {g['prox']!r}")
+    if g["weight_decay"] < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {g['weight_decay']!r}")
+    b1, b2 = g["betas"]
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"betas must be in [0, 1), got {g['betas']!r}")
+
+
+def rso_param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Two groups: ``rso=True`` with every RSO layer's B, ``rso=False`` with every other
+    trainable parameter (AdamW). Frozen W are in neither."""
+    layer_of_b = {id(m.B): n for n, m in rso_layers(model).items()}
+    if not layer_of_b:
+        raise ValueError("the model has no RSO layers: call apply_rso(model, ...) first")
+    rso_g: dict[str, Any] = {"params": [], "names": [], "rso": True}
+    other: dict[str, Any] = {"params": [], "names": [], "rso": False}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = rso_g if id(p) in layer_of_b else other
+        g["params"].append(p)
+        g["names"].append(f"{layer_of_b[id(p)]}.B" if g is rso_g else name)
+    return [g for g in (rso_g, other) if g["params"]]
+
+
+def build_rso(model: nn.Module, **options: Any) -> RSO:
+    """Transform ``model`` (if not done yet; layer keys ``targets``, ``rank``, ``density``,
+    ``proj_type``, ``seed``) and build ``RSO`` with the remaining options."""
+    layer_kw = {k: v for k, v in options.items() if k in LAYER_KEYS}
+    opt_kw = {k: v for k, v in options.items() if k not in LAYER_KEYS}
+    if "betas" in opt_kw:
+        opt_kw["betas"] = tuple(opt_kw["betas"])
+    apply_rso_from_options(model, layer_kw, seed=int(layer_kw.get("seed", 0)))
+    return RSO(rso_param_groups(model), layers=rso_layers(model), **opt_kw)
