@@ -1,0 +1,483 @@
+#!/usr/bin/env python
+"""Memory and speed of whole training steps, LLaMA-1B (paper shape), one engine per launch.
+
+    python benchmarks/gpu_memory_speed.py --engine single
+    torchrun --standalone --nproc_per_node 2 benchmarks/gpu_memory_speed.py --engine fsdp2
+    torchrun --standalone --nproc_per_node 2 benchmarks/gpu_memory_speed.py --engine zero2
+    python benchmarks/gpu_memory_speed.py --engine single --scaling     # largest model that fits
+
+One launch runs every variant one after the other in the same process (model, optimizer and
+engine are rebuilt and freed in between): torch AdamW (fused on CUDA), FRUGAL rho=0.25 with
+block / coordinate-columns / random-projection subspaces, FRUGAL rho=0, and RSO when
+``frugal_dist.train.optimizers`` offers an ``rso`` preset (else a row says it was skipped).
+
+Per variant: ``--warmup`` untimed steps (the first one creates the state and refreshes the
+subspaces; ``update_gap`` is set past the run so no timed step refreshes), then up to ``--steps``
+timed steps with CUDA events: step time and tokens/s end to end (forward + backward + optimizer),
+the optimizer step alone (``optimizer.step()``; under DeepSpeed ``engine.step()``, which also
+all-gathers the updated bf16 weights), peak allocated memory, optimizer-state bytes per rank
+(``state_bytes()`` or the sum of the state tensors), and the optimizer step's bandwidth bound:
+
+    bytes_min = n_local * (2 * b_param + b_grad) + 2 * S_local        (read + write params,
+    bound_ms  = bytes_min / B_copy                                      read grads, read + write
+                                                                        every state byte)
+
+with n_local the master-parameter elements this rank updates (all of them single-GPU, 1/world
+under FSDP2 / ZeRO-2/3), b_param / b_grad their byte widths, S_local the state bytes and B_copy
+the bandwidth of a 1 GiB device copy (read + write) measured at start-up. It ignores temporaries
+and FRUGAL's projection products, so it is a lower bound for every variant.
+
+Precision (``--precision``): ``mixed`` (default) keeps float32 master weights and computes in
+bf16 (single: ``torch.autocast``; FSDP2: ``MixedPrecisionPolicy(bf16, reduce float32)``; ZeRO:
+DeepSpeed ``bf16``), so every optimizer keeps float32 moments; ``bf16`` casts the model to bf16
+(single/FSDP2 only; torch AdamW then keeps bf16 moments, FRUGAL float32); ``fp32``.
+
+``--scaling`` tries ``--scaling-models`` (350m, 1b, 3b, 7b, 13b, 20b) for ``--scaling-variants``
+(AdamW, FRUGAL rho=0), ``--scaling-steps`` steps each, with activation checkpointing, and records
+the peak memory or "oom"; a variant stops at its first OOM.
+
+``--max-seconds`` bounds the launch: each pending variant gets an equal share of what is left,
+the number of timed steps shrinks to fit it, and the JSON is rewritten after every variant.
+A CUDA OOM (or any error) in a variant is recorded and the next variant runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (  # noqa: E402
+    REPO,
+    Budget,
+    copy_bandwidth,
+    fmt,
+    free_memory,
+    is_oom,
+    markdown_table,
+    provenance,
+    try_plot,
+    write_json,
+)  # fmt: skip
+
+from frugal_dist.train import optimizers as presets  # noqa: E402
+from frugal_dist.train.model import LLAMA_CONFIGS, LlamaConfig, build_model  # noqa: E402
+
+ENGINES = ("single", "fsdp2", "zero2", "zero3")
+FRUGAL_COMMON = dict(lr=1e-3, weight_decay=0.0, state_full="adamw", state_free="signsgd",
+                     update_gap=100_000)  # fmt: skip
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("adamw", {}),
+    "frugal_block_d0.25": ("frugal", dict(density=0.25, subspace="block",
+                                          block_order="descending")),
+    "frugal_columns_d0.25": ("frugal", dict(density=0.25, subspace="coordinate",
+                                            coord_choice="columns")),
+    "frugal_projection_d0.25": ("frugal", dict(density=0.25, subspace="projection",
+                                               proj_type="random")),
+    "frugal_d0": ("frugal", dict(density=0.0, subspace="block")),
+    "rso": ("rso", {}),
+}  # fmt: skip
+EXTRA_CONFIGS = {  # larger shapes for --scaling (OpenLLaMA-3B-like, LLaMA-13B, a ~20B)
+    "3b": LlamaConfig(32000, 3200, 26, 32, 8640, 256),
+    "13b": LlamaConfig(32000, 5120, 40, 40, 13824, 256),
+    "20b": LlamaConfig(32000, 6144, 44, 48, 16384, 256),
+}
+
+
+def model_config(name: str) -> LlamaConfig:
+    cfg = LLAMA_CONFIGS.get(name) or EXTRA_CONFIGS.get(name)
+    if cfg is None:
+        raise ValueError(f"--model {name!r} unknown; use one of "
+                         f"{sorted(LLAMA_CONFIGS) + sorted(EXTRA_CONFIGS)}")  # fmt: skip
+    return cfg
+
+
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """Activation checkpointing per decoder layer (non-reentrant), without renaming parameters:
+    each layer's ``forward`` is replaced on the instance."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        inner = layer.forward
+
+        def fwd(x, cos, sin, _inner=inner):
+            return checkpoint(_inner, x, cos, sin, use_reentrant=False)
+
+        layer.forward = fwd
+
+
+class Run:
+    """One variant's model, optimizer and step function on one engine."""
+
+    def __init__(self, args, engine: str, model_name: str, variant: str, device, world: int,
+                 batch_size: int, checkpointing: bool) -> None:  # fmt: skip
+        self.device, self.engine, self.ds = device, engine, None
+        name, opts = VARIANTS[variant]
+        if name != "adamw":
+            opts = {**FRUGAL_COMMON, **opts}
+        torch.manual_seed(args.seed)
+        with torch.device(device):
+            model = build_model(model_config(model_name), max_seq_len=args.seq_len)
+        if args.precision == "bf16":
+            model = model.to(torch.bfloat16)
+        if checkpointing:
+            checkpoint_layers(model)
+        self.autocast = engine == "single" and args.precision == "mixed"
+        if engine == "fsdp2":
+            from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
+
+            shard_model(model, mesh=cpu_mesh(), bf16=args.precision == "mixed")
+        if engine.startswith("zero"):
+            self.ds, self.opt = self._deepspeed(args, model, name, opts, int(engine[-1]),
+                                                batch_size)  # fmt: skip
+        else:
+            kw = {"lr": 1e-3, "weight_decay": 0.0} if name == "adamw" else opts
+            self.opt = presets.build_optimizer(model, name, **kw)
+        self.model = model
+        gen = torch.Generator().manual_seed(args.seed + 1 + (dist.get_rank() if world > 1 else 0))
+        vocab = model_config(model_name).vocab_size
+        self.batch = torch.randint(0, vocab, (batch_size, args.seq_len), generator=gen).to(device)
+
+    @staticmethod
+    def _deepspeed(args, model, name: str, opts: dict[str, Any], stage: int, batch_size: int):
+        import frugal_dist.deepspeed as fds
+
+        with open(REPO / "ds_configs" / f"zero{stage}.json") as fh:
+            cfg = json.load(fh)
+        cfg.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=1,
+                   gradient_clipping=0.0, bf16={"enabled": args.precision == "mixed"})  # fmt: skip
+        cfg.pop("train_batch_size", None)
+        if name == "adamw":
+            cfg.pop("optimizer")
+            client = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0,
+                                       fused=torch.cuda.is_available() or None)  # fmt: skip
+            engine, opt, _, _ = fds.initialize(model=model, optimizer=client, config=cfg)
+        elif name in presets.PRESETS:  # a FRUGAL preset: DeepSpeed config section, bound layout
+            cfg["optimizer"] = {"type": "FRUGAL", "params": {**presets.PRESETS[name], **opts}}
+            engine, opt, _, _ = fds.initialize(model=model, config=cfg)
+        else:
+            raise NotImplementedError(f"optimizer {name!r} is not a FRUGAL preset: no ZeRO binding")
+        inner = opt if hasattr(opt, "state_bytes") else getattr(opt, "optimizer", opt)
+        return engine, inner
+
+    def step(self, events: list | None = None) -> None:
+        """forward + backward, [mark], optimizer step, [mark]."""
+        if self.ds is not None:
+            _, loss = self.ds(self.batch, labels=self.batch)
+            self.ds.backward(loss)
+            _mark(events)
+            self.ds.step()
+        else:
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                _, loss = self.model(self.batch, labels=self.batch)
+            loss.backward()
+            _mark(events)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        _mark(events)
+
+    def state_bytes(self) -> int:
+        if hasattr(self.opt, "state_bytes"):
+            return int(self.opt.state_bytes())
+        total = 0
+        for st in self.opt.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    v = v.to_local() if hasattr(v, "to_local") else v
+                    total += v.numel() * v.element_size()
+        return total
+
+    def master_numel_and_widths(self, world: int) -> tuple[int, int, int]:
+        """(elements this rank's optimizer updates, param bytes, grad bytes) for the bound."""
+        params = list(self.model.parameters())
+        if self.ds is not None:
+            n = sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in params)
+            return -(-n // world), 4, 4  # float32 partitions of params and grads
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        width = local[0].element_size()
+        return sum(t.numel() for t in local), width, width
+
+    def close(self) -> None:
+        if self.ds is not None and hasattr(self.ds, "destroy"):
+            self.ds.destroy()
+        self.ds = self.opt = self.model = self.batch = None
+
+
+def _mark(events: list | None) -> None:
+    if events is None:
+        return
+    if torch.cuda.is_available():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        events.append(e)
+    else:
+        events.append(time.perf_counter())
+
+
+def _ms(a, b) -> float:
+    return a.elapsed_time(b) if torch.cuda.is_available() else (b - a) * 1e3
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _agree_min(x: float, world: int) -> float:
+    """The minimum of ``x`` over ranks (so every rank takes the same number of steps)."""
+    if world == 1:
+        return x
+    t = torch.tensor(
+        [x], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
+
+
+def measure(
+    args,
+    variant: str,
+    model_name: str,
+    device,
+    world: int,
+    share_s: float,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    checkpointing: bool,
+) -> dict[str, Any]:
+    """Build, warm up, time; returns this rank's figures."""
+    t_start = time.perf_counter()
+    base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    run = Run(args, args.engine, model_name, variant, device, world, batch_size, checkpointing)
+    built = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    try:
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            run.step()
+        _sync()
+        per_step = (time.perf_counter() - t0) / max(1, warmup)
+        left = share_s - (time.perf_counter() - t_start)
+        n = int(_agree_min(max(1.0, min(steps, left / max(per_step, 1e-6))), world))
+        events: list = []
+        for _ in range(n):
+            _mark(events)
+            run.step(events)
+        _sync()
+        step_ms = [_ms(events[3 * i], events[3 * i + 2]) for i in range(n)]
+        opt_ms = [_ms(events[3 * i + 1], events[3 * i + 2]) for i in range(n)]
+        numel, bp, bg = run.master_numel_and_widths(world)
+        state = run.state_bytes()
+        out = {
+            "status": "ok", "timed_steps": n, "warmup_steps": warmup,
+            "step_ms": step_ms, "opt_ms": opt_ms,
+            "step_ms_mean": sum(step_ms) / n, "opt_ms_mean": sum(opt_ms) / n,
+            "tokens_per_s": batch_size * args.seq_len * world / (sum(step_ms) / n / 1e3),
+            "state_bytes": state, "master_numel": numel, "param_bytes": bp, "grad_bytes": bg,
+            "bound_bytes": numel * (2 * bp + bg) + 2 * state,
+            "memory_before_bytes": base, "memory_after_build_bytes": built,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated()
+            if torch.cuda.is_available() else None,
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved()
+            if torch.cuda.is_available() else None,
+        }  # fmt: skip
+    finally:
+        run.close()
+        del run
+    return out
+
+
+def run_one(args, variant, model_name, device, world, rank, share, **kw) -> dict[str, Any]:
+    """``measure`` with OOM/error capture; every rank's figures gathered (rank-0 view)."""
+    name = VARIANTS[variant][0]
+    t = time.perf_counter()
+    if name not in presets.OPTIMIZERS:
+        local = {"status": "skipped", "note": f"frugal_dist.train.optimizers has no {name!r} "
+                 f"preset in this checkout (offers {list(presets.OPTIMIZERS)})"}  # fmt: skip
+    else:
+        try:
+            local = measure(args, variant, model_name, device, world, share, **kw)
+        except Exception as exc:  # noqa: BLE001 - recorded per variant; the next one runs
+            local = {"status": "oom" if is_oom(exc) else "error",
+                     "note": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}  # fmt: skip
+    free_memory()
+    local["seconds"] = time.perf_counter() - t
+    per_rank = [local]
+    if world > 1:
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, local)
+    row = dict(per_rank[0])
+    statuses = {r["status"] for r in per_rank}
+    row["status"] = "oom" if "oom" in statuses else ("error" if "error" in statuses
+                                                       else row["status"])  # fmt: skip
+    if row["status"] != "ok" and row.get("note") is None:
+        row["note"] = next((r.get("note") for r in per_rank if r.get("note")), None)
+    for key in ("peak_allocated_bytes", "state_bytes", "step_ms_mean", "opt_ms_mean"):
+        vals = [r.get(key) for r in per_rank if r.get(key) is not None]
+        if vals:
+            row[key + "_max_over_ranks"] = max(vals)
+    row["per_rank"] = per_rank if world > 1 else None
+    row.update(variant=variant, model=model_name)
+    if rank == 0:
+        print(f"[{model_name} {variant}] {row['status']} "
+              f"{fmt(row.get('step_ms_mean'))} ms/step, opt {fmt(row.get('opt_ms_mean'))} ms, "
+              f"peak {fmt((row.get('peak_allocated_bytes') or 0) / 2**30, '.2f')} GiB, "
+              f"state {fmt(row.get('state_bytes', 0) / 2**30, '.3f')} GiB {row.get('note') or ''}",
+              flush=True)  # fmt: skip
+    return row
+
+
+def table(result: dict[str, Any]) -> str:
+    bw = result["copy_bandwidth_bytes_per_s"]
+    rows = []
+    for r in result["rows"]:
+        ok = r["status"] == "ok"
+        bound = r["bound_bytes"] / bw * 1e3 if ok else None
+        rows.append([r["model"], r["variant"], r["status"], fmt(r.get("tokens_per_s"), ",.0f"),
+                     fmt(r.get("step_ms_mean")), fmt(r.get("opt_ms_mean"), ",.2f"),
+                     fmt(bound, ",.2f"),
+                     fmt(r["peak_allocated_bytes"] / 2**30, ",.2f") if ok and
+                     r.get("peak_allocated_bytes") else "-",
+                     fmt(r["state_bytes"] / 2**30, ",.3f") if ok else "-"])  # fmt: skip
+    return markdown_table(["model", "variant", "status", "tokens/s", "step ms", "opt step ms",
+                           "opt bound ms", "peak GiB/rank", "state GiB/rank"], rows)  # fmt: skip
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    if not rows:
+        return
+    labels = [f"{r['model']} {r['variant']}" for r in rows]
+    bw = result["copy_bandwidth_bytes_per_s"]
+
+    def draw(plt):
+        fig, ax = plt.subplots(1, 4, figsize=(18, 0.4 * len(rows) + 2), sharey=True)
+        y = list(range(len(rows)))
+        ax[0].barh(y, [r["tokens_per_s"] for r in rows])
+        ax[0].set_xlabel("tokens/s (global)")
+        ax[1].barh(y, [r["opt_ms_mean"] for r in rows], label="measured")
+        ax[1].scatter([r["bound_bytes"] / bw * 1e3 for r in rows], y, color="k", marker="|",
+                      s=200, label="bandwidth bound", zorder=3)  # fmt: skip
+        ax[1].set_xlabel("optimizer step (ms)")
+        ax[1].legend(fontsize=8)
+        ax[2].barh(y, [(r.get("peak_allocated_bytes") or 0) / 2**30 for r in rows])
+        ax[2].set_xlabel("peak allocated GiB / rank")
+        ax[3].barh(y, [r["state_bytes"] / 2**30 for r in rows])
+        ax[3].set_xlabel("optimizer state GiB / rank")
+        ax[0].set_yticks(y)
+        ax[0].set_yticklabels(labels)
+        ax[0].invert_yaxis()
+        hw = result["provenance"]["hardware"]
+        fig.suptitle(f"{result['config']['engine']} x{result['world_size']} on "
+                     f"{hw.get('gpu_name') or hw.get('cpu_model')}", fontsize=10)  # fmt: skip
+
+    try_plot(draw, path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engine", choices=ENGINES, default="single")
+    ap.add_argument("--model", default="1b")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (fewer if over budget)")
+    ap.add_argument("--precision", choices=("mixed", "bf16", "fp32"), default="mixed")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    ap.add_argument("--only", default=None, help=f"comma list of {list(VARIANTS)}")
+    ap.add_argument("--max-seconds", type=float, default=None, help="wall budget of the launch")
+    ap.add_argument("--scaling", action="store_true")
+    ap.add_argument("--scaling-models", default="350m,1b,3b,7b,13b,20b")
+    ap.add_argument("--scaling-variants", default="adamw,frugal_d0")
+    ap.add_argument("--scaling-batch-size", type=int, default=4)
+    ap.add_argument("--scaling-steps", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON path (PNG and .md alongside)")
+    ap.add_argument("--replot", default=None, help="redraw the PNG/table of an existing JSON")
+    args = ap.parse_args(argv)
+    if args.precision == "bf16" and args.engine.startswith("zero"):
+        ap.error("--precision bf16 is for single/fsdp2; DeepSpeed keeps float32 masters (mixed)")
+    for name in (args.only or "").split(",") + args.scaling_variants.split(","):
+        if name and name not in VARIANTS:
+            ap.error(f"unknown variant {name!r}; choose from {list(VARIANTS)}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.replot:
+        result = json.loads(Path(args.replot).read_text())
+        plot(result, Path(args.replot).with_suffix(".png"))
+        print(table(result))
+        return
+    budget = Budget(args.max_seconds)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if args.engine != "single" and world < 2:
+        raise SystemExit(f"--engine {args.engine} needs torchrun --nproc_per_node >= 2")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else \
+        torch.device("cpu")  # fmt: skip
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=180))  # fmt: skip
+    suffix = f"_{args.engine}" + ("_scaling" if args.scaling else "") + ("" if cuda else "_cpu")
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"gpu_memory_speed{suffix}.json")
+    result: dict[str, Any] = {
+        "benchmark": "gpu_memory_speed", "config": vars(args), "world_size": world,
+        "provenance": provenance(), "copy_bandwidth_bytes_per_s": copy_bandwidth(device),
+        "frugal_common": FRUGAL_COMMON, "variants": VARIANTS, "rows": [], "complete": False,
+    }  # fmt: skip
+    if args.scaling:
+        plan = [(m, v) for m in args.scaling_models.split(",")
+                for v in args.scaling_variants.split(",")]  # fmt: skip
+        kw = dict(batch_size=args.scaling_batch_size, steps=max(1, args.scaling_steps - 1),
+                  warmup=1, checkpointing=True)  # fmt: skip
+    else:
+        names = args.only.split(",") if args.only else list(VARIANTS)
+        plan = [(args.model, v) for v in names]
+        kw = dict(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                  checkpointing=args.checkpointing)  # fmt: skip
+    failed: set[str] = set()
+    for i, (model_name, variant) in enumerate(plan):
+        share = budget.share(len(plan) - i)
+        if args.scaling and variant in failed:
+            row = {"status": "skipped", "note": "a smaller model already ran out of memory"}
+        elif args.max_seconds is not None and _agree_min(budget.remaining(), world) < 5:
+            row = {"status": "skipped", "note": "time budget (--max-seconds) exhausted"}
+        else:
+            row = run_one(args, variant, model_name, device, world, rank, share, **kw)
+        row.update(variant=variant, model=model_name)
+        if row["status"] in ("oom", "error"):
+            failed.add(variant)
+        result["rows"].append(row)
+        result["elapsed_s"] = budget.elapsed()
+        if rank == 0:
+            write_json(out, result)
+    result["complete"] = True
+    if rank == 0:
+        write_json(out, result)
+        md = table(result)
+        out.with_suffix(".md").write_text(md + "\n")
+        print(md)
+        print(f"wrote {out}")
+        plot(result, out.with_suffix(".png"))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
