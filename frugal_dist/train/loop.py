@@ -87,6 +87,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     set_phase("start-up (model wrapping, optimizer)")
     if cfg.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
+    if cfg.optimizer.get("name") == "rso":  # RSO: swap Linears for RSO layers before any wrapping
+        from frugal_dist.optim.rso_layers import apply_rso_from_options
+
+        apply_rso_from_options(model, cfg.optimizer, seed=cfg.seed)
     if engine == "fsdp2":
         from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
 
@@ -232,13 +236,15 @@ def _deepspeed_engine(model, cfg: TrainConfig, name: str, opt_cfg: dict[str, Any
     ds_cfg["gradient_clipping"] = cfg.grad_clip
     if cfg.dtype != "bfloat16":
         ds_cfg.setdefault("bf16", {})["enabled"] = False
-    if name != "frugal":
+    if name not in ("frugal", "rso"):
         raise ValueError(
-            "engine=deepspeed runs FRUGAL from the DeepSpeed config; optimizer.name "
-            f"must be 'frugal', got {name!r}"
+            "engine=deepspeed runs FRUGAL or RSO from the DeepSpeed config; optimizer.name "
+            f"must be 'frugal' or 'rso', got {name!r}"
         )
-    section = ds_cfg.setdefault("optimizer", {"type": "FRUGAL", "params": {}})
-    if str(section.get("type", "")).lower() == "frugal":  # the experiment config's values win
+    section = ds_cfg.setdefault("optimizer", {"type": name.upper(), "params": {}})
+    if name == "rso" and str(section.get("type", "")).lower() != "rso":  # RSO: own section
+        section = ds_cfg["optimizer"] = {"type": "RSO", "params": {}}
+    if str(section.get("type", "")).lower() == name:  # the experiment config's values win
         section["params"] = {**section.get("params", {}), **opt_cfg}
     engine, optimizer, _, _ = initialize(model=model, config=ds_cfg)
     inner = (
