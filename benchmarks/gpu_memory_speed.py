@@ -84,7 +84,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "frugal_projection_d0.25": ("frugal", dict(density=0.25, subspace="projection",
                                                proj_type="random")),
     "frugal_d0": ("frugal", dict(density=0.0, subspace="block")),
-    "rso": ("rso", {}),
+    "rso": ("rso", dict(lr=1e-3, weight_decay=0.0, density=0.25, inner_steps=100_000)),
 }  # fmt: skip
 EXTRA_CONFIGS = {  # larger shapes for --scaling (OpenLLaMA-3B-like, LLaMA-13B, a ~20B)
     "3b": LlamaConfig(32000, 3200, 26, 32, 8640, 256),
@@ -122,13 +122,17 @@ class Run:
                  batch_size: int, checkpointing: bool) -> None:  # fmt: skip
         self.device, self.engine, self.ds = device, engine, None
         name, opts = VARIANTS[variant]
-        if name != "adamw":
+        if name == "frugal":
             opts = {**FRUGAL_COMMON, **opts}
         torch.manual_seed(args.seed)
         with torch.device(device):
             model = build_model(model_config(model_name), max_seq_len=args.seq_len)
         if args.precision == "bf16":
             model = model.to(torch.bfloat16)
+        if name == "rso":  # RSO trains B factors of swapped-in layers: transform before wrapping
+            from frugal_dist.optim.rso_layers import apply_rso_from_options
+
+            apply_rso_from_options(model, opts, seed=args.seed)
         if checkpointing:
             checkpoint_layers(model)
         self.autocast = engine == "single" and args.precision == "mixed"
@@ -164,8 +168,11 @@ class Run:
         elif name in presets.PRESETS:  # a FRUGAL preset: DeepSpeed config section, bound layout
             cfg["optimizer"] = {"type": "FRUGAL", "params": {**presets.PRESETS[name], **opts}}
             engine, opt, _, _ = fds.initialize(model=model, config=cfg)
+        elif name == "rso":  # RSO's own DeepSpeed section (elementwise: no layout binding)
+            cfg["optimizer"] = {"type": "RSO", "params": opts}
+            engine, opt, _, _ = fds.initialize(model=model, config=cfg)
         else:
-            raise NotImplementedError(f"optimizer {name!r} is not a FRUGAL preset: no ZeRO binding")
+            raise NotImplementedError(f"optimizer {name!r} has no DeepSpeed path here")
         inner = opt if hasattr(opt, "state_bytes") else getattr(opt, "optimizer", opt)
         return engine, inner
 
@@ -198,7 +205,7 @@ class Run:
 
     def master_numel_and_widths(self, world: int) -> tuple[int, int, int]:
         """(elements this rank's optimizer updates, param bytes, grad bytes) for the bound."""
-        params = list(self.model.parameters())
+        params = [p for p in self.model.parameters() if p.requires_grad]  # RSO: W is frozen
         if self.ds is not None:
             n = sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in params)
             return -(-n // world), 4, 4  # float32 partitions of params and grads
