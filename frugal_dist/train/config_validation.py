@@ -1,8 +1,9 @@
 """Field-by-field validation of a ``TrainConfig``: a bad value raises ``ValueError`` naming the
 key, the allowed values and what was given, before any process group or model exists.
 
-The ``optimizer`` section is checked with the optimizer's own rules
-(``frugal_dist.optim.validation``): unknown keys (with a suggestion), choices and ranges.
+The ``optimizer`` section of FRUGAL and its presets (and of ``adamw``) is checked with the
+optimizer's own rules (``frugal_dist.optim.validation``): unknown keys (with a suggestion), choices
+and ranges. Other optimizers (``rso``) check their options when they are built.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ NON_NEGATIVE_INTS = ("warmup_steps", "eval_every")  # eval_every=0 disables eval
 DTYPES = ("float32", "bfloat16")
 OPTIONAL_PATHS = ("deepspeed_config", "output_dir")
 FRUGAL_PROCESS_OPTIONS = ("shard_state", "reduce_gradients", "check_agreement")
+FRUGAL_FAMILY = ("frugal", "signsgd", "galore", "badam")  # FRUGAL(...) keyword options
 ADAMW_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "seed"})
 
 
@@ -88,6 +90,8 @@ def validate_optimizer_section(section: Any) -> None:
     name = opts.pop("name", "frugal")
     if not isinstance(name, str) or name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name must be one of {list(OPTIMIZERS)}, got {name!r}")
+    if name not in FRUGAL_FAMILY and name != "adamw":
+        return  # another optimizer (e.g. rso) checks its own options when it is built
     where = f"the optimizer section (optimizer.name={name!r})"
     allowed = ADAMW_KEYS if name == "adamw" else {*FRUGAL_DEFAULTS, *FRUGAL_PROCESS_OPTIONS,
                                                   "residual_comm"}  # fmt: skip
