@@ -50,7 +50,8 @@ def _fsdp1_model():
 
     from frugal_dist.train.model import DecoderLayer
 
-    return FSDP(make_model(), use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy({DecoderLayer}),
+    policy = ModuleWrapPolicy({DecoderLayer})
+    return FSDP(make_model(), use_orig_params=True, auto_wrap_policy=policy,
                 device_id=torch.device("cpu"))  # fmt: skip
 
 

@@ -22,6 +22,7 @@ def _worst(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sdp", [False, True], ids=["oss-ddp", "oss-sdp"])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_oss_matches_single_process(kind, sdp):
@@ -42,6 +43,7 @@ def test_oss_matches_single_process(kind, sdp):
             assert _worst(st, ref["state"][name]) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["block-descending", "columns", "projection"])
 def test_fsdp1_checkpoint_two_ranks_resumes_on_one_and_two(kind, tmp_path):
     kw = {**COMMON, **KINDS[kind]}
