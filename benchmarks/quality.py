@@ -1,0 +1,353 @@
+#!/usr/bin/env python
+"""Quality runs: every optimizer trained on the same tokens, in parallel, one process per slot.
+
+    python benchmarks/quality.py --gpus 0,1 --jobs-per-gpu 4 --total-tokens 10000000 \\
+        --max-seconds 480
+
+Orchestrates ``launchers/train.py`` subprocesses (LLaMA-60M on enwiki by default): one run per
+(variant, lr) pair, all with the same model, data order (seed), batch, sequence length, number of
+steps, warm-up and cosine schedule, so every run sees exactly ``--total-tokens`` tokens (rounded
+down to whole steps). Variants (``--variants``):
+
+    adamw              torch AdamW
+    galore             GaLore-style: svd projection rho=0.25, no state-free update
+    badam              BAdam-style: block rho=0.25, no state-free update
+    frugal_block       FRUGAL block (descending) rho=0.25, signSGD state-free
+    frugal_columns     FRUGAL coordinate columns rho=0.25
+    frugal_projection  FRUGAL random projection rho=0.25
+    frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
+    rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
+
+Steps: (1) the data are tokenised once in this process (``build_data`` with ``data.cache_dir``),
+so the parallel runs only read the token cache; (2) runs are started on free slots
+(``CUDA_VISIBLE_DEVICES=<gpu>``, ``--jobs-per-gpu`` processes per GPU; without ``--gpus`` they
+run on the CPU, ``--cpu-jobs`` at a time), each with ``--output_dir`` under
+``<out-dir>/runs/<variant>_lr<lr>/`` (``metrics.jsonl`` + ``stdout.log``); (3) every run's
+``metrics.jsonl`` is collected into ``<out-dir>/quality.json``, a PNG (validation perplexity and
+training loss vs tokens) and a markdown table ``quality.md``.
+
+``--max-seconds`` bounds the whole call: no run starts when less than ``--min-run-seconds`` is
+left, and at the deadline unfinished runs are stopped (SIGTERM); they are kept, marked
+``stopped (budget)`` with the tokens they reached, so unequal token counts are visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import REPO, Budget, fmt, markdown_table, provenance, try_plot, write_json  # noqa: E402
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "adamw": {"name": "adamw"},
+    "galore": {"name": "galore", "density": 0.25},
+    "badam": {"name": "badam", "density": 0.25},
+    "frugal_block": {"name": "frugal", "subspace": "block", "block_order": "descending",
+                     "density": 0.25},
+    "frugal_columns": {"name": "frugal", "subspace": "coordinate", "coord_choice": "columns",
+                       "density": 0.25},
+    "frugal_projection": {"name": "frugal", "subspace": "projection", "proj_type": "random",
+                          "density": 0.25},
+    "frugal_d0": {"name": "frugal", "subspace": "block", "density": 0.0},
+    "rso": {"name": "rso", "density": 0.25},
+}  # fmt: skip
+GPU_DATA = {  # paths staged by ../shared/gpu/stage.sh
+    "train_files": ".gpu/data/enwiki2015/train-*.jsonl.xz",
+    "val_files": ".gpu/data/enwiki2015/val.jsonl.xz",
+    "tokenizer": ".gpu/data/tokenizer/enwiki-bpe-32k.json",
+}
+
+
+def data_section(args) -> dict[str, Any]:
+    if args.data_source == "embedded":
+        return {"source": "embedded", "max_bytes": args.max_bytes}
+    cache = str(Path(args.cache_dir).resolve())
+    return {"source": "files", "train_files": args.train_files, "val_files": args.val_files,
+            "tokenizer": args.tokenizer, "cache_dir": cache}  # fmt: skip
+
+
+def pretokenize(data: dict[str, Any], seq_len: int, seed: int) -> dict[str, Any]:
+    """Build the datasets once here so that ``data.cache_dir`` holds the tokens before the
+    parallel runs start (each run then only reads the cache)."""
+    t = time.perf_counter()
+    from frugal_dist.train.pipeline import build_data
+
+    bundle = build_data(data, seq_len, seed=seed)
+    info = {"seconds": time.perf_counter() - t, "vocab_size": bundle.vocab_size,
+            "train_tokens": _num_tokens(bundle.train),
+            "val_tokens": _num_tokens(bundle.val)}  # fmt: skip
+    print(f"[quality] data ready in {info['seconds']:.1f}s: {info}", flush=True)
+    return info
+
+
+def _num_tokens(dataset: Any) -> int | None:
+    """Tokens a dataset serves (None for streaming or datasets that do not say)."""
+    try:
+        return int(dataset.num_tokens)
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+def available_optimizers() -> tuple[str, ...]:
+    from frugal_dist.train.optimizers import OPTIMIZERS
+
+    return tuple(OPTIMIZERS)
+
+
+def plan_runs(args, steps: int) -> list[dict[str, Any]]:
+    runs = []
+    offered = available_optimizers()
+    for variant in args.variants.split(","):
+        for lr in args.lrs.split(","):
+            opt = {**VARIANTS[variant], "lr": float(lr)}
+            if opt["name"] in ("frugal", "galore", "badam"):
+                opt.setdefault("update_gap", args.update_gap)
+            if opt["name"] in ("frugal", "galore", "badam", "adamw"):
+                opt.setdefault("weight_decay", 0.0)
+            if opt["name"] == "rso":
+                opt.setdefault("inner_steps", args.update_gap)
+            run = {"name": f"{variant}_lr{lr}", "variant": variant, "lr": float(lr),
+                   "optimizer": opt, "status": "pending"}  # fmt: skip
+            if opt["name"] not in offered:
+                run.update(status="skipped", note=f"no {opt['name']!r} preset in "
+                           f"frugal_dist.train.optimizers (offers {list(offered)})")  # fmt: skip
+            runs.append(run)
+    return runs
+
+
+def command(args, run: dict[str, Any], data: dict[str, Any], steps: int, out: Path) -> list[str]:
+    warmup = max(1, round(args.warmup_frac * steps))
+    cmd = [sys.executable, str(REPO / "launchers" / "train.py"), f"--model={args.model}",
+           f"--seq_len={args.seq_len}", f"--batch_size={args.batch_size}", "--grad_accum=1",
+           f"--max_steps={steps}", f"--warmup_steps={warmup}", f"--eval_every={args.eval_every}",
+           f"--eval_batches={args.eval_batches}", f"--log_every={args.log_every}",
+           f"--seed={args.seed}", "--engine=single", f"--dtype={args.dtype}",
+           f"--output_dir={out}"]  # fmt: skip
+    cmd += [f"--optimizer.{k}={v}" for k, v in run["optimizer"].items()]
+    cmd += [f"--data.{k}={v}" for k, v in data.items()]
+    return cmd + list(args.extra)
+
+
+def schedule(args, runs, data, steps: int, budget: Budget, out_dir: Path) -> None:
+    """Start pending runs on free slots until done or out of time."""
+    slots = [str(g) for g in args.gpus.split(",") for _ in range(args.jobs_per_gpu)] \
+        if args.gpus else [None] * args.cpu_jobs  # fmt: skip
+    free = list(range(len(slots)))
+    running: dict[int, tuple[subprocess.Popen, dict[str, Any], Any]] = {}
+    pending = [r for r in runs if r["status"] == "pending"]
+    while pending or running:
+        while pending and free:
+            run = pending.pop(0)
+            if budget.remaining() < args.min_run_seconds:
+                run.update(status="skipped", note="time budget (--max-seconds) exhausted")
+                continue
+            slot = free.pop(0)
+            rdir = out_dir / "runs" / run["name"]
+            rdir.mkdir(parents=True, exist_ok=True)
+            (rdir / "metrics.jsonl").unlink(missing_ok=True)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            if slots[slot] is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slots[slot]
+                if args.tf32:
+                    env["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "1"
+            else:
+                env.setdefault("OMP_NUM_THREADS", "1")
+            run["command"] = command(args, run, data, steps, rdir)
+            run["device"] = f"cuda:{slots[slot]}" if slots[slot] is not None else "cpu"
+            log = open(rdir / "stdout.log", "w")  # noqa: SIM115 - closed when the run ends
+            proc = subprocess.Popen(run["command"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=os.getcwd(), start_new_session=True)  # fmt: skip
+            run.update(status="running", started=budget.elapsed())
+            running[slot] = (proc, run, log)
+            print(f"[quality] {budget.elapsed():6.0f}s start {run['name']} on {run['device']}",
+                  flush=True)  # fmt: skip
+        time.sleep(0.5)
+        overdue = budget.remaining() <= 0
+        for slot, (proc, run, log) in list(running.items()):
+            if overdue and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                run.update(status="stopped (budget)")
+            if proc.poll() is None:
+                continue
+            log.close()
+            run["returncode"] = proc.returncode
+            run["wall_s"] = budget.elapsed() - run["started"]
+            if run["status"] == "running":
+                run["status"] = "ok" if proc.returncode == 0 else "failed"
+            print(f"[quality] {budget.elapsed():6.0f}s {run['status']} {run['name']} "
+                  f"({run['wall_s']:.0f}s)", flush=True)  # fmt: skip
+            del running[slot]
+            free.append(slot)
+
+
+def collect(run: dict[str, Any], out_dir: Path) -> None:
+    """Read the run's metrics.jsonl into ``run["records"]`` and summary fields."""
+    rdir = out_dir / "runs" / run["name"]
+    path = rdir / "metrics.jsonl"
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a stopped run
+                records.append(json.loads(line))
+    run["records"] = records
+    if run["status"] == "failed" and (rdir / "stdout.log").exists():
+        run["log_tail"] = (rdir / "stdout.log").read_text()[-2000:]
+    vals = [r for r in records if r.get("val_loss") is not None]
+    run["tokens"] = records[-1]["tokens"] if records else 0
+    run["final_val_loss"] = vals[-1]["val_loss"] if vals else None
+    run["final_val_ppl"] = math.exp(min(vals[-1]["val_loss"], 50)) if vals else None
+    run["best_val_loss"] = min(r["val_loss"] for r in vals) if vals else None
+    tail = [r["loss"] for r in records[-5:] if "loss" in r]
+    run["final_train_loss"] = sum(tail) / len(tail) if tail else None
+    tps = [r["tokens_per_s"] for r in records[1:] if r.get("tokens_per_s")]
+    run["tokens_per_s"] = sum(tps) / len(tps) if tps else None
+    states = [r["opt_state_mib"] for r in records if r.get("opt_state_mib") is not None]
+    run["opt_state_mib"] = states[-1] if states else None
+
+
+def table(result: dict[str, Any]) -> str:
+    runs = sorted(result["runs"], key=lambda r: (r.get("final_val_loss") is None,
+                                                  r.get("final_val_loss") or 0))  # fmt: skip
+    rows = [[r["variant"], f"{r['lr']:g}", r["status"], fmt(r.get("tokens"), ",d"),
+             fmt(r.get("final_val_loss"), ".4f"), fmt(r.get("final_val_ppl"), ",.2f"),
+             fmt(r.get("best_val_loss"), ".4f"), fmt(r.get("final_train_loss"), ".4f"),
+             fmt(r.get("opt_state_mib"), ",.1f"), fmt(r.get("tokens_per_s"), ",.0f"),
+             fmt(r.get("wall_s"), ",.0f")] for r in runs]  # fmt: skip
+    return markdown_table(["variant", "lr", "status", "tokens", "final val loss", "val ppl",
+                           "best val loss", "train loss (last 5 logs)", "opt state MiB",
+                           "tokens/s", "wall s"], rows)  # fmt: skip
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    runs = [r for r in result["runs"] if r.get("records")]
+    if not runs:
+        return
+
+    def draw(plt):
+        fig, ax = plt.subplots(1, 2, figsize=(14, 5))
+        for r in runs:
+            vals = [x for x in r["records"] if x.get("val_loss") is not None]
+            label = f"{r['variant']} lr={r['lr']:g}"
+            if vals:
+                ax[0].plot([x["tokens"] for x in vals],
+                           [math.exp(min(x["val_loss"], 50)) for x in vals], marker=".",
+                           label=label)  # fmt: skip
+            ax[1].plot([x["tokens"] for x in r["records"]], [x["loss"] for x in r["records"]],
+                       label=label, linewidth=1)  # fmt: skip
+        ax[0].set_ylabel("validation perplexity")
+        ax[0].set_yscale("log")
+        ax[1].set_ylabel("training loss")
+        for a in ax:
+            a.set_xlabel("tokens")
+            a.grid(alpha=0.3)
+        ax[1].legend(fontsize=7)
+        cfg = result["config"]
+        tps = result["tokens_per_step"]
+        fig.suptitle(f"LLaMA-{cfg['model']}, {result['steps']} steps x {tps:,} tokens, "
+                     f"data {cfg['data_source']}")  # fmt: skip
+
+    try_plot(draw, path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="arguments after -- go to every launchers/train.py run",
+    )
+    ap.add_argument("--model", default="60m")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=64, help="sequences per step (one GPU)")
+    ap.add_argument("--total-tokens", type=int, default=10_000_000)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--lrs", default="1e-3", help="comma list: every variant runs every lr")
+    ap.add_argument("--update-gap", type=int, default=200)
+    ap.add_argument("--warmup-frac", type=float, default=0.1)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-batches", type=int, default=16)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument(
+        "--no-tf32",
+        dest="tf32",
+        action="store_false",
+        help="GPU runs use TF32 matmuls (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1) unless set",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpus", default="", help="e.g. 0,1; empty: run on the CPU")
+    ap.add_argument("--jobs-per-gpu", type=int, default=1)
+    ap.add_argument("--cpu-jobs", type=int, default=1)
+    ap.add_argument("--max-seconds", type=float, default=None)
+    ap.add_argument("--min-run-seconds", type=float, default=30.0)
+    ap.add_argument("--data-source", choices=("files", "embedded"), default="files")
+    ap.add_argument("--train-files", default=GPU_DATA["train_files"])
+    ap.add_argument("--val-files", default=GPU_DATA["val_files"])
+    ap.add_argument("--tokenizer", default=GPU_DATA["tokenizer"])
+    ap.add_argument("--cache-dir", default=".gpu/cache/tokens")
+    ap.add_argument("--max-bytes", type=int, default=2_000_000, help="embedded source only")
+    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--replot", default=None, help="redraw the PNG/table of a quality.json")
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.extra = extra
+    for v in args.variants.split(","):
+        if v not in VARIANTS:
+            ap.error(f"--variants: unknown {v!r}; choose from {list(VARIANTS)}")
+    try:
+        [float(x) for x in args.lrs.split(",")]
+    except ValueError:
+        ap.error(f"--lrs must be a comma list of numbers, got {args.lrs!r}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.replot:
+        result = json.loads(Path(args.replot).read_text())
+        plot(result, Path(args.replot).with_suffix(".png"))
+        print(table(result))
+        return
+    budget = Budget(args.max_seconds)
+    out_dir = Path(args.out_dir or REPO / "benchmarks" / "results" / f"quality_{args.model}")
+    tokens_per_step = args.batch_size * args.seq_len
+    steps = args.total_tokens // tokens_per_step
+    if steps < 1:
+        raise SystemExit(f"--total-tokens {args.total_tokens} < one step ({tokens_per_step})")
+    data = data_section(args)
+    result: dict[str, Any] = {"benchmark": "quality", "config": vars(args), "data": data,
+                              "steps": steps, "tokens_per_step": tokens_per_step,
+                              "provenance": provenance()}  # fmt: skip
+    result["data_prep"] = pretokenize(data, args.seq_len, args.seed)
+    runs = plan_runs(args, steps)
+    result["runs"] = runs
+    try:
+        schedule(args, runs, data, steps, budget, out_dir)
+    finally:
+        for run in runs:
+            collect(run, out_dir)
+        result["elapsed_s"] = budget.elapsed()
+        write_json(out_dir / "quality.json", result)
+        md = table(result)
+        (out_dir / "quality.md").write_text(md + "\n")
+        print(md)
+        print(f"wrote {out_dir / 'quality.json'}")
+        plot(result, out_dir / "quality.png")
+
+
+if __name__ == "__main__":
+    main()
