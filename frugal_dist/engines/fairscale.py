@@ -143,7 +143,11 @@ def build_oss(
         opt.bind_layout(_OssLayout(full_names, local_pg))
         return opt
 
-    return OSS(groups, optim=make_local, group=group, broadcast_fp16=broadcast_fp16, **options)
+    oss = OSS(groups, optim=make_local, group=group, broadcast_fp16=broadcast_fp16, **options)
+    # This rank's FRUGAL answers the accounting questions (state bytes and comm of this rank).
+    oss.state_bytes = oss.optim.state_bytes
+    oss.comm_stats = oss.optim.comm_stats
+    return oss
 
 
 def local_frugal(oss: Any) -> OssFRUGAL:

@@ -54,6 +54,25 @@ def _shard_infos(model: nn.Module) -> dict[int, tuple[tuple[int, ...], int, int]
     return out
 
 
+def wrap_model(model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
+    """``FullyShardedDataParallel(use_orig_params=True)`` with one FSDP unit per transformer block
+    (found as in ``frugal_dist.engines.fsdp2.transformer_blocks``) and the root. The device is the
+    model's (CPU with gloo, the current GPU with NCCL)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from frugal_dist.engines.fsdp2 import transformer_blocks
+
+    blocks = transformer_blocks(model)
+    kwargs: dict[str, Any] = {"use_orig_params": True, **fsdp_kwargs}
+    if blocks:
+        kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy({type(b) for b in blocks}))
+    kwargs.setdefault("device_id", next(model.parameters()).device)
+    if not kwargs["use_orig_params"]:
+        raise ValueError("FRUGAL needs FSDP1 with use_orig_params=True")
+    return FSDP(model, **kwargs)
+
+
 def build_frugal(model: nn.Module, **options: Any) -> FRUGAL:
     """FRUGAL for an FSDP1 model (``use_orig_params=True``), bound to its fragments."""
     infos = _shard_infos(model)

@@ -36,7 +36,7 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 10
     seed: int = 0
-    engine: str = "auto"  # auto | single | ddp | fsdp2 | deepspeed
+    engine: str = "auto"  # auto | single | ddp | fsdp2 | fsdp1 | fairscale | deepspeed
     deepspeed_config: str | None = None  # DeepSpeed JSON (engine=deepspeed)
     output_dir: str | None = None
     checkpoint_every: int = 100  # optimizer steps between checkpoints (0: only at the end)
@@ -51,7 +51,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-ENGINES = ("auto", "single", "ddp", "fsdp2", "deepspeed")
+ENGINES = ("auto", "single", "ddp", "fsdp2", "fsdp1", "fairscale", "deepspeed")
 
 
 def _coerce(text: str) -> Any:

@@ -23,6 +23,7 @@ from frugal_dist.comm.ddp_hooks import defer_to_optimizer_hook
 from frugal_dist.comm.timeouts import explain_collective_timeouts, process_group_timeout, set_phase
 from frugal_dist.train import checkpoint
 from frugal_dist.train.config import TrainConfig
+from frugal_dist.train.engine_setup import SHARDED_ENGINES, clip_gradients, wrap_and_build
 from frugal_dist.train.data import load_embedded
 from frugal_dist.train.faults import maybe_kill
 from frugal_dist.train.model import build_model
@@ -104,6 +105,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if engine == "deepspeed":
         ds_engine, optimizer = _deepspeed_engine(model, cfg, name, opt_cfg)
         wrapped = ds_engine
+    elif engine in SHARDED_ENGINES:  # fsdp1 / fairscale: the wrapper and optimizer go together
+        wrapped, optimizer = wrap_and_build(engine, model, name, opt_cfg)
     else:
         optimizer = build_optimizer(model, name, **opt_cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -146,7 +149,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             batch = train_data.batch(step * cfg.grad_accum + micro, cfg.batch_size, rank, world)
             batch = batch.to(device)
             last = micro == cfg.grad_accum - 1
-            sync = nullcontext() if (last or engine != "ddp") else wrapped.no_sync()
+            accumulates = engine in ("ddp", *SHARDED_ENGINES)  # wrappers with no_sync()
+            sync = nullcontext() if (last or not accumulates) else wrapped.no_sync()
             if engine == "fsdp2":  # reduce-scatter only on the last micro-step
                 model.set_requires_gradient_sync(last)
             if ds_engine is not None:  # DeepSpeed accumulates, clips and steps at the boundary
@@ -160,10 +164,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
         if ds_engine is None:
-            if cfg.grad_clip > 0:
+            if cfg.grad_clip > 0 and engine in SHARDED_ENGINES:
+                clip_gradients(engine, wrapped, optimizer, cfg.grad_clip)
+            elif cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # fairscale's ShardedDataParallel keeps references to the .grad tensors
+            optimizer.zero_grad(set_to_none=engine != "fairscale")
         tokens += cfg.tokens_per_step_per_rank * world
         loss_t = torch.tensor([loss_sum], device=device)
         if world > 1:

@@ -12,7 +12,9 @@ from tests.distributed.launch import run_distributed
 
 pytestmark = pytest.mark.distributed
 STEPS = 15
-ENGINES = [("ddp", None), ("fsdp2", None)]
+ENGINES = [("ddp", None), ("fsdp2", None), ("fsdp1", None)]
+if importlib.util.find_spec("fairscale") is not None:
+    ENGINES += [("fairscale", None)]
 if importlib.util.find_spec("deepspeed") is not None:
     ENGINES += [("deepspeed", f"ds_configs/zero{s}.json") for s in (1, 2, 3)]
 
