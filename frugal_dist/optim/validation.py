@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -30,10 +31,16 @@ def _is_real(x: Any) -> bool:
 
 
 def _check_real(name: str, x: Any, lo: float, hi: float | None, lo_open: bool = False) -> None:
-    ok = _is_real(x) and (x > lo if lo_open else x >= lo) and (hi is None or x <= hi)
+    """``x`` must be a finite real (not bool) in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    ok = (
+        _is_real(x)
+        and math.isfinite(x)
+        and (x > lo if lo_open else x >= lo)
+        and (hi is None or x <= hi)
+    )
     if not ok:
         lo_s = f"> {lo}" if lo_open else f">= {lo}"
-        rng = f"a number {lo_s}" + (f" and <= {hi}" if hi is not None else "")
+        rng = f"a finite number {lo_s}" + (f" and <= {hi}" if hi is not None else "")
         raise ValueError(f"{name} must be {rng}, got {x!r}")
 
 
@@ -54,8 +61,8 @@ def validate_options(opts: Mapping[str, Any], where: str = "") -> None:
     for key in ("inactive_lr_scale", "proj_params_lr_scale", "weight_decay"):
         if key in opts:
             _check_real(f"{key}{at}", opts[key], 0.0, None)
-    if "eps" in opts:
-        _check_real(f"eps{at}", opts["eps"], 0.0, None)
+    if "eps" in opts:  # eps = 0 divides 0 by 0 wherever a gradient is exactly zero
+        _check_real(f"eps{at}", opts["eps"], 0.0, None, lo_open=True)
     if "betas" in opts:
         b = opts["betas"]
         if not (

@@ -8,24 +8,33 @@ and ranges. Other optimizers (``rso``) check their options when they are built.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from frugal_dist.optim.frugal import FRUGAL_DEFAULTS, RESIDUAL_COMM
+from frugal_dist.optim.frugal import FRUGAL, FRUGAL_DEFAULTS, RESIDUAL_COMM
 from frugal_dist.optim.validation import check_known_keys, validate_options
 
 if TYPE_CHECKING:
     from frugal_dist.train.config import TrainConfig
 
 POSITIVE_INTS = ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_batches")
-NON_NEGATIVE_INTS = ("warmup_steps", "eval_every")  # eval_every=0 disables evaluation
+NON_NEGATIVE_INTS = ("warmup_steps", "eval_every", "checkpoint_every", "keep_checkpoints")
 DTYPES = ("float32", "bfloat16")
 OPTIONAL_PATHS = ("deepspeed_config", "output_dir")
 FRUGAL_PROCESS_OPTIONS = ("shard_state", "reduce_gradients", "check_agreement")
 FRUGAL_FAMILY = ("frugal", "signsgd", "galore", "badam")  # FRUGAL(...) keyword options
 ADAMW_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "seed"})
+
+
+def frugal_keywords() -> frozenset[str]:
+    """Every keyword ``FRUGAL(...)`` accepts from a config: the hyper-parameters of
+    ``FRUGAL_DEFAULTS`` and its keyword-only options (``shard_state``, ``residual_comm``, ...)."""
+    params = inspect.signature(FRUGAL.__init__).parameters.values()
+    options = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return frozenset(FRUGAL_DEFAULTS) | (options - {"process_group"})
 
 
 def _is_int(x: Any) -> bool:
@@ -45,8 +54,8 @@ def validate_config(cfg: TrainConfig, engines: tuple[str, ...]) -> None:
     for key in POSITIVE_INTS:
         if not _is_int(getattr(cfg, key)) or getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {getattr(cfg, key)!r}")
-    for key in NON_NEGATIVE_INTS:
-        if not _is_int(getattr(cfg, key)) or getattr(cfg, key) < 0:
+    for key in NON_NEGATIVE_INTS:  # 0: no evaluation / checkpoints only at the end / keep all
+        if hasattr(cfg, key) and (not _is_int(getattr(cfg, key)) or getattr(cfg, key) < 0):
             raise ValueError(f"{key} must be an integer >= 0, got {getattr(cfg, key)!r}")
     if not _is_finite_real(cfg.min_lr_ratio) or not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {cfg.min_lr_ratio!r}")
@@ -69,15 +78,9 @@ def validate_config(cfg: TrainConfig, engines: tuple[str, ...]) -> None:
             f"collective_timeout_s must be a finite number of seconds > 0 (e.g. 600), got "
             f"{timeout!r}"
         )
-    validate_data_section(cfg.data)
+    if not isinstance(cfg.data, Mapping):  # its keys: frugal_dist.train.pipeline
+        raise ValueError(f"data must be a mapping (a YAML section), got {cfg.data!r}")
     validate_optimizer_section(cfg.optimizer)
-
-
-def validate_data_section(data: Any) -> None:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"data must be a mapping (a YAML section), got {data!r}")
-    if "max_bytes" in data and (not _is_int(data["max_bytes"]) or data["max_bytes"] < 1):
-        raise ValueError(f"data.max_bytes must be an integer >= 1, got {data['max_bytes']!r}")
 
 
 def validate_optimizer_section(section: Any) -> None:
@@ -93,8 +96,7 @@ def validate_optimizer_section(section: Any) -> None:
     if name not in FRUGAL_FAMILY and name != "adamw":
         return  # another optimizer (e.g. rso) checks its own options when it is built
     where = f"the optimizer section (optimizer.name={name!r})"
-    allowed = ADAMW_KEYS if name == "adamw" else {*FRUGAL_DEFAULTS, *FRUGAL_PROCESS_OPTIONS,
-                                                  "residual_comm"}  # fmt: skip
+    allowed = ADAMW_KEYS if name == "adamw" else frugal_keywords()
     check_known_keys(opts, allowed, where)
     if opts.get("seed", 0) is None:  # FRUGAL(seed=None): rank 0 draws the seed
         opts.pop("seed")
