@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from frugal_dist.train.config_validation import validate_config
+from frugal_dist.train.pipeline import validate_data_config
 
 
 @dataclass
@@ -29,9 +30,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
     optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "frugal", "lr": 3e-3})
-    data: dict[str, Any] = field(
-        default_factory=lambda: {"source": "embedded", "max_bytes": 2_000_000}
-    )
+    # see frugal_dist.train.pipeline for every data key; the source's defaults are filled in
+    data: dict[str, Any] = field(default_factory=lambda: {"source": "embedded"})
     eval_every: int = 50
     eval_batches: int = 4
     log_every: int = 10
@@ -98,6 +98,7 @@ def build_config(raw: dict[str, Any]) -> TrainConfig:
             setattr(cfg, key, merged)
         else:
             setattr(cfg, key, value)
+    cfg.data = validate_data_config(cfg.data)  # known keys for the source, defaults filled in
     validate_config(cfg, ENGINES)  # every field: type, range, choices; the optimizer section
     for key in ("checkpoint_every", "keep_checkpoints"):
         if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 0:
@@ -109,11 +110,11 @@ def build_config(raw: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        with open(path) as fh:
-            raw = yaml.safe_load(fh) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a config must be a YAML mapping")
-    return build_config(apply_overrides(raw, list(overrides)))
+def load_config(
+    path: str | Path | list[str | Path] | None, overrides: list[str] = ()
+) -> TrainConfig:
+    """One config file or several (later files override earlier ones: see
+    ``frugal_dist.train.config_files``), then the ``--key=value`` overrides."""
+    from frugal_dist.train.config_files import read_configs
+
+    return build_config(apply_overrides(read_configs(path), list(overrides)))

@@ -194,7 +194,7 @@ class PackedDataset:
         self._next_step = 0
 
     def __len__(self) -> int:
-        return self.sequences.size(0)
+        return int(self.sequences.shape[0])
 
     def _rows(self, index: torch.Tensor | int) -> torch.Tensor:
         if isinstance(self.sequences, np.ndarray):

@@ -24,10 +24,10 @@ from frugal_dist.comm.timeouts import explain_collective_timeouts, process_group
 from frugal_dist.train import checkpoint
 from frugal_dist.train.config import TrainConfig
 from frugal_dist.train.engine_setup import SHARDED_ENGINES, clip_gradients, wrap_and_build
-from frugal_dist.train.data import load_embedded
 from frugal_dist.train.faults import maybe_kill
 from frugal_dist.train.model import build_model
 from frugal_dist.train.optimizers import build_optimizer
+from frugal_dist.train.pipeline import build_data
 from frugal_dist.train.progress import Progress, memory_gib
 from frugal_dist.train.safeguards import check_model_agreement, check_run_agreement
 from frugal_dist.train.schedule import lr_factor
@@ -83,7 +83,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if engine == "ddp" and world == 1 and not dist.is_initialized():
         engine = "single"
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, max_seq_len=max(cfg.seq_len, 16)).to(device)
+    data = build_data(cfg.data, cfg.seq_len, seed=cfg.seed)  # vocab: the tokenizer's
+    model = build_model(
+        cfg.model, max_seq_len=max(cfg.seq_len, 16), vocab_size=data.vocab_size
+    ).to(device)
     check_model_agreement(model)
     set_phase("start-up (model wrapping, optimizer)")
     if cfg.dtype == "bfloat16":
@@ -114,11 +117,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # FRUGAL reduces the gradients itself (compressed): DDP must not all-reduce them too.
         wrapped.register_comm_hook(None, defer_to_optimizer_hook)
 
-    if cfg.data.get("source", "embedded") != "embedded":
-        raise ValueError(f"data.source {cfg.data['source']!r} is not supported yet; use 'embedded'")
-    train_data, val_data, _ = load_embedded(
-        cfg.seq_len, seed=cfg.seed, max_bytes=cfg.data.get("max_bytes", 2_000_000)
-    )
+    train_data, val_data = data.train, data.val
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     start = checkpoint.resume_into(cfg, engine, model=model, optimizer=optimizer,
                                    ds_engine=ds_engine, train_data=train_data)  # fmt: skip

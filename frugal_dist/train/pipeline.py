@@ -131,8 +131,8 @@ def validate_data_config(cfg_data: dict[str, Any] | None) -> dict[str, Any]:
         raise _fail("eos_token", f"must be a string, got {out['eos_token']!r}")
     if source == "embedded":
         mb = out["max_bytes"]
-        if mb is not None and (not isinstance(mb, int) or isinstance(mb, bool) or mb <= 0):
-            raise _fail("max_bytes", f"must be a positive integer or null, got {mb!r}")
+        if not isinstance(mb, int) or isinstance(mb, bool) or mb <= 0:
+            raise _fail("max_bytes", f"must be a positive integer, got {mb!r}")
     if source == "files":
         if not out["train_files"]:
             raise _fail("train_files", "is required with source 'files' (a glob or a list)")
