@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc_per_node 2 launchers/train.py --config configs/tiny-cpu.yaml
     python launchers/train.py --config configs/tiny-cpu.yaml --max_steps=50 --optimizer.density=0.5
+    torchrun --nproc_per_node 8 launchers/train.py --config configs/llama-60m.yaml \
+        --config configs/presets/galore.yaml
     deepspeed --num_gpus 2 launchers/train.py --config configs/tiny-cpu.yaml --engine=deepspeed \
         --deepspeed_config=ds_configs/zero2.json
     mpirun -n 2 python launchers/train.py --config configs/tiny-cpu.yaml --engine=deepspeed \
@@ -54,7 +56,11 @@ def main(argv: list[str] | None = None) -> None:
         + keys,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=None, help="YAML config file (configs/*.yaml)")
+    parser.add_argument(
+        "--config", action="append", default=None,
+        help="YAML config file (configs/*.yaml); repeat to combine, later files override earlier "
+        "ones (e.g. --config configs/llama-60m.yaml --config configs/presets/galore.yaml)",
+    )  # fmt: skip
     parser.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )  # passed by the deepspeed launcher; env has it

@@ -110,11 +110,11 @@ def build_config(raw: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        with open(path) as fh:
-            raw = yaml.safe_load(fh) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a config must be a YAML mapping")
-    return build_config(apply_overrides(raw, list(overrides)))
+def load_config(
+    path: str | Path | list[str | Path] | None, overrides: list[str] = ()
+) -> TrainConfig:
+    """One config file or several (later files override earlier ones: see
+    ``frugal_dist.train.config_files``), then the ``--key=value`` overrides."""
+    from frugal_dist.train.config_files import read_configs
+
+    return build_config(apply_overrides(read_configs(path), list(overrides)))
