@@ -145,6 +145,29 @@ def schedule(args, runs, data, steps: int, budget: Budget, out_dir: Path) -> Non
     free = list(range(len(slots)))
     running: dict[int, tuple[subprocess.Popen, dict[str, Any], Any]] = {}
     pending = [r for r in runs if r["status"] == "pending"]
+    try:
+        _loop(args, slots, free, running, pending, data, steps, budget, out_dir)
+    except BaseException:  # Ctrl-C or a crash here: stop the children, keep what they wrote
+        for proc, run, log in running.values():
+            _stop(proc)
+            log.close()
+            run.update(status="stopped (interrupted)", wall_s=budget.elapsed() - run["started"])
+        raise
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the run's process group (it started its own session), SIGKILL after 15 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _loop(args, slots, free, running, pending, data, steps, budget, out_dir) -> None:
     while pending or running:
         while pending and free:
             run = pending.pop(0)
@@ -175,12 +198,7 @@ def schedule(args, runs, data, steps: int, budget: Budget, out_dir: Path) -> Non
         overdue = budget.remaining() <= 0
         for slot, (proc, run, log) in list(running.items()):
             if overdue and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                _stop(proc)
                 run.update(status="stopped (budget)")
             if proc.poll() is None:
                 continue
