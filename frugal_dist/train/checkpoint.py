@@ -45,6 +45,7 @@ from frugal_dist.train.config import TrainConfig
 FORMAT = "frugal_dist.checkpoint/1"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp_"
+_NOTED: list[str] = []  # engines already told they have no checkpoints
 
 
 # ----------------------------------------------------------------------------- identity
@@ -331,6 +332,10 @@ def load(
 
 
 # ----------------------------------------------------------------------------- loop helpers
+def _engine_model(engine: str, model: torch.nn.Module, wrapped: Any) -> Any:
+    return wrapped if engine == "fsdp1" and wrapped is not None else model
+
+
 def resume_into(
     cfg: TrainConfig,
     engine: str,
@@ -339,10 +344,20 @@ def resume_into(
     optimizer: Any,
     ds_engine: Any = None,
     train_data: Any = None,
+    wrapped: Any = None,
 ) -> TrainState:
     """What the loop starts from: step 0, or the state of the checkpoint ``cfg.resume`` names
     (model, optimizer, RNG and -- if the data object has ``load_state_dict`` -- data position
-    restored). Collective."""
+    restored). Collective. ``wrapped``: the engine's wrapper of ``model`` (fsdp1 saves through
+    it)."""
+    from frugal_dist.train.checkpoint_engines import SUPPORTED
+
+    if cfg.resume is not None and engine not in SUPPORTED:
+        raise ValueError(
+            f"resume: checkpoints are not supported for engine={engine!r} yet (supported: "
+            f"{list(SUPPORTED)}); drop --resume or use one of those engines"
+        )
+    model = _engine_model(engine, model, wrapped)
     path = resolve_resume(cfg, engine)
     if path is None:
         rank, _ = _world()
@@ -368,11 +383,22 @@ def maybe_save(
     optimizer: Any,
     ds_engine: Any = None,
     train_data: Any = None,
+    wrapped: Any = None,
 ) -> Path | None:
     """Save after optimizer step ``step`` when it is a checkpoint step (every
-    ``checkpoint_every`` steps, and the last step) and the run has an ``output_dir``."""
+    ``checkpoint_every`` steps, and the last step) and the run has an ``output_dir``. Engines
+    without checkpoint support are skipped with a note (once)."""
+    from frugal_dist.train.checkpoint_engines import SUPPORTED
+
     if cfg.output_dir is None:
         return None
+    if engine not in SUPPORTED:
+        if not _NOTED and _world()[0] == 0:
+            print(f"[frugal_dist] note: no checkpoints for engine={engine!r} (supported: "
+                  f"{list(SUPPORTED)})", flush=True)  # fmt: skip
+        _NOTED.append(engine)
+        return None
+    model = _engine_model(engine, model, wrapped)
     every = cfg.checkpoint_every
     if step != cfg.max_steps and not (every > 0 and step % every == 0):
         return None

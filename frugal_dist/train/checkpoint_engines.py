@@ -5,6 +5,8 @@
   different state on each rank, saved per rank.
 * fsdp2: DCP through ``frugal_dist.engines.fsdp2_checkpoint`` (FRUGAL) or plain
   ``get_state_dict`` / ``dcp`` (other optimizers); reshards on load.
+* fsdp1: ``frugal_dist.engines.fsdp1.save_checkpoint`` (full model state dict + consolidated
+  FRUGAL state in one file; any world size).
 * deepspeed: the fp32 master weights live in the ZeRO optimizer's flat partitions (or the module
   itself at ZeRO-0). Each rank contributes its fragments (``FlatEntry``: flat holder, offset,
   logical start, numel), gathered into full tensors keyed by parameter name, with the FRUGAL
@@ -39,11 +41,19 @@ def _is_frugal(optimizer: Any) -> bool:
     return hasattr(optimizer, "_views")
 
 
+SUPPORTED = ("single", "ddp", "fsdp2", "deepspeed", "fsdp1")
+
+
 def save_engine_state(
     tmp: Path, engine: str, model: Any, optimizer: Any, ds_engine: Any, rank: int, world: int
 ) -> None:
-    """Write this rank's part of the model / optimizer state into ``tmp`` (collective)."""
-    if engine in ("single", "ddp"):
+    """Write this rank's part of the model / optimizer state into ``tmp`` (collective).
+    ``model`` is the FSDP1 wrapper for fsdp1 (the bare module for the others)."""
+    if engine == "fsdp1":
+        from frugal_dist.engines.fsdp1 import save_checkpoint
+
+        save_checkpoint(str(tmp / "fsdp1.pt"), model, optimizer)
+    elif engine in ("single", "ddp"):
         sharded = getattr(optimizer, "shard_state", False) and world > 1
         if rank == 0:
             torch.save(model.state_dict(), tmp / "model.pt")
@@ -83,8 +93,12 @@ def load_engine_state(
     rank: int,
     world: int,
 ) -> None:
-    """Load what ``save_engine_state`` wrote, on every rank (collective: fsdp2, deepspeed)."""
-    if engine in ("single", "ddp"):
+    """Load what ``save_engine_state`` wrote, on every rank (collective: fsdp*, deepspeed)."""
+    if engine == "fsdp1":
+        from frugal_dist.engines.fsdp1 import load_checkpoint
+
+        load_checkpoint(str(path / "fsdp1.pt"), model, optimizer)
+    elif engine in ("single", "ddp"):
         model.load_state_dict(torch.load(path / "model.pt", map_location="cpu"))
         per_rank = path / f"optim_rank{rank}.pt"
         if (path / "optim.pt").is_file():

@@ -82,6 +82,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     engine = cfg.engine if cfg.engine != "auto" else ("ddp" if world > 1 else "single")
     if engine == "ddp" and world == 1 and not dist.is_initialized():
         engine = "single"
+    if engine == "fsdp2" and not dist.is_initialized():  # FSDP2's mesh needs a group, even of 1
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)  # fmt: skip
     torch.manual_seed(cfg.seed)
     data = build_data(cfg.data, cfg.seq_len, seed=cfg.seed)  # vocab: the tokenizer's
     model = build_model(
@@ -120,7 +123,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_data, val_data = data.train, data.val
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     start = checkpoint.resume_into(cfg, engine, model=model, optimizer=optimizer,
-                                   ds_engine=ds_engine, train_data=train_data)  # fmt: skip
+                                   ds_engine=ds_engine, train_data=train_data,
+                                   wrapped=wrapped)  # fmt: skip
     progress = Progress(out_dir, rank, start.step, cfg.max_steps)
     if rank == 0:
         n_params = sum(
@@ -201,7 +205,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         history.append(record)
         saved = checkpoint.maybe_save(cfg, step + 1, tokens, val_loss, engine=engine, model=model,
                                       optimizer=optimizer, ds_engine=ds_engine,
-                                      train_data=train_data)  # fmt: skip
+                                      train_data=train_data, wrapped=wrapped)  # fmt: skip
         if saved is not None:
             progress.note(f"[frugal_dist] checkpoint {saved}")
         maybe_kill(step + 1, rank)
