@@ -16,7 +16,8 @@ eos_token      all            document separator token; default: the tokenizer's
 max_bytes      embedded       bytes of stdlib source read per split (2,000,000)
 train_files    files          glob or list of globs: .txt .jsonl .jsonl.gz .jsonl.xz .parquet
 val_files      files          same; if absent, ``val_fraction`` of documents held out by hash
-val_fraction   files          fraction of train documents held out when no val_files (0.01)
+val_fraction   files, hf      fraction of train documents held out by hash when there are no
+                              val_files / ``val_split: null`` (0.01)
 text_field     files, hf      JSON field / parquet column / dataset column ("text")
 txt_split      files          ``file`` (one document per .txt) | ``blank_line``
 cache_dir      files, hf      token cache directory (none: tokenise in every process)
@@ -24,7 +25,7 @@ name           hf             ``datasets.load_dataset`` path: hub id (allenai/c4
 config         hf             dataset config name, e.g. ``en`` (none)
 data_files     hf             ``data_files`` for packaged builders (json/parquet/text)
 split          hf             training split ("train")
-val_split      hf             validation split ("validation")
+val_split      hf             validation split ("validation"); null: hold out val_fraction
 streaming      hf             stream instead of downloading the whole split (true)
 revision       hf             dataset git revision (none)
 shuffle_buffer hf streaming   documents in the seeded shuffle buffer; 0 = stream order (0)
@@ -77,6 +78,7 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
         "data_files": None,
         "split": "train",
         "val_split": "validation",
+        "val_fraction": 0.01,
         "streaming": True,
         "revision": None,
         "text_field": "text",
@@ -133,12 +135,13 @@ def validate_data_config(cfg_data: dict[str, Any] | None) -> dict[str, Any]:
         mb = out["max_bytes"]
         if not isinstance(mb, int) or isinstance(mb, bool) or mb <= 0:
             raise _fail("max_bytes", f"must be a positive integer, got {mb!r}")
-    if source == "files":
-        if not out["train_files"]:
-            raise _fail("train_files", "is required with source 'files' (a glob or a list)")
+    if source in ("files", "hf"):
         vf = out["val_fraction"]
         if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 < vf < 1:
             raise _fail("val_fraction", f"must be a number in (0, 1), got {vf!r}")
+    if source == "files":
+        if not out["train_files"]:
+            raise _fail("train_files", "is required with source 'files' (a glob or a list)")
         if out["txt_split"] not in ("file", "blank_line"):
             raise _fail("txt_split", f"must be 'file' or 'blank_line', got {out['txt_split']!r}")
     if source == "hf":

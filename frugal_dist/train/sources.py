@@ -3,7 +3,7 @@
 A *document* is one string; the packer appends EOS after each. Readers, by file name suffix:
 
 - ``.txt``: the whole file is one document (``txt_split: file``), or one document per block of
-  text separated by blank lines (``txt_split: blank_line``).
+  text separated by blank lines (``txt_split: blank_line``; line breaks at its ends dropped).
 - ``.jsonl``, ``.jsonl.gz``, ``.jsonl.xz`` (also ``.json.gz`` / ``.ndjson``): one JSON object per
   line; the document is its ``text_field`` (default ``"text"``).
 - ``.parquet``: the ``text_field`` column, read in record batches with pyarrow.
@@ -140,7 +140,8 @@ def iter_file_documents(
             if text:
                 yield text
         else:
-            yield from (part for part in _BLANK_LINES.split(text) if part.strip())
+            parts = (part.strip("\r\n") for part in _BLANK_LINES.split(text))
+            yield from (part for part in parts if part.strip())
         return
     with _open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
