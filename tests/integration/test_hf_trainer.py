@@ -1,0 +1,71 @@
+"""FRUGAL through ``transformers.Trainer`` on a tiny random LlamaForCausalLM (CPU): the loss falls
+and the optimizer state is smaller than AdamW's; and the same under ``deepspeed=`` (ZeRO-2)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from tests.integration import hf_trainer_workers as hw  # noqa: E402
+
+STEPS = 12
+
+
+def _adamw_run(tmp_path):
+    from transformers import Trainer
+
+    trainer = Trainer(model=hw.tiny_llama(), args=hw.args(str(tmp_path / "adamw"), STEPS),
+                      train_dataset=hw.Repeating())  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+def test_frugal_optimizer_object_with_trainer(tmp_path):
+    from transformers import Trainer, get_cosine_schedule_with_warmup
+
+    from frugal_dist.integrations.hf_trainer import create_frugal_optimizer
+
+    model = hw.tiny_llama()
+    opt = create_frugal_optimizer(model, lr=3e-3, density=0.25, update_gap=5)
+    sched = get_cosine_schedule_with_warmup(opt, 2, STEPS)
+    trainer = Trainer(model=model, args=hw.args(str(tmp_path / "frugal"), STEPS),
+                      train_dataset=hw.Repeating(), optimizers=(opt, sched))  # fmt: skip
+    trainer.train()
+    losses = hw.losses(trainer)
+    assert len(losses) == STEPS
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    groups = {g["name"]: g["names"] for g in opt.param_groups}
+    assert groups["state_full"] == ["model.embed_tokens.weight", "lm_head.weight"]
+    adamw = _adamw_run(tmp_path)
+    # block subspace, rho 0.25: a quarter of the split matrices carry moments, the rest none
+    assert opt.state_bytes() < 0.75 * hw.optimizer_state_bytes(adamw.optimizer)
+
+
+def test_frugal_trainer_builds_frugal_from_options(tmp_path):
+    from frugal_dist import FRUGAL
+    from frugal_dist.integrations.hf_trainer import FrugalTrainer
+
+    trainer = FrugalTrainer(model=hw.tiny_llama(), args=hw.args(str(tmp_path / "ft"), STEPS),
+                            train_dataset=hw.Repeating(),
+                            frugal_options=dict(subspace="coordinate", density=0.25,
+                                                update_gap=5))  # fmt: skip
+    trainer.train()
+    losses = hw.losses(trainer)
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    inner = trainer.optimizer.optimizer  # accelerate's AcceleratedOptimizer around FRUGAL
+    assert isinstance(inner, FRUGAL) and inner.defaults["lr"] == 3e-3  # from learning_rate
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+def test_frugal_trainer_with_deepspeed_zero2(tmp_path):
+    from tests.distributed.launch import run_distributed
+
+    got = run_distributed(hw.deepspeed_zero2, 1, str(tmp_path / "ds"), STEPS)[0]
+    assert got["layout"] == "flat"  # bound to ZeRO-2's flat partition
+    losses = got["losses"]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
