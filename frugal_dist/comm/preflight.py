@@ -148,17 +148,28 @@ def parameters_descriptor(
 
 def optimizer_descriptor(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's class and options, each param group's hyper-parameters and its parameter
-    names (positions when the group has no ``names``) and shapes."""
+    names (positions when the group has no ``names``) and shapes.
+
+    Once an engine has bound a layout (``FRUGAL.bind_layout``: DeepSpeed ZeRO), a group's
+    ``params`` may be this rank's flat partition, whose size differs between ranks: then only
+    the names are compared (the engine owns the shapes).
+    """
     out: dict[str, Any] = {"optimizer.class": type(optimizer).__name__}
     for attr in OPTIMIZER_OPTIONS:
         if hasattr(optimizer, attr):
             out[f"optimizer.{attr}"] = getattr(optimizer, attr)
+    with_shapes = getattr(optimizer, "_layout", None) is None
     for gi, group in enumerate(optimizer.param_groups):
         for key, value in group.items():
             if key not in ("params", "names"):
                 out[f"optimizer.group{gi}.{key}"] = value
         names = group.get("names") or [str(i) for i in range(len(group["params"]))]
-        out.update(parameters_descriptor(zip(names, group["params"]), f"optimizer.group{gi}"))
+        prefix = f"optimizer.group{gi}"
+        if with_shapes:
+            out.update(parameters_descriptor(zip(names, group["params"]), prefix))
+        else:
+            out.update({f"{prefix}.param.{name}": "shaped by the engine" for name in names})
+            out[f"{prefix}.num_parameters"] = len(names)
     return out
 
 
