@@ -28,7 +28,13 @@ group of its rank alone; the seed is agreed once on the real group beforehand.
 
 With ``ShardedDataParallel`` use ``zero_grad(set_to_none=False)``: SDP keeps references to the
 ``.grad`` tensors it reduces into; dropping them gives wrong gradients on later steps.
-fairscale's ``FullyShardedDataParallel`` is CUDA-only (see ``tests/gpu/test_fairscale_fsdp.py``).
+fairscale's ``FullyShardedDataParallel`` is CUDA-only. With ``flatten_parameters=False`` every
+parameter is sharded on its own (``torch.chunk`` of its flattening into W pieces of
+ceil(numel / W), the last ones shorter or empty, zero-padded): ``build_fsdp_frugal`` binds FRUGAL
+to those fragments through ``FlatLayout`` (tested in ``tests/gpu/test_fairscale_fsdp.py``).
+
+    model = FullyShardedDataParallel(model, flatten_parameters=False)
+    opt = build_fsdp_frugal(model, lr=1e-3, density=0.25)
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -44,6 +51,7 @@ from frugal_dist.core.fragments import RowSpan
 from frugal_dist.core.seeding import block_seed
 from frugal_dist.core.subspaces import BlockSchedule, matrix_shape
 from frugal_dist.layouts.base import ParamView
+from frugal_dist.layouts.flat import FlatEntry, FlatLayout
 from frugal_dist.optim import FRUGAL, build_param_groups
 
 
@@ -153,3 +161,52 @@ def build_oss(
 def local_frugal(oss: Any) -> OssFRUGAL:
     """The FRUGAL instance of this rank inside ``oss`` (state, ``state_bytes()``)."""
     return oss.optim
+
+
+def build_fsdp_frugal(model: nn.Module, **options: Any) -> FRUGAL:
+    """FRUGAL for a fairscale ``FullyShardedDataParallel`` model built with
+    ``flatten_parameters=False`` (see module doc), bound to each parameter's shard."""
+    from fairscale.nn.data_parallel import FullyShardedDataParallel as FairFSDP
+
+    roots = [m for m in model.modules() if isinstance(m, FairFSDP)]
+    if not roots:
+        raise ValueError("build_fsdp_frugal needs a fairscale FullyShardedDataParallel model")
+    if any(m.flatten_parameters for m in roots):
+        raise ValueError(
+            "FRUGAL needs fairscale FSDP with flatten_parameters=False (each parameter sharded "
+            "on its own); flattened parameters hide the parameter boundaries"
+        )
+    info: dict[int, tuple[tuple[int, ...], int, int]] = {}
+    for m in roots:
+        world, rank = m.world_size, m.rank
+        for p in m.params:
+            shape = tuple(getattr(p, "_orig_size", p.shape))
+            total = int(torch.Size(shape).numel())
+            chunk = -(-total // world)
+            start = min(rank * chunk, total)
+            info[id(p)] = (shape, start, max(0, min(chunk, total - start)))
+            p._frugal_shape = shape  # the real shape, for the param-group rules
+    groups = build_param_groups(model)
+    frugal = FRUGAL(groups, **options)
+    entries = []
+    for group in frugal.param_groups:
+        for idx, (p, name) in enumerate(zip(group["params"], group["names"])):
+            shape, start, numel = info[id(p)]
+            entries.append(FlatEntry(name, shape, idx, p, 0, start, numel))
+    frugal.bind_layout(_FairscaleFsdpLayout(entries, roots[0].process_group))
+    return frugal
+
+
+class _FairscaleFsdpLayout(FlatLayout):
+    """Each parameter is its own holder; empty shards still get an (empty) gradient so every
+    rank walks the same items."""
+
+    name = "fairscale-fsdp"
+
+    def views(self, optimizer: Any, group: dict[str, Any], all_holders: bool = False):
+        stepping = any(p.grad is not None for p in group["params"])
+        out = super().views(optimizer, group, all_holders)
+        for v in out:
+            if v.grad is None and v.span.numel == 0 and stepping:
+                v.grad = torch.zeros(0, device=v.data.device)
+        return out

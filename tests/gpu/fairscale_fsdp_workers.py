@@ -1,0 +1,64 @@
+"""Per-rank function for the fairscale FSDP GPU test (NCCL, one GPU per rank)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tests.distributed.fsdp_workers import _local, batches, make_model
+
+
+def train(model, opt, steps: int, rank: int, world: int, device) -> list[float]:
+    losses = []
+    for batch in batches(steps):
+        local = _local(batch, rank, world).to(device)
+        _, loss = model(local, labels=local)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(t)
+            t /= world
+        losses.append(t.item())
+    return losses
+
+
+def single(steps: int, opt_kw: dict) -> dict[str, Any]:
+    from frugal_dist import FRUGAL, build_param_groups
+
+    device = torch.device("cuda", 0)
+    model = make_model().to(device)
+    opt = FRUGAL(build_param_groups(model), **opt_kw)
+    losses = train(model, opt, steps, 0, 1, device)
+    return {"losses": losses, "params": {n: p.detach().cpu() for n, p in model.named_parameters()}}
+
+
+def entry(rank: int, world: int, port: int, steps: int, opt_kw: dict, out: str) -> None:
+    from fairscale.nn.data_parallel import FullyShardedDataParallel as FairFSDP
+
+    from frugal_dist.engines.fairscale import build_fsdp_frugal
+    from frugal_dist.optim.param_groups import clean_name
+    from frugal_dist.train.model import DecoderLayer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    try:
+        model = make_model().to(device)
+        for i, layer in enumerate(model.layers):  # one FSDP unit per decoder block, then the root
+            assert isinstance(layer, DecoderLayer)
+            model.layers[i] = FairFSDP(layer, flatten_parameters=False)
+        model = FairFSDP(model, flatten_parameters=False)
+        opt = build_fsdp_frugal(model, **opt_kw)
+        losses = train(model, opt, steps, rank, world, device)
+        with model.summon_full_params():
+            params = {clean_name(n): p.detach().cpu().clone() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"losses": losses, "params": params}, out)
+    finally:
+        dist.destroy_process_group()
