@@ -7,14 +7,16 @@
 Orchestrates ``launchers/train.py`` subprocesses (LLaMA-60M on enwiki by default): one run per
 (variant, lr) pair, all with the same model, data order (seed), batch, sequence length, number of
 steps, warm-up and cosine schedule, so every run sees exactly ``--total-tokens`` tokens (rounded
-down to whole steps). Variants (``--variants``):
+down to whole steps). The optimizer settings are those of ``configs/presets/*.yaml`` (the
+papers': rho 0.25, update gap 200, lr 1e-3 for 60M). Variants (``--variants``):
 
     adamw              torch AdamW
     galore             GaLore-style: svd projection rho=0.25, no state-free update
     badam              BAdam-style: block rho=0.25, no state-free update
     frugal_block       FRUGAL block (descending) rho=0.25, signSGD state-free
     frugal_columns     FRUGAL coordinate columns rho=0.25
-    frugal_projection  FRUGAL random projection rho=0.25
+    frugal_projection  FRUGAL svd projection rho=0.25 (the paper's; configs/presets)
+    frugal_projection_random   the same with random projections (not in the default list)
     frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
 
@@ -56,11 +58,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
                      "density": 0.25},
     "frugal_columns": {"name": "frugal", "subspace": "coordinate", "coord_choice": "columns",
                        "density": 0.25},
-    "frugal_projection": {"name": "frugal", "subspace": "projection", "proj_type": "random",
+    "frugal_projection": {"name": "frugal", "subspace": "projection", "proj_type": "svd",
                           "density": 0.25},
+    "frugal_projection_random": {"name": "frugal", "subspace": "projection",
+                                 "proj_type": "random", "density": 0.25},
     "frugal_d0": {"name": "frugal", "subspace": "block", "density": 0.0},
     "rso": {"name": "rso", "density": 0.25},
 }  # fmt: skip
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "frugal_projection_random"]
 GPU_DATA = {  # paths staged by ../shared/gpu/stage.sh
     "train_files": ".gpu/data/enwiki2015/train-*.jsonl.xz",
     "val_files": ".gpu/data/enwiki2015/val.jsonl.xz",
@@ -291,7 +296,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=64, help="sequences per step (one GPU)")
     ap.add_argument("--total-tokens", type=int, default=10_000_000)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(VARIANTS)}"
+    )
     ap.add_argument("--lrs", default="1e-3", help="comma list: every variant runs every lr")
     ap.add_argument("--update-gap", type=int, default=200)
     ap.add_argument("--warmup-frac", type=float, default=0.1)
