@@ -270,8 +270,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 ax[0].plot([x["tokens"] for x in vals],
                            [math.exp(min(x["val_loss"], 50)) for x in vals], marker=".",
                            label=label)  # fmt: skip
-            ax[1].plot([x["tokens"] for x in r["records"]], [x["loss"] for x in r["records"]],
-                       label=label, linewidth=1)  # fmt: skip
+            train = [x for x in r["records"] if "loss" in x and "tokens" in x]
+            ax[1].plot([x["tokens"] for x in train], [x["loss"] for x in train], label=label,
+                       linewidth=1)  # fmt: skip
         ax[0].set_ylabel("validation perplexity")
         ax[0].set_yscale("log")
         ax[1].set_ylabel("training loss")
