@@ -1,0 +1,129 @@
+"""Non-finite gradients on real processes (gloo): one rank's inf makes every rank skip the step
+(the flag is all-reduced), so sharded state and collectives stay in lockstep; and DeepSpeed
+ZeRO-2's own fp16 overflow skip drives FRUGAL unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from frugal_dist import FRUGAL
+from tests.distributed import workers
+from tests.distributed.launch import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+POISON_STEP = 3
+KW = dict(lr=1e-2, density=0.4, update_gap=4, weight_decay=0.01, subspace="coordinate")
+
+
+def _poisoned_run(rank: int, world: int, steps: int, mode: str, poison_rank: int) -> dict:
+    """``mode`` "optimizer": FRUGAL reduces the gradients and shards its state; rank
+    ``poison_rank`` gets an inf at ``POISON_STEP``. "single": one process, mean gradients, the
+    poisoned step left out."""
+    split, full = workers.named_params()
+    params = split + full
+    shapes = [tuple(p.shape) for p in params]
+    dist_kw = dict(reduce_gradients=True, shard_state=True) if mode == "optimizer" else {}
+    opt = FRUGAL(workers.groups(split, full), **dist_kw, **KW)
+    for step in range(steps):
+        if mode == "single":
+            if step == POISON_STEP:
+                continue
+            grads = workers.mean_grads(step, world, shapes)
+        else:
+            grads = workers.rank_grads(step, rank, shapes)
+            if step == POISON_STEP and rank == poison_rank:
+                grads[2][1, 1] = float("inf")
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    return {"params": [p.detach().clone() for p in params], "skipped": opt.skipped_steps()}
+
+
+def _raise_run(rank: int, world: int) -> str:
+    split, full = workers.named_params()
+    opt = FRUGAL(workers.groups(split, full), nonfinite="raise", reduce_gradients=True, **KW)
+    for p, g in zip(split + full, workers.rank_grads(0, rank, [p.shape for p in split + full])):
+        p.grad = g.clone()
+    if rank == 1:
+        full[0].grad[3] = float("nan")
+    try:
+        opt.step()
+    except FloatingPointError as e:
+        return str(e)
+    return "no error"
+
+
+def test_one_ranks_inf_skips_the_step_on_every_rank():
+    steps = 8
+    got = run_distributed(_poisoned_run, 2, steps, "optimizer", 1)
+    ref = _poisoned_run(0, 2, steps, "single", -1)
+    for r in range(2):
+        assert got[r]["skipped"] == 1
+        # Exact: gradients are dyadic, so the surviving steps reproduce the single run bitwise.
+        diff = max((a - b).abs().max().item() for a, b in zip(got[r]["params"], ref["params"]))
+        assert diff == 0.0, (r, diff)
+
+
+def test_raise_names_the_parameter_on_its_rank_and_says_another_rank_elsewhere():
+    msgs = run_distributed(_raise_run, 2)
+    assert "on another rank" in msgs[0], msgs[0]
+    assert "'extra.0'" in msgs[1], msgs[1]
+
+
+# ---------------------------------------------------------------------------- DeepSpeed, fp16
+def _ds_fp16(rank: int, world: int, steps: int, poison_step: int, fp16: bool = True) -> dict:
+    """ZeRO-2 with fp16 dynamic loss scaling (if this DeepSpeed allows it on the CPU), or in
+    float32 (``fp16=False``: no loss scaler, so FRUGAL's own check must catch the inf)."""
+    import frugal_dist.deepspeed as fds
+    from tests.distributed import ds_workers
+
+    cfg = ds_workers.ds_config(2, False, dict(KW, subspace="block"))
+    if fp16:
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 4}
+    try:
+        engine, *_ = fds.initialize(model=ds_workers.Probe(), config=cfg)
+    except Exception as e:  # noqa: BLE001 - the reason is reported to the test
+        return {"unsupported": f"{type(e).__name__}: {e}"}
+    frugal = engine.optimizer.optimizer
+    assert isinstance(frugal, FRUGAL)
+    scales, frugal_steps = [], []
+    for step in range(steps):
+        cs = ds_workers.coefficients(step, rank, torch.float16 if fp16 else torch.float32)
+        if step == poison_step and rank == 0:
+            cs[0][0, 0] = float("inf")
+        loss = engine(cs)
+        engine.backward(loss)
+        engine.step()
+        scales.append(float(getattr(engine.optimizer, "loss_scale", 1.0)))
+        counters = [  # "step", or "<name>::step" under a flat (ZeRO) layout
+            v for s in frugal.state.values() for k, v in s.items() if k.split("::")[-1] == "step"
+        ]
+        frugal_steps.append(int(counters[0].item()) if counters else 0)
+    return {"scales": scales, "frugal_steps": frugal_steps, "skipped": frugal.skipped_steps()}
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_fp16_overflow_skips_frugal_step():
+    res = run_distributed(_ds_fp16, 2, 5, 2)
+    if "unsupported" in res[0]:
+        pytest.skip(f"DeepSpeed refuses fp16 on this machine: {res[0]['unsupported']}")
+    for r in res:
+        # DeepSpeed found the overflow itself: it halved the scale and never called FRUGAL's
+        # step for that iteration, so FRUGAL took one step fewer and skipped nothing itself.
+        assert r["scales"][2] == r["scales"][1] / 2, r["scales"]
+        assert r["frugal_steps"] == [1, 2, 2, 3, 4], r["frugal_steps"]
+        assert r["skipped"] == 0
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_overflow_skip_never_reaches_frugal():
+    """DeepSpeed refuses fp16 on the CPU, so its loss scaler runs only on a GPU (the fp16 test
+    above). ZeRO-2 checks its reduced partitions for overflow in float32 too, with the same
+    skip path: an inf forced into one rank's gradient makes DeepSpeed skip the whole iteration,
+    FRUGAL's step is not called, and FRUGAL's own check never fires."""
+    res = run_distributed(_ds_fp16, 2, 5, 2, False)
+    for r in res:
+        assert r["frugal_steps"] == [1, 2, 2, 3, 4], r["frugal_steps"]
+        assert r["skipped"] == 0
