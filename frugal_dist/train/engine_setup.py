@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from frugal_dist.train.optimizers import PRESETS
@@ -33,6 +34,9 @@ def wrap_and_build(
             f"{name!r}; use engine=ddp, fsdp2 or deepspeed for the others"
         )
     opts = {**PRESETS.get(name, {}), **options}
+    if not dist.is_initialized():  # one process without torchrun: a process group of one
+        backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if engine == "fsdp1":
         from frugal_dist.engines.fsdp1 import build_frugal, wrap_model
 
