@@ -48,6 +48,7 @@ from bench_common import (  # noqa: E402
     Budget,
     fmt,
     free_memory,
+    frugal_device_options,
     is_oom,
     markdown_table,
     provenance,
@@ -184,7 +185,7 @@ def run(args, rank: int, world: int, device) -> dict[str, Any]:
                 del opt
             else:
                 sub, mode = name[len("frugal_") :].rsplit("_", 1)
-                kw = {**FRUGAL_COMMON, **SUBSPACES[sub]}
+                kw = {**FRUGAL_COMMON, **frugal_device_options(), **SUBSPACES[sub]}
                 opt = build_optimizer(model, "frugal", reduce_gradients=True, residual_comm=mode,
                                       **kw)  # fmt: skip
                 row["step_ms"] = timed(opt.step, load, args.warmup, args.steps, deadline)
@@ -290,8 +291,8 @@ def main(argv=None) -> None:
     out = Path(args.out or REPO / "benchmarks" / "results" /
                f"comm_bench_ws{world}{'' if cuda else '_cpu'}.json")  # fmt: skip
     result = {"benchmark": "comm_bench", "config": vars(args), "world_size": world,
-              "provenance": provenance(), "frugal_common": FRUGAL_COMMON,
-              "subspaces": SUBSPACES}  # fmt: skip
+              "provenance": provenance(), "subspaces": SUBSPACES,
+              "frugal_common": {**FRUGAL_COMMON, **frugal_device_options()}}  # fmt: skip
     result.update(run(args, rank, world, device))
     if rank == 0:
         write_json(out, result)

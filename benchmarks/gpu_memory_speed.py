@@ -62,6 +62,7 @@ from bench_common import (  # noqa: E402
     copy_bandwidth,
     fmt,
     free_memory,
+    frugal_device_options,
     is_oom,
     markdown_table,
     provenance,
@@ -123,7 +124,7 @@ class Run:
         self.device, self.engine, self.ds = device, engine, None
         name, opts = VARIANTS[variant]
         if name == "frugal":
-            opts = {**FRUGAL_COMMON, **opts}
+            opts = {**FRUGAL_COMMON, **frugal_device_options(), **opts}
         torch.manual_seed(args.seed)
         with torch.device(device):
             model = build_model(model_config(model_name), max_seq_len=args.seq_len)
@@ -445,7 +446,8 @@ def main(argv=None) -> None:
     result: dict[str, Any] = {
         "benchmark": "gpu_memory_speed", "config": vars(args), "world_size": world,
         "provenance": provenance(), "copy_bandwidth_bytes_per_s": copy_bandwidth(device),
-        "frugal_common": FRUGAL_COMMON, "variants": VARIANTS, "rows": [], "complete": False,
+        "frugal_common": {**FRUGAL_COMMON, **frugal_device_options()}, "variants": VARIANTS,
+        "rows": [], "complete": False,
     }  # fmt: skip
     if args.scaling:
         plan = [(m, v) for m in args.scaling_models.split(",")
