@@ -7,8 +7,8 @@
 * resharded resume: the uninterrupted 2-rank run's step-4 checkpoint resumes on 1 and on 3
   ranks, same global batch (6 sequences: 6x1, 3x2, 2x3); FSDP2 via DCP, DeepSpeed via the
   consolidated format. Tolerance: different world sizes sum the gradient in a different order
-  (float32 rounding, ~1e-7 relative per step) and FRUGAL's sign/Adam updates can amplify that
-  over 4 steps; bounds stated at the asserts.
+  (float32 rounding); measured differences and bounds are stated at the asserts. Wall time:
+  13 launches, ~3.3 CPU-minutes in all (about 2 minutes on an idle 2-core box).
 """
 
 from __future__ import annotations
@@ -123,12 +123,14 @@ def test_resharded_resume_follows_the_same_trajectory(engine, world, reference, 
     assert "written by 2 rank(s)" in res.stdout, res.stdout
     got, want = _losses(tmp_path), _losses(ref)
     for s in range(CKPT + 1, STEPS + 1):
-        # Measured max relative difference ~1e-6 (reduction order); bound 1e-4.
-        assert abs(got[s] - want[s]) <= 1e-4 * abs(want[s]), (s, got, want)
+        # Measured max relative difference 1.05e-7 (reduction order, all four cases); bound 1e-5.
+        assert abs(got[s] - want[s]) <= 1e-5 * abs(want[s]), (s, got, want)
     w_got, w_ref = _weights(tmp_path, engine), _weights(ref, engine)
     for name in w_ref:
-        # signSGD moves weights by +-lr per step, so one flipped sign of a near-zero gradient
-        # entry shifts that entry by 2 lr (lr <= 3e-3): an absolute bound of 4 lr * steps.
+        # Measured: max |diff| 7.2e-7 .. 3.8e-6, mean |diff| <= 1.0e-9 per tensor. signSGD
+        # moves an entry by +-lr per step, so a flipped sign of a near-zero gradient entry (not
+        # seen here, possible on other hardware) shifts it by 2 lr (lr <= 3e-3): the max bound
+        # allows that; the mean bound (1e-7) does not allow a broad divergence.
         diff = (w_got[name] - w_ref[name]).abs()
         assert diff.max() <= 4 * 3e-3 * (STEPS - CKPT), (name, diff.max())
-        assert diff.mean() <= 1e-4, (name, diff.mean())
+        assert diff.mean() <= 1e-7, (name, diff.mean())
