@@ -67,8 +67,12 @@ class RSO(Optimizer):
     ) -> None:
         unknown = set(kwargs) - set(RSO_DEFAULTS)
         if unknown:
-            raise ValueError(f"RSO(...) got unknown arguments {sorted(unknown)}; allowed: "
-                             f"{sorted(set(RSO_DEFAULTS) - {'rso'})}")  # fmt: skip
+            raise ValueError(
+                f"RSO(...) got unknown arguments {sorted(unknown)}; allowed: "
+                f"{sorted(set(RSO_DEFAULTS) - {'rso'})} and the layer keys {list(LAYER_KEYS)}. "
+                "FRUGAL's options do not apply: give RSO its own optimizer section (e.g. "
+                "--config <model>.yaml --config configs/presets/rso.yaml)"
+            )
         defaults = {**RSO_DEFAULTS, **kwargs}
         self._layers: dict[str, RSOLinear] = dict(layers or {})
         super().__init__(params, defaults)
