@@ -17,6 +17,8 @@ Layout of ``<output_dir>/checkpoints/step_XXXXXXXX/``:
   - deepspeed: ``deepspeed.pt`` -- the fp32 master weights gathered to full tensors and the
     optimizer state in the consolidated name-keyed format of ``frugal_dist.optim.consolidate``;
     resumes at any world size and ZeRO stage.
+  - fsdp1: ``fsdp1.pt`` -- full model state dict + consolidated FRUGAL state (any world size).
+  - fairscale: not supported yet (saving is skipped with a note, ``--resume`` is refused).
 
 Protocol (every rank calls ``save``): rank 0 makes ``.tmp_step_XXXXXXXX``; every rank writes its
 part; barrier; rank 0 hashes the files, writes the manifest, renames the directory to its final
