@@ -28,6 +28,7 @@ Subspace kinds (DESIGN section 1):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -93,7 +94,11 @@ class BlockSchedule:
         raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {self.order!r}")
 
     def active(self, refresh: int) -> frozenset[int]:
-        """Indices (model order) of the tensors that are state-full during refresh ``refresh``."""
+        """Indices (model order) of the tensors that are state-full during refresh ``refresh``
+        (memoised: the step asks once per tensor per step)."""
+        return _active_set(self, int(refresh))
+
+    def _active(self, refresh: int) -> frozenset[int]:
         a = self.num_active
         if a == 0:
             return frozenset()
@@ -101,6 +106,11 @@ class BlockSchedule:
         pass_index, window = divmod(int(refresh), w)
         start = min(window * a, self.num_blocks - a)
         return frozenset(self.ordering(pass_index)[start : start + a])
+
+
+@functools.lru_cache(maxsize=256)
+def _active_set(schedule: BlockSchedule, refresh: int) -> frozenset[int]:
+    return schedule._active(refresh)
 
 
 # ------------------------------------------------------------------------------------ coordinate
