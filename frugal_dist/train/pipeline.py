@@ -147,6 +147,10 @@ def validate_data_config(cfg_data: dict[str, Any] | None) -> dict[str, Any]:
     if source == "hf":
         if not isinstance(out["name"], str) or not out["name"]:
             raise _fail("name", "is required with source 'hf' (e.g. allenai/c4, or json)")
+        if not isinstance(out["split"], str) or not out["split"]:
+            raise _fail("split", f"must be a split name such as 'train', got {out['split']!r}")
+        if out["val_split"] is not None and not isinstance(out["val_split"], str):
+            raise _fail("val_split", f"must be a split name or null, got {out['val_split']!r}")
         if not isinstance(out["streaming"], bool):
             raise _fail("streaming", f"must be true or false, got {out['streaming']!r}")
         for key in ("shuffle_buffer", "val_tokens"):

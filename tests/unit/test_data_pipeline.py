@@ -259,6 +259,23 @@ def test_streaming_disjoint_deterministic_and_resumes(tmp_path: Path) -> None:
     assert "v" in ByteTokenizer().decode(val.flatten())
 
 
+def test_streaming_shuffle_buffer_is_seeded_and_resumes(tmp_path: Path) -> None:
+    cfg = _hf_cfg(tmp_path, shuffle_buffer=16)
+    ref = build_data(cfg, seq_len=32, seed=5).train
+    plain = build_data({**cfg, "shuffle_buffer": 0}, seq_len=32, seed=5).train
+    batches = [ref.batch(s, 2) for s in range(6)]
+    assert not all(torch.equal(b, plain.batch(s, 2)) for s, b in enumerate(batches))
+    state = None
+    again = build_data(cfg, seq_len=32, seed=5).train
+    for s in range(3):
+        assert torch.equal(again.batch(s, 2), batches[s])
+        state = again.state_dict()
+    resumed = build_data(cfg, seq_len=32, seed=5).train
+    resumed.load_state_dict(state)
+    for s in range(3, 6):
+        assert torch.equal(resumed.batch(s, 2), batches[s])
+
+
 def test_hf_non_streaming_and_holdout(tmp_path: Path) -> None:
     cfg = _hf_cfg(tmp_path, streaming=False, val_split=None, val_fraction=0.2)
     bundle = build_data(cfg, seq_len=24, seed=1)
@@ -286,6 +303,8 @@ def test_bad_data_keys_name_the_field() -> None:
         validate_data_config({"source": "hf"})
     with pytest.raises(ValueError, match=r"data\.val_fraction"):
         validate_data_config({"source": "files", "train_files": "x", "val_fraction": 1.5})
+    with pytest.raises(ValueError, match=r"data\.val_split"):
+        validate_data_config({"source": "hf", "name": "json", "val_split": 3})
     with pytest.raises(ValueError, match=r"data\.streaming"):
         validate_data_config({"source": "hf", "name": "json", "streaming": "yes"})
     with pytest.raises(ValueError, match=r"data\.tokenizr"):
