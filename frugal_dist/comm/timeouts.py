@@ -7,14 +7,26 @@ timeout does depends on the backend:
   ``RuntimeError("... Timed out waiting 5000ms for recv operation to complete")`` on the ranks
   that are waiting; a rank whose peer already gave up sees ``"Connection closed by peer"``.
   Nothing else is needed.
-* **NCCL** (GPU): collectives are asynchronous; a watchdog thread checks them against the
-  timeout. With ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` (the default since torch 2.2; ``1`` on older
-  versions) the watchdog tears the process down when a collective times out -- the job dies and
-  the launcher (torchrun / deepspeed / mpirun) reports it, but no Python exception is raised, so
-  ``explain_timeouts`` below cannot add its message. Set ``TORCH_NCCL_BLOCKING_WAIT=1`` to make
-  the waiting call itself raise ``DistBackendError`` after the timeout instead (slower: every
-  collective is waited on from the host). ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0`` disables error
-  handling and a stalled rank then hangs the job forever: do not use it.
+* **NCCL** (GPU): collectives are asynchronous; the ProcessGroupNCCL watchdog thread checks them
+  against the timeout. Measured on 2 x H200, torch 2.11, NCCL 2.28, rank 1 stalling before an
+  all-reduce with a 5 s timeout:
+
+  - at 5 s the waiting rank logs ``Watchdog caught collective operation timeout:
+    WorkNCCL(SeqNum=2, OpType=ALLREDUCE, ..., Timeout(ms)=5000)`` and every rank dumps debug
+    info; no Python exception is raised, and if the stalled rank arrives within about a minute
+    the collective simply completes;
+  - about 60 s later the communicator is aborted: the waiting stream is released (the output
+    tensor keeps its stale contents) and the watchdog ends the process with SIGABRT
+    (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, default 3; setting 1 or ``TORCH_NCCL_BLOCKING_WAIT=1``
+    or ``TORCH_NCCL_DUMP_ON_TIMEOUT=0`` changed neither the missing exception nor the delay);
+    torchrun / deepspeed / mpirun then stop the other ranks. So a stalled NCCL job dies roughly
+    ``collective_timeout_s + 60 s`` after the stall, with the reason in the watchdog's log line,
+    but ``explain_timeouts`` cannot add its message. Do not set
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0`` (no teardown, per the torch docs: nothing ends a job
+    whose rank stalled);
+  - only ``work = dist.all_reduce(t, async_op=True); work.wait(timeout=...)`` raises in Python
+    (``DistBackendError: ... Watchdog caught collective operation timeout``, at the timeout),
+    which ``explain_timeouts`` turns into ``CollectiveTimeoutError``.
 
 ``explain_timeouts(timeout_s)`` re-raises a backend timeout as ``CollectiveTimeoutError`` saying
 what the job was doing (``set_phase``) and how to raise the limit; a lost peer becomes

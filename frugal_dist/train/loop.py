@@ -37,8 +37,8 @@ def init_distributed(collective_timeout_s: float | None = None) -> tuple[int, in
     """Join the process group described by torchrun's environment (no-op for one process).
 
     ``collective_timeout_s`` bounds how long any collective waits for a peer (None: torch's
-    default). gloo raises on the waiting ranks; for NCCL see ``frugal_dist.comm.timeouts``
-    (``TORCH_NCCL_ASYNC_ERROR_HANDLING`` aborts the job, ``TORCH_NCCL_BLOCKING_WAIT=1`` raises).
+    default). gloo raises on the waiting ranks; NCCL's watchdog logs the timeout and ends the
+    job about a minute later, without a Python exception (see ``frugal_dist.comm.timeouts``).
     """
     from frugal_dist.engines.deepspeed import mpi_environment
 
