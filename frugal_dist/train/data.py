@@ -7,9 +7,11 @@ their path relative to the stdlib root (about 2 % val), so the split never depen
 salted ``hash()``. Note the corpus is per-interpreter: different Python versions ship different
 stdlib text, so compare runs on the same interpreter.
 
-``PackedDataset`` cuts a token stream into contiguous ``seq_len`` chunks and serves
-deterministic, rank-sharded batches: the rows of all ranks at a step, concatenated in rank
-order, equal the single-process batch of size ``batch_size * world_size`` at that step.
+``PackedDataset`` cuts a token stream (a torch tensor, or a numpy array such as the memory-mapped
+uint16 token cache of ``frugal_dist.train.token_cache``) into contiguous ``seq_len`` chunks and
+serves deterministic, rank-sharded batches: the rows of all ranks at a step, concatenated in
+rank order, equal the single-process batch of size ``batch_size * world_size`` at that step.
+Other sources (local files, Hugging Face datasets) and tokenizers: ``frugal_dist.train.pipeline``.
 """
 
 from __future__ import annotations
