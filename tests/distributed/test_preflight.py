@@ -9,7 +9,7 @@ import pytest
 from tests.distributed.launch import run_distributed
 from tests.distributed.preflight_workers import desync_scenarios
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # ~25 s on 2 busy cores
+pytestmark = pytest.mark.distributed  # one 2-rank group for all cases: ~8 s
 
 
 @pytest.fixture(scope="module")
