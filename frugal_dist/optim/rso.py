@@ -210,7 +210,7 @@ class RSO(Optimizer):
         is still zero, e.g. after an engine's warm-up step at lr 0)."""
         self.state.clear()
         for layer in self._layers.values():
-            layer.rso_outer.zero_()
+            layer.set_outer(0)
             layer.target_outer = 0
 
 

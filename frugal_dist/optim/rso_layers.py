@@ -68,7 +68,9 @@ class RSOLinear(nn.Module):
         self.B = nn.Parameter(
             torch.zeros(self.out_features, rank, dtype=weight.dtype, device=weight.device)
         )
-        self.register_buffer("rso_outer", torch.zeros((), dtype=torch.int64))
+        # on W's device: DDP broadcasts buffers with the process group's backend (NCCL: CUDA only)
+        self.register_buffer("rso_outer", torch.zeros((), dtype=torch.int64, device=weight.device))
+        self._outer = 0  # host mirror of rso_outer: no device sync in forward
         self.target_outer = 0  # set by the RSO optimizer; > rso_outer means a lazy merge is due
         self._proj: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
@@ -81,7 +83,16 @@ class RSOLinear(nn.Module):
     @property
     def outer(self) -> int:
         """k, the outer iteration whose projection P_k the layer currently uses."""
-        return int(self.rso_outer.item())
+        return self._outer
+
+    def set_outer(self, k: int) -> None:
+        """Set k (buffer and host mirror)."""
+        self.rso_outer.fill_(int(k))
+        self._outer = int(k)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._outer = int(self.rso_outer.item())
 
     def projection(self, dtype: torch.dtype = torch.float32, device: Any = "cpu") -> Tensor:
         """P_k (n x r) for the current outer iteration, cached per (k, dtype, device)."""
@@ -120,7 +131,7 @@ class RSOLinear(nn.Module):
                 )
         w.add_(merge_delta(b, self.projection(torch.float32, w.device), w.dtype))
         b.zero_()
-        self.rso_outer += 1
+        self.set_outer(self._outer + 1)
         self.target_outer = max(self.target_outer, self.outer)
 
     @torch.no_grad()
@@ -140,7 +151,7 @@ class RSOLinear(nn.Module):
             b.ds_tensor.data.zero_()
         w.data.add_(delta)
         b.data.zero_()
-        self.rso_outer += 1
+        self.set_outer(self._outer + 1)
 
 
 def apply_rso(
