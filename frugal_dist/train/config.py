@@ -43,6 +43,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept in output_dir/checkpoints (0: all)
     resume: str | None = None  # None | "auto" (newest valid checkpoint) | a checkpoint path
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16
+    autocast: str = "none"  # compute: none | bfloat16 (torch.autocast, float32 masters)
     collective_timeout_s: float = 600.0  # a collective waiting longer for a peer rank fails
 
     @property

@@ -69,6 +69,11 @@ def validate_config(cfg: TrainConfig, engines: tuple[str, ...]) -> None:
         raise ValueError(f"engine must be one of {list(engines)}, got {cfg.engine!r}")
     if not isinstance(cfg.dtype, str) or cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
+    if getattr(cfg, "autocast", "none") not in ("none", "bfloat16"):
+        raise ValueError(
+            f"autocast must be 'none' or 'bfloat16' (bf16 compute, float32 master weights), "
+            f"got {cfg.autocast!r}"
+        )
     for key in OPTIONAL_PATHS:
         if getattr(cfg, key) is not None and not isinstance(getattr(cfg, key), str):
             raise ValueError(f"{key} must be a path (a string) or null, got {getattr(cfg, key)!r}")

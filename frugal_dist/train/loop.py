@@ -58,6 +58,15 @@ def init_distributed(collective_timeout_s: float | None = None) -> tuple[int, in
     return rank, world, device
 
 
+def compute_context(cfg: TrainConfig, device: torch.device):
+    """``torch.autocast`` to bf16 when ``cfg.autocast == "bfloat16"`` (float32 master weights and
+    optimizer state; matmuls in bf16), otherwise a no-op. The loss is computed in float32 by the
+    model either way."""
+    if getattr(cfg, "autocast", "none") != "bfloat16":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, data, cfg: TrainConfig, rank: int, world: int, device
@@ -66,7 +75,8 @@ def evaluate(
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(cfg.eval_batches):
         batch = data.batch(i, cfg.batch_size, rank, world).to(device)
-        _, loss = model(batch, labels=batch)
+        with compute_context(cfg, device):
+            _, loss = model(batch, labels=batch)
         total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(total)
@@ -157,13 +167,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if engine == "fsdp2":  # reduce-scatter only on the last micro-step
                 model.set_requires_gradient_sync(last)
             if ds_engine is not None:  # DeepSpeed accumulates, clips and steps at the boundary
-                _, loss = ds_engine(batch, labels=batch)
+                with compute_context(cfg, device):
+                    _, loss = ds_engine(batch, labels=batch)
                 ds_engine.backward(loss)
                 ds_engine.step()
                 loss_sum += loss.item() / cfg.grad_accum
                 continue
             with sync:
-                _, loss = wrapped(batch, labels=batch)
+                with compute_context(cfg, device):  # backward runs outside autocast
+                    _, loss = wrapped(batch, labels=batch)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
         if ds_engine is None:
