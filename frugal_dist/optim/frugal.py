@@ -35,8 +35,23 @@ Distributed (replicated parameters: DDP, plain torchrun). Options of the optimiz
 * ``seed=None`` -- rank 0 draws the seed and broadcasts it; at every refresh the ranks compare a
   fingerprint of each parameter's subspace and raise, naming the parameter, if any disagree.
 
+Step options (of the optimizer, not of a group):
+
+* ``nonfinite="skip"`` -- check every local gradient for inf/nan first (one fused
+  ``_foreach_norm`` per dtype, one flag, one host sync per step; see ``optim.nonfinite``) and skip
+  the whole step if any rank found one (``skipped_steps()`` counts them); ``"raise"`` raises
+  ``FloatingPointError`` naming the parameter; ``"ignore"`` checks nothing.
+* ``fused=None`` -- whole-tensor AdamW items (``algorithm="adamw"`` groups, active blocks with
+  ``state_full="adamw"``) of float32 data and gradients run ``torch._fused_adamw_`` (one kernel per
+  group; step counts mirrored on the device without syncs); ``None`` = on CUDA only, ``True`` = on
+  the CPU too, ``False`` = never (foreach kernels). Not with ``shard_state`` at world size > 1.
+* ``proj_qr_device="cpu"`` -- random projection bases drawn and QR'd on the CPU in float64 (the
+  bit-exact default); ``"param"``: drawn on the CPU in float32 from the same seed, QR'd in float32
+  on the parameter's device (a GPU refresh in a fraction of the time; a different basis).
+
 Communication schedule of one ``step()`` (every collective is skipped at world size 1):
 
+    0. [nonfinite != "ignore"]   all_reduce(max) of one inf/nan flag               4 B
     1. [reduce_gradients, exact] all_reduce(mean) of every gradient, coalesced     4 B x params
        [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
                                  all_reduce(mean) of compact G_sf (coord: rho, proj: r x max(m,n)),
@@ -122,6 +137,7 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         reset_statistics: zero the state-full buffers (and restart bias correction) at each refresh.
         seed: base seed of every subspace choice (all ranks must share it).
         algorithm: per-group "frugal" | "adamw" | "signsgd" | "sgd".
+        nonfinite, fused, proj_qr_device: optimizer-wide step options (module docstring).
     """
 
     def __init__(

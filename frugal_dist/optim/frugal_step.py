@@ -1,5 +1,7 @@
 """The FRUGAL step as a pipeline of phases over per-parameter work items.
 
+    check     (nonfinite != "ignore") one fused inf/nan test of every local gradient, the flag
+              all-reduced; a bad step returns here with nothing touched
     plan      views of every parameter (whole tensors, or fragments from a bound layout), step
               counters, refresh decisions, coordinate / random-projection selections restricted to
               the local rows, state resets
@@ -14,14 +16,16 @@
               coalesced all-reduce (right: boundary rows only; left: the (r, n) products)
     state     owners advance the state-full rule (``torch._foreach_*``) -> directions U
     exchange  (shard_state, world > 1) each owner broadcasts the U it computed
-    apply     W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R)); fragments drop phantom entries
+    apply     W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R)); fragments drop phantom entries.
+              Fused AdamW items run ``torch._fused_adamw_`` here (their state phase is this
+              kernel); pure state-free updates (signSGD / SGD groups, inactive blocks, rho = 0)
+              go through foreach kernels over all tensors at once, in bounded chunks
 
 At world size 1 every collective is skipped and the pipeline is the plain FRUGAL step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +40,7 @@ from frugal_dist.comm.collectives import (
     rank_and_world,
     sign_majority,
 )
-from frugal_dist.core.fragments import RowSpan, local_coordinates, local_projection
+from frugal_dist.core.fragments import local_coordinates, local_projection
 from frugal_dist.core.rules import (
     state_free_direction,
     state_free_direction_,
@@ -52,65 +56,10 @@ from frugal_dist.core.subspaces import (
     tensor_fingerprint,
 )
 from frugal_dist.layouts.base import ParamView
+from frugal_dist.optim.fast_apply import apply_free_batch, apply_fused, batchable_free
 from frugal_dist.optim.nonfinite import grads_are_finite
 from frugal_dist.optim.sharding import assign_owners
-
-FREE_CHUNK = 1 << 25  # elements per batched signSGD apply (bounds its temporaries)
-
-
-@dataclass
-class Item:
-    """One parameter's work in one step."""
-
-    view: ParamView
-    group: dict[str, Any]
-    kind: str  # adamw | free | block | coordinate | projection
-    refresh: bool
-    k: int
-    active: bool  # has a state-full part this step
-    owner: int  # rank holding the state-full buffers (computes U)
-    g: Tensor  # float32 gradient: local matrix (coordinate / projection) or local values
-    sel: Any = None  # selection in local coordinates
-    gsel: Any = None  # global selection
-    g_sf: Tensor | None = None
-    free: Tensor | None = None  # state-free direction (local shape), None if none
-    free_done: bool = False
-    u: Tensor | None = None
-    fused: bool = False  # AdamW through torch._fused_adamw_ in the apply phase
-
-    @property
-    def name(self) -> str:
-        return self.view.name
-
-    @property
-    def st(self):
-        return self.view.state
-
-    @property
-    def span(self) -> RowSpan:
-        return self.view.span
-
-
-def apply_update(p: Tensor, direction: Tensor, alpha: float) -> None:
-    """``p += alpha * direction``; 16-bit params are updated through float32 (one rounding)."""
-    if p.numel() == 0:
-        return
-    d = direction.reshape(p.shape)
-    if p.dtype in (torch.bfloat16, torch.float16):
-        p.copy_(p.float().add_(d, alpha=alpha))
-    else:
-        p.add_(d.to(p.dtype), alpha=alpha)
-
-
-def compact_shape(it: Item) -> tuple[int, ...]:
-    if it.kind in ("adamw", "block"):
-        return tuple(it.view.data.shape)
-    if it.kind == "coordinate":
-        return tuple(it.sel.compact_shape)
-    shape = matrix_shape(it.view.shape)
-    side = resolve_side(it.group["proj_side"], shape)
-    r = projection_rank(shape, it.group["density"])
-    return (r, shape[1]) if side == "left" else (it.span.rows_touched, r)
+from frugal_dist.optim.step_items import Item, apply_update, compact_shape
 
 
 class FrugalStepMixin:
@@ -370,100 +319,6 @@ class FrugalStepMixin:
             return state_free_direction_(rule, it.sel.residual(it.g, it.g_sf))
         return None
 
-    @staticmethod
-    def _batchable_free(it: Item) -> tuple[str, float] | None:
-        """(rule, scale of -lr) if this item's whole update is a state-free direction of its
-        gradient that can go into the batched foreach apply (float32 data), else None."""
-        if it.free_done or it.view.data.dtype != torch.float32 or it.view.data.numel() == 0:
-            return None
-        group = it.group
-        s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
-        if it.kind == "free":
-            return group["algorithm"], 1.0
-        if it.kind == "block" and not it.active:
-            return group["state_free"], s_p * s_i
-        if s_i == 1.0 and (
-            (it.kind == "projection" and it.sel.rank == 0)
-            or (it.kind == "coordinate" and it.sel.numel == 0)
-        ):  # rho = 0: the update is s_p F(G)
-            return group["state_free"], s_p
-        return None
-
-    def _apply_free_batch(self, batch: list[tuple[Item, str, float]], lr: float) -> None:
-        """W += -lr * scale * F(G) over many tensors with foreach kernels; the temporaries of
-        signSGD are bounded to ``FREE_CHUNK`` elements at a time."""
-        by_key: dict[tuple[str, float], list[Item]] = {}
-        for it, rule, scale in batch:
-            if rule != "none":
-                by_key.setdefault((rule, scale), []).append(it)
-        for (rule, scale), its in by_key.items():
-            alpha = -lr * scale
-            chunk: list[Item] = []
-            size = 0
-            for j, it in enumerate(its):
-                chunk.append(it)
-                size += it.view.data.numel()
-                if size >= FREE_CHUNK or j == len(its) - 1:
-                    data = [c.view.data for c in chunk]
-                    grads = [
-                        (c.g if c.kind in ("free", "block") else c.span.unpad(c.g)).reshape(
-                            c.view.data.shape
-                        )
-                        for c in chunk
-                    ]
-                    if rule == "signsgd":
-                        torch._foreach_add_(data, torch._foreach_sign(grads), alpha=alpha)
-                    else:
-                        torch._foreach_add_(data, grads, alpha=alpha)
-                    chunk, size = [], 0
-
-    def _device_steps(self, its: list[Item]) -> list[Tensor]:
-        """State-full step counts as tensors on the data's device for the fused kernel.
-
-        The counters of record stay float32 CPU tensors (``sf_step``, never read from the
-        device); a CUDA mirror per parameter is kept equal to them by one foreach increment per
-        step, and rebuilt (``torch.full``, no sync) whenever it does not hold the previous count.
-        """
-        out: list[Tensor] = []
-        bump: list[Tensor] = []
-        for it in its:
-            st = it.st["sf_step"]
-            if it.view.data.device.type == "cpu":
-                out.append(st)
-                continue
-            t = int(st.item())  # CPU tensor: no device sync
-            cached = self._dev_steps.get(it.name)
-            if cached is not None and cached[1] == t - 1 and cached[0].device == it.g.device:
-                bump.append(cached[0])
-                cached[1] = t
-            else:
-                cached = [torch.full((), float(t), dtype=torch.float32, device=it.g.device), t]
-                self._dev_steps[it.name] = cached
-            out.append(cached[0])
-        if bump:
-            torch._foreach_add_(bump, 1.0)
-        return out
-
-    def _apply_fused(self, its: list[Item], lr: float, wd: float, group: dict) -> None:
-        """``torch._fused_adamw_``: one kernel reads W, G, m, v and writes W, m, v (decoupled
-        weight decay included). Active blocks use lr * s_p and wd / s_p (same product lr * wd)."""
-        by_scale: dict[float, list[Item]] = {}
-        for it in its:
-            scale = 1.0 if it.kind == "adamw" else group["proj_params_lr_scale"]
-            by_scale.setdefault(scale, []).append(it)
-        b1, b2 = group["betas"]
-        for scale, sub in by_scale.items():
-            torch._fused_adamw_(
-                [it.view.data for it in sub],
-                [it.g.view(it.view.data.shape) for it in sub],
-                [it.st["exp_avg"] for it in sub],
-                [it.st["exp_avg_sq"] for it in sub],
-                [],
-                self._device_steps(sub),
-                lr=lr * scale, beta1=b1, beta2=b2, weight_decay=wd / scale, eps=group["eps"],
-                amsgrad=False, maximize=False,
-            )  # fmt: skip
-
     def _sum_partial_projections(self, items: list[Item]) -> None:
         """Fragments' partial G_sf summed over ranks in one all-reduce: right projections send
         only their boundary rows (known to every rank from the layout), left ones (r, n)."""
@@ -543,7 +398,7 @@ class FrugalStepMixin:
                 if data:
                     torch._foreach_mul_(data, 1.0 - lr * wd)
             if fused:
-                self._apply_fused(fused, lr, wd, group)
+                apply_fused(fused, lr, wd, group, self._dev_steps)
             s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
             batch: list[tuple[Item, str, float]] = []
             for it in its:
@@ -557,7 +412,7 @@ class FrugalStepMixin:
                 if it.kind == "block" and it.active:
                     apply_update(data, it.u, -lr * s_p)
                     continue
-                how = self._batchable_free(it)
+                how = batchable_free(it)
                 if how is not None:
                     batch.append((it, *how))
                     continue
@@ -581,4 +436,4 @@ class FrugalStepMixin:
                         full = it.sel.up_add_(free, it.u, beta=s_i)
                     apply_update(data, it.span.unpad(full), -lr * s_p)
                 it.free = it.u = it.g_sf = None  # release this item's temporaries now
-            self._apply_free_batch(batch, lr)
+            apply_free_batch(batch, lr)

@@ -1,0 +1,117 @@
+"""The bandwidth-lean parts of the FRUGAL apply phase.
+
+* ``apply_fused``: whole-tensor AdamW items through ``torch._fused_adamw_`` -- one kernel reads
+  W, G, m, v and writes W, m, v (decoupled weight decay inside): 28 B per float32 parameter.
+* ``apply_free_batch``: pure state-free updates W += -lr s F(G) (signSGD / SGD groups, inactive
+  blocks, rho = 0 coordinates / projections) with foreach kernels over many tensors at once;
+  signSGD's temporaries are bounded to ``FREE_CHUNK`` elements at a time.
+* ``device_steps``: step counts on the device for the fused kernel, kept without host syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from frugal_dist.optim.step_items import Item
+
+FREE_CHUNK = 1 << 25  # elements per batched signSGD apply (bounds its temporaries)
+
+
+def batchable_free(it: Item) -> tuple[str, float] | None:
+    """(rule, scale of -lr) if this item's whole update is a state-free direction of its
+    gradient that can go into the batched foreach apply (float32 data), else None."""
+    if it.free_done or it.view.data.dtype != torch.float32 or it.view.data.numel() == 0:
+        return None
+    group = it.group
+    s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
+    if it.kind == "free":
+        return group["algorithm"], 1.0
+    if it.kind == "block" and not it.active:
+        return group["state_free"], s_p * s_i
+    if s_i == 1.0 and (
+        (it.kind == "projection" and it.sel.rank == 0)
+        or (it.kind == "coordinate" and it.sel.numel == 0)
+    ):  # rho = 0: the update is s_p F(G)
+        return group["state_free"], s_p
+    return None
+
+
+def apply_free_batch(batch: list[tuple[Item, str, float]], lr: float) -> None:
+    """W += -lr * scale * F(G) over many tensors with foreach kernels; the temporaries of
+    signSGD are bounded to ``FREE_CHUNK`` elements at a time."""
+    by_key: dict[tuple[str, float], list[Item]] = {}
+    for it, rule, scale in batch:
+        if rule != "none":
+            by_key.setdefault((rule, scale), []).append(it)
+    for (rule, scale), its in by_key.items():
+        alpha = -lr * scale
+        chunk: list[Item] = []
+        size = 0
+        for j, it in enumerate(its):
+            chunk.append(it)
+            size += it.view.data.numel()
+            if size >= FREE_CHUNK or j == len(its) - 1:
+                data = [c.view.data for c in chunk]
+                grads = [
+                    (c.g if c.kind in ("free", "block") else c.span.unpad(c.g)).reshape(
+                        c.view.data.shape
+                    )
+                    for c in chunk
+                ]
+                if rule == "signsgd":
+                    torch._foreach_add_(data, torch._foreach_sign(grads), alpha=alpha)
+                else:
+                    torch._foreach_add_(data, grads, alpha=alpha)
+                chunk, size = [], 0
+
+
+def device_steps(its: list[Item], mirrors: dict[str, list]) -> list[Tensor]:
+    """State-full step counts as tensors on the data's device for the fused kernel.
+
+    The counters of record stay float32 CPU tensors (``sf_step``, never read from the
+    device); a CUDA mirror per parameter is kept equal to them by one foreach increment per
+    step, and rebuilt (``torch.full``, no sync) whenever it does not hold the previous count.
+    """
+    out: list[Tensor] = []
+    bump: list[Tensor] = []
+    for it in its:
+        st = it.st["sf_step"]
+        if it.view.data.device.type == "cpu":
+            out.append(st)
+            continue
+        t = int(st.item())  # CPU tensor: no device sync
+        cached = mirrors.get(it.name)
+        if cached is not None and cached[1] == t - 1 and cached[0].device == it.g.device:
+            bump.append(cached[0])
+            cached[1] = t
+        else:
+            cached = [torch.full((), float(t), dtype=torch.float32, device=it.g.device), t]
+            mirrors[it.name] = cached
+        out.append(cached[0])
+    if bump:
+        torch._foreach_add_(bump, 1.0)
+    return out
+
+
+def apply_fused(
+    its: list[Item], lr: float, wd: float, group: dict, mirrors: dict[str, list]
+) -> None:
+    """``torch._fused_adamw_``: one kernel reads W, G, m, v and writes W, m, v (decoupled
+    weight decay included). Active blocks use lr * s_p and wd / s_p (same product lr * wd)."""
+    by_scale: dict[float, list[Item]] = {}
+    for it in its:
+        scale = 1.0 if it.kind == "adamw" else group["proj_params_lr_scale"]
+        by_scale.setdefault(scale, []).append(it)
+    b1, b2 = group["betas"]
+    for scale, sub in by_scale.items():
+        torch._fused_adamw_(
+            [it.view.data for it in sub],
+            [it.g.view(it.view.data.shape) for it in sub],
+            [it.st["exp_avg"] for it in sub],
+            [it.st["exp_avg_sq"] for it in sub],
+            [],
+            device_steps(sub, mirrors),
+            lr=lr * scale, beta1=b1, beta2=b2, weight_decay=wd / scale, eps=group["eps"],
+            amsgrad=False, maximize=False,
+        )  # fmt: skip

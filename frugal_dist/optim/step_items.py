@@ -1,0 +1,68 @@
+"""One parameter's work in one FRUGAL step (``Item``) and the helpers every phase shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from frugal_dist.core.fragments import RowSpan
+from frugal_dist.core.subspaces import matrix_shape, projection_rank, resolve_side
+from frugal_dist.layouts.base import ParamView
+
+
+@dataclass
+class Item:
+    """One parameter's work in one step."""
+
+    view: ParamView
+    group: dict[str, Any]
+    kind: str  # adamw | free | block | coordinate | projection
+    refresh: bool
+    k: int
+    active: bool  # has a state-full part this step
+    owner: int  # rank holding the state-full buffers (computes U)
+    g: Tensor  # float32 gradient: local matrix (coordinate / projection) or local values
+    sel: Any = None  # selection in local coordinates
+    gsel: Any = None  # global selection
+    g_sf: Tensor | None = None
+    free: Tensor | None = None  # state-free direction (local shape), None if none
+    free_done: bool = False
+    u: Tensor | None = None
+    fused: bool = False  # AdamW through torch._fused_adamw_ in the apply phase
+
+    @property
+    def name(self) -> str:
+        return self.view.name
+
+    @property
+    def st(self):
+        return self.view.state
+
+    @property
+    def span(self) -> RowSpan:
+        return self.view.span
+
+
+def apply_update(p: Tensor, direction: Tensor, alpha: float) -> None:
+    """``p += alpha * direction``; 16-bit params are updated through float32 (one rounding)."""
+    if p.numel() == 0:
+        return
+    d = direction.reshape(p.shape)
+    if p.dtype in (torch.bfloat16, torch.float16):
+        p.copy_(p.float().add_(d, alpha=alpha))
+    else:
+        p.add_(d.to(p.dtype), alpha=alpha)
+
+
+def compact_shape(it: Item) -> tuple[int, ...]:
+    if it.kind in ("adamw", "block"):
+        return tuple(it.view.data.shape)
+    if it.kind == "coordinate":
+        return tuple(it.sel.compact_shape)
+    shape = matrix_shape(it.view.shape)
+    side = resolve_side(it.group["proj_side"], shape)
+    r = projection_rank(shape, it.group["density"])
+    return (r, shape[1]) if side == "left" else (it.span.rows_touched, r)
