@@ -70,25 +70,62 @@ def rso_projection(
     return p.to(dtype)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The ``torch.autocast`` compute dtype active for ``device_type``, or None when off."""
+    try:  # torch >= 2.4: per-device-type queries
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # older signature: no argument (CUDA), CPU has its own query
+        cpu = getattr(torch, "is_autocast_cpu_enabled", lambda: False)
+        enabled = cpu() if device_type == "cpu" else torch.is_autocast_enabled()
+    if not enabled:
+        return None
+    get = getattr(torch, "get_autocast_dtype", None)
+    if get is not None:
+        return get(device_type)
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype()
+    return torch.get_autocast_gpu_dtype()
+
+
 class RSOLinearFunction(torch.autograd.Function):
-    """``Y = X W^T + (X P) B^T``; saves ``X P`` (not X) for backward. W and P get no gradient."""
+    """``Y = X W^T + (X P) B^T``; saves ``X P`` (not X) for backward. W and P get no gradient.
+
+    Autocast: under ``torch.autocast(device, dtype=c)`` X, W, P and B are cast to c and both
+    matmuls run in c with autocast off (so mixed dtypes never meet); Y is in c, like
+    ``nn.Linear``'s output. ``X P`` is saved in c; W, P and B are saved as given (parameters,
+    no extra memory) and cast again in backward, which computes in c and returns dX and dB in
+    the dtypes of X and B (float32 masters get float32 gradients). Without autocast every
+    operation runs in the inputs' own dtype."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, proj: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
-        xp = x @ proj
-        y = x @ weight.t() + xp @ b.t()
+        cdt = autocast_dtype(x.device.type)
+        ctx.compute_dtype = cdt
+        ctx.x_dtype, ctx.b_dtype = x.dtype, b.dtype
+        if cdt is None:
+            xp = x @ proj
+            y = x @ weight.t() + xp @ b.t()
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                xc = x.to(cdt)
+                xp = xc @ proj.to(cdt)
+                y = xc @ weight.to(cdt).t() + xp @ b.to(cdt).t()
         ctx.save_for_backward(xp, weight, proj, b)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
         xp, weight, proj, b = ctx.saved_tensors
+        cdt = ctx.compute_dtype
+        if cdt is not None:
+            grad_y, weight, proj, b = (t.to(cdt) for t in (grad_y, weight, proj, b))
         grad_x = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ weight + (grad_y @ b) @ proj.t()
-        if ctx.needs_input_grad[3]:
-            g2 = grad_y.reshape(-1, grad_y.shape[-1])
-            grad_b = g2.t() @ xp.reshape(-1, xp.shape[-1])
+        with torch.autocast(grad_y.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_y @ weight + (grad_y @ b) @ proj.t()).to(ctx.x_dtype)
+            if ctx.needs_input_grad[3]:
+                g2 = grad_y.reshape(-1, grad_y.shape[-1])
+                grad_b = (g2.t() @ xp.reshape(-1, xp.shape[-1])).to(ctx.b_dtype)
         return grad_x, None, None, grad_b
 
 

@@ -109,7 +109,8 @@ class RSOLinear(nn.Module):
         if self.target_outer > self.outer:
             self._merge_lazy()
         y = rso_linear(x, self.weight, self.projection(x.dtype, x.device), self.B)
-        return y if self.bias is None else y + self.bias
+        # bias in y's dtype: under autocast y is in the compute dtype, as nn.Linear's output
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _check_step(self) -> None:
         if self.target_outer - self.outer > 1:

@@ -56,6 +56,64 @@ def test_b_gradient_is_the_projected_full_weight_gradient():
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def test_autocast_bf16_matches_the_dense_layer_under_autocast():
+    layer = _layer(m=24, n=32, r=8)
+    p = layer.projection()
+    dense = nn.Linear(32, 24)
+    with torch.no_grad():
+        dense.weight.copy_(layer.weight + layer.B @ p.t())
+        dense.bias.copy_(layer.bias)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    up = torch.randn(3, 7, 24)
+    saved: list[torch.dtype] = []
+
+    def pack(t):
+        saved.append(t.dtype)
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        y2 = dense(x2)
+    assert y.dtype == y2.dtype == torch.bfloat16
+    assert _rel_err(y, y2) < 2e-2
+    (y.float() * up).sum().backward()  # backward outside autocast, as in the training loop
+    (y2.float() * up).sum().backward()
+    assert saved[0] == torch.bfloat16  # X P, the only activation, is kept in the compute dtype
+    assert layer.B.grad.dtype == layer.bias.grad.dtype == x.grad.dtype == torch.float32
+    assert layer.weight.grad is None
+    # bf16 operands (8-bit mantissa), float32 accumulation: relative errors ~1e-2
+    assert _rel_err(layer.B.grad, dense.weight.grad @ p) < 3e-2
+    assert _rel_err(x.grad, x2.grad) < 3e-2
+    assert _rel_err(layer.bias.grad, dense.bias.grad) < 1e-2
+    # without autocast the layer is float32 throughout, as before
+    assert layer(x).dtype == torch.float32
+
+
+def test_autocast_bf16_training_of_a_tiny_llama_with_rso():
+    torch.manual_seed(0)
+    model = build_model("tiny", max_seq_len=16, n_layers=1)
+    opt = build_optimizer(model, "rso", lr=1e-2, inner_steps=5, rank=8)
+    x = torch.randint(0, 257, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(12):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, labels=x)[1]
+        loss.backward()
+        assert all(m.B.grad.dtype == torch.float32 for m in rso_layers(model).values())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert opt.outer_iteration() == 2
+
+
 def test_merge_leaves_the_layer_function_unchanged():
     x = torch.randn(5, 10)
     eager, lazy = _layer(), _layer()
