@@ -13,10 +13,15 @@
   state from ``consolidate.export_state``. On load each rank copies its new fragments back into
   the masters, DeepSpeed copies masters to the module's (bf16 / fp32) weights, and
   ``import_state`` gives the optimizer its slices: any world size, any ZeRO stage.
+  RSO under DeepSpeed uses DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint`` into
+  ``deepspeed_native/`` (module state with the frozen W and each layer's ``rso_outer`` buffer,
+  ZeRO partitions of the masters and the RSO state): it resumes at the same world size and ZeRO
+  stage only (``ValueError`` otherwise).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _is_frugal(optimizer: Any) -> bool:
     return hasattr(optimizer, "_views")
+
+
+def _is_rso(optimizer: Any) -> bool:
+    from frugal_dist.optim.rso import RSO
+
+    return isinstance(optimizer, RSO)
 
 
 SUPPORTED = ("single", "ddp", "fsdp2", "deepspeed", "fsdp1")
@@ -72,6 +83,8 @@ def save_engine_state(
 
             msd, osd = get_state_dict(model, optimizer)
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    elif engine == "deepspeed" and _is_rso(optimizer):
+        _ds_native_save(tmp, ds_engine, rank, world)
     elif engine == "deepspeed":
         from frugal_dist.optim.consolidate import export_state
 
@@ -124,6 +137,8 @@ def load_engine_state(
             dcp.load(state, checkpoint_id=str(path / "dcp"))
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])  # fmt: skip
+    elif engine == "deepspeed" and _is_rso(optimizer):
+        _ds_native_load(path, ds_engine, optimizer, saved_world, world)
     elif engine == "deepspeed":
         from frugal_dist.optim.consolidate import import_state
 
@@ -186,3 +201,40 @@ def _ds_import_params(ds_engine: Any, frugal: Any, full: dict[str, torch.Tensor]
                 lp.copy_(hp)
     else:  # ZeRO-1/2 and BF16_Optimizer: copy partition, all-gather the module's flat weights
         opt.update_lp_params()
+
+
+# ----------------------------------------------------------------------------- deepspeed, RSO
+DS_NATIVE, DS_TAG = "deepspeed_native", "state"
+
+
+def _ds_native_save(tmp: Path, ds_engine: Any, rank: int, world: int) -> None:
+    """RSO: DeepSpeed's own checkpoint of ``ds_engine`` into ``tmp/deepspeed_native/state``
+    (collective; each rank writes its ZeRO partition) plus ``deepspeed_native/meta.json``."""
+    ds_engine.save_checkpoint(str(tmp / DS_NATIVE), tag=DS_TAG, save_latest=False)
+    if rank == 0:
+        meta = {"world_size": world, "zero_stage": int(ds_engine.zero_optimization_stage())}
+        (tmp / DS_NATIVE / "meta.json").write_text(json.dumps(meta))
+
+
+def _ds_native_load(path: Path, ds_engine: Any, rso: Any, saved_world: int, world: int) -> None:
+    """Load ``_ds_native_save``'s checkpoint: module state (W, B, ``rso_outer``), masters and RSO
+    state; then tell the layers the optimizer's outer iteration (a pending lazy merge runs at the
+    next forward). Same world size and ZeRO stage only."""
+    meta = json.loads((path / DS_NATIVE / "meta.json").read_text())
+    if saved_world != world:
+        raise ValueError(
+            f"checkpoint {path} holds RSO state in DeepSpeed's own format, partitioned over "
+            f"{saved_world} ranks: resume it with {saved_world} ranks (torchrun --nproc_per_node "
+            f"{saved_world}), not {world}"
+        )
+    stage = int(ds_engine.zero_optimization_stage())
+    if meta["zero_stage"] != stage:
+        raise ValueError(
+            f"checkpoint {path} was written under ZeRO stage {meta['zero_stage']}, this run uses "
+            f"stage {stage}: resume it with a DeepSpeed config of zero_optimization.stage="
+            f"{meta['zero_stage']}"
+        )
+    loaded, _ = ds_engine.load_checkpoint(str(path / DS_NATIVE), tag=DS_TAG)
+    if loaded is None:
+        raise ValueError(f"DeepSpeed found no checkpoint in {path / DS_NATIVE} (tag {DS_TAG!r})")
+    rso.sync_layers()
