@@ -31,7 +31,7 @@ def single(steps: int, opt_kw: dict) -> dict[str, Any]:
     from frugal_dist import FRUGAL, build_param_groups
 
     device = torch.device("cuda", 0)
-    model = make_model().to(device)
+    model = make_model().float().to(device)  # fairscale FSDP accepts float32 params only
     opt = FRUGAL(build_param_groups(model), **opt_kw)
     losses = train(model, opt, steps, 0, 1, device)
     return {"losses": losses, "params": {n: p.detach().cpu() for n, p in model.named_parameters()}}
@@ -49,7 +49,7 @@ def entry(rank: int, world: int, port: int, steps: int, opt_kw: dict, out: str) 
     device = torch.device("cuda", rank)
     dist.init_process_group("nccl", rank=rank, world_size=world)
     try:
-        model = make_model().to(device)
+        model = make_model().float().to(device)  # fairscale FSDP accepts float32 params only
         for i, layer in enumerate(model.layers):  # one FSDP unit per decoder block, then the root
             assert isinstance(layer, DecoderLayer)
             model.layers[i] = FairFSDP(layer, flatten_parameters=False)

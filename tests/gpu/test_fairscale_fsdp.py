@@ -38,9 +38,14 @@ def test_fairscale_fsdp_matches_single_gpu(kind, tmp_path):
     mp.start_processes(w.entry, args=(world, free_port(), STEPS, kw, out), nprocs=world,
                        join=True, start_method="spawn")  # fmt: skip
     got = torch.load(out, weights_only=False)
-    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-6)
-    # float64 model; FRUGAL's float32 math on chunks cut mid-row (projections: boundary rows
-    # summed across ranks), as in the FSDP1 comparison on CPU.
-    worst = max((got["params"][k].double() - ref["params"][k].double()).abs().max().item()
-                for k in ref["params"])  # fmt: skip
-    assert worst < 5e-6, worst
+    # fairscale FSDP accepts only float32 parameters (a float64 model fails with "Expecting FP16
+    # param type in FP32 & MP modes", seen on 2xH200): the reduce-scattered mean then differs from
+    # the single-GPU gradient in the last float32 bits, which can flip a few signSGD signs (each
+    # moves an entry by 2 lr). So: losses to 1e-4 relative, mean parameter difference far below
+    # one flip per entry, worst entry at most a few flips.
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    diffs = [(got["params"][k] - ref["params"][k]).abs() for k in ref["params"]]
+    mean = sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs)
+    worst = max(float(d.max()) for d in diffs)
+    assert mean < 1e-5, mean
+    assert worst < 8 * COMMON["lr"], worst
