@@ -166,6 +166,10 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         if defaults["seed"] is None:  # rank 0 draws the seed; every rank uses it
             defaults["seed"] = agree_on_seed(None, process_group)
         validate_options(defaults, "FRUGAL(...) arguments")
+        for flag, value in (("shard_state", shard_state), ("reduce_gradients", reduce_gradients),
+                            ("check_agreement", check_agreement)):  # fmt: skip
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
         self.shard_state = bool(shard_state)
         self.reduce_gradients = bool(reduce_gradients)
         self.residual_comm = residual_comm

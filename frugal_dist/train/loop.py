@@ -213,6 +213,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if hasattr(optimizer, "comm_stats") and optimizer.comm_stats()["last_step_total"]:
                 record["comm_bytes"] = optimizer.comm_stats()["last_step_total"]
             record["mem_gib"] = memory_gib(device)
+            skipped = getattr(optimizer, "skipped_steps", None)  # non-finite gradients (FRUGAL)
+            if callable(skipped):
+                record["skipped_steps"] = int(skipped())
         progress.update(record, logged)
         history.append(record)
         saved = checkpoint.maybe_save(cfg, step + 1, tokens, val_loss, engine=engine, model=model,

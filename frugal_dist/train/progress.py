@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 NUMERIC = ("loss", "lr", "val_loss", "val_ppl", "tokens_per_s", "mem_gib", "opt_state_mib",
-           "comm_bytes")  # fmt: skip
+           "comm_bytes", "skipped_steps")  # fmt: skip
 
 
 def memory_gib(device: torch.device | str | None = None) -> float:

@@ -24,7 +24,7 @@ from frugal_dist.core.rules import STATE_FREE_RULES, STATE_FULL_RULES
 from frugal_dist.core.subspaces import BLOCK_ORDERS, COORD_CHOICES, PROJ_SIDES, PROJ_TYPES
 from frugal_dist.optim.validation import SUBSPACES
 from frugal_dist.train.config import ENGINES, FIELDS, build_config
-from frugal_dist.train.config_validation import DTYPES
+from frugal_dist.train.config_validation import DTYPES, frugal_keywords
 from frugal_dist.train.model import LlamaConfig, build_model
 from frugal_dist.train.optimizers import build_optimizer
 
@@ -84,7 +84,7 @@ INVALID_FRUGAL: dict[str, st.SearchStrategy] = {
     "seed": st.sampled_from([1.5, "0", True, [0]]),
 }
 UNKNOWN_KEYS = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).filter(
-    lambda k: k not in VALID_FRUGAL and k not in FIELDS
+    lambda k: k not in VALID_FRUGAL and k not in frugal_keywords() and k not in FIELDS
 )
 
 
