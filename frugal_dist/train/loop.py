@@ -97,9 +97,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                 store=dist.HashStore(), rank=0, world_size=1)  # fmt: skip
     torch.manual_seed(cfg.seed)
     data = build_data(cfg.data, cfg.seq_len, seed=cfg.seed)  # vocab: the tokenizer's
-    model = build_model(
-        cfg.model, max_seq_len=max(cfg.seq_len, 16), vocab_size=data.vocab_size
-    ).to(device)
+    model = build_model(cfg.model, max_seq_len=max(cfg.seq_len, 16), vocab_size=data.vocab_size).to(
+        device
+    )
     check_model_agreement(model)
     set_phase("start-up (model wrapping, optimizer)")
     if cfg.dtype == "bfloat16":
