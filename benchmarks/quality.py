@@ -40,6 +40,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,7 +138,7 @@ def command(args, run: dict[str, Any], data: dict[str, Any], steps: int, out: Pa
            f"--max_steps={steps}", f"--warmup_steps={warmup}", f"--eval_every={args.eval_every}",
            f"--eval_batches={args.eval_batches}", f"--log_every={args.log_every}",
            f"--seed={args.seed}", "--engine=single", f"--dtype={args.dtype}",
-           f"--output_dir={out}"]  # fmt: skip
+           f"--output_dir={out}", "--checkpoint_every=0", "--keep_checkpoints=1"]  # fmt: skip
     cmd += [f"--optimizer.{k}={v}" for k, v in run["optimizer"].items()]
     cmd += [f"--data.{k}={v}" for k, v in data.items()]
     return cmd + list(args.extra)
@@ -208,6 +209,9 @@ def _loop(args, slots, free, running, pending, data, steps, budget, out_dir) -> 
             if proc.poll() is None:
                 continue
             log.close()
+            # a quality run needs its metrics, not its checkpoint (60M: ~0.5 GB each; eight of
+            # them made the results too big to bring back from the GPU machine)
+            shutil.rmtree(out_dir / "runs" / run["name"] / "checkpoints", ignore_errors=True)
             run["returncode"] = proc.returncode
             run["wall_s"] = budget.elapsed() - run["started"]
             if run["status"] == "running":
