@@ -51,6 +51,9 @@ Step options (of the optimizer, not of a group):
 
 Communication schedule of one ``step()`` (every collective is skipped at world size 1):
 
+    first step only [check_agreement]: all_gather of one int64 digest of the options, group
+                                 hyper-parameters and parameter names/shapes (the full
+                                 descriptions only when they differ, to name the field)
     0. [nonfinite != "ignore"]   all_reduce(max) of one inf/nan flag               4 B
     1. [reduce_gradients, exact] all_reduce(mean) of every gradient, coalesced     4 B x params
        [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
@@ -213,6 +216,7 @@ class FRUGAL(FrugalStepMixin, Optimizer):
 
     # ------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._agreed = False  # ranks compare settings and parameters again at the next step
         idx = len(self.param_groups)
         where = f"param group {idx} ({param_group.get('name', 'unnamed')})"
         check_known_keys({k: v for k, v in param_group.items()}, GROUP_KEYS, where)
@@ -311,6 +315,7 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         """Let an engine adapter describe where each parameter's local fragment lives (see
         ``frugal_dist.layouts``). Gradients then come reduced by the engine, so the optimizer's
         own ``shard_state`` / ``reduce_gradients`` must be off."""
+        self._agreed = False
         if self.shard_state or self.reduce_gradients:
             raise ValueError(
                 "shard_state / reduce_gradients are for replicated parameters (DDP); with an "
@@ -429,6 +434,7 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         State tensors keep their saved dtype (torch's default would cast float32 moments to the
         dtype of a bf16 parameter). The saved seed and hyper-parameters are restored.
         """
+        self._agreed = False
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(

@@ -40,6 +40,7 @@ from frugal_dist.comm.collectives import (
     rank_and_world,
     sign_majority,
 )
+from frugal_dist.comm.preflight import check_optimizer_agreement
 from frugal_dist.core.fragments import local_coordinates, local_projection
 from frugal_dist.core.rules import (
     state_free_direction,
@@ -75,6 +76,12 @@ class FrugalStepMixin:
         self.comm.begin_step()
         rank, world = rank_and_world(self._pg)
         views = [(group, self._views(group)) for group in self.param_groups]
+        if world > 1 and self.check_agreement and not getattr(self, "_agreed", False):
+            # once (and after a new group / layout / loaded state): every rank compares the
+            # options, group hyper-parameters and parameter names (+ shapes) -- one int64
+            # all-gather when they agree; a mismatch raises on every rank naming the field.
+            check_optimizer_agreement(self, self._pg)
+            self._agreed = True
         if self.nonfinite != "ignore" and not self._check_finite(views, world):
             return
         items: list[Item] = []

@@ -75,16 +75,22 @@ def synthetic_run(rank: int, world: int, steps: int, opt_kw: dict, mode: str) ->
     }
 
 
-def seed_mismatch(rank: int, world: int) -> str:
-    split, full = named_params()
-    opt = FRUGAL(groups(split, full), subspace="coordinate", seed=rank, reduce_gradients=True)
-    for p in split + full:
-        p.grad = torch.ones_like(p)
-    try:
-        opt.step()
-    except RuntimeError as exc:
-        return str(exc)
-    return "no error"
+def seed_mismatch(rank: int, world: int) -> tuple[str, str]:
+    """Ranks with different seeds: (the first step's agreement error, the refresh-time
+    fingerprint error when the first-step check is passed over, as after a desync mid-run)."""
+    messages = []
+    for skip_first_step_check in (False, True):
+        split, full = named_params()
+        opt = FRUGAL(groups(split, full), subspace="coordinate", seed=rank, reduce_gradients=True)
+        opt._agreed = skip_first_step_check
+        for p in split + full:
+            p.grad = torch.ones_like(p)
+        try:
+            opt.step()
+            messages.append("no error")
+        except (RuntimeError, ValueError) as exc:
+            messages.append(str(exc))
+    return messages[0], messages[1]
 
 
 def seed_broadcast(rank: int, world: int) -> int:
