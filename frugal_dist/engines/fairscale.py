@@ -11,8 +11,9 @@ collectives of its own (gradients arrive averaged: from DDP, or reduced onto the
   before OSS partitions;
 * block schedule: the active set of a group is computed over the group's *full* name list and
   position, and each rank applies it to its own parameters (``_OssLayout`` gives every local
-  parameter its global position; ``OssFRUGAL._schedule`` uses the full list). Coordinate and
-  projection subspaces are functions of (seed, name, refresh) already.
+  parameter its global position and, through ``schedule_names``, the full list FRUGAL draws
+  the schedule over). Coordinate and projection subspaces are functions of (seed, name,
+  refresh) already.
 
 FRUGAL's own collectives (seed agreement, refresh fingerprints, svd owner broadcast) would
 mismatch between ranks that hold different parameters, so each local FRUGAL works in a process
@@ -48,10 +49,9 @@ from torch import nn
 
 from frugal_dist.comm.collectives import agree_on_seed
 from frugal_dist.core.fragments import RowSpan
-from frugal_dist.core.seeding import block_seed
-from frugal_dist.core.subspaces import BlockSchedule, matrix_shape
+from frugal_dist.core.subspaces import matrix_shape
 from frugal_dist.layouts.base import ParamView
-from frugal_dist.layouts.flat import FlatEntry, FlatLayout
+from frugal_dist.layouts.flat import FlatEntry, PerParameterFlatLayout
 from frugal_dist.optim import FRUGAL, build_param_groups
 
 
@@ -84,23 +84,9 @@ class _OssLayout:
     def split_rows(self, name: str) -> list[int]:
         return []  # whole parameters: nothing is cut
 
-
-class OssFRUGAL(FRUGAL):
-    """FRUGAL on one OSS shard: block schedules over the full groups (see module doc)."""
-
-    def _schedule(self, group: dict[str, Any]) -> BlockSchedule:
-        layout = self._layout
-        if not isinstance(layout, _OssLayout):
-            return super()._schedule(group)
-        names = layout.full_names[layout.group_index(self, group)]
-        key = ("oss", id(group), len(names), group["density"], group["block_order"],
-               group["seed"])  # fmt: skip
-        if key not in self._schedules:
-            self._schedules[key] = BlockSchedule(
-                len(names), group["density"], group["block_order"],
-                block_seed(group["seed"], names),
-            )  # fmt: skip
-        return self._schedules[key]
+    def schedule_names(self, optimizer: Any, group: dict[str, Any]) -> list[str]:
+        """The full group's names: FRUGAL draws the block schedule over them."""
+        return self.full_names[self.group_index(optimizer, group)]
 
 
 def _own_rank_group(group: Any) -> Any:
@@ -144,10 +130,10 @@ def build_oss(
     options["seed"] = agree_on_seed(options.get("seed", 0), group)
     local_pg = _own_rank_group(group)
 
-    def make_local(local_groups: list[dict[str, Any]], **defaults: Any) -> OssFRUGAL:
+    def make_local(local_groups: list[dict[str, Any]], **defaults: Any) -> FRUGAL:
         for g in local_groups:
             g["names"] = [name_of[id(p)] for p in g["params"]]
-        opt = OssFRUGAL(local_groups, process_group=local_pg, **defaults)
+        opt = FRUGAL(local_groups, process_group=local_pg, **defaults)
         opt.bind_layout(_OssLayout(full_names, local_pg))
         return opt
 
@@ -158,7 +144,7 @@ def build_oss(
     return oss
 
 
-def local_frugal(oss: Any) -> OssFRUGAL:
+def local_frugal(oss: Any) -> FRUGAL:
     """The FRUGAL instance of this rank inside ``oss`` (state, ``state_bytes()``)."""
     return oss.optim
 
@@ -193,20 +179,5 @@ def build_fsdp_frugal(model: nn.Module, **options: Any) -> FRUGAL:
         for idx, (p, name) in enumerate(zip(group["params"], group["names"])):
             shape, start, numel = info[id(p)]
             entries.append(FlatEntry(name, shape, idx, p, 0, start, numel))
-    frugal.bind_layout(_FairscaleFsdpLayout(entries, roots[0].process_group))
+    frugal.bind_layout(PerParameterFlatLayout(entries, roots[0].process_group))
     return frugal
-
-
-class _FairscaleFsdpLayout(FlatLayout):
-    """Each parameter is its own holder; empty shards still get an (empty) gradient so every
-    rank walks the same items."""
-
-    name = "fairscale-fsdp"
-
-    def views(self, optimizer: Any, group: dict[str, Any], all_holders: bool = False):
-        stepping = any(p.grad is not None for p in group["params"])
-        out = super().views(optimizer, group, all_holders)
-        for v in out:
-            if v.grad is None and v.span.numel == 0 and stepping:
-                v.grad = torch.zeros(0, device=v.data.device)
-        return out

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from frugal_dist.layouts.flat import FlatEntry, FlatLayout
+from frugal_dist.layouts.flat import FlatEntry, PerParameterFlatLayout
 from frugal_dist.optim import FRUGAL, build_param_groups
 
 
@@ -85,7 +85,7 @@ def build_frugal(model: nn.Module, **options: Any) -> FRUGAL:
         for idx, (p, name) in enumerate(zip(group["params"], group["names"])):
             shape, start, numel = infos[id(p)]
             entries.append(FlatEntry(name, shape, idx, p, 0, start, numel))
-    frugal.bind_layout(_Fsdp1Layout(entries))
+    frugal.bind_layout(PerParameterFlatLayout(entries))
     return frugal
 
 
@@ -121,18 +121,3 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: FRUGAL) -> None:
     with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
         model.load_state_dict(blob["model"])
     import_state(optimizer, blob["optimizer"])
-
-
-class _Fsdp1Layout(FlatLayout):
-    """Each original parameter is its own holder; parameters with nothing on this rank still get
-    an (empty) gradient so every rank walks the same items."""
-
-    name = "fsdp1"
-
-    def views(self, optimizer: Any, group: dict[str, Any], all_holders: bool = False):
-        stepping = any(p.grad is not None for p in group["params"])
-        out = super().views(optimizer, group, all_holders)
-        for v in out:
-            if v.grad is None and v.span.numel == 0 and stepping:
-                v.grad = torch.zeros(0, device=v.data.device)
-        return out

@@ -44,6 +44,9 @@ class Layout(Protocol):
         """Rows of ``name``'s matrix that are cut between two fragments (same on every rank)."""
         ...
 
+    # Optional: ``schedule_names(optimizer, group) -> list[str]``, the full name list a group's
+    # block schedule is drawn over when the group holds only a subset of it (fairscale OSS).
+
 
 class PrefixedState(MutableMapping):
     """The entries ``"<prefix>::<key>"`` of a state dict, seen as a dict of ``key``.

@@ -100,6 +100,23 @@ class FlatLayout:
         return out
 
 
+class PerParameterFlatLayout(FlatLayout):
+    """``FlatLayout`` where every original parameter is its own holder (FSDP1 with
+    ``use_orig_params``, fairscale FSDP without flattening): a parameter with nothing on this rank
+    still gets an (empty) gradient while the group steps, so every rank walks the same items and
+    joins the same collectives."""
+
+    name = "per-parameter-flat"
+
+    def views(self, optimizer: Any, group: dict[str, Any], all_holders: bool = False):
+        stepping = any(p.grad is not None for p in group["params"])
+        out = super().views(optimizer, group, all_holders)
+        for v in out:
+            if v.grad is None and v.span.numel == 0 and stepping:
+                v.grad = torch.zeros(0, device=v.data.device)
+        return out
+
+
 def partition_evenly(
     named: list[tuple[str, torch.Size]], rank: int, world: int
 ) -> tuple[int, list[tuple[str, int, int, int]]]:

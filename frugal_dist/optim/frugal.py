@@ -248,12 +248,15 @@ class FRUGAL(FrugalStepMixin, Optimizer):
     # ------------------------------------------------------------------------- helpers
     def _schedule(self, group: dict[str, Any]) -> BlockSchedule:
         """The group's block schedule, rebuilt only when its options change (not every step:
-        the seed hashes every name of the group)."""
-        key = (id(group), len(group["names"]), group["density"], group["block_order"],
-               group["seed"])  # fmt: skip
+        the seed hashes every name of the group). It is drawn over the layout's full name list
+        when the bound layout says this group holds a subset (``schedule_names``: fairscale OSS),
+        so every rank picks the blocks the unsharded run picks."""
+        full = getattr(self._layout, "schedule_names", None)
+        names = full(self, group) if full is not None else group["names"]
+        key = (id(group), len(names), group["density"], group["block_order"], group["seed"])
         if key not in self._schedules:
             self._schedules[key] = BlockSchedule(
-                key[1], key[2], key[3], block_seed(group["seed"], group["names"])
+                key[1], key[2], key[3], block_seed(group["seed"], names)
             )
         return self._schedules[key]
 

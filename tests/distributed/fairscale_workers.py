@@ -6,23 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from tests.distributed.fsdp_workers import _local, batches, make_model
-
-
-def _losses_step(model, opt, steps, rank, world, start=0, set_to_none=True) -> list[float]:
-    losses = []
-    for batch in batches(steps, start):
-        local = _local(batch, rank, world)
-        _, loss = model(local, labels=local)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=set_to_none)
-        t = loss.detach().clone()
-        dist.all_reduce(t)
-        losses.append((t / world).item())
-    return losses
+from tests.distributed.fsdp_workers import _train, make_model
 
 
 def oss(rank: int, world: int, steps: int, opt_kw: dict, sdp: bool) -> dict[str, Any]:
@@ -35,7 +20,7 @@ def oss(rank: int, world: int, steps: int, opt_kw: dict, sdp: bool) -> dict[str,
     opt = build_oss(model, **opt_kw)
     wrapped = ShardedDataParallel(model, opt) if sdp else DDP(model)
     # ShardedDataParallel keeps references to the .grad tensors: zero them, do not drop them.
-    losses = _losses_step(wrapped, opt, steps, rank, world, set_to_none=not sdp)
+    losses = _train(wrapped, opt, steps, rank, world, set_to_none=not sdp)
     frugal = local_frugal(opt)
     names = {id(p): n for n, p in model.named_parameters()}
     state = {names[id(p)]: {k: v.clone() for k, v in st.items()} for p, st in frugal.state.items()}
@@ -69,7 +54,7 @@ def fsdp1_save(rank: int, world: int, steps: int, opt_kw: dict, path: str) -> No
 
     model = _fsdp1_model()
     opt = build_frugal(model, **opt_kw)
-    _losses_step(model, opt, steps, rank, world)
+    _train(model, opt, steps, rank, world)
     save_checkpoint(path, model, opt)
 
 
@@ -79,5 +64,5 @@ def fsdp1_resume(rank: int, world: int, start: int, steps: int, opt_kw: dict, pa
     model = _fsdp1_model()
     opt = build_frugal(model, **{**opt_kw, "seed": 4321})  # the saved seed wins
     load_checkpoint(path, model, opt)
-    losses = _losses_step(model, opt, steps, rank, world, start=start)
+    losses = _train(model, opt, steps, rank, world, start=start)
     return {"losses": losses, "params": _fsdp1_params(model)}

@@ -35,16 +35,17 @@ def _local(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return batch[rank * per : (rank + 1) * per]
 
 
-def _train(model, opt, steps, rank, world, start=0) -> list[float]:
+def _train(model, opt, steps, rank, world, start=0, set_to_none=True, device=None) -> list[float]:
+    """Train on this rank's slice of the fixed global batches; the rank-mean loss per step."""
     import torch.distributed as dist
 
     losses = []
     for batch in batches(steps, start):
-        local = _local(batch, rank, world)
+        local = _local(batch, rank, world).to(device or "cpu")
         _, loss = model(local, labels=local)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=set_to_none)
         t = loss.detach().clone()
         if world > 1:
             dist.all_reduce(t)

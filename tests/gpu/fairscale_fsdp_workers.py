@@ -8,23 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tests.distributed.fsdp_workers import _local, batches, make_model
-
-
-def train(model, opt, steps: int, rank: int, world: int, device) -> list[float]:
-    losses = []
-    for batch in batches(steps):
-        local = _local(batch, rank, world).to(device)
-        _, loss = model(local, labels=local)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(t)
-            t /= world
-        losses.append(t.item())
-    return losses
+from tests.distributed.fsdp_workers import _train, make_model
 
 
 def single(steps: int, opt_kw: dict) -> dict[str, Any]:
@@ -33,7 +17,7 @@ def single(steps: int, opt_kw: dict) -> dict[str, Any]:
     device = torch.device("cuda", 0)
     model = make_model().float().to(device)  # fairscale FSDP accepts float32 params only
     opt = FRUGAL(build_param_groups(model), **opt_kw)
-    losses = train(model, opt, steps, 0, 1, device)
+    losses = _train(model, opt, steps, 0, 1, device=device)
     return {"losses": losses, "params": {n: p.detach().cpu() for n, p in model.named_parameters()}}
 
 
@@ -55,7 +39,7 @@ def entry(rank: int, world: int, port: int, steps: int, opt_kw: dict, out: str) 
             model.layers[i] = FairFSDP(layer, flatten_parameters=False)
         model = FairFSDP(model, flatten_parameters=False)
         opt = build_fsdp_frugal(model, **opt_kw)
-        losses = train(model, opt, steps, rank, world, device)
+        losses = _train(model, opt, steps, rank, world, device=device)
         with model.summon_full_params():
             params = {clean_name(n): p.detach().cpu().clone() for n, p in model.named_parameters()}
         if rank == 0:
