@@ -20,6 +20,12 @@ papers': rho 0.25, update gap 200, lr 1e-3 for 60M). Variants (``--variants``):
     frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
 
+Sweep and finals (issue: short runs are dominated by hyper-parameters): ``--lrs`` x
+``--inactive-lr-scales`` (the FRUGAL state-free lr scale s_i; FRUGAL variants only) x ``--seeds``
+is a grid; ``--best-from SWEEP/quality.json`` instead runs each variant's best (lr, s_i) of that
+sweep (lowest final validation loss) once per ``--seeds``. ``quality.md`` starts with one row per
+variant (best setting, mean over seeds, per-seed values, spread), then lists every run.
+
 Steps: (1) the data are tokenised once in this process (``build_data`` with ``data.cache_dir``),
 so the parallel runs only read the token cache; (2) runs are started on free slots
 (``CUDA_VISIBLE_DEVICES=<gpu>``, ``--jobs-per-gpu`` processes per GPU; without ``--gpus`` they
@@ -110,24 +116,74 @@ def available_optimizers() -> tuple[str, ...]:
     return tuple(OPTIMIZERS)
 
 
+STATE_FREE = ("frugal",)  # optimizer names with a state-free update (inactive_lr_scale applies)
+
+
+def settings(args) -> list[tuple[str, float, float | None, int]]:
+    """(variant, lr, inactive_lr_scale or None, seed) for every run of this call.
+
+    Grid mode: every variant x ``--lrs`` x (``--inactive-lr-scales`` for FRUGAL variants, which
+    have a state-free update; None for the others) x ``--seeds``. With ``--best-from``, each
+    variant's (lr, scale) is instead the one with the lowest final validation loss among the
+    finished runs of that earlier quality.json, run once per seed."""
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    variants = args.variants.split(",")
+    if args.best_from:
+        best = best_settings(json.loads(Path(args.best_from).read_text()), variants,
+                             args.best_from)  # fmt: skip
+        return [(v, lr, sc, seed) for v in variants for (lr, sc) in [best[v]] for seed in seeds]
+    out = []
+    for v in variants:
+        scales = [float(x) for x in args.inactive_lr_scales.split(",")] \
+            if VARIANTS[v]["name"] in STATE_FREE else [None]  # fmt: skip
+        out += [(v, float(lr), sc, seed) for lr in args.lrs.split(",") for sc in scales
+                for seed in seeds]  # fmt: skip
+    return out
+
+
+def best_settings(result: dict[str, Any], variants: list[str], path: str) -> dict[str, tuple]:
+    """Per variant, the (lr, inactive_lr_scale) of its finished run with the lowest final
+    validation loss (mean over seeds when a setting ran with several)."""
+    scores: dict[tuple, list[float]] = {}
+    for r in result["runs"]:
+        if r.get("status") == "ok" and r.get("final_val_loss") is not None:
+            key = (r["variant"], r["lr"], r.get("inactive_lr_scale"))
+            scores.setdefault(key, []).append(r["final_val_loss"])
+    best: dict[str, tuple] = {}
+    for v in variants:
+        cands = {k[1:]: sum(x) / len(x) for k, x in scores.items() if k[0] == v}
+        if not cands:
+            raise SystemExit(f"--best-from {path}: variant "
+                             f"{v!r} has no finished run there; drop it from --variants or "
+                             "re-run its sweep")  # fmt: skip
+        best[v] = min(cands, key=cands.get)
+    return best
+
+
+def run_name(variant: str, lr: float, scale: float | None, seed: int) -> str:
+    return f"{variant}_lr{lr:g}" + ("" if scale is None else f"_free{scale:g}") + f"_seed{seed}"
+
+
 def plan_runs(args, steps: int) -> list[dict[str, Any]]:
     runs = []
     offered = available_optimizers()
-    for variant in args.variants.split(","):
-        for lr in args.lrs.split(","):
-            opt = {**VARIANTS[variant], "lr": float(lr)}
-            if opt["name"] in ("frugal", "galore", "badam"):
-                opt.setdefault("update_gap", args.update_gap)
-            if opt["name"] in ("frugal", "galore", "badam", "adamw"):
-                opt.setdefault("weight_decay", 0.0)
-            if opt["name"] == "rso":
-                opt.setdefault("inner_steps", args.update_gap)
-            run = {"name": f"{variant}_lr{lr}", "variant": variant, "lr": float(lr),
-                   "optimizer": opt, "status": "pending"}  # fmt: skip
-            if opt["name"] not in offered:
-                run.update(status="skipped", note=f"no {opt['name']!r} preset in "
-                           f"frugal_dist.train.optimizers (offers {list(offered)})")  # fmt: skip
-            runs.append(run)
+    for variant, lr, scale, seed in settings(args):
+        opt = {**VARIANTS[variant], "lr": lr}
+        if scale is not None:
+            opt["inactive_lr_scale"] = scale
+        if opt["name"] in ("frugal", "galore", "badam"):
+            opt.setdefault("update_gap", args.update_gap)
+        if opt["name"] in ("frugal", "galore", "badam", "adamw"):
+            opt.setdefault("weight_decay", 0.0)
+        if opt["name"] == "rso":
+            opt.setdefault("inner_steps", args.update_gap)
+        run = {"name": run_name(variant, lr, scale, seed), "variant": variant, "lr": lr,
+               "inactive_lr_scale": scale, "seed": seed, "optimizer": opt,
+               "status": "pending"}  # fmt: skip
+        if opt["name"] not in offered:
+            run.update(status="skipped", note=f"no {opt['name']!r} preset in "
+                       f"frugal_dist.train.optimizers (offers {list(offered)})")  # fmt: skip
+        runs.append(run)
     return runs
 
 
@@ -137,7 +193,7 @@ def command(args, run: dict[str, Any], data: dict[str, Any], steps: int, out: Pa
            f"--seq_len={args.seq_len}", f"--batch_size={args.batch_size}", "--grad_accum=1",
            f"--max_steps={steps}", f"--warmup_steps={warmup}", f"--eval_every={args.eval_every}",
            f"--eval_batches={args.eval_batches}", f"--log_every={args.log_every}",
-           f"--seed={args.seed}", "--engine=single", f"--dtype={args.dtype}",
+           f"--seed={run.get('seed', args.seed)}", "--engine=single", f"--dtype={args.dtype}",
            f"--output_dir={out}", "--checkpoint_every=0", "--keep_checkpoints=1"]  # fmt: skip
     cmd += [f"--optimizer.{k}={v}" for k, v in run["optimizer"].items()]
     cmd += [f"--data.{k}={v}" for k, v in data.items()]
@@ -247,17 +303,47 @@ def collect(run: dict[str, Any], out_dir: Path) -> None:
     run["opt_state_mib"] = states[-1] if states else None
 
 
+def _scale(r: dict[str, Any]) -> str:
+    return "-" if r.get("inactive_lr_scale") is None else f"{r['inactive_lr_scale']:g}"
+
+
 def table(result: dict[str, Any]) -> str:
     runs = sorted(result["runs"], key=lambda r: (r.get("final_val_loss") is None,
                                                   r.get("final_val_loss") or 0))  # fmt: skip
-    rows = [[r["variant"], f"{r['lr']:g}", r["status"], fmt(r.get("tokens"), ",d"),
+    rows = [[r["variant"], f"{r['lr']:g}", _scale(r), str(r.get("seed", result["config"]["seed"])),
+             r["status"], fmt(r.get("tokens"), ",d"),
              fmt(r.get("final_val_loss"), ".4f"), fmt(r.get("final_val_ppl"), ",.2f"),
              fmt(r.get("best_val_loss"), ".4f"), fmt(r.get("final_train_loss"), ".4f"),
              fmt(r.get("opt_state_mib"), ",.1f"), fmt(r.get("tokens_per_s"), ",.0f"),
              fmt(r.get("wall_s"), ",.0f")] for r in runs]  # fmt: skip
-    return markdown_table(["variant", "lr", "status", "tokens", "final val loss", "val ppl",
-                           "best val loss", "train loss (last 5 logs)", "opt state MiB",
-                           "tokens/s", "wall s"], rows)  # fmt: skip
+    return markdown_table(["variant", "lr", "free lr scale", "seed", "status", "tokens",
+                           "final val loss", "val ppl", "best val loss",
+                           "train loss (last 5 logs)", "opt state MiB", "tokens/s", "wall s"],
+                          rows)  # fmt: skip
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One row per variant: its best setting (lowest mean final validation loss over seeds), the
+    mean, the per-seed values and their spread (max - min), best first."""
+    groups: dict[tuple, list[float]] = {}
+    for r in result["runs"]:
+        if r.get("status") == "ok" and r.get("final_val_loss") is not None:
+            key = (r["variant"], r["lr"], r.get("inactive_lr_scale"))
+            groups.setdefault(key, []).append(r["final_val_loss"])
+    best: dict[str, tuple] = {}
+    for key, vals in groups.items():
+        mean = sum(vals) / len(vals)
+        if key[0] not in best or mean < best[key[0]][0]:
+            best[key[0]] = (mean, key, vals)
+    rows = []
+    for v, (mean, key, vals) in sorted(best.items(), key=lambda kv: kv[1][0]):
+        scale = "-" if key[2] is None else f"{key[2]:g}"
+        spread = fmt(max(vals) - min(vals), ".4f") if len(vals) > 1 else "-"
+        per_seed = ", ".join(f"{x:.4f}" for x in vals)
+        rows.append([v, f"{key[1]:g}", scale, str(len(vals)), f"{mean:.4f}",
+                     f"{math.exp(mean):,.2f}", per_seed, spread])  # fmt: skip
+    return markdown_table(["variant", "best lr", "free lr scale", "seeds", "mean final val loss",
+                           "ppl of mean", "per seed", "spread"], rows)  # fmt: skip
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -269,7 +355,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         fig, ax = plt.subplots(1, 2, figsize=(14, 5))
         for r in runs:
             vals = [x for x in r["records"] if x.get("val_loss") is not None]
-            label = f"{r['variant']} lr={r['lr']:g}"
+            label = f"{r['variant']} lr={r['lr']:g} free={_scale(r)} seed={r.get('seed', '-')}"
             if vals:
                 ax[0].plot([x["tokens"] for x in vals],
                            [math.exp(min(x["val_loss"], 50)) for x in vals], marker=".",
@@ -305,6 +391,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(VARIANTS)}"
     )
     ap.add_argument("--lrs", default="1e-3", help="comma list: every variant runs every lr")
+    ap.add_argument(
+        "--inactive-lr-scales",
+        default="1",
+        help="comma list of FRUGAL state-free lr scales (FRUGAL variants only)",
+    )
+    ap.add_argument("--seeds", default=None, help="comma list of seeds (default: --seed)")
+    ap.add_argument(
+        "--best-from",
+        default=None,
+        help="an earlier quality.json: run each variant's best (lr, scale) only",
+    )
     ap.add_argument("--update-gap", type=int, default=200)
     ap.add_argument("--warmup-frac", type=float, default=0.1)
     ap.add_argument("--eval-every", type=int, default=50)
@@ -338,10 +435,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     for v in args.variants.split(","):
         if v not in VARIANTS:
             ap.error(f"--variants: unknown {v!r}; choose from {list(VARIANTS)}")
-    try:
-        [float(x) for x in args.lrs.split(",")]
-    except ValueError:
-        ap.error(f"--lrs must be a comma list of numbers, got {args.lrs!r}")
+    for flag, text, kind in (("--lrs", args.lrs, float),
+                             ("--inactive-lr-scales", args.inactive_lr_scales, float),
+                             ("--seeds", args.seeds or "0", int)):  # fmt: skip
+        try:
+            [kind(x) for x in text.split(",")]
+        except ValueError:
+            ap.error(f"{flag} must be a comma list of {kind.__name__}s, got {text!r}")
+    if args.best_from and not Path(args.best_from).is_file():
+        ap.error(f"--best-from {args.best_from!r}: no such file (a quality.json of a sweep)")
     return args
 
 
@@ -350,7 +452,7 @@ def main(argv=None) -> None:
     if args.replot:
         result = json.loads(Path(args.replot).read_text())
         plot(result, Path(args.replot).with_suffix(".png"))
-        print(table(result))
+        print(summary(result) + "\n\n" + table(result))
         return
     budget = Budget(args.max_seconds)
     out_dir = Path(args.out_dir or REPO / "benchmarks" / "results" / f"quality_{args.model}")
@@ -362,8 +464,8 @@ def main(argv=None) -> None:
     result: dict[str, Any] = {"benchmark": "quality", "config": vars(args), "data": data,
                               "steps": steps, "tokens_per_step": tokens_per_step,
                               "provenance": provenance()}  # fmt: skip
+    runs = plan_runs(args, steps)  # first: a bad --best-from fails before the data are built
     result["data_prep"] = pretokenize(data, args.seq_len, args.seed)
-    runs = plan_runs(args, steps)
     result["runs"] = runs
     try:
         schedule(args, runs, data, steps, budget, out_dir)
@@ -372,7 +474,7 @@ def main(argv=None) -> None:
             collect(run, out_dir)
         result["elapsed_s"] = budget.elapsed()
         write_json(out_dir / "quality.json", result)
-        md = table(result)
+        md = summary(result) + "\n\nEvery run:\n\n" + table(result)
         (out_dir / "quality.md").write_text(md + "\n")
         print(md)
         print(f"wrote {out_dir / 'quality.json'}")
