@@ -25,7 +25,8 @@ Distributed (replicated parameters: DDP, plain torchrun). Options of the optimiz
 
 * ``shard_state=True`` -- ZeRO-1 for the state-full buffers: every parameter has one owner rank
   (longest-first balancing of state bytes; block tensors re-balanced at each refresh), only the
-  owner keeps its buffers and computes U; per-rank state ~ total / world size.
+  owner keeps its buffers and computes U; per-rank state ~ total / world size (the plan:
+  ``frugal_dist.optim.ownership``).
 * ``reduce_gradients=True`` -- FRUGAL reduces the gradients itself (leave the model unwrapped, or
   wrap it in DDP with ``frugal_dist.comm.defer_to_optimizer_hook``). Non-final micro-steps of
   gradient accumulation communicate nothing (gradients just accumulate in ``.grad``).
@@ -73,7 +74,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from frugal_dist.comm.collectives import agree_on_seed, rank_and_world
+from frugal_dist.comm.collectives import agree_on_seed
 from frugal_dist.comm.stats import CommStats
 from frugal_dist.core.fragments import RowSpan
 from frugal_dist.core.rules import state_full_keys
@@ -84,16 +85,15 @@ from frugal_dist.core.subspaces import (
     ProjectionSelection,
     coordinate_selection,
     matrix_shape,
-    projection_rank,
     projection_selection,
     resolve_side,
-    round_half_up,
 )
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim.frugal_step import FrugalStepMixin
 from frugal_dist.optim.nonfinite import validate_nonfinite
+from frugal_dist.optim.ownership import ShardOwnershipMixin
 from frugal_dist.optim.param_groups import logical_shape
-from frugal_dist.optim.sharding import ShardPlan, assign_owners
+from frugal_dist.optim.sharding import ShardPlan
 from frugal_dist.optim.validation import check_known_keys, validate_options
 
 FRUGAL_DEFAULTS: dict[str, Any] = dict(
@@ -122,7 +122,7 @@ PROJ_QR_DEVICES = ("cpu", "param")
 GROUP_KEYS = frozenset(FRUGAL_DEFAULTS) | {"params", "names", "name", "initial_lr"}
 
 
-class FRUGAL(FrugalStepMixin, Optimizer):
+class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
     """FRUGAL optimizer (see the module docstring for the update equations and the state).
 
     Args:
@@ -359,49 +359,7 @@ class FRUGAL(FrugalStepMixin, Optimizer):
         self._run_step()
         return loss
 
-    # ------------------------------------------------------------------------- ownership
-    def _shard_plan(self, world: int) -> ShardPlan:
-        if self._plan is None or len(self._plan.load) != world:
-            weights: dict[str, int] = {}
-            for group in self.param_groups:
-                for p, name in zip(group["params"], group["names"]):
-                    weights[name] = _expected_state_bytes(p, group)
-            self._plan = assign_owners(weights, world)
-        return self._plan
-
-    def _plan_owner(self, name: str, rank: int, world: int) -> int:
-        """Rank that computes one-off work for ``name`` (e.g. its svd refresh)."""
-        return 0 if world == 1 else self._shard_plan(world).owner[name]
-
-    def _state_owner(self, name: str, rank: int, world: int) -> int:
-        """Rank that holds ``name``'s state-full buffers (every rank unless ``shard_state``)."""
-        if not self.shard_state or world == 1:
-            return rank
-        return self._shard_plan(world).owner[name]
-
-    def _block_owner(self, group: dict[str, Any], idx: int, k: int, rank: int, world: int) -> int:
-        """Owner of block tensor ``idx`` during refresh ``k``: the active set is balanced anew at
-        each refresh (LPT by size) because statistics restart there anyway. With
-        ``reset_statistics=False`` ownership stays static so kept moments never move."""
-        if not self.shard_state or world == 1:
-            return rank
-        if not group["reset_statistics"]:
-            return self._shard_plan(world).owner[group["names"][idx]]
-        key = (id(group), k, world)
-        if key not in self._block_owners:
-            active = sorted(self._schedule(group).active(k))
-            weights = {str(i): group["params"][i].numel() for i in active}
-            plan = assign_owners(weights, world)
-            self._block_owners = {key: {int(i): r for i, r in plan.owner.items()}}
-        return self._block_owners[key].get(idx, rank)
-
-    def shard_report(self) -> dict[str, Any]:
-        """The ownership plan: expected state bytes per rank and the imbalance (max / mean)."""
-        _, world = rank_and_world(self._pg)
-        plan = self._shard_plan(world)
-        return {"world_size": world, "sharded": self.shard_state, "load_bytes": list(plan.load),
-                "imbalance": plan.imbalance}  # fmt: skip
-
+    # ------------------------------------------------------------------------- comm
     def comm_stats(self) -> dict[str, Any]:
         """Bytes this rank handed to collectives, by kind, for the last step and in total."""
         return self.comm.as_dict()
@@ -488,25 +446,6 @@ class FRUGAL(FrugalStepMixin, Optimizer):
 
 def _at(seq: list[str], i: int) -> str | None:
     return seq[i] if i < len(seq) else None
-
-
-def _expected_state_bytes(p: Tensor, group: dict[str, Any]) -> int:
-    """Float32 state-full bytes of ``p`` under ``group``'s options (the sharding weight)."""
-    algo = group["algorithm"]
-    if algo in ("signsgd", "sgd"):
-        return 0
-    per = 4 * len(state_full_keys("adamw" if algo == "adamw" else group["state_full"]))
-    if algo == "adamw" or group["subspace"] == "block":
-        return per * p.numel()
-    m, n = matrix_shape(p.shape)
-    rho = group["density"]
-    if group["subspace"] == "coordinate":
-        choice = group["coord_choice"]
-        count = {"columns": m * min(n, round_half_up(rho * n)),
-                 "rows": min(m, round_half_up(rho * m)) * n,
-                 "randk": min(m * n, round_half_up(rho * m * n))}[choice]  # fmt: skip
-        return per * count
-    return per * projection_rank((m, n), rho) * max(m, n)
 
 
 def _holds_dtensors(group: dict[str, Any]) -> bool:

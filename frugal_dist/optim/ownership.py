@@ -1,0 +1,99 @@
+"""Which rank owns a parameter's state-full work (mixed into ``FRUGAL``).
+
+Ownership matters only for replicated parameters (DDP, plain torchrun) with ``shard_state=True``
+(ZeRO-1 for the state-full buffers) and for one-off work done by a single rank (the svd refresh).
+The plan is a pure function of parameter names, shapes and group options, so every rank computes
+the same owners without communicating:
+
+* the weight of a parameter is its expected float32 state-full bytes (``expected_state_bytes``):
+  (#buffers of the rule) x 4 B x (whole tensor for AdamW / block groups, the compact subspace
+  size for coordinate and projection groups; 0 for state-free groups);
+* ``frugal_dist.optim.sharding.assign_owners`` balances these weights longest-first;
+* block tensors with ``reset_statistics=True`` are re-balanced over the *active* set at every
+  refresh (their statistics restart there anyway); with ``reset_statistics=False`` they keep the
+  static owner so kept moments never move between ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from frugal_dist.comm.collectives import rank_and_world
+from frugal_dist.core.rules import state_full_keys
+from frugal_dist.core.subspaces import matrix_shape, projection_rank, round_half_up
+from frugal_dist.optim.sharding import ShardPlan, assign_owners
+
+
+class ShardOwnershipMixin:
+    """Owner ranks of parameters and active blocks (mixed into ``FRUGAL``, which provides
+    ``_schedule(group)``, the group's block schedule)."""
+
+    param_groups: list[dict[str, Any]]
+    shard_state: bool
+    _pg: Any
+    _plan: ShardPlan | None
+    _block_owners: dict[tuple, dict[int, int]]
+
+    def _shard_plan(self, world: int) -> ShardPlan:
+        """The static plan over every parameter (cached until the groups or world size change)."""
+        if self._plan is None or len(self._plan.load) != world:
+            weights: dict[str, int] = {}
+            for group in self.param_groups:
+                for p, name in zip(group["params"], group["names"]):
+                    weights[name] = expected_state_bytes(p, group)
+            self._plan = assign_owners(weights, world)
+        return self._plan
+
+    def _plan_owner(self, name: str, rank: int, world: int) -> int:
+        """Rank that computes one-off work for ``name`` (e.g. its svd refresh)."""
+        return 0 if world == 1 else self._shard_plan(world).owner[name]
+
+    def _state_owner(self, name: str, rank: int, world: int) -> int:
+        """Rank that holds ``name``'s state-full buffers (every rank unless ``shard_state``)."""
+        if not self.shard_state or world == 1:
+            return rank
+        return self._shard_plan(world).owner[name]
+
+    def _block_owner(self, group: dict[str, Any], idx: int, k: int, rank: int, world: int) -> int:
+        """Owner of block tensor ``idx`` during refresh ``k``: the active set is balanced anew at
+        each refresh (LPT by size) because statistics restart there anyway. With
+        ``reset_statistics=False`` ownership stays static so kept moments never move."""
+        if not self.shard_state or world == 1:
+            return rank
+        if not group["reset_statistics"]:
+            return self._shard_plan(world).owner[group["names"][idx]]
+        key = (id(group), k, world)
+        if key not in self._block_owners:
+            active = sorted(self._schedule(group).active(k))
+            weights = {str(i): group["params"][i].numel() for i in active}
+            plan = assign_owners(weights, world)
+            self._block_owners = {key: {int(i): r for i, r in plan.owner.items()}}
+        return self._block_owners[key].get(idx, rank)
+
+    def shard_report(self) -> dict[str, Any]:
+        """The ownership plan: expected state bytes per rank and the imbalance (max / mean)."""
+        _, world = rank_and_world(self._pg)
+        plan = self._shard_plan(world)
+        return {"world_size": world, "sharded": self.shard_state, "load_bytes": list(plan.load),
+                "imbalance": plan.imbalance}  # fmt: skip
+
+
+def expected_state_bytes(p: Tensor, group: dict[str, Any]) -> int:
+    """Float32 state-full bytes of ``p`` under ``group``'s options (the sharding weight)."""
+    algo = group["algorithm"]
+    if algo in ("signsgd", "sgd"):
+        return 0
+    per = 4 * len(state_full_keys("adamw" if algo == "adamw" else group["state_full"]))
+    if algo == "adamw" or group["subspace"] == "block":
+        return per * p.numel()
+    m, n = matrix_shape(p.shape)
+    rho = group["density"]
+    if group["subspace"] == "coordinate":
+        choice = group["coord_choice"]
+        count = {"columns": m * min(n, round_half_up(rho * n)),
+                 "rows": min(m, round_half_up(rho * m)) * n,
+                 "randk": min(m * n, round_half_up(rho * m * n))}[choice]  # fmt: skip
+        return per * count
+    return per * projection_rank((m, n), rho) * max(m, n)
