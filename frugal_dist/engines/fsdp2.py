@@ -54,10 +54,14 @@ def shard_model(
     return model
 
 
-def cpu_mesh() -> Any:
-    """A 1-D device mesh over all ranks on the CPU (gloo)."""
+def default_mesh() -> Any:
+    """A 1-D device mesh over the whole world: on cuda if available (NCCL), else on cpu (gloo)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return init_device_mesh(device, (dist.get_world_size(),))
+
+
+# Old name (it was never CPU-only); kept until benchmarks/gpu_memory_speed.py calls default_mesh.
+cpu_mesh = default_mesh

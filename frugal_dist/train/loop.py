@@ -109,9 +109,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         apply_rso_from_options(model, cfg.optimizer, seed=cfg.seed)
     if engine == "fsdp2":
-        from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
+        from frugal_dist.engines.fsdp2 import default_mesh, shard_model
 
-        shard_model(model, mesh=cpu_mesh())
+        shard_model(model, mesh=default_mesh())
     if engine != "deepspeed":
         wrapped = DDP(model) if engine == "ddp" else model
     opt_cfg = dict(cfg.optimizer)

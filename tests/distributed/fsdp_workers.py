@@ -84,9 +84,9 @@ def single(steps: int, opt_kw: dict) -> dict[str, Any]:
 
 
 def fsdp2(rank: int, world: int, steps: int, opt_kw: dict) -> dict[str, Any]:
-    from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
+    from frugal_dist.engines.fsdp2 import default_mesh, shard_model
 
-    model = shard_model(make_model(), mesh=cpu_mesh())
+    model = shard_model(make_model(), mesh=default_mesh())
     opt = FRUGAL(build_param_groups(model), **opt_kw)
     losses = _train(model, opt, steps, rank, world)
     return {"losses": losses, "params": _full_params(model), "state": _full_state(model, opt)}
@@ -94,9 +94,9 @@ def fsdp2(rank: int, world: int, steps: int, opt_kw: dict) -> dict[str, Any]:
 
 def dcp_save(rank: int, world: int, steps: int, opt_kw: dict, path: str) -> None:
     from frugal_dist.engines import fsdp2_checkpoint
-    from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
+    from frugal_dist.engines.fsdp2 import default_mesh, shard_model
 
-    model = shard_model(make_model(), mesh=cpu_mesh())
+    model = shard_model(make_model(), mesh=default_mesh())
     opt = FRUGAL(build_param_groups(model), **opt_kw)
     _train(model, opt, steps, rank, world)
     fsdp2_checkpoint.save(path, model, opt)
@@ -104,9 +104,9 @@ def dcp_save(rank: int, world: int, steps: int, opt_kw: dict, path: str) -> None
 
 def dcp_resume(rank: int, world: int, start: int, steps: int, opt_kw: dict, path: str):
     from frugal_dist.engines import fsdp2_checkpoint
-    from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
+    from frugal_dist.engines.fsdp2 import default_mesh, shard_model
 
-    model = shard_model(make_model(), mesh=cpu_mesh())
+    model = shard_model(make_model(), mesh=default_mesh())
     opt = FRUGAL(build_param_groups(model), **{**opt_kw, "seed": 12345})  # the saved seed wins
     fsdp2_checkpoint.load(path, model, opt)
     losses = _train(model, opt, steps, rank, world, start=start)
@@ -133,11 +133,11 @@ def fsdp1(rank: int, world: int, steps: int, opt_kw: dict) -> dict[str, Any]:
 
 def fsdp2_svd_calls(rank: int, world: int) -> int:
     """SVDs computed on this rank during 2 refreshes of every split matrix under FSDP2."""
-    from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
+    from frugal_dist.engines.fsdp2 import default_mesh, shard_model
     from tests.distributed.cases import count_svd_refreshes
 
     with count_svd_refreshes() as counter:
-        model = shard_model(make_model(), mesh=cpu_mesh())
+        model = shard_model(make_model(), mesh=default_mesh())
         opt = FRUGAL(build_param_groups(model), subspace="projection", proj_type="svd",
                      update_gap=2, lr=1e-3)  # fmt: skip
         _train(model, opt, 4, rank, world)

@@ -70,11 +70,11 @@ def hf_single(steps: int, opt_kw: dict) -> dict[str, Any]:
 
 
 def hf_fsdp2(rank: int, world: int, steps: int, opt_kw: dict) -> dict[str, Any]:
-    from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model, transformer_blocks
+    from frugal_dist.engines.fsdp2 import default_mesh, shard_model, transformer_blocks
 
     model = make_hf_model()
     n_blocks = len(transformer_blocks(model))
-    shard_model(model, mesh=cpu_mesh())
+    shard_model(model, mesh=default_mesh())
     opt = FRUGAL(build_param_groups(model), **opt_kw)
     losses = _run(model, opt, steps, rank, world)
     return {"losses": losses, "params": _full(model), "n_blocks": n_blocks}

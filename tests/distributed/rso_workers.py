@@ -72,14 +72,14 @@ def single(world: int, steps: int, opt_kw: dict) -> dict[str, torch.Tensor]:
 def ddp_and_fsdp2(rank: int, world: int, steps: int, opt_kw: dict) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
+    from frugal_dist.engines.fsdp2 import default_mesh, shard_model
 
     out = {}
     for engine in ("ddp", "fsdp2"):
         model = make_model()
         apply_rso(model, **LAYER_KW)
         if engine == "fsdp2":
-            shard_model(model, mesh=cpu_mesh())
+            shard_model(model, mesh=default_mesh())
             wrapped = model
         else:
             wrapped = DDP(model)
