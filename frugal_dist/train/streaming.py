@@ -13,11 +13,24 @@ when the shard count divides by ``world``, else every ``world``-th document. Sha
 disjoint and deterministic for a fixed world size and seed, but the global batch at a step
 depends on the world size (unlike ``PackedDataset``).
 
-Resume: ``state_dict()`` is ``{kind, next_step, rank, world, epoch, doc, offset}``: the cursor
-is token ``offset`` of document ``doc`` (0-based, this rank's stream, this epoch).
-``load_state_dict`` re-opens the stream, skips ``doc`` documents (read, not tokenised) and drops
-``offset`` tokens, so the next batch is exactly the one an uninterrupted run would get. It must
-be resumed with the same rank and world size.
+Resume: ``state_dict()`` is ``{kind, next_step, rank, world, epoch, doc, offset, position,
+digest}``: the cursor is token ``offset`` of document ``doc`` (0-based, this rank's stream, this
+epoch). In flight at save time are the tokenised documents of the last chunk not yet packed
+(the head one partly used): none of them is saved, the cursor points at the head document and
+the stream re-produces the rest. ``position`` is the backend's own position just before that
+document (JSON text of ``datasets.IterableDataset.state_dict()``: shard index and example index
+in the shard, datasets >= 2.18), ``digest`` a hash of the head document's tokens.
+``load_state_dict`` re-opens the stream:
+
+- with a ``position`` (and a stream that can restore it): the backend starts at the head
+  document; no consumed document is read again by this module (the backend re-reads at most the
+  rest of one shard file to reach the example index). The head's tokens must match ``digest``.
+- otherwise (checkpoints written before ``position`` existed, datasets < 2.18, or a shuffle
+  buffer: ``IterableDataset.state_dict`` drops the buffer's content, so its position is not
+  exact): the fallback skips ``doc`` documents (read, not tokenised), and rank 0 prints one line.
+
+Either way ``offset`` tokens are dropped, so the next batch is exactly the one an uninterrupted
+run would get. It must be resumed with the same rank and world size.
 
 ``hf_datasets(cfg, tokenizer, seq_len, seed)`` builds ``(train, val)`` for ``source: hf``.
 Hub datasets and local packaged builders (``name: json`` + ``data_files``) take the same path
@@ -28,7 +41,9 @@ first ``val_tokens`` tokens of ``val_split`` when streaming, the whole split oth
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,9 +56,79 @@ from frugal_dist.train.sources import file_digest, hf_documents, holdout_split, 
 from frugal_dist.train.token_cache import cached_tokens, token_dtype, tokenize_documents
 from frugal_dist.train.tokenization import TextTokenizer
 
-__all__ = ["StreamingPackedDataset", "hf_datasets"]
+__all__ = ["HFDocumentStream", "StreamingPackedDataset", "hf_datasets"]
 
-Opener = Callable[[int, int, int], Iterator[str]]  # (rank, world, epoch) -> documents
+# (rank, world, epoch, position) -> documents. ``position`` (None: the epoch's start) is one an
+# earlier stream's ``position()`` returned (a JSON-able dict); a stream without ``position()``
+# (or whose ``position()`` is None) starts the epoch from its beginning whatever it is given.
+Opener = Callable[[int, int, int, "dict | None"], Iterator[str]]
+
+
+def _position_of(docs: Iterator[str]) -> Callable[[], dict | None] | None:
+    fn = getattr(docs, "position", None)
+    return fn if callable(fn) else None
+
+
+def _digest(tokens: np.ndarray) -> str:
+    return hashlib.blake2b(tokens.tobytes(), digest_size=8).hexdigest()
+
+
+def _to_json(position: dict | None) -> str | None:
+    try:
+        return None if position is None else json.dumps(position)
+    except (TypeError, ValueError):  # not JSON-able: the fallback will re-read
+        return None
+
+
+class HFDocumentStream:
+    """This rank's documents of a streamed ``datasets.IterableDataset``, with its position.
+
+    ``position()`` is ``dataset.state_dict()`` just after the last document yielded (before the
+    first: where the stream started), or None when the position is not exact: ``exact=False``
+    (shuffle buffers) or datasets < 2.18 (no ``state_dict``).
+    ``start`` (a ``position()`` of an earlier stream of the same data, rank, world size and
+    epoch) makes the dataset resume just after that document; pass the dataset's initial
+    position to (re)start from the beginning a dataset object that was iterated before.
+    Documents are the non-empty ``text_field`` strings, optionally the ``holdout`` share.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        text_field: str,
+        holdout: tuple[str, float] | None = None,
+        start: dict | None = None,
+        exact: bool = True,
+    ) -> None:
+        self._ds = dataset
+        self._start: dict | None = None
+        if exact and callable(getattr(dataset, "load_state_dict", None)):
+            self._start = start if start is not None else self.current(dataset)
+            if self._start is not None:
+                dataset.load_state_dict(self._start)
+        self._started = False
+        self._docs = _doc_filter(hf_documents(dataset, text_field), holdout)
+
+    @staticmethod
+    def current(dataset: Any) -> dict | None:
+        """``dataset.state_dict()`` (a copy); None when the dataset has none."""
+        try:
+            return dataset.state_dict()
+        except (AttributeError, RuntimeError):
+            return None
+
+    def __iter__(self) -> HFDocumentStream:
+        return self
+
+    def __next__(self) -> str:
+        self._started = True
+        return next(self._docs)
+
+    def position(self) -> dict | None:
+        """The position just after the last document yielded (see the class docstring)."""
+        if self._start is None:
+            return None
+        return self.current(self._ds) if self._started else self._start
 
 
 class StreamingPackedDataset:
@@ -60,17 +145,31 @@ class StreamingPackedDataset:
         self.chunk_docs = chunk_docs
         self._dtype = token_dtype(tokenizer.vocab_size)
         self._state: dict[str, int] = {"next_step": 0, "epoch": 0, "doc": 0, "offset": 0}
+        self._resume: tuple[str | None, str | None] = (None, None)  # (position JSON, digest)
         self._placement: tuple[int, int] | None = None  # (rank, world) once opened/restored
         self._docs: Iterator[str] | None = None
         self._read = 0  # documents pulled from the stream of epoch ``_read_epoch``
         self._read_epoch = 0
-        self._buf: deque[list[Any]] = deque()  # [epoch, doc, tokens, pos]
+        # [epoch, doc, tokens, tokens used, backend position just before the document]
+        self._buf: deque[list[Any]] = deque()
         self._available = 0
+        self._expect: str | None = None  # digest the first document read must have
 
-    def _open(self, epoch: int, skip: int) -> None:
+    def _open(self, epoch: int, skip: int, position: str | None = None) -> None:
         rank, world = self._placement  # type: ignore[misc]
-        self._docs = self.open_stream(rank, world, epoch)
+        start = json.loads(position) if skip and position is not None else None
+        self._docs = self.open_stream(rank, world, epoch, start)
         self._read, self._read_epoch = 0, epoch
+        pos = _position_of(self._docs)
+        if skip and position is not None and pos is not None and pos() is not None:
+            self._read = skip  # the backend starts at document ``skip``
+            return
+        if skip and rank == 0:
+            why = "the checkpoint has no stream position"
+            if position is not None:
+                why = "this stream cannot restore a position"
+            print(f"[frugal_dist] streaming resume: {why}; re-reading {skip} documents of "
+                  f"epoch {epoch} to reach it", flush=True)  # fmt: skip
         for _ in itertools.islice(self._docs, skip):
             self._read += 1
         if self._read < skip:
@@ -79,19 +178,41 @@ class StreamingPackedDataset:
                 f"checkpoint's position is document {skip} (different data?)"
             )
 
+    def _pull(self) -> tuple[list[str], list[dict | None]]:
+        """Up to ``chunk_docs`` documents and the backend position before each."""
+        pos = _position_of(self._docs)  # type: ignore[arg-type]
+        chunk: list[str] = []
+        marks: list[dict | None] = []
+        for _ in range(self.chunk_docs):
+            mark = pos() if pos is not None else None
+            doc = next(self._docs, None)  # type: ignore[call-overload]
+            if doc is None:
+                break
+            chunk.append(doc)
+            marks.append(mark)
+        return chunk, marks
+
     def _fill(self) -> None:
-        chunk = list(itertools.islice(self._docs, self.chunk_docs))  # type: ignore[arg-type]
+        chunk, marks = self._pull()
         if not chunk:
             if self._read == 0:
                 raise ValueError("the training stream has no documents (check data.split)")
             self._open(self._read_epoch + 1, 0)
-            chunk = list(itertools.islice(self._docs, self.chunk_docs))  # type: ignore[arg-type]
+            chunk, marks = self._pull()
             if not chunk:
                 raise ValueError("the training stream has no documents (check data.split)")
         eos = self.tokenizer.eos_id
-        for ids in self.tokenizer.encode_batch(chunk):
+        for ids, mark in zip(self.tokenizer.encode_batch(chunk), marks, strict=True):
             toks = np.asarray([*ids, eos], dtype=np.int64)
-            self._buf.append([self._read_epoch, self._read, toks, 0])
+            if self._expect is not None:
+                if _digest(toks) != self._expect:
+                    raise ValueError(
+                        f"cannot resume: the document at the checkpoint's stream position "
+                        f"(epoch {self._read_epoch}, document {self._read}) differs from the "
+                        f"saved one (different data or tokenizer?)"
+                    )
+                self._expect = None
+            self._buf.append([self._read_epoch, self._read, toks, 0, mark])
             self._available += toks.shape[0]
             self._read += 1
 
@@ -115,7 +236,7 @@ class StreamingPackedDataset:
     def _cursor(self) -> None:
         if not self._buf:  # the next token starts the next unread document
             self._fill()
-        epoch, doc, _, pos = self._buf[0]
+        epoch, doc, _, pos, _ = self._buf[0]
         self._state.update(epoch=epoch, doc=doc, offset=pos)
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
@@ -138,8 +259,9 @@ class StreamingPackedDataset:
                 f"{self._state['next_step']}, got {step} (restore the position with "
                 f"load_state_dict to resume)"
             )
-        if self._docs is None:
-            self._open(self._state["epoch"], self._state["doc"])
+        if self._docs is None:  # first batch, or first since load_state_dict
+            self._expect = self._resume[1]  # the head document must be the saved one
+            self._open(self._state["epoch"], self._state["doc"], self._resume[0])
             if self._state["offset"]:
                 self._fill()
                 self._buf[0][3] = self._state["offset"]
@@ -149,16 +271,26 @@ class StreamingPackedDataset:
         self._cursor()
         return torch.from_numpy(rows)
 
-    def state_dict(self) -> dict[str, int | str]:
+    def state_dict(self) -> dict[str, int | str | None]:
         """The position (JSON-able): see the module docstring."""
         rank, world = self._placement if self._placement is not None else (-1, -1)
-        return {"kind": "stream", "rank": rank, "world": world, **self._state}
+        if self._buf:  # the head document is the cursor's
+            position, digest = _to_json(self._buf[0][4]), _digest(self._buf[0][2])
+        else:  # nothing read since load_state_dict (or the start): keep what was restored
+            position, digest = self._resume
+        return {"kind": "stream", "rank": rank, "world": world, **self._state,
+                "position": position, "digest": digest}  # fmt: skip
 
-    def load_state_dict(self, state: dict[str, int | str]) -> None:
-        """Position the stream at ``state`` (the next ``batch`` continues from there)."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Position the stream at ``state`` (the next ``batch`` continues from there).
+
+        States without ``position`` (older checkpoints) resume through the re-reading fallback.
+        """
         if state.get("kind") != "stream":
             raise ValueError(f"not a streaming data state: {state!r}")
         self._state = {k: int(state[k]) for k in ("next_step", "epoch", "doc", "offset")}
+        self._resume = (state.get("position"), state.get("digest"))
+        self._expect = None
         rank, world = int(state["rank"]), int(state["world"])
         self._placement = None if rank < 0 else (rank, world)
         self._docs, self._read, self._available = None, 0, 0
@@ -216,8 +348,9 @@ def hf_datasets(
 
     if cfg["streaming"]:
         base = load_hf_dataset(split=cfg["split"], streaming=True, **common)
+        base_start = HFDocumentStream.current(base)  # before any iteration: the beginning
 
-        def open_stream(rank: int, world: int, epoch: int) -> Iterator[str]:
+        def open_stream(rank: int, world: int, epoch: int, position: dict | None) -> Iterator[str]:
             ds = base
             if cfg["shuffle_buffer"]:
                 ds = ds.shuffle(seed=seed, buffer_size=cfg["shuffle_buffer"])
@@ -226,7 +359,11 @@ def hf_datasets(
                 from datasets.distributed import split_dataset_by_node
 
                 ds = split_dataset_by_node(ds, rank=rank, world_size=world)
-            return _doc_filter(hf_documents(ds, field), train_holdout)
+            if position is None and ds is base:  # ``base`` is re-used: rewind it explicitly
+                position = base_start
+            # a shuffle buffer's content is not in IterableDataset.state_dict(): not exact
+            exact = not cfg["shuffle_buffer"] and (ds is not base or base_start is not None)
+            return HFDocumentStream(ds, field, train_holdout, position, exact=exact)
 
         train: StreamingPackedDataset | PackedDataset = StreamingPackedDataset(
             open_stream, tok, seq_len
