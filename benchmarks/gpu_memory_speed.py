@@ -138,9 +138,9 @@ class Run:
             checkpoint_layers(model)
         self.autocast = engine == "single" and args.precision == "mixed"
         if engine == "fsdp2":
-            from frugal_dist.engines.fsdp2 import cpu_mesh, shard_model
+            from frugal_dist.engines.fsdp2 import default_mesh, shard_model
 
-            shard_model(model, mesh=cpu_mesh(), bf16=args.precision == "mixed")
+            shard_model(model, mesh=default_mesh(), bf16=args.precision == "mixed")
         if engine.startswith("zero"):
             self.ds, self.opt = self._deepspeed(args, model, name, opts, int(engine[-1]),
                                                 batch_size)  # fmt: skip

@@ -63,5 +63,3 @@ def default_mesh() -> Any:
     return init_device_mesh(device, (dist.get_world_size(),))
 
 
-# Old name (it was never CPU-only); kept until benchmarks/gpu_memory_speed.py calls default_mesh.
-cpu_mesh = default_mesh
