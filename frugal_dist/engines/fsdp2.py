@@ -61,5 +61,3 @@ def default_mesh() -> Any:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return init_device_mesh(device, (dist.get_world_size(),))
-
-
