@@ -38,7 +38,9 @@ and the rows of all ranks concatenated in rank order equal the single-process ba
 ``batch_size * world`` -- independent of world size. Streaming ``hf`` gives a
 ``StreamingPackedDataset`` (weaker, see ``frugal_dist.train.streaming``): every rank reads a
 disjoint, deterministic share of the documents for a fixed world size, but the global batch
-depends on the world size. Validation data are always finite and world-size independent.
+depends on the world size; its resume restores the ``datasets`` stream position (datasets >=
+2.18, no shuffle buffer) instead of re-reading the consumed documents. Validation data are
+always finite and world-size independent.
 
 Example (enwiki with a 32k BPE)::
 

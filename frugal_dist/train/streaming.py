@@ -23,14 +23,15 @@ in the shard, datasets >= 2.18), ``digest`` a hash of the head document's tokens
 ``load_state_dict`` re-opens the stream:
 
 - with a ``position`` (and a stream that can restore it): the backend starts at the head
-  document; no consumed document is read again by this module (the backend re-reads at most the
-  rest of one shard file to reach the example index). The head's tokens must match ``digest``.
+  document; no consumed document is read again by this module (the backend itself re-parses
+  the part of one shard file before the example index). The head's tokens must match ``digest``.
 - otherwise (checkpoints written before ``position`` existed, datasets < 2.18, or a shuffle
   buffer: ``IterableDataset.state_dict`` drops the buffer's content, so its position is not
   exact): the fallback skips ``doc`` documents (read, not tokenised), and rank 0 prints one line.
 
 Either way ``offset`` tokens are dropped, so the next batch is exactly the one an uninterrupted
-run would get. It must be resumed with the same rank and world size.
+run would get. It must be resumed with the same rank and world size. Recording the position
+costs one ``state_dict()`` copy per document read (about 8 us on a CPU core).
 
 ``hf_datasets(cfg, tokenizer, seq_len, seed)`` builds ``(train, val)`` for ``source: hf``.
 Hub datasets and local packaged builders (``name: json`` + ``data_files``) take the same path

@@ -148,3 +148,29 @@ def test_position_of_other_data_is_refused(tmp_path: Path) -> None:
     data.load_state_dict(bad)
     with pytest.raises(ValueError, match="cannot resume: the document at the checkpoint"):
         data.batch(5, BS)
+
+
+def test_training_loop_resume_uses_the_position(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through ``train``: checkpoint (trainer.pt) -> --resume, same weights, no re-reading."""
+    import shutil
+
+    from frugal_dist.train.config import build_config
+    from frugal_dist.train.loop import train
+
+    base = {"model": "tiny", "seq_len": SEQ, "batch_size": 2, "max_steps": 4, "warmup_steps": 1,
+            "log_every": 1, "eval_every": 0, "checkpoint_every": 2, "keep_checkpoints": 0,
+            "engine": "single", "data": _cfg(tmp_path, 2)}  # fmt: skip
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(build_config({**base, "output_dir": str(full)}))
+    step = full / "checkpoints" / "step_00000002"
+    data_state = torch.load(step / "trainer.pt", weights_only=False)["data"][0]
+    assert data_state["doc"] > 0 and json.loads(data_state["position"])  # JSON text
+    shutil.copytree(step, part / "checkpoints" / step.name)
+    capsys.readouterr()
+    summary = train(build_config({**base, "output_dir": str(part), "resume": "auto"}))
+    assert summary["steps"] == 2 and "re-reading" not in capsys.readouterr().out
+    want = torch.load(full / "checkpoints" / "step_00000004" / "model.pt")
+    got = torch.load(part / "checkpoints" / "step_00000004" / "model.pt")
+    assert all(torch.equal(got[k], v) for k, v in want.items())
