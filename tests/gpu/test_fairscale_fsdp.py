@@ -1,6 +1,11 @@
 """FRUGAL on fairscale's FullyShardedDataParallel (CUDA-only; ``flatten_parameters=False``) at up
 to 2 GPUs reproduces the single-GPU trajectory. Skipped without CUDA or fairscale.
 
+Two checks: the exact-gradient probe (linear loss, dyadic gradients: the sharded run must equal
+the single-GPU run to float32 rounding of the optimizer math, with no feedback), and a tiny LLaMA
+that must track the single-GPU run (float32 only: rounding differences flip signSGD signs, and
+flips feed back through the gradients, so that comparison is loose by nature).
+
     .venv/bin/python -m pytest -q tests/gpu/test_fairscale_fsdp.py     # on a 1- or 2-GPU machine
 """
 
@@ -24,28 +29,50 @@ COMMON = dict(lr=3e-3, density=0.25, update_gap=4, weight_decay=0.01)
 STEPS = 10
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_fairscale_fsdp_matches_single_gpu(kind, tmp_path):
+def _spawn(entry, kw: dict, tmp_path) -> dict:
     import torch.multiprocessing as mp
 
     from tests.distributed.launch import free_port
+
+    world = min(2, torch.cuda.device_count())
+    out = str(tmp_path / "result.pt")
+    mp.start_processes(entry, args=(world, free_port(), STEPS, kw, out), nprocs=world, join=True,
+                       start_method="spawn")  # fmt: skip
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fairscale_fsdp_probe_matches_single_gpu(kind, tmp_path):
+    from tests.gpu import fairscale_fsdp_workers as w
+
+    kw = {**COMMON, **KINDS[kind]}
+    got = _spawn(w.probe_entry, kw, tmp_path)["params"]
+    ref = w.probe_single(STEPS, min(2, torch.cuda.device_count()), kw)
+    assert set(got) == set(ref)
+    diffs = [(got[k] - ref[k]).abs() for k in ref]
+    worst = max(float(d.max()) for d in diffs)
+    if kind == "projection":
+        # Sharded projections sum their products in another order: a state-free residual entry
+        # within rounding of zero may take the other sign; each flip moves one entry by 2 lr and
+        # nothing feeds back, so an entry differs by a flip or two at most.
+        mean = sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs)
+        assert mean < 1e-5 and worst <= 4 * COMMON["lr"], (mean, worst)
+    else:  # elementwise on exact gradients: identical up to the last float32 bit
+        assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fairscale_fsdp_llama_tracks_single_gpu(kind, tmp_path):
     from tests.gpu import fairscale_fsdp_workers as w
 
     kw = {**COMMON, **KINDS[kind]}
     ref = w.single(STEPS, kw)
-    world = min(2, torch.cuda.device_count())
-    out = str(tmp_path / "result.pt")
-    mp.start_processes(w.entry, args=(world, free_port(), STEPS, kw, out), nprocs=world,
-                       join=True, start_method="spawn")  # fmt: skip
-    got = torch.load(out, weights_only=False)
-    # fairscale FSDP accepts only float32 parameters (a float64 model fails with "Expecting FP16
-    # param type in FP32 & MP modes", seen on 2xH200): the reduce-scattered mean then differs from
-    # the single-GPU gradient in the last float32 bits, which can flip a few signSGD signs (each
-    # moves an entry by 2 lr). So: losses to 1e-4 relative, mean parameter difference far below
-    # one flip per entry, worst entry at most a few flips.
-    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    got = _spawn(w.entry, kw, tmp_path)
+    # float32 only (fairscale FSDP refuses float64: "Expecting FP16 param type in FP32 & MP
+    # modes"), so signSGD flips cascade: on 2 x H200 the mean parameter difference after 10
+    # steps was 1.3e-4 (block) and the last loss differed by 1.4e-4 relative (projection). The
+    # exact comparison is the probe test above; this one checks the real model keeps up.
+    assert got["losses"] == pytest.approx(ref["losses"], rel=2e-3)
     diffs = [(got["params"][k] - ref["params"][k]).abs() for k in ref["params"]]
     mean = sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs)
-    worst = max(float(d.max()) for d in diffs)
-    assert mean < 1e-5, mean
-    assert worst < 8 * COMMON["lr"], worst
+    assert mean < 1e-3, mean
