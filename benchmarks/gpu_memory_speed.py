@@ -345,20 +345,45 @@ def run_one(args, variant, model_name, device, world, rank, share, **kw) -> dict
     return row
 
 
+def _worst(r: dict[str, Any], key: str) -> float:
+    """The busiest rank's value (rank 0's in JSONs written before the max was recorded)."""
+    return r.get(key + "_max_over_ranks", r.get(key)) or 0
+
+
 def table(result: dict[str, Any]) -> str:
+    """Memory columns are the busiest rank's (``*_max_over_ranks``): ZeRO-2's flat partition can
+    put every active block on one rank, and that rank decides what fits."""
     bw = result["copy_bandwidth_bytes_per_s"]
     rows = []
     for r in result["rows"]:
         ok = r["status"] == "ok"
         bound = r["bound_bytes"] / bw * 1e3 if ok else None
+        peak = _worst(r, "peak_allocated_bytes")
         rows.append([r["model"], r["variant"], r["status"], fmt(r.get("tokens_per_s"), ",.0f"),
                      fmt(r.get("step_ms_mean")), fmt(r.get("opt_ms_mean"), ",.2f"),
-                     fmt(bound, ",.2f"),
-                     fmt(r["peak_allocated_bytes"] / 2**30, ",.2f") if ok and
-                     r.get("peak_allocated_bytes") else "-",
-                     fmt(r["state_bytes"] / 2**30, ",.3f") if ok else "-"])  # fmt: skip
+                     fmt(bound, ",.2f"), fmt(peak / 2**30, ",.2f") if ok and peak else "-",
+                     fmt(_worst(r, "state_bytes") / 2**30, ",.3f") if ok else "-"])  # fmt: skip
     return markdown_table(["model", "variant", "status", "tokens/s", "step ms", "opt step ms",
-                           "opt bound ms", "peak GiB/rank", "state GiB/rank"], rows)  # fmt: skip
+                           "opt bound ms", "peak GiB (max rank)", "state GiB (max rank)"],
+                          rows)  # fmt: skip
+
+
+def merge(paths: list[str], out: Path) -> dict[str, Any]:
+    """One result from several launches of the same engine/model/world (``--only`` one variant
+    each, e.g. ZeRO-3, whose engine does not free its memory when a variant ends): rows in the
+    given order, each launch's config and provenance kept under ``launches``."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    keys = {(p["config"]["engine"], p["config"]["model"], p["world_size"]) for p in parts}
+    if len(keys) != 1:
+        raise SystemExit(f"--merge: launches differ in (engine, model, world): {sorted(keys)}")
+    result = dict(parts[0])
+    result["rows"] = [row for p in parts for row in p["rows"]]
+    result["launches"] = [{"file": Path(p).name, "config": q["config"],
+                           "provenance": q["provenance"], "elapsed_s": q.get("elapsed_s")}
+                          for p, q in zip(paths, parts)]  # fmt: skip
+    result["complete"] = all(p.get("complete") for p in parts)
+    write_json(out, result)
+    return result
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -378,10 +403,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
                       s=200, label="bandwidth bound", zorder=3)  # fmt: skip
         ax[1].set_xlabel("optimizer step (ms)")
         ax[1].legend(fontsize=8)
-        ax[2].barh(y, [(r.get("peak_allocated_bytes") or 0) / 2**30 for r in rows])
-        ax[2].set_xlabel("peak allocated GiB / rank")
-        ax[3].barh(y, [r["state_bytes"] / 2**30 for r in rows])
-        ax[3].set_xlabel("optimizer state GiB / rank")
+        ax[2].barh(y, [_worst(r, "peak_allocated_bytes") / 2**30 for r in rows])
+        ax[2].set_xlabel("peak allocated GiB, busiest rank")
+        ax[3].barh(y, [_worst(r, "state_bytes") / 2**30 for r in rows])
+        ax[3].set_xlabel("optimizer state GiB, busiest rank")
         ax[0].set_yticks(y)
         ax[0].set_yticklabels(labels)
         ax[0].invert_yaxis()
@@ -412,7 +437,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (PNG and .md alongside)")
     ap.add_argument("--replot", default=None, help="redraw the PNG/table of an existing JSON")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="JSONs of one-variant launches to join into --out (then replot)",
+    )
     args = ap.parse_args(argv)
+    if args.merge and not args.out:
+        ap.error("--merge needs --out (the joined JSON)")
     if args.precision == "bf16" and args.engine.startswith("zero"):
         ap.error("--precision bf16 is for single/fsdp2; DeepSpeed keeps float32 masters (mixed)")
     for name in (args.only or "").split(",") + args.scaling_variants.split(","):
@@ -423,6 +456,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        result = merge(args.merge, Path(args.out))
+        Path(args.out).with_suffix(".md").write_text(table(result) + "\n")
+        plot(result, Path(args.out).with_suffix(".png"))
+        print(table(result))
+        return
     if args.replot:
         result = json.loads(Path(args.replot).read_text())
         plot(result, Path(args.replot).with_suffix(".png"))
@@ -459,6 +498,11 @@ def main(argv=None) -> None:
         plan = [(args.model, v) for v in names]
         kw = dict(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                   checkpointing=args.checkpointing)  # fmt: skip
+    if args.engine == "zero3" and len({v for _, v in plan}) > 1 and rank == 0:
+        print("[gpu_memory_speed] warning: under ZeRO-3 DeepSpeed keeps a finished engine's "
+              "memory in the process, so later variants' peaks include earlier ones; for memory "
+              "figures run one variant per launch (--only) and join them with --merge",
+              flush=True)  # fmt: skip
     failed: set[str] = set()
     for i, (model_name, variant) in enumerate(plan):
         share = budget.share(len(plan) - i)

@@ -4,7 +4,8 @@
 #   benchmarks/gpu_suite.sh OUT_DIR
 #
 # Phases (each bounded; results and logs land in OUT_DIR, one subfolder-free set of files):
-#   1. LLaMA-1B memory/speed under DeepSpeed ZeRO-3 (GPUs 0,1) and ZeRO-2 (GPUs 2,3), side by side.
+#   1. LLaMA-1B memory/speed under DeepSpeed ZeRO-3 (GPUs 0,1; one launch per variant, merged)
+#      and ZeRO-2 (GPUs 2,3), side by side.
 #   2. Communication bytes/time on 4 GPUs (comm_bench.py), FSDP2 memory/speed on 4 GPUs.
 #   3. GPU-only tests (tests/gpu: fairscale FSDP, DeepSpeed fp16 loss scaling, CUDA step) on
 #      GPUs 0,1; the largest-model scaling sweep on GPU 2; the optimizer-step profile on GPU 3.
@@ -20,9 +21,19 @@ nvidia-smi -L
 tr="torchrun --standalone"
 mem=benchmarks/gpu_memory_speed.py
 
-say "phase 1: ZeRO-3 | ZeRO-2, LLaMA-1B, 2 GPUs each"
-CUDA_VISIBLE_DEVICES=0,1 timeout 200 $tr --nproc_per_node 2 $mem --engine zero3 \
-  --max-seconds 100 --out "$out/gpu_memory_speed_zero3.json" >"$out/zero3.log" 2>&1 &
+say "phase 1: ZeRO-3 (one launch per variant, merged) | ZeRO-2, LLaMA-1B, 2 GPUs each"
+# DeepSpeed ZeRO-3 keeps a finished engine's memory in the process, so each variant gets its own
+# launch there; ZeRO-2 frees it and runs every variant in one launch.
+(
+  parts=()
+  for v in adamw frugal_block_d0.25 frugal_columns_d0.25 frugal_projection_d0.25 frugal_d0 rso; do
+    CUDA_VISIBLE_DEVICES=0,1 timeout 90 $tr --nproc_per_node 2 $mem --engine zero3 --only "$v" \
+      --max-seconds 45 --out "$out/zero3_$v.json" >>"$out/zero3.log" 2>&1
+    [ -f "$out/zero3_$v.json" ] && parts+=("$out/zero3_$v.json")
+  done
+  python3 $mem --merge "${parts[@]}" --out "$out/gpu_memory_speed_zero3.json" >>"$out/zero3.log" 2>&1
+  rm -f "$out"/zero3_*
+) &
 CUDA_VISIBLE_DEVICES=2,3 timeout 200 $tr --nproc_per_node 2 $mem --engine zero2 \
   --max-seconds 100 --out "$out/gpu_memory_speed_zero2.json" >"$out/zero2.log" 2>&1 &
 wait
