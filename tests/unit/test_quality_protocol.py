@@ -1,0 +1,85 @@
+"""The quality benchmark's sweep -> finals protocol (``benchmarks/quality.py``): which runs a grid
+makes, and which setting ``--best-from`` picks. Pure functions; no training, no data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks/quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _args(quality, *argv: str):
+    return quality.parse_args(list(argv))
+
+
+def test_grid_sweeps_the_state_free_scale_only_for_frugal(quality):
+    args = _args(quality, "--variants", "adamw,frugal_block", "--lrs", "1e-3,3e-3",
+                 "--inactive-lr-scales", "1,0.1", "--seeds", "0,1")  # fmt: skip
+    got = quality.settings(args)
+    assert len(got) == 2 * 2 + 2 * 2 * 2  # adamw: lr x seed; frugal: lr x scale x seed
+    assert {s for v, _, s, _ in got if v == "adamw"} == {None}
+    assert {s for v, _, s, _ in got if v == "frugal_block"} == {1.0, 0.1}
+    runs = quality.plan_runs(args, steps=10)
+    names = [r["name"] for r in runs]
+    assert len(set(names)) == len(names)  # every run has its own output folder
+    frugal = next(r for r in runs if r["variant"] == "frugal_block" and r["inactive_lr_scale"])
+    assert frugal["optimizer"]["inactive_lr_scale"] == frugal["inactive_lr_scale"]
+    assert "inactive_lr_scale" not in next(r for r in runs if r["variant"] == "adamw")["optimizer"]
+
+
+def _sweep(runs: list[tuple]) -> dict:
+    return {"runs": [{"variant": v, "lr": lr, "inactive_lr_scale": s, "status": st,
+                      "final_val_loss": loss} for v, lr, s, st, loss in runs]}  # fmt: skip
+
+
+def test_best_from_picks_lowest_mean_loss_and_ignores_unfinished_runs(quality, tmp_path):
+    sweep = _sweep([
+        ("adamw", 1e-3, None, "ok", 5.0), ("adamw", 3e-3, None, "ok", 5.2),
+        ("frugal_block", 1e-3, 1.0, "ok", 5.1), ("frugal_block", 1e-3, 0.1, "ok", 4.9),
+        ("frugal_block", 3e-3, 0.1, "stopped (budget)", 4.0),  # unfinished: never chosen
+        ("frugal_block", 3e-3, 1.0, "ok", 4.8), ("frugal_block", 3e-3, 1.0, "ok", 5.2),  # mean 5.0
+    ])  # fmt: skip
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps(sweep))
+    best = quality.best_settings(sweep, ["adamw", "frugal_block"], str(path))
+    assert best == {"adamw": (1e-3, None), "frugal_block": (1e-3, 0.1)}
+    args = _args(quality, "--variants", "adamw,frugal_block", "--best-from", str(path),
+                 "--seeds", "0,1")  # fmt: skip
+    assert quality.settings(args) == [("adamw", 1e-3, None, 0), ("adamw", 1e-3, None, 1),
+                                      ("frugal_block", 1e-3, 0.1, 0),
+                                      ("frugal_block", 1e-3, 0.1, 1)]  # fmt: skip
+
+
+def test_best_from_names_the_variant_without_a_finished_run(quality, tmp_path):
+    sweep = _sweep([("adamw", 1e-3, None, "failed", None)])
+    with pytest.raises(SystemExit, match="'adamw' has no finished run"):
+        quality.best_settings(sweep, ["adamw"], "sweep.json")
+
+
+@pytest.mark.parametrize("flag,value", [("--lrs", "1e-3,x"), ("--seeds", "0,one"),
+                                        ("--inactive-lr-scales", "fast"),
+                                        ("--best-from", "/nonexistent/quality.json")])  # fmt: skip
+def test_bad_flags_name_themselves(quality, flag, value, capsys):
+    with pytest.raises(SystemExit):
+        _args(quality, flag, value)
+    assert flag in capsys.readouterr().err
+
+
+def test_summary_reports_mean_and_spread_over_seeds(quality):
+    result = _sweep([("adamw", 1e-3, None, "ok", 4.0), ("adamw", 1e-3, None, "ok", 4.2)])
+    line = next(x for x in quality.summary(result).splitlines() if x.startswith("| adamw"))
+    assert "4.1000" in line and "0.2000" in line and "4.0000, 4.2000" in line
