@@ -94,6 +94,7 @@ from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.ownership import ShardOwnershipMixin
 from frugal_dist.optim.param_groups import logical_shape
 from frugal_dist.optim.sharding import ShardPlan
+from frugal_dist.optim.step_items import read_counters
 from frugal_dist.optim.validation import check_known_keys, validate_options
 
 FRUGAL_DEFAULTS: dict[str, Any] = dict(
@@ -189,6 +190,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         self._skipped = torch.zeros((), dtype=torch.int64)
         self._dev_steps: dict[str, list] = {}
         self._local_sel: dict[str, tuple] = {}
+        self._dense_views: dict[int, tuple[dict, list]] = {}
         self.comm = CommStats()
         self._plan: ShardPlan | None = None
         self._selections: dict[str, tuple[int, Any]] = {}
@@ -307,12 +309,27 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
             if all_holders and hasattr(self._layout, "entries"):
                 return self._layout.views(self, group, all_holders=True)
             return self._layout.views(self, group)
-        out = []
-        for idx, (p, name) in enumerate(zip(group["params"], group["names"])):
-            m, n = matrix_shape(p.shape)
-            span = RowSpan(m, n, 0, p.numel())
-            out.append(ParamView(name, idx, tuple(p.shape), span, p, p.grad, self.state[p]))
-        return out
+        # Whole tensors: the views are built once per group and refreshed in place each step
+        # (gradient and state looked up anew; a view is rebuilt if its parameter's shape changed).
+        params, names = group["params"], group["names"]
+        cached = self._dense_views.get(id(group))
+        if cached is None or cached[0] is not group or len(cached[1]) != len(params):
+            cached = (group, [None] * len(params))
+            self._dense_views[id(group)] = cached
+        out = cached[1]
+        state = self.state
+        for idx, p in enumerate(params):
+            view = out[idx]
+            if view is None or view.data is not p or view.shape != p.shape:
+                m, n = matrix_shape(p.shape)
+                span = RowSpan(m, n, 0, p.numel())
+                view = ParamView(names[idx], idx, tuple(p.shape), span, p, p.grad, state[p])
+                out[idx] = view
+            else:
+                view.name = names[idx]
+                view.grad = p.grad
+                view.state = state[p]
+        return list(out)
 
     def bind_layout(self, layout: Any) -> None:
         """Let an engine adapter describe where each parameter's local fragment lives (see
@@ -348,6 +365,19 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         s = int(st["step"].item())
         st["step"] += 1
         return s
+
+    @staticmethod
+    def _advance_all(states: list) -> list[int]:
+        """``_advance`` of many state dicts: one read of every counter, one foreach increment."""
+        counters = []
+        for st in states:
+            t = st.get("step")
+            if t is None:
+                t = st["step"] = torch.zeros((), dtype=torch.float32)
+            counters.append(t)
+        before = read_counters(counters)
+        torch._foreach_add_(counters, 1.0)
+        return before
 
     # ------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -442,6 +472,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         self._schedules.clear()
         self._dev_steps.clear()
         self._local_sel.clear()
+        self._dense_views.clear()
 
 
 def _at(seq: list[str], i: int) -> str | None:

@@ -57,10 +57,19 @@ from frugal_dist.core.subspaces import (
     tensor_fingerprint,
 )
 from frugal_dist.layouts.base import ParamView
-from frugal_dist.optim.fast_apply import apply_free_batch, apply_fused, batchable_free
+from frugal_dist.optim.fast_apply import (
+    apply_coordinate_batch,
+    apply_free_batch,
+    apply_fused,
+    apply_projection_batch,
+    batchable_coordinate,
+    batchable_free,
+    batchable_projection,
+    local_matrix,
+)
 from frugal_dist.optim.nonfinite import grads_are_finite
 from frugal_dist.optim.sharding import assign_owners
-from frugal_dist.optim.step_items import Item, apply_update, compact_shape
+from frugal_dist.optim.step_items import Item, apply_update, compact_shape, read_counters
 
 
 class FrugalStepMixin:
@@ -127,16 +136,21 @@ class FrugalStepMixin:
         schedule = self._schedule(group) if kind == "block" else None
         sharded = self.shard_state and world > 1
         reduced_here = self.reduce_gradients and world > 1
-        out = []
-        for view in views:
-            if view.grad is None:
-                continue
+        fused_ok = rule == "adamw" and not sharded and kind in ("adamw", "block")
+        fused_ok = fused_ok and (kind == "adamw" or group["proj_params_lr_scale"] > 0)
+        live = [view for view in views if view.grad is not None]
+        out: list[Item] = []
+        bumped: list[Item] = []  # items whose sf_step this step increments
+        active_sets: dict[int, frozenset[int]] = {}
+        for view, s in zip(live, self._advance_all([view.state for view in live])):
             st = view.state
-            s = self._advance(st)
             k, refresh = s // gap, s % gap == 0
             if kind == "block":
                 owner = self._block_owner(group, view.index, k, rank, world)
-                active = view.index in schedule.active(k)
+                act = active_sets.get(k)
+                if act is None:
+                    act = active_sets[k] = schedule.active(k)
+                active = view.index in act
             else:
                 owner = self._state_owner(view.name, rank, world)
                 active = kind != "free"
@@ -156,7 +170,7 @@ class FrugalStepMixin:
                     elif reset or "sf_step" not in st:
                         self._reset_buffers(st, rule, tuple(view.data.shape), dev)
             elif kind in ("coordinate", "projection"):
-                it.g = view.span.pad(g.reshape(-1))
+                it.g = local_matrix(view, g)
                 if kind == "coordinate":
                     it.gsel = self._coordinate(view, k, group)
                     it.sel = self._local_selection(view, k, it.gsel)
@@ -166,15 +180,14 @@ class FrugalStepMixin:
                 if refresh and mine and (reset or "sf_step" not in st):
                     self._reset_buffers(st, rule, compact_shape(it), dev)
             if active and mine:
-                st["sf_step"] += 1
-                it.fused = (
-                    rule == "adamw"
-                    and kind in ("adamw", "block")
-                    and not sharded
-                    and self._fused_for(view)
-                    and (kind == "adamw" or group["proj_params_lr_scale"] > 0)
-                )
+                bumped.append(it)
+                it.fused = fused_ok and self._fused_for(view)
             out.append(it)
+        if bumped:  # st["sf_step"] += 1 for each, as one foreach op and one read
+            counters = [it.st["sf_step"] for it in bumped]
+            torch._foreach_add_(counters, 1.0)
+            for it, t in zip(bumped, read_counters(counters)):
+                it.sf_t = t
         return out
 
     def _fused_for(self, view: ParamView) -> bool:
@@ -376,7 +389,7 @@ class FrugalStepMixin:
             rule = "adamw" if its[0].kind == "adamw" else group["state_full"]
             dirs = state_full_directions(
                 rule, [it.g_sf for it in its], [it.st for it in its],
-                [int(it.st["sf_step"].item()) for it in its], group["betas"], group["eps"],
+                [it.sf_t for it in its], group["betas"], group["eps"],
             )  # fmt: skip
             for it, d in zip(its, dirs):
                 it.u = d
@@ -408,6 +421,8 @@ class FrugalStepMixin:
                 apply_fused(fused, lr, wd, group, self._dev_steps)
             s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
             batch: list[tuple[Item, str, float]] = []
+            coords: list[Item] = []
+            projs: list[Item] = []
             for it in its:
                 if it.fused:
                     it.g_sf = None
@@ -422,6 +437,12 @@ class FrugalStepMixin:
                 how = batchable_free(it)
                 if how is not None:
                     batch.append((it, *how))
+                    continue
+                if batchable_coordinate(it):
+                    coords.append(it)
+                    continue
+                if batchable_projection(it):
+                    projs.append(it)
                     continue
                 free = self._free_direction(it)
                 if it.kind == "free":
@@ -444,3 +465,7 @@ class FrugalStepMixin:
                     apply_update(data, it.span.unpad(full), -lr * s_p)
                 it.free = it.u = it.g_sf = None  # release this item's temporaries now
             apply_free_batch(batch, lr)
+            if coords:
+                apply_coordinate_batch(coords, lr, s_p, s_i)
+            if projs:
+                apply_projection_batch(projs, lr, s_p, s_i)

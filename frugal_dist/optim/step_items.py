@@ -32,6 +32,7 @@ class Item:
     free_done: bool = False
     u: Tensor | None = None
     fused: bool = False  # AdamW through torch._fused_adamw_ in the apply phase
+    sf_t: int = 0  # state-full step count after this step (active items on their owner)
 
     @property
     def name(self) -> str:
@@ -66,3 +67,15 @@ def compact_shape(it: Item) -> tuple[int, ...]:
     side = resolve_side(it.group["proj_side"], shape)
     r = projection_rank(shape, it.group["density"])
     return (r, shape[1]) if side == "left" else (it.span.rows_touched, r)
+
+
+def read_counters(counters: list[Tensor]) -> list[int]:
+    """Integer values of float32 CPU counter tensors (one ``stack`` instead of an ``item()``
+    each; never a device sync: the counters live on the CPU)."""
+    if not counters:
+        return []
+    try:
+        values = torch.stack(counters).tolist()
+    except RuntimeError:  # mixed dtypes / devices (not made by FRUGAL itself): one at a time
+        values = [t.item() for t in counters]
+    return [int(v) for v in values]
