@@ -141,14 +141,21 @@ def settings(args) -> list[tuple[str, float, float | None, int]]:
     return out
 
 
-def best_settings(result: dict[str, Any], variants: list[str], path: str) -> dict[str, tuple]:
-    """Per variant, the (lr, inactive_lr_scale) of its finished run with the lowest final
-    validation loss (mean over seeds when a setting ran with several)."""
-    scores: dict[tuple, list[float]] = {}
+def losses_by_setting(result: dict[str, Any]) -> dict[tuple, list[float]]:
+    """(variant, lr, inactive_lr_scale) -> final validation losses of its finished runs (one per
+    seed); stopped, failed or skipped runs are left out."""
+    out: dict[tuple, list[float]] = {}
     for r in result["runs"]:
         if r.get("status") == "ok" and r.get("final_val_loss") is not None:
             key = (r["variant"], r["lr"], r.get("inactive_lr_scale"))
-            scores.setdefault(key, []).append(r["final_val_loss"])
+            out.setdefault(key, []).append(r["final_val_loss"])
+    return out
+
+
+def best_settings(result: dict[str, Any], variants: list[str], path: str) -> dict[str, tuple]:
+    """Per variant, the (lr, inactive_lr_scale) of its finished run with the lowest final
+    validation loss (mean over seeds when a setting ran with several)."""
+    scores = losses_by_setting(result)
     best: dict[str, tuple] = {}
     for v in variants:
         cands = {k[1:]: sum(x) / len(x) for k, x in scores.items() if k[0] == v}
@@ -325,11 +332,7 @@ def table(result: dict[str, Any]) -> str:
 def summary(result: dict[str, Any]) -> str:
     """One row per variant: its best setting (lowest mean final validation loss over seeds), the
     mean, the per-seed values and their spread (max - min), best first."""
-    groups: dict[tuple, list[float]] = {}
-    for r in result["runs"]:
-        if r.get("status") == "ok" and r.get("final_val_loss") is not None:
-            key = (r["variant"], r["lr"], r.get("inactive_lr_scale"))
-            groups.setdefault(key, []).append(r["final_val_loss"])
+    groups = losses_by_setting(result)
     best: dict[str, tuple] = {}
     for key, vals in groups.items():
         mean = sum(vals) / len(vals)
