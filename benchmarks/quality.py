@@ -356,16 +356,23 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     def draw(plt):
         fig, ax = plt.subplots(1, 2, figsize=(14, 5))
+        # one colour per variant; settings and seeds of a variant differ by line style
+        order = list(dict.fromkeys(r["variant"] for r in runs))
+        colours = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(order)}
+        styles = ["-", "--", ":", "-."]
+        seen: dict[str, int] = {}
         for r in runs:
+            k = seen[r["variant"]] = seen.get(r["variant"], -1) + 1
+            style = dict(color=colours[r["variant"]], linestyle=styles[k % len(styles)])
             vals = [x for x in r["records"] if x.get("val_loss") is not None]
             label = f"{r['variant']} lr={r['lr']:g} free={_scale(r)} seed={r.get('seed', '-')}"
             if vals:
                 ax[0].plot([x["tokens"] for x in vals],
                            [math.exp(min(x["val_loss"], 50)) for x in vals], marker=".",
-                           label=label)  # fmt: skip
+                           label=label, **style)  # fmt: skip
             train = [x for x in r["records"] if "loss" in x and "tokens" in x]
             ax[1].plot([x["tokens"] for x in train], [x["loss"] for x in train], label=label,
-                       linewidth=1)  # fmt: skip
+                       linewidth=1, **style)  # fmt: skip
         ax[0].set_ylabel("validation perplexity")
         ax[0].set_yscale("log")
         ax[1].set_ylabel("training loss")
