@@ -8,7 +8,10 @@ that host work on the CPU, where it can be iterated on without a GPU:
 
 * ``aten_ops``: ATen operators dispatched by one ``step()`` (a ``TorchDispatchMode`` counts every
   call that reaches the dispatcher; on CUDA each is about one kernel launch or more). Per-op
-  counts are kept in the JSON (``ops``).
+  counts are kept in the JSON (``ops``). ``counter_ops`` are the ones whose every input is one
+  of the optimizer's 0-dim CPU step counters (``step``, ``sf_step``): on CUDA they stay on the
+  host (no launch, ~1 us each); ``tensor_ops`` are the rest -- on CUDA, kernel launches or
+  host-side view / metadata ops.
 * ``host_ms``: wall time of ``step()`` with the *same parameter count and group structure* as
   LLaMA-130M (86 + 27 tensors) but every dimension divided by ``--scale`` (default 16: 48-wide
   layers, a 2000-token vocabulary), so the kernels themselves cost next to nothing and what is
@@ -23,8 +26,10 @@ means fused on CUDA only); ``update_gap`` exceeds the run, so no timed step refr
 and gradients come from fixed seeds; the gradients are set once.
 
 ``--check-steps N --save-params PATH`` instead runs every variant N steps with a fresh gradient per
-step and ``update_gap=7`` (so refreshes happen too), with ``fused=True`` and ``fused=None``, and
-saves the final parameters: the same file from two code versions must compare bit-equal.
+step and ``update_gap=7`` (so refreshes happen too), with ``fused=True`` and ``fused=None``,
+with default and with non-trivial ``weight_decay`` / ``inactive_lr_scale`` /
+``proj_params_lr_scale``, and saves the final parameters and optimizer state tensors: the same
+file from two code versions must compare bit-equal.
 
 Usage::
 
@@ -45,6 +50,7 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -80,15 +86,19 @@ def scaled_specs(scale: int) -> list[tuple[str, tuple[int, ...], str]]:
     return llama_param_specs(cfg)
 
 
-def make(v: dict[str, Any], specs, params, gap: int, fused: bool | None) -> torch.optim.Optimizer:
+def make(
+    v: dict[str, Any], specs, params, gap: int, fused: bool | None, extra: dict | None = None
+) -> torch.optim.Optimizer:
+    extra = extra or {}
     if v["kind"] == "torch":
-        return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, **v["opts"])
+        wd = extra.get("weight_decay", 0.0)
+        return torch.optim.AdamW(params, lr=LR, weight_decay=wd, **v["opts"])
     fr = [(n, p) for (n, _, g), p in zip(specs, params) if g == "frugal" and not v.get("all_adamw")]
     ad = [(n, p) for (n, _, g), p in zip(specs, params) if g == "adamw" or v.get("all_adamw")]
     groups = [{"params": [p for _, p in ad], "names": [n for n, _ in ad], "algorithm": "adamw"}]
     if fr:
         groups.insert(0, {"params": [p for _, p in fr], "names": [n for n, _ in fr]})
-    return FRUGAL(groups, lr=LR, update_gap=gap, seed=0, fused=fused, **v["opts"])
+    return FRUGAL(groups, lr=LR, update_gap=gap, seed=0, fused=fused, **v["opts"], **extra)
 
 
 def make_params(specs, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -108,12 +118,16 @@ class OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
+        self.calls: list[tuple[str, tuple[int, ...]]] = []  # (op, storage addresses of inputs)
         self.scalar_reads: list[torch.Tensor] = []
         self.sync_ops: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
         self.ops[name] += 1
+        leaves = tree_flatten((args, kwargs or {}))[0]
+        ptrs = tuple(t.data_ptr() for t in leaves if isinstance(t, torch.Tensor))
+        self.calls.append((name, ptrs))
         if name in SCALAR_OPS:
             self.scalar_reads.append(args[0])
         elif name in SYNC_OPS:
@@ -142,12 +156,15 @@ def measure(v, specs, steps: int, warmup: int) -> dict[str, Any]:
         opt.step()
     ptrs = counters(opt)
     dev_reads = sum(1 for t in counter.scalar_reads if t.data_ptr() not in ptrs)
+    on_counters = sum(1 for _, p in counter.calls if p and all(x in ptrs for x in p))
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         opt.step()
         times.append((time.perf_counter() - t0) * 1e3)
-    return dict(name=v["name"], aten_ops=sum(counter.ops.values()),
+    total = sum(counter.ops.values())
+    return dict(name=v["name"], aten_ops=total, tensor_ops=total - on_counters,
+                counter_ops=on_counters,
                 counter_reads=len(counter.scalar_reads) - dev_reads,
                 syncs=dev_reads + sum(counter.sync_ops.values()),
                 host_ms=statistics.median(times), host_min_ms=min(times),
@@ -156,14 +173,21 @@ def measure(v, specs, steps: int, warmup: int) -> dict[str, Any]:
 
 def check_run(specs, steps: int, path: Path) -> None:
     out: dict[str, list[torch.Tensor]] = {}
-    for v in variants():
-        for fused in (None,) if v["kind"] == "torch" else (True, None):
-            params = make_params(specs)
-            opt = make(v, specs, params, gap=7, fused=fused)
-            for s in range(steps):
-                set_grads(params, 100 + s)
-                opt.step()
-            out[f"{v['name']}/fused={fused}"] = [p.detach().clone() for p in params]
+    scaled = dict(weight_decay=0.1, inactive_lr_scale=0.1, proj_params_lr_scale=0.5)
+    runs = [(v, fused, extra) for v in variants() for extra in ({}, scaled)
+            for fused in ((None,) if v["kind"] == "torch" else (True, None))]  # fmt: skip
+    for v, fused, extra in runs:
+        if v["kind"] == "torch" and extra:
+            extra = dict(weight_decay=0.1)
+        params = make_params(specs)
+        opt = make(v, specs, params, gap=7, fused=fused, extra=extra)
+        for s in range(steps):
+            set_grads(params, 100 + s)
+            opt.step()
+        state = opt.state_dict()["state"]
+        buffers = [state[i][k] for i in sorted(state) for k in sorted(state[i])]
+        label = f"{v['name']}/fused={fused}" + ("/wd,s_i,s_p" if extra else "")
+        out[label] = [p.detach().clone() for p in params] + buffers
     torch.save(out, path)
     print(f"saved final params of {len(out)} runs ({steps} steps each) to {path}")
 
@@ -188,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     n = sum(torch.Size(s).numel() for _, s, _ in specs)
     print(f"{len(specs)} tensors, {n:,} params (LLaMA-130M dims / {args.scale}), CPU")
-    print(f"  {'variant':<26} {'aten ops':>9} {'syncs':>6} {'host ms':>9} {'min ms':>8}")
+    print(f"  {'variant':<26} {'aten ops':>9} {'tensor':>7} {'counter':>8} {'syncs':>6} "
+          f"{'host ms':>9} {'min ms':>8}")  # fmt: skip
     keep = set(filter(None, args.only.split(",")))
     rows = []
     for v in variants():
@@ -196,8 +221,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         r = measure(v, specs, args.steps, args.warmup)
         rows.append(r)
-        print(f"  {r['name']:<26} {r['aten_ops']:9d} {r['syncs']:6d} {r['host_ms']:9.2f} "
-              f"{r['host_min_ms']:8.2f}", flush=True)  # fmt: skip
+        line = f"  {r['name']:<26} {r['aten_ops']:9d} {r['tensor_ops']:7d} {r['counter_ops']:8d} "
+        print(line + f"{r['syncs']:6d} {r['host_ms']:9.2f} {r['host_min_ms']:8.2f}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = dict(benchmark="step_host_overhead",

@@ -376,7 +376,8 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
                 t = st["step"] = torch.zeros((), dtype=torch.float32)
             counters.append(t)
         before = read_counters(counters)
-        torch._foreach_add_(counters, 1.0)
+        if counters:
+            torch._foreach_add_(counters, 1.0)
         return before
 
     # ------------------------------------------------------------------------- step
