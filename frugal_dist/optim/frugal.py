@@ -94,7 +94,7 @@ from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.ownership import ShardOwnershipMixin
 from frugal_dist.optim.param_groups import logical_shape
 from frugal_dist.optim.sharding import ShardPlan
-from frugal_dist.optim.step_items import read_counters
+from frugal_dist.optim.step_items import increment_counters
 from frugal_dist.optim.validation import check_known_keys, validate_options
 
 FRUGAL_DEFAULTS: dict[str, Any] = dict(
@@ -368,17 +368,11 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
 
     @staticmethod
     def _advance_all(states: list) -> list[int]:
-        """``_advance`` of many state dicts: one read of every counter, one foreach increment."""
-        counters = []
+        """``_advance`` of many state dicts (see ``step_items.increment_counters``)."""
         for st in states:
-            t = st.get("step")
-            if t is None:
-                t = st["step"] = torch.zeros((), dtype=torch.float32)
-            counters.append(t)
-        before = read_counters(counters)
-        if counters:
-            torch._foreach_add_(counters, 1.0)
-        return before
+            if "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+        return [v - 1 for v in increment_counters(states, "step")]
 
     # ------------------------------------------------------------------------- step
     @torch.no_grad()

@@ -4,7 +4,9 @@
               all-reduced; a bad step returns here with nothing touched
     plan      views of every parameter (whole tensors, or fragments from a bound layout), step
               counters, refresh decisions, coordinate / random-projection selections restricted to
-              the local rows, state resets
+              the local rows, state resets. Host cost per parameter is kept small (the step is
+              launch-bound on a GPU): whole-tensor views are cached per group, the CPU counters
+              are read with ``item()`` and advanced with ``fill_`` (no device sync)
     reduce    (reduce_gradients, dense, world > 1) exact: one mean all-reduce of every gradient;
               sign: full all-reduce only where exactness is needed (AdamW params, active blocks,
               svd refreshes), a mean all-reduce of the *compact* state-full gradients, and a 1-bit
@@ -19,7 +21,8 @@
     apply     W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R)); fragments drop phantom entries.
               Fused AdamW items run ``torch._fused_adamw_`` here (their state phase is this
               kernel); pure state-free updates (signSGD / SGD groups, inactive blocks, rho = 0)
-              go through foreach kernels over all tensors at once, in bounded chunks
+              go through foreach kernels over all tensors at once, in bounded chunks, and so do
+              the sign / add of coordinate and projection items with a signSGD residual
 
 At world size 1 every collective is skipped and the pipeline is the plain FRUGAL step.
 """
@@ -69,7 +72,7 @@ from frugal_dist.optim.fast_apply import (
 )
 from frugal_dist.optim.nonfinite import grads_are_finite
 from frugal_dist.optim.sharding import assign_owners
-from frugal_dist.optim.step_items import Item, apply_update, compact_shape, read_counters
+from frugal_dist.optim.step_items import Item, apply_update, compact_shape, increment_counters
 
 
 class FrugalStepMixin:
@@ -183,11 +186,9 @@ class FrugalStepMixin:
                 bumped.append(it)
                 it.fused = fused_ok and self._fused_for(view)
             out.append(it)
-        if bumped:  # st["sf_step"] += 1 for each, as one foreach op and one read
-            counters = [it.st["sf_step"] for it in bumped]
-            torch._foreach_add_(counters, 1.0)
-            for it, t in zip(bumped, read_counters(counters)):
-                it.sf_t = t
+        counts = increment_counters([it.st for it in bumped], "sf_step")
+        for it, t in zip(bumped, counts):
+            it.sf_t = t
         return out
 
     def _fused_for(self, view: ParamView) -> bool:

@@ -69,7 +69,23 @@ def compact_shape(it: Item) -> tuple[int, ...]:
     return (r, shape[1]) if side == "left" else (it.span.rows_touched, r)
 
 
-def read_counters(counters: list[Tensor]) -> list[int]:
-    """Integer values of the CPU counter tensors. Never a device sync (they live on the CPU);
-    ``item()`` of a CPU scalar costs well under a microsecond, less than one ``torch.stack``."""
-    return [int(t.item()) for t in counters]
+def increment_counters(states: list, key: str) -> list[int]:
+    """``st[key] += 1`` for each state's CPU counter tensor; returns the values *after* it.
+
+    Each counter is read (``item()``) and written with ``fill_(value + 1)``: the same float32
+    result as ``add_(1)`` (both round the exact sum once), and on the CPU a scalar ``fill_``
+    skips the TensorIterator set-up that ``add_`` (or a CPU ``_foreach_add_``) pays per tensor.
+    A layout's state view (not a plain dict) gets the counter stored back, as ``+=`` does.
+    """
+    after = []
+    for st in states:
+        t = st[key]
+        v = int(t.item()) + 1
+        t.fill_(v)
+        if type(st) is not dict:
+            st[key] = t
+        after.append(v if v <= EXACT_COUNT else int(t.item()))
+    return after
+
+
+EXACT_COUNT = 1 << 24  # float32 counts every integer up to here exactly
