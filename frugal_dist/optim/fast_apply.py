@@ -52,7 +52,7 @@ def apply_free_batch(batch: list[tuple[Item, str, float]], lr: float) -> None:
         for chunk in _chunks(its):
             data = [c.view.data for c in chunk]
             grads = [
-                _shaped(c.g if c.kind in ("free", "block") else c.span.unpad(c.g), c.view.data)
+                _shaped(c.g, c.view.data) if c.kind in ("free", "block") else _param_shaped(c, c.g)
                 for c in chunk
             ]
             if rule == "signsgd":
