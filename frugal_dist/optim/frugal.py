@@ -381,7 +381,16 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._run_step()
+        try:
+            self._run_step()
+        finally:
+            # The cached views must not keep this step's gradients alive: with
+            # zero_grad(set_to_none=True) the next backward would allocate new gradients while
+            # the old ones are still referenced (+1 gradient copy of peak memory).
+            for _, views in self._dense_views.values():
+                for view in views:
+                    if view is not None:
+                        view.grad = None
         return loss
 
     # ------------------------------------------------------------------------- comm
