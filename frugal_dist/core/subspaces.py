@@ -13,7 +13,11 @@ Subspace kinds (DESIGN section 1):
                 pass covers positions [min(j*a, n-a), +a) of the pass's ordering:
                 ``ascending`` model order, ``descending`` reversed model order,
                 ``mirror`` alternates ascending / descending passes, ``random`` a fresh
-                permutation per pass.
+                permutation per pass, ``strided`` interleaved model order (positions
+                0, W, 2W, ..., then 1, W+1, ...), so a window's tensors are spread over the whole
+                model: under ZeRO-1/2, whose flat partition gives each rank a contiguous range of
+                tensors, the active tensors' state is then spread over the ranks instead of
+                landing on the one or two ranks that own the last (or first) layers.
 * coordinate -- S = a random subset of ``columns`` (k = round(rho*n) of them), ``rows``
                 (k = round(rho*m)), or ``randk`` single entries (k = round(rho*m*n)). The compact
                 coordinates are the selected entries in row-major order, so a contiguous flat
@@ -37,7 +41,7 @@ from torch import Tensor
 
 from frugal_dist.core.seeding import derive_seed, make_generator
 
-BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
+BLOCK_ORDERS = ("random", "ascending", "descending", "mirror", "strided")
 COORD_CHOICES = ("columns", "rows", "randk")
 PROJ_TYPES = ("svd", "random", "randperm")
 PROJ_SIDES = ("auto", "left", "right")
@@ -91,6 +95,9 @@ class BlockSchedule:
         if self.order == "random":
             gen = make_generator(derive_seed(self.seed, "block-pass", pass_index))
             return torch.randperm(n, generator=gen).tolist()
+        if self.order == "strided":
+            w = self.windows_per_pass
+            return [i for start in range(w) for i in range(start, n, w)]
         raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {self.order!r}")
 
     def active(self, refresh: int) -> frozenset[int]:

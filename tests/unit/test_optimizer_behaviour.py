@@ -61,7 +61,7 @@ def test_projection_is_orthonormal_and_splits_the_gradient(proj_type, shape):
     assert sel.down(residual).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("order", ["ascending", "descending", "mirror", "random"])
+@pytest.mark.parametrize("order", ["ascending", "descending", "mirror", "random", "strided"])
 def test_block_schedule_visits_every_tensor_each_pass(order):
     sched = BlockSchedule(10, 0.25, order, seed=3)
     assert sched.num_active == 3 and sched.windows_per_pass == 4
@@ -78,6 +78,20 @@ def test_block_schedule_visits_every_tensor_each_pass(order):
         assert sched.active(0) == {0, 1, 2} and sched.active(3) == {7, 8, 9}
     if order == "mirror":
         assert sched.active(4) == {9, 8, 7}
+    if order == "strided":  # ordering 0 4 8 | 1 5 9 | 2 6 3 | 7: windows spread over the model
+        assert sched.active(0) == {0, 4, 8} and sched.active(1) == {1, 5, 9}
+
+
+def test_strided_windows_are_spread_over_the_model():
+    """LLaMA-1B-like: 24 layers x 7 matrices, rho 0.25. Every strided window touches both halves
+    (and every quarter) of the model; descending windows sit in one contiguous quarter."""
+    n = 24 * 7
+    strided = BlockSchedule(n, 0.25, "strided", 0)
+    descending = BlockSchedule(n, 0.25, "descending", 0)
+    for k in range(strided.windows_per_pass):
+        quarters = {i * 4 // n for i in strided.active(k)}
+        assert quarters == {0, 1, 2, 3}, (k, quarters)
+        assert len({i * 4 // n for i in descending.active(k)}) == 1
 
 
 def test_rounding_is_half_up():

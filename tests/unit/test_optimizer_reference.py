@@ -15,6 +15,7 @@ SUBSPACES = [
     ("block", {"block_order": "descending"}),
     ("block", {"block_order": "random"}),
     ("block", {"block_order": "mirror"}),
+    ("block", {"block_order": "strided"}),
     ("coordinate", {"coord_choice": "columns"}),
     ("coordinate", {"coord_choice": "rows"}),
     ("coordinate", {"coord_choice": "randk"}),
