@@ -80,6 +80,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "frugal_block_d0.25": ("frugal", dict(density=0.25, subspace="block",
                                           block_order="descending")),
+    "frugal_block_strided_d0.25": ("frugal", dict(density=0.25, subspace="block",
+                                                  block_order="strided")),
     "frugal_columns_d0.25": ("frugal", dict(density=0.25, subspace="coordinate",
                                             coord_choice="columns")),
     "frugal_projection_d0.25": ("frugal", dict(density=0.25, subspace="projection",
