@@ -61,17 +61,22 @@ def apply_free_batch(batch: list[tuple[Item, str, float]], lr: float) -> None:
                 torch._foreach_add_(data, grads, alpha=alpha)
 
 
-def batchable_coordinate(it: Item) -> bool:
-    """A coordinate item with a signSGD residual whose update can go into
-    ``apply_coordinate_batch`` (float32 data, direction U at hand, F(R) not precomputed)."""
+def _batchable_signsgd(it: Item, kind: str) -> bool:
+    """A ``kind`` item with a signSGD residual, float32 data, its direction U at hand and F(R)
+    not precomputed: its sign / scale / add can go into a foreach batch."""
     return (
-        it.kind == "coordinate"
+        it.kind == kind
         and not it.free_done
         and it.u is not None
         and it.group["state_free"] == "signsgd"
         and it.view.data.dtype == torch.float32
         and it.view.data.numel() > 0
     )
+
+
+def batchable_coordinate(it: Item) -> bool:
+    """A coordinate item ``apply_coordinate_batch`` can take."""
+    return _batchable_signsgd(it, "coordinate")
 
 
 def apply_coordinate_batch(its: list[Item], lr: float, s_p: float, s_i: float) -> None:
@@ -90,18 +95,8 @@ def apply_coordinate_batch(its: list[Item], lr: float, s_p: float, s_i: float) -
 
 
 def batchable_projection(it: Item) -> bool:
-    """A projection item (rank > 0) with a signSGD residual whose update can go into
-    ``apply_projection_batch`` (float32 data, direction U at hand, F(R) not precomputed)."""
-    return (
-        it.kind == "projection"
-        and not it.free_done
-        and it.u is not None
-        and it.g_sf is not None
-        and it.sel.rank > 0
-        and it.group["state_free"] == "signsgd"
-        and it.view.data.dtype == torch.float32
-        and it.view.data.numel() > 0
-    )
+    """A projection item (rank > 0, G_sf at hand) ``apply_projection_batch`` can take."""
+    return _batchable_signsgd(it, "projection") and it.g_sf is not None and it.sel.rank > 0
 
 
 def apply_projection_batch(its: list[Item], lr: float, s_p: float, s_i: float) -> None:

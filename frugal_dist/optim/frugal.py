@@ -190,7 +190,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         self._skipped = torch.zeros((), dtype=torch.int64)
         self._dev_steps: dict[str, list] = {}
         self._local_sel: dict[str, tuple] = {}
-        self._dense_views: dict[int, tuple[dict, list]] = {}
+        self._dense_views: dict[int, tuple[dict, list[tuple]]] = {}  # id(group) -> skeleton
         self.comm = CommStats()
         self._plan: ShardPlan | None = None
         self._selections: dict[str, tuple[int, Any]] = {}
@@ -309,27 +309,21 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
             if all_holders and hasattr(self._layout, "entries"):
                 return self._layout.views(self, group, all_holders=True)
             return self._layout.views(self, group)
-        # Whole tensors: the views are built once per group and refreshed in place each step
-        # (gradient and state looked up anew; a view is rebuilt if its parameter's shape changed).
-        params, names = group["params"], group["names"]
-        cached = self._dense_views.get(id(group))
-        if cached is None or cached[0] is not group or len(cached[1]) != len(params):
-            cached = (group, [None] * len(params))
-            self._dense_views[id(group)] = cached
-        out = cached[1]
-        state = self.state
-        for idx, p in enumerate(params):
-            view = out[idx]
-            if view is None or view.data is not p or view.shape != p.shape:
+        # Whole tensors: the per-parameter skeleton (name, shape, span) is built once per group;
+        # gradient and state are looked up anew at each call, and the views returned are fresh,
+        # so nothing kept here references a gradient after the step.
+        params = group["params"]
+        skeleton = self._dense_views.get(id(group))
+        if skeleton is None or skeleton[0] is not group or not _same_params(skeleton[1], params):
+            entries = []
+            for idx, (p, name) in enumerate(zip(params, group["names"])):
                 m, n = matrix_shape(p.shape)
-                span = RowSpan(m, n, 0, p.numel())
-                view = ParamView(names[idx], idx, tuple(p.shape), span, p, p.grad, state[p])
-                out[idx] = view
-            else:
-                view.name = names[idx]
-                view.grad = p.grad
-                view.state = state[p]
-        return list(out)
+                entries.append((name, idx, tuple(p.shape), RowSpan(m, n, 0, p.numel()), p))
+            skeleton = (group, entries)
+            self._dense_views[id(group)] = skeleton
+        state = self.state
+        return [ParamView(name, idx, shape, span, p, p.grad, state[p])
+                for name, idx, shape, span, p in skeleton[1]]  # fmt: skip
 
     def bind_layout(self, layout: Any) -> None:
         """Let an engine adapter describe where each parameter's local fragment lives (see
@@ -358,17 +352,9 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
             st.pop(key, None)
 
     @staticmethod
-    def _advance(st: dict[str, Tensor]) -> int:
-        """Increment ``step``; return the number of steps taken *before* this one."""
-        if "step" not in st:
-            st["step"] = torch.zeros((), dtype=torch.float32)
-        s = int(st["step"].item())
-        st["step"] += 1
-        return s
-
-    @staticmethod
     def _advance_all(states: list) -> list[int]:
-        """``_advance`` of many state dicts (see ``step_items.increment_counters``)."""
+        """Increment every state's ``step`` counter (created at 0 if missing); return the number
+        of steps each took *before* this one (see ``step_items.increment_counters``)."""
         for st in states:
             if "step" not in st:
                 st["step"] = torch.zeros((), dtype=torch.float32)
@@ -381,16 +367,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        try:
-            self._run_step()
-        finally:
-            # The cached views must not keep this step's gradients alive: with
-            # zero_grad(set_to_none=True) the next backward would allocate new gradients while
-            # the old ones are still referenced (+1 gradient copy of peak memory).
-            for _, views in self._dense_views.values():
-                for view in views:
-                    if view is not None:
-                        view.grad = None
+        self._run_step()
         return loss
 
     # ------------------------------------------------------------------------- comm
@@ -477,6 +454,13 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         self._dev_steps.clear()
         self._local_sel.clear()
         self._dense_views.clear()
+
+
+def _same_params(entries: list[tuple], params: list[Tensor]) -> bool:
+    """The skeleton still describes ``params``: same tensors (identity), same shapes."""
+    return len(entries) == len(params) and all(
+        e[4] is p and e[2] == tuple(p.shape) for e, p in zip(entries, params)
+    )
 
 
 def _at(seq: list[str], i: int) -> str | None:
