@@ -12,6 +12,7 @@ events (median of ``--reps`` after ``--warmup``), all in the same run:
   embeddings / head / norms, then per shape group ``project_down``, an Adam direction on the
   compact gradients (batched foreach-free tensor ops, the ``state`` column), ``apply_projection``
   with a signSGD residual and weight decay. ``down`` / ``state`` / ``apply`` are timed alone too.
+  Backends ``torch`` / ``bmm`` / ``triton`` (fused apply kernel; its first call autotunes).
 * refreshes of all split matrices: ``svd_bases`` per method / oversampling / power steps / QR /
   precision, ``random_bases`` (Householder, CholeskyQR2), and the exact SVD on ``--exact-sample``
   matrices per shape, scaled to the whole model (``extrapolated: true``), unless ``--exact-all``.
@@ -27,6 +28,7 @@ Without CUDA (and without ``--allow-cpu``) it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -240,7 +242,7 @@ def main(argv=None) -> None:
     ap.add_argument("--energy-sample", type=int, default=1, help="matrices per shape for energy")
     ap.add_argument("--exact-sample", type=int, default=2, help="matrices per shape, exact SVD")
     ap.add_argument("--exact-all", action="store_true", help="exact SVD of every matrix")
-    ap.add_argument("--backends", default="torch,bmm")
+    ap.add_argument("--backends", default="torch,bmm,triton", help="triton: skipped if absent")
     ap.add_argument("--precisions", default="fp32,tf32,bf16")
     ap.add_argument("--no-refresh", action="store_true")
     ap.add_argument("--allow-cpu", action="store_true", help="run on the CPU (smoke test)")
@@ -274,6 +276,9 @@ def main(argv=None) -> None:
     rest_opt = torch.optim.AdamW(gs.rest_p, lr=LR, weight_decay=WD, fused=fused)
     rows = []
     for backend in args.backends.split(","):
+        if backend == "triton" and not (cuda and importlib.util.find_spec("triton")):
+            print("[proj step triton] skipped: needs CUDA and the triton package", flush=True)
+            continue
         for precision in args.precisions.split(","):
             fns = step_fns(gs, rest_opt, backend, precision)
             row = {"backend": backend, "precision": precision}

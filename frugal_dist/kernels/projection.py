@@ -19,6 +19,9 @@ Backends (``backend``):
 * ``torch`` -- one ``mm`` / ``addmm`` per matrix, a per-matrix temporary (lowest memory; CPU path).
 * ``bmm``   -- matrices stacked into chunks of at most ``chunk_elems`` entries; each product is
                one ``bmm`` / ``baddbmm_`` and each elementwise step one kernel per chunk.
+* ``triton`` -- the apply as one fused Triton kernel per matrix (``kernels.projection_triton``:
+               both up-products and the update, reading G and W and writing W, no temporaries);
+               the down product as ``bmm``. Needs triton (CUDA, or TRITON_INTERPRET=1).
 * ``auto``  -- ``bmm`` on CUDA, ``torch`` elsewhere.
 
 Precision of the projection GEMMs (``precision``):
@@ -49,7 +52,7 @@ import torch
 from torch import Tensor
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-BACKENDS = ("auto", "torch", "bmm")
+BACKENDS = ("auto", "torch", "bmm", "triton")
 SIDES = ("left", "right")
 RULES = ("signsgd", "sgd", "none")
 CHUNK_ELEMS = 1 << 26  # entries per stacked chunk (256 MiB of float32)
@@ -183,7 +186,7 @@ def project_down(
     Pc = P.to(dt)
     out = torch.empty((B, m, r) if side == "right" else (B, r, n), device=dev, dtype=torch.float32)
     with matmul_precision(precision):
-        if resolve_backend(backend, dev) == "torch":
+        if resolve_backend(backend, dev) == "torch":  # "triton": the down product as bmm
             for b in range(B):
                 g = grads[b].reshape(m, n).to(dt)
                 if side == "right":
@@ -312,8 +315,13 @@ def apply_projection(
             S.sign_()
         up_add(S, Ub, c_free, c)  # c s_i F(R) + c up(U)
 
+    how = resolve_backend(backend, dev)
+    if how == "triton":
+        _apply_triton(W, grads, Pc if dt == torch.float32 else P.float(), X.float(), U.float(),
+                      side, lr, weight_decay, s_p, s_i, rule, precision)  # fmt: skip
+        return
     with matmul_precision(precision):
-        if resolve_backend(backend, dev) == "torch":
+        if how == "torch":
             for b in range(B):
                 if rule == "none":
                     S = torch.empty(m, n, device=dev, dtype=dt)
@@ -328,6 +336,27 @@ def apply_projection(
                 _stack_into(S, grads[lo:hi], m, n)
             fill(S, lo, hi, grads)
             _finish(W[lo:hi], list(S.unbind(0)), lr, weight_decay)
+
+
+def _apply_triton(
+    W: list[Tensor], grads: Batch, P: Tensor, X: Tensor, U: Tensor, side: str, lr: float,
+    wd: float, s_p: float, s_i: float, rule: str, precision: str,
+) -> None:  # fmt: skip
+    """The ``triton`` backend: one fused kernel launch per matrix (float32 operands; the
+    kernel casts tiles to bfloat16 itself for ``bf16``)."""
+    try:
+        from frugal_dist.kernels.projection_triton import fused_apply_one, triton_usable
+    except ImportError as exc:
+        raise RuntimeError(f"backend='triton' needs the triton package ({exc}); use 'bmm' or "
+                           "'auto'") from exc  # fmt: skip
+    if not triton_usable(W[0].device):
+        raise RuntimeError("backend='triton' runs on CUDA tensors (or the CPU under "
+                           "TRITON_INTERPRET=1); use 'bmm' or 'auto'")  # fmt: skip
+    m, n = W[0].shape
+    for b, w in enumerate(W):
+        g = grads[b].reshape(m, n)
+        fused_apply_one(w, g, P[b], X[b], U[b], side, decay=1.0 - lr * wd, c_u=-lr * s_p,
+                        c_f=-lr * s_p * s_i, rule=rule, precision=precision)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ oracle
