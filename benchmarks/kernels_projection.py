@@ -17,8 +17,8 @@ events (median of ``--reps`` after ``--warmup``), all in the same run:
   precision, ``random_bases`` (Householder, CholeskyQR2), and the exact SVD on ``--exact-sample``
   matrices per shape, scaled to the whole model (``extrapolated: true``), unless ``--exact-all``.
   ``energy``: captured / optimal energy (``captured_energy`` / ``optimal_energy``, float64) on
-  ``--energy-sample`` matrices per shape. The gradients are synthetic: a rank-64 part with a
-  decaying spectrum plus noise (``--noise``), so the top-r subspace is well defined; ``warm``
+  ``--energy-sample`` matrices per shape. The gradients are synthetic: a spectrum decaying like
+  i^-0.5 over every direction plus noise (``--noise``), so the tail beyond rank r matters; ``warm``
   starts from the basis of the "previous" gradient, this one plus an independent half-size one.
 
 Writes ``benchmarks/results/kernels_projection_cuda.json`` (``_cpu`` on CPU), ``.md`` and ``.png``.
@@ -122,12 +122,14 @@ class Groups:
         return n + sum(w.numel() for g in self.by_key.values() for w in g["W"])
 
 
-def structured(shape, noise: float, gen, device) -> torch.Tensor:
-    """A rank-64 matrix with singular values ~ 1/sqrt(i) plus Gaussian noise."""
+def structured(shape, noise: float, gen, device, decay: float = 0.5) -> torch.Tensor:
+    """A (m, n) matrix A diag(i^-decay) B / sqrt(K) (Gaussian A, B, K = min(m, n): a spectrum
+    decaying roughly like i^-decay over every direction, so the tail beyond rank r matters)
+    plus Gaussian noise of std ``noise``."""
     m, n = shape
-    k = min(64, m, n)
-    decay = torch.rsqrt(torch.arange(1, k + 1, device=device, dtype=torch.float32))
-    a = torch.randn(m, k, device=device, generator=gen) * decay
+    k = min(m, n)
+    d = torch.arange(1, k + 1, device=device, dtype=torch.float32).pow(-decay)
+    a = torch.randn(m, k, device=device, generator=gen) * d
     b = torch.randn(k, n, device=device, generator=gen)
     return (a @ b) / (k**0.5) + noise * torch.randn(m, n, device=device, generator=gen)
 

@@ -11,9 +11,10 @@ a (dim x o) matrix whose dominant column space is wanted, and k = min(r + oversa
 * ``randomized``  -- Halko-Martinsson-Tropp range finder: Y = A Omega with a seeded Gaussian
                      Omega (o x k), then ``power_iters`` times Q = orth(A (A^T orth(Y))).
                      Products: (1 + 2 q) of (dim x o) . k.
-* ``warm``        -- subspace iteration from the previous basis: Q = orth([P_prev | Omega_p]),
-                     then ``power_iters`` (>= 1) times Q = orth(A (A^T Q)). One step = 2 products
-                     and a thin QR; without a previous basis it is ``randomized``.
+* ``warm``        -- subspace iteration from the previous basis: Q = [P_prev | Omega_p / sqrt(dim)]
+                     (Omega_p: k - r seeded Gaussian columns), then ``power_iters`` (>= 1) times
+                     Q = orth(A (A^T Q)). One step = 2 products and one thin QR; without a
+                     previous basis it is ``randomized``.
 
 With oversampling (k > r) a Rayleigh-Ritz step keeps the best r directions of span(Q): the
 top-r eigenvectors V of C = (Q^T A)(Q^T A)^T (k x k, float64), P = Q V (one more product).
@@ -138,10 +139,12 @@ def _sketch_bases(
     B, dim, o = A.shape
     dt = A.dtype
     if method == "warm" and prev is not None:
-        start = prev.float()
+        # No QR of the start: the previous basis is orthonormal and the extra Gaussian columns
+        # (unit expected norm) need only be independent of it; A A^T Q is orthonormalised below.
+        Q = prev.float()
         if k > r:
-            start = torch.cat([start, gaussian(B, dim, k - r, seeds, A.device)], dim=-1)
-        Q = orthonormalize(start, qr)
+            extra = gaussian(B, dim, k - r, seeds, A.device) / dim**0.5
+            Q = torch.cat([Q, extra], dim=-1)
     else:
         Q = orthonormalize(mm32(A, gaussian(B, o, k, seeds, A.device).to(dt)), qr)
     for _ in range(power_iters):
