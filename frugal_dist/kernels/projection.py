@@ -78,7 +78,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 @contextlib.contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
     """Within the block, float32 CUDA matmuls use IEEE fp32 (``fp32``) or TF32 (``tf32``,
-    ``bf16``); the previous setting is restored on exit. CPU matmuls are unaffected."""
+    ``bf16``); the previous setting is restored on exit. CPU matmuls are unaffected.
+
+    Uses the new API (``torch.backends.cuda.matmul.fp32_precision``), which cuBLAS reads for
+    every float32 GEMM. Inside the block the legacy getter ``matmul.allow_tf32`` may raise
+    torch's "mix of the legacy and new APIs" error, so run only these products inside it; on
+    exit the previous value (``none`` = inherit included) is restored exactly."""
     check_choice("precision", precision, PRECISIONS)
     mm = torch.backends.cuda.matmul
     want = "ieee" if precision == "fp32" else "tf32"

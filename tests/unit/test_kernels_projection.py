@@ -13,6 +13,7 @@ from frugal_dist.core.subspaces import ProjectionSelection, projection_selection
 from frugal_dist.kernels.projection import (
     apply_projection,
     chunks,
+    matmul_precision,
     project_down,
     reference_projection_step,
 )
@@ -277,3 +278,20 @@ def test_triton_sign_propagates_nan_like_torch():
     apply_projection(W, G, P, X, torch.zeros_like(X), "right", lr=0.1, backend="triton",
                      precision="fp32")  # fmt: skip
     assert W[0][3].isnan().any()  # the NaN row's residual is NaN wherever G_sf spreads it
+
+
+def test_matmul_precision_restores_the_flag():
+    """(The legacy ``allow_tf32`` getter raises once the new API was used, so only the new flag
+    is read here; tests/gpu checks a fresh process's state.)"""
+    mm = torch.backends.cuda.matmul
+    saved = mm.fp32_precision
+    try:
+        for setup in ("none", "tf32", "ieee"):
+            mm.fp32_precision = setup
+            before = mm.fp32_precision
+            for p in ("fp32", "tf32", "bf16"):
+                with matmul_precision(p):
+                    assert mm.fp32_precision == ("ieee" if p == "fp32" else "tf32")
+            assert mm.fp32_precision == before
+    finally:
+        mm.fp32_precision = saved
