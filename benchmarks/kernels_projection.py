@@ -185,7 +185,7 @@ def time_refresh(gs: Groups, args, device, prev: dict, cfg) -> dict[str, Any]:
                              oversample=over, power_iters=iters, qr=qr,
                              precision=precision)  # fmt: skip
 
-        total += median_ms(run, device, max(1, args.reps // 4), 1)
+        total += median_ms(run, device, min(3, max(1, args.reps // 4)), 1)
         P = run()
         k = args.energy_sample
         ratios += (captured_energy(grp["G"][:k], P[:k], side) / grp["best"][:k]).tolist()

@@ -28,11 +28,12 @@ Precision of the projection GEMMs (``precision``):
 
 * ``fp32`` -- IEEE float32 products (cuBLAS without TF32); the exact reference arithmetic.
 * ``tf32`` -- float32 storage, TF32 tensor-core products (10-bit mantissa inputs, float32
-              accumulate): ~6x the fp32 throughput on an H100/H200. On a CPU identical to fp32.
+              accumulate; ~7x fp32's dense rate on H100/H200 spec sheets). CPU: same as fp32.
 * ``bf16`` -- bases and gradients rounded to bfloat16 for the products (float32 accumulate). The
-              apply's full-size buffer is bfloat16 too (half the bytes), so R, F(R) and D are
-              rounded to 8 mantissa bits; G_sf and U are returned / read as float32. signSGD's
-              F(R) = sign(R) is unchanged except where |R| rounds to zero.
+              ``bmm`` / ``torch`` apply's full-size buffer is bfloat16 too (half the bytes), so R,
+              F(R) and D carry 8 mantissa bits (``triton`` keeps G, W and the epilogue float32).
+              G_sf is returned as float32. sign(R) changes only where |R| is within the
+              products' rounding error (~2^-8 of |G|).
 
 Sharded rows (FSDP2 ``Shard(0)``, each rank a block of whole rows): pass each rank's local rows
 as the (m_local, n) matrices. ``right``: everything is local, no communication. ``left``: pass
@@ -41,6 +42,21 @@ the basis rows of the local rows, P_local (m_local, r); ``project_down`` then re
 (B r n floats, 4 bytes each) before the state phase; ``apply_projection`` needs no communication
 (up(X) = P_local X is the local rows). Flat ZeRO fragments, whose boundaries cut rows, are not
 supported here (the per-item fragment path handles them).
+
+How a step uses this, per parameter group (rank r > 0; rho = 0 stays on the state-free path):
+
+1. group the projection items by (matrix shape, side, rank); keep each group's bases as one
+   (B, dim, r) float32 tensor (per-item state may hold the views ``bases[b]``);
+2. down:  ``X = project_down(grads, bases, side, precision=..., backend=...)``; ``left`` on row
+   shards: all-reduce(sum) X over the shard group (through ``comm/``);
+3. state: U from X (state tensors as views of one (B, ...) buffer keep U batched; lists work
+   but are stacked, one copy);
+4. apply: ``apply_projection(datas, grads, bases, X, U, side, lr=, weight_decay=, s_p=, s_i=,
+   rule=state_free)``. It applies the weight decay itself: leave these tensors out of the
+   group's separate ``W *= 1 - lr wd`` pass;
+5. refresh (``kernels.refresh``): svd owners call ``svd_bases(grads, r, side, method="warm",
+   previous=<old bases or None>, seeds=[projection_seed(seed, name, k) ...])`` per shape group
+   and broadcast as now; random bases come from ``random_bases`` on every rank (no broadcast).
 """
 
 from __future__ import annotations
