@@ -32,7 +32,9 @@ _INPUT_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
 
 def _configs() -> list[triton.Config]:
     out = []
-    for bm, bn, bk, warps, stages in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3),
+    # two (BM x BN) float32 accumulators: 2 BM BN / (32 warps) registers per thread for them
+    for bm, bn, bk, warps, stages in [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3),
+                                      (64, 128, 32, 8, 3), (128, 64, 32, 4, 3),
                                       (64, 128, 32, 4, 3), (64, 64, 64, 4, 2)]:  # fmt: skip
         out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps,
                                  num_stages=stages))  # fmt: skip
