@@ -32,7 +32,7 @@ _INPUT_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
 
 def _configs() -> list[triton.Config]:
     out = []
-    # two (BM x BN) float32 accumulators: 2 BM BN / (32 warps) registers per thread for them
+    # two (BM x BN) float32 accumulators take 2 BM BN / (32 num_warps) registers per thread
     for bm, bn, bk, warps, stages in [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3),
                                       (64, 128, 32, 8, 3), (128, 64, 32, 4, 3),
                                       (64, 128, 32, 4, 3), (64, 64, 64, 4, 2)]:  # fmt: skip
