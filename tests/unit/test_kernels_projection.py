@@ -295,3 +295,24 @@ def test_matmul_precision_restores_the_flag():
             assert mm.fp32_precision == before
     finally:
         mm.fp32_precision = saved
+
+
+@pytest.mark.parametrize("backend", ["torch", "bmm", "triton"])
+@pytest.mark.parametrize("grads_kind", ["bf16", "non-contiguous"])
+def test_apply_takes_bf16_and_strided_gradients(backend, grads_kind):
+    """16-bit gradients (promoted in the residual) and non-contiguous ones (strides honoured)."""
+    if backend == "triton":
+        _triton_or_skip()
+    _, W, P = _problem("right", (70, 40), B=2, r=20)
+    gen = torch.Generator().manual_seed(5)
+    if grads_kind == "bf16":
+        G = [torch.randn(70, 40, generator=gen).bfloat16() for _ in range(2)]
+    else:
+        G = [torch.randn(40, 70, generator=gen).T for _ in range(2)]
+    X = project_down(G, P, "right", precision="fp32", backend="torch")
+    U = torch.randn_like(X)
+    W2 = [w.clone() for w in W]
+    apply_projection(W2, G, P, X, U, "right", precision="fp32", backend=backend, **HP)
+    for b in range(2):
+        _, w_ref = reference_projection_step(W[b], G[b].float(), P[b], U[b], "right", **HP)
+        torch.testing.assert_close(W2[b].double(), w_ref, atol=1e-5, rtol=1e-5)
