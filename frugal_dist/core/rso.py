@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from frugal_dist.core.seeding import derive_seed, make_generator
-from frugal_dist.core.subspaces import round_half_up
+from frugal_dist.core.subspaces import rounded_count
 
 PROJ_TYPES = ("gaussian", "orthonormal")
 
@@ -40,14 +40,16 @@ def rso_seed(base_seed: int, name: str, outer: int) -> int:
 
 
 def rso_rank(in_features: int, rank: int | None = None, density: float | None = None) -> int:
-    """The subspace rank r: ``rank`` if given, else ``round(density * in_features)``, in [1, n]."""
+    """The subspace rank r: ``rank`` if given, else ``round(density * in_features)`` (Python's
+    round, half to even, as every FRUGAL size: ``core.subspaces.rounded_count``), in [1, n] (an
+    RSO layer needs at least one trainable column of B)."""
     if rank is not None:
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"rank must be an integer >= 1 (or None to use density), got {rank!r}")
         return min(rank, in_features)
     if density is None or not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must be in (0, 1] when rank is None, got {density!r}")
-    return max(1, min(in_features, round_half_up(float(density) * in_features)))
+    return max(1, rounded_count(in_features, density))
 
 
 def rso_projection(

@@ -299,8 +299,8 @@ class FrugalStepMixin:
                 ).basis  # fmt: skip
             else:
                 dim = shape[0] if side == "left" else shape[1]
-                basis = torch.empty(dim, projection_rank(shape, it.group["density"]),
-                                    device=it.g.device)  # fmt: skip
+                r = projection_rank(shape, it.group["density"], side, "svd")
+                basis = torch.empty(dim, r, device=it.g.device)
             per_rank[owner].append(basis)
             it.st["proj_basis"] = basis
         broadcast_from_owners(per_rank, self._pg, self.comm, "basis_broadcast")

@@ -65,7 +65,7 @@ def compact_shape(it: Item) -> tuple[int, ...]:
         return tuple(it.sel.compact_shape)
     shape = matrix_shape(it.view.shape)
     side = resolve_side(it.group["proj_side"], shape)
-    r = projection_rank(shape, it.group["density"])
+    r = projection_rank(shape, it.group["density"], side, it.group["proj_type"])
     return (r, shape[1]) if side == "left" else (it.span.rows_touched, r)
 
 
