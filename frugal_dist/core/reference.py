@@ -13,7 +13,8 @@ step (``s`` = steps taken before this one, T = ``update_gap``):
     W   <- W * (1 - lr * wd)
     W   <- W - lr * s_p * up(U) - lr * s_p * s_i * StateFree(R)
 
-``algorithm="adamw"`` is plain AdamW on every tensor; ``algorithm="signsgd"`` / ``"sgd"`` is the
+``algorithm="adamw"`` is plain AdamW on every tensor, ``algorithm="state_full"`` the ``state_full``
+rule (AdamW, SGDM or Lion) on every tensor; ``algorithm="signsgd"`` / ``"sgd"`` is the
 state-free rule on every tensor (W <- W*(1-lr*wd) - lr*D).
 """
 
@@ -119,7 +120,7 @@ class ReferenceFRUGAL:
             w = p.detach().float().reshape(m, n)
             w = w * (1 - h["lr"] * h["wd"])
 
-            if h["algorithm"] == "adamw":
+            if h["algorithm"] in ("adamw", "state_full"):
                 if s == 0:
                     self._zero_stats(st, g)
                 w = w - h["lr"] * self._state_full(st, g)

@@ -91,7 +91,7 @@ def expected_state_bytes(p: Tensor, group: dict[str, Any]) -> int:
     if algo in ("signsgd", "sgd"):
         return 0
     per = 4 * len(state_full_keys("adamw" if algo == "adamw" else group["state_full"]))
-    if algo == "adamw" or group["subspace"] == "block":
+    if algo in ("adamw", "state_full") or group["subspace"] == "block":
         return per * p.numel()
     m, n = matrix_shape(p.shape)
     rho = group["density"]

@@ -19,7 +19,7 @@ class Item:
 
     view: ParamView
     group: dict[str, Any]
-    kind: str  # adamw | free | block | coordinate | projection
+    kind: str  # adamw (whole tensor, rule ``whole_rule``) | free | block | coordinate | projection
     refresh: bool
     k: int
     active: bool  # has a state-full part this step
@@ -45,6 +45,21 @@ class Item:
     @property
     def span(self) -> RowSpan:
         return self.view.span
+
+
+def item_kind(group: dict[str, Any]) -> str:
+    """The kind of work a group's parameters get: ``adamw`` = the whole tensor state-full
+    (``algorithm="adamw"`` or ``"state_full"``; its rule is ``whole_rule``), ``free`` = the
+    state-free rule on the whole tensor (``"signsgd"`` / ``"sgd"``), else the subspace kind."""
+    algo = group["algorithm"]
+    return {"adamw": "adamw", "state_full": "adamw", "signsgd": "free", "sgd": "free"}.get(
+        algo, group["subspace"]
+    )
+
+
+def whole_rule(group: dict[str, Any]) -> str:
+    """The state-full rule of a group: AdamW for ``algorithm="adamw"``, else ``state_full``."""
+    return "adamw" if group["algorithm"] == "adamw" else group["state_full"]
 
 
 def apply_update(p: Tensor, direction: Tensor, alpha: float) -> None:

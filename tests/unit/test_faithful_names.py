@@ -14,8 +14,9 @@ import inspect
 
 import pytest
 import torch
+from torch import Tensor, nn
 
-from frugal_dist import FRUGAL
+from frugal_dist import FRUGAL, build_param_groups
 from frugal_dist.core import reference, reference_selection
 from frugal_dist.core.reference import ReferenceFRUGAL
 from frugal_dist.core.reference_selection import (
@@ -33,7 +34,9 @@ from frugal_dist.core.subspaces import (
     projection_rank,
     projection_selection,
 )
-from tests.helpers import clone_params, grad_stream, make_params, max_diff, set_grads
+from frugal_dist.train.config_validation import validate_optimizer_section
+from frugal_dist.train.optimizers import build_optimizer
+from tests.helpers import SHAPES, clone_params, grad_stream, make_params, max_diff, set_grads
 
 
 def _schedule(n: int, rho: float, order: str, refreshes: int, seed: int = 0) -> list[set[int]]:
@@ -212,3 +215,165 @@ def test_fourteen_tensors_follow_the_oracle_past_the_wrap(order):
         opt.step()
         ref.step()
     assert max_diff(ps, qs) < 1e-6
+
+
+# ---------------------------------------------- the state-full rule on the non-split params
+class _Lm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(11, 8)
+        self.proj = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.lm_head = nn.Linear(8, 11, bias=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.lm_head(self.norm(self.proj(self.embed_tokens(ids))))
+
+
+def _train(model: nn.Module, opt, steps: int = 3) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 11, (4, 5), generator=gen)
+        loss = nn.functional.cross_entropy(model(ids).reshape(-1, 11), ids.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "rule,non_split,keys",
+    [
+        ("lion", "state_full", {"exp_avg"}),
+        ("sgdm", "state_full", {"momentum_buffer"}),
+        ("adamw", "state_full", {"exp_avg", "exp_avg_sq"}),
+        ("lion", "adamw", {"exp_avg", "exp_avg_sq"}),  # the explicit opt-out
+        ("sgdm", "adamw", {"exp_avg", "exp_avg_sq"}),
+    ],
+)
+def test_state_full_rule_reaches_the_non_split_parameters(rule, non_split, keys):
+    model = _Lm()
+    opt = FRUGAL(build_param_groups(model, non_split=non_split), state_full=rule, lr=1e-2)
+    _train(model, opt)
+    for name in ("embed_tokens.weight", "lm_head.weight", "norm.weight", "proj.bias"):
+        st = opt.state[dict(model.named_parameters())[name]]
+        assert set(st) - {"step", "sf_step"} == keys, (name, set(st))
+
+
+@pytest.mark.parametrize("rule", ["lion", "sgdm", "adamw"])
+def test_state_full_groups_match_the_reference(rule):
+    names = [f"extra.{i}" for i in range(len(SHAPES))]
+    kw = dict(lr=1e-2, state_full=rule, betas=(0.9, 0.99), weight_decay=0.1)
+    ps = make_params()
+    qs = clone_params(ps)
+    opt = FRUGAL([{"params": ps, "names": names, "algorithm": "state_full"}], **kw)
+    ref = ReferenceFRUGAL(list(zip(names, qs)), algorithm="state_full", **kw)
+    for grads in grad_stream(SHAPES, 12):
+        set_grads(ps, grads)
+        set_grads(qs, grads)
+        opt.step()
+        ref.step()
+    assert max_diff(ps, qs) < 1e-6
+
+
+def test_lion_on_an_embedding_is_lion():
+    """Two steps of Lion written out: W -= lr * sign(b1 m + (1 - b1) g), m <- b2 m + (1 - b2) g."""
+    model = _Lm()
+    emb = model.embed_tokens.weight
+    w0 = emb.detach().clone()
+    opt = FRUGAL(build_param_groups(model), state_full="lion", lr=1e-2, betas=(0.9, 0.99))
+    g1, g2 = torch.randn(11, 8), torch.randn(11, 8)
+    for g in (g1, g2):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        emb.grad = g.clone()
+        opt.step()
+    m1 = 0.01 * g1
+    expect = w0 - 1e-2 * torch.sign(0.1 * g1) - 1e-2 * torch.sign(0.9 * m1 + 0.1 * g2)
+    assert torch.allclose(emb.detach(), expect, atol=1e-7)
+
+
+def test_non_split_is_validated():
+    with pytest.raises(ValueError, match="non_split must be one of"):
+        build_param_groups(_Lm(), non_split="lion")
+    with pytest.raises(ValueError, match="optimizer.non_split"):
+        validate_optimizer_section({"name": "frugal", "non_split": "sgd"})
+    validate_optimizer_section({"name": "frugal", "non_split": "adamw", "state_full": "lion"})
+    opt = build_optimizer(_Lm(), "frugal", state_full="lion", non_split="adamw")
+    assert [g["algorithm"] for g in opt.param_groups] == ["frugal", "adamw", "adamw"]
+
+
+# ------------------------------------------------------------------------- nested heads
+class _Encoder(nn.Module):
+    """Names as in RoBERTa / BERT / HF *ForSequenceClassification."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.ModuleDict(
+            {"attention": nn.ModuleDict({"output": nn.ModuleDict({"dense": nn.Linear(8, 8)})}),
+             "output": nn.ModuleDict({"dense": nn.Linear(8, 8)})}
+        )  # fmt: skip
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(8, 8)})
+        self.classifier = nn.ModuleDict({"dense": nn.Linear(8, 8), "out_proj": nn.Linear(8, 3)})
+        self.score = nn.Linear(8, 3, bias=False)
+
+
+def test_nested_heads_stay_state_full():
+    groups = {g["name"]: g["names"] for g in build_param_groups(_Encoder())}
+    assert groups["split"] == ["layer.attention.output.dense.weight", "layer.output.dense.weight"]
+    for head in ("pooler.dense.weight", "classifier.dense.weight", "classifier.out_proj.weight",
+                 "score.weight"):  # fmt: skip
+        assert head in groups["state_full"], (head, groups)
+
+
+def test_roberta_classifier_is_not_split():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=40, num_labels=3)  # fmt: skip
+    model = transformers.RobertaForSequenceClassification(cfg)
+    groups = {g["name"]: g["names"] for g in build_param_groups(model)}
+    assert "classifier.dense.weight" in groups["state_full"]
+    assert "classifier.out_proj.weight" in groups["state_full"]
+    assert "roberta.encoder.layer.0.output.dense.weight" in groups["split"]
+
+
+# -------------------------------------------------------------------- GPT-2 Conv1D weights
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(subspace="coordinate", coord_choice="columns"),
+        dict(subspace="coordinate", coord_choice="rows"),
+        dict(subspace="projection", proj_side="left"),
+        dict(subspace="projection", proj_side="right"),
+    ],
+)
+def test_conv1d_refuses_orientation_dependent_subspaces(opts):
+    model = _gpt2()
+    with pytest.raises(ValueError, match=r"'transformer\.h\.0\.attn\.c_attn\.weight'.*Conv1D"):
+        FRUGAL(build_param_groups(model), **opts)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(subspace="block"),
+        dict(subspace="coordinate", coord_choice="randk"),
+        dict(subspace="projection", proj_side="auto"),
+    ],
+)
+def test_conv1d_orientation_free_subspaces_train(opts):
+    model = _gpt2()
+    opt = FRUGAL(build_param_groups(model), lr=1e-3, update_gap=2, **opts)
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        out = model(input_ids=ids, labels=ids)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

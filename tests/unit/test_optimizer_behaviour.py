@@ -352,8 +352,11 @@ def test_build_param_groups_assigns_every_parameter_once():
     assert by_name["no_decay"] == ["proj.bias", "norm.weight", "norm.bias"]
     check_param_coverage(model, groups)
     opt = FRUGAL(groups)
-    assert [g["algorithm"] for g in opt.param_groups] == ["frugal", "adamw", "adamw"]
+    # issue 16: the non-split groups run the state_full rule (AdamW by default), as upstream
+    assert [g["algorithm"] for g in opt.param_groups] == ["frugal", "state_full", "state_full"]
     assert opt.param_groups[2]["weight_decay"] == 0.0
+    kept = build_param_groups(model, non_split="adamw")
+    assert [g["algorithm"] for g in kept] == ["frugal", "adamw", "adamw"]
 
 
 def test_rules_come_first_and_coverage_errors_name_the_parameter():
