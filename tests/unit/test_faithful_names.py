@@ -377,3 +377,46 @@ def test_conv1d_orientation_free_subspaces_train(opts):
         out.loss.backward()
         opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------- RSO: weight decay on W too
+def _rso_layer(wd: float):
+    from frugal_dist import RSO
+    from frugal_dist.optim.rso_layers import RSOLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 12, bias=False)
+    w0 = lin.weight.detach().clone()
+    layer = RSOLinear(lin.weight, None, 4, "lin", seed=5)
+    opt = RSO([{"params": [layer.B], "names": ["lin.B"], "rso": True}], layers={"lin": layer},
+              lr=0.1, weight_decay=wd, inner_steps=3)  # fmt: skip
+    return layer, opt, w0
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.5])
+def test_rso_weight_decay_reaches_the_frozen_weight(wd):
+    """With zero gradients Adam moves nothing, so only decoupled weight decay acts: the effective
+    weight c W + B P^T must be (1 - lr wd)^t W0 after t steps, before and after the merges (as
+    AdamW on a full weight). Before issue 16 the RSO layers' W never decayed."""
+    layer, opt, w0 = _rso_layer(wd)
+    x = torch.randn(5, 10)
+    for t in range(1, 8):
+        layer.B.grad = torch.zeros_like(layer.B)
+        opt.step()
+        expect = (1 - 0.1 * wd) ** t * w0
+        assert torch.allclose(layer(x), x @ expect.T, atol=1e-6), t
+    assert layer.outer == 2  # merged after steps 3 and 6: W itself now carries the decay
+    assert torch.allclose(layer.weight, (1 - 0.1 * wd) ** 6 * w0, atol=1e-6)
+
+
+def test_rso_input_gradient_uses_the_decayed_weight():
+    layer, opt, _ = _rso_layer(0.5)
+    layer.B.grad = torch.randn_like(layer.B)
+    opt.step()
+    assert layer.w_scale == pytest.approx(0.95) and layer.B.abs().sum() > 0
+    x = torch.randn(5, 10, requires_grad=True)
+    y = layer(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    w_eff = 0.95 * layer.weight + layer.B @ layer.projection().T
+    assert torch.allclose(y, x @ w_eff.T, atol=1e-6)
+    assert torch.allclose(gx, torch.ones(5, 12) @ w_eff, atol=1e-6)
