@@ -420,3 +420,33 @@ def test_rso_input_gradient_uses_the_decayed_weight():
     w_eff = 0.95 * layer.weight + layer.B @ layer.projection().T
     assert torch.allclose(y, x @ w_eff.T, atol=1e-6)
     assert torch.allclose(gx, torch.ones(5, 12) @ w_eff, atol=1e-6)
+
+
+# ------------------------------------------------------- counts of 0 are empty subspaces
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(subspace="block", density=0.2),  # round(0.2 * 2) = 0 blocks (was forced to 1)
+        dict(subspace="coordinate", coord_choice="columns", density=0.1),  # int(0.4) = 0
+        dict(subspace="coordinate", coord_choice="randk", density=0.01),
+        dict(subspace="projection", proj_type="random", density=0.1),  # round(0.3) = 0
+        dict(subspace="projection", proj_type="svd", density=0.1),
+    ],
+    ids=["block", "columns", "randk", "random", "svd"],
+)
+def test_empty_subspaces_at_positive_density_are_the_state_free_rule(kw):
+    shapes = [(3, 4), (4, 3)]
+    names = ["a.w", "b.w"]
+    ps = make_params(shapes)
+    qs = clone_params(ps)
+    rs = clone_params(ps)
+    opt = FRUGAL([{"params": ps, "names": names}], lr=1e-2, update_gap=3, **kw)
+    ref = ReferenceFRUGAL(list(zip(names, qs)), lr=1e-2, update_gap=3, **kw)
+    free = FRUGAL([{"params": rs, "names": names, "algorithm": "signsgd"}], lr=1e-2)
+    for grads in grad_stream(shapes, 7):
+        for group in (ps, qs, rs):
+            set_grads(group, grads)
+        opt.step()
+        ref.step()
+        free.step()
+    assert max_diff(ps, qs) < 1e-6 and max_diff(ps, rs) < 1e-6
