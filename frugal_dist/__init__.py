@@ -1,5 +1,6 @@
 """frugal_dist: FRUGAL and RSO memory-efficient optimizers for distributed LLM pre-training."""
 
+import frugal_dist.engines  # noqa: F401  (registers the engine hooks optim/ needs)
 from frugal_dist.optim import (
     FRUGAL,
     FRUGAL_DEFAULTS,

@@ -51,6 +51,63 @@ def allreduce_mean_(tensors: list[Tensor], pg: ProcessGroup, stats: CommStats, k
     stats.add(kind, flat.nbytes, 2 * (world - 1) / world * flat.nbytes)
 
 
+def allreduce_sum_(flat: Tensor, pg: ProcessGroup, stats: CommStats, kind: str) -> None:
+    """In place: ``flat`` becomes its sum over ranks (one all-reduce of ``flat.nbytes``)."""
+    _, world = rank_and_world(pg)
+    if world == 1:
+        return
+    dist.all_reduce(flat, group=pg)
+    stats.add(kind, flat.nbytes, 2 * (world - 1) / world * flat.nbytes)
+
+
+def reduce_to_owners(
+    owned: list[list[Tensor]], pg: ProcessGroup, stats: CommStats, kind: str
+) -> None:
+    """``owned[r]``: tensors to be summed onto rank r (every rank passes the same shapes and
+    dtypes). After the call rank r's ``owned[r]`` hold the sums over all ranks (other ranks'
+    tensors are unspecified). One ``reduce`` per (owner, dtype) of the concatenated tensors:
+    payload = wire = the bytes of all of them (counted once per rank)."""
+    rank, world = rank_and_world(pg)
+    if world == 1:
+        return
+    total = 0
+    for dst, tensors in enumerate(owned):
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for ts in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in ts])
+            dist.reduce(flat, dst=global_rank(pg, dst), group=pg)
+            total += flat.nbytes
+            if dst == rank:
+                offset = 0
+                for t in ts:
+                    t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+                    offset += t.numel()
+    stats.add(kind, total, total)
+
+
+def any_rank_flag(flag: Tensor, pg: ProcessGroup) -> Tensor:
+    """In place: ``flag`` (a float32 scalar, nonzero = raised) becomes its max over ranks: one
+    4-byte all-reduce. Not counted in ``CommStats`` (a step's control flag, not its data)."""
+    _, world = rank_and_world(pg)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
+    return flag
+
+
+def all_gather_objects(obj: object, pg: ProcessGroup = None) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` at world size 1. Host-side
+    metadata only (fragment tables, checkpoint pieces): pickled size x world, not in
+    ``CommStats``."""
+    _, world = rank_and_world(pg)
+    if world == 1:
+        return [obj]
+    gathered: list[object] = [None] * world
+    dist.all_gather_object(gathered, obj, group=pg)
+    return gathered
+
+
 def sign_majority(tensors: list[Tensor], pg: ProcessGroup, stats: CommStats) -> list[Tensor]:
     """The majority vote of every rank's signs of each tensor (packed 8 signs per byte, one
     all-gather). Returns float32 tensors of +1 / -1 / 0 (tie) shaped like the inputs."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -133,20 +133,26 @@ def environment_descriptor() -> dict[str, Any]:
 
 
 def parameters_descriptor(
-    named: Iterable[tuple[str, torch.Tensor]], prefix: str = "model"
+    named: Iterable[tuple[str, torch.Tensor]],
+    prefix: str = "model",
+    shape_of: Callable[[torch.Tensor], tuple[int, ...]] | None = None,
 ) -> dict[str, Any]:
-    """``{prefix}.num_parameters`` and the logical shape of every named parameter (the full
-    shape also for ZeRO-3 / FSDP1 shards and DTensors)."""
+    """``{prefix}.num_parameters`` and the shape of every named parameter: ``shape_of(p)``
+    (the caller's logical shape, e.g. ``optim.engine_hooks.logical_shape`` for ZeRO-3 / FSDP1
+    shards), else ``p.shape`` (a DTensor's is already the full shape)."""
     out: dict[str, Any] = {}
     count = 0
     for name, p in named:
-        out[f"{prefix}.param.{name}"] = list(_logical_shape(p))
+        out[f"{prefix}.param.{name}"] = list(shape_of(p) if shape_of is not None else p.shape)
         count += 1
     out[f"{prefix}.num_parameters"] = count
     return out
 
 
-def optimizer_descriptor(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def optimizer_descriptor(
+    optimizer: torch.optim.Optimizer,
+    shape_of: Callable[[torch.Tensor], tuple[int, ...]] | None = None,
+) -> dict[str, Any]:
     """The optimizer's class and options, each param group's hyper-parameters and its parameter
     names (positions when the group has no ``names``) and shapes.
 
@@ -158,7 +164,7 @@ def optimizer_descriptor(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     for attr in OPTIMIZER_OPTIONS:
         if hasattr(optimizer, attr):
             out[f"optimizer.{attr}"] = getattr(optimizer, attr)
-    with_shapes = getattr(optimizer, "_layout", None) is None
+    with_shapes = getattr(optimizer, "layout", None) is None
     for gi, group in enumerate(optimizer.param_groups):
         for key, value in group.items():
             if key not in ("params", "names"):
@@ -166,7 +172,7 @@ def optimizer_descriptor(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         names = group.get("names") or [str(i) for i in range(len(group["params"]))]
         prefix = f"optimizer.group{gi}"
         if with_shapes:
-            out.update(parameters_descriptor(zip(names, group["params"]), prefix))
+            out.update(parameters_descriptor(zip(names, group["params"]), prefix, shape_of))
         else:
             out.update({f"{prefix}.param.{name}": "shaped by the engine" for name in names})
             out[f"{prefix}.num_parameters"] = len(names)
@@ -174,22 +180,24 @@ def optimizer_descriptor(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def check_optimizer_agreement(
-    optimizer: torch.optim.Optimizer, pg: ProcessGroup = None, stats: CommStats | None = None
+    optimizer: torch.optim.Optimizer,
+    pg: ProcessGroup = None,
+    stats: CommStats | None = None,
+    shape_of: Callable[[torch.Tensor], tuple[int, ...]] | None = None,
 ) -> None:
     """``check_ranks_agree`` on ``optimizer_descriptor(optimizer)`` (nothing at world size 1).
     Call it once, on every rank of ``pg``, before the first step."""
     if rank_and_world(pg)[1] == 1:
         return
     check_ranks_agree(
-        optimizer_descriptor(optimizer), pg, "the optimizer's settings and parameters", stats
+        optimizer_descriptor(optimizer, shape_of),
+        pg,
+        "the optimizer's settings and parameters",
+        stats,
     )
 
 
 # --------------------------------------------------------------------------- helpers
-def _logical_shape(p: torch.Tensor) -> tuple[int, ...]:
-    return tuple(getattr(p, "_frugal_shape", None) or getattr(p, "ds_shape", p.shape))
-
-
 def _installed_version(dist_name: str) -> str:
     from importlib import metadata
 

@@ -55,18 +55,6 @@ class RowSpan:
         """Position of the fragment's first element in the padded local matrix."""
         return self.start - self.first_row * self.n
 
-    def boundary_rows(self) -> list[int]:
-        """Rows this fragment shares with another fragment (partially covered rows)."""
-        if self.numel == 0:
-            return []
-        rows = []
-        if self.start % self.n != 0:
-            rows.append(self.first_row)
-        end = self.start + self.numel
-        if end % self.n != 0 and (not rows or self.last_row != rows[0]):
-            rows.append(self.last_row)
-        return rows
-
     def pad(self, flat: Tensor) -> Tensor:
         """(rows_touched, n) matrix holding ``flat`` (the fragment) and zeros elsewhere."""
         if self.is_full:

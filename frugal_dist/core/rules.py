@@ -102,14 +102,3 @@ def state_free_direction_(rule: str, residual: Tensor) -> Tensor | None:
     if rule == "none":
         return None
     raise ValueError(f"state_free must be one of {STATE_FREE_RULES}, got {rule!r}")
-
-
-def state_free_directions(rule: str, grads: list[Tensor]) -> list[Tensor] | None:
-    """``state_free_direction`` over a list (foreach kernels)."""
-    if rule == "signsgd":
-        return list(torch._foreach_sign(grads))
-    if rule == "sgd":
-        return [g.clone() for g in grads]
-    if rule == "none":
-        return None
-    raise ValueError(f"state_free must be one of {STATE_FREE_RULES}, got {rule!r}")

@@ -53,6 +53,7 @@ from frugal_dist.core.subspaces import matrix_shape
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.layouts.flat import FlatEntry, PerParameterFlatLayout
 from frugal_dist.optim import FRUGAL, build_param_groups, pop_group_options
+from frugal_dist.optim.engine_hooks import record_logical_shape
 
 
 class _OssLayout:
@@ -171,7 +172,7 @@ def build_fsdp_frugal(model: nn.Module, **options: Any) -> FRUGAL:
             chunk = -(-total // world)
             start = min(rank * chunk, total)
             info[id(p)] = (shape, start, max(0, min(chunk, total - start)))
-            p._frugal_shape = shape  # the real shape, for the param-group rules
+            record_logical_shape(p, shape)  # the real shape, for the param-group rules
     groups = build_param_groups(model, **pop_group_options(options))
     frugal = FRUGAL(groups, **options)
     entries = []

@@ -27,6 +27,7 @@ from torch import nn
 
 from frugal_dist.layouts.flat import FlatEntry, PerParameterFlatLayout
 from frugal_dist.optim import FRUGAL, build_param_groups, pop_group_options
+from frugal_dist.optim.engine_hooks import record_logical_shape
 
 
 def _shard_infos(model: nn.Module) -> dict[int, tuple[tuple[int, ...], int, int]]:
@@ -78,7 +79,7 @@ def build_frugal(model: nn.Module, **options: Any) -> FRUGAL:
     infos = _shard_infos(model)
     for p in model.parameters():
         if id(p) in infos:
-            p._frugal_shape = infos[id(p)][0]  # the real shape, for param-group rules
+            record_logical_shape(p, infos[id(p)][0])  # the real shape, for param-group rules
     frugal = FRUGAL(build_param_groups(model, **pop_group_options(options)), **options)
     entries = []
     for group in frugal.param_groups:

@@ -45,7 +45,7 @@ def _reconcile(path: str, optimizer: Any) -> None:
     saved = _saved_state_keys(path)
     views = {}
     for group in optimizer.param_groups:
-        for view in optimizer._views(group):
+        for view in optimizer.views(group):
             views[view.name] = view
     for fqn, keys in saved.items():
         view = views.get(fqn)

@@ -54,7 +54,7 @@ def _bind_to_deepspeed(trainer: Any) -> None:
     """Once the Trainer has built its DeepSpeed engine, bind FRUGAL to the engine's layout."""
     engine = getattr(trainer, "deepspeed", None)
     frugal = _find_frugal(trainer.optimizer)
-    if engine is not None and frugal is not None and frugal._layout is None:
+    if engine is not None and frugal is not None and frugal.layout is None:
         from frugal_dist.engines.deepspeed import bind
 
         bind(engine, frugal)

@@ -124,7 +124,3 @@ class DTensorLayout:
             st = DTensorState(optimizer.state[p], p, replicated)
             out.append(ParamView(name, idx, tuple(p.shape), span, local, grad, st))
         return out
-
-
-def is_dtensor(p: Tensor) -> bool:
-    return isinstance(p, DTensor)

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from frugal_dist.comm.collectives import rank_and_world
+from frugal_dist.comm.collectives import all_gather_objects
 from frugal_dist.core.fragments import RowSpan
 from frugal_dist.core.subspaces import matrix_shape
 from frugal_dist.layouts.base import ParamView, PrefixedState
@@ -51,12 +50,7 @@ class FlatLayout:
         for es in self._by_holder.values():
             es.sort(key=lambda e: e.index)
         mine = [(e.name, e.start, e.numel) for e in entries if e.numel > 0]
-        _, world = rank_and_world(process_group)
-        if world > 1:
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, mine, group=process_group)
-        else:
-            gathered = [mine]
+        gathered: list[Any] = all_gather_objects(mine, process_group)
         self._cuts: dict[str, set[int]] = {}
         for table in gathered:
             for name, start, numel in table:

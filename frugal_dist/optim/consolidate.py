@@ -23,28 +23,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from frugal_dist.comm.collectives import rank_and_world
+from frugal_dist.comm.collectives import all_gather_objects
 from frugal_dist.core.fragments import RowSpan, local_coordinates
-from frugal_dist.core.subspaces import CoordinateSelection, matrix_shape, resolve_side
-from frugal_dist.optim.step_items import item_kind
+from frugal_dist.core.subspaces import CoordinateSelection
 
 FORMAT = "frugal_dist.consolidated/1"
-COUNTERS = ("step", "sf_step")
-
-
-def _kind(group: dict[str, Any]) -> str:
-    return item_kind(group)
-
-
-def _current_selection(opt: Any, view: Any, group: dict[str, Any]) -> CoordinateSelection | None:
-    if _kind(group) != "coordinate" or "step" not in view.state:
-        return None
-    s = int(view.state["step"].item())
-    k = max(s - 1, 0) // group["update_gap"]
-    return opt._coordinate(view, k, group)
 
 
 def _row_layout(sel: CoordinateSelection, span: RowSpan) -> tuple[Tensor, Tensor]:
@@ -68,23 +53,11 @@ def _pieces(opt: Any) -> list[tuple[str, str, Any, str, Tensor]]:
     """(name, key, span, role, local tensor) of every state tensor on this rank."""
     out = []
     for group in opt.param_groups:
-        kind = _kind(group)
-        for view in opt._views(group, all_holders=True):
-            sel = _current_selection(opt, view, group)
+        for view in opt.views(group, all_holders=True):
+            sel = opt.selection(view, group)
             for key in list(view.state):
                 t = view.state[key]
-                if key in COUNTERS:
-                    role = "counter"
-                elif key == "proj_basis":
-                    role = "replicated"
-                elif kind in ("adamw", "block"):
-                    role = "param"
-                elif kind == "coordinate":
-                    role = "coordinate"
-                elif resolve_side(group["proj_side"], matrix_shape(view.shape)) == "left":
-                    role = "replicated"
-                else:
-                    role = "right"
+                role = opt.state_role(group, view, key)
                 extra = (
                     _row_layout(sel, view.span)[0]
                     if sel is not None and role == "coordinate"
@@ -96,14 +69,8 @@ def _pieces(opt: Any) -> list[tuple[str, str, Any, str, Tensor]]:
 
 def export_state(opt: Any) -> dict[str, Any]:
     """The consolidated state (see module doc). Collective: every rank must call it."""
-    mine = _pieces(opt)
-    _, world = rank_and_world(opt._pg)
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, mine, group=opt._pg)
-        pieces = [p for rank_pieces in gathered for p in rank_pieces]
-    else:
-        pieces = mine
+    pieces = [p for rank_pieces in all_gather_objects(_pieces(opt), opt.process_group)
+              for p in rank_pieces]  # fmt: skip
     state: dict[str, dict[str, Tensor]] = {}
     for name, key, (span, shape, rows), role, t in pieces:
         slot = state.setdefault(name, {})
@@ -144,33 +111,30 @@ def import_state(opt: Any, blob: dict[str, Any]) -> None:
         for k, v in s.items():
             if k not in ("names",):
                 g[k] = tuple(v) if k == "betas" else v
-    opt._selections.clear()
+    opt.reset_caches()
     state = blob["state"]
     for group in opt.param_groups:
-        kind = _kind(group)
-        for view in opt._views(group, all_holders=True):
+        for view in opt.views(group, all_holders=True):
             full = state.get(view.name, {})
             for key in list(view.state):
                 del view.state[key]
-            for key in COUNTERS:
-                if key in full:
-                    view.state[key] = full[key].clone().float()
-            sel = _current_selection(opt, view, group)
+            for key, t in full.items():
+                if opt.state_role(group, view, key) == "counter":
+                    view.state[key] = t.clone().float()
+            sel = opt.selection(view, group)
             dev = view.data.device
             for key, t in full.items():
-                if key in COUNTERS:
+                role = opt.state_role(group, view, key)
+                if role == "counter":
                     continue
                 span = view.span
-                left = kind == "projection" and (
-                    resolve_side(group["proj_side"], matrix_shape(view.shape)) == "left"
-                )
-                if key == "proj_basis" or left:
+                if role == "replicated":
                     local = t.clone()
-                elif kind in ("adamw", "block"):
+                elif role == "param":
                     local = t.reshape(-1)[span.start : span.start + span.numel].reshape(
                         view.data.shape
                     )
-                elif kind == "coordinate":
+                elif role == "coordinate":
                     rows, real = _row_layout(sel, span)
                     tt = t.reshape(t.shape[0], t.shape[-1]) if t.ndim > 1 else t.reshape(-1, 1)
                     local = tt[rows].reshape(real.shape) * real.to(t.dtype).cpu()

@@ -21,23 +21,11 @@ from frugal_dist.optim.step_items import Item
 FREE_CHUNK = 1 << 25  # elements per batched signSGD apply (bounds its temporaries)
 
 
-def batchable_free(it: Item) -> tuple[str, float] | None:
-    """(rule, scale of -lr) if this item's whole update is a state-free direction of its
-    gradient that can go into the batched foreach apply (float32 data), else None."""
-    if it.free_done or it.view.data.dtype != torch.float32 or it.view.data.numel() == 0:
-        return None
-    group = it.group
-    s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
-    if it.kind == "free":
-        return group["algorithm"], 1.0
-    if it.kind == "block" and not it.active:
-        return group["state_free"], s_p * s_i
-    if s_i == 1.0 and (
-        (it.kind == "projection" and it.sel.rank == 0)
-        or (it.kind == "coordinate" and it.sel.numel == 0)
-    ):  # rho = 0: the update is s_p F(G)
-        return group["state_free"], s_p
-    return None
+def can_batch(it: Item) -> bool:
+    """Whether an item's update may join a foreach batch of this module: F(R) not decided by a
+    sign vote already, float32 data (one dtype per foreach list), not empty. Each kind decides
+    which batch (``apply`` of ``optim.kinds``)."""
+    return not it.free_done and it.view.data.dtype == torch.float32 and it.view.data.numel() > 0
 
 
 def apply_free_batch(batch: list[tuple[Item, str, float]], lr: float) -> None:
@@ -52,31 +40,13 @@ def apply_free_batch(batch: list[tuple[Item, str, float]], lr: float) -> None:
         for chunk in _chunks(its):
             data = [c.view.data for c in chunk]
             grads = [
-                _shaped(c.g, c.view.data) if c.kind in ("free", "block") else _param_shaped(c, c.g)
+                _param_shaped(c, c.g) if c.kind.matrix_grad else _shaped(c.g, c.view.data)
                 for c in chunk
             ]
             if rule == "signsgd":
                 torch._foreach_add_(data, torch._foreach_sign(grads), alpha=alpha)
             else:
                 torch._foreach_add_(data, grads, alpha=alpha)
-
-
-def _batchable_signsgd(it: Item, kind: str) -> bool:
-    """A ``kind`` item with a signSGD residual, float32 data, its direction U at hand and F(R)
-    not precomputed: its sign / scale / add can go into a foreach batch."""
-    return (
-        it.kind == kind
-        and not it.free_done
-        and it.u is not None
-        and it.group["state_free"] == "signsgd"
-        and it.view.data.dtype == torch.float32
-        and it.view.data.numel() > 0
-    )
-
-
-def batchable_coordinate(it: Item) -> bool:
-    """A coordinate item ``apply_coordinate_batch`` can take."""
-    return _batchable_signsgd(it, "coordinate")
 
 
 def apply_coordinate_batch(its: list[Item], lr: float, s_p: float, s_i: float) -> None:
@@ -92,11 +62,6 @@ def apply_coordinate_batch(its: list[Item], lr: float, s_p: float, s_i: float) -
             it.free = it.u = it.g_sf = None
         directions = [_param_shaped(it, f) for it, f in zip(chunk, full)]
         torch._foreach_add_([it.view.data for it in chunk], directions, alpha=-lr * s_p)
-
-
-def batchable_projection(it: Item) -> bool:
-    """A projection item (rank > 0, G_sf at hand) ``apply_projection_batch`` can take."""
-    return _batchable_signsgd(it, "projection") and it.g_sf is not None and it.sel.rank > 0
 
 
 def apply_projection_batch(its: list[Item], lr: float, s_p: float, s_i: float) -> None:
@@ -164,7 +129,7 @@ def apply_fused(
     weight decay included). Active blocks use lr * s_p and wd / s_p (same product lr * wd)."""
     by_scale: dict[float, list[Item]] = {}
     for it in its:
-        scale = 1.0 if it.kind == "adamw" else group["proj_params_lr_scale"]
+        scale = it.kind.lr_scale(group)
         by_scale.setdefault(scale, []).append(it)
     b1, b2 = group["betas"]
     for scale, sub in by_scale.items():

@@ -76,27 +76,18 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from frugal_dist.comm.collectives import agree_on_seed
+from frugal_dist.comm.collectives import agree_on_seed, rank_and_world
+from frugal_dist.comm.preflight import check_optimizer_agreement
 from frugal_dist.comm.stats import CommStats
 from frugal_dist.core.fragments import RowSpan
-from frugal_dist.core.rules import state_full_keys
-from frugal_dist.core.seeding import block_seed, coordinate_seed, projection_seed
-from frugal_dist.core.subspaces import (
-    BlockSchedule,
-    CoordinateSelection,
-    ProjectionSelection,
-    coordinate_selection,
-    matrix_shape,
-    projection_selection,
-    resolve_side,
-)
+from frugal_dist.core.subspaces import CoordinateSelection, matrix_shape
 from frugal_dist.layouts.base import ParamView
-from frugal_dist.optim.frugal_step import FrugalStepMixin
+from frugal_dist.optim import ownership, phases
+from frugal_dist.optim.engine_hooks import auto_layout, logical_shape
+from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.nonfinite import validate_nonfinite
-from frugal_dist.optim.ownership import ShardOwnershipMixin
-from frugal_dist.optim.param_groups import check_orientation, logical_shape
-from frugal_dist.optim.sharding import ShardPlan
-from frugal_dist.optim.step_items import increment_counters
+from frugal_dist.optim.param_groups import check_orientation
+from frugal_dist.optim.step_cache import StepCache
 from frugal_dist.optim.validation import check_known_keys, validate_options
 
 FRUGAL_DEFAULTS: dict[str, Any] = dict(
@@ -125,7 +116,7 @@ PROJ_QR_DEVICES = ("cpu", "param")
 GROUP_KEYS = frozenset(FRUGAL_DEFAULTS) | {"params", "names", "name", "initial_lr"}
 
 
-class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
+class FRUGAL(Optimizer):
     """FRUGAL optimizer (see the module docstring for the update equations and the state).
 
     Args:
@@ -191,15 +182,9 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
             )
         self.proj_qr_device = proj_qr_device
         self._skipped = torch.zeros((), dtype=torch.int64)
-        self._dev_steps: dict[str, list] = {}
-        self._local_sel: dict[str, tuple] = {}
-        self._dense_views: dict[int, tuple[dict, list[tuple]]] = {}  # id(group) -> skeleton
         self.comm = CommStats()
-        self._plan: ShardPlan | None = None
-        self._selections: dict[str, tuple[int, Any]] = {}
+        self._cache = StepCache()
         self._layout: Any = None
-        self._schedules: dict[tuple, BlockSchedule] = {}
-        self._block_owners: dict[tuple, dict[int, int]] = {}
         super().__init__(params, defaults)
         names = [n for g in self.param_groups for n in g["names"]]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -221,7 +206,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
 
     # ------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self._agreed = False  # ranks compare settings and parameters again at the next step
+        self._cache.invalidate()  # ranks compare settings and parameters again at the next step
         idx = len(self.param_groups)
         where = f"param group {idx} ({param_group.get('name', 'unnamed')})"
         check_known_keys({k: v for k, v in param_group.items()}, GROUP_KEYS, where)
@@ -239,7 +224,6 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
             raise ValueError(f"{where}: 'names' has {len(names)} entries for {len(params)} params")
         param_group["names"] = names
         super().add_param_group(param_group)
-        self._plan = None
         group = self.param_groups[-1]
         check_orientation(group, where)
         if group["algorithm"] == "frugal" and group["subspace"] == "projection":
@@ -251,64 +235,74 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
                         "(build_param_groups does) or use subspace='block'/'coordinate'"
                     )
 
-    # ------------------------------------------------------------------------- helpers
-    def _schedule(self, group: dict[str, Any]) -> BlockSchedule:
-        """The group's block schedule, rebuilt only when its options change (not every step:
-        the seed hashes every name of the group). It is drawn over the layout's full name list
-        when the bound layout says this group holds a subset (``schedule_names``: fairscale OSS),
-        so every rank picks the blocks the unsharded run picks."""
-        full = getattr(self._layout, "schedule_names", None)
-        names = full(self, group) if full is not None else group["names"]
-        key = (id(group), len(names), group["density"], group["block_order"], group["seed"])
-        if key not in self._schedules:
-            self._schedules[key] = BlockSchedule(
-                key[1], key[2], key[3], block_seed(group["seed"], names)
-            )
-        return self._schedules[key]
+    # ------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One FRUGAL step, phase by phase (``optim.phases`` documents each phase's work and
+        collective; every collective is skipped at world size 1)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.comm.begin_step()
+        views = [(group, self.views(group)) for group in self.param_groups]
+        ctx = self._context()
+        self._check_agreement_once(ctx)
+        if self.nonfinite != "ignore" and not phases.gradients_finite(ctx, views, self.nonfinite):
+            self._skipped += 1
+            return loss
+        items = phases.plan(ctx, views)
+        if not items:
+            return loss
+        phases.reduce(ctx, items)  # reduce_gradients: mean gradients (full / compact / signs)
+        phases.select(ctx, items)  # svd refresh; refresh fingerprints compared
+        phases.down(ctx, items)  # G_sf = down(G)
+        phases.state(ctx, items)  # U = StateFull(G_sf) on each owner
+        phases.exchange(ctx, items)  # shard_state: owners broadcast U
+        phases.apply(ctx, items)  # W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R))
+        return loss
 
-    def _coordinate(self, view: ParamView, k: int, group: dict) -> CoordinateSelection:
-        """The global coordinate subspace of ``view``'s parameter at refresh k (cached)."""
-        cached = self._selections.get(view.name)
-        if cached is None or cached[0] != k:
-            sel = coordinate_selection(
-                matrix_shape(view.shape), group["density"], group["coord_choice"],
-                coordinate_seed(group["seed"], view.name, k),
-            ).to(view.data.device)  # fmt: skip
-            self._selections[view.name] = (k, sel)
-            return sel
-        return cached[1]
+    def _context(self) -> phases.StepContext:
+        rank, world = rank_and_world(self._pg)
+        return phases.StepContext(
+            self, rank, world, self._pg, self.comm, self._cache, self._layout, self.param_groups,
+            self.shard_state, self.reduce_gradients, self.residual_comm, self.check_agreement,
+            self.fused, self.proj_qr_device,
+        )  # fmt: skip
 
-    def _projection(self, view: ParamView, k: int, group: dict) -> ProjectionSelection:
-        """The global basis at refresh k: drawn from (seed, name, k), or the svd basis kept in
-        the state (svd refreshes themselves happen in ``_svd_refresh``)."""
-        cached = self._selections.get(view.name)
-        if cached is not None and cached[0] == k:
-            return cached[1]
-        shape = matrix_shape(view.shape)
-        if group["proj_type"] == "svd":
-            if "proj_basis" not in view.state:
-                raise RuntimeError(f"svd basis of {view.name!r} missing from the optimizer state")
-            sel = ProjectionSelection(
-                resolve_side(group["proj_side"], shape), view.state["proj_basis"]
-            )
-        else:
-            on_device = self.proj_qr_device == "param" and group["proj_type"] == "random"
-            sel = projection_selection(
-                shape, group["density"], group["proj_type"], group["proj_side"],
-                projection_seed(group["seed"], view.name, k),
-                qr_device=view.data.device if on_device else None,
-            )  # fmt: skip
-            sel = ProjectionSelection(sel.side, sel.basis.to(view.data.device))
-        self._selections[view.name] = (k, sel)
-        return sel
+    def _check_agreement_once(self, ctx: phases.StepContext) -> None:
+        """Once (and after a new group / layout / loaded state): every rank compares the
+        options, group hyper-parameters and parameter names (+ shapes) -- one int64 all-gather
+        when they agree; a mismatch raises on every rank naming the field."""
+        if ctx.world > 1 and self.check_agreement and not self._cache.agreed:
+            check_optimizer_agreement(self, self._pg, shape_of=logical_shape)
+            self._cache.agreed = True
 
-    def _views(self, group: dict[str, Any], all_holders: bool = False) -> list[ParamView]:
+    def mark_agreed(self) -> None:
+        """Treat the first-step agreement check as done (a caller that compared the settings
+        itself); the per-refresh subspace fingerprint check still runs."""
+        self._cache.agreed = True
+
+    # ------------------------------------------------------------------------- public views
+    @property
+    def layout(self) -> Any:
+        """The engine layout bound with ``bind_layout`` (None: whole tensors, dense)."""
+        return self._layout
+
+    @property
+    def process_group(self) -> Any:
+        """The process group of the optimizer's collectives (None: the default group)."""
+        return self._pg
+
+    def views(self, group: dict[str, Any], all_holders: bool = False) -> list[ParamView]:
         """Every parameter of ``group`` as a view: from the bound layout, or whole tensors.
-        ``all_holders``: also outside ``step()`` (checkpointing), where ZeRO-3 hides them."""
-        if self._layout is None and _holds_dtensors(group):
-            from frugal_dist.layouts.dtensor import DTensorLayout
-
-            self.bind_layout(DTensorLayout(self))  # FSDP2: bind on first use
+        ``all_holders``: also outside ``step()`` (checkpointing), where ZeRO-3 hides them.
+        A layout an engine adapter registered for these parameters (FSDP2's DTensors,
+        ``engine_hooks.register_auto_layout``) is bound on first use."""
+        if self._layout is None:
+            layout = auto_layout(self, group)
+            if layout is not None:
+                self.bind_layout(layout)
         if self._layout is not None:
             if all_holders and hasattr(self._layout, "entries"):
                 return self._layout.views(self, group, all_holders=True)
@@ -317,14 +311,14 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         # gradient and state are looked up anew at each call, and the views returned are fresh,
         # so nothing kept here references a gradient after the step.
         params = group["params"]
-        skeleton = self._dense_views.get(id(group))
+        skeleton = self._cache.dense_views.get(id(group))
         if skeleton is None or skeleton[0] is not group or not _same_params(skeleton[1], params):
             entries = []
             for idx, (p, name) in enumerate(zip(params, group["names"])):
                 m, n = matrix_shape(p.shape)
                 entries.append((name, idx, tuple(p.shape), RowSpan(m, n, 0, p.numel()), p))
             skeleton = (group, entries)
-            self._dense_views[id(group)] = skeleton
+            self._cache.dense_views[id(group)] = skeleton
         state = self.state
         return [ParamView(name, idx, shape, span, p, p.grad, state[p])
                 for name, idx, shape, span, p in skeleton[1]]  # fmt: skip
@@ -333,7 +327,6 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         """Let an engine adapter describe where each parameter's local fragment lives (see
         ``frugal_dist.layouts``). Gradients then come reduced by the engine, so the optimizer's
         own ``shard_state`` / ``reduce_gradients`` must be off."""
-        self._agreed = False
         if self.shard_state or self.reduce_gradients:
             raise ValueError(
                 "shard_state / reduce_gradients are for replicated parameters (DDP); with an "
@@ -341,38 +334,38 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
             )
         self._layout = layout
         self._pg = getattr(layout, "process_group", self._pg)
-        self._selections.clear()
-        self._local_sel.clear()
+        self._cache.invalidate()
 
-    @staticmethod
-    def _reset_buffers(st: dict[str, Tensor], rule: str, shape: tuple[int, ...], device) -> None:
-        for key in state_full_keys(rule):
-            st[key] = torch.zeros(shape, dtype=torch.float32, device=device)
-        st["sf_step"] = torch.zeros((), dtype=torch.float32)
+    def reset_caches(self) -> None:
+        """Drop every cached selection, schedule, owner plan and view skeleton (after state was
+        replaced from outside, e.g. a consolidated import); results do not change."""
+        self._cache.invalidate()
 
-    @staticmethod
-    def _drop_buffers(st: dict[str, Tensor], rule: str) -> None:
-        for key in (*state_full_keys(rule), "sf_step"):
-            st.pop(key, None)
+    def state_role(self, group: dict[str, Any], view: ParamView, key: str) -> str:
+        """How state tensor ``key`` of ``view`` maps to the full parameter: ``counter``
+        (scalar, the same everywhere), ``replicated``, ``param``, ``coordinate`` or ``right``
+        (see ``SubspaceKind.state_role``)."""
+        if key in SCALAR_KEYS:
+            return "counter"
+        return kind_for(group).state_role(group, view.shape, key)
 
-    @staticmethod
-    def _advance_all(states: list) -> list[int]:
-        """Increment every state's ``step`` counter (created at 0 if missing); return the number
-        of steps each took *before* this one (see ``step_items.increment_counters``)."""
-        for st in states:
-            if "step" not in st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
-        return [v - 1 for v in increment_counters(states, "step")]
+    def selection(self, view: ParamView, group: dict[str, Any]) -> Any:
+        """The global selection ``view``'s state currently refers to (that of the refresh of
+        its last step; coordinate subspaces only, else None)."""
+        if "step" not in view.state:
+            return None
+        k = max(int(view.state["step"].item()) - 1, 0) // group["update_gap"]
+        return kind_for(group).current_selection(view, group, k, self._context())
 
-    # ------------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._run_step()
-        return loss
+    def selections_in_use(self) -> dict[str, tuple[int, Any]]:
+        """name -> (refresh index, global coordinate set or projection basis) of the
+        selections the last steps used (a read-only copy of the cache)."""
+        return dict(self._cache.selections)
+
+    def shard_report(self) -> dict[str, Any]:
+        """The ``shard_state`` ownership plan: expected state bytes per rank and the
+        imbalance (max / mean)."""
+        return ownership.shard_report(self._context())
 
     # ------------------------------------------------------------------------- comm
     def comm_stats(self) -> dict[str, Any]:
@@ -397,7 +390,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
             id(v) for st in self.state.values() for v in st.values() if isinstance(v, Tensor)
         }
         total = 0
-        for _, sel in self._selections.values():
+        for _, sel in self._cache.selections.values():
             t = sel.index if isinstance(sel, CoordinateSelection) else sel.basis
             if id(t) not in in_state:
                 total += t.numel() * t.element_size()
@@ -410,7 +403,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         State tensors keep their saved dtype (torch's default would cast float32 moments to the
         dtype of a bf16 parameter). The saved seed and hyper-parameters are restored.
         """
-        self._agreed = False
+        self._cache.invalidate()
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -453,11 +446,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
                     )
                 elif key in st and st[key].dtype != dtype:
                     st[key] = state_dict["state"][pid][key].to(device=st[key].device, dtype=dtype)
-        self._selections.clear()
-        self._schedules.clear()
-        self._dev_steps.clear()
-        self._local_sel.clear()
-        self._dense_views.clear()
+        self._cache.invalidate()
 
 
 def _same_params(entries: list[tuple], params: list[Tensor]) -> bool:
@@ -469,11 +458,3 @@ def _same_params(entries: list[tuple], params: list[Tensor]) -> bool:
 
 def _at(seq: list[str], i: int) -> str | None:
     return seq[i] if i < len(seq) else None
-
-
-def _holds_dtensors(group: dict[str, Any]) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return any(isinstance(p, DTensor) for p in group["params"])

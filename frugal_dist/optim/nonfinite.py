@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from frugal_dist.comm.collectives import any_rank_flag
+
 NONFINITE_MODES = ("skip", "raise", "ignore")
 
 
@@ -74,9 +76,7 @@ def grads_are_finite(
         all_norms = torch.zeros(0, dtype=torch.float32, device=device)
     ok = (all_norms < float("inf")).all()
     if world > 1:
-        flag = (~ok).to(torch.float32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
-        ok = flag == 0.0
+        ok = any_rank_flag((~ok).to(torch.float32), pg) == 0.0
     if ok.item():  # the one host sync of the check
         return True, None
     first = None

@@ -22,8 +22,9 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import nn
+
+from frugal_dist.optim.engine_hooks import logical_shape
 
 # Wrapper modules whose names must not leak into parameter names: subspaces are seeded by name, so
 # the same model must have the same names under every engine.
@@ -182,9 +183,3 @@ def check_param_coverage(model: nn.Module, param_groups: Iterable[Mapping[str, A
         )
     if twice:
         raise ValueError(f"parameters in more than one optimizer group: {twice}")
-
-
-def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
-    """The parameter's real shape, also under ``deepspeed.zero.Init`` (data of shape (0,)) and
-    FSDP1 (1-D shards; the adapter records the shape in ``_frugal_shape``)."""
-    return tuple(getattr(p, "_frugal_shape", None) or getattr(p, "ds_shape", p.shape))

@@ -25,7 +25,8 @@ truth of B lives:
 * *lazy* -- the optimizer updates fp32 master copies (ZeRO-0 bf16, ZeRO-1/2/3): the engine copies
   the new B into the module after ``step()``, so the layer merges at the start of its next forward
   (``target_outer > rso_outer``). Under ZeRO-3 W and B are gathered during forward: the merge
-  updates the gathered tensors and this rank's partitions (``ds_tensor``) with the matching slice
+  updates the gathered tensors and this rank's partitions (``engine_hooks.local_partition``, which
+  the DeepSpeed adapter fills) with the matching slice
   of ``B P^T`` -- again without communication.
 
 ``P_k`` is regenerated from ``(seed, layer name, k)`` on every rank; it is never saved or sent.
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 
 from frugal_dist.core.rso import PROJ_TYPES, merge_delta, rso_linear, rso_projection, rso_rank
 from frugal_dist.core.rso import rso_seed as _rso_seed
+from frugal_dist.optim.engine_hooks import local_partition
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYER_KEYS = ("targets", "rank", "density", "proj_type", "seed")
@@ -152,17 +154,15 @@ class RSOLinear(nn.Module):
         self._check_step()
         w, b = self.weight, self.B
         delta = merge_delta(b.data, self.projection(torch.float32, w.device), w.dtype)
-        if hasattr(w, "ds_tensor"):  # ZeRO-3: full tensors gathered for forward + own partitions
-            import torch.distributed as dist
-
-            part = w.ds_tensor
-            rank = dist.get_rank(group=getattr(w, "ds_process_group", None))
-            start = rank * part.numel()
-            n = max(0, min(part.numel(), w.ds_numel - start))
+        w_part = local_partition(w)  # engines gathering W for forward (ZeRO-3): own partition
+        if w_part is not None:
+            part, start, n = w_part
             if self.w_scale != 1.0:
                 part.data[:n] *= self.w_scale
             part.data[:n] += delta.reshape(-1)[start : start + n].to(part.dtype)
-            b.ds_tensor.data.zero_()
+            b_part = local_partition(b)
+            if b_part is not None:
+                b_part[0].data.zero_()
         if self.w_scale != 1.0:
             w.data.mul_(self.w_scale)
         w.data.add_(delta)

@@ -3,33 +3,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from frugal_dist.core.fragments import RowSpan
-from frugal_dist.core.subspaces import matrix_shape, projection_rank, resolve_side
+from frugal_dist.core.rules import state_full_keys
 from frugal_dist.layouts.base import ParamView
+
+if TYPE_CHECKING:
+    from frugal_dist.optim.kinds.base import SubspaceKind
 
 
 @dataclass
 class Item:
-    """One parameter's work in one step."""
+    """One parameter's work in one step; the phases fill it in order (plan: up to ``g``, ``sel``;
+    reduce / down: ``g_sf``; state / exchange: ``u``; apply consumes and clears them)."""
 
     view: ParamView
     group: dict[str, Any]
-    kind: str  # adamw (whole tensor, rule ``whole_rule``) | free | block | coordinate | projection
+    kind: SubspaceKind
     refresh: bool
     k: int
     active: bool  # has a state-full part this step
     owner: int  # rank holding the state-full buffers (computes U)
-    g: Tensor  # float32 gradient: local matrix (coordinate / projection) or local values
+    g: Tensor  # gradient: local values, or the padded local matrix (``kind.matrix_grad``)
     sel: Any = None  # selection in local coordinates
     gsel: Any = None  # global selection
     g_sf: Tensor | None = None
-    free: Tensor | None = None  # state-free direction (local shape), None if none
-    free_done: bool = False
+    free: Tensor | None = None  # state-free direction decided by the sign vote
+    free_done: bool = False  # ``free`` is final (residual_comm="sign")
     u: Tensor | None = None
     fused: bool = False  # AdamW through torch._fused_adamw_ in the apply phase
     sf_t: int = 0  # state-full step count after this step (active items on their owner)
@@ -37,6 +41,10 @@ class Item:
     @property
     def name(self) -> str:
         return self.view.name
+
+    def release(self) -> None:
+        """Drop this item's temporaries (once its update is applied)."""
+        self.free = self.u = self.g_sf = None
 
     @property
     def st(self):
@@ -47,19 +55,17 @@ class Item:
         return self.view.span
 
 
-def item_kind(group: dict[str, Any]) -> str:
-    """The kind of work a group's parameters get: ``adamw`` = the whole tensor state-full
-    (``algorithm="adamw"`` or ``"state_full"``; its rule is ``whole_rule``), ``free`` = the
-    state-free rule on the whole tensor (``"signsgd"`` / ``"sgd"``), else the subspace kind."""
-    algo = group["algorithm"]
-    return {"adamw": "adamw", "state_full": "adamw", "signsgd": "free", "sgd": "free"}.get(
-        algo, group["subspace"]
-    )
+def reset_buffers(st: Any, rule: str, shape: tuple[int, ...], device: torch.device) -> None:
+    """Zero state-full buffers of ``shape`` and ``sf_step`` = 0 (a fresh start of the rule)."""
+    for key in state_full_keys(rule):
+        st[key] = torch.zeros(shape, dtype=torch.float32, device=device)
+    st["sf_step"] = torch.zeros((), dtype=torch.float32)
 
 
-def whole_rule(group: dict[str, Any]) -> str:
-    """The state-full rule of a group: AdamW for ``algorithm="adamw"``, else ``state_full``."""
-    return "adamw" if group["algorithm"] == "adamw" else group["state_full"]
+def drop_buffers(st: Any, rule: str) -> None:
+    """Remove the state-full buffers and ``sf_step`` (an inactive block keeps none)."""
+    for key in (*state_full_keys(rule), "sf_step"):
+        st.pop(key, None)
 
 
 def apply_update(p: Tensor, direction: Tensor, alpha: float) -> None:
@@ -71,17 +77,6 @@ def apply_update(p: Tensor, direction: Tensor, alpha: float) -> None:
         p.copy_(p.float().add_(d, alpha=alpha))
     else:
         p.add_(d.to(p.dtype), alpha=alpha)
-
-
-def compact_shape(it: Item) -> tuple[int, ...]:
-    if it.kind in ("adamw", "block"):
-        return tuple(it.view.data.shape)
-    if it.kind == "coordinate":
-        return tuple(it.sel.compact_shape)
-    shape = matrix_shape(it.view.shape)
-    side = resolve_side(it.group["proj_side"], shape)
-    r = projection_rank(shape, it.group["density"], side, it.group["proj_type"])
-    return (r, shape[1]) if side == "left" else (it.span.rows_touched, r)
 
 
 def increment_counters(states: list, key: str) -> list[int]:

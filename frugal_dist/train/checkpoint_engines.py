@@ -7,26 +7,18 @@
   ``get_state_dict`` / ``dcp`` (other optimizers); reshards on load.
 * fsdp1: ``frugal_dist.engines.fsdp1.save_checkpoint`` (full model state dict + consolidated
   FRUGAL state in one file; any world size).
-* deepspeed: the fp32 master weights live in the ZeRO optimizer's flat partitions (or the module
-  itself at ZeRO-0). Each rank contributes its fragments (``FlatEntry``: flat holder, offset,
-  logical start, numel), gathered into full tensors keyed by parameter name, with the FRUGAL
-  state from ``consolidate.export_state``. On load each rank copies its new fragments back into
-  the masters, DeepSpeed copies masters to the module's (bf16 / fp32) weights, and
-  ``import_state`` gives the optimizer its slices: any world size, any ZeRO stage.
-  RSO under DeepSpeed uses DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint`` into
-  ``deepspeed_native/`` (module state with the frozen W and each layer's ``rso_outer`` buffer,
-  ZeRO partitions of the masters and the RSO state): it resumes at the same world size and ZeRO
-  stage only (``ValueError`` otherwise).
+* deepspeed: ``frugal_dist.engines.deepspeed_checkpoint`` -- full fp32 masters by parameter
+  name plus the consolidated FRUGAL state in one file (any world size, any ZeRO stage); RSO
+  through DeepSpeed's own ``save_checkpoint`` into ``deepspeed_native/`` (same world size and
+  ZeRO stage only).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 
 def rng_state() -> dict[str, Any]:
@@ -43,7 +35,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _is_frugal(optimizer: Any) -> bool:
-    return hasattr(optimizer, "_views")
+    from frugal_dist.optim.frugal import FRUGAL
+
+    return isinstance(optimizer, FRUGAL)
 
 
 def _is_rso(optimizer: Any) -> bool:
@@ -84,14 +78,13 @@ def save_engine_state(
             msd, osd = get_state_dict(model, optimizer)
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
     elif engine == "deepspeed" and _is_rso(optimizer):
-        _ds_native_save(tmp, ds_engine, rank, world)
-    elif engine == "deepspeed":
-        from frugal_dist.optim.consolidate import export_state
+        from frugal_dist.engines.deepspeed_checkpoint import save_native
 
-        params = _ds_export_params(ds_engine, optimizer)
-        opt_state = export_state(optimizer)
-        if rank == 0:
-            torch.save({"params": params, "optim": opt_state}, tmp / "deepspeed.pt")
+        save_native(tmp, ds_engine, rank, world)
+    elif engine == "deepspeed":
+        from frugal_dist.engines.deepspeed_checkpoint import save_consolidated
+
+        save_consolidated(tmp / "deepspeed.pt", ds_engine, optimizer, rank)
     else:
         raise ValueError(f"checkpoints for engine {engine!r} are not supported")
 
@@ -138,103 +131,12 @@ def load_engine_state(
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])  # fmt: skip
     elif engine == "deepspeed" and _is_rso(optimizer):
-        _ds_native_load(path, ds_engine, optimizer, saved_world, world)
-    elif engine == "deepspeed":
-        from frugal_dist.optim.consolidate import import_state
+        from frugal_dist.engines.deepspeed_checkpoint import load_native
 
-        blob = torch.load(path / "deepspeed.pt", map_location="cpu", weights_only=False)
-        _ds_import_params(ds_engine, optimizer, blob["params"])
-        import_state(optimizer, blob["optim"])
+        load_native(path, ds_engine, optimizer, saved_world, world)
+    elif engine == "deepspeed":
+        from frugal_dist.engines.deepspeed_checkpoint import load_consolidated
+
+        load_consolidated(path / "deepspeed.pt", ds_engine, optimizer)
     else:
         raise ValueError(f"checkpoints for engine {engine!r} are not supported")
-
-
-# ----------------------------------------------------------------------------- deepspeed
-def _entries(frugal: Any) -> list[Any] | None:
-    layout = getattr(frugal, "_layout", None)
-    return getattr(layout, "entries", None)
-
-
-def _ds_export_params(ds_engine: Any, frugal: Any) -> dict[str, torch.Tensor]:
-    """Full fp32 master weights by parameter name (collective)."""
-    entries = _entries(frugal)
-    if entries is None:  # ZeRO-0, fp32: the module's own parameters are the masters
-        return {n: p.detach().float().cpu().clone() for n, p in ds_engine.module.named_parameters()}
-    mine = [(e.name, tuple(e.shape), e.start,
-             e.holder.detach()[e.offset : e.offset + e.numel].float().cpu().clone())
-            for e in entries if e.numel > 0]  # fmt: skip
-    group = getattr(frugal._layout, "process_group", None)
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, mine, group=group)
-        pieces = [p for rank_pieces in gathered for p in rank_pieces]
-    else:
-        pieces = mine
-    flat: dict[str, torch.Tensor] = {}
-    shapes = {e.name: tuple(e.shape) for e in entries}
-    for name, shape, start, t in pieces:
-        buf = flat.setdefault(name, torch.zeros(int(torch.Size(shape).numel())))
-        buf[start : start + t.numel()] = t
-    return {name: flat[name].reshape(shapes[name]) for name in flat}
-
-
-@torch.no_grad()
-def _ds_import_params(ds_engine: Any, frugal: Any, full: dict[str, torch.Tensor]) -> None:
-    """Copy full master weights into this rank's fragments, then masters -> module weights."""
-    entries = _entries(frugal)
-    if entries is None:
-        for n, p in ds_engine.module.named_parameters():
-            p.copy_(full[n].to(p.dtype))
-        return
-    missing = sorted({e.name for e in entries} - set(full))
-    if missing:
-        raise ValueError(f"checkpoint lacks parameters {missing[:5]}: it is of another model")
-    for e in entries:
-        if e.numel > 0:
-            src = full[e.name].reshape(-1)[e.start : e.start + e.numel]
-            e.holder[e.offset : e.offset + e.numel].copy_(src.to(e.holder.dtype))
-    opt = ds_engine.optimizer
-    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: module weights are partitions
-        for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
-            if lp is not None:
-                lp.copy_(hp)
-    else:  # ZeRO-1/2 and BF16_Optimizer: copy partition, all-gather the module's flat weights
-        opt.update_lp_params()
-
-
-# ----------------------------------------------------------------------------- deepspeed, RSO
-DS_NATIVE, DS_TAG = "deepspeed_native", "state"
-
-
-def _ds_native_save(tmp: Path, ds_engine: Any, rank: int, world: int) -> None:
-    """RSO: DeepSpeed's own checkpoint of ``ds_engine`` into ``tmp/deepspeed_native/state``
-    (collective; each rank writes its ZeRO partition) plus ``deepspeed_native/meta.json``."""
-    ds_engine.save_checkpoint(str(tmp / DS_NATIVE), tag=DS_TAG, save_latest=False)
-    if rank == 0:
-        meta = {"world_size": world, "zero_stage": int(ds_engine.zero_optimization_stage())}
-        (tmp / DS_NATIVE / "meta.json").write_text(json.dumps(meta))
-
-
-def _ds_native_load(path: Path, ds_engine: Any, rso: Any, saved_world: int, world: int) -> None:
-    """Load ``_ds_native_save``'s checkpoint: module state (W, B, ``rso_outer``), masters and RSO
-    state; then tell the layers the optimizer's outer iteration (a pending lazy merge runs at the
-    next forward). Same world size and ZeRO stage only."""
-    meta = json.loads((path / DS_NATIVE / "meta.json").read_text())
-    if saved_world != world:
-        raise ValueError(
-            f"checkpoint {path} holds RSO state in DeepSpeed's own format, partitioned over "
-            f"{saved_world} ranks: resume it with {saved_world} ranks (torchrun --nproc_per_node "
-            f"{saved_world}), not {world}"
-        )
-    stage = int(ds_engine.zero_optimization_stage())
-    if meta["zero_stage"] != stage:
-        raise ValueError(
-            f"checkpoint {path} was written under ZeRO stage {meta['zero_stage']}, this run uses "
-            f"stage {stage}: resume it with a DeepSpeed config of zero_optimization.stage="
-            f"{meta['zero_stage']}"
-        )
-    loaded, _ = ds_engine.load_checkpoint(str(path / DS_NATIVE), tag=DS_TAG)
-    if loaded is None:
-        raise ValueError(f"DeepSpeed found no checkpoint in {path / DS_NATIVE} (tag {DS_TAG!r})")
-    rso.sync_layers()

@@ -56,7 +56,10 @@ def check_model_agreement(model: nn.Module) -> None:
     if rank_and_world()[1] == 1:
         return
     set_phase("the start-up agreement check (model parameter names and shapes)")
-    check_ranks_agree(parameters_descriptor(model.named_parameters()), None, "the model")
+    from frugal_dist.optim.engine_hooks import logical_shape
+
+    named = model.named_parameters()
+    check_ranks_agree(parameters_descriptor(named, shape_of=logical_shape), None, "the model")
 
 
 def _json_file_content(path: str) -> Any:

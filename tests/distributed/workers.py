@@ -82,7 +82,8 @@ def seed_mismatch(rank: int, world: int) -> tuple[str, str]:
     for skip_first_step_check in (False, True):
         split, full = named_params()
         opt = FRUGAL(groups(split, full), subspace="coordinate", seed=rank, reduce_gradients=True)
-        opt._agreed = skip_first_step_check
+        if skip_first_step_check:
+            opt.mark_agreed()
         for p in split + full:
             p.grad = torch.ones_like(p)
         try:

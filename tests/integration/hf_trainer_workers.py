@@ -74,5 +74,5 @@ def deepspeed_zero2(rank: int, world: int, out: str, steps: int) -> dict[str, An
                             frugal_options=dict(density=0.25, update_gap=5))  # fmt: skip
     trainer.train()
     frugal = _find_frugal(trainer.optimizer)
-    return {"losses": losses(trainer), "layout": getattr(frugal._layout, "name", None),
+    return {"losses": losses(trainer), "layout": getattr(frugal.layout, "name", None),
             "state_bytes": frugal.state_bytes()}  # fmt: skip

@@ -118,7 +118,7 @@ def test_same_seed_same_subspaces_in_independent_instances(kind):
     assert max_diff(pa, pb) == 0.0
     if kind != "block":
         for name in NAMES:
-            sa, sb = oa._selections[name][1], ob._selections[name][1]
+            sa, sb = oa.selections_in_use()[name][1], ob.selections_in_use()[name][1]
             ta = sa.index if kind == "coordinate" else sa.basis
             tb = sb.index if kind == "coordinate" else sb.basis
             assert torch.equal(ta, tb)
@@ -138,9 +138,9 @@ def test_refresh_happens_exactly_every_update_gap(kind):
         set_grads(ps, grads)
         opt.step()
         st = opt.state[ps[0]]
-        assert opt._selections[NAMES[0]][0] == s // gap
+        assert opt.selections_in_use()[NAMES[0]][0] == s // gap
         assert int(st["sf_step"]) == s % gap + 1  # bias correction restarts at each refresh
-        seen.append(opt._selections[NAMES[0]][1])
+        seen.append(opt.selections_in_use()[NAMES[0]][1])
     changed = [i for i in range(1, 13) if seen[i] is not seen[i - 1]]
     assert changed == [4, 8, 12]
 

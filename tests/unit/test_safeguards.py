@@ -78,7 +78,7 @@ def test_optimizer_descriptor_and_no_collective_at_world_size_one():
     assert desc["optimizer.group0.density"] == 0.5 and desc["optimizer.group0.param.w"] == [4, 3]
     assert desc["optimizer.class"] == "FRUGAL" and desc["optimizer.shard_state"] is False
     check_optimizer_agreement(opt)  # no process group: returns without communicating
-    opt._layout = object()  # an engine's layout: params may be per-rank flat partitions
+    opt.bind_layout(object())  # an engine's layout: params may be per-rank flat partitions
     desc = optimizer_descriptor(opt)
     assert desc["optimizer.group0.param.w"] == "shaped by the engine"
     assert desc["optimizer.group0.num_parameters"] == 1

@@ -1,0 +1,139 @@
+"""The interface every subspace kind implements, and the defaults most kinds share.
+
+A kind is a stateless object (one instance per kind); everything per parameter is in the step's
+``Item``, everything cached between steps in the optimizer's ``StepCache``. The phases
+(``optim.phases``) call these methods in order:
+
+    plan      owner(), is_active(), prepare()      selection, state resets, float32 gradient
+    reduce    sign_parts()                          what residual_comm="sign" sends
+    select    select()                              svd refresh (projection), fingerprint()
+    down      down()                                G_sf; fragments' partial sums (projection)
+    state     rule()                                the state-full rule (phase-generic)
+    exchange  compact_shape()                       shape of U for owners' broadcasts
+    apply     apply()                               W update, or a place in a batched apply
+
+plus, outside the step: expected_state_bytes() (shard_state's ownership weights), state_role()
+(checkpoint consolidation) and current_selection() (checkpoints, aux bytes).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from frugal_dist.core.rules import state_full_keys
+from frugal_dist.optim.step_items import Item, apply_update, reset_buffers
+
+if TYPE_CHECKING:
+    from frugal_dist.layouts.base import ParamView
+    from frugal_dist.optim.phases import ApplyBatches, StepContext
+
+
+class SubspaceKind:
+    """Base of the subspace kinds (see the module docstring for when each method runs)."""
+
+    name = "?"
+    matrix_grad = False  # Item.g is the padded local (rows, n) matrix, not the local values
+
+    # ------------------------------------------------------------------ sizes and roles
+    def rule(self, group: dict[str, Any]) -> str:
+        """The state-full rule of the group's split parameters."""
+        return group["state_full"]
+
+    def free_rule(self, group: dict[str, Any]) -> str:
+        """The state-free rule applied where the state-full part does not reach."""
+        return group["state_free"]
+
+    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
+        """Entries of the state-full subspace of a parameter of ``shape`` (0: no state)."""
+        raise NotImplementedError
+
+    def expected_state_bytes(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
+        """Float32 state-full bytes (#buffers of the rule x 4 B x state_numel)."""
+        n = self.state_numel(shape, group)
+        return 0 if n == 0 else 4 * len(state_full_keys(self.rule(group))) * n
+
+    def compact_shape(self, it: Item) -> tuple[int, ...]:
+        """Shape of G_sf, U and the state-full buffers of this item on this rank."""
+        return tuple(it.view.data.shape)
+
+    def state_role(self, group: dict[str, Any], shape: tuple[int, ...], key: str) -> str:
+        """How a non-counter state tensor maps to the full parameter (``optim.consolidate``):
+        ``param`` (shaped like the parameter), ``coordinate`` (compact rows of a coordinate
+        set), ``right`` (one row per parameter row), ``replicated`` (the same on every rank)."""
+        return "param"
+
+    def current_selection(
+        self, view: ParamView, group: dict[str, Any], k: int, ctx: StepContext
+    ) -> Any:
+        """The global selection at refresh ``k`` that a checkpoint needs (coordinates only)."""
+        return None
+
+    # ------------------------------------------------------------------ plan
+    def owner(self, ctx: StepContext, group: dict[str, Any], view: ParamView, k: int) -> int:
+        """Rank that keeps this parameter's state-full buffers and computes U."""
+        from frugal_dist.optim.ownership import state_owner
+
+        return state_owner(ctx, view.name)
+
+    def is_active(self, ctx: StepContext, group: dict[str, Any], view: ParamView, k: int) -> bool:
+        """Whether the parameter has a state-full part during refresh ``k``."""
+        return True
+
+    def fused_candidate(self, group: dict[str, Any]) -> bool:
+        """Its active items may run ``torch._fused_adamw_`` (whole tensors under AdamW)."""
+        return False
+
+    def lr_scale(self, group: dict[str, Any]) -> float:
+        """Factor of lr for the state-full update (``proj_params_lr_scale`` for split params)."""
+        return group["proj_params_lr_scale"]
+
+    def prepare(self, it: Item, ctx: StepContext) -> None:
+        """Plan-phase work after the item exists: selections, resets of the state buffers."""
+
+    def reset_at_refresh(self, it: Item, ctx: StepContext) -> None:
+        """At a refresh, the owner starts the compact buffers afresh (``reset_statistics``, or
+        no buffers yet); with ``reset_statistics=False`` existing ones are kept."""
+        if not (it.refresh and it.owner == ctx.rank):
+            return
+        if it.group["reset_statistics"] or "sf_step" not in it.st:
+            reset_buffers(it.st, self.rule(it.group), self.compact_shape(it), it.view.data.device)
+
+    # ------------------------------------------------------------------ reduce (sign comm)
+    def sign_parts(self, it: Item) -> tuple[Tensor | None, Tensor | None] | None:
+        """For ``residual_comm="sign"``: None if the item needs its full gradient reduced, else
+        (compact gradient to mean-reduce or None, tensor whose signs are voted on or None)."""
+        return None
+
+    # ------------------------------------------------------------------ select / down
+    def select(self, its: list[Item], ctx: StepContext) -> None:
+        """Selections that need the (reduced) gradient: the svd refresh."""
+
+    def fingerprint(self, it: Item) -> int | None:
+        """An int64 digest of the item's subspace at a refresh (None: nothing to compare)."""
+        return None
+
+    def down(self, its: list[Item], ctx: StepContext) -> None:
+        """G_sf = down(G) for the active items (``it.g_sf`` may be set already by ``reduce``)."""
+        for it in its:
+            if it.g_sf is None and it.active:
+                it.g_sf = it.g
+
+    # ------------------------------------------------------------------ apply
+    def free_direction(self, it: Item) -> Tensor | None:
+        """F(R) of one item (a new full-size tensor, or None for ``none``)."""
+        raise NotImplementedError
+
+    def apply(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
+        """Update the item's data (or queue it in ``batches``)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared helpers
+    @staticmethod
+    def apply_state_full(it: Item, lr: float) -> None:
+        """W += -lr * U (U of the whole local tensor)."""
+        apply_update(it.view.data, it.u, -lr)
+
+    def __repr__(self) -> str:
+        return f"<subspace kind {self.name}>"

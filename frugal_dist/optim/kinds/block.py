@@ -1,0 +1,96 @@
+"""Block subspaces (BAdam-style): S = whole tensors; ``block_count(n, rho)`` of a group's n
+tensors are active during refresh k (``core.subspaces.BlockSchedule``):
+
+    active:   W <- W (1 - lr wd) - lr s_p U(G)          state shaped like W, reset at refresh
+    inactive: W <- W (1 - lr wd) - lr s_p s_i F(G)      no state
+
+The schedule is drawn over the group's names (or the layout's full list, ``schedule_names``:
+fairscale OSS), so every rank and engine activates the same tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from frugal_dist.core.rules import state_free_direction
+from frugal_dist.core.seeding import block_seed
+from frugal_dist.core.subspaces import BlockSchedule
+from frugal_dist.optim.fast_apply import can_batch
+from frugal_dist.optim.kinds.base import SubspaceKind
+from frugal_dist.optim.step_items import Item, apply_update, drop_buffers, reset_buffers
+
+if TYPE_CHECKING:
+    from frugal_dist.layouts.base import ParamView
+    from frugal_dist.optim.phases import ApplyBatches, StepContext
+
+
+class Block(SubspaceKind):
+    name = "block"
+
+    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
+        return math.prod(shape)  # while active (the sharding weight of a block tensor)
+
+    def owner(self, ctx: StepContext, group: dict[str, Any], view: ParamView, k: int) -> int:
+        from frugal_dist.optim.ownership import block_owner
+
+        return block_owner(ctx, group, view.index, k)
+
+    def is_active(self, ctx: StepContext, group: dict[str, Any], view: ParamView, k: int) -> bool:
+        return view.index in schedule(ctx, group).active(k)
+
+    def fused_candidate(self, group: dict[str, Any]) -> bool:
+        return group["state_full"] == "adamw" and group["proj_params_lr_scale"] > 0
+
+    def prepare(self, it: Item, ctx: StepContext) -> None:
+        if not it.refresh:
+            return
+        rule = self.rule(it.group)
+        if not (it.active and it.owner == ctx.rank):
+            drop_buffers(it.st, rule)
+        elif it.group["reset_statistics"] or "sf_step" not in it.st:
+            reset_buffers(it.st, rule, tuple(it.view.data.shape), it.view.data.device)
+
+    def sign_parts(self, it: Item) -> tuple[Tensor | None, Tensor | None] | None:
+        if it.active:
+            return None
+        return None, (it.g if self.free_rule(it.group) != "none" else None)
+
+    def fingerprint(self, it: Item) -> int | None:
+        return it.k * 2 + int(it.active)
+
+    def free_direction(self, it: Item) -> Tensor | None:
+        if it.free_done:
+            return it.free
+        return state_free_direction(self.free_rule(it.group), it.g)
+
+    def apply(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
+        group = it.group
+        lr, s_p = group["lr"], group["proj_params_lr_scale"]
+        if it.active:
+            apply_update(it.view.data, it.u, -lr * s_p)
+            return
+        s_i = group["inactive_lr_scale"]
+        if can_batch(it):
+            batches.free.append((it, self.free_rule(group), s_p * s_i))
+            return
+        free = self.free_direction(it)
+        if free is not None:
+            apply_update(it.view.data, free, -lr * s_p * s_i)
+        it.release()
+
+
+def schedule(ctx: StepContext, group: dict[str, Any]) -> BlockSchedule:
+    """The group's block schedule, rebuilt only when its options change (not every step: the
+    seed hashes every name of the group). It is drawn over the layout's full name list when the
+    bound layout says this group holds a subset (``schedule_names``: fairscale OSS), so every
+    rank picks the blocks the unsharded run picks."""
+    full = getattr(ctx.layout, "schedule_names", None)
+    names = full(ctx.optimizer, group) if full is not None else group["names"]
+    key = (id(group), len(names), group["density"], group["block_order"], group["seed"])
+    cache = ctx.cache.schedules
+    if key not in cache:
+        cache[key] = BlockSchedule(key[1], key[2], key[3], block_seed(group["seed"], names))
+    return cache[key]

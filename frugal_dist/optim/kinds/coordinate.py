@@ -1,0 +1,137 @@
+"""Coordinate subspaces: S = ``coordinate_count(dim, rho)`` random columns / rows / entries of
+the (m, n) matrix view, redrawn from (seed, name, k) at each refresh:
+
+    G_sf = G[S]    U = StateFull(G_sf)     W <- W (1 - lr wd) - lr s_p D,
+    D = U on S, s_i F(G) elsewhere          state: compact (m, k) / (k, n) / (k,) tensors
+
+On a fragment the selection is restricted to the rows it touches (``local_coordinates``); its
+compact state is the slice of the global compact tensor for those rows (``state_role``
+"coordinate").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from frugal_dist.core.fragments import local_coordinates
+from frugal_dist.core.rules import state_free_direction
+from frugal_dist.core.seeding import coordinate_seed
+from frugal_dist.core.subspaces import (
+    CoordinateSelection,
+    coordinate_count,
+    coordinate_selection,
+    matrix_shape,
+    tensor_fingerprint,
+)
+from frugal_dist.optim.fast_apply import can_batch, local_matrix
+from frugal_dist.optim.kinds.base import SubspaceKind
+from frugal_dist.optim.step_items import Item, apply_update
+
+if TYPE_CHECKING:
+    from frugal_dist.layouts.base import ParamView
+    from frugal_dist.optim.phases import ApplyBatches, StepContext
+
+
+class Coordinate(SubspaceKind):
+    name = "coordinate"
+    matrix_grad = True
+
+    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
+        m, n = matrix_shape(shape)
+        rho = group["density"]
+        choice = group["coord_choice"]
+        if choice == "columns":
+            return m * coordinate_count(n, rho)
+        if choice == "rows":
+            return coordinate_count(m, rho) * n
+        return coordinate_count(m * n, rho)
+
+    def compact_shape(self, it: Item) -> tuple[int, ...]:
+        return tuple(it.sel.compact_shape)
+
+    def state_role(self, group: dict[str, Any], shape: tuple[int, ...], key: str) -> str:
+        return "coordinate"
+
+    def current_selection(
+        self, view: ParamView, group: dict[str, Any], k: int, ctx: StepContext
+    ) -> CoordinateSelection:
+        return global_selection(ctx, view, k, group)
+
+    def prepare(self, it: Item, ctx: StepContext) -> None:
+        view = it.view
+        it.g = local_matrix(view, it.g)
+        it.gsel = global_selection(ctx, view, it.k, it.group)
+        it.sel = _local_selection(ctx, view, it.k, it.gsel)
+        self.reset_at_refresh(it, ctx)
+
+    def sign_parts(self, it: Item) -> tuple[Tensor | None, Tensor | None] | None:
+        compact = it.sel.gather(it.g)
+        resid = None
+        if self.free_rule(it.group) != "none":
+            resid = it.sel.fill_(it.g.clone(), 0.0)
+        return compact, resid
+
+    def fingerprint(self, it: Item) -> int | None:
+        return tensor_fingerprint(it.gsel.index)
+
+    def down(self, its: list[Item], ctx: StepContext) -> None:
+        for it in its:
+            if it.g_sf is None:
+                it.g_sf = it.sel.gather(it.g)
+
+    def free_direction(self, it: Item) -> Tensor | None:
+        if it.free_done:
+            return it.free
+        # F(G) everywhere; the selected entries are overwritten with U in ``apply``
+        return state_free_direction(self.free_rule(it.group), it.g)
+
+    def apply(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
+        group = it.group
+        s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
+        if can_batch(it):
+            if s_i == 1.0 and it.sel.numel == 0:  # rho = 0: the update is s_p F(G)
+                batches.free.append((it, self.free_rule(group), s_p))
+                return
+            if it.u is not None and self.free_rule(group) == "signsgd":
+                batches.coords.append(it)
+                return
+        free = self.free_direction(it)
+        full = free if free is not None else torch.zeros_like(it.g)
+        if free is not None and s_i != 1.0:
+            full.mul_(s_i)
+        it.sel.scatter_(full, it.u)  # selected: up(U); others: s_i F(R)
+        apply_update(it.view.data, it.span.unpad(full), -group["lr"] * s_p)
+        it.release()
+
+
+def global_selection(
+    ctx: StepContext, view: ParamView, k: int, group: dict[str, Any]
+) -> CoordinateSelection:
+    """The global coordinate subspace of ``view``'s parameter at refresh k (cached)."""
+    cached = ctx.cache.selections.get(view.name)
+    if cached is None or cached[0] != k:
+        sel = coordinate_selection(
+            matrix_shape(view.shape), group["density"], group["coord_choice"],
+            coordinate_seed(group["seed"], view.name, k),
+        ).to(view.data.device)  # fmt: skip
+        ctx.cache.selections[view.name] = (k, sel)
+        return sel
+    return cached[1]
+
+
+def _local_selection(
+    ctx: StepContext, view: ParamView, k: int, gsel: CoordinateSelection
+) -> CoordinateSelection:
+    """``local_coordinates`` of a fragment, cached per refresh (it indexes with a mask, which
+    would sync the device every step)."""
+    if view.span.is_full:
+        return gsel
+    cached = ctx.cache.local_selections.get(view.name)
+    if cached is not None and cached[0] == k and cached[1] == view.span:
+        return cached[2]
+    sel = local_coordinates(gsel, view.span)
+    ctx.cache.local_selections[view.name] = (k, view.span, sel)
+    return sel

@@ -1,0 +1,249 @@
+"""Projection subspaces (GaLore-style): S = span of an orthonormal basis P with
+r = ``projection_rank`` columns (``core.subspaces``), right (P: n x r) or left (P: m x r):
+
+    G_sf = down(G)     U = StateFull(G_sf)     R = G - up(G_sf)
+    W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R))        state: (m, r) right / (r, n) left
+
+Bases: ``random`` / ``randperm`` are redrawn from (seed, name, k) on every rank; ``svd`` bases are
+the top-r singular vectors of the gradient at the refresh, computed once by an owner rank and
+broadcast (``svd_refresh``), and kept in the state as ``proj_basis``.
+
+Fragments (flat layouts, FSDP2 rows): a right projection's rows are local except rows cut between
+ranks, whose partial products are summed; a left projection's (r, n) product is summed over all
+ranks (``sum_partial_projections``: one coalesced all-reduce).
+
+Kernel plug points: ``svd_refresh`` (the basis computation of every pending matrix) and
+``fast_apply.apply_projection_batch`` (the steady step's GEMMs + sign + update).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from frugal_dist.comm.collectives import allreduce_sum_, broadcast_from_owners, reduce_to_owners
+from frugal_dist.core.fragments import local_projection
+from frugal_dist.core.rules import state_free_direction, state_free_direction_
+from frugal_dist.core.seeding import projection_seed
+from frugal_dist.core.subspaces import (
+    ProjectionSelection,
+    matrix_shape,
+    projection_rank,
+    projection_selection,
+    resolve_side,
+    tensor_fingerprint,
+)
+from frugal_dist.optim.fast_apply import can_batch, local_matrix
+from frugal_dist.optim.kinds.base import SubspaceKind
+from frugal_dist.optim.sharding import assign_owners
+from frugal_dist.optim.step_items import Item, apply_update
+
+if TYPE_CHECKING:
+    from frugal_dist.layouts.base import ParamView
+    from frugal_dist.optim.phases import ApplyBatches, StepContext
+
+
+class Projection(SubspaceKind):
+    name = "projection"
+    matrix_grad = True
+
+    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
+        m, n = matrix_shape(shape)
+        r = projection_rank((m, n), group["density"], group["proj_side"], group["proj_type"])
+        return r * (n if resolve_side(group["proj_side"], (m, n)) == "left" else m)
+
+    def compact_shape(self, it: Item) -> tuple[int, ...]:
+        group = it.group
+        shape = matrix_shape(it.view.shape)
+        side = resolve_side(group["proj_side"], shape)
+        r = projection_rank(shape, group["density"], side, group["proj_type"])
+        return (r, shape[1]) if side == "left" else (it.span.rows_touched, r)
+
+    def state_role(self, group: dict[str, Any], shape: tuple[int, ...], key: str) -> str:
+        if key == "proj_basis" or resolve_side(group["proj_side"], matrix_shape(shape)) == "left":
+            return "replicated"
+        return "right"
+
+    def prepare(self, it: Item, ctx: StepContext) -> None:
+        view, group = it.view, it.group
+        it.g = local_matrix(view, it.g)
+        if not (it.refresh and group["proj_type"] == "svd"):  # svd: chosen in the select phase
+            it.gsel = global_basis(ctx, view, it.k, group)
+            it.sel = local_projection(it.gsel, view.span)
+        self.reset_at_refresh(it, ctx)
+
+    def sign_parts(self, it: Item) -> tuple[Tensor | None, Tensor | None] | None:
+        if it.sel is None:  # svd refresh: the basis needs the exact gradient
+            return None
+        compact = it.sel.down(it.g)
+        resid = it.g - it.sel.up(compact) if self.free_rule(it.group) != "none" else None
+        return compact, resid
+
+    def select(self, its: list[Item], ctx: StepContext) -> None:
+        pending = [it for it in its if it.sel is None]
+        if pending:
+            svd_refresh(pending, ctx)
+
+    def fingerprint(self, it: Item) -> int | None:
+        return tensor_fingerprint(it.gsel.basis)
+
+    def down(self, its: list[Item], ctx: StepContext) -> None:
+        partial: list[Item] = []
+        for it in its:
+            if it.g_sf is None:
+                it.g_sf = it.sel.down(it.g)
+                if ctx.layout is not None and ctx.world > 1:
+                    partial.append(it)
+        if partial:
+            sum_partial_projections(partial, ctx)
+
+    def free_direction(self, it: Item) -> Tensor | None:
+        if it.free_done:
+            return it.free
+        rule = self.free_rule(it.group)
+        if it.sel.rank == 0:  # rho = 0: R = G, no projection at all
+            return state_free_direction(rule, it.g)
+        return state_free_direction_(rule, it.sel.residual(it.g, it.g_sf))
+
+    def apply(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
+        group = it.group
+        s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
+        if can_batch(it):
+            if s_i == 1.0 and it.sel.rank == 0:  # rho = 0: the update is s_p F(G)
+                batches.free.append((it, self.free_rule(group), s_p))
+                return
+            signsgd = self.free_rule(group) == "signsgd"
+            if signsgd and it.u is not None and it.g_sf is not None and it.sel.rank > 0:
+                batches.projs.append(it)
+                return
+        free = self.free_direction(it)
+        if free is None:
+            full = it.sel.up(it.u)
+        else:  # s_i F(R) + up(U), in place in F(R)'s buffer
+            full = it.sel.up_add_(free, it.u, beta=s_i)
+        apply_update(it.view.data, it.span.unpad(full), -group["lr"] * s_p)
+        it.release()
+
+
+def global_basis(
+    ctx: StepContext, view: ParamView, k: int, group: dict[str, Any]
+) -> ProjectionSelection:
+    """The global basis at refresh k: drawn from (seed, name, k), or the svd basis kept in the
+    state (svd refreshes themselves happen in ``svd_refresh``). Cached per refresh."""
+    cached = ctx.cache.selections.get(view.name)
+    if cached is not None and cached[0] == k:
+        return cached[1]
+    shape = matrix_shape(view.shape)
+    if group["proj_type"] == "svd":
+        if "proj_basis" not in view.state:
+            raise RuntimeError(f"svd basis of {view.name!r} missing from the optimizer state")
+        sel = ProjectionSelection(resolve_side(group["proj_side"], shape), view.state["proj_basis"])
+    else:
+        on_device = ctx.proj_qr_device == "param" and group["proj_type"] == "random"
+        sel = projection_selection(
+            shape, group["density"], group["proj_type"], group["proj_side"],
+            projection_seed(group["seed"], view.name, k),
+            qr_device=view.data.device if on_device else None,
+        )  # fmt: skip
+        sel = ProjectionSelection(sel.side, sel.basis.to(view.data.device))
+    ctx.cache.selections[view.name] = (k, sel)
+    return sel
+
+
+def svd_refresh(pending: list[Item], ctx: StepContext) -> None:
+    """New svd bases: each is computed once, by an owner rank, from the full gradient.
+
+    Owners balance m*n over the ranks (``assign_owners``). Communication (world > 1):
+    fragments (a bound layout): one coalesced ``reduce`` per (owner, dtype) of the zero-padded
+    full gradients it owns, 4 B x m x n each (``svd_gather``); then one ``broadcast`` per owner
+    of its bases, 4 B x dim x r each (``basis_broadcast``). Every rank then stores the basis as
+    ``proj_basis`` and selects with it. Plug point for a batched / randomized refresh kernel:
+    the loop computing ``basis`` below.
+    """
+    rank, world = ctx.rank, ctx.world
+    if world > 1:
+        owners = assign_owners({it.name: it.span.m * it.span.n for it in pending}, world).owner
+    else:
+        owners = {it.name: 0 for it in pending}
+    fragments = ctx.layout is not None and world > 1
+    full_grads: list[Tensor] = []
+    gathered: list[list[Tensor]] = [[] for _ in range(world)]
+    for it in pending:
+        # The gradient in its own precision (float32 at least): SVD bases are sensitive to
+        # last-bit differences when singular values are close.
+        raw = it.view.grad
+        dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
+        if fragments:  # zero-padded full matrix; the owner receives the sum of every rank's
+            sp = it.span
+            buf = torch.zeros(sp.m * sp.n, device=it.g.device, dtype=dtype)
+            buf[sp.start : sp.start + sp.numel] = raw.reshape(-1).to(dtype)
+            gathered[owners[it.name]].append(buf)
+            full_grads.append(buf.view(sp.m, sp.n))
+        else:
+            full_grads.append(it.span.pad(raw.reshape(-1).to(dtype)))
+    if fragments:
+        reduce_to_owners(gathered, ctx.pg, ctx.comm, "svd_gather")
+    per_rank: list[list[Tensor]] = [[] for _ in range(world)]
+    for it, full_g in zip(pending, full_grads):
+        group = it.group
+        shape = matrix_shape(it.view.shape)
+        owner = owners[it.name]
+        if owner == rank:
+            basis = projection_selection(
+                shape, group["density"], "svd", group["proj_side"],
+                projection_seed(group["seed"], it.name, it.k), grad=full_g,
+            ).basis  # fmt: skip
+        else:
+            side = resolve_side(group["proj_side"], shape)
+            dim = shape[0] if side == "left" else shape[1]
+            r = projection_rank(shape, group["density"], side, "svd")
+            basis = torch.empty(dim, r, device=it.g.device)
+        per_rank[owner].append(basis)
+        it.st["proj_basis"] = basis
+    broadcast_from_owners(per_rank, ctx.pg, ctx.comm, "basis_broadcast")
+    for it in pending:
+        side = resolve_side(it.group["proj_side"], matrix_shape(it.view.shape))
+        it.gsel = ProjectionSelection(side, it.st["proj_basis"])
+        it.sel = local_projection(it.gsel, it.span)
+        ctx.cache.selections[it.name] = (it.k, it.gsel)
+
+
+def sum_partial_projections(its: list[Item], ctx: StepContext) -> None:
+    """Fragments' partial G_sf summed over ranks in one all-reduce (``fragment_projection``):
+    right projections send only their cut rows (known to every rank from the layout,
+    ``split_rows``), 4 B x r per cut row; left ones their (r, n) product, 4 B x r x n."""
+    chunks: list[Tensor] = []
+    slots: list[tuple[Item, list[tuple[int, int]]]] = []
+    for it in its:
+        if it.sel.side == "left":
+            chunks.append(it.g_sf.reshape(-1))
+            slots.append((it, []))
+            continue
+        rows = ctx.layout.split_rows(it.name)
+        r = it.g_sf.shape[1]
+        buf = it.g_sf.new_zeros(len(rows), r)
+        mine = []
+        for j, row in enumerate(rows):
+            local = row - it.span.first_row
+            if it.span.numel and 0 <= local < it.span.rows_touched:
+                buf[j] = it.g_sf[local]
+                mine.append((j, local))
+        chunks.append(buf.reshape(-1))
+        slots.append((it, mine))
+    flat = torch.cat(chunks) if chunks else None
+    if flat is None or flat.numel() == 0:
+        return
+    allreduce_sum_(flat, ctx.pg, ctx.comm, "fragment_projection")
+    offset = 0
+    for (it, mine), chunk in zip(slots, chunks):
+        n = chunk.numel()
+        summed = flat[offset : offset + n]
+        offset += n
+        if it.sel.side == "left":
+            it.g_sf = summed.view(it.g_sf.shape).clone()
+        else:
+            rows = summed.view(-1, it.g_sf.shape[1])
+            for j, local in mine:
+                it.g_sf[local] = rows[j]

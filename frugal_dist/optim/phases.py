@@ -1,0 +1,301 @@
+"""The phases of ``FRUGAL.step``, each a plain function of the step's context and its items.
+
+    check     (nonfinite != "ignore") one fused inf/nan test of every local gradient, the flag
+              all-reduced (4 B); a bad step returns here with nothing touched
+    plan      step counters, refresh decisions, owners, active sets; per kind (``prepare``):
+              selections restricted to the local rows, state resets, float32 gradients. Host
+              cost per parameter is kept small (the step is launch-bound on a GPU): whole-tensor
+              views are cached, the CPU counters are read with ``item()`` and advanced with
+              ``fill_`` (no device sync)
+    reduce    (reduce_gradients, world > 1) exact: one mean all-reduce of every gradient
+              (4 B x params, ``grad_full``); sign: full mean all-reduce only where exactness is
+              needed (whole-tensor state-full params, active blocks, svd refreshes, SGD groups),
+              a mean all-reduce of the *compact* state-full gradients (``grad_projected``), and a
+              1-bit majority vote of the local state-free residual signs (``sign_allgather``)
+    select    per kind: svd refreshes (the owner gets the full gradient -- one coalesced
+              ``reduce`` per owner for fragments -- computes the basis and broadcasts it,
+              4 B x dim x r); at every refresh the ranks compare selection fingerprints (one
+              all-gather of 8 B per refreshing parameter, ``agreement_check``)
+    down      per kind: G_sf = down(G); fragments' partial projections summed over ranks in one
+              coalesced all-reduce (right: 4 B x r per cut row; left: 4 B x r x n,
+              ``fragment_projection``)
+    state     owners advance the state-full rule (``torch._foreach_*``) -> directions U
+    exchange  (shard_state, world > 1) each owner broadcasts the U it computed (4 B x |S|,
+              ``update_broadcast``)
+    apply     W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R)) per kind; fragments drop phantom
+              entries. Fused AdamW items run ``torch._fused_adamw_`` here (their state phase is
+              this kernel); pure state-free updates, coordinate and projection items with a
+              signSGD residual go through the foreach batches of ``optim.fast_apply``
+
+At world size 1 every collective is skipped and the pipeline is the plain FRUGAL step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from frugal_dist.comm.collectives import (
+    allreduce_mean_,
+    broadcast_from_owners,
+    check_agreement,
+    sign_majority,
+)
+from frugal_dist.comm.stats import CommStats
+from frugal_dist.core.rules import state_full_directions
+from frugal_dist.layouts.base import ParamView
+from frugal_dist.optim.fast_apply import (
+    apply_coordinate_batch,
+    apply_free_batch,
+    apply_fused,
+    apply_projection_batch,
+)
+from frugal_dist.optim.kinds import SubspaceKind, kind_for
+from frugal_dist.optim.nonfinite import grads_are_finite
+from frugal_dist.optim.step_cache import StepCache
+from frugal_dist.optim.step_items import Item, increment_counters
+
+
+@dataclass
+class StepContext:
+    """What the phases read besides the items: this rank, the process group, the optimizer's
+    step options, its caches and its bound layout (None: whole tensors)."""
+
+    optimizer: Any
+    rank: int
+    world: int
+    pg: Any
+    comm: CommStats
+    cache: StepCache
+    layout: Any
+    param_groups: list[dict[str, Any]]
+    shard_state: bool
+    reduce_gradients: bool
+    residual_comm: str
+    check_agreement: bool
+    fused: bool | None
+    proj_qr_device: str
+
+    @property
+    def sharded(self) -> bool:
+        """State-full buffers split over ranks (``shard_state`` at world size > 1)."""
+        return self.shard_state and self.world > 1
+
+    @property
+    def reduced_here(self) -> bool:
+        """FRUGAL reduces the gradients itself this step."""
+        return self.reduce_gradients and self.world > 1
+
+
+@dataclass
+class ApplyBatches:
+    """Items whose update goes through a foreach batch (``optim.fast_apply``) instead of one
+    update per tensor; filled by the kinds' ``apply`` in the apply phase."""
+
+    free: list[tuple[Item, str, float]] = field(default_factory=list)  # (item, rule, scale)
+    coords: list[Item] = field(default_factory=list)
+    projs: list[Item] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------- check
+def gradients_finite(
+    ctx: StepContext, views: list[tuple[dict, list[ParamView]]], mode: str
+) -> bool:
+    """One fused inf/nan check of every local gradient (``optim.nonfinite``); False: skip this
+    step (nothing touched). ``mode="raise"`` raises ``FloatingPointError`` instead."""
+    names = [v.name for _, vs in views for v in vs]
+    grads = [v.grad for _, vs in views for v in vs]
+    ok, first = grads_are_finite(names, grads, ctx.pg, ctx.world)
+    if ok:
+        return True
+    if mode == "raise":
+        where = f"first in parameter {first!r}" if first is not None else "on another rank"
+        raise FloatingPointError(
+            f"FRUGAL.step: non-finite (inf/nan) gradient, {where}; nothing was updated. "
+            "Use nonfinite='skip' to skip such steps (e.g. under fp16 loss scaling)"
+        )
+    return False
+
+
+# ---------------------------------------------------------------------------------------- plan
+def plan(ctx: StepContext, views: list[tuple[dict, list[ParamView]]]) -> list[Item]:
+    """One ``Item`` per parameter with a gradient, in group order."""
+    items: list[Item] = []
+    for group, group_views in views:
+        items.extend(_plan_group(ctx, group, group_views))
+    return items
+
+
+def _plan_group(ctx: StepContext, group: dict[str, Any], views: list[ParamView]) -> list[Item]:
+    kind = kind_for(group)
+    gap = group["update_gap"]
+    fused_ok = not ctx.sharded and kind.fused_candidate(group)
+    live = [view for view in views if view.grad is not None]
+    out: list[Item] = []
+    bumped: list[Item] = []  # items whose sf_step this step increments
+    for view, s in zip(live, _advance_steps([view.state for view in live])):
+        k, refresh = s // gap, s % gap == 0
+        owner = kind.owner(ctx, group, view, k)
+        active = kind.is_active(ctx, group, view, k)
+        # State-free-only tensors need no float32 copy of a 16-bit gradient (sign and the
+        # promoted add give the same result), unless FRUGAL reduces the gradients itself.
+        g = view.grad if (not active and not ctx.reduced_here) else view.grad.float()
+        it = Item(view, group, kind, refresh, k, active, owner, g)
+        kind.prepare(it, ctx)
+        if active and owner == ctx.rank:
+            bumped.append(it)
+            it.fused = fused_ok and _fused_for(ctx, view)
+        out.append(it)
+    for it, t in zip(bumped, increment_counters([it.st for it in bumped], "sf_step")):
+        it.sf_t = t
+    return out
+
+
+def _advance_steps(states: list) -> list[int]:
+    """Increment every state's ``step`` counter (created at 0 if missing); return the number of
+    steps each took *before* this one."""
+    for st in states:
+        if "step" not in st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+    return [v - 1 for v in increment_counters(states, "step")]
+
+
+def _fused_for(ctx: StepContext, view: ParamView) -> bool:
+    """Use ``torch._fused_adamw_`` for this whole-tensor AdamW item: float32 data and gradient
+    (the kernel wants one dtype for params, grads and moments), non-empty, and ``fused=True``
+    or (``fused=None`` and a CUDA tensor)."""
+    if ctx.fused is False or view.data.numel() == 0:
+        return False
+    if view.data.dtype != torch.float32 or view.grad.dtype != torch.float32:
+        return False
+    return bool(ctx.fused) or view.data.device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------- reduce
+def reduce(ctx: StepContext, items: list[Item]) -> None:
+    """Mean of the gradients over ranks (``reduce_gradients``; see the module docstring)."""
+    if not ctx.reduced_here:
+        return
+    if ctx.residual_comm == "exact":
+        allreduce_mean_([it.g for it in items], ctx.pg, ctx.comm, "grad_full")
+        return
+    full: list[Tensor] = []
+    compact: list[Tensor] = []
+    signs: list[Tensor] = []
+    voted: list[Item] = []
+    for it in items:
+        parts = it.kind.sign_parts(it)
+        if parts is None:
+            full.append(it.g)
+            continue
+        g_sf, resid = parts
+        if resid is not None:
+            signs.append(resid)
+            voted.append(it)
+        if g_sf is not None:
+            it.g_sf = g_sf
+            compact.append(g_sf)
+        it.free_done = True
+    allreduce_mean_(full, ctx.pg, ctx.comm, "grad_full")
+    allreduce_mean_(compact, ctx.pg, ctx.comm, "grad_projected")
+    for it, vote in zip(voted, sign_majority(signs, ctx.pg, ctx.comm)):
+        it.free = vote
+
+
+# ---------------------------------------------------------------------------------------- select
+def select(ctx: StepContext, items: list[Item]) -> None:
+    """Selections that need the reduced gradient (svd), then the refresh fingerprint check."""
+    for kind, its in _by_kind(items).items():
+        kind.select(its, ctx)
+    if ctx.world > 1 and ctx.check_agreement:
+        names: list[str] = []
+        fps: list[int] = []
+        for it in items:
+            fp = it.kind.fingerprint(it) if it.refresh else None
+            if fp is not None:
+                names.append(it.name)
+                fps.append(fp)
+        check_agreement(names, fps, ctx.pg, ctx.comm, "subspace")
+
+
+# ---------------------------------------------------------------------------------------- down
+def down(ctx: StepContext, items: list[Item]) -> None:
+    """G_sf = down(G) for every active item (kind by kind; fragments summed over ranks)."""
+    for kind, its in _by_kind(items).items():
+        kind.down([it for it in its if it.active], ctx)
+
+
+# ---------------------------------------------------------------------------------------- state
+def state(ctx: StepContext, items: list[Item]) -> None:
+    """U = StateFull(G_sf) on the owner of each active item, one foreach call per group (fused
+    AdamW items wait for the apply phase)."""
+    by_group: dict[int, list[Item]] = {}
+    for it in items:
+        if it.active and it.owner == ctx.rank and not it.fused:
+            by_group.setdefault(id(it.group), []).append(it)
+    for its in by_group.values():
+        group = its[0].group
+        dirs = state_full_directions(
+            its[0].kind.rule(group), [it.g_sf for it in its], [it.st for it in its],
+            [it.sf_t for it in its], group["betas"], group["eps"],
+        )  # fmt: skip
+        for it, d in zip(its, dirs):
+            it.u = d
+
+
+# ---------------------------------------------------------------------------------------- exchange
+def exchange(ctx: StepContext, items: list[Item]) -> None:
+    """(shard_state, world > 1) every owner broadcasts the U it computed (one broadcast per
+    owner rank, 4 B x compact size)."""
+    if not ctx.sharded:
+        return
+    per_rank: list[list[Tensor]] = [[] for _ in range(ctx.world)]
+    for it in items:
+        if not it.active:
+            continue
+        if it.u is None:
+            shape = it.kind.compact_shape(it)
+            it.u = torch.empty(shape, dtype=torch.float32, device=it.g.device)
+        per_rank[it.owner].append(it.u)
+    broadcast_from_owners(per_rank, ctx.pg, ctx.comm, "update_broadcast")
+
+
+# ---------------------------------------------------------------------------------------- apply
+def apply(ctx: StepContext, items: list[Item]) -> None:
+    """Decoupled weight decay, then each item's update, group by group (no communication)."""
+    by_group: dict[int, list[Item]] = {}
+    for it in items:
+        by_group.setdefault(id(it.group), []).append(it)
+    for its in by_group.values():
+        group = its[0].group
+        lr, wd = group["lr"], group["weight_decay"]
+        fused = [it for it in its if it.fused]
+        if wd != 0.0:
+            data = [it.view.data for it in its if it.view.data.numel() and not it.fused]
+            if data:
+                torch._foreach_mul_(data, 1.0 - lr * wd)
+        if fused:
+            apply_fused(fused, lr, wd, group, ctx.cache.device_steps)
+        batches = ApplyBatches()
+        for it in its:
+            if it.fused:
+                it.g_sf = None
+            else:
+                it.kind.apply(it, ctx, batches)
+        s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
+        apply_free_batch(batches.free, lr)
+        if batches.coords:
+            apply_coordinate_batch(batches.coords, lr, s_p, s_i)
+        if batches.projs:
+            apply_projection_batch(batches.projs, lr, s_p, s_i)
+
+
+def _by_kind(items: list[Item]) -> dict[SubspaceKind, list[Item]]:
+    """Items grouped by kind, kinds in order of first appearance (the same on every rank)."""
+    out: dict[SubspaceKind, list[Item]] = {}
+    for it in items:
+        out.setdefault(it.kind, []).append(it)
+    return out
