@@ -1,0 +1,335 @@
+"""Triton kernels behind ``frugal_dist.kernels.elementwise`` (imported lazily, only when a
+CUDA tensor -- or a test under ``TRITON_INTERPRET=1`` -- asks for the Triton path).
+
+Every kernel is one launch over a whole list of tensors: a small int64 *table* on the device holds
+each tensor's data pointers (and, for AdamW, its bias corrections as float64 bits), so the number
+of tensors costs host time to build the table, never extra launches. Tables are uploaded with one
+pinned, non-blocking host-to-device copy (no device sync); tile maps, which depend only on the
+tensors' sizes, are cached.
+
+Bandwidth: each kernel reads and writes every byte once. Full tiles are unmasked, and 16-byte
+aligned tensors get an alignment hint, so loads and stores are 128-bit vectors; the last tile of
+each tensor is masked. Element ``i`` of a tensor is touched by exactly one program.
+
+Arithmetic follows the torch paths' rounding order (see ``elementwise``): weight decay as
+``p * keep`` first, then ``p + (-alpha) * D``; AdamW as ``core.rules``:
+``m + w1 (g - m)`` (torch's lerp), ``v b2 + (w2 g) g``, ``D = (m / (sqrt(v) / bc2s + eps)) / bc1``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK = 4096  # elements per program (16 per thread at 8 warps: four 128-bit vectors per array)
+NUM_WARPS = 8
+FREE_RULE_CODES = {"signsgd": 0, "sgd": 1, "none": 2}
+_GDTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TILE_MAPS: dict[tuple, tuple[Tensor, Tensor, int]] = {}
+_MAX_TILE_MAPS = 64
+
+
+# ------------------------------------------------------------------------------- device helpers
+@triton.jit
+def _sign(g):
+    """torch.sign: -1, 0, +1 (NaN -> 0, as torch's CPU and CUDA kernels)."""
+    return tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _free_direction(g, free_scale, FREE: tl.constexpr, FREE_SCALED: tl.constexpr):
+    """free_scale * F(g) for F = sign (0), identity (1) or zero (2)."""
+    if FREE == 0:
+        f = _sign(g)
+    elif FREE == 1:
+        f = g
+    else:
+        f = tl.zeros_like(g)
+    if FREE_SCALED:
+        f = f * free_scale
+    return f
+
+
+@triton.jit
+def _adamw_direction(g, m, v, w1, one_minus_w1, b2, w2, eps, bc1, bc2s, LERP_HIGH: tl.constexpr):
+    """New (m, v) and D = (m / (sqrt(v) / bc2s + eps)) / bc1, in core.rules' rounding order."""
+    if LERP_HIGH:  # torch.lerp for weight >= 0.5: end - (end - self) * (1 - weight)
+        m = g - (g - m) * one_minus_w1
+    else:
+        m = m + w1 * (g - m)
+    v = v * b2 + (w2 * g) * g
+    d = (m / (tl.sqrt_rn(v) / bc2s + eps)) / bc1
+    return m, v, d
+
+
+@triton.jit
+def _tile(tile_tensor, first_tile, BLOCK: tl.constexpr):
+    """(tensor index, first element) of this program's tile."""
+    pid = tl.program_id(0)
+    t = tl.load(tile_tensor + pid)
+    start = (pid - tl.load(first_tile + t)).to(tl.int64) * BLOCK
+    return t, start
+
+
+@triton.jit
+def _ptr(table, slot, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    p = tl.load(table + slot).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+# ------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _free_kernel(
+    tile_tensor, first_tile, table, nalpha, keep, free_scale,
+    FREE: tl.constexpr, DECAY: tl.constexpr, G_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """p <- p keep + nalpha F(g); table rows [p, g, numel]."""
+    t, start = _tile(tile_tensor, first_tile, BLOCK)
+    p_ptr = _ptr(table, 3 * t, tl.float32, ALIGNED)
+    g_ptr = _ptr(table, 3 * t + 1, G_DTYPE, ALIGNED)
+    n = tl.load(table + 3 * t + 2)
+    offs = start + tl.arange(0, BLOCK)
+    full = start + BLOCK <= n
+    mask = offs < n
+    if full:
+        p = tl.load(p_ptr + offs)
+        g = tl.load(g_ptr + offs).to(tl.float32)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if DECAY:
+        p = p * keep
+    p = p + nalpha * _free_direction(g, free_scale, FREE, False)
+    if full:
+        tl.store(p_ptr + offs, p)
+    else:
+        tl.store(p_ptr + offs, p, mask=mask)
+
+
+@triton.jit
+def _adamw_kernel(
+    tile_tensor, first_tile, table, coef, nlr, keep, w1, one_minus_w1, b2, w2, eps,
+    DECAY: tl.constexpr, LERP_HIGH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """AdamW on whole tensors; table rows [p, g, m, v, numel, bc1 bits, bc2s bits, 0]."""
+    t, start = _tile(tile_tensor, first_tile, BLOCK)
+    row = 8 * t
+    p_ptr = _ptr(table, row, tl.float32, ALIGNED)
+    g_ptr = _ptr(table, row + 1, tl.float32, ALIGNED)
+    m_ptr = _ptr(table, row + 2, tl.float32, ALIGNED)
+    v_ptr = _ptr(table, row + 3, tl.float32, ALIGNED)
+    n = tl.load(table + row + 4)
+    bc1 = tl.load(coef + row + 5).to(tl.float32)
+    bc2s = tl.load(coef + row + 6).to(tl.float32)
+    offs = start + tl.arange(0, BLOCK)
+    full = start + BLOCK <= n
+    mask = offs < n
+    if full:
+        p = tl.load(p_ptr + offs)
+        g = tl.load(g_ptr + offs)
+        m = tl.load(m_ptr + offs)
+        v = tl.load(v_ptr + offs)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    m, v, d = _adamw_direction(g, m, v, w1, one_minus_w1, b2, w2, eps, bc1, bc2s, LERP_HIGH)
+    if DECAY:
+        p = p * keep
+    p = p + nlr * d
+    if full:
+        tl.store(p_ptr + offs, p)
+        tl.store(m_ptr + offs, m)
+        tl.store(v_ptr + offs, v)
+    else:
+        tl.store(p_ptr + offs, p, mask=mask)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def _coordinate_kernel(
+    table, coef, numel, N, K, nlr, keep, free_scale, w1, one_minus_w1, b2, w2, eps,
+    ROWS: tl.constexpr, WRAPS: tl.constexpr, FREE: tl.constexpr, FREE_SCALED: tl.constexpr,
+    DECAY: tl.constexpr, LERP_HIGH: tl.constexpr, G_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Columns (rows) AdamW + state-free rest on same-shape (M, N) matrices, grid (tiles, T).
+
+    Table rows [w, g, m, v, pos, bc1 bits, bc2s bits, 0]; ``pos`` (int32, length N for columns,
+    M for rows) maps a column (row) to its compact index, -1 when not selected; m / v are the
+    compact (M, K) (columns) or (K, N) (rows) moments.
+    """
+    t = tl.program_id(1)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    row = 8 * t
+    w_ptr = _ptr(table, row, tl.float32, ALIGNED)
+    g_ptr = _ptr(table, row + 1, G_DTYPE, ALIGNED)
+    m_ptr = _ptr(table, row + 2, tl.float32, False)
+    v_ptr = _ptr(table, row + 3, tl.float32, False)
+    pos_ptr = _ptr(table, row + 4, tl.int32, False)
+    bc1 = tl.load(coef + row + 5).to(tl.float32)
+    bc2s = tl.load(coef + row + 6).to(tl.float32)
+    offs = start + tl.arange(0, BLOCK)
+    full = start + BLOCK <= numel
+    mask = offs < numel
+    # (row, column) of each element: the tile's first row by one scalar division, then at most
+    # WRAPS row crossings by comparisons (a vector division when a tile spans many rows).
+    r0 = start // N
+    local = (start - r0 * N) + tl.arange(0, BLOCK)
+    if WRAPS > 0:
+        dr = tl.zeros([BLOCK], dtype=tl.int64)
+        for j in tl.static_range(1, WRAPS + 1):
+            dr += (local >= j * N).to(tl.int64)
+    else:
+        dr = local // N
+    col = local - dr * N
+    r = r0 + dr
+    if ROWS:
+        pos = tl.load(pos_ptr + r, mask=mask, other=-1)
+        c_off = pos.to(tl.int64) * N + col
+    else:
+        pos = tl.load(pos_ptr + col, mask=mask, other=-1)
+        c_off = r * K + pos
+    sel = mask & (pos >= 0)
+    if full:
+        w = tl.load(w_ptr + offs)
+        g = tl.load(g_ptr + offs).to(tl.float32)
+    else:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + c_off, mask=sel, other=0.0)
+    v = tl.load(v_ptr + c_off, mask=sel, other=0.0)
+    m, v, u = _adamw_direction(g, m, v, w1, one_minus_w1, b2, w2, eps, bc1, bc2s, LERP_HIGH)
+    d = tl.where(sel, u, _free_direction(g, free_scale, FREE, FREE_SCALED))
+    if DECAY:
+        w = w * keep
+    w = w + nlr * d
+    if full:
+        tl.store(w_ptr + offs, w)
+    else:
+        tl.store(w_ptr + offs, w, mask=mask)
+    tl.store(m_ptr + c_off, m, mask=sel)
+    tl.store(v_ptr + c_off, v, mask=sel)
+
+
+# --------------------------------------------------------------------------------- host helpers
+def upload(values: list[int], device: torch.device) -> Tensor:
+    """An int64 device tensor of ``values``: one pinned, non-blocking copy on CUDA (the caching
+    host allocator keeps the pinned block until the copy is done), a plain tensor on the CPU."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def f64_bits(x: float) -> int:
+    """The int64 bit pattern of float64 ``x`` (coefficients travel in the int64 table)."""
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def f32(x: float) -> float:
+    """``x`` rounded to float32 (a kernel scalar's value), as a Python float."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def aligned(tensors: list[Tensor]) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _tile_map(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """(tile -> tensor index int32, tensor -> first tile int32, number of tiles), cached."""
+    key = (device, numels)
+    hit = _TILE_MAPS.get(key)
+    if hit is not None:
+        return hit
+    tiles = [-(-n // BLOCK) for n in numels]
+    first, total = [], 0
+    for c in tiles:
+        first.append(total)
+        total += c
+    counts = torch.tensor(tiles, dtype=torch.int64)
+    owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+    out = (owner.to(device), torch.tensor(first, dtype=torch.int32).to(device), total)
+    if len(_TILE_MAPS) >= _MAX_TILE_MAPS:
+        _TILE_MAPS.pop(next(iter(_TILE_MAPS)))
+    _TILE_MAPS[key] = out
+    return out
+
+
+def _adam_scalars(betas: tuple[float, float], eps: float) -> dict:
+    b1, b2 = betas
+    w1 = f32(1.0 - b1)
+    return dict(w1=w1, one_minus_w1=f32(1.0 - w1), b2=b2, w2=1.0 - b2, eps=eps,
+                LERP_HIGH=w1 >= 0.5)  # fmt: skip
+
+
+def adam_corrections(t: int, betas: tuple[float, float]) -> tuple[int, int]:
+    """float64 bits of (1 - b1^t, sqrt(1 - b2^t)): core.rules' bias corrections."""
+    b1, b2 = betas
+    return f64_bits(1.0 - b1**t), f64_bits((1.0 - b2**t) ** 0.5)
+
+
+# ------------------------------------------------------------------------------------ launches
+def free_apply(params: list[Tensor], grads: list[Tensor], alpha: float, rule: str, keep: float):
+    """One launch: p <- p keep - alpha F(g); float32 contiguous params, grads of one dtype."""
+    dev = params[0].device
+    numels = tuple(p.numel() for p in params)
+    tile_tensor, first_tile, tiles = _tile_map(numels, dev)
+    table = upload([x for p, g, n in zip(params, grads, numels)
+                    for x in (p.data_ptr(), g.data_ptr(), n)], dev)  # fmt: skip
+    _free_kernel[(tiles,)](
+        tile_tensor, first_tile, table, -alpha, keep, 1.0,
+        FREE=FREE_RULE_CODES[rule], DECAY=keep != 1.0, G_DTYPE=_GDTYPES[grads[0].dtype],
+        ALIGNED=aligned(params) and aligned(grads), BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )  # fmt: skip
+
+
+def adamw_apply(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, keep) -> None:
+    """One launch of AdamW over float32 contiguous tensors (see ``elementwise.adamw_apply_``)."""
+    dev = params[0].device
+    numels = tuple(p.numel() for p in params)
+    tile_tensor, first_tile, tiles = _tile_map(numels, dev)
+    rows: list[int] = []
+    for p, g, m, v, n, t in zip(params, grads, exp_avgs, exp_avg_sqs, numels, steps):
+        rows += [p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), n,
+                 *adam_corrections(t, betas), 0]  # fmt: skip
+    table = upload(rows, dev)
+    ok = aligned(params) and aligned(grads) and aligned(exp_avgs) and aligned(exp_avg_sqs)
+    _adamw_kernel[(tiles,)](
+        tile_tensor, first_tile, table, table.view(torch.float64), -lr, keep,
+        **_adam_scalars(betas, eps), DECAY=keep != 1.0, ALIGNED=ok, BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+    )  # fmt: skip
+
+
+def coordinate_apply(
+    W, G, m, v, positions, steps, shape, k, lr, scale, free_scale, betas, eps, keep, free_rule,
+    rows: bool,
+) -> None:  # fmt: skip
+    """One launch over same-shape (M, N) matrices (see ``elementwise.coordinate_adamw_apply_``)."""
+    dev = W[0].device
+    M, N = shape
+    numel = M * N
+    table_rows: list[int] = []
+    for w, g, mi, vi, pos, t in zip(W, G, m, v, positions, steps):
+        table_rows += [w.data_ptr(), g.data_ptr(), mi.data_ptr(), vi.data_ptr(), pos.data_ptr(),
+                       *adam_corrections(t, betas), 0]  # fmt: skip
+    table = upload(table_rows, dev)
+    wraps = (N + BLOCK - 2) // N
+    grid = (triton.cdiv(numel, BLOCK), len(W))
+    _coordinate_kernel[grid](
+        table, table.view(torch.float64), numel, N, k, -lr * scale, keep, free_scale,
+        **_adam_scalars(betas, eps), ROWS=rows, WRAPS=wraps if wraps <= 8 else 0,
+        FREE=FREE_RULE_CODES[free_rule], FREE_SCALED=free_scale != 1.0, DECAY=keep != 1.0,
+        G_DTYPE=_GDTYPES[G[0].dtype], ALIGNED=aligned(W) and aligned(G), BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+    )  # fmt: skip
