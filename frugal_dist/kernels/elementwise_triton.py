@@ -62,7 +62,7 @@ def _adamw_direction(g, m, v, w1, one_minus_w1, b2, w2, eps, bc1, bc2s, LERP_HIG
     else:
         m = m + w1 * (g - m)
     v = v * b2 + (w2 * g) * g
-    d = (m / (tl.sqrt_rn(v) / bc2s + eps)) / bc1
+    d = tl.div_rn(tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), bc2s) + eps), bc1)  # IEEE, as torch
     return m, v, d
 
 
