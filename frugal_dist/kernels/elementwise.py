@@ -305,8 +305,8 @@ def coordinate_positions(index: Tensor, dim: int) -> Tensor:
     if index.device.type == "cpu" and index.numel() and (index.min() < 0 or index.max() >= dim):
         raise ValueError(f"index must be a 1-D tensor of distinct positions in [0, {dim})")
     pos = torch.full((dim,), -1, dtype=torch.int32, device=index.device)
-    pos[index] = torch.arange(index.numel(), dtype=torch.int32, device=index.device)
-    return pos
+    arange = torch.arange(index.numel(), dtype=torch.int32, device=index.device)
+    return pos.scatter_(0, index.long(), arange)
 
 
 @torch.no_grad()

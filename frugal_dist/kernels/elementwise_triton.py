@@ -25,7 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK = 4096  # elements per program (16 per thread at 8 warps: four 128-bit vectors per array)
+# Elements per program (16 per thread at 8 warps: four 128-bit vectors per array) and warps per
+# program, read at each launch (benchmarks/kernels_elementwise.py sweeps them).
+BLOCK = 4096
 NUM_WARPS = 8
 FREE_RULE_CODES = {"signsgd": 0, "sgd": 1, "none": 2}
 _GDTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -222,10 +224,10 @@ def _coordinate_kernel(
 
 
 # --------------------------------------------------------------------------------- host helpers
-def upload(values: list[int], device: torch.device) -> Tensor:
-    """An int64 device tensor of ``values``: one pinned, non-blocking copy on CUDA (the caching
-    host allocator keeps the pinned block until the copy is done), a plain tensor on the CPU."""
-    host = torch.tensor(values, dtype=torch.int64)
+def upload(values: list[int], device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
+    """A device tensor of ``values``: one pinned, non-blocking copy on CUDA (the caching host
+    allocator keeps the pinned block until the copy is done: no sync), a CPU tensor otherwise."""
+    host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
@@ -246,8 +248,9 @@ def aligned(tensors: list[Tensor]) -> bool:
 
 
 def _tile_map(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, int]:
-    """(tile -> tensor index int32, tensor -> first tile int32, number of tiles), cached."""
-    key = (device, numels)
+    """(tile -> tensor index int32, tensor -> first tile int32, number of tiles), cached per
+    (device, sizes, ``BLOCK``); built on the host and uploaded without a sync."""
+    key = (device, numels, BLOCK)
     hit = _TILE_MAPS.get(key)
     if hit is not None:
         return hit
@@ -258,7 +261,9 @@ def _tile_map(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Te
         total += c
     counts = torch.tensor(tiles, dtype=torch.int64)
     owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
-    out = (owner.to(device), torch.tensor(first, dtype=torch.int32).to(device), total)
+    if device.type == "cuda":
+        owner = owner.pin_memory().to(device, non_blocking=True)
+    out = (owner, upload(first, device, torch.int32), total)
     if len(_TILE_MAPS) >= _MAX_TILE_MAPS:
         _TILE_MAPS.pop(next(iter(_TILE_MAPS)))
     _TILE_MAPS[key] = out
