@@ -48,10 +48,14 @@ Integration contract (how ``FRUGAL``'s apply phase calls these; what each replac
   a state-full rule ``adamw`` and whole (unsharded) matrices: the caller passes the full (M, N)
   gradient, not G_sf; ``positions`` are cached with the selection (one per refresh). ``randk``,
   fragments, other rules and sharded state keep the present path.
-* Tensors must be on one device; CUDA tensors never sync the host (tables go through pinned
-  memory with non-blocking copies). The torch path (CPU, or ``impl="torch"``) rounds exactly as
-  the present ``fast_apply`` code, so CPU results are bit-identical to today's; the Triton path
-  rounds in the same order (FMA contraction and division may differ in the last bit).
+* Tensors are plain local tensors (a DTensor's ``to_local()``, a flat shard's view), on one
+  device. The Triton kernels write through data pointers: they do not bump autograd version
+  counters (the optimizer's tensors are never saved for backward). CUDA calls never sync the
+  host (tables go through pinned memory with non-blocking copies). The torch path (CPU, or
+  ``impl="torch"``) rounds exactly as the present ``fast_apply`` code, so CPU results are
+  bit-identical to today's; the Triton path rounds in the same order, with IEEE division and
+  square root, but may contract a multiply-add into one FMA (a last-bit difference; none for
+  signSGD without decay, where ``alpha * sign(g)`` is exact).
 """
 
 from __future__ import annotations
@@ -286,6 +290,7 @@ def _adamw_torch(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, ke
     """FRUGAL's non-fused AdamW path: decay ``_foreach_mul_``, core.rules' directions, add."""
     if keep != 1.0:
         torch._foreach_mul_(params, keep)
+    grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     buffers = [{"exp_avg": m, "exp_avg_sq": v} for m, v in zip(exp_avgs, exp_avg_sqs)]
     dirs = state_full_directions("adamw", grads, buffers, [int(t) for t in steps], betas, eps)
     for p, d in zip(params, dirs):
@@ -396,7 +401,7 @@ def _coordinate_torch(W, G, m, v, indices, steps, shape, lr, scale, free_scale, 
     dim = 1 if axis == "columns" else 0
     if keep != 1.0:
         torch._foreach_mul_(W, keep)
-    full = [g.reshape(shape) for g in G]
+    full = [g.reshape(shape).to(mi.dtype) for g, mi in zip(G, m)]  # no copy when float32
     g_sf = [g.index_select(dim, ix) for g, ix in zip(full, indices)]
     buffers = [{"exp_avg": mi, "exp_avg_sq": vi} for mi, vi in zip(m, v)]
     dirs = state_full_directions("adamw", g_sf, buffers, [int(t) for t in steps], betas, eps)

@@ -298,3 +298,27 @@ def test_bad_input_names_the_field():
     with pytest.raises(ValueError, match=r"must be \(4, 2\)"):
         coordinate_adamw_apply_(W[:1], W[:1], [torch.zeros(2, 4)], [torch.zeros(2, 4)], idx[:1],
                                 [1], lr=1e-3, betas=BETAS, eps=EPS)  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_16bit_grads_are_promoted_on_every_path(impl):
+    """AdamW and coordinate kernels take bf16 gradients as float32 values (the torch path
+    converts them, the Triton kernels load them as float32)."""
+    ps = [_rand((3, 50), 1)]
+    gs = [_rand((3, 50), 2, torch.bfloat16)]
+    m, v = [torch.zeros(3, 50, device=DEV)], [torch.zeros(3, 50, device=DEV)]
+    want = ref_adamw(ps[0], gs[0], m[0], v[0], 1, 1e-3, 0.0)[0]
+    if impl == "triton":  # the Triton AdamW kernel takes float32 grads only
+        with pytest.raises(ValueError, match="contiguous float32"):
+            adamw_apply_(ps, gs, m, v, [1], lr=1e-3, betas=BETAS, eps=EPS, impl=impl)
+    else:
+        adamw_apply_(ps, gs, m, v, [1], lr=1e-3, betas=BETAS, eps=EPS, impl=impl)
+        _close(ps[0], want, rtol=1e-5, atol=1e-7)
+    W, idx, ms, vs = _coord_case((6, 40), "rows", 5)
+    G = [_rand((6, 40), 70 + j, torch.bfloat16) for j in range(2)]
+    want = [ref_coordinate(w, g, mi, vi, ix, 1, 1e-3, 1.0, 1.0, 0.0, "signsgd", "rows")[0]
+            for w, g, mi, vi, ix in zip(W, G, ms, vs, idx)]  # fmt: skip
+    coordinate_adamw_apply_(W, G, ms, vs, idx, [1, 1], lr=1e-3, betas=BETAS, eps=EPS,
+                            axis="rows", impl=impl)  # fmt: skip
+    for w, rw in zip(W, want):
+        _close(w, rw, rtol=1e-5, atol=1e-7)
