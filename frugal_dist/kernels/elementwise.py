@@ -131,17 +131,6 @@ def _check_steps(steps: Sequence[int]) -> None:
             raise ValueError(f"steps[{i}] = {t}: the state-full count after this step, >= 1")
 
 
-def _flat_ok(p: Tensor, g: Tensor) -> bool:
-    """A tensor pair the Triton kernels take: float32 contiguous p, contiguous float g."""
-    return (
-        p.dtype == torch.float32
-        and g.dtype in _TRITON_DTYPES
-        and p.is_contiguous()
-        and g.is_contiguous()
-        and p.numel() > 0
-    )
-
-
 # ------------------------------------------------------------------------------------ free
 @torch.no_grad()
 def free_apply_(
@@ -161,27 +150,43 @@ def free_apply_(
     """
     _check_rule(rule)
     n = _check_lists("free_apply_", params=params, grads=grads)
-    _check_same_numel("free_apply_", params, grads, "params", "grads")
     if n == 0:
         return
     keep = 1.0 - decay
-    if _use_triton(impl, params[0].device):
-        from frugal_dist.kernels import elementwise_triton as tk
+    if not _use_triton(impl, params[0].device):
+        _check_same_numel("free_apply_", params, grads, "params", "grads")
+        _free_torch(list(params), list(grads), alpha, rule, keep)
+        return
+    from frugal_dist.kernels import elementwise_triton as tk
 
-        by_dtype: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
-        rest_p, rest_g = [], []
-        for p, g in zip(params, grads):
-            if _flat_ok(p, g):
-                ps, gs = by_dtype.setdefault(g.dtype, ([], []))
-                ps.append(p)
-                gs.append(g)
-            elif p.numel():
-                rest_p.append(p)
-                rest_g.append(g)
-        for ps, gs in by_dtype.values():
-            tk.free_apply(ps, gs, alpha, rule, keep)
-        params, grads = rest_p, rest_g
-    _free_torch(list(params), list(grads), alpha, rule, keep)
+    # one pass over the tensors: checks, and the table rows of each grad dtype
+    f32 = torch.float32
+    groups: dict[torch.dtype, tuple[list[int], list[int], list[int]]] = {}
+    rest_p, rest_g = [], []
+    for p, g in zip(params, grads):
+        size = p.numel()
+        if g.numel() != size:
+            _check_same_numel("free_apply_", params, grads, "params", "grads")
+        gd = g.dtype
+        if (
+            p.dtype is f32
+            and gd in _TRITON_DTYPES
+            and size
+            and p.is_contiguous()
+            and (g.is_contiguous())
+        ):
+            rows, numels, ptr_or = groups.setdefault(gd, ([], [], [0]))
+            pp, gp = p.data_ptr(), g.data_ptr()
+            rows += (pp, gp, size)
+            numels.append(size)
+            ptr_or[0] |= pp | gp
+        elif size:
+            rest_p.append(p)
+            rest_g.append(g)
+    for gd, (rows, numels, ptr_or) in groups.items():
+        tk.free_apply(params[0].device, rows, tuple(numels), ptr_or[0], gd, alpha, rule, keep)
+    if rest_p:
+        _free_torch(rest_p, rest_g, alpha, rule, keep)
 
 
 def _free_torch(params: list[Tensor], grads: list[Tensor], alpha, rule, keep) -> None:
@@ -243,29 +248,44 @@ def adamw_apply_(
     tensors; ``"auto"``: ``ADAMW_AUTO`` on CUDA, core.rules' foreach formulas on the CPU."""
     n = _check_lists("adamw_apply_", params=params, grads=grads, exp_avgs=exp_avgs,
                      exp_avg_sqs=exp_avg_sqs, steps=steps)  # fmt: skip
-    _check_same_numel("adamw_apply_", params, grads, "params", "grads")
-    _check_same_numel("adamw_apply_", params, exp_avgs, "params", "exp_avgs")
-    _check_same_numel("adamw_apply_", params, exp_avg_sqs, "params", "exp_avg_sqs")
-    _check_steps(steps)
     if n == 0:
         return
+    if min(steps) < 1:
+        _check_steps(steps)
     dev = params[0].device
     keep = 1.0 - lr * weight_decay
-    all_f32 = all(
-        _flat_ok(p, g) and g.dtype == torch.float32 and m.is_contiguous() and v.is_contiguous()
-        and m.dtype == torch.float32 and v.dtype == torch.float32
-        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs)
-    )  # fmt: skip
-    if _use_triton(impl, dev, ADAMW_AUTO):
+    # one pass over the tensors: sizes checked, float32 contiguity noted, table rows collected
+    f32, b1, b2 = torch.float32, float(betas[0]), float(betas[1])
+    use_triton = _use_triton(impl, dev, ADAMW_AUTO)
+    if use_triton:
+        from frugal_dist.kernels import elementwise_triton as tk
+    rows: list[int] = []
+    numels: list[int] = []
+    ptr_or, all_f32 = 0, True
+    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        size = p.numel()
+        if g.numel() != size or m.numel() != size or v.numel() != size:
+            _check_same_numel("adamw_apply_", params, grads, "params", "grads")
+            _check_same_numel("adamw_apply_", params, exp_avgs, "params", "exp_avgs")
+            _check_same_numel("adamw_apply_", params, exp_avg_sqs, "params", "exp_avg_sqs")
+        if all_f32 and not (
+            size and p.dtype is f32 and g.dtype is f32 and m.dtype is f32 and v.dtype is f32
+            and p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
+            and v.is_contiguous()
+        ):  # fmt: skip
+            all_f32 = False
+        if all_f32 and use_triton:
+            ptrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
+            rows += (*ptrs, size, *tk.adam_corrections(int(t), b1, b2), 0)
+            numels.append(size)
+            ptr_or |= ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]
+    if use_triton:
         if not all_f32:
             raise ValueError(
                 "adamw_apply_(impl='triton'): params, grads and moments must be non-empty "
                 "contiguous float32 tensors; use impl='auto'"
             )
-        from frugal_dist.kernels import elementwise_triton as tk
-
-        tk.adamw_apply(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                       [int(t) for t in steps], lr, betas, eps, keep)  # fmt: skip
+        tk.adamw_apply(dev, rows, tuple(numels), ptr_or, lr, (b1, b2), eps, keep)
         return
     grads = [g.reshape(p.shape) for p, g in zip(params, grads)]
     if dev.type == "cuda" and all_f32:
@@ -334,52 +354,72 @@ def coordinate_adamw_apply_(
     positions: Sequence[Tensor] | None = None,
     impl: str = "auto",
 ) -> None:
-    """In place, for same-shape matrices: AdamW on the selected columns (rows) ``indices[i]``
+    """In place, for matrices of one shape: AdamW on the selected columns (rows) ``indices[i]``
     (sorted) with compact moments ``m[i]``, ``v[i]``, the state-free rule elsewhere (module
-    docstring). ``W[i]`` has any shape whose matrix view (dim 0, the rest) is (M, N); ``G[i]``
-    has M N elements. ``positions[i]`` = ``coordinate_positions(indices[i], N or M)`` (built here
-    when None: cache it per refresh to keep the step free of index work)."""
+    docstring). Every ``W[i]`` has ``W[0]``'s shape, whose matrix view (dim 0, the rest) is
+    (M, N); ``G[i]`` has M N elements. ``positions[i]`` =
+    ``coordinate_positions(indices[i], N or M)`` (built here when None: cache it per refresh to
+    keep the step free of index work)."""
     _check_rule(free_rule, "free_rule")
     if axis not in AXES:
         raise ValueError(f"axis must be one of {AXES} (randk takes the per-tensor path), "
                          f"got {axis!r}")  # fmt: skip
     n = _check_lists("coordinate_adamw_apply_", W=W, G=G, m=m, v=v, indices=indices, steps=steps)
-    _check_steps(steps)
     if n == 0:
         return
+    if min(steps) < 1:
+        _check_steps(steps)
     shape = _matrix(W[0])
     M, N = shape
     k = int(indices[0].numel())
     compact = (M, k) if axis == "columns" else (k, N)
-    for i in range(n):
-        if _matrix(W[i]) != shape or G[i].numel() != M * N:
-            raise ValueError(f"coordinate_adamw_apply_: W[{i}] / G[{i}] are not {shape} like "
-                             "W[0]; group the tensors by shape")  # fmt: skip
-        if indices[i].numel() != k or tuple(m[i].shape) != compact or m[i].shape != v[i].shape:
+    dim = N if axis == "columns" else M
+    dev = W[0].device
+    use_triton = _use_triton(impl, dev) and k > 0 and M * N > 0
+    if use_triton:
+        from frugal_dist.kernels import elementwise_triton as tk
+
+        if positions is None:
+            positions = [coordinate_positions(ix, dim) for ix in indices]
+        elif len(positions) != n:
+            raise ValueError(f"positions: {len(positions)} entries for {n} matrices")
+    # one pass: shapes checked, Triton eligibility noted, table rows collected
+    f32, gd, b1, b2 = torch.float32, G[0].dtype, float(betas[0]), float(betas[1])
+    shape0 = W[0].shape
+    rows: list[int] = []
+    ptr_or, ok = 0, use_triton and gd in _TRITON_DTYPES
+    for i, (w, g, mi, vi, ix, t) in enumerate(zip(W, G, m, v, indices, steps)):
+        if w.shape != shape0 or g.numel() != M * N:
+            raise ValueError(f"coordinate_adamw_apply_: W[{i}] / G[{i}] are not shaped like "
+                             f"W[0] {tuple(shape0)}; group the tensors by shape")  # fmt: skip
+        if ix.numel() != k or mi.shape != compact or vi.shape != compact:
             raise ValueError(
                 f"coordinate_adamw_apply_: m[{i}], v[{i}] must be {compact}: (M, K) for "
                 f"columns, (K, N) for rows, K = len(indices[{i}])"
             )
-    dev = W[0].device
-    if _use_triton(impl, dev) and k > 0 and M * N > 0:
-        ok = all(
-            _flat_ok(w, g) and mi.dtype == torch.float32 and vi.dtype == torch.float32
-            and mi.is_contiguous() and vi.is_contiguous()
-            for w, g, mi, vi in zip(W, G, m, v)
-        )  # fmt: skip
-        if ok and len({g.dtype for g in G}) == 1:
-            from frugal_dist.kernels import elementwise_triton as tk
-
-            if positions is None:
-                dim = N if axis == "columns" else M
-                positions = [coordinate_positions(ix, dim) for ix in indices]
-            tk.coordinate_apply(list(W), list(G), list(m), list(v), list(positions),
-                                [int(t) for t in steps], shape, k, lr, scale, free_scale, betas,
-                                eps, 1.0 - decay, free_rule, axis == "rows")  # fmt: skip
-            return
-        if impl == "triton":
-            raise ValueError("coordinate_adamw_apply_(impl='triton'): W, m, v must be "
-                             "contiguous float32, G contiguous of one float dtype")  # fmt: skip
+        if ok:
+            pos = positions[i]
+            if pos.dtype is not torch.int32 or pos.numel() != dim or not pos.is_contiguous():
+                raise ValueError(f"positions[{i}] must be coordinate_positions(indices[{i}], "
+                                 f"{dim}): a contiguous int32 map of length {dim}")  # fmt: skip
+            if not (
+                w.dtype is f32 and g.dtype is gd and mi.dtype is f32 and vi.dtype is f32
+                and w.is_contiguous() and g.is_contiguous() and mi.is_contiguous()
+                and vi.is_contiguous()
+            ):  # fmt: skip
+                ok = False
+                continue
+            wp, gp = w.data_ptr(), g.data_ptr()
+            rows += (wp, gp, mi.data_ptr(), vi.data_ptr(), pos.data_ptr(),
+                     *tk.adam_corrections(int(t), b1, b2), 0)  # fmt: skip
+            ptr_or |= wp | gp
+    if ok:
+        tk.coordinate_apply(dev, rows, n, ptr_or, gd, shape, k, lr, scale, free_scale, (b1, b2),
+                            eps, 1.0 - decay, free_rule, axis == "rows")  # fmt: skip
+        return
+    if impl == "triton" and k > 0 and M * N > 0:
+        raise ValueError("coordinate_adamw_apply_(impl='triton'): W, m, v must be "
+                         "contiguous float32, G contiguous of one float dtype")  # fmt: skip
     _coordinate_torch(W, G, m, v, indices, steps, shape, lr, scale, free_scale, betas, eps,
                       1.0 - decay, free_rule, axis)  # fmt: skip
 

@@ -18,6 +18,8 @@ Arithmetic follows the torch paths' rounding order (see ``elementwise``): weight
 
 from __future__ import annotations
 
+import array
+import functools
 import struct
 
 import torch
@@ -227,7 +229,8 @@ def _coordinate_kernel(
 def upload(values: list[int], device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
     """A device tensor of ``values``: one pinned, non-blocking copy on CUDA (the caching host
     allocator keeps the pinned block until the copy is done: no sync), a CPU tensor otherwise."""
-    host = torch.tensor(values, dtype=dtype)
+    code = {torch.int64: "q", torch.int32: "i"}[dtype]
+    host = torch.frombuffer(array.array(code, values), dtype=dtype)  # ~4x torch.tensor(list)
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
@@ -241,10 +244,6 @@ def f64_bits(x: float) -> int:
 def f32(x: float) -> float:
     """``x`` rounded to float32 (a kernel scalar's value), as a Python float."""
     return struct.unpack("<f", struct.pack("<f", x))[0]
-
-
-def aligned(tensors: list[Tensor]) -> bool:
-    return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def _tile_map(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, int]:
@@ -270,6 +269,7 @@ def _tile_map(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Te
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def _adam_scalars(betas: tuple[float, float], eps: float) -> dict:
     b1, b2 = betas
     w1 = f32(1.0 - b1)
@@ -277,64 +277,58 @@ def _adam_scalars(betas: tuple[float, float], eps: float) -> dict:
                 LERP_HIGH=w1 >= 0.5)  # fmt: skip
 
 
-def adam_corrections(t: int, betas: tuple[float, float]) -> tuple[int, int]:
-    """float64 bits of (1 - b1^t, sqrt(1 - b2^t)): core.rules' bias corrections."""
-    b1, b2 = betas
+@functools.lru_cache(maxsize=4096)
+def adam_corrections(t: int, b1: float, b2: float) -> tuple[int, int]:
+    """float64 bits of (1 - b1^t, sqrt(1 - b2^t)): core.rules' bias corrections (memoised: a
+    step's tensors share a few counts)."""
     return f64_bits(1.0 - b1**t), f64_bits((1.0 - b2**t) ** 0.5)
 
 
 # ------------------------------------------------------------------------------------ launches
-def free_apply(params: list[Tensor], grads: list[Tensor], alpha: float, rule: str, keep: float):
-    """One launch: p <- p keep - alpha F(g); float32 contiguous params, grads of one dtype."""
-    dev = params[0].device
-    numels = tuple(p.numel() for p in params)
-    tile_tensor, first_tile, tiles = _tile_map(numels, dev)
-    table = upload([x for p, g, n in zip(params, grads, numels)
-                    for x in (p.data_ptr(), g.data_ptr(), n)], dev)  # fmt: skip
+# The callers (``elementwise``) walk their tensors once, checking them and collecting each one's
+# table row (data pointers, size, step) as plain ints; ``ptr_or`` is the bitwise OR of every data
+# pointer in the call (its low 4 bits are 0 when all are 16-byte aligned).
+
+
+def free_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, gdtype,
+               alpha: float, rule: str, keep: float) -> None:  # fmt: skip
+    """One launch: p <- p keep - alpha F(g); ``rows`` = [p ptr, g ptr, numel] per tensor
+    (float32 contiguous params, contiguous grads of dtype ``gdtype``)."""
+    tile_tensor, first_tile, tiles = _tile_map(numels, device)
     _free_kernel[(tiles,)](
-        tile_tensor, first_tile, table, -alpha, keep, 1.0,
-        FREE=FREE_RULE_CODES[rule], DECAY=keep != 1.0, G_DTYPE=_GDTYPES[grads[0].dtype],
-        ALIGNED=aligned(params) and aligned(grads), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        tile_tensor, first_tile, upload(rows, device), -alpha, keep, 1.0,
+        FREE=FREE_RULE_CODES[rule], DECAY=keep != 1.0, G_DTYPE=_GDTYPES[gdtype],
+        ALIGNED=ptr_or & 15 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
-def adamw_apply(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, keep) -> None:
-    """One launch of AdamW over float32 contiguous tensors (see ``elementwise.adamw_apply_``)."""
-    dev = params[0].device
-    numels = tuple(p.numel() for p in params)
-    tile_tensor, first_tile, tiles = _tile_map(numels, dev)
-    rows: list[int] = []
-    for p, g, m, v, n, t in zip(params, grads, exp_avgs, exp_avg_sqs, numels, steps):
-        rows += [p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), n,
-                 *adam_corrections(t, betas), 0]  # fmt: skip
-    table = upload(rows, dev)
-    ok = aligned(params) and aligned(grads) and aligned(exp_avgs) and aligned(exp_avg_sqs)
+def adamw_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, lr: float,
+                betas: tuple[float, float], eps: float, keep: float) -> None:  # fmt: skip
+    """One launch of AdamW; ``rows`` = [p, g, m, v ptrs, numel, *adam_corrections(t), 0] per
+    tensor (all float32 contiguous)."""
+    tile_tensor, first_tile, tiles = _tile_map(numels, device)
+    table = upload(rows, device)
     _adamw_kernel[(tiles,)](
         tile_tensor, first_tile, table, table.view(torch.float64), -lr, keep,
-        **_adam_scalars(betas, eps), DECAY=keep != 1.0, ALIGNED=ok, BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
+        **_adam_scalars(tuple(betas), eps), DECAY=keep != 1.0, ALIGNED=ptr_or & 15 == 0,
+        BLOCK=BLOCK, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
-def coordinate_apply(
-    W, G, m, v, positions, steps, shape, k, lr, scale, free_scale, betas, eps, keep, free_rule,
-    rows: bool,
-) -> None:  # fmt: skip
-    """One launch over same-shape (M, N) matrices (see ``elementwise.coordinate_adamw_apply_``)."""
-    dev = W[0].device
+def coordinate_apply(device, rows: list[int], count: int, ptr_or: int, gdtype,
+                     shape: tuple[int, int], k: int, lr: float, scale: float, free_scale: float,
+                     betas: tuple[float, float], eps: float, keep: float, free_rule: str,
+                     axis_rows: bool) -> None:  # fmt: skip
+    """One launch over ``count`` same-shape (M, N) matrices; ``rows`` = [w, g, m, v, positions
+    ptrs, *adam_corrections(t), 0] per matrix (``ptr_or`` over w and g only)."""
     M, N = shape
     numel = M * N
-    table_rows: list[int] = []
-    for w, g, mi, vi, pos, t in zip(W, G, m, v, positions, steps):
-        table_rows += [w.data_ptr(), g.data_ptr(), mi.data_ptr(), vi.data_ptr(), pos.data_ptr(),
-                       *adam_corrections(t, betas), 0]  # fmt: skip
-    table = upload(table_rows, dev)
+    table = upload(rows, device)
     wraps = (N + BLOCK - 2) // N
-    grid = (triton.cdiv(numel, BLOCK), len(W))
+    grid = (triton.cdiv(numel, BLOCK), count)
     _coordinate_kernel[grid](
         table, table.view(torch.float64), numel, N, k, -lr * scale, keep, free_scale,
-        **_adam_scalars(betas, eps), ROWS=rows, WRAPS=wraps if wraps <= 8 else 0,
+        **_adam_scalars(tuple(betas), eps), ROWS=axis_rows, WRAPS=wraps if wraps <= 8 else 0,
         FREE=FREE_RULE_CODES[free_rule], FREE_SCALED=free_scale != 1.0, DECAY=keep != 1.0,
-        G_DTYPE=_GDTYPES[G[0].dtype], ALIGNED=aligned(W) and aligned(G), BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
+        G_DTYPE=_GDTYPES[gdtype], ALIGNED=ptr_or & 15 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )  # fmt: skip
