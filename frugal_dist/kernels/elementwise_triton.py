@@ -19,6 +19,7 @@ Arithmetic follows the torch paths' rounding order (see ``elementwise``): weight
 from __future__ import annotations
 
 import array
+import contextlib
 import functools
 import struct
 
@@ -284,6 +285,13 @@ def adam_corrections(t: int, b1: float, b2: float) -> tuple[int, int]:
     return f64_bits(1.0 - b1**t), f64_bits((1.0 - b2**t) ** 0.5)
 
 
+def _on(device: torch.device):
+    """The launch's device context (Triton launches on the current CUDA device)."""
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
 # ------------------------------------------------------------------------------------ launches
 # The callers (``elementwise``) walk their tensors once, checking them and collecting each one's
 # table row (data pointers, size, step) as plain ints; ``ptr_or`` is the bitwise OR of every data
@@ -295,11 +303,12 @@ def free_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, gd
     """One launch: p <- p keep - alpha F(g); ``rows`` = [p ptr, g ptr, numel] per tensor
     (float32 contiguous params, contiguous grads of dtype ``gdtype``)."""
     tile_tensor, first_tile, tiles = _tile_map(numels, device)
-    _free_kernel[(tiles,)](
-        tile_tensor, first_tile, upload(rows, device), -alpha, keep, 1.0,
-        FREE=FREE_RULE_CODES[rule], DECAY=keep != 1.0, G_DTYPE=_GDTYPES[gdtype],
-        ALIGNED=ptr_or & 15 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with _on(device):
+        _free_kernel[(tiles,)](
+            tile_tensor, first_tile, upload(rows, device), -alpha, keep, 1.0,
+            FREE=FREE_RULE_CODES[rule], DECAY=keep != 1.0, G_DTYPE=_GDTYPES[gdtype],
+            ALIGNED=ptr_or & 15 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )  # fmt: skip
 
 
 def adamw_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, lr: float,
@@ -308,11 +317,12 @@ def adamw_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, l
     tensor (all float32 contiguous)."""
     tile_tensor, first_tile, tiles = _tile_map(numels, device)
     table = upload(rows, device)
-    _adamw_kernel[(tiles,)](
-        tile_tensor, first_tile, table, table.view(torch.float64), -lr, keep,
-        **_adam_scalars(tuple(betas), eps), DECAY=keep != 1.0, ALIGNED=ptr_or & 15 == 0,
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with _on(device):
+        _adamw_kernel[(tiles,)](
+            tile_tensor, first_tile, table, table.view(torch.float64), -lr, keep,
+            **_adam_scalars(tuple(betas), eps), DECAY=keep != 1.0, ALIGNED=ptr_or & 15 == 0,
+            BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )  # fmt: skip
 
 
 def coordinate_apply(device, rows: list[int], count: int, ptr_or: int, gdtype,
@@ -326,9 +336,10 @@ def coordinate_apply(device, rows: list[int], count: int, ptr_or: int, gdtype,
     table = upload(rows, device)
     wraps = (N + BLOCK - 2) // N
     grid = (triton.cdiv(numel, BLOCK), count)
-    _coordinate_kernel[grid](
-        table, table.view(torch.float64), numel, N, k, -lr * scale, keep, free_scale,
-        **_adam_scalars(tuple(betas), eps), ROWS=axis_rows, WRAPS=wraps if wraps <= 8 else 0,
-        FREE=FREE_RULE_CODES[free_rule], FREE_SCALED=free_scale != 1.0, DECAY=keep != 1.0,
-        G_DTYPE=_GDTYPES[gdtype], ALIGNED=ptr_or & 15 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with _on(device):
+        _coordinate_kernel[grid](
+            table, table.view(torch.float64), numel, N, k, -lr * scale, keep, free_scale,
+            **_adam_scalars(tuple(betas), eps), ROWS=axis_rows, WRAPS=wraps if wraps <= 8 else 0,
+            FREE=FREE_RULE_CODES[free_rule], FREE_SCALED=free_scale != 1.0, DECAY=keep != 1.0,
+            G_DTYPE=_GDTYPES[gdtype], ALIGNED=ptr_or & 15 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )  # fmt: skip

@@ -151,3 +151,13 @@ def test_coordinate_positions_without_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert pos[[3, 1000, 5460]].tolist() == [0, 1, 2] and int((pos >= 0).sum()) == 3
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tensors_on_a_device_other_than_the_current_one():
+    ps = [torch.randn(3, 5000, device="cuda:1")]
+    gs = [torch.randn(3, 5000, device="cuda:1")]
+    want = ps[0].double() - 1e-3 * torch.sign(gs[0].double())
+    with torch.cuda.device(0):
+        free_apply_(ps, gs, 1e-3, impl="triton")
+    torch.testing.assert_close(ps[0].double(), want, rtol=1e-7, atol=1e-9)
