@@ -16,7 +16,9 @@ kernels; "triton" = the new kernels; the AdamW part is torch fused in both unles
 * ``columns_d0.25``: AdamW on the AdamW part, ``coordinate_adamw_apply_`` on the 168 matrices
   (one call per shape, 3 in all; columns drawn as FRUGAL draws them, positions prebuilt).
 * ``adamw_kernel``: ``adamw_apply_`` over every tensor, torch fused vs Triton (decides
-  ``elementwise.ADAMW_AUTO``), and a ``BLOCK`` x ``NUM_WARPS`` sweep of the Triton kernels.
+  ``elementwise.ADAMW_AUTO``), and a ``BLOCK`` x ``NUM_WARPS`` sweep of the Triton kernels on
+  the 168 matrices (plus the coordinate kernel with and without 128-bit W / G access,
+  ``elementwise_triton.COORD_VECTOR``).
 
 Timing: CUDA events around each call, median of ``--reps`` after ``--warmup`` untimed calls; host
 time: ``perf_counter`` around the same call before the sync (submission cost). Bound: the bytes
@@ -52,6 +54,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_common import (  # noqa: E402
     copy_bandwidth,
+    fmt,
     free_memory,
     markdown_table,
     provenance,
@@ -257,6 +260,13 @@ def measure(args) -> dict[str, Any]:
                 sweep.append(entry)
                 free_memory()
         tk.BLOCK, tk.NUM_WARPS = saved
+        for vector in (False, True):  # 128-bit W / G access in the coordinate kernel
+            tk.COORD_VECTOR = vector
+            entry = dict(block=tk.BLOCK, num_warps=tk.NUM_WARPS, coord_vector=vector)
+            entry["columns_ms"] = timed(s.columns_part(mats, "triton"), 2, args.reps)["ms"]
+            sweep.append(entry)
+            free_memory()
+        tk.COORD_VECTOR = False
     for row in rows:
         row["bound_ms"] = row["bytes"] / bw * 1e3
         row["x_bound"] = row["ms"] / row["bound_ms"]
@@ -283,9 +293,11 @@ def table(result: dict[str, Any]) -> str:
              else "-"] for r in result["rows"]]  # fmt: skip
     out = markdown_table(head, body)
     if result.get("sweep"):
-        sw = [[e["block"], e["num_warps"], f"{e['free_ms']:.2f}", f"{e['adamw_ms']:.2f}",
-               f"{e['columns_ms']:.2f}"] for e in result["sweep"]]  # fmt: skip
-        out += "\n\n" + markdown_table(["BLOCK", "warps", "free ms", "adamw ms", "columns ms"], sw)
+        sw = [[e["block"], e["num_warps"], e.get("coord_vector", False),
+               fmt(e.get("free_ms"), ".2f"), fmt(e.get("adamw_ms"), ".2f"),
+               fmt(e["columns_ms"], ".2f")] for e in result["sweep"]]  # fmt: skip
+        head = ["BLOCK", "warps", "coord 128-bit", "free ms", "adamw ms", "columns ms"]
+        out += "\n\n" + markdown_table(head, sw)
     return out
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 # program, read at each launch (benchmarks/kernels_elementwise.py sweeps them).
 BLOCK = 4096
 NUM_WARPS = 8
+COORD_VECTOR = False  # 128-bit W / G access in the coordinate kernel (see its docstring)
 FREE_RULE_CODES = {"signsgd": 0, "sgd": 1, "none": 2}
 _GDTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _TILE_MAPS: dict[tuple, tuple[Tensor, Tensor, int]] = {}
@@ -60,24 +61,37 @@ def _free_direction(g, free_scale, FREE: tl.constexpr, FREE_SCALED: tl.constexpr
 
 
 @triton.jit
-def _adamw_direction(g, m, v, w1, one_minus_w1, b2, w2, eps, bc1, bc2s, LERP_HIGH: tl.constexpr):
-    """New (m, v) and D = (m / (sqrt(v) / bc2s + eps)) / bc1, in core.rules' rounding order."""
+def _adamw_direction(g, m, v, w1, one_minus_w1, b2, w2, eps, ibc1, ibc2s, LERP_HIGH: tl.constexpr):
+    """New (m, v) and D = (m / (sqrt(v) ibc2s + eps)) ibc1, ``ibc*`` the float32 reciprocals of
+    the float64 bias corrections: core.rules' order with its two divisions by per-tensor
+    scalars as multiplications (one IEEE division and square root per element are left; each
+    division costs ~10 instructions, and the coordinate kernel is near its instruction bound)."""
     if LERP_HIGH:  # torch.lerp for weight >= 0.5: end - (end - self) * (1 - weight)
         m = g - (g - m) * one_minus_w1
     else:
         m = m + w1 * (g - m)
     v = v * b2 + (w2 * g) * g
-    d = tl.div_rn(tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), bc2s) + eps), bc1)  # IEEE, as torch
+    d = tl.div_rn(m, tl.sqrt_rn(v) * ibc2s + eps) * ibc1
     return m, v, d
 
 
 @triton.jit
-def _tile(tile_tensor, first_tile, BLOCK: tl.constexpr):
-    """(tensor index, first element) of this program's tile."""
+def _tile(tile_tensor, first_tile, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """(tensor index, first element) of this program's tile; int32 offsets unless ``WIDE``."""
     pid = tl.program_id(0)
     t = tl.load(tile_tensor + pid)
-    start = (pid - tl.load(first_tile + t)).to(tl.int64) * BLOCK
-    return t, start
+    start = pid - tl.load(first_tile + t)
+    if WIDE:
+        start = start.to(tl.int64)
+    return t, start * BLOCK
+
+
+@triton.jit
+def _size(table, slot, WIDE: tl.constexpr):
+    n = tl.load(table + slot)
+    if not WIDE:
+        n = n.to(tl.int32)
+    return n
 
 
 @triton.jit
@@ -93,13 +107,13 @@ def _ptr(table, slot, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 def _free_kernel(
     tile_tensor, first_tile, table, nalpha, keep, free_scale,
     FREE: tl.constexpr, DECAY: tl.constexpr, G_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """p <- p keep + nalpha F(g); table rows [p, g, numel]."""
-    t, start = _tile(tile_tensor, first_tile, BLOCK)
+    t, start = _tile(tile_tensor, first_tile, BLOCK, WIDE)
     p_ptr = _ptr(table, 3 * t, tl.float32, ALIGNED)
     g_ptr = _ptr(table, 3 * t + 1, G_DTYPE, ALIGNED)
-    n = tl.load(table + 3 * t + 2)
+    n = _size(table, 3 * t + 2, WIDE)
     offs = start + tl.arange(0, BLOCK)
     full = start + BLOCK <= n
     mask = offs < n
@@ -121,18 +135,19 @@ def _free_kernel(
 @triton.jit
 def _adamw_kernel(
     tile_tensor, first_tile, table, coef, nlr, keep, w1, one_minus_w1, b2, w2, eps,
-    DECAY: tl.constexpr, LERP_HIGH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    DECAY: tl.constexpr, LERP_HIGH: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """AdamW on whole tensors; table rows [p, g, m, v, numel, bc1 bits, bc2s bits, 0]."""
-    t, start = _tile(tile_tensor, first_tile, BLOCK)
+    """AdamW on whole tensors; table rows [p, g, m, v, numel, 1/bc1, 1/bc2s (float64 bits), 0]."""
+    t, start = _tile(tile_tensor, first_tile, BLOCK, WIDE)
     row = 8 * t
     p_ptr = _ptr(table, row, tl.float32, ALIGNED)
     g_ptr = _ptr(table, row + 1, tl.float32, ALIGNED)
     m_ptr = _ptr(table, row + 2, tl.float32, ALIGNED)
     v_ptr = _ptr(table, row + 3, tl.float32, ALIGNED)
-    n = tl.load(table + row + 4)
-    bc1 = tl.load(coef + row + 5).to(tl.float32)
-    bc2s = tl.load(coef + row + 6).to(tl.float32)
+    n = _size(table, row + 4, WIDE)
+    ibc1 = tl.load(coef + row + 5).to(tl.float32)
+    ibc2s = tl.load(coef + row + 6).to(tl.float32)
     offs = start + tl.arange(0, BLOCK)
     full = start + BLOCK <= n
     mask = offs < n
@@ -146,7 +161,7 @@ def _adamw_kernel(
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    m, v, d = _adamw_direction(g, m, v, w1, one_minus_w1, b2, w2, eps, bc1, bc2s, LERP_HIGH)
+    m, v, d = _adamw_direction(g, m, v, w1, one_minus_w1, b2, w2, eps, ibc1, ibc2s, LERP_HIGH)
     if DECAY:
         p = p * keep
     p = p + nlr * d
@@ -165,24 +180,29 @@ def _coordinate_kernel(
     table, coef, numel, N, K, nlr, keep, free_scale, w1, one_minus_w1, b2, w2, eps,
     ROWS: tl.constexpr, WRAPS: tl.constexpr, FREE: tl.constexpr, FREE_SCALED: tl.constexpr,
     DECAY: tl.constexpr, LERP_HIGH: tl.constexpr, G_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Columns (rows) AdamW + state-free rest on same-shape (M, N) matrices, grid (tiles, T).
 
-    Table rows [w, g, m, v, pos, bc1 bits, bc2s bits, 0]; ``pos`` (int32, length N for columns,
-    M for rows) maps a column (row) to its compact index, -1 when not selected; m / v are the
-    compact (M, K) (columns) or (K, N) (rows) moments.
+    Table rows [w, g, m, v, pos, 1/bc1, 1/bc2s (float64 bits), 0]; ``pos`` (int32, length N for
+    columns, M for rows) maps a column (row) to its compact index, -1 when not selected; m / v
+    are the compact (M, K) (columns) or (K, N) (rows) moments. ``ALIGNED`` (128-bit W / G
+    access) makes the compiler shuffle the gathered m / v / pos values between two register
+    layouts through shared memory; scalar (still coalesced) access avoids that.
     """
     t = tl.program_id(1)
-    start = tl.program_id(0).to(tl.int64) * BLOCK
+    start = tl.program_id(0)
+    if WIDE:
+        start = start.to(tl.int64)
+    start = start * BLOCK
     row = 8 * t
     w_ptr = _ptr(table, row, tl.float32, ALIGNED)
     g_ptr = _ptr(table, row + 1, G_DTYPE, ALIGNED)
     m_ptr = _ptr(table, row + 2, tl.float32, False)
     v_ptr = _ptr(table, row + 3, tl.float32, False)
     pos_ptr = _ptr(table, row + 4, tl.int32, False)
-    bc1 = tl.load(coef + row + 5).to(tl.float32)
-    bc2s = tl.load(coef + row + 6).to(tl.float32)
+    ibc1 = tl.load(coef + row + 5).to(tl.float32)
+    ibc2s = tl.load(coef + row + 6).to(tl.float32)
     offs = start + tl.arange(0, BLOCK)
     full = start + BLOCK <= numel
     mask = offs < numel
@@ -191,16 +211,16 @@ def _coordinate_kernel(
     r0 = start // N
     local = (start - r0 * N) + tl.arange(0, BLOCK)
     if WRAPS > 0:
-        dr = tl.zeros([BLOCK], dtype=tl.int64)
+        dr = tl.zeros_like(local)
         for j in tl.static_range(1, WRAPS + 1):
-            dr += (local >= j * N).to(tl.int64)
+            dr += (local >= j * N).to(local.dtype)
     else:
         dr = local // N
     col = local - dr * N
     r = r0 + dr
     if ROWS:
         pos = tl.load(pos_ptr + r, mask=mask, other=-1)
-        c_off = pos.to(tl.int64) * N + col
+        c_off = pos.to(r.dtype) * N + col
     else:
         pos = tl.load(pos_ptr + col, mask=mask, other=-1)
         c_off = r * K + pos
@@ -213,7 +233,7 @@ def _coordinate_kernel(
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + c_off, mask=sel, other=0.0)
     v = tl.load(v_ptr + c_off, mask=sel, other=0.0)
-    m, v, u = _adamw_direction(g, m, v, w1, one_minus_w1, b2, w2, eps, bc1, bc2s, LERP_HIGH)
+    m, v, u = _adamw_direction(g, m, v, w1, one_minus_w1, b2, w2, eps, ibc1, ibc2s, LERP_HIGH)
     d = tl.where(sel, u, _free_direction(g, free_scale, FREE, FREE_SCALED))
     if DECAY:
         w = w * keep
@@ -280,9 +300,14 @@ def _adam_scalars(betas: tuple[float, float], eps: float) -> dict:
 
 @functools.lru_cache(maxsize=4096)
 def adam_corrections(t: int, b1: float, b2: float) -> tuple[int, int]:
-    """float64 bits of (1 - b1^t, sqrt(1 - b2^t)): core.rules' bias corrections (memoised: a
-    step's tensors share a few counts)."""
-    return f64_bits(1.0 - b1**t), f64_bits((1.0 - b2**t) ** 0.5)
+    """float64 bits of 1 / (1 - b1^t) and 1 / sqrt(1 - b2^t), the reciprocals of core.rules'
+    bias corrections (memoised: a step's tensors share a few counts)."""
+    return f64_bits(1.0 / (1.0 - b1**t)), f64_bits(1.0 / (1.0 - b2**t) ** 0.5)
+
+
+def _wide(numel: int) -> bool:
+    """int64 offsets when a tensor's last tile could pass int32."""
+    return numel + BLOCK >= 1 << 31
 
 
 def _on(device: torch.device):
@@ -307,7 +332,7 @@ def free_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, gd
         _free_kernel[(tiles,)](
             tile_tensor, first_tile, upload(rows, device), -alpha, keep, 1.0,
             FREE=FREE_RULE_CODES[rule], DECAY=keep != 1.0, G_DTYPE=_GDTYPES[gdtype],
-            ALIGNED=ptr_or & 15 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            ALIGNED=ptr_or & 15 == 0, WIDE=_wide(max(numels)), BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
 
 
@@ -321,7 +346,7 @@ def adamw_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, l
         _adamw_kernel[(tiles,)](
             tile_tensor, first_tile, table, table.view(torch.float64), -lr, keep,
             **_adam_scalars(tuple(betas), eps), DECAY=keep != 1.0, ALIGNED=ptr_or & 15 == 0,
-            BLOCK=BLOCK, num_warps=NUM_WARPS,
+            WIDE=_wide(max(numels)), BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
 
 
@@ -341,5 +366,6 @@ def coordinate_apply(device, rows: list[int], count: int, ptr_or: int, gdtype,
             table, table.view(torch.float64), numel, N, k, -lr * scale, keep, free_scale,
             **_adam_scalars(tuple(betas), eps), ROWS=axis_rows, WRAPS=wraps if wraps <= 8 else 0,
             FREE=FREE_RULE_CODES[free_rule], FREE_SCALED=free_scale != 1.0, DECAY=keep != 1.0,
-            G_DTYPE=_GDTYPES[gdtype], ALIGNED=ptr_or & 15 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            G_DTYPE=_GDTYPES[gdtype], ALIGNED=COORD_VECTOR and ptr_or & 15 == 0,
+            WIDE=_wide(numel), BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
