@@ -53,9 +53,10 @@ Integration contract (how ``FRUGAL``'s apply phase calls these; what each replac
   counters (the optimizer's tensors are never saved for backward). CUDA calls never sync the
   host (tables go through pinned memory with non-blocking copies). The torch path (CPU, or
   ``impl="torch"``) rounds exactly as the present ``fast_apply`` code, so CPU results are
-  bit-identical to today's; the Triton path rounds in the same order, with IEEE division and
-  square root, but may contract a multiply-add into one FMA (a last-bit difference; none for
-  signSGD without decay, where ``alpha * sign(g)`` is exact).
+  bit-identical to today's. The Triton path follows the same order with IEEE division and
+  square root, but may contract a multiply-add into one FMA and multiplies by reciprocals of
+  the bias corrections (float32 last-bit differences, measured by the tests; none for signSGD
+  without decay, where ``alpha * sign(g)`` is exact).
 """
 
 from __future__ import annotations

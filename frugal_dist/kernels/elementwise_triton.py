@@ -12,8 +12,11 @@ aligned tensors get an alignment hint, so loads and stores are 128-bit vectors; 
 each tensor is masked. Element ``i`` of a tensor is touched by exactly one program.
 
 Arithmetic follows the torch paths' rounding order (see ``elementwise``): weight decay as
-``p * keep`` first, then ``p + (-alpha) * D``; AdamW as ``core.rules``:
-``m + w1 (g - m)`` (torch's lerp), ``v b2 + (w2 g) g``, ``D = (m / (sqrt(v) / bc2s + eps)) / bc1``.
+``p * keep`` first, then ``p + (-alpha) * D``; AdamW as ``core.rules`` -- ``m + w1 (g - m)``
+(torch's lerp), ``v b2 + (w2 g) g`` -- except that D = (m / (sqrt(v) / bc2s + eps)) / bc1
+divides by the per-tensor bias corrections as multiplications by their float32 reciprocals
+(one IEEE division and one IEEE square root per element remain). Offsets are int32 unless a
+tensor nears 2^31 elements (``WIDE``).
 """
 
 from __future__ import annotations
