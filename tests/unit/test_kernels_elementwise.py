@@ -169,23 +169,23 @@ def test_adamw_apply_matches_reference_over_steps(impl, wd):
         _close(v, rv, rtol=1e-5, atol=1e-9)
 
 
-def test_adamw_torch_path_is_bit_identical_to_core_rules():
+def test_adamw_cpu_path_is_bit_identical_to_core_rules():
+    """On the CPU (FRUGAL's non-fused path): decay ``_foreach_mul_``, core.rules, add."""
     from frugal_dist.core.rules import state_full_directions
 
     shapes = [(7, 9), (33,)]
-    ps = [_rand(s, i) for i, s in enumerate(shapes)]
-    gs = [_rand(s, 10 + i) for i, s in enumerate(shapes)]
-    ms = [_rand(s, 20 + i) * 0.1 for i, s in enumerate(shapes)]
-    vs = [_rand(s, 30 + i).abs() * 0.01 for i, s in enumerate(shapes)]
+    ps = [_rand(s, i).cpu() for i, s in enumerate(shapes)]
+    gs = [_rand(s, 10 + i).cpu() for i, s in enumerate(shapes)]
+    ms = [_rand(s, 20 + i).cpu() * 0.1 for i, s in enumerate(shapes)]
+    vs = [_rand(s, 30 + i).cpu().abs() * 0.01 for i, s in enumerate(shapes)]
     old = [p.clone() for p in ps]
     st = [{"exp_avg": m.clone(), "exp_avg_sq": v.clone()} for m, v in zip(ms, vs)]
     torch._foreach_mul_(old, 1.0 - 1e-3 * 0.1)
     for p, d in zip(old, state_full_directions("adamw", gs, st, [3, 1], BETAS, EPS)):
         p.add_(d, alpha=-1e-3)
-    if DEV == "cpu":
-        adamw_apply_(ps, gs, ms, vs, [3, 1], lr=1e-3, betas=BETAS, eps=EPS, weight_decay=0.1)
-        assert all(torch.equal(a, b) for a, b in zip(ps, old))
-        assert all(torch.equal(a, b["exp_avg_sq"]) for a, b in zip(vs, st))
+    adamw_apply_(ps, gs, ms, vs, [3, 1], lr=1e-3, betas=BETAS, eps=EPS, weight_decay=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(ps, old))
+    assert all(torch.equal(a, b["exp_avg_sq"]) for a, b in zip(vs, st))
 
 
 # ------------------------------------------------------------------------------ coordinates
