@@ -45,9 +45,12 @@ Integration contract (how ``FRUGAL``'s apply phase calls these; what each replac
   this step), so no device step mirrors are needed (the CUDA torch path uploads them, no sync).
 * ``coordinate_adamw_apply_`` replaces the state phase *and* ``apply_coordinate_batch`` for
   ``columns`` / ``rows`` items whose owner holds the state (``shard_state`` off or world 1), with
-  a state-full rule ``adamw`` and whole (unsharded) matrices: the caller passes the full (M, N)
-  gradient, not G_sf; ``positions`` are cached with the selection (one per refresh). ``randk``,
-  fragments, other rules and sharded state keep the present path.
+  a state-full rule ``adamw``, whole (unsharded) matrices and the whole reduced gradient
+  (world 1 or ``residual_comm="exact"``; the sign vote's precomputed F(R) keeps the present
+  path): the caller passes the full (M, N) gradient, not G_sf; ``positions`` are cached with
+  the selection (one per refresh). ``randk``, fragments, other rules and sharded state keep the
+  present path. Same for ``free_apply_``: items whose F(R) was precomputed by the sign vote
+  (``Item.free_done``) are not passed to it.
 * Tensors are plain local tensors (a DTensor's ``to_local()``, a flat shard's view), on one
   device. The Triton kernels write through data pointers: they do not bump autograd version
   counters (the optimizer's tensors are never saved for backward). CUDA calls never sync the
