@@ -385,3 +385,34 @@ def test_kernel_step_reproduces_the_reference_frugal(impl, subspace):
             )  # fmt: skip
     for a, b in zip(mine, ref_p):
         _close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_triton_int64_offsets_and_vector_coordinate_variants(monkeypatch):
+    """The WIDE (int64 offset) kernels, used from 2^31 elements, forced on small tensors, and the
+    coordinate kernel with 128-bit W / G access (``COORD_VECTOR``)."""
+    from frugal_dist.kernels import elementwise_triton as tk
+
+    monkeypatch.setattr(tk, "_wide", lambda numel: True)
+    monkeypatch.setattr(tk, "COORD_VECTOR", True)
+    ps = [_rand(s, i) for i, s in enumerate(FREE_SIZES)]
+    gs = [_rand(s, 10 + i) for i, s in enumerate(FREE_SIZES)]
+    want = [ref_free(p, g, 0.01, "signsgd", 1e-3) for p, g in zip(ps, gs)]
+    free_apply_(ps, gs, 0.01, decay=1e-3, impl="triton")
+    for p, w in zip(ps, want):
+        _close(p, w)
+    ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+    want = [ref_adamw(p, g, m, v, 1, 1e-3, 0.1) for p, g, m, v in zip(ps, gs, ms, vs)]
+    adamw_apply_(ps, gs, ms, vs, [1] * len(ps), lr=1e-3, betas=BETAS, eps=EPS, weight_decay=0.1,
+                 impl="triton")  # fmt: skip
+    for p, (w, _, _) in zip(ps, want):
+        _close(p, w, rtol=1e-5, atol=1e-7)
+    for axis in ("columns", "rows"):
+        W, idx, cm, cv = _coord_case((7, 1000), axis, 13)
+        G = [_rand((7, 1000), 80 + j) for j in range(2)]
+        want = [ref_coordinate(w, g, mi, vi, ix, 2, 1e-3, 1.0, 0.5, 1e-3, "signsgd", axis)[0]
+                for w, g, mi, vi, ix in zip(W, G, cm, cv, idx)]  # fmt: skip
+        kw = dict(lr=1e-3, free_scale=0.5, betas=BETAS, eps=EPS, decay=1e-3, axis=axis)
+        coordinate_adamw_apply_(W, G, cm, cv, idx, [2, 2], impl="triton", **kw)
+        for w, rw in zip(W, want):
+            _close(w, rw, rtol=1e-5, atol=1e-7)
