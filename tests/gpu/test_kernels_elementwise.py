@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from frugal_dist.kernels import (
+from frugal_dist.kernels.elementwise import (
     adamw_apply_,
     coordinate_adamw_apply_,
     coordinate_positions,

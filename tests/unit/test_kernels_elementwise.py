@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from frugal_dist.kernels import (
+from frugal_dist.kernels.elementwise import (
     adamw_apply_,
     coordinate_adamw_apply_,
     coordinate_positions,
