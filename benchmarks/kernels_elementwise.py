@@ -63,11 +63,7 @@ from bench_common import (  # noqa: E402
 )
 from optimizer_step_setup import build_tensors, llama_param_specs  # noqa: E402
 
-from frugal_dist.core.subspaces import (  # noqa: E402
-    BlockSchedule,
-    coordinate_selection,
-    round_half_up,
-)
+from frugal_dist.core.subspaces import BlockSchedule, coordinate_selection  # noqa: E402
 from frugal_dist.kernels import elementwise as ew  # noqa: E402
 
 MODELS = {
@@ -178,7 +174,9 @@ class Setup:
 def variants(s: Setup) -> list[dict[str, Any]]:
     """name, row builder per impl, bytes any implementation must move."""
     adam_n, act_n = s.count(s.adam), s.count(s.active)
-    selected = sum(s.p[i].shape[0] * round_half_up(RHO * s.p[i].shape[1]) for i in s.mats)
+    selected = sum(s.p[i].shape[0] * coordinate_selection(tuple(s.p[i].shape), RHO, "columns",
+                                                          1000 + i).index.numel()
+                   for i in s.mats)  # fmt: skip
     out = []
     for name, adam_idx, other, kind, extra in (
         ("block_d0.25", s.adam + s.active, s.inactive, "free", 0),
