@@ -17,7 +17,7 @@ fzmushko/FRUGAL, and have no forced minimum):
 A count of 0 is an empty subspace: that tensor (or, for blocks, the whole group) gets only the
 state-free update, exactly as with rho = 0.
 
-Subspace kinds (DESIGN section 1):
+Subspace kinds (the step side of each: ``frugal_dist.optim.kinds``):
 
 * block      -- S = whole tensors. Of the group's n tensors, a = ``block_count(n, rho)`` are active
                 during refresh k (paper/upstream orders unless marked):

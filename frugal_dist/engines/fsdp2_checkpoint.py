@@ -66,7 +66,7 @@ def _local_shape(md: Any, st: Any, key: str) -> tuple[int, ...]:
     size = tuple(md.size)
     if len(size) == 0:
         return ()
-    if st.replicated or key == "proj_basis":  # st is a DTensorState
+    if st.replicated(key):  # st is a DTensorState
         return size
     mesh = st.p.device_mesh
     _, rows = chunk_rows(size[0], mesh.size(), mesh.get_local_rank())

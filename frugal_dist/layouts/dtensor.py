@@ -16,7 +16,8 @@ Coordinate ``rows`` / ``randk`` compact state is not row-aligned and is refused 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+import functools
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from frugal_dist.core.fragments import RowSpan
-from frugal_dist.core.subspaces import matrix_shape, resolve_side
+from frugal_dist.core.subspaces import matrix_shape
 from frugal_dist.layouts.base import ParamView
 
 COUNTERS = ("step", "sf_step")
@@ -55,10 +56,20 @@ def local_start(p: DTensor) -> int:
 
 
 class DTensorState(MutableMapping):
-    """A parameter's state dict holding DTensors, seen as local tensors by the optimizer."""
+    """A parameter's state dict holding DTensors, seen as local tensors by the optimizer.
 
-    def __init__(self, parent: MutableMapping[str, Any], p: DTensor, replicated: bool) -> None:
-        self.parent, self.p, self.replicated = parent, p, replicated
+    ``role(key)`` is the optimizer's ``state_role`` of each key: ``replicated`` tensors become
+    ``Replicate()`` DTensors, the others (``param``, ``coordinate`` columns, ``right``: one row
+    per parameter row) ``Shard(0)`` like the parameter; counters stay plain tensors."""
+
+    def __init__(
+        self, parent: MutableMapping[str, Any], p: DTensor, role: Callable[[str], str]
+    ) -> None:
+        self.parent, self.p, self.role = parent, p, role
+
+    def replicated(self, key: str) -> bool:
+        """State ``key`` is the same on every rank (stored as a ``Replicate()`` DTensor)."""
+        return self.role(key) == "replicated"
 
     def __getitem__(self, key: str) -> Tensor:
         v = self.parent[key]
@@ -69,7 +80,7 @@ class DTensorState(MutableMapping):
             self.parent[key] = local
             return
         mesh = self.p.device_mesh
-        if self.replicated or key == "proj_basis":
+        if self.replicated(key):
             self.parent[key] = DTensor.from_local(local, mesh, [Replicate()], run_check=False)
             return
         m = self.p.shape[0]
@@ -115,12 +126,10 @@ class DTensorLayout:
             local = p.to_local()
             m, n = matrix_shape(p.shape)
             span = RowSpan(m, n, local_start(p), local.numel())
-            replicated = (
-                group["algorithm"] == "frugal"
-                and group["subspace"] == "projection"
-                and resolve_side(group["proj_side"], (m, n)) == "left"
-            )
             grad = None if p.grad is None else p.grad.to_local()
-            st = DTensorState(optimizer.state[p], p, replicated)
-            out.append(ParamView(name, idx, tuple(p.shape), span, local, grad, st))
+            view = ParamView(name, idx, tuple(p.shape), span, local, grad, {})
+            view.state = DTensorState(
+                optimizer.state[p], p, functools.partial(optimizer.state_role, group, view)
+            )
+            out.append(view)
         return out

@@ -1,4 +1,5 @@
-"""torch.optim front-ends: FRUGAL (and, later, RSO), param-group rules, validation."""
+"""torch.optim front-ends: FRUGAL (its step: ``phases``, ``kinds``) and RSO, param-group rules,
+validation, consolidated checkpoints, the engine hooks adapters fill."""
 
 from frugal_dist.optim.frugal import FRUGAL, FRUGAL_DEFAULTS
 from frugal_dist.optim.param_groups import (

@@ -9,6 +9,10 @@
   signSGD residual: foreach sign and add over many tensors; only the scatter of U (coordinates)
   or the two GEMMs (projections) stay per tensor.
 * ``device_steps``: step counts on the device for the fused kernel, kept without host syncs.
+
+Which items go where is each kind's ``apply`` (``optim.kinds``); ``can_batch`` is the common
+precondition. These functions are the plug points for the fused GPU kernels
+(``frugal_dist.kernels``).
 """
 
 from __future__ import annotations

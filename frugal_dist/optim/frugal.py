@@ -62,9 +62,16 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
        [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
                                  all_reduce(mean) of compact G_sf (coord: rho, proj: r x max(m,n)),
                                  all_gather of packed residual signs               1 bit x params
-    2. [svd refresh]             owner computes the SVD, broadcast of P            4 B x dim x r
+    2. [svd refresh]             fragments: one reduce per owner of the padded
+                                 gradients it owns                                 4 B x m x n
+                                 owner computes the SVD, broadcast of P            4 B x dim x r
     3. [refresh, world > 1]      all_gather of one int64 fingerprint per refreshing parameter
-    4. [shard_state]             each owner broadcasts the compact U it computed   4 B x |S|
+    4. [projection fragments]    all_reduce(sum) of partial G_sf: cut rows (right) 4 B x r x rows
+                                 or the (r, n) products (left)                     4 B x r x n
+    5. [shard_state]             each owner broadcasts the compact U it computed   4 B x |S|
+
+``step()`` runs these as the phases of ``frugal_dist.optim.phases``; ``docs/step.md`` walks
+through them, and through where a new subspace kind (``optim.kinds``) or engine plugs in.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ parameter names look like ``embed_tokens.weight``, ``layers.0.self_attn.q_proj.w
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -242,10 +241,6 @@ class LlamaForCausalLM(nn.Module):
             if not self.config.tie_embeddings:
                 total -= self.lm_head.weight.numel()
         return total
-
-    def expected_init_loss(self) -> float:
-        """``ln(vocab_size)``: the loss of a uniform predictor, roughly the loss at init."""
-        return math.log(self.config.vocab_size)
 
 
 def build_model(name_or_config: str | LlamaConfig, **overrides: object) -> LlamaForCausalLM:

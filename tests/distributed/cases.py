@@ -24,13 +24,13 @@ def pick(*names: str) -> dict[str, dict]:
 @contextlib.contextmanager
 def count_svd_refreshes() -> Iterator[list[int]]:
     """Count the SVD bases this process computes (``counter[0]``) inside the block."""
-    import frugal_dist.optim.frugal_step as fs
+    import frugal_dist.optim.kinds.projection as fs
 
     counter = [0]
     original = fs.projection_selection
 
     def counting(*args, **kwargs):
-        counter[0] += 1
+        counter[0] += int(args[2] == "svd")  # (shape, density, proj_type, ...)
         return original(*args, **kwargs)
 
     fs.projection_selection = counting

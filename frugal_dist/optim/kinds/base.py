@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from frugal_dist.core.rules import state_full_keys
-from frugal_dist.optim.step_items import Item, apply_update, reset_buffers
+from frugal_dist.optim.step_items import Item, reset_buffers
 
 if TYPE_CHECKING:
     from frugal_dist.layouts.base import ParamView
@@ -128,12 +128,6 @@ class SubspaceKind:
     def apply(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
         """Update the item's data (or queue it in ``batches``)."""
         raise NotImplementedError
-
-    # ------------------------------------------------------------------ shared helpers
-    @staticmethod
-    def apply_state_full(it: Item, lr: float) -> None:
-        """W += -lr * U (U of the whole local tensor)."""
-        apply_update(it.view.data, it.u, -lr)
 
     def __repr__(self) -> str:
         return f"<subspace kind {self.name}>"
