@@ -35,6 +35,12 @@ Distributed (replicated parameters: DDP, plain torchrun). Options of the optimiz
   signs and decided by majority vote (needs ``state_free="signsgd"``).
 * ``seed=None`` -- rank 0 draws the seed and broadcasts it; at every refresh the ranks compare a
   fingerprint of each parameter's subspace and raise, naming the parameter, if any disagree.
+* ``process_group`` -- the optimizer is collective over it (default: the whole world): every rank
+  of it builds the optimizer and steps. The seed agreement, the first-step checks and the
+  fingerprints wait at most ``FRUGAL_DIST_PARTICIPANTS_TIMEOUT_S`` (300 s), then raise
+  ``ParticipantsError`` (``frugal_dist.comm.participants``). A replicated optimizer (no layout,
+  no ``reduce_gradients`` / ``shard_state`` / svd) with a fixed seed and
+  ``check_agreement=False`` issues no collective: it can run on one rank alone.
 
 Step options (of the optimizer, not of a group):
 
@@ -55,7 +61,8 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
     first step only [check_agreement]: all_gather of one int64 digest of the options, group
                                  hyper-parameters and parameter names/shapes (the full
                                  descriptions only when they differ, to name the field)
-    0. [nonfinite != "ignore"]   all_reduce(max) of one inf/nan flag               4 B
+    first step only [check_agreement=False, and the step communicates]: all_reduce of 4 B
+    0. [nonfinite != "ignore", layout or reduce_gradients] all_reduce(max) of one inf/nan flag  4 B
     1. [reduce_gradients, exact] all_reduce(mean) of every gradient, coalesced     4 B x params
        [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
                                  all_reduce(mean) of compact G_sf (coord: rho, proj: r x max(m,n)),
