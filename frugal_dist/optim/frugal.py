@@ -97,6 +97,7 @@ from frugal_dist.core.subspaces import (
 )
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim.frugal_step import FrugalStepMixin
+from frugal_dist.optim.layout_guard import ParamRegistry
 from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.ownership import ShardOwnershipMixin
 from frugal_dist.optim.param_groups import logical_shape
@@ -204,6 +205,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         self._layout: Any = None
         self._schedules: dict[tuple, BlockSchedule] = {}
         self._block_owners: dict[tuple, dict[int, int]] = {}
+        self._registry = ParamRegistry()  # what each group was built with (optim.layout_guard)
         super().__init__(params, defaults)
         names = [n for g in self.param_groups for n in g["names"]]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -245,6 +247,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         super().add_param_group(param_group)
         self._plan = None
         group = self.param_groups[-1]
+        self._registry.record(len(self.param_groups) - 1, group)
         if group["algorithm"] == "frugal" and group["subspace"] == "projection":
             for name, p in zip(group["names"], group["params"]):
                 if len(logical_shape(p)) < 2:  # real shape under zero.Init / FSDP1
@@ -322,6 +325,11 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         params = group["params"]
         skeleton = self._dense_views.get(id(group))
         if skeleton is None or skeleton[0] is not group or not _same_params(skeleton[1], params):
+            # no layout: refuse engine-made tensors (flat partitions, 1-D slices) loudly
+            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+            where = f"param group {gi} ({group.get('name', 'unnamed')})"
+            everything = [p for g in self.param_groups for p in g["params"]]
+            self._registry.check(gi, group, where, everything)
             entries = []
             for idx, (p, name) in enumerate(zip(params, group["names"])):
                 m, n = matrix_shape(p.shape)
