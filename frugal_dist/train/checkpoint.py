@@ -85,9 +85,12 @@ def check_compatible(manifest: dict[str, Any], cfg: TrainConfig, engine: str, pa
             "with the same settings, or use another output_dir / --resume=PATH."
         )
     if manifest["engine"] != engine and not {manifest["engine"], engine} <= set(REPLICATED):
+        fix = f"--engine={manifest['engine']}"
+        if manifest["engine"] in REPLICATED:  # replicated state: either engine, any world size
+            fix = "--engine=ddp (torchrun, any number of ranks) or --engine=single (one process)"
         raise ValueError(
             f"checkpoint {path} was written by engine={manifest['engine']!r}, this run uses "
-            f"engine={engine!r}; resume with --engine={manifest['engine']}"
+            f"engine={engine!r}; resume with {fix}"
         )
 
 
