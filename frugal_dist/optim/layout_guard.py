@@ -37,7 +37,8 @@ FIXES = (
     "frugal_dist.deepspeed.initialize(model=..., config=...) (FRUGAL from the config's "
     '"optimizer": {"type": "FRUGAL", "params": {...}} section), or after a stock '
     "deepspeed.initialize(model=..., optimizer=frugal, ...) call "
-    "frugal_dist.deepspeed.bind(engine, frugal) before the first step; FSDP1: wrap with "
+    "frugal_dist.deepspeed.bind(engine, frugal) before the first step (Hugging Face Trainer: "
+    "frugal_dist.integrations.hf_trainer.FrugalTrainer does it); FSDP1: wrap with "
     "FullyShardedDataParallel(use_orig_params=True) and build the optimizer with "
     "frugal_dist.engines.fsdp1.build_frugal(model, ...)."
 )
