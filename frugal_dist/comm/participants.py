@@ -15,7 +15,8 @@ seconds (default 300) and then raise ``ParticipantsError`` naming the fixes, ins
   one int64 (8 B): every rank contributes, so rank 0 also notices missing ranks (a broadcast's
   sender would not).
 * ``all_gather_bounded``: the first step's settings digest and the per-refresh subspace
-  fingerprints (int64 each), the svd basis hand-over at refreshes.
+  fingerprints (one int64 per parameter and rank);
+* ``broadcast_bounded``: the svd bases each owner hands over at a refresh (4 B x dim x r).
 * ``probe``: one all-reduce of one int32 (4 B) at the first step of an optimizer that will issue
   collectives but skips the agreement check (``check_agreement=False``).
 
