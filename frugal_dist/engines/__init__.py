@@ -8,6 +8,7 @@ attributes:
 
 * FSDP2: a group holding DTensors gets ``layouts.dtensor.DTensorLayout`` bound at the first step;
 * DeepSpeed ``zero.Init``: a parameter's real shape is its ``ds_shape``;
+* FSDP1 (``use_orig_params=False``): its ``FlatParameter`` packs several parameters;
 * DeepSpeed ZeRO-3: the partition of a gathered tensor is its ``ds_tensor`` (rank r holds flat
   elements [r * part, min((r + 1) * part, ds_numel))), for the RSO layers' lazy merge.
 """
@@ -40,6 +41,10 @@ def _ds_shape(p: Tensor) -> tuple[int, ...] | None:
     return tuple(shape) if shape is not None else None
 
 
+def _is_fsdp1_flat(p: Tensor) -> bool:
+    return bool(getattr(p, "_is_flat_param", False))
+
+
 def _ds_partition(t: Tensor) -> tuple[Tensor, int, int] | None:
     part = getattr(t, "ds_tensor", None)
     if part is None:
@@ -54,3 +59,4 @@ def _ds_partition(t: Tensor) -> tuple[Tensor, int, int] | None:
 engine_hooks.register_auto_layout(_holds_dtensors, _dtensor_layout)
 engine_hooks.register_shape_resolver(_ds_shape)
 engine_hooks.register_local_partition(_ds_partition)
+engine_hooks.register_flat_detector(_is_fsdp1_flat)

@@ -10,6 +10,8 @@ built-in ones when ``frugal_dist`` is imported):
   FSDP) records their real shape before the param-group rules run;
 * ``register_auto_layout(detect, factory)``: parameters ``detect(group)`` recognises (FSDP2's
   DTensors) get ``factory(optimizer)`` bound as their layout at the first step;
+* ``register_flat_detector(fn)``: ``fn(p)`` -> True for an engine's flat parameter that packs
+  several parameters (FSDP1's ``FlatParameter``), refused without a layout (``layout_guard``);
 * ``register_local_partition(fn)``: ``fn(t)`` -> (this rank's partition of a gathered tensor,
   its flat start, its element count), or None (ZeRO-3 ``ds_tensor``): the RSO layers' lazy merge
   updates it alongside the gathered tensor.
@@ -30,6 +32,7 @@ _shape_resolvers: list[ShapeResolver] = []
 _recorded_shapes: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _auto_layouts: list[tuple[Callable[[dict[str, Any]], bool], Callable[[Any], Any]]] = []
 _partition_resolvers: list[PartitionResolver] = []
+_flat_detectors: list[Callable[[Tensor], bool]] = []
 
 
 def _add(registry: list, entry: Any) -> None:
@@ -46,9 +49,9 @@ def record_logical_shape(p: Tensor, shape: tuple[int, ...]) -> None:
     _recorded_shapes[p] = tuple(int(d) for d in shape)
 
 
-def logical_shape(p: Tensor) -> tuple[int, ...]:
-    """The parameter's real shape: recorded by an adapter, resolved by a registered resolver,
-    else ``p.shape``."""
+def engine_shape(p: Tensor) -> tuple[int, ...] | None:
+    """The real shape an adapter recorded or a resolver knows for ``p``, or None (then its
+    tensor's shape is its shape)."""
     shape = _recorded_shapes.get(p)
     if shape is not None:
         return shape
@@ -56,7 +59,22 @@ def logical_shape(p: Tensor) -> tuple[int, ...]:
         found = fn(p)
         if found:
             return tuple(found)
-    return tuple(p.shape)
+    return None
+
+
+def logical_shape(p: Tensor) -> tuple[int, ...]:
+    """The parameter's real shape: ``engine_shape(p)``, else ``p.shape``."""
+    shape = engine_shape(p)
+    return shape if shape is not None else tuple(p.shape)
+
+
+def register_flat_detector(fn: Callable[[Tensor], bool]) -> None:
+    _add(_flat_detectors, fn)
+
+
+def is_engine_flat(p: Tensor) -> bool:
+    """``p`` is an engine's flat parameter packing several parameters."""
+    return any(fn(p) for fn in _flat_detectors)
 
 
 def register_auto_layout(

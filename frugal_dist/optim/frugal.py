@@ -36,6 +36,12 @@ Distributed (replicated parameters: DDP, plain torchrun). Options of the optimiz
   signs and decided by majority vote (needs ``state_free="signsgd"``).
 * ``seed=None`` -- rank 0 draws the seed and broadcasts it; at every refresh the ranks compare a
   fingerprint of each parameter's subspace and raise, naming the parameter, if any disagree.
+* ``process_group`` -- the optimizer is collective over it (default: the whole world): every rank
+  of it builds the optimizer and steps. The seed agreement, the first-step checks and the
+  fingerprints wait at most ``FRUGAL_DIST_PARTICIPANTS_TIMEOUT_S`` (300 s), then raise
+  ``ParticipantsError`` (``frugal_dist.comm.participants``). A replicated optimizer (no layout,
+  no ``reduce_gradients`` / ``shard_state`` / svd) with a fixed seed and
+  ``check_agreement=False`` issues no collective: it can run on one rank alone.
 
 Step options (of the optimizer, not of a group):
 
@@ -57,7 +63,8 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
     first step only [check_agreement]: all_gather of one int64 digest of the options, group
                                  hyper-parameters and parameter names/shapes (the full
                                  descriptions only when they differ, to name the field)
-    0. [nonfinite != "ignore"]   all_reduce(max) of one inf/nan flag               4 B
+    first step only [check_agreement=False, and the step communicates]: all_reduce of 4 B
+    0. [nonfinite != "ignore", layout or reduce_gradients] all_reduce(max) of one inf/nan flag  4 B
     1. [reduce_gradients, exact] all_reduce(mean) of every gradient, coalesced     4 B x params
        [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
                                  all_reduce(mean) of compact G_sf (coord: rho, proj: r x max(m,n)),
@@ -84,6 +91,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from frugal_dist.comm.collectives import agree_on_seed, rank_and_world
+from frugal_dist.comm.participants import probe
 from frugal_dist.comm.preflight import check_optimizer_agreement
 from frugal_dist.comm.stats import CommStats
 from frugal_dist.core.fragments import RowSpan
@@ -92,6 +100,7 @@ from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim import ownership, phases
 from frugal_dist.optim.engine_hooks import auto_layout, logical_shape
 from frugal_dist.optim.kinds import kind_for
+from frugal_dist.optim.layout_guard import ParamRegistry
 from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.param_groups import check_orientation
 from frugal_dist.optim.step_cache import StepCache
@@ -192,6 +201,7 @@ class FRUGAL(Optimizer):
         self.comm = CommStats()
         self._cache = StepCache()
         self._layout: Any = None
+        self._registry = ParamRegistry()  # what each group was built with (optim.layout_guard)
         super().__init__(params, defaults)
         names = [n for g in self.param_groups for n in g["names"]]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -232,6 +242,7 @@ class FRUGAL(Optimizer):
         param_group["names"] = names
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        self._registry.record(len(self.param_groups) - 1, group)
         check_orientation(group, where)
         if group["algorithm"] == "frugal" and group["subspace"] == "projection":
             for name, p in zip(group["names"], group["params"]):
@@ -280,10 +291,33 @@ class FRUGAL(Optimizer):
     def _check_agreement_once(self, ctx: phases.StepContext) -> None:
         """Once (and after a new group / layout / loaded state): every rank compares the
         options, group hyper-parameters and parameter names (+ shapes) -- one int64 all-gather
-        when they agree; a mismatch raises on every rank naming the field."""
-        if ctx.world > 1 and self.check_agreement and not self._cache.agreed:
+        when they agree; a mismatch raises on every rank naming the field. Without that check,
+        an optimizer that will issue collectives probes (4 B) that every rank of its group is
+        here. Both bounded in time (``comm.participants``)."""
+        if ctx.world == 1 or self._cache.agreed:
+            return
+        if self.check_agreement:
             check_optimizer_agreement(self, self._pg, shape_of=logical_shape)
-            self._cache.agreed = True
+        elif self._issues_collectives():
+            probe(self._pg, "first step (check_agreement=False)")
+        self._cache.agreed = True
+
+    def _issues_collectives(self) -> bool:
+        """Whether steps communicate at world size > 1 beyond the agreement checks: a layout,
+        FRUGAL's own reduction or state sharding, or a kind handing data over between ranks
+        (svd bases computed by their owner)."""
+        return (
+            self._layout is not None
+            or self.reduce_gradients
+            or self.shard_state
+            or any(kind_for(g).hands_over(g) for g in self.param_groups)
+        )
+
+    def release_unowned_state(self) -> int:
+        """Drop the state-full buffers this rank does not own under ``shard_state`` at the
+        current world size (after loading a merged, world-size-free state dict); returns the
+        number of parameters pruned (``optim.ownership.release_unowned_state``)."""
+        return ownership.release_unowned_state(self._context(), self.state)
 
     def mark_agreed(self) -> None:
         """Treat the first-step agreement check as done (a caller that compared the settings
@@ -320,6 +354,11 @@ class FRUGAL(Optimizer):
         params = group["params"]
         skeleton = self._cache.dense_views.get(id(group))
         if skeleton is None or skeleton[0] is not group or not _same_params(skeleton[1], params):
+            # no layout: refuse engine-made tensors (flat partitions, 1-D slices) loudly
+            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+            where = f"param group {gi} ({group.get('name', 'unnamed')})"
+            everything = [p for g in self.param_groups for p in g["params"]]
+            self._registry.check(gi, group, where, everything)
             entries = []
             for idx, (p, name) in enumerate(zip(params, group["names"])):
                 m, n = matrix_shape(p.shape)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from frugal_dist.optim.sharding import ShardPlan, assign_owners
+from frugal_dist.optim.step_items import drop_buffers
 
 if TYPE_CHECKING:
     from frugal_dist.optim.phases import StepContext
@@ -66,6 +67,31 @@ def block_owner(ctx: StepContext, group: dict[str, Any], idx: int, k: int) -> in
         owners.clear()
         owners[key] = {int(i): r for i, r in plan.owner.items()}
     return owners[key].get(idx, ctx.rank)
+
+
+def release_unowned_state(ctx: StepContext, state: Any) -> int:
+    """Drop the state-full buffers (and ``sf_step``) this rank does not own under
+    ``shard_state`` at the current world size; keep every ``step`` counter (and svd bases,
+    which every rank holds). For state loaded from a merged, world-size-free state dict
+    (``frugal_dist.train.checkpoint_engines``). Returns the number of parameters pruned; a
+    no-op without ``shard_state`` or at world size 1."""
+    from frugal_dist.optim.kinds import kind_for
+
+    if not ctx.sharded:
+        return 0
+    pruned = 0
+    for group in ctx.param_groups:
+        kind = kind_for(group)
+        for idx, (p, name) in enumerate(zip(group["params"], group["names"])):
+            st = state.get(p)
+            if not st or "sf_step" not in st:
+                continue
+            done = int(st["step"].item()) if "step" in st else 0
+            k = max(done - 1, 0) // group["update_gap"]  # the refresh of its last step
+            if kind.owner(ctx, group, idx, name, k) != ctx.rank:
+                drop_buffers(st, kind.rule(group))
+                pruned += 1
+    return pruned
 
 
 def shard_report(ctx: StepContext) -> dict[str, Any]:

@@ -105,10 +105,15 @@ def gradients_finite(
     ctx: StepContext, views: list[tuple[dict, list[ParamView]]], mode: str
 ) -> bool:
     """One fused inf/nan check of every local gradient (``optim.nonfinite``); False: skip this
-    step (nothing touched). ``mode="raise"`` raises ``FloatingPointError`` instead."""
+    step (nothing touched). ``mode="raise"`` raises ``FloatingPointError`` instead.
+
+    Replicated gradients (DDP-reduced, or one rank alone) are equal on every rank: the local
+    answer is every rank's, with no collective. Fragments (a layout) and gradients FRUGAL
+    reduces itself differ per rank: the flag is all-reduced over the group (4 B)."""
     names = [v.name for _, vs in views for v in vs]
     grads = [v.grad for _, vs in views for v in vs]
-    ok, first = grads_are_finite(names, grads, ctx.pg, ctx.world)
+    per_rank = ctx.layout is not None or ctx.reduce_gradients
+    ok, first = grads_are_finite(names, grads, ctx.pg, ctx.world if per_rank else 1)
     if ok:
         return True
     if mode == "raise":
@@ -138,7 +143,7 @@ def _plan_group(ctx: StepContext, group: dict[str, Any], views: list[ParamView])
     bumped: list[Item] = []  # items whose sf_step this step increments
     for view, s in zip(live, _advance_steps([view.state for view in live])):
         k, refresh = s // gap, s % gap == 0
-        owner = kind.owner(ctx, group, view, k)
+        owner = kind.owner(ctx, group, view.index, view.name, k)
         active = kind.is_active(ctx, group, view, k)
         # State-free-only tensors need no float32 copy of a 16-bit gradient (sign and the
         # promoted add give the same result), unless FRUGAL reduces the gradients itself.

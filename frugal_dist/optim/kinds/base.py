@@ -71,11 +71,12 @@ class SubspaceKind:
         return None
 
     # ------------------------------------------------------------------ plan
-    def owner(self, ctx: StepContext, group: dict[str, Any], view: ParamView, k: int) -> int:
-        """Rank that keeps this parameter's state-full buffers and computes U."""
+    def owner(self, ctx: StepContext, group: dict[str, Any], index: int, name: str, k: int) -> int:
+        """Rank that keeps the state-full buffers of parameter ``index`` (``name``) of ``group``
+        during refresh ``k`` and computes its U."""
         from frugal_dist.optim.ownership import state_owner
 
-        return state_owner(ctx, view.name)
+        return state_owner(ctx, name)
 
     def is_active(self, ctx: StepContext, group: dict[str, Any], view: ParamView, k: int) -> bool:
         """Whether the parameter has a state-full part during refresh ``k``."""
@@ -88,6 +89,11 @@ class SubspaceKind:
     def lr_scale(self, group: dict[str, Any]) -> float:
         """Factor of lr for the state-full update (``proj_params_lr_scale`` for split params)."""
         return group["proj_params_lr_scale"]
+
+    def hands_over(self, group: dict[str, Any]) -> bool:
+        """Steps of this group send data between ranks even for replicated parameters without
+        ``reduce_gradients`` / ``shard_state`` (svd bases from their owner)."""
+        return False
 
     def prepare(self, it: Item, ctx: StepContext) -> None:
         """Plan-phase work after the item exists: selections, resets of the state buffers."""

@@ -33,10 +33,10 @@ class Block(SubspaceKind):
     def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
         return math.prod(shape)  # while active (the sharding weight of a block tensor)
 
-    def owner(self, ctx: StepContext, group: dict[str, Any], view: ParamView, k: int) -> int:
+    def owner(self, ctx: StepContext, group: dict[str, Any], index: int, name: str, k: int) -> int:
         from frugal_dist.optim.ownership import block_owner
 
-        return block_owner(ctx, group, view.index, k)
+        return block_owner(ctx, group, index, k)
 
     def is_active(self, ctx: StepContext, group: dict[str, Any], view: ParamView, k: int) -> bool:
         return view.index in schedule(ctx, group).active(k)

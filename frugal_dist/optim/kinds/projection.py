@@ -66,6 +66,9 @@ class Projection(SubspaceKind):
             return "replicated"
         return "right"
 
+    def hands_over(self, group: dict[str, Any]) -> bool:
+        return group["proj_type"] == "svd"
+
     def prepare(self, it: Item, ctx: StepContext) -> None:
         view, group = it.view, it.group
         it.g = local_matrix(view, it.g)
@@ -158,7 +161,8 @@ def svd_refresh(pending: list[Item], ctx: StepContext) -> None:
     Owners balance m*n over the ranks (``assign_owners``). Communication (world > 1):
     fragments (a bound layout): one coalesced ``reduce`` per (owner, dtype) of the zero-padded
     full gradients it owns, 4 B x m x n each (``svd_gather``); then one ``broadcast`` per owner
-    of its bases, 4 B x dim x r each (``basis_broadcast``). Every rank then stores the basis as
+    of its bases, 4 B x dim x r each (``basis_broadcast``; bounded in time,
+    ``comm.participants``). Every rank then stores the basis as
     ``proj_basis`` and selects with it. Plug point for a batched / randomized refresh kernel:
     the loop computing ``basis`` below.
     """
@@ -202,7 +206,7 @@ def svd_refresh(pending: list[Item], ctx: StepContext) -> None:
             basis = torch.empty(dim, r, device=it.g.device)
         per_rank[owner].append(basis)
         it.st["proj_basis"] = basis
-    broadcast_from_owners(per_rank, ctx.pg, ctx.comm, "basis_broadcast")
+    broadcast_from_owners(per_rank, ctx.pg, ctx.comm, "basis_broadcast", bounded=True)
     for it in pending:
         side = resolve_side(it.group["proj_side"], matrix_shape(it.view.shape))
         it.gsel = ProjectionSelection(side, it.st["proj_basis"])
