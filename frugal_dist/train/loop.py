@@ -137,9 +137,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                    wrapped=wrapped)  # fmt: skip
     progress = Progress(out_dir, rank, start.step, cfg.max_steps)
     if rank == 0:
-        n_params = sum(
-            int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in model.parameters()
-        )
+        from frugal_dist.optim.engine_hooks import logical_shape  # zero.Init: the real shape
+
+        n_params = sum(int(torch.Size(logical_shape(p)).numel()) for p in model.parameters())
         print(
             f"[frugal_dist] model={cfg.model} ({n_params / 1e6:.2f}M params) engine={engine} "
             f"world={world} optimizer={name} {opt_cfg} tokens/step="
