@@ -9,14 +9,17 @@ precision in ``--precisions`` and every candidate (BM, BN, BK, warps, stages): t
 CUDA events (median of ``--reps``). Each candidate is first checked on one matrix of each group
 against the float64 oracle (relative error of the smooth part, fraction of sign flips). Prints
 per-candidate totals over the model and the floors (12 bytes per entry at the measured copy
-bandwidth; 4 m n r flops at the bf16 / tf32 dense rate). The chosen rows feed ``APPLY_TILES`` /
-``DOWN_TILES``. Writes ``--out`` (JSON) and a markdown table beside it. Without CUDA: exits 0.
+bandwidth; 4 m n r flops for the apply). ``--write-tiles PATH`` writes the fastest candidate
+per kernel and precision (and whether the Triton or the ``bmm`` down product is faster) in the
+format of ``frugal_dist/kernels/projection_tiles.json``, rewritten after every candidate. Writes
+``--out`` (JSON) and a markdown table beside it. Without CUDA: exits 0.
 """
 
 # ruff: noqa: B023 -- every timed lambda runs inside the loop iteration that defines it
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -33,17 +36,13 @@ from frugal_dist.kernels.refresh import random_bases  # noqa: E402
 from frugal_dist.train.model import LLAMA_CONFIGS  # noqa: E402
 
 APPLY = {
-    "bf16": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
-             (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 256, 64, 8, 3)],
-    "tf32": [(128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 3),
-             (64, 128, 32, 4, 3), (64, 256, 32, 8, 3), (128, 64, 32, 8, 4)],
-}  # fmt: skip
+    "bf16": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4)],
+    "tf32": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 16, 8, 4)],
+}
 DOWN = {
-    "bf16": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3),
-             (128, 128, 64, 4, 4), (64, 512, 64, 8, 3)],
-    "tf32": [(128, 128, 32, 8, 3), (128, 256, 32, 8, 3), (64, 256, 32, 8, 3),
-             (128, 64, 32, 4, 4), (64, 512, 32, 8, 2)],
-}  # fmt: skip
+    "bf16": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3)],
+    "tf32": [(128, 128, 32, 8, 3), (128, 256, 32, 8, 3), (64, 256, 32, 4, 3)],
+}
 LR, WD = 1e-3, 0.01
 
 
@@ -127,6 +126,31 @@ def check_down(grp, precision, tile) -> float:
     return ((out[0].double() - ref).norm() / ref.norm()).item()
 
 
+def write_tiles(path: str, res: dict[str, Any]) -> None:
+    """The fastest measured tile per (kernel, precision); ``down_backend``: triton or bmm."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in res["rows"]:
+        if "ms" not in row or row["kind"] not in ("apply", "down"):
+            continue
+        key = (row["kind"], row["precision"])
+        if key not in best or row["ms"] < best[key]["ms"]:
+            best[key] = row
+    out: dict[str, Any] = {"measured": {"command": res["provenance"].get("command"),
+                                        "date_utc": res["provenance"].get("date_utc"),
+                                        "gpu": res["provenance"]["hardware"].get("gpu_name")},
+                           "apply": {}, "down": {}, "down_backend": {}, "ms": {}}  # fmt: skip
+    for (kind, prec), row in sorted(best.items()):
+        out[kind][prec] = row["tile"]
+        out["ms"][f"{kind}.{prec}"] = round(row["ms"], 3)
+    for row in res["rows"]:
+        if row["kind"] == "bmm apply+down" and ("down", row["precision"]) in best:
+            bmm = sum(x["down_ms"] for x in row["groups"])
+            out["ms"][f"down.{row['precision']}.bmm"] = round(bmm, 3)
+            faster = best[("down", row["precision"])]["ms"] < bmm
+            out["down_backend"][row["precision"]] = "triton" if faster else "bmm"
+    Path(path).write_text(json.dumps(out, indent=1) + "\n")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="1b", choices=sorted(LLAMA_CONFIGS))
@@ -134,6 +158,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--precisions", default="bf16,tf32")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/kernels_projection_tiles.json"))
+    ap.add_argument("--write-tiles", default=None, help="projection_tiles.json to (re)write")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels_projection_tiles: no CUDA device; nothing measured")

@@ -22,7 +22,8 @@ Backends (``backend``):
 * ``triton`` -- each phase as one batched Triton launch per shape group
                (``kernels.projection_triton``): the apply fuses both up-products and the update
                (reads G and W, writes W, no temporaries); the down product reads G in its own
-               dtype (no stacked copy). Needs triton (CUDA, or TRITON_INTERPRET=1).
+               dtype (no stacked copy), or runs as ``bmm`` where that measured faster
+               (``projection_triton.DOWN_BACKEND``). Needs triton (CUDA, or TRITON_INTERPRET=1).
 * ``auto``  -- ``bmm`` on CUDA, ``torch`` elsewhere.
 
 Precision of the projection GEMMs (``precision``):
@@ -209,7 +210,9 @@ def project_down(
     out = torch.empty((B, m, r) if side == "right" else (B, r, n), device=dev, dtype=torch.float32)
     how = resolve_backend(backend, dev)
     if how == "triton":
-        return _triton_module(dev).fused_down(grads, Pc, side, out, precision=precision)
+        kern = _triton_module(dev)
+        if kern.down_on_triton(precision, dev):
+            return kern.fused_down(grads, Pc, side, out, precision=precision)
     with matmul_precision(precision):
         if how == "torch":
             for b in range(B):

@@ -20,17 +20,20 @@ Both kernels read W and G through a table of B device addresses (the matrices ar
 tensors), the bases and compact operands as stacked (B, ., .) tensors. Precision: ``fp32`` ->
 ``tl.dot`` ieee, ``tf32`` -> tf32 on float32 operands, ``bf16`` -> bfloat16 operands (the caller
 passes P, X, U as bfloat16; float32 accumulate; W, G and the epilogue stay float32). Tile sizes
-come from a fixed table measured on an H200 (``benchmarks/kernels_projection_tiles.py``), not
-from run-time autotuning, so every rank runs the same arithmetic (same result on any world size).
+come from a fixed table (``TILES``, measured on an H200 by
+``benchmarks/kernels_projection_tiles.py``), not from run-time autotuning, so every rank runs the
+same arithmetic (same result on any world size).
 
 Needs triton (a CUDA device, or ``TRITON_INTERPRET=1`` on the CPU for tests).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import triton
@@ -41,18 +44,43 @@ RULE_CODES = {"signsgd": 0, "sgd": 1, "none": 2}
 _INPUT_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
 _ELEM = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
-# (BM, BN, BK, num_warps, num_stages) by precision; measured on an H200 at LLaMA-1B shapes
-# (r = 512) by benchmarks/kernels_projection_tiles.py (results in benchmarks/results/).
-APPLY_TILES = {
-    "bf16": (128, 128, 64, 8, 3),
-    "tf32": (128, 128, 32, 8, 3),
-    "fp32": (64, 64, 32, 4, 2),
-}
-DOWN_TILES = {
-    "bf16": (128, 128, 64, 8, 3),
-    "tf32": (128, 128, 32, 8, 3),
-    "fp32": (64, 64, 32, 4, 2),
-}
+# (BM, BN, BK, num_warps, num_stages) by kernel and precision. Built-in defaults, overridden by
+# projection_tiles.json beside this file: the best candidates of a sweep on an H200 at LLaMA-1B
+# shapes (r = 512), written by benchmarks/kernels_projection_tiles.py --write-tiles. Its
+# ``down_backend`` names, per precision, the faster down product there (``triton`` or ``bmm``).
+TILES_FILE = Path(__file__).with_name("projection_tiles.json")
+_DEFAULT_TILES = {
+    "apply": {"bf16": (128, 128, 64, 8, 3), "tf32": (128, 128, 32, 8, 3),
+              "fp32": (64, 64, 32, 4, 2)},
+    "down": {"bf16": (128, 128, 64, 8, 3), "tf32": (128, 128, 32, 8, 3),
+             "fp32": (64, 64, 32, 4, 2)},
+}  # fmt: skip
+Tile = tuple[int, int, int, int, int]
+
+
+def load_tiles(path: Path = TILES_FILE) -> tuple[dict[str, dict[str, Tile]], dict[str, str]]:
+    """(tiles by kernel and precision, down backend by precision): the defaults above updated
+    from ``path`` when it exists."""
+    tiles = {k: dict(v) for k, v in _DEFAULT_TILES.items()}
+    down_backend = {p: "triton" for p in _INPUT_PRECISION}
+    if path.exists():
+        data = json.loads(path.read_text())
+        for kind in tiles:
+            for prec, t in data.get(kind, {}).items():
+                if (prec not in _INPUT_PRECISION or len(t) != 5
+                        or not all(isinstance(x, int) and x > 0 for x in t)):  # fmt: skip
+                    raise ValueError(f"{path}: {kind}.{prec} must be five positive ints (BM, "
+                                     f"BN, BK, warps, stages), got {t!r}")  # fmt: skip
+                tiles[kind][prec] = tuple(t)
+        for prec, how in data.get("down_backend", {}).items():
+            if prec not in _INPUT_PRECISION or how not in ("triton", "bmm"):
+                raise ValueError(f"{path}: down_backend.{prec} must be 'triton' or 'bmm', got "
+                                 f"{how!r}")  # fmt: skip
+            down_backend[prec] = how
+    return tiles, down_backend
+
+
+TILES, DOWN_BACKEND = load_tiles()
 _INTERPRET_TILE = (32, 32, 16, 4, 1)
 
 
@@ -211,14 +239,20 @@ def uniform_strides(mats: Sequence[Tensor], m: int, n: int) -> list[Tensor]:
     return [v.to(dt).contiguous() for v in views]
 
 
-def _tile(table: dict, precision: str, device: torch.device) -> tuple[int, int, int, int, int]:
-    return table[precision] if device.type == "cuda" else _INTERPRET_TILE
+def _tile(kind: str, precision: str, device: torch.device) -> Tile:
+    return TILES[kind][precision] if device.type == "cuda" else _INTERPRET_TILE
+
+
+def down_on_triton(precision: str, device: torch.device) -> bool:
+    """Whether ``project_down``'s ``triton`` backend runs ``fused_down`` (else ``bmm``): always
+    under the interpreter, on CUDA as ``DOWN_BACKEND`` says."""
+    return device.type != "cuda" or DOWN_BACKEND[precision] == "triton"
 
 
 def fused_apply(
     W: Sequence[Tensor], G: Sequence[Tensor], P: Tensor, X: Tensor, U: Tensor, side: str, *,
     decay: float, c_u: float, c_f: float, rule: str, precision: str,
-    tile: tuple[int, int, int, int, int] | None = None,
+    tile: Tile | None = None,
 ) -> None:  # fmt: skip
     """W_b <- W_b decay + c_u up(U_b) + c_f F(G_b - up(X_b)) in place for B matrices (module doc).
     ``W``: contiguous float32 (m, n) tensors; ``G``: (m, n)-viewable float32 / bfloat16 / float16;
@@ -229,7 +263,7 @@ def fused_apply(
     m, n = W[0].shape
     r = P.shape[-1]
     Gv = uniform_strides(G, m, n)
-    bm, bn, bk, warps, stages = tile or _tile(APPLY_TILES, precision, W[0].device)
+    bm, bn, bk, warps, stages = tile or _tile("apply", precision, W[0].device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), B)
     _apply_kernel[grid](
         address_table(W), address_table(Gv), P, X, U, m, n,
@@ -244,7 +278,7 @@ def fused_apply(
 
 def fused_down(
     G: Sequence[Tensor], P: Tensor, side: str, out: Tensor, *, precision: str,
-    tile: tuple[int, int, int, int, int] | None = None,
+    tile: Tile | None = None,
 ) -> Tensor:  # fmt: skip
     """out_b = G_b P_b (right, out (B, m, r)) or P_b^T G_b (left, out (B, r, n)), float32, for
     B (m, n)-viewable gradients; ``P`` (B, dim, r) float32, or bfloat16 for ``bf16`` (G's tiles
@@ -259,7 +293,7 @@ def fused_down(
         M, K, s_ga, s_gc, s_oa, s_ok = m, n, s_gm, s_gn, out.stride(1), out.stride(2)
     else:  # a = column j, c = row i; out (r, n) written transposed
         M, K, s_ga, s_gc, s_oa, s_ok = n, m, s_gn, s_gm, out.stride(2), out.stride(1)
-    bm, bn, bk, warps, stages = tile or _tile(DOWN_TILES, precision, out.device)
+    bm, bn, bk, warps, stages = tile or _tile("down", precision, out.device)
     grid = (triton.cdiv(M, bm) * triton.cdiv(r, bn), B)
     _down_kernel[grid](
         address_table(Gv), P, out, M,

@@ -247,8 +247,8 @@ def test_energy_metrics():
 def _triton_or_skip():
     import os
 
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    if os.environ.get("TRITON_INTERPRET") != "1":  # these tests use CPU tensors
+        pytest.skip("the triton backend on CPU tensors needs TRITON_INTERPRET=1 (CUDA: tests/gpu)")
     pytest.importorskip("triton")
 
 
