@@ -159,7 +159,14 @@ def main(argv=None) -> None:
     ap.add_argument("--precisions", default="bf16,tf32")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/kernels_projection_tiles.json"))
     ap.add_argument("--write-tiles", default=None, help="projection_tiles.json to (re)write")
+    ap.add_argument("--from-json", default=None,
+                    help="no measuring: --write-tiles from a sweep's --out JSON")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.from_json:
+        if not args.write_tiles:
+            raise SystemExit("--from-json needs --write-tiles PATH")
+        write_tiles(args.write_tiles, json.loads(Path(args.from_json).read_text()))
+        return
     if not torch.cuda.is_available():
         print("kernels_projection_tiles: no CUDA device; nothing measured")
         return
@@ -226,6 +233,8 @@ def main(argv=None) -> None:
                 except Exception as exc:  # a tile that does not compile (shared memory) is skipped
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 res["rows"].append(row)
+                if args.write_tiles:
+                    write_tiles(args.write_tiles, res)
                 print(
                     kind,
                     precision,

@@ -338,3 +338,22 @@ def test_apply_takes_bf16_and_strided_gradients(backend, grads_kind):
     for b in range(2):
         _, w_ref = reference_projection_step(W[b], G[b].float(), P[b], U[b], "right", **HP)
         torch.testing.assert_close(W2[b].double(), w_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_tiles_file_overrides_defaults_and_rejects_bad_entries(tmp_path):
+    """kernels/projection_tiles.json (the measured tile table): entries override the built-in
+    defaults per kernel and precision; a malformed entry is an error naming it."""
+    pt = pytest.importorskip("frugal_dist.kernels.projection_triton")
+    f = tmp_path / "tiles.json"
+    f.write_text('{"apply": {"bf16": [64, 32, 16, 4, 2]}, "down_backend": {"tf32": "bmm"}}')
+    tiles, down = pt.load_tiles(f)
+    assert tiles["apply"]["bf16"] == (64, 32, 16, 4, 2)
+    assert tiles["apply"]["tf32"] == pt._DEFAULT_TILES["apply"]["tf32"]
+    assert down == {"fp32": "triton", "tf32": "bmm", "bf16": "triton"}
+    f.write_text('{"down": {"tf32": [64, 32, 16]}}')
+    with pytest.raises(ValueError, match="down.tf32"):
+        pt.load_tiles(f)
+    f.write_text('{"down_backend": {"bf16": "cublas"}}')
+    with pytest.raises(ValueError, match="down_backend.bf16"):
+        pt.load_tiles(f)
+    assert pt.load_tiles(tmp_path / "absent.json")[0] == pt._DEFAULT_TILES
