@@ -18,6 +18,7 @@ plus, outside the step: expected_state_bytes() (shard_state's ownership weights)
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from frugal_dist.optim.phases import ApplyBatches, StepContext
 
 
-class SubspaceKind:
+class SubspaceKind(ABC):
     """Base of the subspace kinds (see the module docstring for when each method runs)."""
 
     name = "?"
@@ -45,9 +46,9 @@ class SubspaceKind:
         """The state-free rule applied where the state-full part does not reach."""
         return group["state_free"]
 
+    @abstractmethod
     def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
         """Entries of the state-full subspace of a parameter of ``shape`` (0: no state)."""
-        raise NotImplementedError
 
     def expected_state_bytes(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
         """Float32 state-full bytes (#buffers of the rule x 4 B x state_numel)."""
@@ -96,7 +97,9 @@ class SubspaceKind:
         return False
 
     def prepare(self, it: Item, ctx: StepContext) -> None:
-        """Plan-phase work after the item exists: selections, resets of the state buffers."""
+        """Plan-phase work after the item exists: selections, resets of the state buffers.
+        Default: none (nothing to select)."""
+        return
 
     def reset_at_refresh(self, it: Item, ctx: StepContext) -> None:
         """At a refresh, the owner starts the compact buffers afresh (``reset_statistics``, or
@@ -114,7 +117,8 @@ class SubspaceKind:
 
     # ------------------------------------------------------------------ select / down
     def select(self, its: list[Item], ctx: StepContext) -> None:
-        """Selections that need the (reduced) gradient: the svd refresh."""
+        """Selections that need the (reduced) gradient: the svd refresh. Default: none."""
+        return
 
     def fingerprint(self, it: Item) -> int | None:
         """An int64 digest of the item's subspace at a refresh (None: nothing to compare)."""
@@ -127,13 +131,13 @@ class SubspaceKind:
                 it.g_sf = it.g
 
     # ------------------------------------------------------------------ apply
+    @abstractmethod
     def free_direction(self, it: Item) -> Tensor | None:
         """F(R) of one item (a new full-size tensor, or None for ``none``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def apply(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
         """Update the item's data (or queue it in ``batches``)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<subspace kind {self.name}>"
