@@ -78,6 +78,8 @@ class StepContext:
     check_agreement: bool
     fused: bool | None
     proj_qr_device: str
+    by_kind: dict[SubspaceKind, list[Item]] = field(default_factory=dict)  # filled by ``plan``
+    memo: dict[Any, Any] = field(default_factory=dict)  # per-step lookups (block active sets)
 
     @property
     def sharded(self) -> bool:
@@ -127,30 +129,36 @@ def gradients_finite(
 
 # ---------------------------------------------------------------------------------------- plan
 def plan(ctx: StepContext, views: list[tuple[dict, list[ParamView]]]) -> list[Item]:
-    """One ``Item`` per parameter with a gradient, in group order."""
+    """One ``Item`` per parameter with a gradient, in group order (also listed by kind in
+    ``ctx.by_kind``, kinds in order of first appearance: the same on every rank)."""
     items: list[Item] = []
     for group, group_views in views:
-        items.extend(_plan_group(ctx, group, group_views))
+        its = _plan_group(ctx, group, group_views)
+        if its:
+            ctx.by_kind.setdefault(its[0].kind, []).extend(its)
+        items.extend(its)
     return items
 
 
 def _plan_group(ctx: StepContext, group: dict[str, Any], views: list[ParamView]) -> list[Item]:
     kind = kind_for(group)
     gap = group["update_gap"]
-    fused_ok = not ctx.sharded and kind.fused_candidate(group)
+    sharded, rank = ctx.sharded, ctx.rank
+    fused_ok = not sharded and kind.fused_candidate(group)
+    keep_dtype = not ctx.reduced_here
     live = [view for view in views if view.grad is not None]
     out: list[Item] = []
     bumped: list[Item] = []  # items whose sf_step this step increments
     for view, s in zip(live, _advance_steps([view.state for view in live])):
         k, refresh = s // gap, s % gap == 0
-        owner = kind.owner(ctx, group, view.index, view.name, k)
+        owner = kind.owner(ctx, group, view.index, view.name, k) if sharded else rank
         active = kind.is_active(ctx, group, view, k)
         # State-free-only tensors need no float32 copy of a 16-bit gradient (sign and the
         # promoted add give the same result), unless FRUGAL reduces the gradients itself.
-        g = view.grad if (not active and not ctx.reduced_here) else view.grad.float()
+        g = view.grad if (not active and keep_dtype) else view.grad.float()
         it = Item(view, group, kind, refresh, k, active, owner, g)
         kind.prepare(it, ctx)
-        if active and owner == ctx.rank:
+        if active and owner == rank:
             bumped.append(it)
             it.fused = fused_ok and _fused_for(ctx, view)
         out.append(it)
@@ -213,7 +221,7 @@ def reduce(ctx: StepContext, items: list[Item]) -> None:
 # ---------------------------------------------------------------------------------------- select
 def select(ctx: StepContext, items: list[Item]) -> None:
     """Selections that need the reduced gradient (svd), then the refresh fingerprint check."""
-    for kind, its in _by_kind(items).items():
+    for kind, its in ctx.by_kind.items():
         kind.select(its, ctx)
     if ctx.world > 1 and ctx.check_agreement:
         names: list[str] = []
@@ -229,7 +237,7 @@ def select(ctx: StepContext, items: list[Item]) -> None:
 # ---------------------------------------------------------------------------------------- down
 def down(ctx: StepContext, items: list[Item]) -> None:
     """G_sf = down(G) for every active item (kind by kind; fragments summed over ranks)."""
-    for kind, its in _by_kind(items).items():
+    for kind, its in ctx.by_kind.items():
         kind.down([it for it in its if it.active], ctx)
 
 
@@ -296,11 +304,3 @@ def apply(ctx: StepContext, items: list[Item]) -> None:
             apply_coordinate_batch(batches.coords, lr, s_p, s_i)
         if batches.projs:
             apply_projection_batch(batches.projs, lr, s_p, s_i)
-
-
-def _by_kind(items: list[Item]) -> dict[SubspaceKind, list[Item]]:
-    """Items grouped by kind, kinds in order of first appearance (the same on every rank)."""
-    out: dict[SubspaceKind, list[Item]] = {}
-    for it in items:
-        out.setdefault(it.kind, []).append(it)
-    return out

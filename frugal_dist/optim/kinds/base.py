@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from frugal_dist.core.rules import state_full_keys
+from frugal_dist.optim.ownership import state_owner
 from frugal_dist.optim.step_items import Item, reset_buffers
 
 if TYPE_CHECKING:
@@ -74,9 +75,8 @@ class SubspaceKind(ABC):
     # ------------------------------------------------------------------ plan
     def owner(self, ctx: StepContext, group: dict[str, Any], index: int, name: str, k: int) -> int:
         """Rank that keeps the state-full buffers of parameter ``index`` (``name``) of ``group``
-        during refresh ``k`` and computes its U."""
-        from frugal_dist.optim.ownership import state_owner
-
+        during refresh ``k`` and computes its U (asked only under ``shard_state``: otherwise
+        every rank owns everything)."""
         return state_owner(ctx, name)
 
     def is_active(self, ctx: StepContext, group: dict[str, Any], view: ParamView, k: int) -> bool:

@@ -20,6 +20,7 @@ from frugal_dist.core.seeding import block_seed
 from frugal_dist.core.subspaces import BlockSchedule
 from frugal_dist.optim.fast_apply import can_batch
 from frugal_dist.optim.kinds.base import SubspaceKind
+from frugal_dist.optim.ownership import block_owner
 from frugal_dist.optim.step_items import Item, apply_update, drop_buffers, reset_buffers
 
 if TYPE_CHECKING:
@@ -34,12 +35,14 @@ class Block(SubspaceKind):
         return math.prod(shape)  # while active (the sharding weight of a block tensor)
 
     def owner(self, ctx: StepContext, group: dict[str, Any], index: int, name: str, k: int) -> int:
-        from frugal_dist.optim.ownership import block_owner
-
         return block_owner(ctx, group, index, k)
 
     def is_active(self, ctx: StepContext, group: dict[str, Any], view: ParamView, k: int) -> bool:
-        return view.index in schedule(ctx, group).active(k)
+        key = ("block-active", id(group), k)  # looked up once per group and refresh per step
+        active = ctx.memo.get(key)
+        if active is None:
+            active = ctx.memo[key] = schedule(ctx, group).active(k)
+        return view.index in active
 
     def fused_candidate(self, group: dict[str, Any]) -> bool:
         return group["state_full"] == "adamw" and group["proj_params_lr_scale"] > 0
