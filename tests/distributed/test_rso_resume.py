@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from frugal_dist.optim.rso import build_rso
+from frugal_dist.engines import deepspeed_checkpoint as dsc
 from frugal_dist.train import checkpoint_engines as ce
 from frugal_dist.train.model import build_model
 
@@ -53,7 +54,7 @@ def _losses(out: Path) -> dict[int, float]:
 
 
 def _module_state(out: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
-    native = out / "checkpoints" / f"step_{step:08d}" / ce.DS_NATIVE / ce.DS_TAG
+    native = out / "checkpoints" / f"step_{step:08d}" / dsc.DS_NATIVE / dsc.DS_TAG
     blob = torch.load(native / "mp_rank_00_model_states.pt", map_location="cpu",
                       weights_only=False)  # fmt: skip
     return blob["module"]
@@ -65,7 +66,7 @@ def _module_state(out: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
 def test_zero2_rso_resume_auto_is_exact(tmp_path):
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
     _launch(ref)
-    meta = json.loads((ref / "checkpoints" / f"step_{CKPT:08d}" / ce.DS_NATIVE /
+    meta = json.loads((ref / "checkpoints" / f"step_{CKPT:08d}" / dsc.DS_NATIVE /
                        "meta.json").read_text())  # fmt: skip
     assert meta == {"world_size": 2, "zero_stage": 2}
     src = ref / "checkpoints" / f"step_{CKPT:08d}"
@@ -93,8 +94,8 @@ def test_zero2_rso_resume_auto_is_exact(tmp_path):
 def test_rso_deepspeed_checkpoint_needs_the_same_world_size(tmp_path):
     model = build_model("tiny", max_seq_len=16, n_layers=1)
     rso = build_rso(model, density=0.25, inner_steps=2)
-    (tmp_path / ce.DS_NATIVE).mkdir()
-    (tmp_path / ce.DS_NATIVE / "meta.json").write_text('{"world_size": 2, "zero_stage": 2}')
+    (tmp_path / dsc.DS_NATIVE).mkdir()
+    (tmp_path / dsc.DS_NATIVE / "meta.json").write_text('{"world_size": 2, "zero_stage": 2}')
     with pytest.raises(ValueError, match="resume it with 2 ranks"):
         ce.load_engine_state(tmp_path, "deepspeed", model, rso, None, saved_world=2, rank=0,
                              world=3)  # fmt: skip
