@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from frugal_dist.optim.rso import build_rso
 from frugal_dist.engines import deepspeed_checkpoint as dsc
+from frugal_dist.optim.rso import build_rso
 from frugal_dist.train import checkpoint_engines as ce
 from frugal_dist.train.model import build_model
 
