@@ -67,12 +67,13 @@ def tensor_parallel_step(rank: int, world: int) -> str:
     ``Shard(1)`` on the tp dim. FRUGAL's first step must refuse it; returns the error text."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False)).double()
-    parallelize_module(model, mesh["tp"], {"0": RowwiseParallel()})
+    parallelize_module(model, mesh["tp"], {"0": RowwiseParallel(input_layouts=Replicate())})
     fully_shard(model, mesh=mesh["dp"])
     names = [n for n, _ in model.named_parameters()]
     opt = FRUGAL([{"params": list(model.parameters()), "names": names}], density=0.25)
