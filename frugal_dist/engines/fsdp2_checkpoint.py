@@ -20,7 +20,6 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-
 PREFIX = "optim.state."
 
 

@@ -98,6 +98,11 @@ class RowSharding:
 def row_sharding(p: DTensor, name: str = "<unnamed>") -> RowSharding:
     """``p``'s row sharding; ValueError (naming ``name`` and the placements) unless ``p`` is
     ``Shard(0)`` on exactly one mesh dim and ``Replicate()`` on all others."""
+    if not isinstance(p, DTensor):
+        raise ValueError(
+            f"parameter {name!r} is a plain tensor while others are FSDP2 DTensors: apply "
+            "fully_shard to the root module too (shard_model does), so every parameter is sharded"
+        )
     placements = tuple(p.placements)
     shard_dims = [i for i, pl in enumerate(placements) if type(pl) is Shard and pl.dim == 0]
     others = [pl for i, pl in enumerate(placements) if i not in shard_dims]

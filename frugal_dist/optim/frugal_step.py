@@ -12,8 +12,9 @@
               svd refreshes), a mean all-reduce of the *compact* state-full gradients, and a 1-bit
               majority vote of the local state-free residual signs
     select    svd refreshes: the owner gets the full gradient (local, or one ``reduce`` of the
-              fragments), computes the basis and broadcasts it; at every refresh the ranks compare
-              selection fingerprints (one small all-gather)
+              fragments over ``process_group``), computes the basis and broadcasts it; at every
+              refresh the ranks compare selection fingerprints (one small all-gather). Both go
+              over the layout's ``agreement_group`` (HSDP: every replica too)
     down      G_sf = down(G); for fragments, partial projections are summed over ranks in one
               coalesced all-reduce (right: boundary rows only; left: the (r, n) products)
     state     owners advance the state-full rule (``torch._foreach_*``) -> directions U
