@@ -95,3 +95,18 @@ def mesh_of(rank: int, world: int, replicas: int) -> Any:
     except ValueError as err:
         return str(err)
     return tuple(mesh.shape), mesh.mesh_dim_names
+
+
+def train_loop(rank: int, world: int, replicas: int, steps: int) -> list[float]:
+    """The real training loop (``engine=fsdp2``, ``fsdp2_replicas``) on a fixed global batch of
+    8 sequences split over the ranks; the loss curve."""
+    from frugal_dist.train.config import build_config
+    from frugal_dist.train.loop import train
+
+    raw = {"model": "tiny", "seq_len": 32, "batch_size": 8 // world, "max_steps": steps,
+           "warmup_steps": 5, "eval_every": steps, "eval_batches": 2, "log_every": 1,
+           "engine": "fsdp2", "fsdp2_replicas": replicas, "grad_clip": 1.0,
+           "optimizer": {"name": "frugal", "lr": 3e-3, "density": 0.25, "update_gap": 5,
+                         "subspace": "coordinate"},
+           "data": {"source": "embedded", "max_bytes": 200_000}}  # fmt: skip
+    return train(build_config(raw))["losses"]
