@@ -110,3 +110,14 @@ def train_loop(rank: int, world: int, replicas: int, steps: int) -> list[float]:
                          "subspace": "coordinate"},
            "data": {"source": "embedded", "max_bytes": 200_000}}  # fmt: skip
     return train(build_config(raw))["losses"]
+
+
+def first_step_error(rank: int, world: int, replicas: int, opt_kw: dict) -> str:
+    """One HSDP step with ``opt_kw``: the ValueError it raises, or "no error"."""
+    model = _hsdp_model(replicas)
+    opt = FRUGAL(build_param_groups(model), **opt_kw)
+    try:
+        fw._train(model, opt, 1, rank, world)
+    except ValueError as err:
+        return str(err)
+    return "no error"

@@ -101,3 +101,13 @@ def test_training_loop_with_fsdp2_replicas_matches_single_process():
     assert len(got) == len(single) == 12
     for a, b in zip(got, single):
         assert abs(a - b) < 1e-5 * abs(b), (got, single)
+
+
+def test_rows_and_randk_are_refused_under_hsdp_with_the_fix():
+    # Their compact state is not aligned with the row shards (as under 1-D FSDP2): DCP could not
+    # reshard it, so the first step refuses them, naming the option and the fix.
+    for choice in ("rows", "randk"):
+        kw = {**COMMON, "subspace": "coordinate", "coord_choice": choice}
+        for err in run_distributed(hw.first_step_error, 4, 2, kw):
+            assert f"coord_choice={choice!r} is not supported" in err, err
+            assert "coord_choice='columns'" in err, err
