@@ -211,6 +211,10 @@ class DTensorLayout:
         self.mesh = first.mesh
         self.process_group = first.mesh.get_group(first.shard_dim)
         self.agreement_group = _agreement_group(first.mesh, self.process_group)
+        pg = self.process_group
+        self._shard_ranks = {  # global rank -> rank in this rank's shard group
+            g: dist.get_group_rank(pg, g) for g in dist.get_process_group_ranks(pg)
+        }
 
     def sharding(self, p: Tensor) -> RowSharding:
         """The row sharding of parameter ``p`` (checked when the layout was bound)."""
@@ -224,10 +228,7 @@ class DTensorLayout:
         this rank's shard group (the same replica), else None."""
         if self.agreement_group is self.process_group:
             return agreement_rank
-        g = agreement_rank  # the agreement group is the default group
-        if g not in dist.get_process_group_ranks(self.process_group):
-            return None
-        return dist.get_group_rank(self.process_group, g)
+        return self._shard_ranks.get(agreement_rank)  # the agreement group is the default group
 
     def views(self, optimizer: Any, group: dict[str, Any]) -> list[ParamView]:
         out = []

@@ -121,3 +121,15 @@ def first_step_error(rank: int, world: int, replicas: int, opt_kw: dict) -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+def svd_calls(rank: int, world: int, replicas: int) -> int:
+    """SVDs computed on this rank during 2 refreshes of every split matrix under HSDP."""
+    from tests.distributed.cases import count_svd_refreshes
+
+    with count_svd_refreshes() as counter:
+        model = _hsdp_model(replicas)
+        opt = FRUGAL(build_param_groups(model), subspace="projection", proj_type="svd",
+                     update_gap=2, lr=1e-3)  # fmt: skip
+        fw._train(model, opt, 4, rank, world)
+    return counter[0]

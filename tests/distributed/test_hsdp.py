@@ -111,3 +111,11 @@ def test_rows_and_randk_are_refused_under_hsdp_with_the_fix():
         for err in run_distributed(hw.first_step_error, 4, 2, kw):
             assert f"coord_choice={choice!r} is not supported" in err, err
             assert "coord_choice='columns'" in err, err
+
+
+def test_each_svd_runs_once_in_the_whole_hsdp_job():
+    calls = run_distributed(hw.svd_calls, 4, 2)
+    n_split = 14  # tiny LLaMA: 2 layers x 7 matrices, each refreshed at steps 0 and 2
+    # One owner per matrix over all 4 ranks (both replicas): its shard group reduces the
+    # fragments onto it and its basis is broadcast to every replica -- never one SVD per replica.
+    assert sum(calls) == 2 * n_split and max(calls) < 2 * n_split / 2, calls
