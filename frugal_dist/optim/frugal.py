@@ -282,10 +282,11 @@ class FRUGAL(Optimizer):
 
     def _context(self) -> phases.StepContext:
         rank, world = rank_and_world(self._pg)
+        agreement = getattr(self._layout, "agreement_group", self._pg)  # HSDP: all mesh dims
         return phases.StepContext(
-            self, rank, world, self._pg, self.comm, self._cache, self._layout, self.param_groups,
-            self.shard_state, self.reduce_gradients, self.residual_comm, self.check_agreement,
-            self.fused, self.proj_qr_device,
+            self, rank, world, self._pg, agreement, self.comm, self._cache, self._layout,
+            self.param_groups, self.shard_state, self.reduce_gradients, self.residual_comm,
+            self.check_agreement, self.fused, self.proj_qr_device,
         )  # fmt: skip
 
     def _check_agreement_once(self, ctx: phases.StepContext) -> None:
@@ -294,12 +295,12 @@ class FRUGAL(Optimizer):
         when they agree; a mismatch raises on every rank naming the field. Without that check,
         an optimizer that will issue collectives probes (4 B) that every rank of its group is
         here. Both bounded in time (``comm.participants``)."""
-        if ctx.world == 1 or self._cache.agreed:
+        if ctx.agreement_world == 1 or self._cache.agreed:
             return
         if self.check_agreement:
-            check_optimizer_agreement(self, self._pg, shape_of=logical_shape)
+            check_optimizer_agreement(self, ctx.agreement_pg, shape_of=logical_shape)
         elif self._issues_collectives():
-            probe(self._pg, "first step (check_agreement=False)")
+            probe(ctx.agreement_pg, "first step (check_agreement=False)")
         self._cache.agreed = True
 
     def _issues_collectives(self) -> bool:

@@ -13,9 +13,11 @@
               a mean all-reduce of the *compact* state-full gradients (``grad_projected``), and a
               1-bit majority vote of the local state-free residual signs (``sign_allgather``)
     select    per kind: svd refreshes (the owner gets the full gradient -- one coalesced
-              ``reduce`` per owner for fragments -- computes the basis and broadcasts it,
-              4 B x dim x r); at every refresh the ranks compare selection fingerprints (one
-              all-gather of 8 B per refreshing parameter, ``agreement_check``)
+              ``reduce`` per owner over ``process_group`` for fragments -- computes the basis
+              and broadcasts it, 4 B x dim x r); at every refresh the ranks compare selection
+              fingerprints (one all-gather of 8 B per refreshing parameter,
+              ``agreement_check``). Both go over the layout's ``agreement_group`` (HSDP: every
+              replica too)
     down      per kind: G_sf = down(G); fragments' partial projections summed over ranks in one
               coalesced all-reduce (right: 4 B x r per cut row; left: 4 B x r x n,
               ``fragment_projection``)
@@ -42,6 +44,7 @@ from frugal_dist.comm.collectives import (
     allreduce_mean_,
     broadcast_from_owners,
     check_agreement,
+    rank_and_world,
     sign_majority,
 )
 from frugal_dist.comm.stats import CommStats
@@ -67,7 +70,8 @@ class StepContext:
     optimizer: Any
     rank: int
     world: int
-    pg: Any
+    pg: Any  # the ranks whose fragments make up the parameters (``process_group``)
+    agreement_pg: Any  # the ranks that must agree on seeds, options, subspaces, svd bases
     comm: CommStats
     cache: StepCache
     layout: Any
@@ -80,6 +84,11 @@ class StepContext:
     proj_qr_device: str
     by_kind: dict[SubspaceKind, list[Item]] = field(default_factory=dict)  # filled by ``plan``
     memo: dict[Any, Any] = field(default_factory=dict)  # per-step lookups (block active sets)
+
+    @property
+    def agreement_world(self) -> int:
+        """Ranks in the agreement group (HSDP: every replica of every shard)."""
+        return self.world if self.agreement_pg is self.pg else rank_and_world(self.agreement_pg)[1]
 
     @property
     def sharded(self) -> bool:
@@ -223,7 +232,7 @@ def select(ctx: StepContext, items: list[Item]) -> None:
     """Selections that need the reduced gradient (svd), then the refresh fingerprint check."""
     for kind, its in ctx.by_kind.items():
         kind.select(its, ctx)
-    if ctx.world > 1 and ctx.check_agreement:
+    if ctx.check_agreement and ctx.agreement_world > 1:
         names: list[str] = []
         fps: list[int] = []
         for it in items:
@@ -231,7 +240,7 @@ def select(ctx: StepContext, items: list[Item]) -> None:
             if fp is not None:
                 names.append(it.name)
                 fps.append(fp)
-        check_agreement(names, fps, ctx.pg, ctx.comm, "subspace")
+        check_agreement(names, fps, ctx.agreement_pg, ctx.comm, "subspace")
 
 
 # ---------------------------------------------------------------------------------------- down

@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from frugal_dist.comm.collectives import allreduce_sum_, broadcast_from_owners, reduce_to_owners
+from frugal_dist.comm.collectives import (
+    allreduce_sum_,
+    broadcast_from_owners,
+    rank_and_world,
+    reduce_to_owners,
+)
 from frugal_dist.core.fragments import local_projection
 from frugal_dist.core.rules import state_free_direction, state_free_direction_
 from frugal_dist.core.seeding import projection_seed
@@ -158,43 +163,47 @@ def global_basis(
 def svd_refresh(pending: list[Item], ctx: StepContext) -> None:
     """New svd bases: each is computed once, by an owner rank, from the full gradient.
 
-    Owners balance m*n over the ranks (``assign_owners``). Communication (world > 1):
-    fragments (a bound layout): one coalesced ``reduce`` per (owner, dtype) of the zero-padded
-    full gradients it owns, 4 B x m x n each (``svd_gather``); then one ``broadcast`` per owner
-    of its bases, 4 B x dim x r each (``basis_broadcast``; bounded in time,
-    ``comm.participants``). Every rank then stores the basis as
-    ``proj_basis`` and selects with it. Plug point for a batched / randomized refresh kernel:
-    the loop computing ``basis`` below.
+    Owners balance m*n over the agreement group (``assign_owners``; HSDP: every rank of every
+    replica). Communication (world > 1): fragments (a bound layout): the owner's shard group
+    (its replica) reduces the zero-padded full gradients onto it over ``process_group``, one
+    coalesced ``reduce`` per (owner, dtype), 4 B x m x n each (``svd_gather``); then one
+    ``broadcast`` per owner of its bases over the agreement group, 4 B x dim x r each
+    (``basis_broadcast``; bounded in time, ``comm.participants``). Every rank then stores the
+    basis as ``proj_basis`` and selects with it. Plug point for a batched / randomized refresh
+    kernel: the loop computing ``basis`` below.
     """
-    rank, world = ctx.rank, ctx.world
-    if world > 1:
-        owners = assign_owners({it.name: it.span.m * it.span.n for it in pending}, world).owner
+    arank, aworld = rank_and_world(ctx.agreement_pg)
+    if aworld > 1:
+        owners = assign_owners({it.name: it.span.m * it.span.n for it in pending}, aworld).owner
     else:
         owners = {it.name: 0 for it in pending}
-    fragments = ctx.layout is not None and world > 1
+    peer = getattr(ctx.layout, "shard_peer", None)  # agreement rank -> my shard group's, or None
+    fragments = ctx.layout is not None and ctx.world > 1
     full_grads: list[Tensor] = []
-    gathered: list[list[Tensor]] = [[] for _ in range(world)]
+    gathered: list[list[Tensor]] = [[] for _ in range(ctx.world)]
     for it in pending:
         # The gradient in its own precision (float32 at least): SVD bases are sensitive to
         # last-bit differences when singular values are close.
         raw = it.view.grad
         dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
-        if fragments:  # zero-padded full matrix; the owner receives the sum of every rank's
+        owner = owners[it.name]
+        dst = owner if peer is None else peer(owner)  # None: the owner is in another replica
+        if fragments and dst is not None:  # zero-padded; the owner receives the sum of them
             sp = it.span
             buf = torch.zeros(sp.m * sp.n, device=it.g.device, dtype=dtype)
             buf[sp.start : sp.start + sp.numel] = raw.reshape(-1).to(dtype)
-            gathered[owners[it.name]].append(buf)
+            gathered[dst].append(buf)
             full_grads.append(buf.view(sp.m, sp.n))
         else:
             full_grads.append(it.span.pad(raw.reshape(-1).to(dtype)))
     if fragments:
         reduce_to_owners(gathered, ctx.pg, ctx.comm, "svd_gather")
-    per_rank: list[list[Tensor]] = [[] for _ in range(world)]
+    per_rank: list[list[Tensor]] = [[] for _ in range(aworld)]
     for it, full_g in zip(pending, full_grads):
         group = it.group
         shape = matrix_shape(it.view.shape)
         owner = owners[it.name]
-        if owner == rank:
+        if owner == arank:
             basis = projection_selection(
                 shape, group["density"], "svd", group["proj_side"],
                 projection_seed(group["seed"], it.name, it.k), grad=full_g,
@@ -206,7 +215,7 @@ def svd_refresh(pending: list[Item], ctx: StepContext) -> None:
             basis = torch.empty(dim, r, device=it.g.device)
         per_rank[owner].append(basis)
         it.st["proj_basis"] = basis
-    broadcast_from_owners(per_rank, ctx.pg, ctx.comm, "basis_broadcast", bounded=True)
+    broadcast_from_owners(per_rank, ctx.agreement_pg, ctx.comm, "basis_broadcast", bounded=True)
     for it in pending:
         side = resolve_side(it.group["proj_side"], matrix_shape(it.view.shape))
         it.gsel = ProjectionSelection(side, it.st["proj_basis"])
