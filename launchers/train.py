@@ -25,6 +25,7 @@ import sys
 import torch.distributed as dist
 
 from frugal_dist.train.config import TrainConfig, load_config
+from frugal_dist.train.input_errors import InputError, exit_on_input_error, input_errors
 from frugal_dist.train.loop import train
 
 
@@ -68,12 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     overrides = join_values(overrides)
     try:
-        cfg = load_config(args.config, overrides)
-    except ValueError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    try:
+        with input_errors():
+            cfg = load_config(args.config, overrides)
         train(cfg)
+    except InputError as exc:  # one line on rank 0, exit code 2 on every rank
+        exit_on_input_error(exc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

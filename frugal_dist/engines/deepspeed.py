@@ -41,13 +41,27 @@ DEEPSPEED_BUILTINS = ("adam", "adamw", "lamb", "onebitadam", "onebitlamb", "zero
                       "cpuadam", "fusedadam")  # fmt: skip
 
 
-def _load_config(config: Any) -> dict[str, Any]:
+def read_config(config: Any, field: str = "config") -> dict[str, Any]:
+    """A DeepSpeed config (a dict, deep-copied, or a JSON file) as a dict. A missing or corrupt
+    file raises ``ValueError`` naming the file, the position and ``field`` (the argument)."""
     if config is None:
-        raise ValueError("frugal_dist.deepspeed.initialize needs config= (a dict or a JSON path)")
-    if isinstance(config, (str, Path)):
+        raise ValueError("frugal_dist.deepspeed.initialize needs config= (a dict or a JSON path) "
+                         "or args.deepspeed_config")  # fmt: skip
+    if not isinstance(config, (str, Path)):
+        return json.loads(json.dumps(config))  # a deep copy of a JSON-like dict
+    if not Path(config).is_file():
+        raise ValueError(f"{field}={str(config)!r}: the file does not exist; give the path of a "
+                         "DeepSpeed JSON (e.g. ds_configs/zero2.json)")  # fmt: skip
+    try:
         with open(config) as fh:
-            return json.load(fh)
-    return json.loads(json.dumps(config))  # a deep copy of a JSON-like dict
+            out = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config}: not valid JSON at line {exc.lineno} column {exc.colno} "
+                         f"({exc.msg}); fix the file given as {field}") from exc  # fmt: skip
+    if not isinstance(out, dict):
+        raise ValueError(f"{config}: a DeepSpeed config must be a JSON object, got "
+                         f"{type(out).__name__}")  # fmt: skip
+    return out
 
 
 def _zero_stage(cfg: dict[str, Any]) -> int:
@@ -97,7 +111,7 @@ def initialize(*args: Any, model: torch.nn.Module, config: Any = None, **kwargs:
     value ``(engine, optimizer, training_dataloader, lr_scheduler)``."""
     import deepspeed
 
-    cfg = _load_config(config if config is not None else kwargs.pop("config_params", None))
+    cfg = read_config(config if config is not None else kwargs.pop("config_params", None))
     options = frugal_options(cfg)
     if options is None or kwargs.get("optimizer") is not None:
         return deepspeed.initialize(*args, model=model, config=cfg, **kwargs)

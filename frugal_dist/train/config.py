@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from frugal_dist.train.config_files import merge_configs
 from frugal_dist.train.config_validation import validate_config
 from frugal_dist.train.pipeline import validate_data_config
 
@@ -67,7 +68,7 @@ def _unknown(key: str, allowed: list[str], where: str) -> ValueError:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key=value`` (``optimizer.density=0.5``) strings to a raw config dict."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    out: dict[str, Any] = {}
     for item in overrides:
         item = item[2:] if item.startswith("--") else item
         if "=" not in item:
@@ -82,7 +83,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             out[section][sub] = _coerce(value)
         else:
             out[key] = _coerce(value)
-    return out
+    return merge_configs(raw, out)  # a switch of optimizer.name / data.source as between files
 
 
 def build_config(raw: dict[str, Any]) -> TrainConfig:

@@ -83,6 +83,14 @@ def validate_config(cfg: TrainConfig, engines: tuple[str, ...]) -> None:
             f"collective_timeout_s must be a finite number of seconds > 0 (e.g. 600), got "
             f"{timeout!r}"
         )
+    if cfg.engine == "deepspeed" and cfg.deepspeed_config is None:
+        raise ValueError(
+            "engine=deepspeed needs deepspeed_config: add --deepspeed_config=ds_configs/zero2.json"
+        )
+    if cfg.deepspeed_config is not None:  # a missing or corrupt JSON fails before any launch
+        from frugal_dist.engines.deepspeed import read_config
+
+        read_config(cfg.deepspeed_config, "deepspeed_config")
     if not isinstance(cfg.data, Mapping):  # its keys: frugal_dist.train.pipeline
         raise ValueError(f"data must be a mapping (a YAML section), got {cfg.data!r}")
     validate_optimizer_section(cfg.optimizer)

@@ -25,6 +25,7 @@ from frugal_dist.train import checkpoint
 from frugal_dist.train.config import TrainConfig
 from frugal_dist.train.engine_setup import SHARDED_ENGINES, clip_gradients, wrap_and_build
 from frugal_dist.train.faults import maybe_kill
+from frugal_dist.train.input_errors import input_errors
 from frugal_dist.train.model import build_model
 from frugal_dist.train.optimizers import build_optimizer
 from frugal_dist.train.pipeline import build_data
@@ -87,54 +88,55 @@ def evaluate(
 @explain_collective_timeouts  # a stalled rank: CollectiveTimeoutError naming the step
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training; returns a summary (first/last loss, val loss, tokens/s, final state bytes)."""
-    rank, world, device = init_distributed(cfg.collective_timeout_s)
-    check_run_agreement(cfg, world)  # same code, config and seed on every rank, or raise
-    engine = cfg.engine if cfg.engine != "auto" else ("ddp" if world > 1 else "single")
-    if engine == "ddp" and world == 1 and not dist.is_initialized():
-        engine = "single"
-    if engine == "fsdp2" and not dist.is_initialized():  # FSDP2's mesh needs a group, even of 1
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                store=dist.HashStore(), rank=0, world_size=1)  # fmt: skip
-    torch.manual_seed(cfg.seed)
-    data = build_data(cfg.data, cfg.seq_len, seed=cfg.seed)  # vocab: the tokenizer's
-    model = build_model(cfg.model, max_seq_len=max(cfg.seq_len, 16), vocab_size=data.vocab_size).to(
-        device
-    )
-    check_model_agreement(model)
-    set_phase("start-up (model wrapping, optimizer)")
-    if cfg.dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
-    if cfg.optimizer.get("name") == "rso":  # RSO: swap Linears for RSO layers before any wrapping
-        from frugal_dist.optim.rso_layers import apply_rso_from_options
+    with input_errors():  # a bad input at start-up: one line, exit 2 (launchers/train.py)
+        rank, world, device = init_distributed(cfg.collective_timeout_s)
+        check_run_agreement(cfg, world)  # same code, config and seed on every rank, or raise
+        engine = cfg.engine if cfg.engine != "auto" else ("ddp" if world > 1 else "single")
+        if engine == "ddp" and world == 1 and not dist.is_initialized():
+            engine = "single"
+        if engine == "fsdp2" and not dist.is_initialized():  # FSDP2's mesh needs a group of 1+
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    store=dist.HashStore(), rank=0, world_size=1)  # fmt: skip
+        torch.manual_seed(cfg.seed)
+        data = build_data(cfg.data, cfg.seq_len, seed=cfg.seed)  # vocab: the tokenizer's
+        model = build_model(
+            cfg.model, max_seq_len=max(cfg.seq_len, 16), vocab_size=data.vocab_size
+        ).to(device)
+        check_model_agreement(model)
+        set_phase("start-up (model wrapping, optimizer)")
+        if cfg.dtype == "bfloat16":
+            model = model.to(torch.bfloat16)
+        if cfg.optimizer.get("name") == "rso":  # RSO: swap Linears for RSO layers first
+            from frugal_dist.optim.rso_layers import apply_rso_from_options
 
-        apply_rso_from_options(model, cfg.optimizer, seed=cfg.seed)
-    if engine == "fsdp2":
-        from frugal_dist.engines.fsdp2 import default_mesh, shard_model
+            apply_rso_from_options(model, cfg.optimizer, seed=cfg.seed)
+        if engine == "fsdp2":
+            from frugal_dist.engines.fsdp2 import default_mesh, shard_model
 
-        shard_model(model, mesh=default_mesh())
-    if engine != "deepspeed":
-        wrapped = DDP(model) if engine == "ddp" else model
-    opt_cfg = dict(cfg.optimizer)
-    name = opt_cfg.pop("name", "frugal")
-    opt_cfg.setdefault("seed", cfg.seed)
-    ds_engine = None
-    if engine == "deepspeed":
-        ds_engine, optimizer = _deepspeed_engine(model, cfg, name, opt_cfg)
-        wrapped = ds_engine
-    elif engine in SHARDED_ENGINES:  # fsdp1 / fairscale: the wrapper and optimizer go together
-        wrapped, optimizer = wrap_and_build(engine, model, name, opt_cfg)
-    else:
-        optimizer = build_optimizer(model, name, **opt_cfg)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    if engine == "ddp" and getattr(optimizer, "reduce_gradients", False):
-        # FRUGAL reduces the gradients itself (compressed): DDP must not all-reduce them too.
-        wrapped.register_comm_hook(None, defer_to_optimizer_hook)
+            shard_model(model, mesh=default_mesh())
+        if engine != "deepspeed":
+            wrapped = DDP(model) if engine == "ddp" else model
+        opt_cfg = dict(cfg.optimizer)
+        name = opt_cfg.pop("name", "frugal")
+        opt_cfg.setdefault("seed", cfg.seed)
+        ds_engine = None
+        if engine == "deepspeed":
+            ds_engine, optimizer = _deepspeed_engine(model, cfg, name, opt_cfg)
+            wrapped = ds_engine
+        elif engine in SHARDED_ENGINES:  # fsdp1 / fairscale: the wrapper and optimizer go together
+            wrapped, optimizer = wrap_and_build(engine, model, name, opt_cfg)
+        else:
+            optimizer = build_optimizer(model, name, **opt_cfg)
+        base_lrs = [g["lr"] for g in optimizer.param_groups]
+        if engine == "ddp" and getattr(optimizer, "reduce_gradients", False):
+            # FRUGAL reduces the gradients itself (compressed): DDP must not all-reduce them too.
+            wrapped.register_comm_hook(None, defer_to_optimizer_hook)
 
-    train_data, val_data = data.train, data.val
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    start = checkpoint.resume_into(cfg, engine, model=model, optimizer=optimizer,
-                                   ds_engine=ds_engine, train_data=train_data,
-                                   wrapped=wrapped)  # fmt: skip
+        train_data, val_data = data.train, data.val
+        out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+        start = checkpoint.resume_into(cfg, engine, model=model, optimizer=optimizer,
+                                       ds_engine=ds_engine, train_data=train_data,
+                                       wrapped=wrapped)  # fmt: skip
     progress = Progress(out_dir, rank, start.step, cfg.max_steps)
     if rank == 0:
         n_params = sum(
@@ -250,11 +252,11 @@ def _deepspeed_engine(model, cfg: TrainConfig, name: str, opt_cfg: dict[str, Any
     """A DeepSpeed engine from ``cfg.deepspeed_config``. The DeepSpeed JSON's FRUGAL section gives
     defaults; the training config's ``optimizer`` section (and ``--optimizer.*``) override them.
     Batch size, accumulation and clipping come from the training config."""
-    from frugal_dist.engines.deepspeed import _load_config, initialize
+    from frugal_dist.engines.deepspeed import initialize, read_config
 
     if cfg.deepspeed_config is None:
         raise ValueError("engine=deepspeed needs --deepspeed_config=ds_configs/zero2.json")
-    ds_cfg = _load_config(cfg.deepspeed_config)
+    ds_cfg = read_config(cfg.deepspeed_config, "deepspeed_config")
     ds_cfg["train_micro_batch_size_per_gpu"] = cfg.batch_size
     ds_cfg["gradient_accumulation_steps"] = cfg.grad_accum
     ds_cfg.pop("train_batch_size", None)

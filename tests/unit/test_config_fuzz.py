@@ -186,7 +186,7 @@ VALID_TRAIN: dict[str, st.SearchStrategy] = {
     "eval_batches": st.integers(1, 16),
     "log_every": st.integers(1, 1000),
     "seed": st.integers(0, 2**63 - 1),
-    "engine": st.sampled_from(ENGINES),
+    "engine": st.sampled_from([e for e in ENGINES if e != "deepspeed"]),  # that needs a JSON
     "dtype": st.sampled_from(DTYPES),
     "collective_timeout_s": st.one_of(st.floats(1e-3, 1e5), st.integers(1, 10**5)),
     "output_dir": st.one_of(st.none(), st.just("runs/x")),
