@@ -46,6 +46,8 @@ class TrainConfig:
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16
     autocast: str = "none"  # compute: none | bfloat16 (torch.autocast, float32 masters)
     collective_timeout_s: float = 600.0  # a collective waiting longer for a peer rank fails
+    wandb_project: str | None = None  # log to Weights & Biases too (pip install wandb)
+    wandb_mode: str = "offline"  # offline (no network; `wandb sync` later) | online
 
     @property
     def tokens_per_step_per_rank(self) -> int:

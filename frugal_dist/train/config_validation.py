@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from frugal_dist.optim.frugal import FRUGAL, FRUGAL_DEFAULTS, RESIDUAL_COMM
 from frugal_dist.optim.validation import check_known_keys, validate_options
+from frugal_dist.train.metric_sinks import check_wandb_available
 
 if TYPE_CHECKING:
     from frugal_dist.train.config import TrainConfig
@@ -83,6 +84,12 @@ def validate_config(cfg: TrainConfig, engines: tuple[str, ...]) -> None:
             f"collective_timeout_s must be a finite number of seconds > 0 (e.g. 600), got "
             f"{timeout!r}"
         )
+    if cfg.warmup_steps > cfg.max_steps:
+        raise ValueError(
+            f"warmup_steps={cfg.warmup_steps} is more than max_steps={cfg.max_steps}: the lr would "
+            f"never reach optimizer.lr; set warmup_steps <= max_steps (e.g. {cfg.max_steps // 10})"
+        )
+    check_wandb_available(cfg.wandb_project, cfg.wandb_mode)
     if cfg.engine == "deepspeed" and cfg.deepspeed_config is None:
         raise ValueError(
             "engine=deepspeed needs deepspeed_config: add --deepspeed_config=ds_configs/zero2.json"

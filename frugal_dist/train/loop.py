@@ -7,7 +7,7 @@ gradient clipping, FRUGAL (or a baseline) step, lr schedule. Rank 0 prints progr
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import time
@@ -26,12 +26,14 @@ from frugal_dist.train.config import TrainConfig
 from frugal_dist.train.engine_setup import SHARDED_ENGINES, clip_gradients, wrap_and_build
 from frugal_dist.train.faults import maybe_kill
 from frugal_dist.train.input_errors import input_errors
+from frugal_dist.train.logs import logger, setup_console
 from frugal_dist.train.model import build_model
 from frugal_dist.train.optimizers import build_optimizer
 from frugal_dist.train.pipeline import build_data
 from frugal_dist.train.progress import Progress, memory_gib
 from frugal_dist.train.safeguards import check_model_agreement, check_run_agreement
 from frugal_dist.train.schedule import lr_factor
+from frugal_dist.train.summary import report, run_summary
 
 
 def init_distributed(collective_timeout_s: float | None = None) -> tuple[int, int, torch.device]:
@@ -90,6 +92,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training; returns a summary (first/last loss, val loss, tokens/s, final state bytes)."""
     with input_errors():  # a bad input at start-up: one line, exit 2 (launchers/train.py)
         rank, world, device = init_distributed(cfg.collective_timeout_s)
+        setup_console(rank)
         check_run_agreement(cfg, world)  # same code, config and seed on every rank, or raise
         engine = cfg.engine if cfg.engine != "auto" else ("ddp" if world > 1 else "single")
         if engine == "ddp" and world == 1 and not dist.is_initialized():
@@ -137,17 +140,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         start = checkpoint.resume_into(cfg, engine, model=model, optimizer=optimizer,
                                        ds_engine=ds_engine, train_data=train_data,
                                        wrapped=wrapped)  # fmt: skip
-    progress = Progress(out_dir, rank, start.step, cfg.max_steps)
-    if rank == 0:
-        n_params = sum(
-            int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in model.parameters()
-        )
-        print(
-            f"[frugal_dist] model={cfg.model} ({n_params / 1e6:.2f}M params) engine={engine} "
-            f"world={world} optimizer={name} {opt_cfg} tokens/step="
-            f"{cfg.tokens_per_step_per_rank * world}",
-            flush=True,
-        )
+        sinks = [wandb_sink(cfg, out_dir)] if rank == 0 and cfg.wandb_project else []
+    progress = Progress(out_dir, rank, start.step, cfg.max_steps, sinks=sinks)
+    n_params = sum(
+        int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in model.parameters()
+    )
+    logger.info(f"model={cfg.model} ({n_params / 1e6:.2f}M params) engine={engine} "
+                f"world={world} optimizer={name} {opt_cfg} "
+                f"tokens/step={cfg.tokens_per_step_per_rank * world}")  # fmt: skip
+    t_start = time.perf_counter()
 
     history: list[dict[str, Any]] = []
     tokens = start.tokens
@@ -203,7 +204,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             val_loss = evaluate(wrapped, val_data, cfg, rank, world, device)
             record["val_loss"] = val_loss
             record["val_ppl"] = math.exp(min(val_loss, 50.0))
-        logged = (step + 1) % cfg.log_every == 0 or step == start.step or do_eval
+        final = step + 1 == cfg.max_steps  # the first and last steps are always logged
+        logged = (step + 1) % cfg.log_every == 0 or step == start.step or do_eval or final
         if logged:
             now = time.perf_counter()
             record["tokens_per_s"] = (tokens - tokens_last) / max(now - t_last, 1e-9)
@@ -224,27 +226,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                       optimizer=optimizer, ds_engine=ds_engine,
                                       train_data=train_data, wrapped=wrapped)  # fmt: skip
         if saved is not None:
-            progress.note(f"[frugal_dist] checkpoint {saved}")
+            progress.note(f"checkpoint {saved}")
         maybe_kill(step + 1, rank)
     progress.close()
-    k = max(1, min(10, len(history) // 5))
-    summary = {
-        "losses": [r["loss"] for r in history],
-        "first_loss": sum(r["loss"] for r in history[:k]) / k,
-        "last_loss": sum(r["loss"] for r in history[-k:]) / k,
-        "val_loss": val_loss,
-        "steps": len(history),
-        "tokens": tokens,
-        "world_size": world,
-        "engine": engine,
-        "state_bytes": optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else None,
-        "comm_bytes_last_step": (
-            optimizer.comm_stats()["last_step_total"] if hasattr(optimizer, "comm_stats") else None
-        ),
-    }
+    summary = run_summary(history, val_loss=val_loss, tokens=tokens, world=world, engine=engine,
+                          elapsed_s=time.perf_counter() - t_start, optimizer=optimizer)  # fmt: skip
     if rank == 0:
-        print(f"[frugal_dist] done: {json.dumps(summary)}", flush=True)
-        _final_report(out_dir, val_loss)
+        report(summary, out_dir)
     return summary
 
 
@@ -280,19 +268,12 @@ def _deepspeed_engine(model, cfg: TrainConfig, name: str, opt_cfg: dict[str, Any
     return engine, inner
 
 
-def _final_report(out_dir: Path | None, val_loss: float) -> None:
-    """Rank 0, end of run: the validation perplexity and, with ``output_dir``, the run's plot."""
-    if not math.isnan(val_loss):
-        print(f"[frugal_dist] final validation loss {val_loss:.4f}, perplexity "
-              f"{math.exp(min(val_loss, 50.0)):.2f}", flush=True)  # fmt: skip
-    if out_dir is None:
-        return
-    try:
-        from frugal_dist.train.plot import plot_runs
+def wandb_sink(cfg: TrainConfig, out_dir: Path | None):
+    """Rank 0's W&B run (``wandb_project``, ``wandb_mode``; see ``metric_sinks``)."""
+    from frugal_dist.train.metric_sinks import WandbSink
 
-        print(f"[frugal_dist] plot: {plot_runs([out_dir], out_dir / 'curves.png')}", flush=True)
-    except ImportError as exc:
-        print(f"[frugal_dist] no plot ({exc})", flush=True)
+    name = out_dir.name if out_dir is not None else None
+    return WandbSink(cfg.wandb_project, cfg.wandb_mode, out_dir, name, dataclasses.asdict(cfg))
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
