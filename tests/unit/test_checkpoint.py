@@ -129,7 +129,8 @@ def test_cli_accepts_space_separated_and_hyphenated_keys():
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     tokens = cli.join_values(["--resume", "auto", "--max-steps", "7", "--output-dir", "runs/x",
-                              "--seed=3", "--optimizer.lr", "0.01", "--warmup-steps", "2"])  # fmt: skip
+                              "--seed=3", "--optimizer.lr", "0.01",
+                              "--warmup-steps", "2"])  # fmt: skip
     cfg = build_config(apply_overrides({}, tokens))
     assert (cfg.resume, cfg.max_steps, cfg.output_dir, cfg.seed) == ("auto", 7, "runs/x", 3)
     assert cfg.optimizer["lr"] == 0.01
