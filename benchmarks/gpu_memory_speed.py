@@ -8,7 +8,7 @@
 
 One launch runs every variant one after the other in the same process (model, optimizer and
 engine are rebuilt and freed in between): torch AdamW (fused on CUDA), FRUGAL rho=0.25 with
-block / coordinate-columns / random-projection subspaces, FRUGAL rho=0, and RSO when
+block / coordinate-columns / random- and svd-projection subspaces, FRUGAL rho=0, and RSO when
 ``frugal_dist.train.optimizers`` offers an ``rso`` preset (else a row says it was skipped).
 
 Per variant: ``--warmup`` untimed steps (the first one creates the state and refreshes the
@@ -16,7 +16,10 @@ subspaces; ``update_gap`` is set past the run so no timed step refreshes), then 
 timed steps with CUDA events: step time and tokens/s end to end (forward + backward + optimizer),
 the optimizer step alone (``optimizer.step()``; under DeepSpeed ``engine.step()``, which also
 all-gathers the updated bf16 weights), peak allocated memory, optimizer-state bytes per rank
-(``state_bytes()`` or the sum of the state tensors), and the optimizer step's bandwidth bound:
+(``state_bytes()`` or the sum of the state tensors), ``refresh_ms`` / ``refresh_step_ms`` (the
+optimizer step / whole step of one extra step that refreshes the subspaces: every param group's
+``update_gap`` is set to the steps taken so far, so s % T == 0; None for AdamW and RSO, whose
+refresh is not ``update_gap``-driven), and the optimizer step's bandwidth bound:
 
     bytes_min = n_local * (2 * b_param + b_grad) + 2 * S_local        (read + write params,
     bound_ms  = bytes_min / B_copy                                      read grads, read + write
@@ -86,6 +89,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                             coord_choice="columns")),
     "frugal_projection_d0.25": ("frugal", dict(density=0.25, subspace="projection",
                                                proj_type="random")),
+    "frugal_svd_d0.25": ("frugal", dict(density=0.25, subspace="projection", proj_type="svd")),
     "frugal_d0": ("frugal", dict(density=0.0, subspace="block")),
     "rso": ("rso", dict(lr=1e-3, weight_decay=0.0, density=0.25, inner_steps=100_000)),
 }  # fmt: skip
@@ -222,6 +226,28 @@ class Run:
         self.ds = self.opt = self.model = self.batch = None
 
 
+def time_refresh(run: Run, steps_taken: int) -> tuple[float, float] | None:
+    """(whole step ms, optimizer step ms) of one step that refreshes every subspace: each param
+    group with an ``update_gap`` gets T = ``steps_taken`` (every counter s is at that value, so
+    s % T == 0; k = 1) for that step, then its old T back. None without such groups."""
+    groups = [g for g in getattr(run.opt, "param_groups", []) if "update_gap" in g]
+    if not groups:
+        return None
+    old = [g["update_gap"] for g in groups]
+    for g in groups:
+        g["update_gap"] = steps_taken
+    try:
+        events: list = []
+        _sync()
+        _mark(events)
+        run.step(events)
+        _sync()
+    finally:
+        for g, gap in zip(groups, old):
+            g["update_gap"] = gap
+    return _ms(events[0], events[2]), _ms(events[1], events[2])
+
+
 def _mark(events: list | None) -> None:
     if events is None:
         return
@@ -286,12 +312,15 @@ def measure(
         _sync()
         step_ms = [_ms(events[3 * i], events[3 * i + 2]) for i in range(n)]
         opt_ms = [_ms(events[3 * i + 1], events[3 * i + 2]) for i in range(n)]
+        refresh = time_refresh(run, warmup + n) if VARIANTS[variant][0] == "frugal" else None
         numel, bp, bg = run.master_numel_and_widths(world)
         state = run.state_bytes()
         out = {
             "status": "ok", "timed_steps": n, "warmup_steps": warmup,
             "step_ms": step_ms, "opt_ms": opt_ms,
             "step_ms_mean": sum(step_ms) / n, "opt_ms_mean": sum(opt_ms) / n,
+            "refresh_step_ms": refresh[0] if refresh else None,
+            "refresh_ms": refresh[1] if refresh else None,
             "tokens_per_s": batch_size * args.seq_len * world / (sum(step_ms) / n / 1e3),
             "state_bytes": state, "master_numel": numel, "param_bytes": bp, "grad_bytes": bg,
             "bound_bytes": numel * (2 * bp + bg) + 2 * state,
@@ -332,7 +361,7 @@ def run_one(args, variant, model_name, device, world, rank, share, **kw) -> dict
                                                        else row["status"])  # fmt: skip
     if row["status"] != "ok" and row.get("note") is None:
         row["note"] = next((r.get("note") for r in per_rank if r.get("note")), None)
-    for key in ("peak_allocated_bytes", "state_bytes", "step_ms_mean", "opt_ms_mean"):
+    for key in ("peak_allocated_bytes", "state_bytes", "step_ms_mean", "opt_ms_mean", "refresh_ms"):
         vals = [r.get(key) for r in per_rank if r.get(key) is not None]
         if vals:
             row[key + "_max_over_ranks"] = max(vals)
@@ -341,6 +370,7 @@ def run_one(args, variant, model_name, device, world, rank, share, **kw) -> dict
     if rank == 0:
         print(f"[{model_name} {variant}] {row['status']} "
               f"{fmt(row.get('step_ms_mean'))} ms/step, opt {fmt(row.get('opt_ms_mean'))} ms, "
+              f"refresh {fmt(row.get('refresh_ms'))} ms, "
               f"peak {fmt((row.get('peak_allocated_bytes') or 0) / 2**30, '.2f')} GiB, "
               f"state {fmt(row.get('state_bytes', 0) / 2**30, '.3f')} GiB {row.get('note') or ''}",
               flush=True)  # fmt: skip
@@ -363,10 +393,12 @@ def table(result: dict[str, Any]) -> str:
         peak = _worst(r, "peak_allocated_bytes")
         rows.append([r["model"], r["variant"], r["status"], fmt(r.get("tokens_per_s"), ",.0f"),
                      fmt(r.get("step_ms_mean")), fmt(r.get("opt_ms_mean"), ",.2f"),
-                     fmt(bound, ",.2f"), fmt(peak / 2**30, ",.2f") if ok and peak else "-",
+                     fmt(bound, ",.2f"), fmt(_worst(r, "refresh_ms") or None, ",.1f"),
+                     fmt(peak / 2**30, ",.2f") if ok and peak else "-",
                      fmt(_worst(r, "state_bytes") / 2**30, ",.3f") if ok else "-"])  # fmt: skip
     return markdown_table(["model", "variant", "status", "tokens/s", "step ms", "opt step ms",
-                           "opt bound ms", "peak GiB (max rank)", "state GiB (max rank)"],
+                           "opt bound ms", "refresh opt ms (max rank)", "peak GiB (max rank)",
+                           "state GiB (max rank)"],
                           rows)  # fmt: skip
 
 

@@ -1,0 +1,1 @@
+"""Fast kernels of the FRUGAL step (batched over same-shape tensors); each has a slow oracle."""
