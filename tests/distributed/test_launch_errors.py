@@ -19,7 +19,7 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 BASE = ["launchers/train.py", "--config", "configs/tiny-cpu.yaml", "--max_steps=2",
-        "--warmup_steps=0"]
+        "--warmup_steps=0"]  # fmt: skip
 
 
 def _launch(tmp_path: Path, *extra: str) -> tuple[list[str], list[str], str]:
