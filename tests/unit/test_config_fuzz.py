@@ -23,8 +23,8 @@ from frugal_dist import FRUGAL, build_param_groups
 from frugal_dist.core.rules import STATE_FREE_RULES, STATE_FULL_RULES
 from frugal_dist.core.subspaces import BLOCK_ORDERS, COORD_CHOICES, PROJ_SIDES, PROJ_TYPES
 from frugal_dist.optim.validation import SUBSPACES
-from frugal_dist.train.config import ENGINES, FIELDS, build_config
-from frugal_dist.train.config_validation import DTYPES, frugal_keywords
+from frugal_dist.train.config import DTYPES, ENGINES, FIELDS, build_config
+from frugal_dist.train.config_validation import frugal_keywords
 from frugal_dist.train.model import LlamaConfig, build_model
 from frugal_dist.train.optimizers import build_optimizer
 
@@ -217,7 +217,9 @@ INVALID_TRAIN: dict[str, tuple[str, st.SearchStrategy]] = {  # key -> (name in m
 
 
 def valid_train() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({}, optional=VALID_TRAIN)
+    return st.fixed_dictionaries({}, optional=VALID_TRAIN).filter(
+        lambda r: r.get("warmup_steps", 20) <= r.get("max_steps", 200)  # a longer warm-up: refused
+    )
 
 
 @FUZZ_STEPS
