@@ -55,11 +55,6 @@ def llama_param_specs(cfg: dict[str, int]) -> list[tuple[str, tuple[int, ...], s
 
 
 # ------------------------------------------------------------------------- closed-form state size
-def _rhu(x: float) -> int:
-    """Round half up, the rounding FRUGAL uses for every subspace size."""
-    return int(math.floor(x + 0.5))
-
-
 def _mat(shape: tuple[int, ...]) -> tuple[int, int]:
     if len(shape) == 1:
         return (1, shape[0])
@@ -80,11 +75,12 @@ def expected_frugal_bytes(
     coordinate):
 
     * adamw group: everything state-full -> 8 * numel + 4 + 4 per param.
-    * block: a = round_half_up(rho * n) (>= 1 if rho > 0) active tensors -> 8 * numel + 4 each;
+    * block: a = round(rho * n) (Python round, half to even) active tensors -> 8 * numel + 4 each;
       inactive tensors keep only ``step``.
-    * coordinate columns: every matrix keeps sf_step and an (m, round(rho*n)) pair of buffers
-      (an empty (m, 0) pair at rho = 0); rows (round(rho*m), n); randk round(rho*m*n).
-    * projection: r = round(rho * min(m, n)); buffers (r, max) -> 8 * r * max(m, n) + 4.
+    * coordinate columns: every matrix keeps sf_step and an (m, int(rho*n)) pair of buffers
+      (an empty (m, 0) pair at rho = 0); rows (int(rho*m), n); randk int(rho*m*n) (floor).
+    * projection: r = round(rho * min(m, n)) (half to even); buffers (r, max) ->
+      8 * r * max(m, n) + 4.
 
     Aux (rebuildable metadata): coordinate indices int64 (8 B per selected column/row/entry);
     random projection bases float32 (min(m, n), r) -> 4 * r * min(m, n); block: nothing.
@@ -97,11 +93,13 @@ def expected_frugal_bytes(
     state += 4 * len(frugal)  # `step` of every frugal-group parameter
     if subspace == "block":
         n = len(frugal)
-        a = 0 if density <= 0 else min(n, max(1, _rhu(density * n)))
+        a = round(density * n)
         if block_order == "descending":
             active = list(range(n - a, n))
-        elif block_order in ("ascending", "mirror"):
+        elif block_order == "ascending":
             active = list(range(a))
+        elif block_order == "mirror":  # pairs {i, n-1-i} from both ends
+            active = list(range(a // 2)) + list(range(n - a // 2, n))
         else:
             raise ValueError("closed form only for ascending/descending/mirror block orders")
         for i in active:
@@ -110,19 +108,19 @@ def expected_frugal_bytes(
         for shape in frugal:
             m, n = _mat(shape)
             if coord_choice == "columns":
-                k = min(n, _rhu(density * n))
+                k = int(n * density)
                 state += 8 * m * k + 4
             elif coord_choice == "rows":
-                k = min(m, _rhu(density * m))
+                k = int(m * density)
                 state += 8 * k * n + 4
             else:
-                k = min(m * n, _rhu(density * m * n))
+                k = int(m * n * density)
                 state += 8 * k + 4
             aux += 8 * k
     elif subspace == "projection":
         for shape in frugal:
             m, n = _mat(shape)
-            r = min(min(m, n), _rhu(density * min(m, n)))
+            r = round(density * min(m, n))
             state += 8 * r * max(m, n) + 4
             aux += 4 * r * min(m, n)
     else:

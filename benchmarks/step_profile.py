@@ -46,7 +46,12 @@ except ImportError:
 from optimizer_step import LLAMA_130M, code_version, llama_param_specs  # noqa: E402
 
 from frugal_dist import FRUGAL  # noqa: E402
-from frugal_dist.core.subspaces import matrix_shape, projection_rank, round_half_up  # noqa: E402
+from frugal_dist.core.subspaces import (  # noqa: E402
+    block_count,
+    coordinate_count,
+    matrix_shape,
+    projection_rank,
+)
 
 LR = 1e-3
 
@@ -77,12 +82,12 @@ def state_full_numel(specs, v: dict[str, Any]) -> int:
     frugal = [s for _, s, g in specs if g == "frugal"]
     rho, sub = v["opts"]["density"], v["opts"]["subspace"]
     if sub == "block":
-        a = 0 if rho <= 0 else min(len(frugal), max(1, round_half_up(rho * len(frugal))))
+        a = block_count(len(frugal), rho)
         return total + sum(math.prod(s) for s in frugal[len(frugal) - a :])  # descending
     for s in frugal:
         m, n = matrix_shape(s)
         if sub == "coordinate":
-            total += m * min(n, round_half_up(rho * n))
+            total += m * coordinate_count(n, rho)
         else:
             total += projection_rank((m, n), rho) * max(m, n)
     return total

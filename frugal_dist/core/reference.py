@@ -13,7 +13,8 @@ step (``s`` = steps taken before this one, T = ``update_gap``):
     W   <- W * (1 - lr * wd)
     W   <- W - lr * s_p * up(U) - lr * s_p * s_i * StateFree(R)
 
-``algorithm="adamw"`` is plain AdamW on every tensor; ``algorithm="signsgd"`` / ``"sgd"`` is the
+``algorithm="adamw"`` is plain AdamW on every tensor, ``algorithm="state_full"`` the ``state_full``
+rule (AdamW, SGDM or Lion) on every tensor; ``algorithm="signsgd"`` / ``"sgd"`` is the
 state-free rule on every tensor (W <- W*(1-lr*wd) - lr*D).
 """
 
@@ -24,13 +25,12 @@ import math
 import torch
 from torch import Tensor
 
-from frugal_dist.core.seeding import block_seed, coordinate_seed, projection_seed
-from frugal_dist.core.subspaces import (
-    BlockSchedule,
-    coordinate_selection,
-    matrix_shape,
-    projection_selection,
+from frugal_dist.core.reference_selection import (
+    ref_active_blocks,
+    ref_coordinate_mask,
+    ref_projection,
 )
+from frugal_dist.core.seeding import block_seed, coordinate_seed, projection_seed
 
 
 class ReferenceFRUGAL:
@@ -68,7 +68,7 @@ class ReferenceFRUGAL:
             reset=reset_statistics, betas=betas, eps=eps, wd=weight_decay, seed=seed,
         )  # fmt: skip
         names = [n for n, _ in self.named_params]
-        self.schedule = BlockSchedule(len(names), density, block_order, block_seed(seed, names))
+        self.block_seed = block_seed(seed, names)
         self.state: dict[str, dict] = {n: {"step": 0} for n in names}
 
     # ---------------------------------------------------------------------------- the rules
@@ -114,12 +114,13 @@ class ReferenceFRUGAL:
             st = self.state[name]
             s = st["step"]
             st["step"] = s + 1
-            m, n = matrix_shape(p.shape)
+            m = p.shape[0] if p.dim() >= 2 else 1  # the (d0, d1*d2*...) matrix; 1-D: (1, n)
+            n = p.numel() // m
             g = p.grad.detach().float().reshape(m, n)
             w = p.detach().float().reshape(m, n)
             w = w * (1 - h["lr"] * h["wd"])
 
-            if h["algorithm"] == "adamw":
+            if h["algorithm"] in ("adamw", "state_full"):
                 if s == 0:
                     self._zero_stats(st, g)
                 w = w - h["lr"] * self._state_full(st, g)
@@ -130,7 +131,9 @@ class ReferenceFRUGAL:
                 k = s // h["update_gap"]
                 kind = h["subspace"]
                 if kind == "block":
-                    active = idx in self.schedule.active(k)
+                    active = idx in ref_active_blocks(
+                        len(self.named_params), h["density"], h["block_order"], self.block_seed, k
+                    )
                     g_sf = g if active else None
                     if refresh:
                         if active and (h["reset"] or "m" not in st):
@@ -146,13 +149,10 @@ class ReferenceFRUGAL:
                         r = g
                 elif kind == "coordinate":
                     if refresh:
-                        sel = coordinate_selection(
-                            (m, n),
-                            h["density"],
-                            h["coord_choice"],
+                        st["mask"] = ref_coordinate_mask(
+                            (m, n), h["density"], h["coord_choice"],
                             coordinate_seed(h["seed"], name, k),
-                        )
-                        st["mask"] = sel.dense_mask()
+                        ).to(g.device)  # fmt: skip
                     mask = st["mask"]
                     g_sf = g[mask]  # row-major order
                     if refresh and (h["reset"] or "m" not in st):
@@ -164,18 +164,18 @@ class ReferenceFRUGAL:
                     r[mask] = 0.0
                 else:  # projection
                     if refresh:
-                        st["P"] = projection_selection(
+                        st["P"] = ref_projection(
                             (m, n), h["density"], h["proj_type"], h["proj_side"],
                             projection_seed(h["seed"], name, k), grad=g,
                         )  # fmt: skip
-                    sel = st["P"]
-                    P = sel.basis.to(g.device)
-                    g_sf = P.T @ g if sel.side == "left" else g @ P
+                    side, P = st["P"]
+                    P = P.to(g.device)
+                    g_sf = P.T @ g if side == "left" else g @ P
                     if refresh and (h["reset"] or "m" not in st):
                         self._zero_stats(st, g_sf)
                     u = self._state_full(st, g_sf)
-                    up_u = P @ u if sel.side == "left" else u @ P.T
-                    up_g = P @ g_sf if sel.side == "left" else g_sf @ P.T
+                    up_u = P @ u if side == "left" else u @ P.T
+                    up_g = P @ g_sf if side == "left" else g_sf @ P.T
                     r = g - up_g
                 free = self._state_free(r, h["state_free"])
                 w = w - h["lr"] * h["s_p"] * up_u - h["lr"] * h["s_p"] * h["s_i"] * free

@@ -1,17 +1,18 @@
 """RSO core math (Chen et al., ICML 2025): random projections and the low-activation linear.
 
-An RSO layer with frozen weight W (m x n) and trainable B (m x r) computes, for inputs X (N x n),
+An RSO layer with frozen weight W (m x n), trainable B (m x r) and a scalar c (the weight decay
+of W accumulated since the last merge, 1 without weight decay) computes, for inputs X (N x n),
 
-    Y = X W^T + (X P) B^T                              P (n x r): random, fixed for one outer step
+    Y = c X W^T + (X P) B^T                            P (n x r): random, fixed for one outer step
 
 Backward needs only X P (N x r) from the forward pass (plus W, P, B, which are parameters or
 buffers, not activations):
 
     dL/dB = G^T (X P)            (m x r)  = (G^T X) P: the full-weight gradient projected by P
-    dL/dX = G W + (G B) P^T      (N x n)  = G (W + B P^T)
+    dL/dX = c G W + (G B) P^T    (N x n)  = G (c W + B P^T)
 
 so the activation memory of the layer shrinks from n to r columns. After an outer iteration the
-update is merged, ``W <- W + B P^T`` and ``B <- 0``, and the next P is drawn.
+update is merged, ``W <- c W + B P^T``, ``B <- 0``, ``c <- 1``, and the next P is drawn.
 
 P is a pure function of ``(seed, name, outer)`` (``rso_projection``): every rank draws the same P
 without any message. Kinds: ``"gaussian"`` -- i.i.d. N(0, 1/r) entries (E[P P^T] = I_n);
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from frugal_dist.core.seeding import derive_seed, make_generator
-from frugal_dist.core.subspaces import round_half_up
+from frugal_dist.core.subspaces import rounded_count
 
 PROJ_TYPES = ("gaussian", "orthonormal")
 
@@ -40,14 +41,16 @@ def rso_seed(base_seed: int, name: str, outer: int) -> int:
 
 
 def rso_rank(in_features: int, rank: int | None = None, density: float | None = None) -> int:
-    """The subspace rank r: ``rank`` if given, else ``round(density * in_features)``, in [1, n]."""
+    """The subspace rank r: ``rank`` if given, else ``round(density * in_features)`` (Python's
+    round, half to even, as every FRUGAL size: ``core.subspaces.rounded_count``), in [1, n] (an
+    RSO layer needs at least one trainable column of B)."""
     if rank is not None:
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"rank must be an integer >= 1 (or None to use density), got {rank!r}")
         return min(rank, in_features)
     if density is None or not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density must be in (0, 1] when rank is None, got {density!r}")
-    return max(1, min(in_features, round_half_up(float(density) * in_features)))
+    return max(1, rounded_count(in_features, density))
 
 
 def rso_projection(
@@ -98,18 +101,23 @@ class RSOLinearFunction(torch.autograd.Function):
     operation runs in the inputs' own dtype."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, proj: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, weight: Tensor, proj: Tensor, b: Tensor, scale: float = 1.0
+    ) -> Tensor:
         cdt = autocast_dtype(x.device.type)
         ctx.compute_dtype = cdt
         ctx.x_dtype, ctx.b_dtype = x.dtype, b.dtype
+        ctx.scale = float(scale)
         if cdt is None:
             xp = x @ proj
-            y = x @ weight.t() + xp @ b.t()
+            xw = x @ weight.t()
+            y = (xw if scale == 1.0 else xw * scale) + xp @ b.t()
         else:
             with torch.autocast(x.device.type, enabled=False):
                 xc = x.to(cdt)
                 xp = xc @ proj.to(cdt)
-                y = xc @ weight.to(cdt).t() + xp @ b.to(cdt).t()
+                xw = xc @ weight.to(cdt).t()
+                y = (xw if scale == 1.0 else xw * scale) + xp @ b.to(cdt).t()
         ctx.save_for_backward(xp, weight, proj, b)
         return y
 
@@ -122,19 +130,22 @@ class RSOLinearFunction(torch.autograd.Function):
         grad_x = grad_b = None
         with torch.autocast(grad_y.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                grad_x = (grad_y @ weight + (grad_y @ b) @ proj.t()).to(ctx.x_dtype)
+                gw = grad_y @ weight
+                if ctx.scale != 1.0:
+                    gw = gw * ctx.scale
+                grad_x = (gw + (grad_y @ b) @ proj.t()).to(ctx.x_dtype)
             if ctx.needs_input_grad[3]:
                 g2 = grad_y.reshape(-1, grad_y.shape[-1])
                 grad_b = (g2.t() @ xp.reshape(-1, xp.shape[-1])).to(ctx.b_dtype)
-        return grad_x, None, None, grad_b
+        return grad_x, None, None, grad_b, None
 
 
-def rso_linear(x: Tensor, weight: Tensor, proj: Tensor, b: Tensor) -> Tensor:
-    """Functional form of ``RSOLinearFunction`` (bias is added by the caller)."""
-    return RSOLinearFunction.apply(x, weight, proj, b)
+def rso_linear(x: Tensor, weight: Tensor, proj: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
+    """Functional form of ``RSOLinearFunction`` (bias is added by the caller); ``scale`` = c."""
+    return RSOLinearFunction.apply(x, weight, proj, b, scale)
 
 
 @torch.no_grad()
 def merge_delta(b: Tensor, proj: Tensor, dtype: torch.dtype) -> Tensor:
-    """``B P^T`` computed in float32 and cast to ``dtype`` (the merge ``W <- W + B P^T``)."""
+    """``B P^T`` computed in float32 and cast to ``dtype`` (the merge ``W <- c W + B P^T``)."""
     return (b.float() @ proj.float().t()).to(dtype)

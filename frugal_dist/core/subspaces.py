@@ -4,25 +4,45 @@ Every choice here is a pure function of (seed, parameter name or group, refresh 
 ``proj_type="svd"``, of the gradient at the refresh. Nothing communicates.
 
 A parameter of shape (d0, d1, ...) is viewed as the matrix (m, n) = (d0, d1*...); a 1-D tensor as
-(1, n). Counts use round-half-up: ``k = floor(rho * dim + 0.5)``.
+(1, n).
+
+Sizes (stated once, here; every caller uses these functions; they follow the upstream FRUGAL code,
+fzmushko/FRUGAL, and have no forced minimum):
+
+* ``block_count(n, rho)``       = round(rho * n), Python's round (half to even: round(2.5) = 2);
+* ``coordinate_count(dim, rho)`` = int(dim * rho) (floor);
+* ``projection_rank(shape, rho, side)`` = round(rho * d), d the projected dimension (n for a right
+  projection, m for a left one; ``auto`` projects min(m, n)); ``svd`` caps it at min(m, n).
+
+A count of 0 is an empty subspace: that tensor (or, for blocks, the whole group) gets only the
+state-free update, exactly as with rho = 0.
 
 Subspace kinds (DESIGN section 1):
 
-* block      -- S = whole tensors. Of the group's n tensors, a = max(1, round(rho*n)) (0 if rho=0)
-                are active per refresh. A *pass* is W = ceil(n/a) consecutive windows; window j of a
-                pass covers positions [min(j*a, n-a), +a) of the pass's ordering:
-                ``ascending`` model order, ``descending`` reversed model order,
-                ``mirror`` alternates ascending / descending passes, ``random`` a fresh
-                permutation per pass, ``strided`` interleaved model order (positions
-                0, W, 2W, ..., then 1, W+1, ...), so a window's tensors are spread over the whole
-                model: under ZeRO-1/2, whose flat partition gives each rank a contiguous range of
-                tensors, the active tensors' state is then spread over the ranks instead of
-                landing on the one or two ranks that own the last (or first) layers.
-* coordinate -- S = a random subset of ``columns`` (k = round(rho*n) of them), ``rows``
-                (k = round(rho*m)), or ``randk`` single entries (k = round(rho*m*n)). The compact
+* block      -- S = whole tensors. Of the group's n tensors, a = ``block_count(n, rho)`` are active
+                during refresh k (paper/upstream orders unless marked):
+                ``ascending``  positions (k*a + j) mod n, j < a (windows wrap around);
+                ``descending`` positions (n-1 - k*a - j) mod n (from the last tensor, wrapping);
+                ``mirror``     symmetric pairs {i, n-1-i}, i = (k*a/2 + j) mod (n // 2), j < a/2:
+                               moving inward from both ends; a must be even (ValueError otherwise);
+                               with n odd the middle tensor is never active (as upstream);
+                ``random``     an independent draw randperm(n)[:a] per refresh, seeded by
+                               (seed, k);
+                ``random_pass`` (project addition) one permutation per pass of W = ceil(n/a)
+                               windows, window j covering positions [min(j*a, n-a), +a): every
+                               tensor once per pass (the last window overlaps when a does not
+                               divide n);
+                ``strided``    (project addition) ``ascending`` over the interleaved order 0, W,
+                               2W, ..., 1, W+1, ... (W = ceil(n/a)), so a window's tensors are
+                               spread over the whole model: under ZeRO-1/2, whose flat partition
+                               gives each rank a contiguous range of tensors, the active tensors'
+                               state is then spread over the ranks instead of landing on the one or
+                               two ranks that own the last (or first) layers.
+* coordinate -- S = a random subset of ``columns`` (k = int(rho*n) of them), ``rows``
+                (k = int(rho*m)), or ``randk`` single entries (k = int(rho*m*n)). The compact
                 coordinates are the selected entries in row-major order, so a contiguous flat
                 fragment of the parameter maps to a contiguous slice of the compact state.
-* projection -- S = span of an orthonormal basis P with r = round(rho*min(m,n)) columns.
+* projection -- S = span of an orthonormal basis P with r = ``projection_rank`` columns.
                 ``right``: P is (n, r), down(G) = G P (m, r), up(U) = U P^T.
                 ``left``:  P is (m, r), down(G) = P^T G (r, n), up(U) = P U.
                 ``auto`` (GaLore's rule) projects the smaller dimension: right if m >= n else left.
@@ -41,15 +61,25 @@ from torch import Tensor
 
 from frugal_dist.core.seeding import derive_seed, make_generator
 
-BLOCK_ORDERS = ("random", "ascending", "descending", "mirror", "strided")
+BLOCK_ORDERS = ("random", "ascending", "descending", "mirror", "strided", "random_pass")
 COORD_CHOICES = ("columns", "rows", "randk")
 PROJ_TYPES = ("svd", "random", "randperm")
 PROJ_SIDES = ("auto", "left", "right")
 
 
-def round_half_up(x: float) -> int:
-    """``floor(x + 0.5)``: the rounding used for every subspace size (not banker's rounding)."""
-    return int(math.floor(x + 0.5))
+def rounded_count(dim: int, density: float) -> int:
+    """``round(density * dim)`` with Python's round (half to even), at most ``dim``."""
+    return min(int(dim), round(float(density) * int(dim)))
+
+
+def block_count(n: int, density: float) -> int:
+    """Active tensors of a block group of ``n``: ``round(density * n)`` (half to even)."""
+    return rounded_count(n, density)
+
+
+def coordinate_count(dim: int, density: float) -> int:
+    """Selected columns / rows / entries out of ``dim``: ``int(dim * density)`` (floor)."""
+    return min(int(dim), int(int(dim) * float(density)))
 
 
 def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
@@ -64,55 +94,68 @@ def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------- block
 @dataclass(frozen=True)
 class BlockSchedule:
-    """The active set of a group of ``num_blocks`` tensors at each refresh (see module doc)."""
+    """The active set of a group of ``num_blocks`` tensors at each refresh (see module doc).
+
+    Raises ``ValueError`` at construction for an unknown order or ``mirror`` with an odd active
+    count."""
 
     num_blocks: int
     density: float
     order: str
     seed: int
 
+    def __post_init__(self) -> None:
+        if self.order not in BLOCK_ORDERS:
+            raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {self.order!r}")
+        a = self.num_active
+        if self.order == "mirror" and a % 2:
+            raise ValueError(
+                f"block_order='mirror' activates symmetric pairs {{i, n-1-i}} and needs an even "
+                f"number of active tensors, but density={self.density} gives "
+                f"round({self.density} * {self.num_blocks}) = {a} of {self.num_blocks}; choose a "
+                "density giving an even count, or another block_order"
+            )
+
     @property
     def num_active(self) -> int:
-        n = self.num_blocks
-        if n == 0 or self.density <= 0.0:
-            return 0
-        return min(n, max(1, round_half_up(self.density * n)))
+        return block_count(self.num_blocks, self.density)
 
     @property
     def windows_per_pass(self) -> int:
+        """W = ceil(n / a): the stride of ``strided``, the windows of a ``random_pass`` pass."""
         a = self.num_active
         return 0 if a == 0 else -(-self.num_blocks // a)
-
-    def ordering(self, pass_index: int) -> list[int]:
-        """The order in which pass ``pass_index`` visits the tensors."""
-        n = self.num_blocks
-        if self.order == "ascending":
-            return list(range(n))
-        if self.order == "descending":
-            return list(range(n - 1, -1, -1))
-        if self.order == "mirror":
-            return list(range(n)) if pass_index % 2 == 0 else list(range(n - 1, -1, -1))
-        if self.order == "random":
-            gen = make_generator(derive_seed(self.seed, "block-pass", pass_index))
-            return torch.randperm(n, generator=gen).tolist()
-        if self.order == "strided":
-            w = self.windows_per_pass
-            return [i for start in range(w) for i in range(start, n, w)]
-        raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {self.order!r}")
 
     def active(self, refresh: int) -> frozenset[int]:
         """Indices (model order) of the tensors that are state-full during refresh ``refresh``
         (memoised: the step asks once per tensor per step)."""
         return _active_set(self, int(refresh))
 
-    def _active(self, refresh: int) -> frozenset[int]:
-        a = self.num_active
+    def _active(self, k: int) -> frozenset[int]:
+        n, a = self.num_blocks, self.num_active
         if a == 0:
             return frozenset()
-        w = self.windows_per_pass
-        pass_index, window = divmod(int(refresh), w)
-        start = min(window * a, self.num_blocks - a)
-        return frozenset(self.ordering(pass_index)[start : start + a])
+        if self.order == "ascending":
+            return frozenset((k * a + j) % n for j in range(a))
+        if self.order == "descending":
+            return frozenset((n - 1 - k * a - j) % n for j in range(a))
+        if self.order == "mirror":
+            half, pairs = n // 2, a // 2
+            low = [(k * pairs + j) % half for j in range(pairs)]
+            return frozenset(low) | frozenset(n - 1 - i for i in low)
+        if self.order == "strided":
+            w = self.windows_per_pass
+            ordering = [i for start in range(w) for i in range(start, n, w)]
+            return frozenset(ordering[(k * a + j) % n] for j in range(a))
+        if self.order == "random":
+            gen = make_generator(derive_seed(self.seed, "block-random", k))
+            return frozenset(torch.randperm(n, generator=gen)[:a].tolist())
+        # random_pass
+        pass_index, window = divmod(k, self.windows_per_pass)
+        gen = make_generator(derive_seed(self.seed, "block-pass", pass_index))
+        ordering = torch.randperm(n, generator=gen).tolist()
+        start = min(window * a, n - a)
+        return frozenset(ordering[start : start + a])
 
 
 @functools.lru_cache(maxsize=256)
@@ -197,7 +240,7 @@ def coordinate_selection(
         dim = m * n
     else:
         raise ValueError(f"coord_choice must be one of {COORD_CHOICES}, got {choice!r}")
-    k = min(dim, round_half_up(density * dim))
+    k = coordinate_count(dim, density)
     index = torch.randperm(dim, generator=gen)[:k].sort().values
     return CoordinateSelection(choice, (m, n), index)
 
@@ -249,8 +292,15 @@ def resolve_side(side: str, shape: tuple[int, int]) -> str:
     return side
 
 
-def projection_rank(shape: tuple[int, int], density: float) -> int:
-    return min(min(shape), round_half_up(density * min(shape)))
+def projection_rank(
+    shape: tuple[int, int], density: float, side: str = "auto", proj_type: str | None = None
+) -> int:
+    """r = round(density * d) (half to even), d the projected dimension of ``side`` (``auto``:
+    min(m, n)); ``svd`` has at most min(m, n) singular vectors, so its r is capped there."""
+    m, n = shape
+    dim = m if resolve_side(side, shape) == "left" else n
+    r = rounded_count(dim, density)
+    return min(r, m, n) if proj_type == "svd" else r
 
 
 def projection_selection(
@@ -276,7 +326,7 @@ def projection_selection(
     m, n = shape
     side = resolve_side(side, shape)
     dim = m if side == "left" else n
-    r = projection_rank(shape, density)
+    r = projection_rank(shape, density, side, proj_type)
     if proj_type == "random" and qr_device is not None:
         gen = make_generator(seed)
         gauss = torch.randn(dim, r, generator=gen, dtype=torch.float32).to(qr_device)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from frugal_dist.layouts.flat import FlatEntry, FlatLayout
-from frugal_dist.optim import FRUGAL, build_param_groups
+from frugal_dist.optim import FRUGAL, build_param_groups, pop_group_options
 
 FRUGAL_TYPES = ("frugal", "rso")
 DEEPSPEED_BUILTINS = ("adam", "adamw", "lamb", "onebitadam", "onebitlamb", "zerooneadam",
@@ -119,7 +119,7 @@ def initialize(*args: Any, model: torch.nn.Module, config: Any = None, **kwargs:
     _skip_cpu_shm_build()
     if kind == "rso":  # RSO: transform the model (unless done), no layout binding (see optim.rso)
         return _initialize_rso(deepspeed, args, model, cfg, options, kwargs)
-    frugal = FRUGAL(build_param_groups(model), **options)
+    frugal = FRUGAL(build_param_groups(model, **pop_group_options(options)), **options)
     # DeepSpeed may call step() once inside initialize with zero gradients (ZeRO-0 bf16): run it
     # with lr 0 and forget its state, so the first real step is step 1 everywhere.
     lrs = [g["lr"] for g in frugal.param_groups]

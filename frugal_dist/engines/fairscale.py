@@ -52,7 +52,7 @@ from frugal_dist.core.fragments import RowSpan
 from frugal_dist.core.subspaces import matrix_shape
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.layouts.flat import FlatEntry, PerParameterFlatLayout
-from frugal_dist.optim import FRUGAL, build_param_groups
+from frugal_dist.optim import FRUGAL, build_param_groups, pop_group_options
 
 
 class _OssLayout:
@@ -124,7 +124,7 @@ def build_oss(
                 "parallel wrapper reduces the gradients; leave it unset"
             )
         options.pop(key, None)
-    groups = build_param_groups(model, rules=rules)
+    groups = build_param_groups(model, rules=rules, **pop_group_options(options))
     name_of = {id(p): n for g in groups for p, n in zip(g["params"], g["names"])}
     full_names = [list(g["names"]) for g in groups]
     options["seed"] = agree_on_seed(options.get("seed", 0), group)
@@ -172,7 +172,7 @@ def build_fsdp_frugal(model: nn.Module, **options: Any) -> FRUGAL:
             start = min(rank * chunk, total)
             info[id(p)] = (shape, start, max(0, min(chunk, total - start)))
             p._frugal_shape = shape  # the real shape, for the param-group rules
-    groups = build_param_groups(model)
+    groups = build_param_groups(model, **pop_group_options(options))
     frugal = FRUGAL(groups, **options)
     entries = []
     for group in frugal.param_groups:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from frugal_dist.layouts.flat import FlatEntry, PerParameterFlatLayout
-from frugal_dist.optim import FRUGAL, build_param_groups
+from frugal_dist.optim import FRUGAL, build_param_groups, pop_group_options
 
 
 def _shard_infos(model: nn.Module) -> dict[int, tuple[tuple[int, ...], int, int]]:
@@ -79,7 +79,7 @@ def build_frugal(model: nn.Module, **options: Any) -> FRUGAL:
     for p in model.parameters():
         if id(p) in infos:
             p._frugal_shape = infos[id(p)][0]  # the real shape, for param-group rules
-    frugal = FRUGAL(build_param_groups(model), **options)
+    frugal = FRUGAL(build_param_groups(model, **pop_group_options(options)), **options)
     entries = []
     for group in frugal.param_groups:
         for idx, (p, name) in enumerate(zip(group["params"], group["names"])):

@@ -36,7 +36,7 @@ from typing import Any
 
 from torch import nn
 
-from frugal_dist.optim import FRUGAL, build_param_groups, check_param_coverage
+from frugal_dist.optim import FRUGAL, build_param_groups, check_param_coverage, pop_group_options
 
 
 def create_frugal_optimizer(
@@ -47,7 +47,7 @@ def create_frugal_optimizer(
 ) -> FRUGAL:
     """FRUGAL over ``model``'s trainable parameters with the paper's param-group rules (plus
     user ``rules``: ``(regex on the HF name, group options)``, first match wins)."""
-    groups = build_param_groups(model, rules=rules)
+    groups = build_param_groups(model, rules=rules, **pop_group_options(options))
     check_param_coverage(model, groups)
     return FRUGAL(groups, **options)
 

@@ -5,6 +5,7 @@ from frugal_dist.optim.param_groups import (
     build_param_groups,
     check_param_coverage,
     classify_parameters,
+    pop_group_options,
 )
 from frugal_dist.optim.rso import RSO, RSO_DEFAULTS, build_rso, rso_param_groups
 from frugal_dist.optim.rso_layers import RSOLinear, apply_rso, rso_layers
@@ -22,4 +23,5 @@ __all__ = [
     "build_param_groups",
     "check_param_coverage",
     "classify_parameters",
+    "pop_group_options",
 ]

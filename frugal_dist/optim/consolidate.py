@@ -29,14 +29,14 @@ from torch import Tensor
 from frugal_dist.comm.collectives import rank_and_world
 from frugal_dist.core.fragments import RowSpan, local_coordinates
 from frugal_dist.core.subspaces import CoordinateSelection, matrix_shape, resolve_side
+from frugal_dist.optim.step_items import item_kind
 
 FORMAT = "frugal_dist.consolidated/1"
 COUNTERS = ("step", "sf_step")
 
 
 def _kind(group: dict[str, Any]) -> str:
-    algo = group["algorithm"]
-    return {"adamw": "adamw", "signsgd": "free", "sgd": "free"}.get(algo, group["subspace"])
+    return item_kind(group)
 
 
 def _current_selection(opt: Any, view: Any, group: dict[str, Any]) -> CoordinateSelection | None:

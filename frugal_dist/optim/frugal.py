@@ -8,7 +8,8 @@ For a split parameter W with gradient G and state-full subspace S (re-chosen eve
     W   <- W - lr * s_p * up(U) - lr * s_p * s_i * StateFree(R)
 
 with s_p = ``proj_params_lr_scale`` and s_i = ``inactive_lr_scale``. Groups with
-``algorithm="adamw"`` run AdamW, ``"signsgd"``/``"sgd"`` the state-free rule on the whole tensor.
+``algorithm="adamw"`` run AdamW, ``"state_full"`` the group's ``state_full`` rule (AdamW, SGDM or
+Lion), ``"signsgd"``/``"sgd"`` the state-free rule, each on the whole tensor.
 The subspace kinds, their sizes and schedules are documented in ``frugal_dist.core.subspaces``;
 the rules in ``frugal_dist.core.rules``; ``frugal_dist.core.reference`` is the oracle this fast path
 is tested against.
@@ -42,10 +43,11 @@ Step options (of the optimizer, not of a group):
   ``_foreach_norm`` per dtype, one flag, one host sync per step; see ``optim.nonfinite``) and skip
   the whole step if any rank found one (``skipped_steps()`` counts them); ``"raise"`` raises
   ``FloatingPointError`` naming the parameter; ``"ignore"`` checks nothing.
-* ``fused=None`` -- whole-tensor AdamW items (``algorithm="adamw"`` groups, active blocks with
-  ``state_full="adamw"``) of float32 data and gradients run ``torch._fused_adamw_`` (one kernel per
-  group; step counts mirrored on the device without syncs); ``None`` = on CUDA only, ``True`` = on
-  the CPU too, ``False`` = never (foreach kernels). Not with ``shard_state`` at world size > 1.
+* ``fused=None`` -- whole-tensor AdamW items (``algorithm="adamw"`` groups; ``"state_full"``
+  groups and active blocks with ``state_full="adamw"``) of float32 data and gradients run
+  ``torch._fused_adamw_`` (one kernel per group; step counts mirrored on the device without
+  syncs); ``None`` = on CUDA only, ``True`` = on the CPU too, ``False`` = never (foreach
+  kernels). Not with ``shard_state`` at world size > 1.
 * ``proj_qr_device="cpu"`` -- random projection bases drawn and QR'd on the CPU in float64 (the
   bit-exact default); ``"param"``: drawn on the CPU in float32 from the same seed, QR'd in float32
   on the parameter's device (a GPU refresh in a fraction of the time; a different basis).
@@ -92,7 +94,7 @@ from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim.frugal_step import FrugalStepMixin
 from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.ownership import ShardOwnershipMixin
-from frugal_dist.optim.param_groups import logical_shape
+from frugal_dist.optim.param_groups import check_orientation, logical_shape
 from frugal_dist.optim.sharding import ShardPlan
 from frugal_dist.optim.step_items import increment_counters
 from frugal_dist.optim.validation import check_known_keys, validate_options
@@ -140,7 +142,8 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         state_full: "adamw" | "sgdm" | "lion"; state_free: "signsgd" | "sgd" | "none".
         reset_statistics: zero the state-full buffers (and restart bias correction) at each refresh.
         seed: base seed of every subspace choice (all ranks must share it).
-        algorithm: per-group "frugal" | "adamw" | "signsgd" | "sgd".
+        algorithm: per-group "frugal" | "adamw" | "state_full" (the ``state_full`` rule on whole
+            tensors) | "signsgd" | "sgd".
         nonfinite, fused, proj_qr_device: optimizer-wide step options (module docstring).
     """
 
@@ -238,6 +241,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         super().add_param_group(param_group)
         self._plan = None
         group = self.param_groups[-1]
+        check_orientation(group, where)
         if group["algorithm"] == "frugal" and group["subspace"] == "projection":
             for name, p in zip(group["names"], group["params"]):
                 if len(logical_shape(p)) < 2:  # real shape under zero.Init / FSDP1

@@ -72,7 +72,14 @@ from frugal_dist.optim.fast_apply import (
 )
 from frugal_dist.optim.nonfinite import grads_are_finite
 from frugal_dist.optim.sharding import assign_owners
-from frugal_dist.optim.step_items import Item, apply_update, compact_shape, increment_counters
+from frugal_dist.optim.step_items import (
+    Item,
+    apply_update,
+    compact_shape,
+    increment_counters,
+    item_kind,
+    whole_rule,
+)
 
 
 class FrugalStepMixin:
@@ -131,11 +138,8 @@ class FrugalStepMixin:
     def _plan_group(
         self, group: dict[str, Any], views: list[ParamView], rank: int, world: int
     ) -> list[Item]:
-        algo = group["algorithm"]
-        kind = {"adamw": "adamw", "signsgd": "free", "sgd": "free"}.get(algo, group["subspace"])
-        gap, rule, reset = group["update_gap"], group["state_full"], group["reset_statistics"]
-        if kind == "adamw":
-            rule = "adamw"
+        kind = item_kind(group)
+        gap, rule, reset = group["update_gap"], whole_rule(group), group["reset_statistics"]
         schedule = self._schedule(group) if kind == "block" else None
         sharded = self.shard_state and world > 1
         reduced_here = self.reduce_gradients and world > 1
@@ -299,8 +303,8 @@ class FrugalStepMixin:
                 ).basis  # fmt: skip
             else:
                 dim = shape[0] if side == "left" else shape[1]
-                basis = torch.empty(dim, projection_rank(shape, it.group["density"]),
-                                    device=it.g.device)  # fmt: skip
+                r = projection_rank(shape, it.group["density"], side, "svd")
+                basis = torch.empty(dim, r, device=it.g.device)
             per_rank[owner].append(basis)
             it.st["proj_basis"] = basis
         broadcast_from_owners(per_rank, self._pg, self.comm, "basis_broadcast")
@@ -387,7 +391,7 @@ class FrugalStepMixin:
                 by_group.setdefault(id(it.group), []).append(it)
         for its in by_group.values():
             group = its[0].group
-            rule = "adamw" if its[0].kind == "adamw" else group["state_full"]
+            rule = whole_rule(group)
             dirs = state_full_directions(
                 rule, [it.g_sf for it in its], [it.st for it in its],
                 [it.sf_t for it in its], group["betas"], group["eps"],

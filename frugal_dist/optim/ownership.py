@@ -22,7 +22,12 @@ from torch import Tensor
 
 from frugal_dist.comm.collectives import rank_and_world
 from frugal_dist.core.rules import state_full_keys
-from frugal_dist.core.subspaces import matrix_shape, projection_rank, round_half_up
+from frugal_dist.core.subspaces import (
+    coordinate_count,
+    matrix_shape,
+    projection_rank,
+    resolve_side,
+)
 from frugal_dist.optim.sharding import ShardPlan, assign_owners
 
 
@@ -86,14 +91,16 @@ def expected_state_bytes(p: Tensor, group: dict[str, Any]) -> int:
     if algo in ("signsgd", "sgd"):
         return 0
     per = 4 * len(state_full_keys("adamw" if algo == "adamw" else group["state_full"]))
-    if algo == "adamw" or group["subspace"] == "block":
+    if algo in ("adamw", "state_full") or group["subspace"] == "block":
         return per * p.numel()
     m, n = matrix_shape(p.shape)
     rho = group["density"]
     if group["subspace"] == "coordinate":
         choice = group["coord_choice"]
-        count = {"columns": m * min(n, round_half_up(rho * n)),
-                 "rows": min(m, round_half_up(rho * m)) * n,
-                 "randk": min(m * n, round_half_up(rho * m * n))}[choice]  # fmt: skip
+        count = {"columns": m * coordinate_count(n, rho),
+                 "rows": coordinate_count(m, rho) * n,
+                 "randk": coordinate_count(m * n, rho)}[choice]  # fmt: skip
         return per * count
-    return per * projection_rank((m, n), rho) * max(m, n)
+    r = projection_rank((m, n), rho, group["proj_side"], group["proj_type"])
+    side = resolve_side(group["proj_side"], (m, n))
+    return per * r * (n if side == "left" else m)

@@ -1,9 +1,19 @@
-"""Param-group rules: which parameters are split by FRUGAL and which keep full AdamW state.
+"""Param-group rules: which parameters are split by FRUGAL and which are state-full whole.
 
-Every trainable parameter lands in exactly one group. Defaults (the paper's): 2-D+ weights of
-linear/conv layers are split (``algorithm="frugal"``); embeddings, the LM head ("logits"), norms and
-biases keep state-full AdamW. User ``rules`` -- ``(regex, options)`` pairs matched against the
+Every trainable parameter lands in exactly one group. Defaults (the paper's and upstream's): 2-D+
+weights of linear/conv layers are split (``algorithm="frugal"``); embeddings, the output heads --
+the LM head ("logits") and classification heads, nested ones included (RoBERTa's
+``classifier.dense`` / ``classifier.out_proj``, ``score``, ``pooler``) -- norms and biases are
+state-full on the whole tensor. Their rule is the optimizer's ``state_full`` rule
+(``algorithm="state_full"``: AdamW, SGDM or Lion, as upstream), or AdamW whatever the split rule
+with ``non_split="adamw"``. User ``rules`` -- ``(regex, options)`` pairs matched against the
 parameter's name, first match wins -- come before the defaults (torchtitan-style).
+
+GPT-2's ``transformers.pytorch_utils.Conv1D`` stores its weight as (in, out), the transpose of
+``nn.Linear``'s, so "columns" / "rows" and "left" / "right" would select the other dimension than
+for a Linear. Such weights are marked (``IN_OUT_ATTR``) and ``FRUGAL`` refuses, naming the
+parameter, the orientation-dependent choices for them (``coord_choice`` columns / rows,
+``proj_side`` left / right); block, randk and ``proj_side="auto"`` do not depend on it.
 """
 
 from __future__ import annotations
@@ -27,7 +37,20 @@ def clean_name(name: str) -> str:
     return name
 
 
-HEAD_NAME = re.compile(r"(^|\.)(lm_head|output|logits|head|classifier)(\.weight|\.bias)?$")
+# The output layer itself, or any parameter under a head module (nested heads: RoBERTa's
+# ``classifier.dense`` and ``classifier.out_proj``, BERT's ``pooler.dense``, HF's ``score``).
+# ``output`` only as the last module (torchtitan's LM head), never ``...output.dense`` (BERT FFN).
+HEAD_NAME = re.compile(
+    r"(^|\.)(lm_head|logits|head|classifier|score|pooler)(\.|$)|(^|\.)output(\.weight|\.bias)?$"
+)
+NON_SPLIT = ("state_full", "adamw")
+IN_OUT_ATTR = "_frugal_in_out"  # set on (in, out)-stored Conv1D weights by build_param_groups
+
+
+def _stores_in_out(module: nn.Module | None) -> bool:
+    """GPT-2's ``transformers.pytorch_utils.Conv1D`` (weight stored (in, out))."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
 def classify_parameters(model: nn.Module) -> dict[str, str]:
@@ -43,10 +66,10 @@ def classify_parameters(model: nn.Module) -> dict[str, str]:
         module = owner.get(id(p))
         if isinstance(module, nn.Embedding):
             roles[name] = "embedding"
-        elif HEAD_NAME.search(name):
-            roles[name] = "head"
         elif module is not None and "norm" in type(module).__name__.lower():
-            roles[name] = "norm"
+            roles[name] = "norm"  # also a norm inside a head: no weight decay
+        elif HEAD_NAME.search(clean_name(name)):
+            roles[name] = "head"
         elif len(logical_shape(p)) < 2:
             roles[name] = "bias"
         else:
@@ -61,13 +84,22 @@ def build_param_groups(
     rules: Sequence[tuple[str, Mapping[str, Any]]] = (),
     split_options: Mapping[str, Any] | None = None,
     state_full_options: Mapping[str, Any] | None = None,
+    non_split: str = "state_full",
 ) -> list[dict[str, Any]]:
     """Named param groups for ``FRUGAL`` (each group has ``params``, ``names`` and ``name``).
 
     Groups, in this order, empty ones left out: one per user rule; ``split`` (frugal);
-    ``state_full`` (AdamW: embeddings, LM head); ``no_decay`` (AdamW, weight_decay 0: norms,
-    biases). Groups that do not set an option inherit it from the optimizer's arguments.
+    ``state_full`` (embeddings, heads); ``no_decay`` (weight_decay 0: norms, biases). The last two
+    run ``algorithm=non_split``: ``"state_full"`` (default, upstream's behaviour) = the
+    optimizer's ``state_full`` rule (AdamW, SGDM or Lion) on the whole tensor; ``"adamw"`` = AdamW
+    whatever that rule is. Groups that do not set an option inherit it from the optimizer's
+    arguments. Conv1D weights stored (in, out) are marked with ``IN_OUT_ATTR`` (module doc).
     """
+    if non_split not in NON_SPLIT:
+        raise ValueError(
+            f"non_split must be one of {list(NON_SPLIT)} (the rule of the embeddings, heads, norms "
+            f"and biases: the optimizer's state_full rule, or AdamW), got {non_split!r}"
+        )
     compiled = [(re.compile(pattern), dict(opts)) for pattern, opts in rules]
     roles = classify_parameters(model)
     buckets: dict[str, dict[str, Any]] = {}
@@ -81,8 +113,11 @@ def build_param_groups(
         bucket(f"rule{i}:{pattern.pattern}", opts)
     wd = {} if weight_decay is None else {"weight_decay": weight_decay}
     bucket("split", {"algorithm": "frugal", **wd, **(split_options or {})})
-    bucket("state_full", {"algorithm": "adamw", **wd, **(state_full_options or {})})
-    bucket("no_decay", {"algorithm": "adamw", **(state_full_options or {}), "weight_decay": 0.0})
+    bucket("state_full", {"algorithm": non_split, **wd, **(state_full_options or {})})
+    bucket("no_decay", {"algorithm": non_split, **(state_full_options or {}), "weight_decay": 0.0})
+    for module in model.modules():
+        if _stores_in_out(module) and getattr(module, "weight", None) is not None:
+            setattr(module.weight, IN_OUT_ATTR, True)
 
     for raw, p in model.named_parameters():
         name = clean_name(raw)
@@ -102,6 +137,34 @@ def build_param_groups(
         target["params"].append(p)
         target["names"].append(name)
     return [g for g in buckets.values() if g["params"]]
+
+
+def pop_group_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Remove and return the ``build_param_groups`` keywords (``non_split``) found in a dict of
+    optimizer options (a config section), so the rest can go to ``FRUGAL(...)``."""
+    return {key: options.pop(key) for key in ("non_split",) if key in options}
+
+
+def check_orientation(group: Mapping[str, Any], where: str) -> None:
+    """Refuse orientation-dependent subspaces on weights stored (in, out) (see module doc)."""
+    if group["algorithm"] != "frugal":
+        return
+    sub = group["subspace"]
+    choice = None
+    if sub == "coordinate" and group["coord_choice"] in ("columns", "rows"):
+        choice = f"coord_choice={group['coord_choice']!r}"
+    elif sub == "projection" and group["proj_side"] in ("left", "right"):
+        choice = f"proj_side={group['proj_side']!r}"
+    if choice is None:
+        return
+    for name, p in zip(group["names"], group["params"]):
+        if getattr(p, IN_OUT_ATTR, False):
+            raise ValueError(
+                f"{name!r} in {where} is a Conv1D weight stored (in, out), the transpose of "
+                f"nn.Linear's, so {choice} would select the other dimension than for a Linear. "
+                "Use coord_choice='randk', proj_side='auto' or subspace='block' for it, or put "
+                "it in its own group (build_param_groups rules) with the transposed choice"
+            )
 
 
 def check_param_coverage(model: nn.Module, param_groups: Iterable[Mapping[str, Any]]) -> None:

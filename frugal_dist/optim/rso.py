@@ -9,11 +9,20 @@ sub-problem
 
     g   = dL/dB + prox * B                  (dL/dB = G P_k: the full gradient G projected)
     m   = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2,   t = steps since the outer start
-    B  -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    B  <- (1 - lr * wd) B - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    c  <- (1 - lr * wd) c                   (c = 1 at the outer start; the layer uses c W)
 
-and then merges, ``W_{k+1} = W_k + B P_k^T``, draws P_{k+1} and starts again from B = 0 with
-fresh Adam moments (bias correction restarts). Parameters outside the RSO layers (embeddings, LM
-head, norms, biases, untargeted weights) use AdamW with decoupled weight decay.
+and then merges, ``W_{k+1} = c W_k + B P_k^T``, draws P_{k+1} and starts again from B = 0, c = 1
+with fresh Adam moments (bias correction restarts).
+
+``prox``: the paper's sub-problem has the proximal term (1 / 2 eta) ||B||^2 with eta_k = 1 / (2 L)
+for an L-smooth loss; L is unknown for a network, so ``prox`` (= 1 / eta = 2 L) is a
+hyper-parameter, 0 by default (no proximal term: plain Adam on B, which restarts from B = 0 at each
+outer iteration anyway). ``weight_decay`` (decoupled, as AdamW) applies to every parameter, RSO
+layers included: their effective weight c W + B P^T decays by (1 - lr * wd) each step exactly as a
+full weight under AdamW (B directly, W through the layer's scale c, folded into W at the merge),
+so RSO and the AdamW / FRUGAL baselines are compared at the same weight decay. Parameters outside
+the RSO layers (embeddings, LM head, norms, biases, untargeted weights) use AdamW.
 
 Every update is elementwise, so the optimizer runs unchanged on whatever tensors an engine hands
 it: the module's own B (single process, DDP, ZeRO-0 fp32), FSDP2 DTensor shards, ZeRO-1/2 flat
@@ -28,7 +37,8 @@ gradient all-reduce (reduce-scatter) carries m x r per layer instead of m x n; P
 (seed, layer name, k) on every rank; the merge is local.
 
 State (tensors only, per optimizer tensor): ``step`` (total steps), ``outer`` (outer iteration of
-the current B), ``adam_step`` (t), ``exp_avg``, ``exp_avg_sq``. The outer-iteration counter is
+the current B), ``adam_step`` (t), ``exp_avg``, ``exp_avg_sq``; RSO tensors also ``w_scale`` (c,
+float64). The outer-iteration counter is
 thus in ``state_dict()``; a resume mid outer iteration continues exactly (P is regenerated).
 """
 
@@ -57,9 +67,11 @@ class RSO(Optimizer):
         params: param groups; groups with ``rso=True`` hold the B parameters of RSO layers and
             must carry ``names`` (``"<layer name>.B"``), as made by ``rso_param_groups``.
         layers: the ``RSOLinear`` layers by name (``rso_layers(model)``).
-        lr, betas, eps: Adam's; ``weight_decay``: decoupled, on non-RSO groups only.
+        lr, betas, eps: Adam's; ``weight_decay``: decoupled, on every parameter (RSO layers:
+            on the effective weight c W + B P^T, see the module docstring).
         inner_steps: K >= 1, Adam steps per outer iteration (then merge and redraw P).
-        prox: coefficient of the proximal term (prox / 2) ||B||^2 (0: none).
+        prox: coefficient of the proximal term (prox / 2) ||B||^2 = 1 / eta (the paper's
+            eta_k = 1 / (2 L)); 0: none (default).
     """
 
     def __init__(
@@ -135,14 +147,21 @@ class RSO(Optimizer):
             st["exp_avg_sq"].zero_()
             st["adam_step"].zero_()
             st["outer"].fill_(s // k_steps)
+            if "w_scale" in st:
+                st["w_scale"].fill_(1.0)
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
         if grad.dtype != p.dtype:
             grad = grad.to(p.dtype)
         if group["rso"] and group["prox"]:
             grad = grad.add(p, alpha=group["prox"])
         lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
-        if not group["rso"] and group["weight_decay"]:
+        if group["weight_decay"]:
             p.mul_(1.0 - lr * group["weight_decay"])
+        if group["rso"]:  # c: W's share of the decay, applied by the layer (c W) and at the merge
+            if "w_scale" not in st:
+                st["w_scale"] = torch.ones((), dtype=torch.float64)
+            if group["weight_decay"]:
+                st["w_scale"].mul_(1.0 - lr * group["weight_decay"])
         st["adam_step"] += 1
         t = int(st["adam_step"].item())
         m, v = st["exp_avg"], st["exp_avg_sq"]
@@ -158,10 +177,20 @@ class RSO(Optimizer):
             return
         s, k_steps = max(steps), group["inner_steps"]
         own = {id(p) for p in group["params"]}
+        scale = self._w_scale(group)
         for layer in self.group_layers(group):
+            layer.w_scale = scale
             layer.target_outer = s // k_steps
             if s % k_steps == 0 and id(layer.B) in own and layer.outer < layer.target_outer:
                 layer.merge_()  # the optimizer updated the module's own B: merge now
+
+    def _w_scale(self, group: dict[str, Any]) -> float:
+        """c of an RSO group's current outer iteration (the same in every tensor's state)."""
+        for p in group["params"]:
+            st = self.state.get(p)
+            if st and "w_scale" in st:
+                return float(st["w_scale"].item())
+        return 1.0
 
     def outer_iteration(self) -> int:
         """The outer iteration the optimizer is in (max over its RSO tensors; 0 before step 1)."""
@@ -179,8 +208,15 @@ class RSO(Optimizer):
             if g["rso"]:
                 steps = [int(self.state[p]["step"].item()) for p in g["params"] if p in self.state]
                 target = max(steps, default=0) // g["inner_steps"]
+                outers = [
+                    int(self.state[p]["outer"].item()) for p in g["params"] if p in self.state
+                ]
+                scale = self._w_scale(g)
                 for layer in self.group_layers(g):
                     layer.target_outer = target
+                    # c belongs to the B of outer iteration ``outer``: the layer uses it until it
+                    # has merged that B (a merge resets the layer's c to 1)
+                    layer.w_scale = scale if layer.outer == max(outers, default=0) else 1.0
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state on this rank (local shards of DTensors)."""
@@ -203,6 +239,10 @@ class RSO(Optimizer):
                 for key in SCALARS:
                     if key in saved[pid]:
                         self.state[p][key] = saved[pid][key].detach().to("cpu", torch.float32)
+                if "w_scale" in saved[pid]:
+                    self.state[p]["w_scale"] = (
+                        saved[pid]["w_scale"].detach().to("cpu", torch.float64)
+                    )
         self.sync_layers()
 
     def reset_counters(self) -> None:
@@ -212,6 +252,7 @@ class RSO(Optimizer):
         for layer in self._layers.values():
             layer.set_outer(0)
             layer.target_outer = 0
+            layer.w_scale = 1.0
 
 
 def _zero_grad(p: Tensor) -> bool:

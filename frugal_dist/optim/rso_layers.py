@@ -9,7 +9,13 @@ keeps W as a frozen ``nn.Parameter`` (``requires_grad=False``), so ZeRO-3 and FS
 any other weight while no engine ever reduces a gradient for it: under DDP, ZeRO and FSDP2 only
 B's gradients (m x r instead of m x n) are all-reduced / reduce-scattered.
 
-Merge ``W <- W + B P_k^T``, ``B <- 0``, ``k <- k + 1`` at the end of each outer iteration. The
+With weight decay the layer also carries c (``w_scale``, a host float the ``RSO`` optimizer sets
+after each step: the product of (1 - lr * weight_decay) over the outer iteration's steps) and
+computes ``y = c x W^T + (x P_k) B^T``: the effective weight c W + B P_k^T decays like any AdamW
+weight, every step, without touching W until the merge.
+
+Merge ``W <- c W + B P_k^T``, ``B <- 0``, ``c <- 1``, ``k <- k + 1`` at the end of each outer
+iteration. The
 ``RSO`` optimizer decides when (every ``inner_steps`` steps); the merge itself runs where the
 truth of B lives:
 
@@ -72,6 +78,7 @@ class RSOLinear(nn.Module):
         self.register_buffer("rso_outer", torch.zeros((), dtype=torch.int64, device=weight.device))
         self._outer = 0  # host mirror of rso_outer: no device sync in forward
         self.target_outer = 0  # set by the RSO optimizer; > rso_outer means a lazy merge is due
+        self.w_scale = 1.0  # c, set by the RSO optimizer (weight decay of W since the last merge)
         self._proj: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
     def extra_repr(self) -> str:
@@ -108,7 +115,7 @@ class RSOLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.target_outer > self.outer:
             self._merge_lazy()
-        y = rso_linear(x, self.weight, self.projection(x.dtype, x.device), self.B)
+        y = rso_linear(x, self.weight, self.projection(x.dtype, x.device), self.B, self.w_scale)
         # bias in y's dtype: under autocast y is in the compute dtype, as nn.Linear's output
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -130,8 +137,12 @@ class RSOLinear(nn.Module):
                     f"{self.rso_name}: W and B row shards differ ({w.shape[0]} vs {b.shape[0]}); "
                     "shard both with Shard(0)"
                 )
-        w.add_(merge_delta(b, self.projection(torch.float32, w.device), w.dtype))
+        delta = merge_delta(b, self.projection(torch.float32, w.device), w.dtype)
+        if self.w_scale != 1.0:
+            w.mul_(self.w_scale)
+        w.add_(delta)
         b.zero_()
+        self.w_scale = 1.0
         self.set_outer(self._outer + 1)
         self.target_outer = max(self.target_outer, self.outer)
 
@@ -148,10 +159,15 @@ class RSOLinear(nn.Module):
             rank = dist.get_rank(group=getattr(w, "ds_process_group", None))
             start = rank * part.numel()
             n = max(0, min(part.numel(), w.ds_numel - start))
+            if self.w_scale != 1.0:
+                part.data[:n] *= self.w_scale
             part.data[:n] += delta.reshape(-1)[start : start + n].to(part.dtype)
             b.ds_tensor.data.zero_()
+        if self.w_scale != 1.0:
+            w.data.mul_(self.w_scale)
         w.data.add_(delta)
         b.data.zero_()
+        self.w_scale = 1.0
         self.set_outer(self._outer + 1)
 
 

@@ -19,7 +19,7 @@ class Item:
 
     view: ParamView
     group: dict[str, Any]
-    kind: str  # adamw | free | block | coordinate | projection
+    kind: str  # adamw (whole tensor, rule ``whole_rule``) | free | block | coordinate | projection
     refresh: bool
     k: int
     active: bool  # has a state-full part this step
@@ -47,6 +47,21 @@ class Item:
         return self.view.span
 
 
+def item_kind(group: dict[str, Any]) -> str:
+    """The kind of work a group's parameters get: ``adamw`` = the whole tensor state-full
+    (``algorithm="adamw"`` or ``"state_full"``; its rule is ``whole_rule``), ``free`` = the
+    state-free rule on the whole tensor (``"signsgd"`` / ``"sgd"``), else the subspace kind."""
+    algo = group["algorithm"]
+    return {"adamw": "adamw", "state_full": "adamw", "signsgd": "free", "sgd": "free"}.get(
+        algo, group["subspace"]
+    )
+
+
+def whole_rule(group: dict[str, Any]) -> str:
+    """The state-full rule of a group: AdamW for ``algorithm="adamw"``, else ``state_full``."""
+    return "adamw" if group["algorithm"] == "adamw" else group["state_full"]
+
+
 def apply_update(p: Tensor, direction: Tensor, alpha: float) -> None:
     """``p += alpha * direction``; 16-bit params are updated through float32 (one rounding)."""
     if p.numel() == 0:
@@ -65,7 +80,7 @@ def compact_shape(it: Item) -> tuple[int, ...]:
         return tuple(it.sel.compact_shape)
     shape = matrix_shape(it.view.shape)
     side = resolve_side(it.group["proj_side"], shape)
-    r = projection_rank(shape, it.group["density"])
+    r = projection_rank(shape, it.group["density"], side, it.group["proj_type"])
     return (r, shape[1]) if side == "left" else (it.span.rows_touched, r)
 
 

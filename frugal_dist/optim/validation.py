@@ -11,7 +11,8 @@ from typing import Any
 from frugal_dist.core.rules import STATE_FREE_RULES, STATE_FULL_RULES
 from frugal_dist.core.subspaces import BLOCK_ORDERS, COORD_CHOICES, PROJ_SIDES, PROJ_TYPES
 
-ALGORITHMS = ("frugal", "adamw", "signsgd", "sgd")
+# "state_full": the group's ``state_full`` rule (AdamW, SGDM or Lion) on whole tensors.
+ALGORITHMS = ("frugal", "adamw", "state_full", "signsgd", "sgd")
 SUBSPACES = ("block", "coordinate", "projection")
 
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from frugal_dist.optim.frugal import FRUGAL, FRUGAL_DEFAULTS, RESIDUAL_COMM
+from frugal_dist.optim.param_groups import NON_SPLIT
 from frugal_dist.optim.validation import check_known_keys, validate_options
 from frugal_dist.train.metric_sinks import check_wandb_available
 
@@ -27,11 +28,12 @@ ADAMW_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "seed"})
 
 
 def frugal_keywords() -> frozenset[str]:
-    """Every keyword ``FRUGAL(...)`` accepts from a config: the hyper-parameters of
-    ``FRUGAL_DEFAULTS`` and its keyword-only options (``shard_state``, ``residual_comm``, ...)."""
+    """Every keyword a FRUGAL config section accepts: the hyper-parameters of
+    ``FRUGAL_DEFAULTS``, its keyword-only options (``shard_state``, ``residual_comm``, ...) and the
+    param-group builder's ``non_split``."""
     params = inspect.signature(FRUGAL.__init__).parameters.values()
     options = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    return frozenset(FRUGAL_DEFAULTS) | (options - {"process_group"})
+    return frozenset(FRUGAL_DEFAULTS) | (options - {"process_group"}) | {"non_split"}
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -74,6 +76,11 @@ def validate_optimizer_section(section: Any) -> None:
     for key in FRUGAL_PROCESS_OPTIONS:
         if key in opts and not isinstance(opts[key], bool):
             raise ValueError(f"optimizer.{key} must be true or false, got {opts[key]!r}")
+    if "non_split" in opts and opts["non_split"] not in NON_SPLIT:
+        raise ValueError(
+            f"optimizer.non_split must be one of {list(NON_SPLIT)} (the rule of embeddings, heads, "
+            f"norms and biases: the state_full rule, or AdamW), got {opts['non_split']!r}"
+        )
     if "residual_comm" in opts and opts["residual_comm"] not in RESIDUAL_COMM:
         raise ValueError(
             f"optimizer.residual_comm must be one of {list(RESIDUAL_COMM)}, got "

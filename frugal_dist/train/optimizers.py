@@ -2,7 +2,8 @@
 
 ``build_optimizer(model, name, **options)``:
 
-* ``frugal``  -- FRUGAL on the split weights, AdamW on embeddings / LM head / norms / biases
+* ``frugal``  -- FRUGAL on the split weights; embeddings / heads / norms / biases state-full with
+  the ``state_full`` rule (``non_split: adamw``: AdamW whatever that rule)
 * ``adamw``   -- ``torch.optim.AdamW`` (fused on CUDA, foreach on CPU)
 * ``signsgd`` -- signSGD on every parameter (FRUGAL's ``algorithm="signsgd"`` groups)
 * ``galore``  -- GaLore-style: svd projection, no state-free update, statistics kept (FRUGAL code)
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from frugal_dist.optim import FRUGAL, build_param_groups, check_param_coverage
+from frugal_dist.optim import FRUGAL, build_param_groups, check_param_coverage, pop_group_options
 
 PRESETS: dict[str, dict[str, Any]] = {
     "frugal": {},
@@ -51,7 +52,8 @@ def build_optimizer(
         from frugal_dist.optim.rso import build_rso
 
         return build_rso(model, **options)
-    groups = build_param_groups(model)
+    options = dict(options)
+    groups = build_param_groups(model, **pop_group_options(options))
     if name == "signsgd":
         for g in groups:
             g["algorithm"] = "signsgd"

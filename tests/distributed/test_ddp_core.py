@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from frugal_dist.core.subspaces import projection_rank, round_half_up
+from frugal_dist.core.subspaces import coordinate_count, projection_rank
 from tests.distributed import cases, workers
 from tests.distributed.launch import run_distributed
 
@@ -79,7 +79,7 @@ def test_projected_and_sign_modes_cut_bytes_as_predicted():
     for name in ("columns", "projection"):
         assert stats[name, "exact"] == {"grad_full": full_bytes}
         if name == "columns":
-            compact = sum(m * round_half_up(rho * n) for m, n in workers.SHAPES)
+            compact = sum(m * coordinate_count(n, rho) for m, n in workers.SHAPES)
         else:
             compact = sum(projection_rank((m, n), rho) * max(m, n) for m, n in workers.SHAPES)
         bits = sum(_bits(m * n) for m, n in workers.SHAPES)

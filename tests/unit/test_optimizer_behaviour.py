@@ -11,10 +11,11 @@ from torch import nn
 from frugal_dist import FRUGAL, build_param_groups, check_param_coverage
 from frugal_dist.core.subspaces import (
     BlockSchedule,
+    block_count,
+    coordinate_count,
     coordinate_selection,
     projection_rank,
     projection_selection,
-    round_half_up,
 )
 from tests.helpers import SHAPES, grad_stream, make_params, max_diff, set_grads
 
@@ -38,7 +39,7 @@ def test_coordinate_selection_sizes_and_determinism(choice):
     b = coordinate_selection((10, 20), 0.25, choice, seed=123)
     c = coordinate_selection((10, 20), 0.25, choice, seed=124)
     assert torch.equal(a.index, b.index) and not torch.equal(a.index, c.index)
-    expected = {"columns": 10 * 5, "rows": 3 * 20, "randk": 50}[choice]
+    expected = {"columns": 10 * 5, "rows": 2 * 20, "randk": 50}[choice]  # rows: int(2.5) = 2
     assert a.numel == expected == int(a.dense_mask().sum())
     assert torch.equal(a.flat_index(), a.dense_mask().reshape(-1).nonzero().reshape(-1))
     g = torch.randn(10, 20)
@@ -61,25 +62,27 @@ def test_projection_is_orthonormal_and_splits_the_gradient(proj_type, shape):
     assert sel.down(residual).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("order", ["ascending", "descending", "mirror", "random", "strided"])
+@pytest.mark.parametrize("order", ["ascending", "descending", "mirror", "random_pass", "strided"])
 def test_block_schedule_visits_every_tensor_each_pass(order):
+    # rho 0.25 of 10 tensors: round(2.5) = 2 (half to even, as upstream), so 5 windows a pass.
+    # (Before issue 16 this was 3 active with a clamped last window; see test_faithful_names.)
     sched = BlockSchedule(10, 0.25, order, seed=3)
-    assert sched.num_active == 3 and sched.windows_per_pass == 4
+    assert sched.num_active == 2 and sched.windows_per_pass == 5
     for p in range(3):
         seen: set[int] = set()
-        for j in range(4):
-            act = sched.active(p * 4 + j)
-            assert len(act) == 3
+        for j in range(5):
+            act = sched.active(p * 5 + j)
+            assert len(act) == 2
             seen |= act
         assert seen == set(range(10))
     if order == "descending":
-        assert sched.active(0) == {9, 8, 7}
+        assert sched.active(0) == {9, 8} and sched.active(5) == {9, 8}
     if order == "ascending":
-        assert sched.active(0) == {0, 1, 2} and sched.active(3) == {7, 8, 9}
+        assert sched.active(0) == {0, 1} and sched.active(4) == {8, 9}
     if order == "mirror":
-        assert sched.active(4) == {9, 8, 7}
-    if order == "strided":  # ordering 0 4 8 | 1 5 9 | 2 6 3 | 7: windows spread over the model
-        assert sched.active(0) == {0, 4, 8} and sched.active(1) == {1, 5, 9}
+        assert sched.active(0) == {0, 9} and sched.active(4) == {4, 5}
+    if order == "strided":  # ordering 0 5 | 1 6 | 2 7 | 3 8 | 4 9: windows spread over the model
+        assert sched.active(0) == {0, 5} and sched.active(1) == {1, 6}
 
 
 def test_strided_windows_are_spread_over_the_model():
@@ -94,8 +97,11 @@ def test_strided_windows_are_spread_over_the_model():
         assert len({i * 4 // n for i in descending.active(k)}) == 1
 
 
-def test_rounding_is_half_up():
-    assert round_half_up(2.5) == 3 and round_half_up(0.5) == 1 and round_half_up(0.49) == 0
+def test_rounding_follows_upstream():
+    # blocks and projection ranks: Python round (half to even); coordinates: floor
+    assert block_count(10, 0.25) == 2 and block_count(6, 0.25) == 2 and block_count(2, 0.25) == 0
+    assert coordinate_count(10, 0.25) == 2 and coordinate_count(7, 0.5) == 3
+    assert projection_rank((20, 10), 0.25) == 2 and projection_rank((20, 14), 0.25) == 4
 
 
 @pytest.mark.parametrize("kind", ["block", "coordinate", "projection"])
@@ -178,7 +184,7 @@ def _closed_form(kind: str, rho: float, shapes, proj_type="random") -> int:
             continue
         total += f32  # "sf_step"
         if kind == "coordinate":
-            total += 2 * f32 * m * round_half_up(rho * c)  # columns
+            total += 2 * f32 * m * int(c * rho)  # columns (floor, as upstream)
         else:
             r = projection_rank((m, c), rho)
             total += 2 * f32 * r * max(m, c)
@@ -346,8 +352,11 @@ def test_build_param_groups_assigns_every_parameter_once():
     assert by_name["no_decay"] == ["proj.bias", "norm.weight", "norm.bias"]
     check_param_coverage(model, groups)
     opt = FRUGAL(groups)
-    assert [g["algorithm"] for g in opt.param_groups] == ["frugal", "adamw", "adamw"]
+    # issue 16: the non-split groups run the state_full rule (AdamW by default), as upstream
+    assert [g["algorithm"] for g in opt.param_groups] == ["frugal", "state_full", "state_full"]
     assert opt.param_groups[2]["weight_decay"] == 0.0
+    kept = build_param_groups(model, non_split="adamw")
+    assert [g["algorithm"] for g in kept] == ["frugal", "adamw", "adamw"]
 
 
 def test_rules_come_first_and_coverage_errors_name_the_parameter():

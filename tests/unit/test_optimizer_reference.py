@@ -13,6 +13,8 @@ from tests.helpers import SHAPES, clone_params, grad_stream, make_params, max_di
 
 SUBSPACES = [
     ("block", {"block_order": "descending"}),
+    ("block", {"block_order": "ascending"}),
+    ("block", {"block_order": "random_pass"}),
     ("block", {"block_order": "random"}),
     ("block", {"block_order": "mirror"}),
     ("block", {"block_order": "strided"}),

@@ -188,7 +188,8 @@ def test_optimizer_state_bytes_match_the_prediction():
     other = sum(p.numel() for p in groups[1]["params"])
     n_tensors = sum(len(g["params"]) for g in groups)
     assert b_elems == sum(p.numel() for p in groups[0]["params"])
-    assert opt.state_bytes() == 2 * 4 * (b_elems + other) + 3 * 4 * n_tensors
+    n_rso = len(groups[0]["params"])  # + the float64 scale c of W's weight decay per B
+    assert opt.state_bytes() == 2 * 4 * (b_elems + other) + 3 * 4 * n_tensors + 8 * n_rso
     w_elems = sum(m.weight.numel() for m in rso_layers(model).values())
     assert abs(b_elems / w_elems - 0.25) < 0.01  # Adam state of the targeted layers: r/n of full
 
@@ -211,16 +212,17 @@ def _fresh(seed_model=0, **kw):
     return model, build_rso(model, **{"lr": 1e-2, "inner_steps": 3, "density": 0.25, **kw})
 
 
+@pytest.mark.parametrize("wd", [0.0, 0.1])  # weight decay: RSO layers' W decay through c
 @pytest.mark.parametrize("cut", [4, 6])  # mid outer iteration 1; right after the merge at 6
-def test_resume_mid_outer_iteration_is_exact(cut):
-    model, opt = _fresh(prox=0.05)
+def test_resume_mid_outer_iteration_is_exact(cut, wd):
+    model, opt = _fresh(prox=0.05, weight_decay=wd)
     _train(model, opt, 0, cut)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
     _train(model, opt, cut, 10)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    model2, opt2 = _fresh(seed_model=9, prox=0.05, lr=0.5)  # other weights; lr from checkpoint
+    model2, opt2 = _fresh(seed_model=9, prox=0.05, lr=0.5)  # other weights; lr, wd from checkpoint
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["optim"])
     assert opt2.outer_iteration() == cut // 3
@@ -229,16 +231,18 @@ def test_resume_mid_outer_iteration_is_exact(cut):
         assert torch.equal(a, b), n
 
 
-def test_lazy_merge_from_master_copies_equals_eager():
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_lazy_merge_from_master_copies_equals_eager(wd):
     """An engine that keeps fp32 masters (ZeRO) copies B into the module after step(); the layer
     then merges at its next forward. Same trajectory as the eager merge."""
-    model, opt = _fresh()
+    model, opt = _fresh(weight_decay=wd)
     eager = _train(model, opt, 0, 8)
-    lazy_model, _ = _fresh()
+    lazy_model, _ = _fresh(weight_decay=wd)
     groups = rso_param_groups(lazy_model)
     masters = [[p.detach().clone() for p in g["params"]] for g in groups]
     lazy_opt = RSO([{**g, "params": m} for g, m in zip(groups, masters)],
-                   layers=rso_layers(lazy_model), lr=1e-2, inner_steps=3)  # fmt: skip
+                   layers=rso_layers(lazy_model), lr=1e-2, inner_steps=3,
+                   weight_decay=wd)  # fmt: skip
     lazy = []
     for step in range(8):
         x = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(step))

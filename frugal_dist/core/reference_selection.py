@@ -1,0 +1,143 @@
+"""Subspace selection written out again, slowly and literally: the oracle of ``core.subspaces``.
+
+Nothing here is imported from the fast path (``core.subspaces``); only the seed derivation
+(``core.seeding``), which *defines* which random draw belongs to which (seed, name, refresh), is
+shared. Sizes and orders follow the upstream FRUGAL code (fzmushko/FRUGAL,
+``frugal/proj_optimizer_templates.py``, ``coordinate_projector.py``, ``galore_projector.py``):
+
+* block count     a = round(n * rho)        (Python's round: half to even)
+* coordinate size k = int(dim * rho)        (floor)
+* projection rank r = round(d * rho), d = n (right) or m (left); svd keeps at most min(m, n)
+
+Block orders are simulated the way upstream runs them: a pointer ``next_block_start`` kept across
+refreshes and moved by a (ascending / descending, modulo n) or a/2 (mirror, modulo n//2) at each
+refresh. The project's additions (``strided``, ``random_pass``) are written from their
+definitions in the README.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from frugal_dist.core.seeding import derive_seed, make_generator
+
+
+def ref_block_count(n: int, density: float) -> int:
+    return round(n * density)
+
+
+def ref_active_blocks(n: int, density: float, order: str, seed: int, refresh: int) -> set[int]:
+    """The tensors (model positions) active during refresh ``refresh`` of a group of n."""
+    a = ref_block_count(n, density)
+    if order == "mirror" and a % 2:
+        raise ValueError(f"block_order='mirror' needs an even active count, got {a}")
+    if a == 0:
+        return set()
+    if order == "random":
+        gen = make_generator(derive_seed(seed, "block-random", refresh))
+        return set(torch.randperm(n, generator=gen)[:a].tolist())
+    if order == "random_pass":
+        windows = math.ceil(n / a)
+        pass_index = refresh // windows
+        window = refresh % windows
+        gen = make_generator(derive_seed(seed, "block-pass", pass_index))
+        perm = torch.randperm(n, generator=gen).tolist()
+        start = window * a
+        if start + a > n:  # the last window of a pass ends at the last position
+            start = n - a
+        return set(perm[start : start + a])
+    if order == "strided":  # ascending over positions 0, W, 2W, ..., 1, W+1, ...
+        windows = math.ceil(n / a)
+        interleaved = []
+        for first in range(windows):
+            interleaved.extend(range(first, n, windows))
+        return {interleaved[i] for i in ref_active_blocks(n, density, "ascending", seed, refresh)}
+    # Upstream's pointer, stepped refresh by refresh from the first one.
+    active: set[int] = set()
+    start = None
+    for _ in range(refresh + 1):
+        active = set()
+        if order == "ascending":
+            start = 0 if start is None else start
+            for idx in range(start, start + a):
+                active.add(idx % n)
+            start += a
+            if start >= n:
+                start -= n
+        elif order == "descending":
+            start = n - 1 if start is None else start
+            for idx in range(start, start - a, -1):
+                active.add(idx % n)
+            start -= a
+            if start < 0:
+                start += n
+        elif order == "mirror":
+            half = n // 2
+            start = 0 if start is None else start
+            for idx in range(start, start + a // 2):
+                active.add(idx % half)
+                active.add(n - 1 - idx % half)
+            start += a // 2
+            if start >= half:
+                start -= half
+        else:
+            raise ValueError(f"unknown block order {order!r}")
+    return active
+
+
+def ref_coordinate_mask(shape: tuple[int, int], density: float, choice: str, seed: int) -> Tensor:
+    """Bool (m, n) mask of the selected columns / rows / entries (``randperm(dim)[:k]``)."""
+    m, n = shape
+    dim = {"columns": n, "rows": m, "randk": m * n}[choice]
+    k = int(dim * density)
+    chosen = torch.randperm(dim, generator=make_generator(seed))[:k].tolist()
+    mask = torch.zeros(m, n, dtype=torch.bool)
+    for c in chosen:
+        if choice == "columns":
+            mask[:, c] = True
+        elif choice == "rows":
+            mask[c, :] = True
+        else:
+            mask[c // n, c % n] = True
+    return mask
+
+
+def ref_projection(
+    shape: tuple[int, int],
+    density: float,
+    proj_type: str,
+    side: str,
+    seed: int,
+    grad: Tensor | None = None,
+) -> tuple[str, Tensor]:
+    """(side, P): P (m, r) for a left projection, (n, r) for a right one, float32 on the CPU."""
+    m, n = shape
+    if side == "auto":
+        side = "right" if m >= n else "left"
+    d = m if side == "left" else n
+    r = round(d * density)
+    if proj_type == "svd":
+        r = min(r, m, n)
+        assert grad is not None, "svd needs the gradient"
+        g = grad.reshape(m, n)
+        g = g if g.dtype == torch.float64 else g.float()  # the gradient's precision, >= float32
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        p = u[:, :r] if side == "left" else vh[:r, :].T
+        return side, p.float()
+    gen = make_generator(seed)
+    if proj_type == "random":
+        q, rr = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))
+        for j in range(r):
+            if rr[j, j] < 0:
+                q[:, j] = -q[:, j]
+        return side, q.float()
+    if proj_type == "randperm":
+        rows = sorted(torch.randperm(d, generator=gen)[:r].tolist())
+        p = torch.zeros(d, r)
+        for j, i in enumerate(rows):
+            p[i, j] = 1.0
+        return side, p
+    raise ValueError(f"unknown proj_type {proj_type!r}")
