@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 from frugal_dist.optim.frugal import FRUGAL_DEFAULTS, PROJ_QR_DEVICES, RESIDUAL_COMM
 from frugal_dist.optim.nonfinite import NONFINITE_MODES
+from frugal_dist.optim.param_groups import NON_SPLIT
 from frugal_dist.optim.validation import CHOICES
 
 # key -> (optimizers that take it, description); defaults come from the code
@@ -49,6 +50,7 @@ OPTIMIZER_KEYS: dict[str, tuple[str, str]] = {
     "proj_params_lr_scale": ("frugal", "lr scale of every split parameter"),
     "reset_statistics": ("frugal", "zero the Adam moments at each refresh"),
     "algorithm": ("frugal", "rule of every group (signsgd: pure signSGD)"),
+    "non_split": ("frugal", "rule of embeddings, heads, norms, biases: state_full's or AdamW"),
     "shard_state": ("frugal", "DDP: each rank keeps 1/world of the state (ZeRO-1 style)"),
     "reduce_gradients": ("frugal", "DDP: FRUGAL reduces gradients itself (compressed)"),
     "residual_comm": ("frugal", "with reduce_gradients: state-free part exact or 1-bit sign"),
@@ -68,6 +70,7 @@ OPTIMIZER_CHOICES: dict[str, tuple[Any, ...]] = {
     "residual_comm": RESIDUAL_COMM,
     "nonfinite": NONFINITE_MODES,
     "proj_qr_device": PROJ_QR_DEVICES,
+    "non_split": NON_SPLIT,
 }
 # key -> (sources that take it, description)
 DATA_KEYS: dict[str, tuple[str, str]] = {
@@ -154,7 +157,7 @@ def optimizer_defaults() -> dict[str, Any]:
 
     return {**RSO_DEFAULTS, **FRUGAL_DEFAULTS, "shard_state": False,
             "reduce_gradients": False, "residual_comm": "exact", "check_agreement": True,
-            "nonfinite": "skip", "fused": None, "proj_qr_device": "cpu",
+            "nonfinite": "skip", "fused": None, "proj_qr_device": "cpu", "non_split": NON_SPLIT[0],
             "seed": _Said("the run's seed"), **TrainConfig().optimizer}  # fmt: skip
 
 
