@@ -106,12 +106,37 @@ def frugal_options(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return params
 
 
-def initialize(*args: Any, model: torch.nn.Module, config: Any = None, **kwargs: Any):
-    """``deepspeed.initialize`` with FRUGAL built from the config's optimizer section; same return
-    value ``(engine, optimizer, training_dataloader, lr_scheduler)``."""
+def initialize(args: Any = None, model: torch.nn.Module | None = None, config: Any = None,
+               **kwargs: Any):  # fmt: skip
+    """``deepspeed.initialize`` with FRUGAL built from the config's optimizer section; same
+    arguments and return value ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+
+    The config is ``config`` (or ``config_params``) or, as in DeepSpeed, ``args.deepspeed_config``;
+    giving both is an error."""
     import deepspeed
 
-    cfg = read_config(config if config is not None else kwargs.pop("config_params", None))
+    if model is None:
+        raise ValueError("frugal_dist.deepspeed.initialize needs model=")
+    if config is None:
+        config = kwargs.pop("config_params", None)
+    from_args = getattr(args, "deepspeed_config", None)
+    if from_args is not None and config is not None:
+        raise ValueError(f"a DeepSpeed config was given twice: args.deepspeed_config={from_args!r} "
+                         "and config=; pass one of them")  # fmt: skip
+    cfg = read_config(config if config is not None else from_args,
+                      "args.deepspeed_config" if config is None else "config")  # fmt: skip
+    if from_args is not None:  # DeepSpeed takes the config from us, as a dict, not from args
+        args.deepspeed_config = None
+    try:
+        return _initialize(deepspeed, args, model, cfg, kwargs)
+    finally:
+        if from_args is not None:
+            args.deepspeed_config = from_args
+
+
+def _initialize(deepspeed: Any, args: Any, model: torch.nn.Module, cfg: dict[str, Any],
+                kwargs: dict[str, Any]):  # fmt: skip
+    args = () if args is None else (args,)
     options = frugal_options(cfg)
     if options is None or kwargs.get("optimizer") is not None:
         return deepspeed.initialize(*args, model=model, config=cfg, **kwargs)

@@ -23,7 +23,12 @@ from frugal_dist.comm.ddp_hooks import defer_to_optimizer_hook
 from frugal_dist.comm.timeouts import explain_collective_timeouts, process_group_timeout, set_phase
 from frugal_dist.train import checkpoint
 from frugal_dist.train.config import TrainConfig
-from frugal_dist.train.engine_setup import SHARDED_ENGINES, clip_gradients, wrap_and_build
+from frugal_dist.train.engine_setup import (
+    SHARDED_ENGINES,
+    clip_gradients,
+    deepspeed_engine,
+    wrap_and_build,
+)
 from frugal_dist.train.faults import maybe_kill
 from frugal_dist.train.input_errors import input_errors
 from frugal_dist.train.logs import logger, setup_console
@@ -124,7 +129,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         opt_cfg.setdefault("seed", cfg.seed)
         ds_engine = None
         if engine == "deepspeed":
-            ds_engine, optimizer = _deepspeed_engine(model, cfg, name, opt_cfg)
+            ds_engine, optimizer = deepspeed_engine(model, cfg, name, opt_cfg)
             wrapped = ds_engine
         elif engine in SHARDED_ENGINES:  # fsdp1 / fairscale: the wrapper and optimizer go together
             wrapped, optimizer = wrap_and_build(engine, model, name, opt_cfg)
@@ -234,38 +239,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         report(summary, out_dir)
     return summary
-
-
-def _deepspeed_engine(model, cfg: TrainConfig, name: str, opt_cfg: dict[str, Any]):
-    """A DeepSpeed engine from ``cfg.deepspeed_config``. The DeepSpeed JSON's FRUGAL section gives
-    defaults; the training config's ``optimizer`` section (and ``--optimizer.*``) override them.
-    Batch size, accumulation and clipping come from the training config."""
-    from frugal_dist.engines.deepspeed import initialize, read_config
-
-    if cfg.deepspeed_config is None:
-        raise ValueError("engine=deepspeed needs --deepspeed_config=ds_configs/zero2.json")
-    ds_cfg = read_config(cfg.deepspeed_config, "deepspeed_config")
-    ds_cfg["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    ds_cfg["gradient_accumulation_steps"] = cfg.grad_accum
-    ds_cfg.pop("train_batch_size", None)
-    ds_cfg["gradient_clipping"] = cfg.grad_clip
-    if cfg.dtype != "bfloat16":
-        ds_cfg.setdefault("bf16", {})["enabled"] = False
-    if name not in ("frugal", "rso"):
-        raise ValueError(
-            "engine=deepspeed runs FRUGAL or RSO from the DeepSpeed config; optimizer.name "
-            f"must be 'frugal' or 'rso', got {name!r}"
-        )
-    section = ds_cfg.setdefault("optimizer", {"type": name.upper(), "params": {}})
-    if name == "rso" and str(section.get("type", "")).lower() != "rso":  # RSO: own section
-        section = ds_cfg["optimizer"] = {"type": "RSO", "params": {}}
-    if str(section.get("type", "")).lower() == name:  # the experiment config's values win
-        section["params"] = {**section.get("params", {}), **opt_cfg}
-    engine, optimizer, _, _ = initialize(model=model, config=ds_cfg)
-    inner = (
-        optimizer if hasattr(optimizer, "state_bytes") else getattr(optimizer, "optimizer", None)
-    )
-    return engine, inner
 
 
 def wandb_sink(cfg: TrainConfig, out_dir: Path | None):
