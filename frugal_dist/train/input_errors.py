@@ -14,7 +14,9 @@ reads the same inputs and fails the same way, so N tracebacks of the same mistak
   ``GRACE_S`` for the launcher's SIGTERM (torchrun, the DeepSpeed launcher and mpirun stop the
   remaining ranks when one fails) and exits 2 on it, silently; a rank that is not stopped (its
   error was its own, rank 0 did not fail) prints its line, prefixed with its rank, and exits 2.
-  Nothing waits longer than ``GRACE_S``.
+  Nothing waits longer than ``GRACE_S``. Under MPICH's ``mpirun``, which stops no rank, the
+  other ranks exit 2 at once and silently (an error of one rank other than 0 alone is then only
+  visible in the exit code).
 
 ``FRUGAL_DIST_TRACEBACK=1`` prints the full traceback instead (for debugging frugal_dist itself).
 """
@@ -81,6 +83,13 @@ def _rank() -> int:
     return 0
 
 
+def _launcher_stops_ranks() -> bool:
+    """Whether the launcher stops the other ranks when one fails: torchrun, the DeepSpeed launcher
+    and Open MPI do; MPICH's hydra (``PMI_RANK``) lets them run to their own end."""
+    env = os.environ
+    return not ("PMI_RANK" in env and "TORCHELASTIC_RUN_ID" not in env)
+
+
 def _world() -> int:
     for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
         if var in os.environ:
@@ -94,6 +103,8 @@ def exit_on_input_error(exc: BaseException, grace_s: float = GRACE_S) -> NoRetur
         raise exc
     rank = _rank()
     line = describe(exc)
+    if rank != 0 and not _launcher_stops_ranks():  # MPICH's mpirun waits for every rank
+        os._exit(EXIT_CODE)
     if rank != 0:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_CODE))
         time.sleep(grace_s)  # the launcher stops us (rank 0 failed the same way) ...

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.distributed.launch import free_port
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,3 +84,25 @@ def test_empty_training_file_says_what_can_fix_it(tmp_path):
     line = _check(tmp_path, ["--data.source=files", f"--data.train_files={empty}"],
                   "data.train_files", "empty.jsonl", "data.text_field")  # fmt: skip
     assert "val_fraction" not in line  # raising it cannot give the training split any text
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
+def test_other_launchers_print_once_and_exit_2(tmp_path, launcher):
+    """The DeepSpeed launcher and MPICH's mpirun report the job's exit code, not each rank's."""
+    if shutil.which(launcher, path=str(BIN)) is None:
+        pytest.skip(f"needs {launcher}")
+    bad = tmp_path / "zero2.json"
+    bad.write_text('{"zero_optimization": {"stage": 2}\n "bf16": {}}\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "MASTER_PORT": str(free_port())}  # fmt: skip
+    env.pop("FRUGAL_DIST_TRACEBACK", None)
+    head = {"deepspeed": [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port",
+                          str(free_port())],
+            "mpirun": [str(BIN / "mpirun"), "-n", "2", sys.executable]}[launcher]  # fmt: skip
+    cmd = [*head, *BASE, "--engine=deepspeed", f"--deepspeed_config={bad}"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+    text = out.stdout + out.stderr
+    ours = [ln for ln in text.splitlines() if ln.startswith("error: ")]
+    assert out.returncode == 2, text
+    assert len(ours) == 1 and str(bad) in ours[0] and "not valid JSON at line 2" in ours[0], text
+    assert not re.search(r'File ".*(frugal_dist|launchers)/', text), text
