@@ -25,7 +25,12 @@ import torch.distributed as dist
 
 from frugal_dist.train.config import load_config
 from frugal_dist.train.config_cli import parse_command_line
-from frugal_dist.train.input_errors import InputError, exit_on_input_error, input_errors
+from frugal_dist.train.input_errors import (
+    INPUT_EXCEPTIONS,
+    exit_on_input_error,
+    input_errors,
+    is_input_error,
+)
 from frugal_dist.train.loop import train
 
 
@@ -35,8 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         with input_errors():
             cfg = load_config(files, overrides)
         train(cfg)
-    except InputError as exc:  # one line on rank 0, exit code 2 on every rank
-        exit_on_input_error(exc)
+    except INPUT_EXCEPTIONS as exc:
+        if not is_input_error(exc):
+            raise
+        exit_on_input_error(exc)  # one line on rank 0, exit code 2 on every rank
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -4,14 +4,14 @@ exit code 2 on every rank.
 A bad config key, a corrupt YAML or DeepSpeed JSON, a missing data file: every rank of a launch
 reads the same inputs and fails the same way, so N tracebacks of the same mistake help nobody.
 
-* ``InputError`` -- a ``ValueError`` whose message is that one line.
 * ``input_errors()`` -- a context manager around start-up (config, data, model, optimizer,
-  checkpoint lookup): ``ValueError`` / ``FileNotFoundError`` / ``IsADirectoryError`` /
-  ``yaml.YAMLError`` inside it become ``InputError`` (the original is chained as ``__cause__``).
-  Errors inside training steps keep their tracebacks.
+  checkpoint lookup): a ``ValueError`` / ``FileNotFoundError`` / ``IsADirectoryError`` /
+  ``yaml.YAMLError`` raised inside it is marked as an input error and re-raised unchanged (so
+  ``train()``'s callers still catch e.g. ``RankMismatchError``); ``is_input_error(exc)`` tells.
+  Errors inside training steps are not marked and keep their tracebacks.
 * ``exit_on_input_error(exc)`` -- rank 0 prints ``error: <line>`` to stderr and exits 2 a moment
   (``LEAD_S``) later, so that it is the launcher's root cause. Any other rank waits up to
-  ``GRACE_S`` for the launcher's SIGTERM (torchrun, the DeepSpeed launcher and mpirun stop the
+  ``GRACE_S`` for the launcher's SIGTERM (torchrun, the DeepSpeed launcher, Open MPI stop the
   remaining ranks when one fails) and exits 2 on it, silently; a rank that is not stopped (its
   error was its own, rank 0 did not fail) prints its line, prefixed with its rank, and exits 2.
   Nothing waits longer than ``GRACE_S``. Under MPICH's ``mpirun``, which stops no rank, the
@@ -38,13 +38,6 @@ GRACE_S = 10.0  # how long a rank other than 0 waits for the launcher to stop it
 LEAD_S = 1.0  # rank 0 leaves this long after printing, once the others wait for their SIGTERM
 
 
-class InputError(ValueError):
-    """A mistake in the user's input (config, files, options); ``str(exc)`` is one line."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(one_line(message))
-
-
 def one_line(text: str) -> str:
     """``text`` with its lines joined (YAML and pydantic messages span several)."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
@@ -65,15 +58,22 @@ def describe(exc: BaseException) -> str:
 INPUT_EXCEPTIONS = (ValueError, FileNotFoundError, IsADirectoryError, yaml.YAMLError)
 
 
+_MARK = "_frugal_dist_input_error"
+
+
 @contextmanager
 def input_errors() -> Iterator[None]:
-    """Turn the input exceptions raised inside into ``InputError`` (see the module docstring)."""
+    """Mark the input exceptions raised inside (see the module docstring)."""
     try:
         yield
-    except InputError:
-        raise
     except INPUT_EXCEPTIONS as exc:
-        raise InputError(describe(exc)) from exc
+        setattr(exc, _MARK, True)
+        raise
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside ``input_errors()``."""
+    return bool(getattr(exc, _MARK, False))
 
 
 def _rank() -> int:
