@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         if key in ("optimizer", "data"):
             continue
         info = field_info(key)
-        _add(run, key, _help(info.description, info.default, info.choices))
+        metavar = {"int": "INT", "float": "NUM", "str": "STR"}.get(info.kind, "CHOICE")
+        _add(run, key, _help(info.description, info.default, info.choices), metavar)
     opt = parser.add_argument_group(
         "optimizer keys (YAML 'optimizer:' section; [..]: the optimizers that take the key)"
     )
@@ -215,9 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add(group: Any, key: str, help_text: str) -> None:
+def _add(group: Any, key: str, help_text: str, metavar: str = "VALUE") -> None:
     names = [f"--{key}"] + ([f"--{key.replace('_', '-')}"] if "_" in key else [])
-    group.add_argument(*names, dest=key, default=argparse.SUPPRESS, metavar="V", help=help_text)
+    group.add_argument(*names, dest=key, default=argparse.SUPPRESS, metavar=metavar,
+                       help=help_text)  # fmt: skip
 
 
 def parse_command_line(argv: list[str] | None) -> tuple[list[str] | None, list[str]]:
