@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launchers/train.py",
         usage="%(prog)s [-h] [--config YAML ...] [--KEY VALUE ...]",
+        allow_abbrev=False,  # --max_step is a typo for our check, not a prefix of --max_steps
         description="Pre-train a LLaMA-style model with FRUGAL (or a baseline). Settings come "
         "from --config files (later ones override earlier ones), then from --key value flags. "
         "Section keys are dotted: --optimizer.lr 1e-3, --data.source files.",

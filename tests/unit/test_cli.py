@@ -96,6 +96,9 @@ def test_flags_and_files_share_the_validation():
     files, overrides = parse_command_line(["--max_stepz", "3"])
     with pytest.raises(ValueError, match=r"unknown config key 'max_stepz'.*'max_steps'"):
         load_config(files, overrides)
+    files, overrides = parse_command_line(["--max_step", "3"])  # no silent prefix matching
+    with pytest.raises(ValueError, match=r"unknown config key 'max_step'.*'max_steps'"):
+        load_config(files, overrides)
     files, overrides = parse_command_line(["--engine", "fsdp3"])
     with pytest.raises(
         ValueError, match=r"^engine must be one of \['auto', 'single', .*got 'fsdp3'"
