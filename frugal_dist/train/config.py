@@ -65,6 +65,8 @@ class TrainConfig:
     seed: Annotated[int, _f("seed of the model, data order and subspaces", ge=0, lt=2**63)] = 0
     engine: Annotated[Engine, _c("distributed engine (auto: ddp if world > 1)")] = "auto"
     deepspeed_config: Annotated[str | None, _f("DeepSpeed JSON (engine=deepspeed)")] = None
+    fsdp2_replicas: Annotated[int, _f("engine=fsdp2: > 1 is HSDP, (replicas, world / replicas)",
+                                      ge=1)] = 1  # fmt: skip
     output_dir: Annotated[str | None, _f("metrics, TensorBoard, checkpoints, plot")] = None
     checkpoint_every: Annotated[int, _f("steps between checkpoints (0: at the end)", ge=0)] = 100
     keep_checkpoints: Annotated[int, _f("newest checkpoints kept (0: all)", ge=0)] = 3

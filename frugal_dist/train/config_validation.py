@@ -44,6 +44,11 @@ def validate_config(cfg: TrainConfig) -> None:
             f"never reach optimizer.lr; set warmup_steps <= max_steps (e.g. {cfg.max_steps // 10})"
         )
     check_wandb_available(cfg.wandb_project, cfg.wandb_mode)
+    if cfg.fsdp2_replicas != 1 and cfg.engine != "fsdp2":
+        raise ValueError(
+            f"fsdp2_replicas={cfg.fsdp2_replicas} (HSDP) needs engine=fsdp2, got engine="
+            f"{cfg.engine!r}; set engine=fsdp2 or drop fsdp2_replicas"
+        )
     if cfg.engine == "deepspeed" and cfg.deepspeed_config is None:
         raise ValueError(
             "engine=deepspeed needs deepspeed_config: add --deepspeed_config=ds_configs/zero2.json"
