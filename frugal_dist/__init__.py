@@ -7,6 +7,7 @@ from frugal_dist.optim import (
     RSO,
     apply_rso,
     build_param_groups,
+    build_rso,
     check_param_coverage,
     classify_parameters,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "apply_rso",
     "__version__",
     "build_param_groups",
+    "build_rso",
     "check_param_coverage",
     "classify_parameters",
 ]

@@ -1,7 +1,7 @@
 """The one training entry point.
 
     torchrun --standalone --nproc_per_node 2 launchers/train.py --config configs/tiny-cpu.yaml
-    python launchers/train.py --config configs/tiny-cpu.yaml --max_steps=50 --optimizer.density=0.5
+    python launchers/train.py --config configs/tiny-cpu.yaml --max_steps 50 --optimizer.density 0.5
     torchrun --nproc_per_node 8 launchers/train.py --config configs/llama-60m.yaml \
         --config configs/presets/galore.yaml
     deepspeed --num_gpus 2 launchers/train.py --config configs/tiny-cpu.yaml --engine=deepspeed \
@@ -9,71 +9,41 @@
     mpirun -n 2 python launchers/train.py --config configs/tiny-cpu.yaml --engine=deepspeed \
         --deepspeed_config=ds_configs/zero3.json
 
-Any config key can be overridden with ``--key=value`` or ``--key value`` (dotted keys for the
-``optimizer`` and ``data`` sections; ``--max-steps`` = ``--max_steps``). ``--help`` lists every
-key with its default. Checkpoints go to ``<output_dir>/checkpoints``; ``--resume auto`` continues
-from the newest complete one, ``--resume PATH`` from that one.
+``--help`` lists every key (the run's, the optimizer's, the data's) with a description, its
+choices and its default (``frugal_dist.train.config_cli``). Checkpoints go to
+``<output_dir>/checkpoints``; ``--resume auto`` continues from the newest complete one,
+``--resume PATH`` from that one. A bad input prints one line on rank 0 and exits with code 2 on
+every rank (``frugal_dist.train.input_errors``).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import sys
 
 import torch.distributed as dist
 
-from frugal_dist.train.config import TrainConfig, load_config
+from frugal_dist.train.config import load_config
+from frugal_dist.train.config_cli import parse_command_line
+from frugal_dist.train.input_errors import (
+    INPUT_EXCEPTIONS,
+    exit_on_input_error,
+    input_errors,
+    is_input_error,
+)
 from frugal_dist.train.loop import train
 
 
-def join_values(tokens: list[str]) -> list[str]:
-    """``--key value`` -> ``--key=value`` (so ``--resume auto``, ``--max-steps 50`` work like
-    ``--resume=auto``; hyphens in keys become underscores in ``apply_overrides``)."""
-    out: list[str] = []
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
-        if tok.startswith("--") and "=" not in tok and nxt is not None and not nxt.startswith("--"):
-            out.append(f"{tok}={nxt}")
-            i += 2
-        else:
-            out.append(tok)
-            i += 1
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
-    defaults = TrainConfig()
-    keys = "\n".join(
-        f"  --{f.name}=...  (default: {getattr(defaults, f.name)!r})"
-        for f in dataclasses.fields(TrainConfig)
-    )
-    parser = argparse.ArgumentParser(
-        description="Pre-train a LLaMA-style model with FRUGAL (or a baseline).",
-        epilog="config keys (override any with --key=value; sections with --optimizer.lr=...):\n"
-        + keys,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--config", action="append", default=None,
-        help="YAML config file (configs/*.yaml); repeat to combine, later files override earlier "
-        "ones (e.g. --config configs/llama-60m.yaml --config configs/presets/galore.yaml)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
-    )  # passed by the deepspeed launcher; env has it
-    args, overrides = parser.parse_known_args(argv)
-    overrides = join_values(overrides)
+    files, overrides = parse_command_line(argv)
     try:
-        cfg = load_config(args.config, overrides)
-    except ValueError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    try:
+        with input_errors():
+            cfg = load_config(files, overrides)
         train(cfg)
+    except INPUT_EXCEPTIONS as exc:
+        if not is_input_error(exc):
+            raise
+        exit_on_input_error(exc)  # one line on rank 0, exit code 2 on every rank
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -41,13 +41,27 @@ DEEPSPEED_BUILTINS = ("adam", "adamw", "lamb", "onebitadam", "onebitlamb", "zero
                       "cpuadam", "fusedadam")  # fmt: skip
 
 
-def _load_config(config: Any) -> dict[str, Any]:
+def read_config(config: Any, field: str = "config") -> dict[str, Any]:
+    """A DeepSpeed config (a dict, deep-copied, or a JSON file) as a dict. A missing or corrupt
+    file raises ``ValueError`` naming the file, the position and ``field`` (the argument)."""
     if config is None:
-        raise ValueError("frugal_dist.deepspeed.initialize needs config= (a dict or a JSON path)")
-    if isinstance(config, (str, Path)):
+        raise ValueError("frugal_dist.deepspeed.initialize needs config= (a dict or a JSON path) "
+                         "or args.deepspeed_config")  # fmt: skip
+    if not isinstance(config, (str, Path)):
+        return json.loads(json.dumps(config))  # a deep copy of a JSON-like dict
+    if not Path(config).is_file():
+        raise ValueError(f"{field}={str(config)!r}: the file does not exist; give the path of a "
+                         "DeepSpeed JSON (e.g. ds_configs/zero2.json)")  # fmt: skip
+    try:
         with open(config) as fh:
-            return json.load(fh)
-    return json.loads(json.dumps(config))  # a deep copy of a JSON-like dict
+            out = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config}: not valid JSON at line {exc.lineno} column {exc.colno} "
+                         f"({exc.msg}); fix the file given as {field}") from exc  # fmt: skip
+    if not isinstance(out, dict):
+        raise ValueError(f"{config}: a DeepSpeed config must be a JSON object, got "
+                         f"{type(out).__name__}")  # fmt: skip
+    return out
 
 
 def _zero_stage(cfg: dict[str, Any]) -> int:
@@ -92,12 +106,37 @@ def frugal_options(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return params
 
 
-def initialize(*args: Any, model: torch.nn.Module, config: Any = None, **kwargs: Any):
-    """``deepspeed.initialize`` with FRUGAL built from the config's optimizer section; same return
-    value ``(engine, optimizer, training_dataloader, lr_scheduler)``."""
+def initialize(args: Any = None, model: torch.nn.Module | None = None, config: Any = None,
+               **kwargs: Any):  # fmt: skip
+    """``deepspeed.initialize`` with FRUGAL built from the config's optimizer section; same
+    arguments and return value ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+
+    The config is ``config`` (or ``config_params``) or, as in DeepSpeed, ``args.deepspeed_config``;
+    giving both is an error."""
     import deepspeed
 
-    cfg = _load_config(config if config is not None else kwargs.pop("config_params", None))
+    if model is None:
+        raise ValueError("frugal_dist.deepspeed.initialize needs model=")
+    if config is None:
+        config = kwargs.pop("config_params", None)
+    from_args = getattr(args, "deepspeed_config", None)
+    if from_args is not None and config is not None:
+        raise ValueError(f"a DeepSpeed config was given twice: args.deepspeed_config={from_args!r} "
+                         "and config=; pass one of them")  # fmt: skip
+    cfg = read_config(config if config is not None else from_args,
+                      "args.deepspeed_config" if config is None else "config")  # fmt: skip
+    if from_args is not None:  # DeepSpeed takes the config from us, as a dict, not from args
+        args.deepspeed_config = None
+    try:
+        return _initialize(deepspeed, args, model, cfg, kwargs)
+    finally:
+        if from_args is not None:
+            args.deepspeed_config = from_args
+
+
+def _initialize(deepspeed: Any, args: Any, model: torch.nn.Module, cfg: dict[str, Any],
+                kwargs: dict[str, Any]):  # fmt: skip
+    args = () if args is None else (args,)
     options = frugal_options(cfg)
     if options is None or kwargs.get("optimizer") is not None:
         return deepspeed.initialize(*args, model=model, config=cfg, **kwargs)

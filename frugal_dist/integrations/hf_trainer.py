@@ -21,10 +21,12 @@ matrices are split:
    as a client optimizer; at ``on_train_begin`` ``FrugalTrainer`` binds it to the ZeRO layout
    (``frugal_dist.engines.deepspeed.bind``) so FRUGAL sees each parameter's flat fragment.
 
-The Trainer's ``learning_rate`` / ``weight_decay`` / ``adam_*`` arguments are ignored by
-FRUGAL unless given in ``frugal_options`` (``FrugalTrainer`` takes ``lr`` from ``learning_rate``
-when ``frugal_options`` has none). Trainer's gradient clipping (``max_grad_norm``) applies as
-usual; FRUGAL sees the clipped, averaged gradient.
+``FrugalTrainer`` takes ``lr``, ``weight_decay``, ``betas`` and ``eps`` from the
+``TrainingArguments`` (``learning_rate``, ``weight_decay``, ``adam_beta1/2``, ``adam_epsilon``)
+unless ``frugal_options`` gives them; as in ``Trainer``, norms and biases (the ``no_decay``
+group) get no weight decay. ``create_frugal_optimizer`` takes them as keyword options. Trainer's
+gradient clipping (``max_grad_norm``) applies as usual; FRUGAL sees the clipped, averaged
+gradient.
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ def create_frugal_optimizer(
     groups = build_param_groups(model, rules=rules, **pop_group_options(options))
     check_param_coverage(model, groups)
     return FRUGAL(groups, **options)
+
+
+def trainer_options(args: Any) -> dict[str, Any]:
+    """FRUGAL's AdamW-style options from ``transformers.TrainingArguments``."""
+    return {"lr": args.learning_rate, "weight_decay": args.weight_decay,
+            "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}  # fmt: skip
 
 
 def _bind_to_deepspeed(trainer: Any) -> None:
@@ -92,8 +100,7 @@ def _make_trainer_class() -> type:
 
         def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
             if self.optimizer is None:
-                options = dict(self.frugal_options)
-                options.setdefault("lr", self.args.learning_rate)
+                options = {**trainer_options(self.args), **self.frugal_options}
                 self.optimizer = create_frugal_optimizer(
                     self.model, rules=self.frugal_rules, **options
                 )

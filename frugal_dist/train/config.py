@@ -1,6 +1,12 @@
-"""Training configuration: a YAML file plus ``--key=value`` overrides (dotted for sub-sections).
+"""Training configuration: one typed schema, ``TrainConfig``, for YAML files, the command line,
+validation and ``launchers/train.py --help``.
 
-Unknown keys are errors that name the key and list the allowed ones.
+Each field is ``Annotated[type, Field(description=..., <range>)]``; choices are ``Literal`` types.
+``pydantic`` (v2) validates a raw dict against it in strict mode (no ``"1"`` for 1, no ``true``
+for an integer, no NaN); a failure becomes one ``ValueError`` line naming the key, what it must
+be and what was given. Unknown keys get a "did you mean". The ``optimizer`` and ``data`` sections
+are checked by their owners' rules (``config_validation``, ``pipeline.validate_data_config``) and
+documented in ``config_cli``. ``TrainConfig`` stays a plain dataclass (``dataclasses.asdict``).
 """
 
 from __future__ import annotations
@@ -9,43 +15,73 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
+from frugal_dist.train.config_files import merge_configs
 from frugal_dist.train.config_validation import validate_config
+from frugal_dist.train.model import LLAMA_CONFIGS
 from frugal_dist.train.pipeline import validate_data_config
 
+ENGINES = ("auto", "single", "ddp", "fsdp2", "fsdp1", "fairscale", "deepspeed")
+Model = Literal[tuple(LLAMA_CONFIGS)]  # type: ignore[valid-type]
+Engine = Literal[ENGINES]  # type: ignore[valid-type]
+DTYPES = ("float32", "bfloat16")
 
+
+def _f(description: str, **kw: Any) -> Any:
+    """Field metadata: the one-line help text, ranges, strict types (no "1" for 1)."""
+    return Field(description=description, strict=True, **kw)
+
+
+def _c(description: str) -> Any:
+    """Field metadata of a ``Literal`` (choices are exact already)."""
+    return Field(description=description)
+
+
+@with_config(ConfigDict(allow_inf_nan=False))
 @dataclass
 class TrainConfig:
     """Every key of a training config (``launchers/train.py --help`` prints them)."""
 
-    model: str = "tiny"  # a key of LLAMA_CONFIGS
-    seq_len: int = 128
-    batch_size: int = 8  # sequences per rank per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    max_steps: int = 200
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # 0 disables clipping
-    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "frugal", "lr": 3e-3})
-    # see frugal_dist.train.pipeline for every data key; the source's defaults are filled in
-    data: dict[str, Any] = field(default_factory=lambda: {"source": "embedded"})
-    eval_every: int = 50
-    eval_batches: int = 4
-    log_every: int = 10
-    seed: int = 0
-    engine: str = "auto"  # auto | single | ddp | fsdp2 | fsdp1 | fairscale | deepspeed
-    deepspeed_config: str | None = None  # DeepSpeed JSON (engine=deepspeed)
-    fsdp2_replicas: int = 1  # engine=fsdp2: > 1 is HSDP, (replicas, world / replicas) mesh
-    output_dir: str | None = None
-    checkpoint_every: int = 100  # optimizer steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 3  # newest checkpoints kept in output_dir/checkpoints (0: all)
-    resume: str | None = None  # None | "auto" (newest valid checkpoint) | a checkpoint path
-    dtype: str = "float32"  # parameter dtype: float32 | bfloat16
-    autocast: str = "none"  # compute: none | bfloat16 (torch.autocast, float32 masters)
-    collective_timeout_s: float = 600.0  # a collective waiting longer for a peer rank fails
+    model: Annotated[Model, _c("model shape (frugal_dist.train.model.LLAMA_CONFIGS)")] = "tiny"
+    seq_len: Annotated[int, _f("tokens per sequence", ge=1)] = 128
+    batch_size: Annotated[int, _f("sequences per rank per micro-step", ge=1)] = 8
+    grad_accum: Annotated[int, _f("micro-steps per optimizer step", ge=1)] = 1
+    max_steps: Annotated[int, _f("optimizer steps of the run", ge=1)] = 200
+    warmup_steps: Annotated[int, _f("linear lr warm-up steps (<= max_steps)", ge=0)] = 20
+    min_lr_ratio: Annotated[float, _f("cosine decay ends at min_lr_ratio * lr", ge=0, le=1)] = 0.1
+    grad_clip: Annotated[float, _f("clip the global gradient norm (0: off)", ge=0)] = 1.0
+    optimizer: Annotated[dict[str, Any], _f("optimizer section: name + its options (below)")] = (
+        field(default_factory=lambda: {"name": "frugal", "lr": 3e-3})
+    )
+    data: Annotated[dict[str, Any], _f("data section: source + its options (below)")] = field(
+        default_factory=lambda: {"source": "embedded"}
+    )
+    eval_every: Annotated[int, _f("steps between validation passes (0: never)", ge=0)] = 50
+    eval_batches: Annotated[int, _f("batches per rank per validation pass", ge=1)] = 4
+    log_every: Annotated[int, _f("steps between progress lines / metrics records", ge=1)] = 10
+    seed: Annotated[int, _f("seed of the model, data order and subspaces", ge=0, lt=2**63)] = 0
+    engine: Annotated[Engine, _c("distributed engine (auto: ddp if world > 1)")] = "auto"
+    deepspeed_config: Annotated[str | None, _f("DeepSpeed JSON (engine=deepspeed)")] = None
+    fsdp2_replicas: Annotated[int, _f("engine=fsdp2: > 1 is HSDP, (replicas, world / replicas)",
+                                      ge=1)] = 1  # fmt: skip
+    output_dir: Annotated[str | None, _f("metrics, TensorBoard, checkpoints, plot")] = None
+    checkpoint_every: Annotated[int, _f("steps between checkpoints (0: at the end)", ge=0)] = 100
+    keep_checkpoints: Annotated[int, _f("newest checkpoints kept (0: all)", ge=0)] = 3
+    resume: Annotated[str | None, _f("'auto' (newest valid checkpoint) or a checkpoint path")] = (
+        None
+    )
+    dtype: Annotated[Literal[DTYPES], _c("parameter dtype")] = "float32"  # type: ignore[valid-type]
+    autocast: Annotated[Literal["none", "bfloat16"], _c("bf16 compute, fp32 masters")] = "none"
+    collective_timeout_s: Annotated[float, _f("a collective waiting longer fails", gt=0)] = 600.0
+    wandb_project: Annotated[str | None, _f("also log to this W&B project (pip install wandb)")] = (
+        None
+    )
+    wandb_mode: Annotated[Literal["offline", "online"], _c("offline: no network, sync later")] = (
+        "offline"
+    )
 
     @property
     def tokens_per_step_per_rank(self) -> int:
@@ -53,11 +89,20 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-ENGINES = ("auto", "single", "ddp", "fsdp2", "fsdp1", "fairscale", "deepspeed")
+_ADAPTER = TypeAdapter(TrainConfig)
 
 
-def _coerce(text: str) -> Any:
-    return yaml.safe_load(text)
+def expected(key: str) -> str:
+    """What ``key`` must be, in words, from the schema ("an integer >= 1", "one of [...]")."""
+    from frugal_dist.train.config_cli import field_info
+
+    info = field_info(key)
+    if info.choices:
+        return f"one of {list(info.choices)}"
+    what = {"int": "an integer", "float": "a finite number", "dict": "a mapping (a YAML section)",
+            "str": "a string"}.get(info.kind, info.kind)  # fmt: skip
+    bounds = " and ".join(f"{op} {v}" for op, v in info.bounds)
+    return f"{what}{' ' + bounds if bounds else ''}{' or null' if info.optional else ''}"
 
 
 def _unknown(key: str, allowed: list[str], where: str) -> ValueError:
@@ -66,24 +111,38 @@ def _unknown(key: str, allowed: list[str], where: str) -> ValueError:
     return ValueError(f"unknown config key {key!r} in {where}.{hint} Allowed keys: {allowed}")
 
 
+def _coerce(text: str) -> Any:
+    """A command-line value: YAML (``true``, ``[0.9, 0.95]``, ``null``), numbers as numbers
+    (YAML 1.1 reads ``1e-3`` as a string)."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` (``optimizer.density=0.5``) strings to a raw config dict."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    """Apply ``key=value`` (``optimizer.density=0.5``, leading ``--`` optional) strings to a raw
+    config dict, by the rules of ``config_files.merge_configs``."""
+    out: dict[str, Any] = {}
     for item in overrides:
         item = item[2:] if item.startswith("--") else item
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value (e.g. max_steps=100)")
         key, value = item.split("=", 1)
         key = key.replace("-", "_")
-        if "." in key:
-            section, sub = key.split(".", 1)
-            out.setdefault(section, {})
-            if not isinstance(out[section], dict):
+        section, _, sub = key.partition(".")
+        if sub:
+            if section in out and not isinstance(out[section], dict):
                 raise ValueError(f"{section!r} is not a section; cannot set {key!r}")
-            out[section][sub] = _coerce(value)
+            out.setdefault(section, {})[sub] = _coerce(value)
         else:
             out[key] = _coerce(value)
-    return out
+    return merge_configs(raw, out)  # a switch of optimizer.name / data.source as between files
 
 
 def build_config(raw: dict[str, Any]) -> TrainConfig:
@@ -91,24 +150,20 @@ def build_config(raw: dict[str, Any]) -> TrainConfig:
     for key in raw:
         if key not in FIELDS:
             raise _unknown(key, sorted(FIELDS), "the training config")
-    cfg = TrainConfig()
-    for key, value in raw.items():
-        if key in ("optimizer", "data"):
-            if value is not None and not isinstance(value, dict):
-                raise ValueError(f"{key} must be a mapping (a YAML section), got {value!r}")
-            merged = {**getattr(cfg, key), **(value or {})}
-            setattr(cfg, key, merged)
-        else:
-            setattr(cfg, key, value)
+    values = dict(raw)
+    for key in ("optimizer", "data"):
+        if key in values and values[key] is None:
+            values[key] = {}
+        if isinstance(values.get(key), dict):
+            values[key] = {**getattr(TrainConfig(), key), **values[key]}
+    try:
+        cfg = _ADAPTER.validate_python(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else "config"
+        raise ValueError(f"{key} must be {expected(key)}, got {err['input']!r}") from None
     cfg.data = validate_data_config(cfg.data)  # known keys for the source, defaults filled in
-    validate_config(cfg, ENGINES)  # every field: type, range, choices; the optimizer section
-    for key in ("checkpoint_every", "keep_checkpoints"):
-        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 0:
-            raise ValueError(f"{key} must be an integer >= 0, got {getattr(cfg, key)!r}")
-    if cfg.resume is not None and not isinstance(cfg.resume, str):
-        raise ValueError(
-            f"resume must be 'auto' or a checkpoint path (or null), got {cfg.resume!r}"
-        )
+    validate_config(cfg)  # across fields; the optimizer section
     return cfg
 
 

@@ -9,17 +9,28 @@
 
 Both take the FRUGAL presets of ``frugal_dist.train.optimizers`` (``frugal``, ``galore``,
 ``badam``); other optimizers run under ddp / fsdp2 / deepspeed.
+
+``deepspeed``: ``deepspeed_engine`` builds the engine from ``deepspeed_config`` by one precedence
+rule -- the experiment config (YAML files and ``--key`` flags) wins over the DeepSpeed JSON for
+every setting both express: the FRUGAL/RSO ``params`` (against ``optimizer.*``), the micro-batch
+(``batch_size``), ``gradient_accumulation_steps`` (``grad_accum``), ``gradient_clipping``
+(``grad_clip``) and bf16 (``dtype``). The JSON keeps everything else (ZeRO stage, offload,
+buckets, ...). Rank 0 logs one notice naming each JSON value that was replaced.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from frugal_dist.train.logs import logger
 from frugal_dist.train.optimizers import PRESETS
+
+if TYPE_CHECKING:
+    from frugal_dist.train.config import TrainConfig
 
 SHARDED_ENGINES = ("fsdp1", "fairscale")
 
@@ -60,3 +71,61 @@ def clip_gradients(engine: str, wrapped: nn.Module, optimizer: Any, max_norm: fl
         optimizer.clip_grad_norm(max_norm)
     else:
         torch.nn.utils.clip_grad_norm_(wrapped.parameters(), max_norm)
+
+
+def experiment_over_json(ds_cfg: dict[str, Any], cfg: TrainConfig, name: str,
+                         opt_cfg: dict[str, Any]) -> list[str]:  # fmt: skip
+    """Apply the experiment config's values to the DeepSpeed config ``ds_cfg`` in place (see the
+    module docstring); returns ``"key: json -> experiment (field)"`` for each replaced value."""
+    replaced: list[str] = []
+
+    def put(where: dict[str, Any], key: str, value: Any, label: str, field: str) -> None:
+        if key in where and where[key] != value:
+            replaced.append(f"{label} {where[key]!r} -> {value!r} ({field})")
+        where[key] = value
+
+    put(ds_cfg, "train_micro_batch_size_per_gpu", cfg.batch_size,
+        "train_micro_batch_size_per_gpu", "batch_size")  # fmt: skip
+    put(ds_cfg, "gradient_accumulation_steps", cfg.grad_accum, "gradient_accumulation_steps",
+        "grad_accum")  # fmt: skip
+    ds_cfg.pop("train_batch_size", None)  # derived by DeepSpeed from the two above
+    put(ds_cfg, "gradient_clipping", cfg.grad_clip, "gradient_clipping", "grad_clip")
+    if cfg.dtype != "bfloat16" and ds_cfg.get("bf16", {}).get("enabled", False):
+        put(ds_cfg["bf16"], "enabled", False, "bf16.enabled", f"dtype={cfg.dtype}")
+    section = ds_cfg.setdefault("optimizer", {"type": name.upper(), "params": {}})
+    if name == "rso" and str(section.get("type", "")).lower() != "rso":  # RSO: own section
+        section = ds_cfg["optimizer"] = {"type": "RSO", "params": {}}
+    if str(section.get("type", "")).lower() == name:
+        params = section.setdefault("params", {})
+        for key, value in opt_cfg.items():
+            json_value = params.get(key)
+            if isinstance(json_value, list) and isinstance(value, tuple):
+                json_value = tuple(json_value)
+            if key in params and json_value != value:
+                replaced.append(f"optimizer.params.{key} {params[key]!r} -> {value!r} "
+                                f"(optimizer.{key})")  # fmt: skip
+            params[key] = value
+    return replaced
+
+
+def deepspeed_engine(model: nn.Module, cfg: TrainConfig, name: str, opt_cfg: dict[str, Any]):
+    """``(engine, FRUGAL or RSO)`` from ``cfg.deepspeed_config`` (precedence: module docstring)."""
+    from frugal_dist.engines.deepspeed import initialize, read_config
+
+    if name not in ("frugal", "rso"):
+        raise ValueError(
+            "engine=deepspeed runs FRUGAL or RSO from the DeepSpeed config; optimizer.name "
+            f"must be 'frugal' or 'rso', got {name!r}"
+        )
+    if cfg.deepspeed_config is None:
+        raise ValueError("engine=deepspeed needs --deepspeed_config=ds_configs/zero2.json")
+    ds_cfg = read_config(cfg.deepspeed_config, "deepspeed_config")
+    replaced = experiment_over_json(ds_cfg, cfg, name, opt_cfg)
+    if replaced:
+        logger.info(f"{cfg.deepspeed_config}: the experiment config wins over these DeepSpeed "
+                    f"JSON values: {'; '.join(replaced)}")  # fmt: skip
+    engine, optimizer, _, _ = initialize(model=model, config=ds_cfg)
+    inner = (
+        optimizer if hasattr(optimizer, "state_bytes") else getattr(optimizer, "optimizer", None)
+    )
+    return engine, inner

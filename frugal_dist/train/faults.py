@@ -11,13 +11,15 @@ import os
 import signal
 import sys
 
+from frugal_dist.train.logs import logger
+
 
 def maybe_kill(step: int, rank: int) -> None:
     """SIGKILL this process if the environment asks for it at ``step`` on ``rank``."""
     at = os.environ.get("FRUGAL_DIST_KILL_AT_STEP")
     if at is None or int(at) != step or int(os.environ.get("FRUGAL_DIST_KILL_RANK", "0")) != rank:
         return
-    print(f"[frugal_dist] fault injection: rank {rank} SIGKILLs itself after step {step}",
-          flush=True)  # fmt: skip
+    logger.warning(f"fault injection: rank {rank} SIGKILLs itself after step {step}")
+    sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)

@@ -7,7 +7,7 @@ gradient clipping, FRUGAL (or a baseline) step, lr schedule. Rank 0 prints progr
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import time
@@ -21,16 +21,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from frugal_dist.comm.ddp_hooks import defer_to_optimizer_hook
 from frugal_dist.comm.timeouts import explain_collective_timeouts, process_group_timeout, set_phase
+from frugal_dist.optim.engine_hooks import logical_shape
 from frugal_dist.train import checkpoint
 from frugal_dist.train.config import TrainConfig
-from frugal_dist.train.engine_setup import SHARDED_ENGINES, clip_gradients, wrap_and_build
+from frugal_dist.train.engine_setup import (
+    SHARDED_ENGINES,
+    clip_gradients,
+    deepspeed_engine,
+    wrap_and_build,
+)
 from frugal_dist.train.faults import maybe_kill
+from frugal_dist.train.input_errors import input_errors
+from frugal_dist.train.logs import logger, setup_console
 from frugal_dist.train.model import build_model
 from frugal_dist.train.optimizers import build_optimizer
 from frugal_dist.train.pipeline import build_data
 from frugal_dist.train.progress import Progress, memory_gib
 from frugal_dist.train.safeguards import check_model_agreement, check_run_agreement
 from frugal_dist.train.schedule import lr_factor
+from frugal_dist.train.summary import report, run_summary
 
 
 def init_distributed(collective_timeout_s: float | None = None) -> tuple[int, int, torch.device]:
@@ -87,65 +96,63 @@ def evaluate(
 @explain_collective_timeouts  # a stalled rank: CollectiveTimeoutError naming the step
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training; returns a summary (first/last loss, val loss, tokens/s, final state bytes)."""
-    rank, world, device = init_distributed(cfg.collective_timeout_s)
-    check_run_agreement(cfg, world)  # same code, config and seed on every rank, or raise
-    engine = cfg.engine if cfg.engine != "auto" else ("ddp" if world > 1 else "single")
-    if engine == "ddp" and world == 1 and not dist.is_initialized():
-        engine = "single"
-    if engine == "fsdp2" and not dist.is_initialized():  # FSDP2's mesh needs a group, even of 1
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                store=dist.HashStore(), rank=0, world_size=1)  # fmt: skip
-    torch.manual_seed(cfg.seed)
-    data = build_data(cfg.data, cfg.seq_len, seed=cfg.seed)  # vocab: the tokenizer's
-    model = build_model(cfg.model, max_seq_len=max(cfg.seq_len, 16), vocab_size=data.vocab_size).to(
-        device
-    )
-    check_model_agreement(model)
-    set_phase("start-up (model wrapping, optimizer)")
-    if cfg.dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
-    if cfg.optimizer.get("name") == "rso":  # RSO: swap Linears for RSO layers before any wrapping
-        from frugal_dist.optim.rso_layers import apply_rso_from_options
+    with input_errors():  # a bad input at start-up: one line, exit 2 (launchers/train.py)
+        rank, world, device = init_distributed(cfg.collective_timeout_s)
+        setup_console(rank)
+        check_run_agreement(cfg, world)  # same code, config and seed on every rank, or raise
+        engine = cfg.engine if cfg.engine != "auto" else ("ddp" if world > 1 else "single")
+        if engine == "ddp" and world == 1 and not dist.is_initialized():
+            engine = "single"
+        if engine == "fsdp2" and not dist.is_initialized():  # FSDP2's mesh needs a group of 1+
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    store=dist.HashStore(), rank=0, world_size=1)  # fmt: skip
+        torch.manual_seed(cfg.seed)
+        data = build_data(cfg.data, cfg.seq_len, seed=cfg.seed)  # vocab: the tokenizer's
+        model = build_model(
+            cfg.model, max_seq_len=max(cfg.seq_len, 16), vocab_size=data.vocab_size
+        ).to(device)
+        check_model_agreement(model)
+        set_phase("start-up (model wrapping, optimizer)")
+        if cfg.dtype == "bfloat16":
+            model = model.to(torch.bfloat16)
+        if cfg.optimizer.get("name") == "rso":  # RSO: swap Linears for RSO layers first
+            from frugal_dist.optim.rso_layers import apply_rso_from_options
 
-        apply_rso_from_options(model, cfg.optimizer, seed=cfg.seed)
-    if engine == "fsdp2":
-        from frugal_dist.engines.fsdp2 import default_mesh, shard_model
+            apply_rso_from_options(model, cfg.optimizer, seed=cfg.seed)
+        if engine == "fsdp2":
+            from frugal_dist.engines.fsdp2 import default_mesh, shard_model
 
-        shard_model(model, mesh=default_mesh(replicas=cfg.fsdp2_replicas))  # > 1: HSDP
-    if engine != "deepspeed":
-        wrapped = DDP(model) if engine == "ddp" else model
-    opt_cfg = dict(cfg.optimizer)
-    name = opt_cfg.pop("name", "frugal")
-    opt_cfg.setdefault("seed", cfg.seed)
-    ds_engine = None
-    if engine == "deepspeed":
-        ds_engine, optimizer = _deepspeed_engine(model, cfg, name, opt_cfg)
-        wrapped = ds_engine
-    elif engine in SHARDED_ENGINES:  # fsdp1 / fairscale: the wrapper and optimizer go together
-        wrapped, optimizer = wrap_and_build(engine, model, name, opt_cfg)
-    else:
-        optimizer = build_optimizer(model, name, **opt_cfg)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    if engine == "ddp" and getattr(optimizer, "reduce_gradients", False):
-        # FRUGAL reduces the gradients itself (compressed): DDP must not all-reduce them too.
-        wrapped.register_comm_hook(None, defer_to_optimizer_hook)
+            shard_model(model, mesh=default_mesh(replicas=cfg.fsdp2_replicas))  # > 1: HSDP
+        if engine != "deepspeed":
+            wrapped = DDP(model) if engine == "ddp" else model
+        opt_cfg = dict(cfg.optimizer)
+        name = opt_cfg.pop("name", "frugal")
+        opt_cfg.setdefault("seed", cfg.seed)
+        ds_engine = None
+        if engine == "deepspeed":
+            ds_engine, optimizer = deepspeed_engine(model, cfg, name, opt_cfg)
+            wrapped = ds_engine
+        elif engine in SHARDED_ENGINES:  # fsdp1 / fairscale: the wrapper and optimizer go together
+            wrapped, optimizer = wrap_and_build(engine, model, name, opt_cfg)
+        else:
+            optimizer = build_optimizer(model, name, **opt_cfg)
+        base_lrs = [g["lr"] for g in optimizer.param_groups]
+        if engine == "ddp" and getattr(optimizer, "reduce_gradients", False):
+            # FRUGAL reduces the gradients itself (compressed): DDP must not all-reduce them too.
+            wrapped.register_comm_hook(None, defer_to_optimizer_hook)
 
-    train_data, val_data = data.train, data.val
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    start = checkpoint.resume_into(cfg, engine, model=model, optimizer=optimizer,
-                                   ds_engine=ds_engine, train_data=train_data,
-                                   wrapped=wrapped)  # fmt: skip
-    progress = Progress(out_dir, rank, start.step, cfg.max_steps)
-    if rank == 0:
-        from frugal_dist.optim.engine_hooks import logical_shape  # zero.Init: the real shape
-
-        n_params = sum(int(torch.Size(logical_shape(p)).numel()) for p in model.parameters())
-        print(
-            f"[frugal_dist] model={cfg.model} ({n_params / 1e6:.2f}M params) engine={engine} "
-            f"world={world} optimizer={name} {opt_cfg} tokens/step="
-            f"{cfg.tokens_per_step_per_rank * world}",
-            flush=True,
-        )
+        train_data, val_data = data.train, data.val
+        out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+        start = checkpoint.resume_into(cfg, engine, model=model, optimizer=optimizer,
+                                       ds_engine=ds_engine, train_data=train_data,
+                                       wrapped=wrapped)  # fmt: skip
+        sinks = [wandb_sink(cfg, out_dir)] if rank == 0 and cfg.wandb_project else []
+    progress = Progress(out_dir, rank, start.step, cfg.max_steps, sinks=sinks)
+    n_params = sum(int(torch.Size(logical_shape(p)).numel()) for p in model.parameters())
+    logger.info(f"model={cfg.model} ({n_params / 1e6:.2f}M params) engine={engine} "
+                f"world={world} optimizer={name} {opt_cfg} "
+                f"tokens/step={cfg.tokens_per_step_per_rank * world}")  # fmt: skip
+    t_start = time.perf_counter()
 
     history: list[dict[str, Any]] = []
     tokens = start.tokens
@@ -201,7 +208,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             val_loss = evaluate(wrapped, val_data, cfg, rank, world, device)
             record["val_loss"] = val_loss
             record["val_ppl"] = math.exp(min(val_loss, 50.0))
-        logged = (step + 1) % cfg.log_every == 0 or step == start.step or do_eval
+        final = step + 1 == cfg.max_steps  # the first and last steps are always logged
+        logged = (step + 1) % cfg.log_every == 0 or step == start.step or do_eval or final
         if logged:
             now = time.perf_counter()
             record["tokens_per_s"] = (tokens - tokens_last) / max(now - t_last, 1e-9)
@@ -222,75 +230,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                       optimizer=optimizer, ds_engine=ds_engine,
                                       train_data=train_data, wrapped=wrapped)  # fmt: skip
         if saved is not None:
-            progress.note(f"[frugal_dist] checkpoint {saved}")
+            progress.note(f"checkpoint {saved}")
         maybe_kill(step + 1, rank)
     progress.close()
-    k = max(1, min(10, len(history) // 5))
-    summary = {
-        "losses": [r["loss"] for r in history],
-        "first_loss": sum(r["loss"] for r in history[:k]) / k,
-        "last_loss": sum(r["loss"] for r in history[-k:]) / k,
-        "val_loss": val_loss,
-        "steps": len(history),
-        "tokens": tokens,
-        "world_size": world,
-        "engine": engine,
-        "state_bytes": optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else None,
-        "comm_bytes_last_step": (
-            optimizer.comm_stats()["last_step_total"] if hasattr(optimizer, "comm_stats") else None
-        ),
-    }
+    summary = run_summary(history, val_loss=val_loss, tokens=tokens, world=world, engine=engine,
+                          elapsed_s=time.perf_counter() - t_start, optimizer=optimizer)  # fmt: skip
     if rank == 0:
-        print(f"[frugal_dist] done: {json.dumps(summary)}", flush=True)
-        _final_report(out_dir, val_loss)
+        report(summary, out_dir)
     return summary
 
 
-def _deepspeed_engine(model, cfg: TrainConfig, name: str, opt_cfg: dict[str, Any]):
-    """A DeepSpeed engine from ``cfg.deepspeed_config``. The DeepSpeed JSON's FRUGAL section gives
-    defaults; the training config's ``optimizer`` section (and ``--optimizer.*``) override them.
-    Batch size, accumulation and clipping come from the training config."""
-    from frugal_dist.engines.deepspeed import _load_config, initialize
+def wandb_sink(cfg: TrainConfig, out_dir: Path | None):
+    """Rank 0's W&B run (``wandb_project``, ``wandb_mode``; see ``metric_sinks``)."""
+    from frugal_dist.train.metric_sinks import WandbSink
 
-    if cfg.deepspeed_config is None:
-        raise ValueError("engine=deepspeed needs --deepspeed_config=ds_configs/zero2.json")
-    ds_cfg = _load_config(cfg.deepspeed_config)
-    ds_cfg["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    ds_cfg["gradient_accumulation_steps"] = cfg.grad_accum
-    ds_cfg.pop("train_batch_size", None)
-    ds_cfg["gradient_clipping"] = cfg.grad_clip
-    if cfg.dtype != "bfloat16":
-        ds_cfg.setdefault("bf16", {})["enabled"] = False
-    if name not in ("frugal", "rso"):
-        raise ValueError(
-            "engine=deepspeed runs FRUGAL or RSO from the DeepSpeed config; optimizer.name "
-            f"must be 'frugal' or 'rso', got {name!r}"
-        )
-    section = ds_cfg.setdefault("optimizer", {"type": name.upper(), "params": {}})
-    if name == "rso" and str(section.get("type", "")).lower() != "rso":  # RSO: own section
-        section = ds_cfg["optimizer"] = {"type": "RSO", "params": {}}
-    if str(section.get("type", "")).lower() == name:  # the experiment config's values win
-        section["params"] = {**section.get("params", {}), **opt_cfg}
-    engine, optimizer, _, _ = initialize(model=model, config=ds_cfg)
-    inner = (
-        optimizer if hasattr(optimizer, "state_bytes") else getattr(optimizer, "optimizer", None)
-    )
-    return engine, inner
-
-
-def _final_report(out_dir: Path | None, val_loss: float) -> None:
-    """Rank 0, end of run: the validation perplexity and, with ``output_dir``, the run's plot."""
-    if not math.isnan(val_loss):
-        print(f"[frugal_dist] final validation loss {val_loss:.4f}, perplexity "
-              f"{math.exp(min(val_loss, 50.0)):.2f}", flush=True)  # fmt: skip
-    if out_dir is None:
-        return
-    try:
-        from frugal_dist.train.plot import plot_runs
-
-        print(f"[frugal_dist] plot: {plot_runs([out_dir], out_dir / 'curves.png')}", flush=True)
-    except ImportError as exc:
-        print(f"[frugal_dist] no plot ({exc})", flush=True)
+    name = out_dir.name if out_dir is not None else None
+    return WandbSink(cfg.wandb_project, cfg.wandb_mode, out_dir, name, dataclasses.asdict(cfg))
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:

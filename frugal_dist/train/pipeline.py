@@ -222,6 +222,6 @@ def _files_datasets(cfg: dict[str, Any], tok: Any, seq_len: int, seed: int):
             raise _fail(
                 f"{name}_files" if name == "train" or val_files else "val_fraction",
                 f"the {name} split has {toks.shape[0]} tokens, fewer than one sequence "
-                f"of seq_len={seq_len}",
+                f"of seq_len={seq_len}; give more text or a smaller seq_len",
             )
     return PackedDataset(train_tokens, seq_len, seed), PackedDataset(val_tokens, seq_len, seed + 1)

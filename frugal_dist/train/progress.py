@@ -7,7 +7,10 @@
   comm_bytes where known). On resume from step s the records after s are dropped first, so the
   file is the curve of one run;
 * ``<output_dir>/tensorboard/``: the same scalars (``torch.utils.tensorboard``; skipped when
-  tensorboard is not installed), purged after step s on resume.
+  tensorboard is not installed), purged after step s on resume; validation under ``val/``, the
+  rest under ``train/`` (``frugal_dist.train.metric_sinks``), as in any further ``sinks`` (W&B).
+
+Lines go through the ``frugal_dist`` logger (``frugal_dist.train.logs``).
 
 Memory is CUDA's peak allocated bytes on GPU, the process's resident set size on CPU.
 """
@@ -18,10 +21,14 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from frugal_dist.train.logs import logger
+from frugal_dist.train.metric_sinks import Sink, tensorboard_sink
 
 NUMERIC = ("loss", "lr", "val_loss", "val_ppl", "tokens_per_s", "mem_gib", "opt_state_mib",
            "comm_bytes", "skipped_steps")  # fmt: skip
@@ -73,12 +80,13 @@ class Progress:
         start_step: int,
         max_steps: int,
         use_bar: bool | None = None,
+        sinks: Sequence[Sink] = (),
     ) -> None:
         self.active = rank == 0
         self.start_step, self.max_steps = start_step, max_steps
         self.t0 = time.perf_counter()
         self.metrics_fh = None
-        self.writer = None
+        self.sinks: list[Sink] = list(sinks) if rank == 0 else []
         self.bar = None
         if not self.active:
             return
@@ -91,13 +99,9 @@ class Progress:
             elif path.exists():
                 path.unlink()  # a fresh run: its own curve only
             self.metrics_fh = open(path, "a")  # noqa: SIM115 - closed in close()
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.out_dir / "tensorboard"),
-                                            purge_step=start_step + 1)  # fmt: skip
-            except ImportError:
-                self.writer = None
+            board = tensorboard_sink(self.out_dir / "tensorboard", start_step)
+            if board is not None:
+                self.sinks.insert(0, board)
         if use_bar is None:
             use_bar = sys.stdout.isatty()
         if use_bar:
@@ -145,24 +149,22 @@ class Progress:
             if "comm_bytes" in record:
                 parts.append(f"comm {record['comm_bytes'] / 2**20:.2f} MiB")
             parts.append(f"ETA {_fmt_eta(self.eta_s(step))}")
-            print(" | ".join(parts), flush=True)
+            logger.info(" | ".join(parts))
         if self.metrics_fh is not None:
             self.metrics_fh.write(json.dumps(record) + "\n")
             self.metrics_fh.flush()
-        if self.writer is not None:
-            for key in NUMERIC:
-                if key in record:
-                    self.writer.add_scalar(f"train/{key}", record[key], step)
-            self.writer.flush()
+        scalars = {key: record[key] for key in NUMERIC if key in record}
+        for sink in self.sinks:
+            sink.log(scalars, step)
 
     def note(self, text: str) -> None:
         """A message that does not break the bar."""
         if not self.active:
             return
         if self.bar is not None:
-            self.bar.write(text)
+            self.bar.write(f"[frugal_dist] {text}")
         else:
-            print(text, flush=True)
+            logger.info(text)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -171,6 +173,6 @@ class Progress:
         if self.metrics_fh is not None:
             self.metrics_fh.close()
             self.metrics_fh = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

@@ -77,7 +77,8 @@ def expand_files(spec: str | list[str] | None, field: str) -> list[Path]:
             else ([pattern] if os.path.exists(pattern) else [])
         )
         if not matches:
-            raise ValueError(f"data.{field}: no file matches {pattern!r}")
+            raise ValueError(f"data.{field}: no file matches {pattern!r} (relative paths start "
+                             f"at {os.getcwd()}); check the path or the glob")  # fmt: skip
         for m in matches:
             path = Path(m).resolve()
             if path.is_dir():

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from frugal_dist.train.data import PackedDataset
+from frugal_dist.train.logs import logger
 from frugal_dist.train.sources import file_digest, hf_documents, holdout_split, load_hf_dataset
 from frugal_dist.train.token_cache import cached_tokens, token_dtype, tokenize_documents
 from frugal_dist.train.tokenization import TextTokenizer
@@ -169,8 +170,8 @@ class StreamingPackedDataset:
             why = "the checkpoint has no stream position"
             if position is not None:
                 why = "this stream cannot restore a position"
-            print(f"[frugal_dist] streaming resume: {why}; re-reading {skip} documents of "
-                  f"epoch {epoch} to reach it", flush=True)  # fmt: skip
+            logger.info(f"streaming resume: {why}; re-reading {skip} documents of epoch "
+                        f"{epoch} to reach it")  # fmt: skip
         for _ in itertools.islice(self._docs, skip):
             self._read += 1
         if self._read < skip:

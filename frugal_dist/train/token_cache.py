@@ -152,6 +152,19 @@ def cached_tokens(
     return np.load(path, mmap_mode="r"), False
 
 
+def _empty_message(files: list[Path], text_field: str, holdout: tuple[str, float] | None) -> str:
+    """What to do when ``files`` (or their holdout split) give no tokens: only an empty validation
+    share is fixed by ``val_fraction``; an empty training set needs other files or text_field."""
+    names = [str(f) for f in files][:3] + (["..."] if len(files) > 3 else [])
+    if holdout is not None and holdout[0] == "val":
+        return (f"data.val_fraction: no document of {names} falls in the held-out "
+                f"{holdout[1]:g} share; raise data.val_fraction or give data.val_files"
+                )  # fmt: skip
+    return (f"data.train_files: {names} contain no text (empty files, or no {text_field!r} "
+            "field: set data.text_field to the field holding the text); give files with "
+            "documents")  # fmt: skip
+
+
 def file_tokens(
     files: list[Path],
     tokenizer: TextTokenizer,
@@ -174,11 +187,7 @@ def file_tokens(
             iter_split_documents(files, text_field, txt_split, holdout), tokenizer
         )
         if tokens.shape[0] == 0:
-            what = f"split {holdout[0]!r} of " if holdout else ""
-            raise ValueError(
-                f"{what}files {[f.name for f in files][:5]} contain no documents"
-                + (" (raise data.val_fraction or give data.val_files)" if holdout else "")
-            )
+            raise ValueError(_empty_message(files, text_field, holdout))
         return tokens
 
     key = {

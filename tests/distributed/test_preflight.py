@@ -22,7 +22,7 @@ def outcomes() -> list[dict]:
     [
         ("lr", ["optimizer.lr: rank 0 has 0.003, rank 1 has 0.002"]),
         ("seed", ["seed: rank 0 has 0, rank 1 has 1"]),
-        ("timeout_knob", ["collective_timeout_s: rank 0 has 600.0, rank 1 has 60"]),
+        ("timeout_knob", ["collective_timeout_s: rank 0 has 600.0, rank 1 has 60.0"]),
         ("version", ['frugal_dist.__version__: rank 0 has "0.1.0", rank 1 has "0.2.0.dev0"']),
         ("model_shape", ["ranks disagree on the model",
                          "model.param.layers.0.mlp.down_proj.weight: rank 0 has [64, 172], "

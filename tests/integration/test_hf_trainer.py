@@ -60,6 +60,22 @@ def test_frugal_trainer_builds_frugal_from_options(tmp_path):
     assert isinstance(inner, FRUGAL) and inner.defaults["lr"] == 3e-3  # from learning_rate
 
 
+def test_frugal_trainer_honours_training_arguments(tmp_path):
+    from frugal_dist.integrations.hf_trainer import FrugalTrainer
+
+    args = hw.args(str(tmp_path / "wd"), STEPS, weight_decay=0.1, adam_beta2=0.95,
+                   adam_epsilon=1e-6)  # fmt: skip
+    trainer = FrugalTrainer(model=hw.tiny_llama(), args=args, train_dataset=hw.Repeating(),
+                            frugal_options={"density": 0.25})  # fmt: skip
+    opt = trainer.create_optimizer()
+    decay = {g["name"]: g["weight_decay"] for g in opt.param_groups}
+    assert decay == {"split": 0.1, "state_full": 0.1, "no_decay": 0.0}  # norms: none, as Trainer
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-6
+    explicit = FrugalTrainer(model=hw.tiny_llama(), args=args, train_dataset=hw.Repeating(),
+                             frugal_options={"weight_decay": 0.0})  # fmt: skip
+    assert all(g["weight_decay"] == 0.0 for g in explicit.create_optimizer().param_groups)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 def test_frugal_trainer_with_deepspeed_zero2(tmp_path):

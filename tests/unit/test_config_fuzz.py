@@ -23,8 +23,8 @@ from frugal_dist import FRUGAL, build_param_groups
 from frugal_dist.core.rules import STATE_FREE_RULES, STATE_FULL_RULES
 from frugal_dist.core.subspaces import BLOCK_ORDERS, COORD_CHOICES, PROJ_SIDES, PROJ_TYPES
 from frugal_dist.optim.validation import SUBSPACES
-from frugal_dist.train.config import ENGINES, FIELDS, build_config
-from frugal_dist.train.config_validation import DTYPES, frugal_keywords
+from frugal_dist.train.config import DTYPES, ENGINES, FIELDS, build_config
+from frugal_dist.train.config_validation import frugal_keywords
 from frugal_dist.train.model import LlamaConfig, build_model
 from frugal_dist.train.optimizers import build_optimizer
 
@@ -186,7 +186,7 @@ VALID_TRAIN: dict[str, st.SearchStrategy] = {
     "eval_batches": st.integers(1, 16),
     "log_every": st.integers(1, 1000),
     "seed": st.integers(0, 2**63 - 1),
-    "engine": st.sampled_from(ENGINES),
+    "engine": st.sampled_from([e for e in ENGINES if e != "deepspeed"]),  # that needs a JSON
     "dtype": st.sampled_from(DTYPES),
     "collective_timeout_s": st.one_of(st.floats(1e-3, 1e5), st.integers(1, 10**5)),
     "output_dir": st.one_of(st.none(), st.just("runs/x")),
@@ -217,7 +217,9 @@ INVALID_TRAIN: dict[str, tuple[str, st.SearchStrategy]] = {  # key -> (name in m
 
 
 def valid_train() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({}, optional=VALID_TRAIN)
+    return st.fixed_dictionaries({}, optional=VALID_TRAIN).filter(
+        lambda r: r.get("warmup_steps", 20) <= r.get("max_steps", 200)  # a longer warm-up: refused
+    )
 
 
 @FUZZ_STEPS

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import frugal_dist.train.streaming as streaming
+from frugal_dist.train.logs import setup_console
 from frugal_dist.train.pipeline import build_data
 
 # variable lengths; every 11th record is empty (skipped by hf_documents, but still a record)
@@ -24,6 +25,11 @@ TEXTS = [
 ]
 DOC_ID = re.compile(r"<(\d{3})>")
 SEQ, BS = 32, 3
+
+
+@pytest.fixture(autouse=True)
+def _console() -> None:
+    setup_console(0)  # notices go through the frugal_dist logger, to stdout (as under train())
 
 
 def _cfg(tmp_path: Path, n_files: int, **extra) -> dict:
