@@ -50,12 +50,9 @@ from frugal_dist.core.rules import (
     state_free_direction_,
     state_full_directions,
 )
-from frugal_dist.core.seeding import projection_seed
 from frugal_dist.core.subspaces import (
     ProjectionSelection,
     matrix_shape,
-    projection_rank,
-    projection_selection,
     resolve_side,
     tensor_fingerprint,
 )
@@ -68,9 +65,11 @@ from frugal_dist.optim.fast_apply import (
     batchable_coordinate,
     batchable_free,
     batchable_projection,
+    coordinate_fusable,
     local_matrix,
 )
 from frugal_dist.optim.nonfinite import grads_are_finite
+from frugal_dist.optim.projection_batch import apply_batched, down_batched, projection_backend
 from frugal_dist.optim.sharding import assign_owners
 from frugal_dist.optim.step_items import (
     Item,
@@ -80,6 +79,7 @@ from frugal_dist.optim.step_items import (
     item_kind,
     whole_rule,
 )
+from frugal_dist.optim.svd_refresh import basis_shape, owner_bases
 
 
 class FrugalStepMixin:
@@ -149,6 +149,7 @@ class FrugalStepMixin:
         out: list[Item] = []
         bumped: list[Item] = []  # items whose sf_step this step increments
         active_sets: dict[int, frozenset[int]] = {}
+        fusable = False
         for view, s in zip(live, self._advance_all([view.state for view in live])):
             st = view.state
             k, refresh = s // gap, s % gap == 0
@@ -181,6 +182,8 @@ class FrugalStepMixin:
                 if kind == "coordinate":
                     it.gsel = self._coordinate(view, k, group)
                     it.sel = self._local_selection(view, k, it.gsel)
+                    sign_vote = reduced_here and self.residual_comm == "sign"
+                    fusable = coordinate_fusable(it, self.kernels, sharded, sign_vote)
                 elif not (refresh and group["proj_type"] == "svd"):
                     it.gsel = self._projection(view, k, group)
                     it.sel = local_projection(it.gsel, view.span)
@@ -188,7 +191,7 @@ class FrugalStepMixin:
                     self._reset_buffers(st, rule, compact_shape(it), dev)
             if active and mine:
                 bumped.append(it)
-                it.fused = fused_ok and self._fused_for(view)
+                it.fused = fusable if kind == "coordinate" else fused_ok and self._fused_for(view)
             out.append(it)
         counts = increment_counters([it.st for it in bumped], "sf_step")
         for it, t in zip(bumped, counts):
@@ -280,6 +283,7 @@ class FrugalStepMixin:
         else:
             owners = {it.name: 0 for it in pending}
         per_rank: list[list[Tensor]] = [[] for _ in range(world)]
+        mine: list[tuple[Item, Tensor]] = []
         for it in pending:
             shape = matrix_shape(it.view.shape)
             owner = owners[it.name]
@@ -295,17 +299,17 @@ class FrugalStepMixin:
                 dist.reduce(buf, dst=global_rank(self._pg, owner), group=self._pg)
                 self.comm.add("svd_gather", buf.nbytes, buf.nbytes)
                 full_g = buf.view(shape)
-            side = resolve_side(it.group["proj_side"], shape)
             if owner == rank:
-                basis = projection_selection(
-                    shape, it.group["density"], "svd", it.group["proj_side"],
-                    projection_seed(it.group["seed"], it.name, it.k), grad=full_g,
-                ).basis  # fmt: skip
-            else:
-                dim = shape[0] if side == "left" else shape[1]
-                r = projection_rank(shape, it.group["density"], side, "svd")
+                mine.append((it, full_g))
+        # the owner's bases, batched over same-shape matrices (optim.svd_refresh: svd_method)
+        computed = dict(zip((id(it) for it, _ in mine),
+                            owner_bases([it for it, _ in mine], [g for _, g in mine])))  # fmt: skip
+        for it in pending:
+            basis = computed.get(id(it))
+            if basis is None:
+                dim, r = basis_shape(it)
                 basis = torch.empty(dim, r, device=it.g.device)
-            per_rank[owner].append(basis)
+            per_rank[owners[it.name]].append(basis)
             it.st["proj_basis"] = basis
         broadcast_from_owners(per_rank, self._pg, self.comm, "basis_broadcast")
         for it in pending:
@@ -317,13 +321,17 @@ class FrugalStepMixin:
     # ---------------------------------------------------------------------------------- down
     def _down(self, items: list[Item], world: int) -> None:
         partial: list[Item] = []
+        # batched GEMMs for whole matrices (optim.projection_batch); per item below where the
+        # ranks sum partial products (a bound layout at world > 1: every rank takes part)
+        fragments = self._layout is not None and world > 1
+        done = set() if fragments else down_batched(items, self.kernels, self._kernel_cache)
         for it in items:
             if it.kind in ("adamw", "free") or (it.kind == "block" and it.active):
                 if it.kind != "free":
                     it.g_sf = it.g
-            elif it.kind == "coordinate" and it.g_sf is None:
+            elif it.kind == "coordinate" and it.g_sf is None and not it.fused:
                 it.g_sf = it.sel.gather(it.g)
-            elif it.kind == "projection" and it.g_sf is None:
+            elif it.kind == "projection" and it.g_sf is None and id(it) not in done:
                 it.g_sf = it.sel.down(it.g)
                 if self._layout is not None and world > 1:
                     partial.append(it)
@@ -417,37 +425,43 @@ class FrugalStepMixin:
         for its in by_group.values():
             group = its[0].group
             lr, wd = group["lr"], group["weight_decay"]
-            fused = [it for it in its if it.fused]
-            if wd != 0.0:
-                data = [it.view.data for it in its if it.view.data.numel() and not it.fused]
-                if data:
-                    torch._foreach_mul_(data, 1.0 - lr * wd)
-            if fused:
-                apply_fused(fused, lr, wd, group, self._dev_steps)
             s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
+            fused: list[Item] = []
             batch: list[tuple[Item, str, float]] = []
             coords: list[Item] = []
             projs: list[Item] = []
+            kernel_projs: list[Item] = []
+            rest: list[Item] = []
             for it in its:
+                how = None if it.fused else batchable_free(it)
                 if it.fused:
-                    it.g_sf = None
-                    continue
+                    fused.append(it)
+                elif how is not None:
+                    batch.append((it, *how))
+                elif projection_backend(it, self.kernels) is not None:
+                    kernel_projs.append(it)
+                elif batchable_coordinate(it):
+                    coords.append(it)
+                elif batchable_projection(it):
+                    projs.append(it)
+                else:
+                    rest.append(it)
+            if wd != 0.0:  # the kernels of fused / batch / kernel_projs fold the decay
+                data = [it.view.data for it in (*rest, *coords, *projs) if it.view.data.numel()]
+                if data:
+                    torch._foreach_mul_(data, 1.0 - lr * wd)
+            if fused:
+                apply_fused(fused, lr, wd, group, self.kernels, self._coord_positions)
+            apply_free_batch(batch, lr, wd, self.kernels)
+            if kernel_projs:
+                apply_batched(kernel_projs, lr, wd, self.kernels, self._kernel_cache)
+            for it in rest:
                 data = it.view.data
                 if it.kind == "adamw":
                     apply_update(data, it.u, -lr)
                     continue
                 if it.kind == "block" and it.active:
                     apply_update(data, it.u, -lr * s_p)
-                    continue
-                how = batchable_free(it)
-                if how is not None:
-                    batch.append((it, *how))
-                    continue
-                if batchable_coordinate(it):
-                    coords.append(it)
-                    continue
-                if batchable_projection(it):
-                    projs.append(it)
                     continue
                 free = self._free_direction(it)
                 if it.kind == "free":
@@ -469,7 +483,6 @@ class FrugalStepMixin:
                         full = it.sel.up_add_(free, it.u, beta=s_i)
                     apply_update(data, it.span.unpad(full), -lr * s_p)
                 it.free = it.u = it.g_sf = None  # release this item's temporaries now
-            apply_free_batch(batch, lr)
             if coords:
                 apply_coordinate_batch(coords, lr, s_p, s_i)
             if projs:
