@@ -189,7 +189,7 @@ def apply_fused(
         grads = [_shaped(it.g, it.view.data) for it in sub]
         m = [it.st["exp_avg"] for it in sub]
         v = [it.st["exp_avg_sq"] for it in sub]
-        if data[0].device.type == "cpu":  # fused=True on the CPU: torch's fused kernel
+        if data[0].device.type == "cpu" and kernels != "triton":  # fused=True on the CPU
             torch._fused_adamw_(
                 data, grads, m, v, [], [it.st["sf_step"] for it in sub], lr=lr * scale,
                 beta1=b1, beta2=b2, weight_decay=wd / scale, eps=group["eps"], amsgrad=False,

@@ -201,12 +201,12 @@ class FrugalStepMixin:
     def _fused_for(self, view: ParamView) -> bool:
         """Use ``torch._fused_adamw_`` for this whole-tensor AdamW item: float32 data and
         gradient (the kernel wants one dtype for params, grads and moments), non-empty, and
-        ``fused=True`` or (``fused=None`` and a CUDA tensor)."""
+        ``fused=True`` or (``fused=None`` and a CUDA tensor or ``kernels="triton"``)."""
         if self.fused is False or view.data.numel() == 0:
             return False
         if view.data.dtype != torch.float32 or view.grad.dtype != torch.float32:
             return False
-        return bool(self.fused) or view.data.device.type == "cuda"
+        return bool(self.fused) or view.data.device.type == "cuda" or self.kernels == "triton"
 
     def _local_selection(self, view: ParamView, k: int, gsel: Any) -> Any:
         """``local_coordinates`` of a fragment, cached per refresh (it indexes with a mask,
