@@ -11,6 +11,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from frugal_dist.comm.bits import majority_from_packed, pack_signs
+from frugal_dist.comm.participants import (
+    agree_on_seed_bounded,
+    all_gather_bounded,
+    broadcast_bounded,
+)
 from frugal_dist.comm.stats import CommStats
 
 ProcessGroup = dist.ProcessGroup | None
@@ -74,10 +79,13 @@ def sign_majority(tensors: list[Tensor], pg: ProcessGroup, stats: CommStats) -> 
 
 
 def broadcast_from_owners(
-    owned: list[list[Tensor]], pg: ProcessGroup, stats: CommStats, kind: str
-) -> None:
+    owned: list[list[Tensor]], pg: ProcessGroup, stats: CommStats, kind: str,
+    bounded: bool = False,
+) -> None:  # fmt: skip
     """``owned[r]``: tensors rank r computed (pre-allocated with the right shapes elsewhere).
-    After the call every rank holds rank r's values in ``owned[r]`` (one broadcast per rank)."""
+    After the call every rank holds rank r's values in ``owned[r]`` (one broadcast per rank).
+    ``bounded``: each broadcast waits at most the participants timeout (``comm.participants``;
+    a host sync, so only for rare hand-overs such as svd bases)."""
     rank, world = rank_and_world(pg)
     if world == 1:
         return
@@ -90,7 +98,10 @@ def broadcast_from_owners(
         else:
             n = sum(t.numel() for t in tensors)
             flat = torch.empty(n, dtype=torch.float32, device=tensors[0].device)
-        dist.broadcast(flat, src=global_rank(pg, src), group=pg)
+        if bounded:
+            broadcast_bounded(flat, global_rank(pg, src), pg, f"{kind} from rank {src}")
+        else:
+            dist.broadcast(flat, src=global_rank(pg, src), group=pg)
         total += flat.nbytes
         if src == rank:
             mine = flat.nbytes
@@ -103,29 +114,24 @@ def broadcast_from_owners(
 
 
 def agree_on_seed(seed: int | None, pg: ProcessGroup = None) -> int:
-    """Rank 0's seed on every rank (rank 0 draws one when ``seed`` is None)."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    _, world = rank_and_world(pg)
-    if world == 1:
-        return int(seed)
-    t = torch.tensor([int(seed)], dtype=torch.int64, device=_small_device(pg))
-    dist.broadcast(t, src=global_rank(pg, 0), group=pg)
-    return int(t.item())
+    """Rank 0's seed on every rank (rank 0 draws one when ``seed`` is None); bounded in time
+    (``comm.participants``: ``ParticipantsError`` when a rank of ``pg`` does not take part)."""
+    return agree_on_seed_bounded(seed, pg)
 
 
 def check_agreement(
     names: list[str], fingerprints: list[int], pg: ProcessGroup, stats: CommStats, what: str
 ) -> None:
     """All-gather per-parameter fingerprints and raise if any rank disagrees (never diverge
-    silently). Two small all-gathers: the count, then the values."""
+    silently). Two small all-gathers: the count, then the values; each waits at most the
+    participants timeout (``comm.participants``)."""
     rank, world = rank_and_world(pg)
     if world == 1:
         return
     dev = _small_device(pg)
     count = torch.tensor([len(fingerprints)], dtype=torch.int64, device=dev)
     counts = [torch.empty_like(count) for _ in range(world)]
-    dist.all_gather(counts, count, group=pg)
+    all_gather_bounded(counts, count, pg, f"{what} fingerprint check")
     if len({int(c.item()) for c in counts}) != 1:
         raise RuntimeError(
             f"FRUGAL ranks disagree on {what}: ranks refresh "
@@ -136,7 +142,7 @@ def check_agreement(
         return
     mine = torch.tensor(fingerprints, dtype=torch.int64, device=dev)
     allv = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(allv, mine, group=pg)
+    all_gather_bounded(allv, mine, pg, f"{what} fingerprint check")
     stats.add("agreement_check", mine.nbytes + count.nbytes, (world - 1) * mine.nbytes)
     table = torch.stack(allv).cpu()
     bad = (table != table[0]).any(dim=0).nonzero().reshape(-1)

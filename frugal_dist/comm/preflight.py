@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from frugal_dist.comm.collectives import ProcessGroup, _small_device, global_rank, rank_and_world
+from frugal_dist.comm.participants import all_gather_bounded
 from frugal_dist.comm.stats import CommStats
 
 MAX_FIELDS_SHOWN = 8
@@ -90,16 +91,21 @@ def check_ranks_agree(
     pg: ProcessGroup = None,
     what: str = "the run",
     stats: CommStats | None = None,
+    bounded: bool = False,
 ) -> None:
     """Raise ``RankMismatchError`` on every rank of ``pg`` unless all ranks passed equal
-    descriptors (see the module docstring for what is communicated)."""
+    descriptors (see the module docstring for what is communicated). ``bounded``: the digest
+    all-gather waits at most the participants timeout (``comm.participants``)."""
     rank, world = rank_and_world(pg)
     if world == 1:
         return
     mine = {str(k): canonical(v) for k, v in descriptor.items()}
     digest = torch.tensor([descriptor_digest(mine)], dtype=torch.int64, device=_small_device(pg))
     gathered = [torch.empty_like(digest) for _ in range(world)]
-    dist.all_gather(gathered, digest, group=pg)
+    if bounded:
+        all_gather_bounded(gathered, digest, pg, f"agreement on {what}")
+    else:
+        dist.all_gather(gathered, digest, group=pg)
     if stats is not None:
         stats.add("agreement_check", digest.nbytes, (world - 1) * digest.nbytes)
     if len({int(t.item()) for t in gathered}) == 1:
@@ -181,7 +187,11 @@ def check_optimizer_agreement(
     if rank_and_world(pg)[1] == 1:
         return
     check_ranks_agree(
-        optimizer_descriptor(optimizer), pg, "the optimizer's settings and parameters", stats
+        optimizer_descriptor(optimizer),
+        pg,
+        "the optimizer's settings and parameters",
+        stats,
+        bounded=True,
     )
 
 

@@ -36,6 +36,12 @@ Distributed (replicated parameters: DDP, plain torchrun). Options of the optimiz
   signs and decided by majority vote (needs ``state_free="signsgd"``).
 * ``seed=None`` -- rank 0 draws the seed and broadcasts it; at every refresh the ranks compare a
   fingerprint of each parameter's subspace and raise, naming the parameter, if any disagree.
+* ``process_group`` -- the optimizer is collective over it (default: the whole world): every rank
+  of it builds the optimizer and steps. The seed agreement, the first-step checks and the
+  fingerprints wait at most ``FRUGAL_DIST_PARTICIPANTS_TIMEOUT_S`` (300 s), then raise
+  ``ParticipantsError`` (``frugal_dist.comm.participants``). A replicated optimizer (no layout,
+  no ``reduce_gradients`` / ``shard_state`` / svd) with a fixed seed and
+  ``check_agreement=False`` issues no collective: it can run on one rank alone.
 
 Step options (of the optimizer, not of a group):
 
@@ -76,7 +82,8 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
     first step only [check_agreement]: all_gather of one int64 digest of the options, group
                                  hyper-parameters and parameter names/shapes (the full
                                  descriptions only when they differ, to name the field)
-    0. [nonfinite != "ignore"]   all_reduce(max) of one inf/nan flag               4 B
+    first step only [check_agreement=False, and the step communicates]: all_reduce of 4 B
+    0. [nonfinite != "ignore", layout or reduce_gradients] all_reduce(max) of one inf/nan flag  4 B
     1. [reduce_gradients, exact] all_reduce(mean) of every gradient, coalesced     4 B x params
        [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
                                  all_reduce(mean) of compact G_sf (coord: rho, proj: r x max(m,n)),
@@ -115,6 +122,7 @@ from frugal_dist.kernels.refresh import random_bases
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim.fast_apply import KERNELS
 from frugal_dist.optim.frugal_step import FrugalStepMixin
+from frugal_dist.optim.layout_guard import ParamRegistry
 from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.ownership import ShardOwnershipMixin
 from frugal_dist.optim.param_groups import check_orientation, logical_shape
@@ -237,6 +245,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         self._layout: Any = None
         self._schedules: dict[tuple, BlockSchedule] = {}
         self._block_owners: dict[tuple, dict[int, int]] = {}
+        self._registry = ParamRegistry()  # what each group was built with (optim.layout_guard)
         super().__init__(params, defaults)
         names = [n for g in self.param_groups for n in g["names"]]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -278,6 +287,7 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         super().add_param_group(param_group)
         self._plan = None
         group = self.param_groups[-1]
+        self._registry.record(len(self.param_groups) - 1, group)
         check_orientation(group, where)
         if group["algorithm"] == "frugal" and group["subspace"] == "projection":
             for name, p in zip(group["names"], group["params"]):
@@ -369,6 +379,11 @@ class FRUGAL(FrugalStepMixin, ShardOwnershipMixin, Optimizer):
         params = group["params"]
         skeleton = self._dense_views.get(id(group))
         if skeleton is None or skeleton[0] is not group or not _same_params(skeleton[1], params):
+            # no layout: refuse engine-made tensors (flat partitions, 1-D slices) loudly
+            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+            where = f"param group {gi} ({group.get('name', 'unnamed')})"
+            everything = [p for g in self.param_groups for p in g["params"]]
+            self._registry.check(gi, group, where, everything)
             entries = []
             for idx, (p, name) in enumerate(zip(params, group["names"])):
                 m, n = matrix_shape(p.shape)

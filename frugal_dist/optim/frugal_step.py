@@ -43,6 +43,7 @@ from frugal_dist.comm.collectives import (
     rank_and_world,
     sign_majority,
 )
+from frugal_dist.comm.participants import probe
 from frugal_dist.comm.preflight import check_optimizer_agreement
 from frugal_dist.core.fragments import local_coordinates, local_projection
 from frugal_dist.core.rules import (
@@ -95,11 +96,16 @@ class FrugalStepMixin:
         self.comm.begin_step()
         rank, world = rank_and_world(self._pg)
         views = [(group, self._views(group)) for group in self.param_groups]
-        if world > 1 and self.check_agreement and not getattr(self, "_agreed", False):
+        if world > 1 and not getattr(self, "_agreed", False):
             # once (and after a new group / layout / loaded state): every rank compares the
             # options, group hyper-parameters and parameter names (+ shapes) -- one int64
             # all-gather when they agree; a mismatch raises on every rank naming the field.
-            check_optimizer_agreement(self, self._pg)
+            # Without that check, an optimizer that will issue collectives probes (4 B) that
+            # every rank of its group is here. Both bounded in time (comm.participants).
+            if self.check_agreement:
+                check_optimizer_agreement(self, self._pg)
+            elif self._issues_collectives():
+                probe(self._pg, "first step (check_agreement=False)")
             self._agreed = True
         if self.nonfinite != "ignore" and not self._check_finite(views, world):
             return
@@ -117,11 +123,27 @@ class FrugalStepMixin:
             self._exchange(items, world)
         self._apply(items)
 
+    def _issues_collectives(self) -> bool:
+        """Whether steps communicate at world size > 1 beyond the agreement checks: a layout,
+        FRUGAL's own reduction or state sharding, or svd bases handed over by their owner."""
+        return (
+            self._layout is not None
+            or self.reduce_gradients
+            or self.shard_state
+            or any(g["algorithm"] == "frugal" and g["subspace"] == "projection"
+                   and g["proj_type"] == "svd" for g in self.param_groups)
+        )  # fmt: skip
+
     def _check_finite(self, views: list[tuple[dict, list[ParamView]]], world: int) -> bool:
         """One fused inf/nan check of every local gradient (see ``optim.nonfinite``); False:
         skip this step (nothing touched)."""
         names = [v.name for _, vs in views for v in vs]
         grads = [v.grad for _, vs in views for v in vs]
+        # Replicated gradients (DDP-reduced, or one rank alone) are equal on every rank: the
+        # local answer is every rank's, with no collective. Fragments (a layout) and gradients
+        # FRUGAL reduces itself differ per rank: the flag is all-reduced over the group.
+        if not (self._layout is not None or self.reduce_gradients):
+            world = 1
         ok, first = grads_are_finite(names, grads, self._pg, world)
         if ok:
             return True
@@ -311,7 +333,7 @@ class FrugalStepMixin:
                 basis = torch.empty(dim, r, device=it.g.device)
             per_rank[owners[it.name]].append(basis)
             it.st["proj_basis"] = basis
-        broadcast_from_owners(per_rank, self._pg, self.comm, "basis_broadcast")
+        broadcast_from_owners(per_rank, self._pg, self.comm, "basis_broadcast", bounded=True)
         for it in pending:
             side = resolve_side(it.group["proj_side"], matrix_shape(it.view.shape))
             it.gsel = ProjectionSelection(side, it.st["proj_basis"])

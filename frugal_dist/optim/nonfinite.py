@@ -3,8 +3,11 @@
 Before a step touches any state, every local gradient (whole tensors, or this rank's fragments
 under a layout) is checked for inf/nan with one fused reduction per (device, dtype):
 ``torch._foreach_norm(grads, inf)`` (the max-abs norm never overflows and propagates nan), then one
-scalar flag. Distributed: the flag is all-reduced (MAX) over the optimizer's process group, so
-every rank takes the same decision even when only one rank's fragment holds the bad value.
+scalar flag. Distributed: where gradients differ per rank (an engine layout's fragments, or
+``reduce_gradients=True``) the flag is all-reduced (MAX) over the optimizer's process group, so
+every rank takes the same decision even when only one rank's fragment holds the bad value;
+replicated gradients (DDP-reduced, or an optimizer on one rank) are checked locally, with no
+collective (the caller passes ``world=1``).
 
 * ``"skip"`` (default): a non-finite step is skipped entirely (parameters, buffers and step
   counters untouched) and ``skipped_steps`` is incremented.
@@ -12,8 +15,9 @@ every rank takes the same decision even when only one rank's fragment holds the 
   another rank: said so).
 * ``"ignore"``: no check at all (no sync, no collective).
 
-Cost: one device->host sync per step (reading the flag) plus, at world size > 1, one 4-byte
-all-reduce. ``"raise"`` syncs once more per parameter, but only on the failing step.
+Cost: one device->host sync per step (reading the flag) plus, for per-rank gradients at world
+size > 1, one 4-byte all-reduce. ``"raise"`` syncs once more per parameter, but only on the
+failing step.
 """
 
 from __future__ import annotations

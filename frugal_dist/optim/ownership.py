@@ -29,6 +29,7 @@ from frugal_dist.core.subspaces import (
     resolve_side,
 )
 from frugal_dist.optim.sharding import ShardPlan, assign_owners
+from frugal_dist.optim.step_items import item_kind, whole_rule
 
 
 class ShardOwnershipMixin:
@@ -36,6 +37,7 @@ class ShardOwnershipMixin:
     ``_schedule(group)``, the group's block schedule)."""
 
     param_groups: list[dict[str, Any]]
+    state: Any
     shard_state: bool
     _pg: Any
     _plan: ShardPlan | None
@@ -76,6 +78,38 @@ class ShardOwnershipMixin:
             plan = assign_owners(weights, world)
             self._block_owners = {key: {int(i): r for i, r in plan.owner.items()}}
         return self._block_owners[key].get(idx, rank)
+
+    def release_unowned_state(self) -> int:
+        """Drop the state-full buffers (and ``sf_step``) this rank does not own under
+        ``shard_state`` at the current world size; keep every ``step`` counter (and svd bases,
+        which every rank holds). For state loaded from a merged, world-size-free state dict
+        (``frugal_dist.train.checkpoint_engines``). Returns the number of parameters pruned; a
+        no-op without ``shard_state`` or at world size 1."""
+        rank, world = rank_and_world(self._pg)
+        if not self.shard_state or world == 1:
+            return 0
+        pruned = 0
+        state = self.state
+        for group in self.param_groups:
+            kind = item_kind(group)
+            if kind == "free":
+                continue
+            rule = whole_rule(group)
+            for idx, (p, name) in enumerate(zip(group["params"], group["names"])):
+                st = state.get(p)
+                if not st or "sf_step" not in st:
+                    continue
+                if kind == "block":
+                    done = int(st["step"].item()) if "step" in st else 0
+                    k = max(done - 1, 0) // group["update_gap"]
+                    owner = self._block_owner(group, idx, k, rank, world)
+                else:
+                    owner = self._state_owner(name, rank, world)
+                if owner != rank:
+                    for key in (*state_full_keys(rule), "sf_step"):
+                        st.pop(key, None)
+                    pruned += 1
+        return pruned
 
     def shard_report(self) -> dict[str, Any]:
         """The ownership plan: expected state bytes per rank and the imbalance (max / mean)."""

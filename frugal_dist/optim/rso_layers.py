@@ -182,7 +182,8 @@ def apply_rso(
     """Replace every ``nn.Linear`` whose attribute name is in ``targets`` by an ``RSOLinear``
     (in place, before DDP / DeepSpeed / FSDP2 wrap the model); returns them by qualified name.
 
-    Rank: ``rank`` if given, else ``round(density * in_features)``.
+    Rank: ``rank`` if given, else ``round(density * in_features)``. A Hugging Face model's
+    ``save_pretrained`` then writes the merged weights (``frugal_dist.optim.rso_export``).
     """
     targets = tuple(targets)
     if isinstance(targets, str) or not targets:
@@ -200,6 +201,9 @@ def apply_rso(
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.rsplit(".", 1)[-1], layer)
         out[name] = layer
+    from frugal_dist.optim.rso_export import install_merged_save  # (it imports this module)
+
+    install_merged_save(model)
     return out
 
 

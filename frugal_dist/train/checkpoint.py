@@ -11,7 +11,8 @@ Layout of ``<output_dir>/checkpoints/step_XXXXXXXX/``:
 
   - single / ddp: ``model.pt`` (``model.state_dict()``) and ``optim.pt``
     (``optimizer.state_dict()``; replicated). FRUGAL with ``shard_state`` holds different state on
-    each rank: ``optim_rank{r}.pt`` per rank, resumable at the same world size only.
+    each rank: ``optim_rank{r}.pt`` per rank. Either resumes under single or ddp at any world
+    size (per-rank files are merged on load; see ``checkpoint_engines``).
   - fsdp2: ``dcp/`` -- torch.distributed.checkpoint, one shard per rank plus metadata, loaded at
     any world size (``frugal_dist.engines.fsdp2_checkpoint``).
   - deepspeed: ``deepspeed.pt`` -- the fp32 master weights gathered to full tensors and the
@@ -48,6 +49,8 @@ FORMAT = "frugal_dist.checkpoint/1"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp_"
 _NOTED: list[str] = []  # engines already told they have no checkpoints
+# Engines whose checkpoints hold replicated (world-size-free) state: each resumes the other's.
+REPLICATED = ("single", "ddp")
 
 
 # ----------------------------------------------------------------------------- identity
@@ -81,10 +84,13 @@ def check_compatible(manifest: dict[str, Any], cfg: TrainConfig, engine: str, pa
             f"checkpoint {path} belongs to another run (config fields differ: {detail}). Resume "
             "with the same settings, or use another output_dir / --resume=PATH."
         )
-    if manifest["engine"] != engine:
+    if manifest["engine"] != engine and not {manifest["engine"], engine} <= set(REPLICATED):
+        fix = f"--engine={manifest['engine']}"
+        if manifest["engine"] in REPLICATED:  # replicated state: either engine, any world size
+            fix = "--engine=ddp (torchrun, any number of ranks) or --engine=single (one process)"
         raise ValueError(
             f"checkpoint {path} was written by engine={manifest['engine']!r}, this run uses "
-            f"engine={engine!r}; resume with --engine={manifest['engine']}"
+            f"engine={engine!r}; resume with {fix}"
         )
 
 

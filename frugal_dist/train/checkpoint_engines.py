@@ -2,7 +2,11 @@
 
 * single / ddp: parameters and (by default) optimizer state are replicated: rank 0 saves
   ``model.state_dict()`` and ``optimizer.state_dict()``; FRUGAL with ``shard_state`` keeps
-  different state on each rank, saved per rank.
+  different state on each rank, saved per rank. Both engines load either at any world size: at
+  the saving world size each rank loads its own file; otherwise the per-rank files are merged
+  (``merge_rank_states``: step counters and svd bases are equal on every rank, each state-full
+  buffer exists on its owner only) and a sharded optimizer then drops what it does not own at
+  the new world size (``FRUGAL.release_unowned_state``).
 * fsdp2: DCP through ``frugal_dist.engines.fsdp2_checkpoint`` (FRUGAL) or plain
   ``get_state_dict`` / ``dcp`` (other optimizers); reshards on load.
 * fsdp1: ``frugal_dist.engines.fsdp1.save_checkpoint`` (full model state dict + consolidated
@@ -114,15 +118,21 @@ def load_engine_state(
     elif engine in ("single", "ddp"):
         model.load_state_dict(torch.load(path / "model.pt", map_location="cpu"))
         per_rank = path / f"optim_rank{rank}.pt"
+        sharded_now = getattr(optimizer, "shard_state", False) and world > 1
+        own = sharded_now and saved_world == world and per_rank.is_file()
         if (path / "optim.pt").is_file():
-            optimizer.load_state_dict(torch.load(path / "optim.pt", map_location="cpu"))
-        elif saved_world != world:
-            raise ValueError(
-                f"checkpoint {path} holds optimizer state sharded over {saved_world} ranks "
-                f"(optimizer.shard_state); resume it with {saved_world} ranks, not {world}"
-            )
+            state = torch.load(path / "optim.pt", map_location="cpu")
+        elif own:  # the same shards at the same world size: each rank its own file
+            state = torch.load(per_rank, map_location="cpu")
         else:
-            optimizer.load_state_dict(torch.load(per_rank, map_location="cpu"))
+            files = [path / f"optim_rank{r}.pt" for r in range(saved_world)]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ValueError(f"checkpoint {path} lacks optimizer files {missing}")
+            state = merge_rank_states([torch.load(f, map_location="cpu") for f in files])
+        optimizer.load_state_dict(state)
+        if not own and hasattr(optimizer, "release_unowned_state"):
+            optimizer.release_unowned_state()  # shard_state now: keep only what this rank owns
     elif engine == "fsdp2":
         if _is_frugal(optimizer):
             from frugal_dist.engines.fsdp2_checkpoint import load as dcp_load
@@ -147,6 +157,26 @@ def load_engine_state(
         import_state(optimizer, blob["optim"])
     else:
         raise ValueError(f"checkpoints for engine {engine!r} are not supported")
+
+
+def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One optimizer ``state_dict`` from the per-rank ones of a ``shard_state`` run: per
+    parameter, the union of the ranks' entries (counters and svd bases are equal on every rank;
+    a state-full buffer exists only on its owner). Raises ``ValueError`` if two ranks hold
+    different values under one key (not a ``shard_state`` checkpoint)."""
+    merged: dict[Any, dict[str, Any]] = {}
+    for r, sd in enumerate(states):
+        for pid, st in sd["state"].items():
+            into = merged.setdefault(pid, {})
+            for key, value in st.items():
+                if key not in into:
+                    into[key] = value
+                elif isinstance(value, torch.Tensor) and not torch.equal(into[key], value):
+                    raise ValueError(
+                        f"optimizer files disagree on {key!r} of parameter {pid} (rank {r}): they "
+                        "are not the per-rank shards of one shard_state run"
+                    )
+    return {"state": merged, "param_groups": states[0]["param_groups"]}
 
 
 # ----------------------------------------------------------------------------- deepspeed

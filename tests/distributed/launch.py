@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,10 +40,21 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str
     os._exit(0)
 
 
-def run_distributed(fn: Callable, world: int, *args: Any) -> list[Any]:
-    """``fn(rank, world, *args)`` on ``world`` processes; returns every rank's result."""
+def run_distributed(
+    fn: Callable, world: int, *args: Any, deadline_s: float | None = None
+) -> list[Any]:
+    """``fn(rank, world, *args)`` on ``world`` processes; returns every rank's result.
+    ``deadline_s``: kill the processes and raise ``TimeoutError`` if they run longer (a hang
+    becomes a test failure)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
-        mp.start_processes(_entry, args=(world, free_port(), fn, args, out), nprocs=world,
-                           join=True, start_method="spawn")  # fmt: skip
+        ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args, out), nprocs=world,
+                                 join=False, start_method="spawn")  # fmt: skip
+        end = None if deadline_s is None else time.monotonic() + deadline_s
+        while not ctx.join(timeout=1.0):
+            if end is not None and time.monotonic() > end:
+                for proc in ctx.processes:
+                    if proc.is_alive():
+                        proc.kill()
+                raise TimeoutError(f"{fn.__name__} on {world} processes ran past {deadline_s} s")
         return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]

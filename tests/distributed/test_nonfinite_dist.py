@@ -81,7 +81,9 @@ def _ds_fp16(rank: int, world: int, steps: int, poison_step: int, fp16: bool = T
 
     cfg = ds_workers.ds_config(2, False, dict(KW, subspace="block"))
     if fp16:
-        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 4}
+        # hysteresis 1: every overflow halves the scale (DeepSpeed's default, 2, halves it only
+        # at the second overflow in a row; the first one is skipped at the same scale)
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 4, "hysteresis": 1}
     try:
         engine, *_ = fds.initialize(model=ds_workers.Probe(), config=cfg)
     except Exception as e:  # noqa: BLE001 - the reason is reported to the test
@@ -119,10 +121,10 @@ def test_deepspeed_zero2_fp16_overflow_skips_frugal_step():
 
 @pytest.mark.slow
 def test_deepspeed_zero2_overflow_skip_never_reaches_frugal():
-    """DeepSpeed refuses fp16 on the CPU, so its loss scaler runs only on a GPU (the fp16 test
-    above). ZeRO-2 checks its reduced partitions for overflow in float32 too, with the same
-    skip path: an inf forced into one rank's gradient makes DeepSpeed skip the whole iteration,
-    FRUGAL's step is not called, and FRUGAL's own check never fires."""
+    """Without a loss scaler (float32), ZeRO-2 checks its reduced partitions for overflow too,
+    with the same skip path as fp16 (the test above; DeepSpeed 0.19.8 runs fp16 on the CPU): an
+    inf forced into one rank's gradient makes DeepSpeed skip the whole iteration, FRUGAL's step
+    is not called, and FRUGAL's own check never fires."""
     res = run_distributed(_ds_fp16, 2, 5, 2, False)
     for r in res:
         assert r["frugal_steps"] == [1, 2, 2, 3, 4], r["frugal_steps"]

@@ -118,6 +118,19 @@ def test_checkpoint_of_another_run_names_the_fields(full_run, tmp_path):
     assert "update_gap" not in msg
 
 
+def test_replicated_engines_resume_each_other_and_others_name_a_working_fix(full_run):
+    src, _, _ = full_run
+    path = _step_dir(src, 4)
+    manifest = json.loads((path / "manifest.json").read_text())
+    cfg = _cfg(src)
+    checkpoint.check_compatible(manifest, cfg, "ddp", path)  # single -> ddp: accepted
+    checkpoint.check_compatible({**manifest, "engine": "ddp"}, cfg, "single", path)
+    with pytest.raises(ValueError, match="--engine=ddp .* or --engine=single"):
+        checkpoint.check_compatible(manifest, cfg, "fsdp2", path)
+    with pytest.raises(ValueError, match="resume with --engine=fsdp2$"):
+        checkpoint.check_compatible({**manifest, "engine": "fsdp2"}, cfg, "ddp", path)
+
+
 def test_keep_checkpoints_prunes_oldest(tmp_path):
     train(_cfg(tmp_path, max_steps=4, checkpoint_every=1, keep_checkpoints=2, eval_every=0))
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
