@@ -70,7 +70,12 @@ from frugal_dist.optim.fast_apply import (
     local_matrix,
 )
 from frugal_dist.optim.nonfinite import grads_are_finite
-from frugal_dist.optim.projection_batch import apply_batched, down_batched, projection_backend
+from frugal_dist.optim.projection_batch import (
+    apply_batched,
+    down_batched,
+    gemm_precision,
+    projection_backend,
+)
 from frugal_dist.optim.sharding import assign_owners
 from frugal_dist.optim.step_items import (
     Item,
@@ -259,13 +264,18 @@ class FrugalStepMixin:
             if needs_full:
                 full.append(it.g)
                 continue
-            if it.kind in ("coordinate", "projection"):
-                local = it.sel.gather(it.g) if it.kind == "coordinate" else it.sel.down(it.g)
+            if it.kind == "coordinate":
+                local = it.sel.gather(it.g)
                 if free_rule != "none":
-                    if it.kind == "coordinate":
-                        resid = it.sel.fill_(it.g.clone(), 0.0)
-                    else:
-                        resid = it.g - it.sel.up(local)
+                    signs.append(it.sel.fill_(it.g.clone(), 0.0))
+                    sign_items.append(it)
+                it.g_sf = local
+                compact.append(local)
+            elif it.kind == "projection":
+                with gemm_precision(it.group, it.g.device):
+                    local = it.sel.down(it.g)
+                    resid = it.g - it.sel.up(local) if free_rule != "none" else None
+                if resid is not None:
                     signs.append(resid)
                     sign_items.append(it)
                 it.g_sf = local
@@ -354,7 +364,8 @@ class FrugalStepMixin:
             elif it.kind == "coordinate" and it.g_sf is None and not it.fused:
                 it.g_sf = it.sel.gather(it.g)
             elif it.kind == "projection" and it.g_sf is None and id(it) not in done:
-                it.g_sf = it.sel.down(it.g)
+                with gemm_precision(it.group, it.g.device):
+                    it.g_sf = it.sel.down(it.g)
                 if self._layout is not None and world > 1:
                     partial.append(it)
         if partial:
@@ -477,35 +488,44 @@ class FrugalStepMixin:
             apply_free_batch(batch, lr, wd, self.kernels)
             if kernel_projs:
                 apply_batched(kernel_projs, lr, wd, self.kernels, self._kernel_cache)
-            for it in rest:
-                data = it.view.data
-                if it.kind == "adamw":
-                    apply_update(data, it.u, -lr)
-                    continue
-                if it.kind == "block" and it.active:
-                    apply_update(data, it.u, -lr * s_p)
-                    continue
-                free = self._free_direction(it)
-                if it.kind == "free":
-                    if free is not None:
-                        apply_update(data, free, -lr)
-                elif it.kind == "block":
-                    if free is not None:
-                        apply_update(data, free, -lr * s_p * s_i)
-                elif it.kind == "coordinate":
-                    full = free if free is not None else torch.zeros_like(it.g)
-                    if free is not None and s_i != 1.0:
-                        full.mul_(s_i)
-                    it.sel.scatter_(full, it.u)  # selected: up(U); others: s_i F(R)
-                    apply_update(data, it.span.unpad(full), -lr * s_p)
-                else:
-                    if free is None:
-                        full = it.sel.up(it.u)
-                    else:  # s_i F(R) + up(U), in place in F(R)'s buffer
-                        full = it.sel.up_add_(free, it.u, beta=s_i)
-                    apply_update(data, it.span.unpad(full), -lr * s_p)
-                it.free = it.u = it.g_sf = None  # release this item's temporaries now
-            if coords:
-                apply_coordinate_batch(coords, lr, s_p, s_i)
-            if projs:
-                apply_projection_batch(projs, lr, s_p, s_i)
+            with gemm_precision(group, its[0].g.device):  # per-item projection GEMMs
+                self._apply_per_item(rest, coords, projs, lr, s_p, s_i)
+
+    def _apply_per_item(
+        self, rest: list[Item], coords: list[Item], projs: list[Item], lr: float, s_p: float,
+        s_i: float,
+    ) -> None:  # fmt: skip
+        """Items no kernel batch takes (each its own update), then the foreach coordinate /
+        projection batches (decay already applied by the caller)."""
+        for it in rest:
+            data = it.view.data
+            if it.kind == "adamw":
+                apply_update(data, it.u, -lr)
+                continue
+            if it.kind == "block" and it.active:
+                apply_update(data, it.u, -lr * s_p)
+                continue
+            free = self._free_direction(it)
+            if it.kind == "free":
+                if free is not None:
+                    apply_update(data, free, -lr)
+            elif it.kind == "block":
+                if free is not None:
+                    apply_update(data, free, -lr * s_p * s_i)
+            elif it.kind == "coordinate":
+                full = free if free is not None else torch.zeros_like(it.g)
+                if free is not None and s_i != 1.0:
+                    full.mul_(s_i)
+                it.sel.scatter_(full, it.u)  # selected: up(U); others: s_i F(R)
+                apply_update(data, it.span.unpad(full), -lr * s_p)
+            else:
+                if free is None:
+                    full = it.sel.up(it.u)
+                else:  # s_i F(R) + up(U), in place in F(R)'s buffer
+                    full = it.sel.up_add_(free, it.u, beta=s_i)
+                apply_update(data, it.span.unpad(full), -lr * s_p)
+            it.free = it.u = it.g_sf = None  # release this item's temporaries now
+        if coords:
+            apply_coordinate_batch(coords, lr, s_p, s_i)
+        if projs:
+            apply_projection_batch(projs, lr, s_p, s_i)

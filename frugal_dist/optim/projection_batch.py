@@ -16,18 +16,20 @@ backend: per-matrix bfloat16 GEMMs) or ``kernels="triton"`` (interpreter tests).
 
 Which items: projection items with r > 0 of whole (unsharded) float32 contiguous matrices whose
 G_sf is not precomputed by the sign vote. Fragments (flat ZeRO layouts, FSDP rows), other dtypes
-and rho = 0 keep the per-item path of ``frugal_step``. Communication: none.
+and rho = 0 keep the per-item path of ``frugal_step``, whose CUDA GEMMs run at the group's
+precision too (``gemm_precision``; ``bf16`` as TF32 there). Communication: none.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from frugal_dist.kernels.elementwise import triton_available
-from frugal_dist.kernels.projection import apply_projection, project_down
+from frugal_dist.kernels.projection import apply_projection, matmul_precision, project_down
 from frugal_dist.optim.step_items import Item
 
 
@@ -48,6 +50,17 @@ def projection_backend(it: Item, kernels: str) -> str | None:
             return "triton"
         return "bmm"
     return "torch" if precision == "bf16" else None
+
+
+def gemm_precision(
+    group: dict[str, Any], device: torch.device
+) -> contextlib.AbstractContextManager:
+    """For the per-item path: CUDA float32 matmuls of a projection group at its
+    ``proj_precision`` (``bf16`` runs as TF32 there: fragments keep float32 operands); a
+    no-op elsewhere (CPU matmuls are IEEE float32 either way)."""
+    if device.type != "cuda" or group["algorithm"] != "frugal" or group["subspace"] != "projection":
+        return contextlib.nullcontext()
+    return matmul_precision(group["proj_precision"])
 
 
 def _key(it: Item, backend: str) -> tuple:
