@@ -12,7 +12,8 @@ events (median of ``--reps`` after ``--warmup``), all in the same run:
   embeddings / head / norms, then per shape group ``project_down``, an Adam direction on the
   compact gradients (batched foreach-free tensor ops, the ``state`` column), ``apply_projection``
   with a signSGD residual and weight decay. ``down`` / ``state`` / ``apply`` are timed alone too.
-  Backends ``torch`` / ``bmm`` / ``triton`` (fused apply kernel; its first call autotunes).
+  Backends ``torch`` / ``bmm`` / ``triton`` (batched Triton apply and down kernels, tiles from
+  ``frugal_dist/kernels/projection_tiles.json``, recorded as ``triton_tiles``).
 * refreshes of all split matrices: ``svd_bases`` per method / oversampling / power steps / QR /
   precision, ``random_bases`` (Householder, CholeskyQR2), and the exact SVD on ``--exact-sample``
   matrices per shape, scaled to the whole model (``extrapolated: true``), unless ``--exact-all``.
@@ -267,6 +268,10 @@ def main(argv=None) -> None:
         "numel": gs.numel, "groups": [{"shape": list(k[0]), "side": k[1], "rank": k[2],
                                        "count": len(g["W"])} for k, g in gs.by_key.items()],
     }  # fmt: skip
+    if importlib.util.find_spec("triton"):
+        from frugal_dist.kernels import projection_triton as pt
+
+        result["triton_tiles"] = {"tiles": pt.TILES, "down_backend": pt.DOWN_BACKEND}
     every = gs.rest_p + [w for g in gs.by_key.values() for w in g["W"]]
     grads = gs.rest_g + [g for grp in gs.by_key.values() for g in grp["G"]]
     for p, g in zip(every, grads):

@@ -1,6 +1,8 @@
 """FSDP2 checkpoints with torch.distributed.checkpoint (DCP) that reshard to any world size.
 
-``save(path, model, optimizer)`` / ``load(path, model, optimizer)``, called on every rank.
+``save(path, model, optimizer)`` / ``load(path, model, optimizer)``, called on every rank. The
+same holds for HSDP (a (replicate, shard) mesh): state is sharded over the shard dim and
+replicated over the other, so a checkpoint saved at R x S loads at any R' x S' (1 process too).
 
 Why not plain ``get_state_dict`` + ``dcp.load``: DCP loads exactly the state keys the *new*
 optimizer holds. FRUGAL's key set depends on where the run was -- with ``subspace="block"`` only the
@@ -17,8 +19,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-from frugal_dist.layouts.dtensor import chunk_rows
 
 PREFIX = "optim.state."
 
@@ -63,14 +63,12 @@ def _reconcile(path: str, optimizer: Any) -> None:
 
 
 def _local_shape(md: Any, st: Any, key: str) -> tuple[int, ...]:
+    """This rank's local shape of saved state ``key`` (``st`` is a ``DTensorState``: sharded
+    over the shard dim like its parameter, replicated over every other mesh dim)."""
     size = tuple(md.size)
     if len(size) == 0:
         return ()
-    if st.replicated or key == "proj_basis":  # st is a DTensorState
-        return size
-    mesh = st.p.device_mesh
-    _, rows = chunk_rows(size[0], mesh.size(), mesh.get_local_rank())
-    return (rows, *size[1:])
+    return st.local_shape(key, size)
 
 
 def load(path: str, model: nn.Module, optimizer: Any) -> None:

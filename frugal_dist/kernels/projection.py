@@ -19,9 +19,11 @@ Backends (``backend``):
 * ``torch`` -- one ``mm`` / ``addmm`` per matrix, a per-matrix temporary (lowest memory; CPU path).
 * ``bmm``   -- matrices stacked into chunks of at most ``chunk_elems`` entries; each product is
                one ``bmm`` / ``baddbmm_`` and each elementwise step one kernel per chunk.
-* ``triton`` -- the apply as one fused Triton kernel per matrix (``kernels.projection_triton``:
-               both up-products and the update, reading G and W and writing W, no temporaries);
-               the down product as ``bmm``. Needs triton (CUDA, or TRITON_INTERPRET=1).
+* ``triton`` -- each phase as one batched Triton launch per shape group
+               (``kernels.projection_triton``): the apply fuses both up-products and the update
+               (reads G and W, writes W, no temporaries); the down product reads G in its own
+               dtype (no stacked copy), or runs as ``bmm`` where that measured faster
+               (``projection_triton.DOWN_BACKEND``). Needs triton (CUDA, or TRITON_INTERPRET=1).
 * ``auto``  -- ``bmm`` on CUDA, ``torch`` elsewhere.
 
 Precision of the projection GEMMs (``precision``):
@@ -206,8 +208,13 @@ def project_down(
     dt = operand_dtype(precision)
     Pc = P.to(dt)
     out = torch.empty((B, m, r) if side == "right" else (B, r, n), device=dev, dtype=torch.float32)
+    how = resolve_backend(backend, dev)
+    if how == "triton":
+        kern = _triton_module(dev)
+        if kern.down_on_triton(precision, dev):
+            return kern.fused_down(grads, Pc, side, out, precision=precision)
     with matmul_precision(precision):
-        if resolve_backend(backend, dev) == "torch":  # "triton": the down product as bmm
+        if how == "torch":
             for b in range(B):
                 g = grads[b].reshape(m, n).to(dt)
                 if side == "right":
@@ -338,8 +345,11 @@ def apply_projection(
 
     how = resolve_backend(backend, dev)
     if how == "triton":
-        _apply_triton(W, grads, Pc if dt == torch.float32 else P.float(), X.float(), U.float(),
-                      side, lr, weight_decay, s_p, s_i, rule, precision)  # fmt: skip
+        if side == "left" and precision != "fp32":  # K-contiguous B tiles: (B, n, r) copies
+            Xc, Uc = Xc.mT.contiguous().mT, Uc.mT.contiguous().mT
+        _triton_module(dev).fused_apply(
+            W, grads, Pc, Xc, Uc, side, decay=1.0 - lr * weight_decay, c_u=-lr * s_p,
+            c_f=-lr * s_p * s_i, rule=rule, precision=precision)  # fmt: skip
         return
     with matmul_precision(precision):
         if how == "torch":
@@ -359,25 +369,18 @@ def apply_projection(
             _finish(W[lo:hi], list(S.unbind(0)), lr, weight_decay)
 
 
-def _apply_triton(
-    W: list[Tensor], grads: Batch, P: Tensor, X: Tensor, U: Tensor, side: str, lr: float,
-    wd: float, s_p: float, s_i: float, rule: str, precision: str,
-) -> None:  # fmt: skip
-    """The ``triton`` backend: one fused kernel launch per matrix (float32 operands; the
-    kernel casts tiles to bfloat16 itself for ``bf16``)."""
+def _triton_module(device: torch.device):  # noqa: ANN202 (a module)
+    """``kernels.projection_triton`` (the ``triton`` backend), or a clear error where it cannot
+    run."""
     try:
-        from frugal_dist.kernels.projection_triton import fused_apply_one, triton_usable
+        from frugal_dist.kernels import projection_triton
     except ImportError as exc:
         raise RuntimeError(f"backend='triton' needs the triton package ({exc}); use 'bmm' or "
                            "'auto'") from exc  # fmt: skip
-    if not triton_usable(W[0].device):
+    if not projection_triton.triton_usable(device):
         raise RuntimeError("backend='triton' runs on CUDA tensors (or the CPU under "
                            "TRITON_INTERPRET=1); use 'bmm' or 'auto'")  # fmt: skip
-    m, n = W[0].shape
-    for b, w in enumerate(W):
-        g = grads[b].reshape(m, n)
-        fused_apply_one(w, g, P[b], X[b], U[b], side, decay=1.0 - lr * wd, c_u=-lr * s_p,
-                        c_f=-lr * s_p * s_i, rule=rule, precision=precision)  # fmt: skip
+    return projection_triton
 
 
 # ------------------------------------------------------------------------------------ oracle

@@ -1,7 +1,7 @@
-"""A fused Triton apply of the projection step: both up-products and the update in one kernel.
+"""Triton kernels of the projection step, batched over B same-shape matrices (one launch each).
 
-For one matrix (the ``triton`` backend of ``kernels.projection.apply_projection``), each
-(BM x BN) tile of W is updated in one pass:
+Apply (``fused_apply``, the ``triton`` backend of ``kernels.projection.apply_projection``): each
+(BM x BN) tile of each W_b is updated in one pass, the grid being (tiles, B):
 
     right (P: n x r, X = G_sf and U: m x r):  A1 = X, A2 = U, B1 = B2 = P^T  (B tile shared)
     left  (P: m x r, X = G_sf and U: r x n):  A1 = A2 = P (A tile shared),  B1 = X, B2 = U
@@ -10,16 +10,30 @@ For one matrix (the ``triton`` backend of ``kernels.projection.apply_projection`
 
 F: ``signsgd`` sign (NaN propagates, as ``torch.sign``), ``sgd`` identity, ``none`` 0 (acc1 and
 the G read skipped). Memory traffic: read G and W, write W (12 bytes per float32 entry) plus the
-(m + n) r operand tiles, against ~44 bytes for the ``bmm`` backend's separate passes (stack,
-residual, sign, up(U), add). No temporaries. Precision: ``fp32`` -> ``tl.dot`` ieee, ``tf32`` ->
-tf32, ``bf16`` -> operand tiles cast to bfloat16 (float32 accumulate; W, G, the epilogue stay
-float32, so it is more exact than the ``bmm`` backend's bfloat16 buffer).
+(m + n) r operand tiles (L2-resident: a few MiB per matrix). No temporaries.
 
-Needs triton (a CUDA device, or ``TRITON_INTERPRET=1`` on the CPU for tests). One launch per
-matrix; tile sizes are autotuned per (m, n, r, side) on first use.
+Down (``fused_down``, the ``triton`` backend of ``project_down``): out_b = G_b P_b (right,
+(m, r)) or P_b^T G_b (left, (r, n), computed as (G_b^T P_b)^T), reading G in its own dtype
+once (the ``bf16`` tiles are rounded in registers: no bfloat16 copy of G is written).
+
+Both kernels read W and G through a table of B device addresses (the matrices are separate
+tensors), the bases and compact operands as stacked (B, ., .) tensors. Precision: ``fp32`` ->
+``tl.dot`` ieee, ``tf32`` -> tf32 on float32 operands, ``bf16`` -> bfloat16 operands (the caller
+passes P, X, U as bfloat16; float32 accumulate; W, G and the epilogue stay float32). Tile sizes
+come from a fixed table (``TILES``, measured on an H200 by
+``benchmarks/kernels_projection_tiles.py``), not from run-time autotuning, so every rank runs the
+same arithmetic (same result on any world size).
+
+Needs triton (a CUDA device, or ``TRITON_INTERPRET=1`` on the CPU for tests).
 """
 
 from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import triton
@@ -28,72 +42,113 @@ from torch import Tensor
 
 RULE_CODES = {"signsgd": 0, "sgd": 1, "none": 2}
 _INPUT_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
+_ELEM = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+# (BM, BN, BK, num_warps, num_stages) by kernel and precision. Built-in defaults, overridden by
+# projection_tiles.json beside this file: the best candidates of a sweep on an H200 at LLaMA-1B
+# shapes (r = 512), written by benchmarks/kernels_projection_tiles.py --write-tiles. Its
+# ``down_backend`` names, per precision, the faster down product there (``triton`` or ``bmm``).
+TILES_FILE = Path(__file__).with_name("projection_tiles.json")
+_DEFAULT_TILES = {
+    "apply": {"bf16": (128, 128, 64, 8, 3), "tf32": (128, 128, 32, 8, 3),
+              "fp32": (64, 64, 32, 4, 2)},
+    "down": {"bf16": (128, 128, 64, 8, 3), "tf32": (128, 128, 32, 8, 3),
+             "fp32": (64, 64, 32, 4, 2)},
+}  # fmt: skip
+Tile = tuple[int, int, int, int, int]
 
 
-def _configs() -> list[triton.Config]:
-    out = []
-    # two (BM x BN) float32 accumulators take 2 BM BN / (32 num_warps) registers per thread
-    for bm, bn, bk, warps, stages in [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3),
-                                      (64, 128, 32, 8, 3), (128, 64, 32, 4, 3),
-                                      (64, 128, 32, 4, 3), (64, 64, 64, 4, 2)]:  # fmt: skip
-        out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps,
-                                 num_stages=stages))  # fmt: skip
-    return out
+def load_tiles(path: Path = TILES_FILE) -> tuple[dict[str, dict[str, Tile]], dict[str, str]]:
+    """(tiles by kernel and precision, down backend by precision): the defaults above updated
+    from ``path`` when it exists."""
+    tiles = {k: dict(v) for k, v in _DEFAULT_TILES.items()}
+    down_backend = {p: "triton" for p in _INPUT_PRECISION}
+    if path.exists():
+        data = json.loads(path.read_text())
+        for kind in tiles:
+            for prec, t in data.get(kind, {}).items():
+                if (prec not in _INPUT_PRECISION or len(t) != 5
+                        or not all(isinstance(x, int) and x > 0 for x in t)):  # fmt: skip
+                    raise ValueError(f"{path}: {kind}.{prec} must be five positive ints (BM, "
+                                     f"BN, BK, warps, stages), got {t!r}")  # fmt: skip
+                tiles[kind][prec] = tuple(t)
+        for prec, how in data.get("down_backend", {}).items():
+            if prec not in _INPUT_PRECISION or how not in ("triton", "bmm"):
+                raise ValueError(f"{path}: down_backend.{prec} must be 'triton' or 'bmm', got "
+                                 f"{how!r}")  # fmt: skip
+            down_backend[prec] = how
+    return tiles, down_backend
+
+
+TILES, DOWN_BACKEND = load_tiles()
+_INTERPRET_TILE = (32, 32, 16, 4, 1)
 
 
 @triton.jit
-def _fused_apply_kernel(
-    w_ptr, g_ptr, p_ptr, x_ptr, u_ptr,
+def _apply_kernel(
+    w_addrs, g_addrs, p_ptr, x_ptr, u_ptr,
     m, n,
-    s_wm, s_wn, s_gm, s_gn, s_pd, s_pk, s_xa, s_xb, s_ua, s_ub,
+    s_gm, s_gn, s_pb, s_p0, s_p1, s_xb, s_x0, s_x1, s_ub, s_u0, s_u1,
     decay, c_u, c_f,
     r: tl.constexpr,  # the rank: a compile-time loop bound (few distinct values per model)
-    LEFT: tl.constexpr, RULE: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    LEFT: tl.constexpr, RULE: tl.constexpr, G_ELEM: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    tiles_n = tl.cdiv(n, BN)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    w_ptr = tl.load(w_addrs + b).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(g_addrs + b).to(tl.pointer_type(G_ELEM))
+    p_ptr += b * s_pb
+    x_ptr += b * s_xb
+    u_ptr += b * s_ub
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    mask_m = rm < m
-    mask_n = rn < n
+    # operand rows wrap around (their products land outside W and are masked at the store)
+    om = rm % m
+    on = rn % n
     acc1 = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, r, BK):
         rk = k0 + tl.arange(0, BK)
-        mask_k = rk < r
-        if LEFT:  # P (m, r) rows rm; X, U (r, n)
-            a = tl.load(p_ptr + rm[:, None] * s_pd + rk[None, :] * s_pk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
-            b2 = tl.load(u_ptr + rk[:, None] * s_ua + rn[None, :] * s_ub,
-                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # fmt: skip
-            if BF16:
-                a = a.to(tl.bfloat16)
-                b2 = b2.to(tl.bfloat16)
+        if LEFT:  # P (m, r) rows om; X, U (r, n)
+            a_off = om[:, None] * s_p0 + rk[None, :] * s_p1
+            x_off = rk[:, None] * s_x0 + on[None, :] * s_x1
+            u_off = rk[:, None] * s_u0 + on[None, :] * s_u1
+            if EVEN_K:
+                a = tl.load(p_ptr + a_off)
+                b2 = tl.load(u_ptr + u_off)
+            else:
+                a = tl.load(p_ptr + a_off, mask=rk[None, :] < r, other=0.0)
+                b2 = tl.load(u_ptr + u_off, mask=rk[:, None] < r, other=0.0)
             acc2 = tl.dot(a, b2, acc2, input_precision=PREC)
             if RULE != 2:
-                b1 = tl.load(x_ptr + rk[:, None] * s_xa + rn[None, :] * s_xb,
-                             mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # fmt: skip
-                if BF16:
-                    b1 = b1.to(tl.bfloat16)
+                if EVEN_K:
+                    b1 = tl.load(x_ptr + x_off)
+                else:
+                    b1 = tl.load(x_ptr + x_off, mask=rk[:, None] < r, other=0.0)
                 acc1 = tl.dot(a, b1, acc1, input_precision=PREC)
-        else:  # X, U (m, r) rows rm; P (n, r): the B tile is P^T[rk, rn] = P[rn, rk]
-            b = tl.load(p_ptr + rn[None, :] * s_pd + rk[:, None] * s_pk,
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # fmt: skip
-            a2 = tl.load(u_ptr + rm[:, None] * s_ua + rk[None, :] * s_ub,
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
-            if BF16:
-                b = b.to(tl.bfloat16)
-                a2 = a2.to(tl.bfloat16)
-            acc2 = tl.dot(a2, b, acc2, input_precision=PREC)
+        else:  # X, U (m, r) rows om; P (n, r): the B tile is P^T[rk, on] = P[on, rk]
+            b_off = on[None, :] * s_p0 + rk[:, None] * s_p1
+            x_off = om[:, None] * s_x0 + rk[None, :] * s_x1
+            u_off = om[:, None] * s_u0 + rk[None, :] * s_u1
+            if EVEN_K:
+                bt = tl.load(p_ptr + b_off)
+                a2 = tl.load(u_ptr + u_off)
+            else:
+                bt = tl.load(p_ptr + b_off, mask=rk[:, None] < r, other=0.0)
+                a2 = tl.load(u_ptr + u_off, mask=rk[None, :] < r, other=0.0)
+            acc2 = tl.dot(a2, bt, acc2, input_precision=PREC)
             if RULE != 2:
-                a1 = tl.load(x_ptr + rm[:, None] * s_xa + rk[None, :] * s_xb,
-                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
-                if BF16:
-                    a1 = a1.to(tl.bfloat16)
-                acc1 = tl.dot(a1, b, acc1, input_precision=PREC)
-    mask = mask_m[:, None] & mask_n[None, :]
-    w_offs = rm[:, None] * s_wm + rn[None, :] * s_wn
+                if EVEN_K:
+                    a1 = tl.load(x_ptr + x_off)
+                else:
+                    a1 = tl.load(x_ptr + x_off, mask=rk[None, :] < r, other=0.0)
+                acc1 = tl.dot(a1, bt, acc1, input_precision=PREC)
+    mask = (rm < m)[:, None] & (rn < n)[None, :]
+    w_offs = rm[:, None] * n + rn[None, :]  # W is contiguous
     w = tl.load(w_ptr + w_offs, mask=mask, other=0.0)
     out = w * decay + c_u * acc2
     if RULE != 2:
@@ -105,39 +160,151 @@ def _fused_apply_kernel(
     tl.store(w_ptr + w_offs, out, mask=mask)
 
 
-# On a GPU the tile sizes are autotuned (W restored between trials); the CPU interpreter has no
-# benchmarker, so it runs one fixed small tile.
-_tuned_kernel = triton.autotune(configs=_configs(), key=["m", "n", "r", "LEFT", "RULE", "BF16"],
-                                restore_value=["w_ptr"])(_fused_apply_kernel)  # fmt: skip
-_INTERPRET_META = {"BM": 32, "BN": 32, "BK": 16}
+@triton.jit
+def _down_kernel(
+    g_addrs, p_ptr, o_ptr,
+    M,
+    s_ga, s_gc, s_pb, s_pc, s_pk, s_ob, s_oa, s_ok,
+    K: tl.constexpr, r: tl.constexpr, G_ELEM: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """out_b[a, k] = sum_c A_b[a, c] P_b[c, k], A_b[a, c] = G_b[a s_ga + c s_gc] (M x K; K, the
+    contracted side of G, is a compile-time loop bound like r)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    tiles_k = tl.cdiv(r, BN)
+    pid_a = pid // tiles_k  # the r tiles of one row block run side by side: G re-read from L2
+    pid_k = pid % tiles_k
+    g_ptr = tl.load(g_addrs + b).to(tl.pointer_type(G_ELEM))
+    p_ptr += b * s_pb
+    o_ptr += b * s_ob
+    ra = pid_a * BM + tl.arange(0, BM)
+    rk = pid_k * BN + tl.arange(0, BN)
+    oa = ra % M
+    ok = rk % r
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for c0 in range(0, K, BK):
+        rc = c0 + tl.arange(0, BK)
+        a_off = oa[:, None] * s_ga + rc[None, :] * s_gc
+        b_off = rc[:, None] * s_pc + ok[None, :] * s_pk
+        if EVEN_K:
+            a = tl.load(g_ptr + a_off)
+            bt = tl.load(p_ptr + b_off)
+        else:
+            a = tl.load(g_ptr + a_off, mask=rc[None, :] < K, other=0.0)
+            bt = tl.load(p_ptr + b_off, mask=rc[:, None] < K, other=0.0)
+        if BF16:
+            a = a.to(tl.bfloat16)
+        else:
+            a = a.to(tl.float32)
+        acc = tl.dot(a, bt, acc, input_precision=PREC)
+    mask = (ra < M)[:, None] & (rk < r)[None, :]
+    tl.store(o_ptr + ra[:, None] * s_oa + rk[None, :] * s_ok, acc, mask=mask)
 
 
-def fused_apply_one(
-    w: Tensor, g: Tensor, p: Tensor, x: Tensor, u: Tensor, side: str, *, decay: float,
-    c_u: float, c_f: float, rule: str, precision: str,
+# ------------------------------------------------------------------------------------ host side
+_ADDR_CACHE: OrderedDict[tuple, Tensor] = OrderedDict()
+_ADDR_CACHE_SIZE = 256
+
+
+def address_table(mats: Sequence[Tensor]) -> Tensor:
+    """An int64 tensor of the matrices' data addresses on their device. Cached by the addresses
+    (parameters and gradient buffers keep theirs from step to step); a miss copies through
+    pinned memory without blocking the host on the stream."""
+    dev = mats[0].device
+    key = (str(dev), *(t.data_ptr() for t in mats))
+    hit = _ADDR_CACHE.get(key)
+    if hit is not None:
+        _ADDR_CACHE.move_to_end(key)
+        return hit
+    host = torch.tensor([t.data_ptr() for t in mats], dtype=torch.int64)
+    if dev.type == "cuda":
+        table = host.pin_memory().to(dev, non_blocking=True)
+    else:
+        table = host
+    _ADDR_CACHE[key] = table
+    if len(_ADDR_CACHE) > _ADDR_CACHE_SIZE:
+        _ADDR_CACHE.popitem(last=False)
+    return table
+
+
+def uniform_strides(mats: Sequence[Tensor], m: int, n: int) -> list[Tensor]:
+    """``mats`` as (m, n) views sharing one dtype and one stride pair (others are copied)."""
+    views = [t.reshape(m, n) for t in mats]
+    dt, st = views[0].dtype, views[0].stride()
+    if dt not in _ELEM:
+        raise ValueError(f"gradients must be float32, bfloat16 or float16, got {dt}")
+    if all(v.dtype == dt and v.stride() == st for v in views):
+        return views
+    return [v.to(dt).contiguous() for v in views]
+
+
+def _tile(kind: str, precision: str, device: torch.device) -> Tile:
+    return TILES[kind][precision] if device.type == "cuda" else _INTERPRET_TILE
+
+
+def down_on_triton(precision: str, device: torch.device) -> bool:
+    """Whether ``project_down``'s ``triton`` backend runs ``fused_down`` (else ``bmm``): always
+    under the interpreter, on CUDA as ``DOWN_BACKEND`` says."""
+    return device.type != "cuda" or DOWN_BACKEND[precision] == "triton"
+
+
+def fused_apply(
+    W: Sequence[Tensor], G: Sequence[Tensor], P: Tensor, X: Tensor, U: Tensor, side: str, *,
+    decay: float, c_u: float, c_f: float, rule: str, precision: str,
+    tile: Tile | None = None,
 ) -> None:  # fmt: skip
-    """W <- W decay + c_u up(U) + c_f F(G - up(X)) in place for one (m, n) matrix (module doc).
-    ``w``: float32 (m, n) view; ``g``: (m, n) float32 / bfloat16 / float16; ``p``, ``x``, ``u``
-    float32. Communication: none."""
-    m, n = w.shape
-    r = p.shape[1]
-    left = side == "left"
-    grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
-    interpret = w.device.type != "cuda"
-    kernel = _fused_apply_kernel if interpret else _tuned_kernel
-    meta = _INTERPRET_META if interpret else {}
-    kernel[grid](
-        w, g, p, x, u, m, n,
-        w.stride(0), w.stride(1), g.stride(0), g.stride(1), p.stride(0), p.stride(1),
-        x.stride(0), x.stride(1), u.stride(0), u.stride(1),
+    """W_b <- W_b decay + c_u up(U_b) + c_f F(G_b - up(X_b)) in place for B matrices (module doc).
+    ``W``: contiguous float32 (m, n) tensors; ``G``: (m, n)-viewable float32 / bfloat16 / float16;
+    ``P`` (B, dim, r), ``X``, ``U`` (B, m, r) right / (B, r, n) left: float32, or bfloat16 for
+    ``bf16``. ``tile``: (BM, BN, BK, warps, stages), default the measured table. One launch.
+    Communication: none."""
+    B = len(W)
+    m, n = W[0].shape
+    r = P.shape[-1]
+    Gv = uniform_strides(G, m, n)
+    bm, bn, bk, warps, stages = tile or _tile("apply", precision, W[0].device)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), B)
+    _apply_kernel[grid](
+        address_table(W), address_table(Gv), P, X, U, m, n,
+        Gv[0].stride(0), Gv[0].stride(1), P.stride(0), P.stride(1), P.stride(2),
+        X.stride(0), X.stride(1), X.stride(2), U.stride(0), U.stride(1), U.stride(2),
         float(decay), float(c_u), float(c_f),
-        r=r, LEFT=left, RULE=RULE_CODES[rule], BF16=precision == "bf16",
-        PREC=_INPUT_PRECISION[precision], **meta,
+        r=r, LEFT=side == "left", RULE=RULE_CODES[rule], G_ELEM=_ELEM[Gv[0].dtype],
+        PREC=_INPUT_PRECISION[precision], BM=bm, BN=bn, BK=bk, EVEN_K=r % bk == 0,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
-def triton_usable(device: torch.device) -> bool:
-    """True where the kernel can run: a CUDA device, or the CPU under TRITON_INTERPRET=1."""
-    import os
+def fused_down(
+    G: Sequence[Tensor], P: Tensor, side: str, out: Tensor, *, precision: str,
+    tile: Tile | None = None,
+) -> Tensor:  # fmt: skip
+    """out_b = G_b P_b (right, out (B, m, r)) or P_b^T G_b (left, out (B, r, n)), float32, for
+    B (m, n)-viewable gradients; ``P`` (B, dim, r) float32, or bfloat16 for ``bf16`` (G's tiles
+    are then rounded to bfloat16 in registers). One launch. Communication: none."""
+    B = len(G)
+    r = P.shape[-1]
+    m, n = (P.shape[1], G[0].numel() // P.shape[1]) if side == "left" else (
+        G[0].numel() // P.shape[1], P.shape[1])  # fmt: skip
+    Gv = uniform_strides(G, m, n)
+    s_gm, s_gn = Gv[0].stride()
+    if side == "right":  # a = row i of G, c = column j; out (m, r)
+        M, K, s_ga, s_gc, s_oa, s_ok = m, n, s_gm, s_gn, out.stride(1), out.stride(2)
+    else:  # a = column j, c = row i; out (r, n) written transposed
+        M, K, s_ga, s_gc, s_oa, s_ok = n, m, s_gn, s_gm, out.stride(2), out.stride(1)
+    bm, bn, bk, warps, stages = tile or _tile("down", precision, out.device)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(r, bn), B)
+    _down_kernel[grid](
+        address_table(Gv), P, out, M,
+        s_ga, s_gc, P.stride(0), P.stride(1), P.stride(2), out.stride(0), s_oa, s_ok,
+        K=K, r=r, G_ELEM=_ELEM[Gv[0].dtype], BF16=precision == "bf16",
+        PREC=_INPUT_PRECISION[precision], BM=bm, BN=bn, BK=bk, EVEN_K=K % bk == 0,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
 
+
+def triton_usable(device: torch.device) -> bool:
+    """True where the kernels can run: a CUDA device, or the CPU under TRITON_INTERPRET=1."""
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

@@ -12,8 +12,9 @@
               svd refreshes), a mean all-reduce of the *compact* state-full gradients, and a 1-bit
               majority vote of the local state-free residual signs
     select    svd refreshes: the owner gets the full gradient (local, or one ``reduce`` of the
-              fragments), computes the basis and broadcasts it; at every refresh the ranks compare
-              selection fingerprints (one small all-gather)
+              fragments over ``process_group``), computes the basis and broadcasts it; at every
+              refresh the ranks compare selection fingerprints (one small all-gather). Both go
+              over the layout's ``agreement_group`` (HSDP: every replica too)
     down      G_sf = down(G); for fragments, partial projections are summed over ranks in one
               coalesced all-reduce (right: boundary rows only; left: the (r, n) products)
     state     owners advance the state-full rule (``torch._foreach_*``) -> directions U
@@ -99,18 +100,20 @@ class FrugalStepMixin:
 
     def _run_step(self) -> None:
         self.comm.begin_step()
-        rank, world = rank_and_world(self._pg)
+        # Views first: the first one may bind a layout (FSDP2), which sets the process group.
         views = [(group, self._views(group)) for group in self.param_groups]
-        if world > 1 and not getattr(self, "_agreed", False):
+        rank, world = rank_and_world(self._pg)
+        agreement = self._agreement_pg()
+        if rank_and_world(agreement)[1] > 1 and not getattr(self, "_agreed", False):
             # once (and after a new group / layout / loaded state): every rank compares the
             # options, group hyper-parameters and parameter names (+ shapes) -- one int64
             # all-gather when they agree; a mismatch raises on every rank naming the field.
             # Without that check, an optimizer that will issue collectives probes (4 B) that
             # every rank of its group is here. Both bounded in time (comm.participants).
             if self.check_agreement:
-                check_optimizer_agreement(self, self._pg)
+                check_optimizer_agreement(self, agreement)
             elif self._issues_collectives():
-                probe(self._pg, "first step (check_agreement=False)")
+                probe(agreement, "first step (check_agreement=False)")
             self._agreed = True
         if self.nonfinite != "ignore" and not self._check_finite(views, world):
             return
@@ -138,6 +141,11 @@ class FrugalStepMixin:
             or any(g["algorithm"] == "frugal" and g["subspace"] == "projection"
                    and g["proj_type"] == "svd" for g in self.param_groups)
         )  # fmt: skip
+
+    def _agreement_pg(self) -> Any:
+        """The ranks that must agree on seeds, options, subspaces and svd bases: the layout's
+        ``agreement_group`` (HSDP: every mesh dim), else ``process_group``."""
+        return getattr(self._layout, "agreement_group", self._pg)
 
     def _check_finite(self, views: list[tuple[dict, list[ParamView]]], world: int) -> bool:
         """One fused inf/nan check of every local gradient (see ``optim.nonfinite``); False:
@@ -294,7 +302,8 @@ class FrugalStepMixin:
         pending = [it for it in items if it.kind == "projection" and it.sel is None]
         if pending:
             self._svd_refresh(pending, rank, world)
-        if world > 1 and self.check_agreement:
+        agreement = self._agreement_pg()
+        if rank_and_world(agreement)[1] > 1 and self.check_agreement:
             refreshing = [it for it in items if it.refresh and it.kind not in ("adamw", "free")]
             fps = []
             for it in refreshing:
@@ -304,17 +313,24 @@ class FrugalStepMixin:
                     fps.append(tensor_fingerprint(it.gsel.index))
                 else:
                     fps.append(tensor_fingerprint(it.gsel.basis))
-            check_agreement([it.name for it in refreshing], fps, self._pg, self.comm, "subspace")
+            check_agreement([it.name for it in refreshing], fps, agreement, self.comm, "subspace")
 
     def _svd_refresh(self, pending: list[Item], rank: int, world: int) -> None:
-        """Each basis is computed once, by an owner, from the full gradient, then broadcast."""
+        """Each basis is computed once, by an owner, from the full gradient, then broadcast.
+
+        Owners are balanced over the agreement group (HSDP: every rank of every replica). With a
+        layout, the owner's shard group (its replica) reduces the gradient fragments onto it
+        (``process_group``); the owner's broadcast then reaches every rank of every replica."""
         sharded = self._layout is not None
-        if world > 1:
+        agreement = self._agreement_pg()
+        arank, aworld = rank_and_world(agreement)
+        peer = getattr(self._layout, "shard_peer", None)  # agreement rank -> my shard group's
+        if aworld > 1:
             weights = {it.name: it.span.m * it.span.n for it in pending}
-            owners = assign_owners(weights, world).owner
+            owners = assign_owners(weights, aworld).owner
         else:
             owners = {it.name: 0 for it in pending}
-        per_rank: list[list[Tensor]] = [[] for _ in range(world)]
+        per_rank: list[list[Tensor]] = [[] for _ in range(aworld)]
         mine: list[tuple[Item, Tensor]] = []
         for it in pending:
             shape = matrix_shape(it.view.shape)
@@ -324,14 +340,15 @@ class FrugalStepMixin:
             raw = it.view.grad
             dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
             full_g = it.span.pad(raw.reshape(-1).to(dtype))
-            if sharded and world > 1:  # gather the fragments onto the owner only
+            dst = owner if peer is None else peer(owner)
+            if sharded and world > 1 and dst is not None:  # fragments onto the owner only
                 buf = torch.zeros(shape[0] * shape[1], device=it.g.device, dtype=dtype)
                 sp = it.span
                 buf[sp.start : sp.start + sp.numel] = raw.reshape(-1).to(dtype)
-                dist.reduce(buf, dst=global_rank(self._pg, owner), group=self._pg)
+                dist.reduce(buf, dst=global_rank(self._pg, dst), group=self._pg)
                 self.comm.add("svd_gather", buf.nbytes, buf.nbytes)
                 full_g = buf.view(shape)
-            if owner == rank:
+            if owner == arank:
                 mine.append((it, full_g))
         # the owner's bases, batched over same-shape matrices (optim.svd_refresh: svd_method)
         computed = dict(zip((id(it) for it, _ in mine),
@@ -343,7 +360,7 @@ class FrugalStepMixin:
                 basis = torch.empty(dim, r, device=it.g.device)
             per_rank[owners[it.name]].append(basis)
             it.st["proj_basis"] = basis
-        broadcast_from_owners(per_rank, self._pg, self.comm, "basis_broadcast", bounded=True)
+        broadcast_from_owners(per_rank, agreement, self.comm, "basis_broadcast", bounded=True)
         for it in pending:
             side = resolve_side(it.group["proj_side"], matrix_shape(it.view.shape))
             it.gsel = ProjectionSelection(side, it.st["proj_basis"])

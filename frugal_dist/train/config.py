@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     engine: str = "auto"  # auto | single | ddp | fsdp2 | fsdp1 | fairscale | deepspeed
     deepspeed_config: str | None = None  # DeepSpeed JSON (engine=deepspeed)
+    fsdp2_replicas: int = 1  # engine=fsdp2: > 1 is HSDP, (replicas, world / replicas) mesh
     output_dir: str | None = None
     checkpoint_every: int = 100  # optimizer steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept in output_dir/checkpoints (0: all)

@@ -22,7 +22,10 @@ from frugal_dist.optim.validation import check_known_keys, validate_options
 if TYPE_CHECKING:
     from frugal_dist.train.config import TrainConfig
 
-POSITIVE_INTS = ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_batches")
+POSITIVE_INTS = (
+    "seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_batches",
+    "fsdp2_replicas",
+)  # fmt: skip
 NON_NEGATIVE_INTS = ("warmup_steps", "eval_every", "checkpoint_every", "keep_checkpoints")
 DTYPES = ("float32", "bfloat16")
 OPTIONAL_PATHS = ("deepspeed_config", "output_dir")
@@ -70,6 +73,12 @@ def validate_config(cfg: TrainConfig, engines: tuple[str, ...]) -> None:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {cfg.seed!r}")
     if not isinstance(cfg.engine, str) or cfg.engine not in engines:
         raise ValueError(f"engine must be one of {list(engines)}, got {cfg.engine!r}")
+    replicas = getattr(cfg, "fsdp2_replicas", 1)
+    if replicas != 1 and cfg.engine != "fsdp2":
+        raise ValueError(
+            f"fsdp2_replicas={replicas} (HSDP) needs engine=fsdp2, got engine={cfg.engine!r}; "
+            "set engine=fsdp2 or drop fsdp2_replicas"
+        )
     if not isinstance(cfg.dtype, str) or cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     if getattr(cfg, "autocast", "none") not in ("none", "bfloat16"):

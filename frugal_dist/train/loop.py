@@ -111,7 +111,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if engine == "fsdp2":
         from frugal_dist.engines.fsdp2 import default_mesh, shard_model
 
-        shard_model(model, mesh=default_mesh())
+        shard_model(model, mesh=default_mesh(replicas=cfg.fsdp2_replicas))  # > 1: HSDP
     if engine != "deepspeed":
         wrapped = DDP(model) if engine == "ddp" else model
     opt_cfg = dict(cfg.optimizer)
