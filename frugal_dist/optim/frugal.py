@@ -88,7 +88,7 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
        [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
                                  all_reduce(mean) of compact G_sf (coord: rho, proj: r x max(m,n)),
                                  all_gather of packed residual signs               1 bit x params
-    2. [svd refresh]             owner computes the SVD, broadcast of P            4 B x dim x r
+    2. [svd refresh]             owner computes P (svd_method), broadcast of P  4 B x dim x r
     3. [refresh, world > 1]      all_gather of one int64 fingerprint per refreshing parameter
     4. [shard_state]             each owner broadcasts the compact U it computed   4 B x |S|
 """

@@ -12,18 +12,22 @@
               svd refreshes), a mean all-reduce of the *compact* state-full gradients, and a 1-bit
               majority vote of the local state-free residual signs
     select    svd refreshes: the owner gets the full gradient (local, or one ``reduce`` of the
-              fragments over ``process_group``), computes the basis and broadcasts it; at every
+              fragments over ``process_group``), computes its bases batched by shape
+              (``optim.svd_refresh``, ``svd_method``) and broadcasts them; at every
               refresh the ranks compare selection fingerprints (one small all-gather). Both go
               over the layout's ``agreement_group`` (HSDP: every replica too)
-    down      G_sf = down(G); for fragments, partial projections are summed over ranks in one
-              coalesced all-reduce (right: boundary rows only; left: the (r, n) products)
+    down      G_sf = down(G): whole matrices batched by (shape, side, rank) through
+              ``kernels.projection.project_down`` (``optim.projection_batch``); for fragments,
+              partial projections are summed over ranks in one coalesced all-reduce (right:
+              boundary rows only; left: the (r, n) products)
     state     owners advance the state-full rule (``torch._foreach_*``) -> directions U
     exchange  (shard_state, world > 1) each owner broadcasts the U it computed
     apply     W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R)); fragments drop phantom entries.
-              Fused AdamW items run ``torch._fused_adamw_`` here (their state phase is this
-              kernel); pure state-free updates (signSGD / SGD groups, inactive blocks, rho = 0)
-              go through foreach kernels over all tensors at once, in bounded chunks, and so do
-              the sign / add of coordinate and projection items with a signSGD residual
+              Fused items run their state phase inside the apply kernel (``optim.fast_apply``:
+              whole-tensor AdamW, columns / rows coordinates); pure state-free updates (signSGD /
+              SGD groups, inactive blocks, rho = 0) go through ``free_apply_`` over all tensors
+              at once; whole projection matrices through ``apply_projection`` per (shape, side,
+              rank) batch. These fold the weight decay; the rest decays first, then applies
 
 At world size 1 every collective is skipped and the pipeline is the plain FRUGAL step.
 """

@@ -19,8 +19,9 @@ refresh is found (A = G for a left basis, G^T for a right one; r = ``projection_
                     directions (p = ``RANDOMIZED_OVERSAMPLE``); no previous basis needed.
 
 The products run at the group's ``proj_precision`` (TF32 / bfloat16 on CUDA; fp32 on the CPU for
-``tf32``). Each basis is computed once, by its owner, then broadcast by the caller, so every rank
-holds the same bits. Communication: none here.
+``tf32``); ``warm`` keeps float64 gradients in float64 up to the QR. Each basis is computed once,
+by its owner, then broadcast by the caller, so every rank holds the same bits. Communication:
+none here.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from frugal_dist.core.subspaces import (
     projection_selection,
     resolve_side,
 )
-from frugal_dist.kernels.refresh import svd_bases
+from frugal_dist.kernels.refresh import orthonormalize, svd_bases
 
 WARM_POWER_ITERS = 1
 RANDOMIZED_OVERSAMPLE = 8
@@ -77,7 +78,17 @@ def owner_bases(its: list[Any], grads: list[Tensor]) -> list[Tensor]:
         r = basis_shape(its[idx[0]])[1]
         sub = [grads[i].reshape(shape) for i in idx]
         seeds = [projection_seed(group["seed"], its[i].name, its[i].k) for i in idx]
-        if method == "warm":
+        if method == "warm" and sub[0].dtype == torch.float64:
+            # float64 gradients stay float64 up to the QR (as the exact path keeps them): the
+            # float32 rounding of G would turn last-bit gradient differences between engines
+            # into basis differences
+            G = torch.stack(sub)
+            A = G if side == "left" else G.mT
+            prev = torch.stack([its[i].st["proj_basis"].double() for i in idx])
+            for _ in range(WARM_POWER_ITERS):
+                prev = A @ (A.mT @ prev)
+            bases = orthonormalize(prev, QR)
+        elif method == "warm":
             prev = torch.stack([its[i].st["proj_basis"].float() for i in idx])
             bases = svd_bases(sub, r, side, method="warm", previous=prev, seeds=seeds,
                               power_iters=WARM_POWER_ITERS, qr=QR,
