@@ -32,8 +32,8 @@ CASES = {
 }
 PROJECTION = ("random", "svd-warm", "svd-randomized")
 KERNEL_OF = {"block": "adamw_apply", "rho0": "free_apply", "columns": "coordinate_apply",
-             "rows": "coordinate_apply", "random": "fused_apply_one",
-             "svd-warm": "fused_apply_one", "svd-randomized": "fused_apply_one"}  # fmt: skip
+             "rows": "coordinate_apply", "random": "fused_apply",
+             "svd-warm": "fused_apply", "svd-randomized": "fused_apply"}  # fmt: skip
 
 
 def _run(case: str, steps: int, **extra):
@@ -79,7 +79,7 @@ def test_default_cuda_step_runs_the_triton_kernels(case, monkeypatch):
 
     calls: dict[str, int] = {}
     name = KERNEL_OF[case]
-    mod = pt if name == "fused_apply_one" else tk
+    mod = pt if name == "fused_apply" else tk
     original = getattr(mod, name)
 
     def counting(*args, **kwargs):
