@@ -283,7 +283,10 @@ def resolve_resume(cfg: TrainConfig, engine: str) -> Path | None:
 def _choose(cfg: TrainConfig, engine: str) -> str | None:
     if cfg.resume == "auto":
         if cfg.output_dir is None:
-            raise ValueError("resume='auto' needs output_dir (where the checkpoints are)")
+            raise ValueError(
+                "resume='auto' needs output_dir (where the checkpoints are): add "
+                "--output_dir=<the run's directory>, or give --resume=<checkpoint>"
+            )
         path = find_latest(Path(cfg.output_dir) / "checkpoints")
         if path is None:
             logger.info("resume=auto: no complete checkpoint; starting from step 0")
@@ -293,10 +296,18 @@ def _choose(cfg: TrainConfig, engine: str) -> str | None:
         if STEP_DIR.match(path.name) is None and (path / "checkpoints").is_dir():
             path = find_latest(path / "checkpoints")  # a run directory: its newest checkpoint
             if path is None:
-                raise ValueError(f"resume={cfg.resume!r}: no valid checkpoint in that run")
+                raise ValueError(
+                    f"resume={cfg.resume!r}: no valid checkpoint in that run "
+                    "(see the skipped ones above); give one checkpoint directory "
+                    "(.../checkpoints/step_XXXXXXXX), or drop --resume"
+                )
     manifest, reason = verify(path)
     if manifest is None:
-        raise ValueError(f"resume={str(path)!r} is not a valid checkpoint: {reason}")
+        raise ValueError(
+            f"resume={str(path)!r} is not a valid checkpoint: {reason}; give "
+            "another one (an older step_XXXXXXXX of the run, or --resume=auto for "
+            "the newest valid one in output_dir)"
+        )
     notices = check_compatible(manifest, cfg, engine, path)
     logger.info(f"resuming from {path} (step {manifest['step']}, written by "
                 f"{manifest['world_size']} rank(s))")  # fmt: skip
