@@ -12,18 +12,22 @@
               svd refreshes), a mean all-reduce of the *compact* state-full gradients, and a 1-bit
               majority vote of the local state-free residual signs
     select    svd refreshes: the owner gets the full gradient (local, or one ``reduce`` of the
-              fragments over ``process_group``), computes the basis and broadcasts it; at every
+              fragments over ``process_group``), computes its bases batched by shape
+              (``optim.svd_refresh``, ``svd_method``) and broadcasts them; at every
               refresh the ranks compare selection fingerprints (one small all-gather). Both go
               over the layout's ``agreement_group`` (HSDP: every replica too)
-    down      G_sf = down(G); for fragments, partial projections are summed over ranks in one
-              coalesced all-reduce (right: boundary rows only; left: the (r, n) products)
+    down      G_sf = down(G): whole matrices batched by (shape, side, rank) through
+              ``kernels.projection.project_down`` (``optim.projection_batch``); for fragments,
+              partial projections are summed over ranks in one coalesced all-reduce (right:
+              boundary rows only; left: the (r, n) products)
     state     owners advance the state-full rule (``torch._foreach_*``) -> directions U
     exchange  (shard_state, world > 1) each owner broadcasts the U it computed
     apply     W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R)); fragments drop phantom entries.
-              Fused AdamW items run ``torch._fused_adamw_`` here (their state phase is this
-              kernel); pure state-free updates (signSGD / SGD groups, inactive blocks, rho = 0)
-              go through foreach kernels over all tensors at once, in bounded chunks, and so do
-              the sign / add of coordinate and projection items with a signSGD residual
+              Fused items run their state phase inside the apply kernel (``optim.fast_apply``:
+              whole-tensor AdamW, columns / rows coordinates); pure state-free updates (signSGD /
+              SGD groups, inactive blocks, rho = 0) go through ``free_apply_`` over all tensors
+              at once; whole projection matrices through ``apply_projection`` per (shape, side,
+              rank) batch. These fold the weight decay; the rest decays first, then applies
 
 At world size 1 every collective is skipped and the pipeline is the plain FRUGAL step.
 """
@@ -52,12 +56,9 @@ from frugal_dist.core.rules import (
     state_free_direction_,
     state_full_directions,
 )
-from frugal_dist.core.seeding import projection_seed
 from frugal_dist.core.subspaces import (
     ProjectionSelection,
     matrix_shape,
-    projection_rank,
-    projection_selection,
     resolve_side,
     tensor_fingerprint,
 )
@@ -70,9 +71,16 @@ from frugal_dist.optim.fast_apply import (
     batchable_coordinate,
     batchable_free,
     batchable_projection,
+    coordinate_fusable,
     local_matrix,
 )
 from frugal_dist.optim.nonfinite import grads_are_finite
+from frugal_dist.optim.projection_batch import (
+    apply_batched,
+    down_batched,
+    gemm_precision,
+    projection_backend,
+)
 from frugal_dist.optim.sharding import assign_owners
 from frugal_dist.optim.step_items import (
     Item,
@@ -82,6 +90,7 @@ from frugal_dist.optim.step_items import (
     item_kind,
     whole_rule,
 )
+from frugal_dist.optim.svd_refresh import basis_shape, owner_bases
 
 
 class FrugalStepMixin:
@@ -179,6 +188,7 @@ class FrugalStepMixin:
         out: list[Item] = []
         bumped: list[Item] = []  # items whose sf_step this step increments
         active_sets: dict[int, frozenset[int]] = {}
+        fusable = False
         for view, s in zip(live, self._advance_all([view.state for view in live])):
             st = view.state
             k, refresh = s // gap, s % gap == 0
@@ -211,6 +221,8 @@ class FrugalStepMixin:
                 if kind == "coordinate":
                     it.gsel = self._coordinate(view, k, group)
                     it.sel = self._local_selection(view, k, it.gsel)
+                    sign_vote = reduced_here and self.residual_comm == "sign"
+                    fusable = coordinate_fusable(it, self.kernels, sharded, sign_vote)
                 elif not (refresh and group["proj_type"] == "svd"):
                     it.gsel = self._projection(view, k, group)
                     it.sel = local_projection(it.gsel, view.span)
@@ -218,7 +230,7 @@ class FrugalStepMixin:
                     self._reset_buffers(st, rule, compact_shape(it), dev)
             if active and mine:
                 bumped.append(it)
-                it.fused = fused_ok and self._fused_for(view)
+                it.fused = fusable if kind == "coordinate" else fused_ok and self._fused_for(view)
             out.append(it)
         counts = increment_counters([it.st for it in bumped], "sf_step")
         for it, t in zip(bumped, counts):
@@ -228,12 +240,12 @@ class FrugalStepMixin:
     def _fused_for(self, view: ParamView) -> bool:
         """Use ``torch._fused_adamw_`` for this whole-tensor AdamW item: float32 data and
         gradient (the kernel wants one dtype for params, grads and moments), non-empty, and
-        ``fused=True`` or (``fused=None`` and a CUDA tensor)."""
+        ``fused=True`` or (``fused=None`` and a CUDA tensor or ``kernels="triton"``)."""
         if self.fused is False or view.data.numel() == 0:
             return False
         if view.data.dtype != torch.float32 or view.grad.dtype != torch.float32:
             return False
-        return bool(self.fused) or view.data.device.type == "cuda"
+        return bool(self.fused) or view.data.device.type == "cuda" or self.kernels == "triton"
 
     def _local_selection(self, view: ParamView, k: int, gsel: Any) -> Any:
         """``local_coordinates`` of a fragment, cached per refresh (it indexes with a mask,
@@ -264,13 +276,18 @@ class FrugalStepMixin:
             if needs_full:
                 full.append(it.g)
                 continue
-            if it.kind in ("coordinate", "projection"):
-                local = it.sel.gather(it.g) if it.kind == "coordinate" else it.sel.down(it.g)
+            if it.kind == "coordinate":
+                local = it.sel.gather(it.g)
                 if free_rule != "none":
-                    if it.kind == "coordinate":
-                        resid = it.sel.fill_(it.g.clone(), 0.0)
-                    else:
-                        resid = it.g - it.sel.up(local)
+                    signs.append(it.sel.fill_(it.g.clone(), 0.0))
+                    sign_items.append(it)
+                it.g_sf = local
+                compact.append(local)
+            elif it.kind == "projection":
+                with gemm_precision(it.group, it.g.device):
+                    local = it.sel.down(it.g)
+                    resid = it.g - it.sel.up(local) if free_rule != "none" else None
+                if resid is not None:
                     signs.append(resid)
                     sign_items.append(it)
                 it.g_sf = local
@@ -318,6 +335,7 @@ class FrugalStepMixin:
         else:
             owners = {it.name: 0 for it in pending}
         per_rank: list[list[Tensor]] = [[] for _ in range(aworld)]
+        mine: list[tuple[Item, Tensor]] = []
         for it in pending:
             shape = matrix_shape(it.view.shape)
             owner = owners[it.name]
@@ -334,17 +352,17 @@ class FrugalStepMixin:
                 dist.reduce(buf, dst=global_rank(self._pg, dst), group=self._pg)
                 self.comm.add("svd_gather", buf.nbytes, buf.nbytes)
                 full_g = buf.view(shape)
-            side = resolve_side(it.group["proj_side"], shape)
             if owner == arank:
-                basis = projection_selection(
-                    shape, it.group["density"], "svd", it.group["proj_side"],
-                    projection_seed(it.group["seed"], it.name, it.k), grad=full_g,
-                ).basis  # fmt: skip
-            else:
-                dim = shape[0] if side == "left" else shape[1]
-                r = projection_rank(shape, it.group["density"], side, "svd")
+                mine.append((it, full_g))
+        # the owner's bases, batched over same-shape matrices (optim.svd_refresh: svd_method)
+        computed = dict(zip((id(it) for it, _ in mine),
+                            owner_bases([it for it, _ in mine], [g for _, g in mine])))  # fmt: skip
+        for it in pending:
+            basis = computed.get(id(it))
+            if basis is None:
+                dim, r = basis_shape(it)
                 basis = torch.empty(dim, r, device=it.g.device)
-            per_rank[owner].append(basis)
+            per_rank[owners[it.name]].append(basis)
             it.st["proj_basis"] = basis
         broadcast_from_owners(per_rank, agreement, self.comm, "basis_broadcast", bounded=True)
         for it in pending:
@@ -356,14 +374,19 @@ class FrugalStepMixin:
     # ---------------------------------------------------------------------------------- down
     def _down(self, items: list[Item], world: int) -> None:
         partial: list[Item] = []
+        # batched GEMMs for whole matrices (optim.projection_batch); per item below where the
+        # ranks sum partial products (a bound layout at world > 1: every rank takes part)
+        fragments = self._layout is not None and world > 1
+        done = set() if fragments else down_batched(items, self.kernels, self._kernel_cache)
         for it in items:
             if it.kind in ("adamw", "free") or (it.kind == "block" and it.active):
                 if it.kind != "free":
                     it.g_sf = it.g
-            elif it.kind == "coordinate" and it.g_sf is None:
+            elif it.kind == "coordinate" and it.g_sf is None and not it.fused:
                 it.g_sf = it.sel.gather(it.g)
-            elif it.kind == "projection" and it.g_sf is None:
-                it.g_sf = it.sel.down(it.g)
+            elif it.kind == "projection" and it.g_sf is None and id(it) not in done:
+                with gemm_precision(it.group, it.g.device):
+                    it.g_sf = it.sel.down(it.g)
                 if self._layout is not None and world > 1:
                     partial.append(it)
         if partial:
@@ -456,60 +479,74 @@ class FrugalStepMixin:
         for its in by_group.values():
             group = its[0].group
             lr, wd = group["lr"], group["weight_decay"]
-            fused = [it for it in its if it.fused]
-            if wd != 0.0:
-                data = [it.view.data for it in its if it.view.data.numel() and not it.fused]
-                if data:
-                    torch._foreach_mul_(data, 1.0 - lr * wd)
-            if fused:
-                apply_fused(fused, lr, wd, group, self._dev_steps)
             s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
+            fused: list[Item] = []
             batch: list[tuple[Item, str, float]] = []
             coords: list[Item] = []
             projs: list[Item] = []
+            kernel_projs: list[Item] = []
+            rest: list[Item] = []
             for it in its:
+                how = None if it.fused else batchable_free(it)
                 if it.fused:
-                    it.g_sf = None
-                    continue
-                data = it.view.data
-                if it.kind == "adamw":
-                    apply_update(data, it.u, -lr)
-                    continue
-                if it.kind == "block" and it.active:
-                    apply_update(data, it.u, -lr * s_p)
-                    continue
-                how = batchable_free(it)
-                if how is not None:
+                    fused.append(it)
+                elif how is not None:
                     batch.append((it, *how))
-                    continue
-                if batchable_coordinate(it):
+                elif projection_backend(it, self.kernels) is not None:
+                    kernel_projs.append(it)
+                elif batchable_coordinate(it):
                     coords.append(it)
-                    continue
-                if batchable_projection(it):
+                elif batchable_projection(it):
                     projs.append(it)
-                    continue
-                free = self._free_direction(it)
-                if it.kind == "free":
-                    if free is not None:
-                        apply_update(data, free, -lr)
-                elif it.kind == "block":
-                    if free is not None:
-                        apply_update(data, free, -lr * s_p * s_i)
-                elif it.kind == "coordinate":
-                    full = free if free is not None else torch.zeros_like(it.g)
-                    if free is not None and s_i != 1.0:
-                        full.mul_(s_i)
-                    it.sel.scatter_(full, it.u)  # selected: up(U); others: s_i F(R)
-                    apply_update(data, it.span.unpad(full), -lr * s_p)
                 else:
-                    if free is None:
-                        full = it.sel.up(it.u)
-                    else:  # s_i F(R) + up(U), in place in F(R)'s buffer
-                        full = it.sel.up_add_(free, it.u, beta=s_i)
-                    apply_update(data, it.span.unpad(full), -lr * s_p)
-                it.free = it.u = it.g_sf = None  # release this item's temporaries now
-            apply_free_batch(batch, lr)
-            if coords:
-                apply_coordinate_batch(coords, lr, s_p, s_i)
-            if projs:
-                apply_projection_batch(projs, lr, s_p, s_i)
+                    rest.append(it)
+            if wd != 0.0:  # the kernels of fused / batch / kernel_projs fold the decay
+                data = [it.view.data for it in (*rest, *coords, *projs) if it.view.data.numel()]
+                if data:
+                    torch._foreach_mul_(data, 1.0 - lr * wd)
+            if fused:
+                apply_fused(fused, lr, wd, group, self.kernels, self._coord_positions)
+            apply_free_batch(batch, lr, wd, self.kernels)
+            if kernel_projs:
+                apply_batched(kernel_projs, lr, wd, self.kernels, self._kernel_cache)
+            with gemm_precision(group, its[0].g.device):  # per-item projection GEMMs
+                self._apply_per_item(rest, coords, projs, lr, s_p, s_i)
+
+    def _apply_per_item(
+        self, rest: list[Item], coords: list[Item], projs: list[Item], lr: float, s_p: float,
+        s_i: float,
+    ) -> None:  # fmt: skip
+        """Items no kernel batch takes (each its own update), then the foreach coordinate /
+        projection batches (decay already applied by the caller)."""
+        for it in rest:
+            data = it.view.data
+            if it.kind == "adamw":
+                apply_update(data, it.u, -lr)
+                continue
+            if it.kind == "block" and it.active:
+                apply_update(data, it.u, -lr * s_p)
+                continue
+            free = self._free_direction(it)
+            if it.kind == "free":
+                if free is not None:
+                    apply_update(data, free, -lr)
+            elif it.kind == "block":
+                if free is not None:
+                    apply_update(data, free, -lr * s_p * s_i)
+            elif it.kind == "coordinate":
+                full = free if free is not None else torch.zeros_like(it.g)
+                if free is not None and s_i != 1.0:
+                    full.mul_(s_i)
+                it.sel.scatter_(full, it.u)  # selected: up(U); others: s_i F(R)
+                apply_update(data, it.span.unpad(full), -lr * s_p)
+            else:
+                if free is None:
+                    full = it.sel.up(it.u)
+                else:  # s_i F(R) + up(U), in place in F(R)'s buffer
+                    full = it.sel.up_add_(free, it.u, beta=s_i)
+                apply_update(data, it.span.unpad(full), -lr * s_p)
+            it.free = it.u = it.g_sf = None  # release this item's temporaries now
+        if coords:
+            apply_coordinate_batch(coords, lr, s_p, s_i)
+        if projs:
+            apply_projection_batch(projs, lr, s_p, s_i)
