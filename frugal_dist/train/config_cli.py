@@ -121,6 +121,8 @@ def field_info(key: str) -> FieldInfo:
     optional = type(None) in args
     if typing.get_origin(base) is typing.Literal:
         choices, kind = args, "choice"
+    elif typing.get_origin(base) is list:
+        choices, kind = (), "list"
     else:
         choices = ()
         inner = [a for a in args if a is not type(None)] or [base]
@@ -203,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         if key in ("optimizer", "data"):
             continue
         info = field_info(key)
-        metavar = {"int": "INT", "float": "NUM", "str": "STR"}.get(info.kind, "CHOICE")
+        kinds = {"int": "INT", "float": "NUM", "str": "STR", "list": "KEYS"}
+        metavar = kinds.get(info.kind, "CHOICE")
         _add(run, key, _help(info.description, info.default, info.choices), metavar)
     opt = parser.add_argument_group(
         "optimizer keys (YAML 'optimizer:' section; [..]: the optimizers that take the key)"

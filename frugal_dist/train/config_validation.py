@@ -19,6 +19,7 @@ from frugal_dist.optim.frugal import FRUGAL, FRUGAL_DEFAULTS, PROJ_QR_DEVICES, R
 from frugal_dist.optim.param_groups import NON_SPLIT
 from frugal_dist.optim.validation import check_known_keys, validate_options
 from frugal_dist.train.metric_sinks import check_wandb_available
+from frugal_dist.train.resume_policy import validate_override
 
 if TYPE_CHECKING:
     from frugal_dist.train.config import TrainConfig
@@ -45,6 +46,7 @@ def validate_config(cfg: TrainConfig) -> None:
             f"never reach optimizer.lr; set warmup_steps <= max_steps (e.g. {cfg.max_steps // 10})"
         )
     check_wandb_available(cfg.wandb_project, cfg.wandb_mode)
+    validate_override(cfg.resume_override, cfg.resume)
     if cfg.fsdp2_replicas != 1 and cfg.engine != "fsdp2":
         raise ValueError(
             f"fsdp2_replicas={cfg.fsdp2_replicas} (HSDP) needs engine=fsdp2, got engine="
