@@ -246,21 +246,21 @@ def measure(args) -> dict[str, Any]:
             free_memory()
     sweep = []
     if not args.no_sweep:
-        saved = (tk.BLOCK, tk.NUM_WARPS)
+        saved = (tk.BLOCK, tk.NUM_WARPS, tk.COORD_BLOCK, tk.COORD_WARPS)
         mats = s.mats
         for block in (1024, 2048, 4096, 8192):
             for warps in (4, 8):
-                tk.BLOCK, tk.NUM_WARPS = block, warps
+                tk.BLOCK, tk.NUM_WARPS = tk.COORD_BLOCK, tk.COORD_WARPS = block, warps
                 entry = dict(block=block, num_warps=warps)
                 entry["free_ms"] = timed(s.free_part(mats, "triton"), 2, args.reps)["ms"]
                 entry["adamw_ms"] = timed(s.adam_part(mats, "triton"), 2, args.reps)["ms"]
                 entry["columns_ms"] = timed(s.columns_part(mats, "triton"), 2, args.reps)["ms"]
                 sweep.append(entry)
                 free_memory()
-        tk.BLOCK, tk.NUM_WARPS = saved
+        tk.BLOCK, tk.NUM_WARPS, tk.COORD_BLOCK, tk.COORD_WARPS = saved
         for vector in (False, True):  # 128-bit W / G access in the coordinate kernel
             tk.COORD_VECTOR = vector
-            entry = dict(block=tk.BLOCK, num_warps=tk.NUM_WARPS, coord_vector=vector)
+            entry = dict(block=tk.COORD_BLOCK, num_warps=tk.COORD_WARPS, coord_vector=vector)
             entry["columns_ms"] = timed(s.columns_part(mats, "triton"), 2, args.reps)["ms"]
             sweep.append(entry)
             free_memory()

@@ -58,6 +58,9 @@ class ReferenceFRUGAL:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         seed: int = 0,
+        proj_precision: str = "tf32",
+        svd_method: str = "warm",
+        random_device: str | torch.device | None = None,
     ) -> None:
         self.named_params = list(named_params)
         self.h = dict(
@@ -66,7 +69,11 @@ class ReferenceFRUGAL:
             proj_type=proj_type, proj_side=proj_side, state_full=state_full,
             state_free=state_free, s_i=inactive_lr_scale, s_p=proj_params_lr_scale,
             reset=reset_statistics, betas=betas, eps=eps, wd=weight_decay, seed=seed,
+            svd_method=svd_method, random_device=random_device,
         )  # fmt: skip
+        # ``proj_precision`` is accepted for keyword parity with FRUGAL: the oracle always runs
+        # its products in float32 / float64 (tests bound the difference of tf32 / bf16 runs).
+        del proj_precision
         names = [n for n, _ in self.named_params]
         self.block_seed = block_seed(seed, names)
         self.state: dict[str, dict] = {n: {"step": 0} for n in names}
@@ -164,9 +171,12 @@ class ReferenceFRUGAL:
                     r[mask] = 0.0
                 else:  # projection
                     if refresh:
+                        prev = st["P"][1] if "P" in st else None
                         st["P"] = ref_projection(
                             (m, n), h["density"], h["proj_type"], h["proj_side"],
                             projection_seed(h["seed"], name, k), grad=g,
+                            svd_method=h["svd_method"], previous=prev,
+                            random_device=h["random_device"],
                         )  # fmt: skip
                     side, P = st["P"]
                     P = P.to(g.device)

@@ -112,8 +112,17 @@ def ref_projection(
     side: str,
     seed: int,
     grad: Tensor | None = None,
+    svd_method: str = "exact",
+    previous: Tensor | None = None,
+    random_device: str | torch.device | None = None,
 ) -> tuple[str, Tensor]:
-    """(side, P): P (m, r) for a left projection, (n, r) for a right one, float32 on the CPU."""
+    """(side, P): P (m, r) for a left projection, (n, r) for a right one, float32.
+
+    ``svd_method`` (``svd`` only): ``exact`` = the top-r singular vectors; ``warm`` = one step of
+    subspace iteration from ``previous`` (exact when it is None or of another shape);
+    ``randomized`` = a seeded range finder (``ref_randomized_range``). ``random_device``
+    (``random`` only): the Gaussian is drawn in float32 by a generator on that device (the
+    optimizer's on-device bases) instead of in float64 on the CPU."""
     m, n = shape
     if side == "auto":
         side = "right" if m >= n else "left"
@@ -124,9 +133,19 @@ def ref_projection(
         assert grad is not None, "svd needs the gradient"
         g = grad.reshape(m, n)
         g = g if g.dtype == torch.float64 else g.float()  # the gradient's precision, >= float32
+        if svd_method == "warm" and previous is not None and tuple(previous.shape) == (d, r):
+            a = g.double() if side == "left" else g.double().T
+            return side, _ref_orth(a @ (a.T @ previous.double())).float()
+        if svd_method == "randomized":
+            return side, ref_randomized_range(g, r, side, seed).float()
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
         p = u[:, :r] if side == "left" else vh[:r, :].T
         return side, p.float()
+    if proj_type == "random" and random_device is not None:
+        gen = torch.Generator(device=random_device)
+        gen.manual_seed(int(seed))
+        gauss = torch.empty(d, r, device=random_device).normal_(generator=gen)
+        return side, _ref_orth(gauss.double()).float()
     gen = make_generator(seed)
     if proj_type == "random":
         q, rr = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))
@@ -141,3 +160,39 @@ def ref_projection(
             p[i, j] = 1.0
         return side, p
     raise ValueError(f"unknown proj_type {proj_type!r}")
+
+
+# The randomized range finder's settings (the optimizer's ``optim.svd_refresh`` states its own;
+# a test checks they agree).
+REF_OVERSAMPLE = 8
+REF_POWER_ITERS = 1
+
+
+def _ref_orth(y: Tensor) -> Tensor:
+    """Q of the QR factorisation of y with R's diagonal made positive (a unique Q)."""
+    q, rr = torch.linalg.qr(y)
+    for j in range(q.shape[1]):
+        if rr[j, j] < 0:
+            q[:, j] = -q[:, j]
+    return q
+
+
+def ref_randomized_range(g: Tensor, r: int, side: str, seed: int) -> Tensor:
+    """Halko-Martinsson-Tropp, in float64: A = G (left) or G^T (right), (dim x o); Omega (o x k)
+    float32 normals from a generator on G's device seeded with ``seed``, k = min(r + p, dim, o);
+    Q = orth(A Omega), q times Q = orth(A A^T Q); with k > r the top-r eigenvectors V of
+    (Q^T A)(Q^T A)^T give P = Q V."""
+    a = g.double() if side == "left" else g.double().T
+    dim, o = a.shape
+    k = min(r + REF_OVERSAMPLE, dim, o)
+    gen = torch.Generator(device=g.device)
+    gen.manual_seed(int(seed))
+    omega = torch.empty(o, k, device=g.device).normal_(generator=gen).double()
+    q = _ref_orth(a @ omega)
+    for _ in range(REF_POWER_ITERS):
+        q = _ref_orth(a @ (a.T @ q))
+    if k == r:
+        return q
+    b = q.T @ a
+    _, vecs = torch.linalg.eigh(b @ b.T)  # ascending
+    return q @ vecs[:, -r:].flip(-1)

@@ -310,33 +310,17 @@ def projection_selection(
     side: str,
     seed: int,
     grad: Tensor | None = None,
-    qr_device: torch.device | str | None = None,
 ) -> ProjectionSelection:
     """Build the basis of a projection subspace (see module doc); ``grad`` is needed for svd.
 
     ``random`` and ``randperm`` bases are drawn on the CPU in float64 (identical on every rank and
     device) and returned as float32 on the CPU; ``svd`` runs on ``grad``'s device in float32.
-
-    ``qr_device`` (``random`` only): draw the Gaussian on the CPU in float32 from the same seeded
-    generator, QR it in float32 on that device and return the basis there. Much faster on a GPU
-    for large matrices; still a pure function of the seed for a given device type and library
-    (every rank of a job computes the same basis; ranks check it at every refresh), but not the
-    same bits as the default float64 CPU basis.
     """
     m, n = shape
     side = resolve_side(side, shape)
     dim = m if side == "left" else n
     r = projection_rank(shape, density, side, proj_type)
-    if proj_type == "random" and qr_device is not None:
-        gen = make_generator(seed)
-        gauss = torch.randn(dim, r, generator=gen, dtype=torch.float32).to(qr_device)
-        if r == 0:
-            basis = gauss
-        else:
-            q, rr = torch.linalg.qr(gauss, mode="reduced")
-            signs = torch.where(torch.diagonal(rr) < 0, -1.0, 1.0).to(q.dtype)
-            basis = (q * signs).contiguous()
-    elif proj_type == "random":
+    if proj_type == "random":
         gen = make_generator(seed)
         gauss = torch.randn(dim, r, generator=gen, dtype=torch.float64)
         q, rr = torch.linalg.qr(gauss, mode="reduced")

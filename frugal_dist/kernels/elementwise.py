@@ -16,10 +16,10 @@ tensors by dtype, and for coordinates by shape; nothing here loops over tensors 
       m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2                      (t = steps[i] >= 1)
       p <- p (1 - lr wd) - lr (m / (1-b1^t)) / (sqrt(v) / sqrt(1-b2^t) + eps)
 
-  28 B per float32 parameter either way. ``impl="auto"`` uses ``torch._fused_adamw_`` on CUDA
-  (the Triton kernel is offered as ``impl="triton"`` and timed against it by
-  ``benchmarks/kernels_elementwise.py``; switch ``ADAMW_AUTO`` only on a measured win) and
-  ``core.rules``' foreach formulas on the CPU.
+  28 B per float32 parameter either way. ``impl="auto"`` uses the Triton kernel on CUDA
+  (``ADAMW_AUTO``: it took 0.865x ``torch._fused_adamw_``'s time on an H200 at LLaMA-1B shapes,
+  ``benchmarks/results/kernels_elementwise_cuda.json``; ``impl="torch"`` on CUDA is
+  ``torch._fused_adamw_``) and ``core.rules``' foreach formulas on the CPU.
 
 * ``coordinate_adamw_apply_`` -- a ``columns`` / ``rows`` coordinate subspace on whole matrices:
 
@@ -75,7 +75,7 @@ from frugal_dist.core.rules import state_full_directions
 IMPLS = ("auto", "torch", "triton")
 FREE_RULES = ("signsgd", "sgd", "none")
 AXES = ("columns", "rows")
-ADAMW_AUTO = "torch"  # torch._fused_adamw_ until the benchmark shows the Triton kernel faster
+ADAMW_AUTO = "triton"  # measured 0.865x torch._fused_adamw_ on an H200 at LLaMA-1B shapes
 FREE_CHUNK = 1 << 25  # elements per torch-path foreach batch (bounds the sign temporaries)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HALF = (torch.bfloat16, torch.float16)  # params updated through float32, rounded once
@@ -203,7 +203,9 @@ def _free_torch(params: list[Tensor], grads: list[Tensor], alpha, rule, keep) ->
         torch._foreach_mul_([p for p, _ in pairs], keep)
     if rule == "none":
         return
-    wide = [(p, g.reshape(p.shape)) for p, g in pairs if p.dtype not in _HALF]
+    # (no view op for a grad already shaped like its param: the step is launch-bound on a GPU)
+    wide = [(p, g if g.shape == p.shape else g.reshape(p.shape)) for p, g in pairs
+            if p.dtype not in _HALF]  # fmt: skip
     for chunk in _chunks(wide):
         data = [p for p, _ in chunk]
         gs = [g for _, g in chunk]
@@ -283,12 +285,14 @@ def adamw_apply_(
             rows += (*ptrs, size, *tk.adam_corrections(int(t), b1, b2), 0)
             numels.append(size)
             ptr_or |= ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]
-    if use_triton:
-        if not all_f32:
+    if use_triton and not all_f32:
+        if impl == "triton":
             raise ValueError(
                 "adamw_apply_(impl='triton'): params, grads and moments must be non-empty "
                 "contiguous float32 tensors; use impl='auto'"
             )
+        use_triton = False  # auto: the torch path takes what the kernel cannot
+    if use_triton:
         tk.adamw_apply(dev, rows, tuple(numels), ptr_or, lr, (b1, b2), eps, keep)
         return
     grads = [g.reshape(p.shape) for p, g in zip(params, grads)]

@@ -35,6 +35,10 @@ from torch import Tensor
 # program, read at each launch (benchmarks/kernels_elementwise.py sweeps them).
 BLOCK = 4096
 NUM_WARPS = 8
+# The coordinate kernel's tile and warps: 1024 x 8 measured fastest on an H200 at LLaMA-1B
+# (columns 6.2 ms vs 11.5 ms at 4096 x 8; benchmarks/results/kernels_elementwise_cuda.json sweep).
+COORD_BLOCK = 1024
+COORD_WARPS = 8
 COORD_VECTOR = False  # 128-bit W / G access in the coordinate kernel (see its docstring)
 FREE_RULE_CODES = {"signsgd": 0, "sgd": 1, "none": 2}
 _GDTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -362,13 +366,14 @@ def coordinate_apply(device, rows: list[int], count: int, ptr_or: int, gdtype,
     M, N = shape
     numel = M * N
     table = upload(rows, device)
-    wraps = (N + BLOCK - 2) // N
-    grid = (triton.cdiv(numel, BLOCK), count)
+    block = COORD_BLOCK
+    wraps = (N + block - 2) // N
+    grid = (triton.cdiv(numel, block), count)
     with _on(device):
         _coordinate_kernel[grid](
             table, table.view(torch.float64), numel, N, k, -lr * scale, keep, free_scale,
             **_adam_scalars(tuple(betas), eps), ROWS=axis_rows, WRAPS=wraps if wraps <= 8 else 0,
             FREE=FREE_RULE_CODES[free_rule], FREE_SCALED=free_scale != 1.0, DECAY=keep != 1.0,
             G_DTYPE=_GDTYPES[gdtype], ALIGNED=COORD_VECTOR and ptr_or & 15 == 0,
-            WIDE=_wide(numel), BLOCK=BLOCK, num_warps=NUM_WARPS,
+            WIDE=_wide(numel), BLOCK=block, num_warps=COORD_WARPS,
         )  # fmt: skip

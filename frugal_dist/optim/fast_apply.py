@@ -1,18 +1,30 @@
-"""The bandwidth-lean parts of the FRUGAL apply phase.
+"""The bandwidth-lean parts of the FRUGAL apply phase, routed through ``frugal_dist.kernels``.
 
-* ``apply_fused``: whole-tensor AdamW items through ``torch._fused_adamw_`` -- one kernel reads
-  W, G, m, v and writes W, m, v (decoupled weight decay inside): 28 B per float32 parameter.
-* ``apply_free_batch``: pure state-free updates W += -lr s F(G) (signSGD / SGD groups, inactive
-  blocks, rho = 0 coordinates / projections) with foreach kernels over many tensors at once;
-  signSGD's temporaries are bounded to ``FREE_CHUNK`` elements at a time.
-* ``apply_coordinate_batch`` / ``apply_projection_batch``: coordinate / projection items with a
-  signSGD residual: foreach sign and add over many tensors; only the scatter of U (coordinates)
-  or the two GEMMs (projections) stay per tensor.
-* ``device_steps``: step counts on the device for the fused kernel, kept without host syncs.
+``kernels`` (the optimizer option) picks the implementation: ``"auto"`` = the Triton kernels on
+CUDA tensors and the plain torch code on the CPU (bit-identical to the pre-kernel step);
+``"triton"`` = Triton wherever a kernel applies (CUDA, or the CPU under ``TRITON_INTERPRET=1``,
+for tests); ``"torch"`` = never Triton.
 
-Which items go where is each kind's ``apply`` (``optim.kinds``); ``can_batch`` is the common
-precondition. These functions are the plug points for the fused GPU kernels
-(``frugal_dist.kernels``).
+* ``apply_fused``: items whose state phase runs inside the apply kernel (``Item.fused``):
+  whole-tensor AdamW (AdamW groups, active blocks) through ``kernels.elementwise.adamw_apply_``
+  on CUDA (one kernel reads W, G, m, v and writes W, m, v, decoupled weight decay inside: 28 B per
+  float32 parameter; step counts are the host counts ``Item.sf_t``), ``torch._fused_adamw_`` with
+  the CPU counters on the CPU (``fused=True``); ``columns`` / ``rows`` coordinate items through
+  ``coordinate_adamw_apply_`` (one kernel per same-shape batch: AdamW on the selected entries,
+  the state-free rule elsewhere, decay inside; see ``coordinate_fusable``).
+* ``apply_free_batch``: pure state-free updates W <- W (1 - lr wd) - lr s F(G) (signSGD / SGD
+  groups, inactive blocks, rho = 0 coordinates / projections) through ``free_apply_``: one Triton
+  pass reading W and G and writing W (decay folded), or foreach kernels in bounded chunks.
+* ``apply_coordinate_batch`` / ``apply_projection_batch``: the remaining coordinate / projection
+  items with a signSGD residual: foreach sign and add over many tensors; only the scatter of U
+  (coordinates) or the two GEMMs (projections) stay per tensor. (Batched projection GEMMs:
+  ``optim.projection_batch``.)
+
+Which item goes where is its kind's ``route`` (``optim.kinds``); ``can_batch`` is the common
+precondition.
+
+Weight decay: the callers run the group's ``W *= 1 - lr wd`` only on tensors that take none of
+the decay-folding paths above (``apply_fused``, ``apply_free_batch``, ``projection_batch``).
 """
 
 from __future__ import annotations
@@ -20,37 +32,40 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from frugal_dist.kernels.elementwise import (
+    adamw_apply_,
+    coordinate_adamw_apply_,
+    coordinate_positions,
+    free_apply_,
+)
 from frugal_dist.optim.step_items import Item
 
+KERNELS = ("auto", "torch", "triton")
 FREE_CHUNK = 1 << 25  # elements per batched signSGD apply (bounds its temporaries)
 
 
 def can_batch(it: Item) -> bool:
-    """Whether an item's update may join a foreach batch of this module: F(R) not decided by a
-    sign vote already, float32 data (one dtype per foreach list), not empty. Each kind decides
-    which batch (``apply`` of ``optim.kinds``)."""
+    """Whether an item's update may join a batch of this module: F(R) not decided by a sign
+    vote already, float32 data (one dtype per list), not empty. Each kind decides which batch
+    (``route`` of ``optim.kinds``)."""
     return not it.free_done and it.view.data.dtype == torch.float32 and it.view.data.numel() > 0
 
 
-def apply_free_batch(batch: list[tuple[Item, str, float]], lr: float) -> None:
-    """W += -lr * scale * F(G) over many tensors with foreach kernels; the temporaries of
-    signSGD are bounded to ``FREE_CHUNK`` elements at a time."""
+def apply_free_batch(batch: list[tuple[Item, str, float]], lr: float, wd: float,
+                     kernels: str) -> None:  # fmt: skip
+    """W <- W (1 - lr wd) - lr * scale * F(G) over many tensors, one ``free_apply_`` call per
+    (rule, scale) (decay folded; ``rule="none"`` still decays)."""
     by_key: dict[tuple[str, float], list[Item]] = {}
     for it, rule, scale in batch:
-        if rule != "none":
-            by_key.setdefault((rule, scale), []).append(it)
+        by_key.setdefault((rule, scale), []).append(it)
     for (rule, scale), its in by_key.items():
-        alpha = -lr * scale
-        for chunk in _chunks(its):
-            data = [c.view.data for c in chunk]
-            grads = [
-                _param_shaped(c, c.g) if c.kind.matrix_grad else _shaped(c.g, c.view.data)
-                for c in chunk
-            ]
-            if rule == "signsgd":
-                torch._foreach_add_(data, torch._foreach_sign(grads), alpha=alpha)
-            else:
-                torch._foreach_add_(data, grads, alpha=alpha)
+        if rule == "none" and wd == 0.0:
+            continue
+        data = [c.view.data for c in its]
+        grads = [
+            _param_shaped(c, c.g) if c.kind.matrix_grad else _shaped(c.g, c.view.data) for c in its
+        ]
+        free_apply_(data, grads, lr * scale, rule=rule, decay=lr * wd, impl=kernels)
 
 
 def apply_coordinate_batch(its: list[Item], lr: float, s_p: float, s_i: float) -> None:
@@ -98,55 +113,82 @@ def _chunks(its: list[Item]) -> list[list[Item]]:
     return out
 
 
-def device_steps(its: list[Item], mirrors: dict[str, list]) -> list[Tensor]:
-    """State-full step counts as tensors on the data's device for the fused kernel.
-
-    The counters of record stay float32 CPU tensors (``sf_step``, never read from the
-    device); a CUDA mirror per parameter is kept equal to them by one foreach increment per
-    step, and rebuilt (``torch.full``, no sync) whenever it does not hold the previous count.
-    """
-    out: list[Tensor] = []
-    bump: list[Tensor] = []
-    for it in its:
-        st = it.st["sf_step"]
-        if it.view.data.device.type == "cpu":
-            out.append(st)
-            continue
-        t = it.sf_t  # read from the CPU counter in the plan phase: no device sync
-        cached = mirrors.get(it.name)
-        if cached is not None and cached[1] == t - 1 and cached[0].device == it.g.device:
-            bump.append(cached[0])
-            cached[1] = t
-        else:
-            cached = [torch.full((), float(t), dtype=torch.float32, device=it.g.device), t]
-            mirrors[it.name] = cached
-        out.append(cached[0])
-    if bump:
-        torch._foreach_add_(bump, 1.0)
-    return out
+def coordinate_fusable(it: Item, kernels: str, sharded: bool, sign_vote: bool) -> bool:
+    """A coordinate item for ``coordinate_adamw_apply_`` (its state phase runs in the apply
+    kernel): Triton selected (``kernels="auto"`` on CUDA, or ``"triton"``), ``columns`` /
+    ``rows``, rule ``adamw``, a whole (unsharded) float32 matrix with a non-empty selection, the
+    owner holding the state (no ``shard_state`` split) and the whole reduced gradient (no sign
+    vote). Everything else keeps the per-phase path."""
+    data = it.view.data
+    return (
+        kernels != "torch"
+        and (kernels == "triton" or data.device.type == "cuda")
+        and not sharded
+        and not sign_vote
+        and it.group["coord_choice"] in ("columns", "rows")
+        and it.kind.rule(it.group) == "adamw"
+        and it.span.is_full
+        and data.dtype == torch.float32
+        and data.numel() > 0
+        and it.sel.numel > 0
+    )
 
 
 def apply_fused(
-    its: list[Item], lr: float, wd: float, group: dict, mirrors: dict[str, list]
-) -> None:
-    """``torch._fused_adamw_``: one kernel reads W, G, m, v and writes W, m, v (decoupled
-    weight decay included). Active blocks use lr * s_p and wd / s_p (same product lr * wd)."""
+    its: list[Item], lr: float, wd: float, group: dict, kernels: str,
+    positions: dict[str, tuple[Tensor, Tensor]],
+) -> None:  # fmt: skip
+    """Items whose state phase is their apply kernel (module docstring). Whole-tensor AdamW
+    items use lr * s_p and wd / s_p for active blocks (same product lr * wd). ``positions``:
+    the caller's cache of ``coordinate_positions`` per parameter name (rebuilt when the
+    selection changes)."""
     by_scale: dict[float, list[Item]] = {}
+    coords: dict[tuple, list[Item]] = {}
     for it in its:
-        scale = it.kind.lr_scale(group)
-        by_scale.setdefault(scale, []).append(it)
+        if it.kind.matrix_grad:  # coordinates (``coordinate_fusable``)
+            coords.setdefault(tuple(it.view.data.shape), []).append(it)
+        else:  # whole tensors: AdamW groups (scale 1), active blocks (s_p)
+            by_scale.setdefault(it.kind.lr_scale(group), []).append(it)
     b1, b2 = group["betas"]
     for scale, sub in by_scale.items():
-        torch._fused_adamw_(
-            [it.view.data for it in sub],
-            [_shaped(it.g, it.view.data) for it in sub],
-            [it.st["exp_avg"] for it in sub],
-            [it.st["exp_avg_sq"] for it in sub],
-            [],
-            device_steps(sub, mirrors),
-            lr=lr * scale, beta1=b1, beta2=b2, weight_decay=wd / scale, eps=group["eps"],
-            amsgrad=False, maximize=False,
+        data = [it.view.data for it in sub]
+        grads = [_shaped(it.g, it.view.data) for it in sub]
+        m = [it.st["exp_avg"] for it in sub]
+        v = [it.st["exp_avg_sq"] for it in sub]
+        if data[0].device.type == "cpu" and kernels != "triton":  # fused=True on the CPU
+            torch._fused_adamw_(
+                data, grads, m, v, [], [it.st["sf_step"] for it in sub], lr=lr * scale,
+                beta1=b1, beta2=b2, weight_decay=wd / scale, eps=group["eps"], amsgrad=False,
+                maximize=False,
+            )  # fmt: skip
+            continue
+        adamw_apply_(data, grads, m, v, [it.sf_t for it in sub], lr=lr * scale,
+                     betas=(b1, b2), eps=group["eps"], weight_decay=wd / scale,
+                     impl=kernels)  # fmt: skip
+    s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
+    for sub in coords.values():
+        axis = group["coord_choice"]
+        dim = sub[0].sel.shape[1] if axis == "columns" else sub[0].sel.shape[0]
+        coordinate_adamw_apply_(
+            [it.view.data for it in sub], [it.g for it in sub],
+            [it.st["exp_avg"] for it in sub], [it.st["exp_avg_sq"] for it in sub],
+            [it.sel.index for it in sub], [it.sf_t for it in sub], lr=lr, scale=s_p,
+            free_scale=s_i, betas=(b1, b2), eps=group["eps"], decay=lr * wd,
+            free_rule=group["state_free"], axis=axis,
+            positions=[_positions(positions, it, dim) for it in sub], impl=kernels,
         )  # fmt: skip
+    for it in its:
+        it.g_sf = None
+
+
+def _positions(cache: dict[str, tuple[Tensor, Tensor]], it: Item, dim: int) -> Tensor:
+    """``coordinate_positions`` of the item's selection, built once per selection."""
+    hit = cache.get(it.name)
+    if hit is not None and hit[0] is it.sel.index:
+        return hit[1]
+    pos = coordinate_positions(it.sel.index, dim)
+    cache[it.name] = (it.sel.index, pos)
+    return pos
 
 
 def _shaped(g: Tensor, like: Tensor) -> Tensor:

@@ -58,6 +58,7 @@ from frugal_dist.optim.fast_apply import (
 )
 from frugal_dist.optim.kinds import SubspaceKind, kind_for
 from frugal_dist.optim.nonfinite import grads_are_finite
+from frugal_dist.optim.projection_batch import apply_batched
 from frugal_dist.optim.step_cache import StepCache
 from frugal_dist.optim.step_items import Item, increment_counters
 
@@ -82,6 +83,7 @@ class StepContext:
     check_agreement: bool
     fused: bool | None
     proj_qr_device: str
+    kernels: str
     by_kind: dict[SubspaceKind, list[Item]] = field(default_factory=dict)  # filled by ``plan``
     memo: dict[Any, Any] = field(default_factory=dict)  # per-step lookups (block active sets)
 
@@ -103,12 +105,21 @@ class StepContext:
 
 @dataclass
 class ApplyBatches:
-    """Items whose update goes through a foreach batch (``optim.fast_apply``) instead of one
-    update per tensor; filled by the kinds' ``apply`` in the apply phase."""
+    """Where each item's update goes in the apply phase (filled by the kinds' ``route``):
 
+    * ``fused``: state phase inside the apply kernel (``fast_apply.apply_fused``), decay folded;
+    * ``free``: pure state-free updates (``fast_apply.apply_free_batch``), decay folded;
+    * ``kernel_projs``: whole projection matrices (``projection_batch.apply_batched``), decay
+      folded;
+    * ``coords`` / ``projs``: foreach batches with a signSGD residual, after the group's decay;
+    * ``rest``: one update per item (``kind.apply_one``), after the group's decay."""
+
+    fused: list[Item] = field(default_factory=list)
     free: list[tuple[Item, str, float]] = field(default_factory=list)  # (item, rule, scale)
+    kernel_projs: list[Item] = field(default_factory=list)
     coords: list[Item] = field(default_factory=list)
     projs: list[Item] = field(default_factory=list)
+    rest: list[Item] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------- check
@@ -153,7 +164,6 @@ def _plan_group(ctx: StepContext, group: dict[str, Any], views: list[ParamView])
     kind = kind_for(group)
     gap = group["update_gap"]
     sharded, rank = ctx.sharded, ctx.rank
-    fused_ok = not sharded and kind.fused_candidate(group)
     keep_dtype = not ctx.reduced_here
     live = [view for view in views if view.grad is not None]
     out: list[Item] = []
@@ -169,7 +179,7 @@ def _plan_group(ctx: StepContext, group: dict[str, Any], views: list[ParamView])
         kind.prepare(it, ctx)
         if active and owner == rank:
             bumped.append(it)
-            it.fused = fused_ok and _fused_for(ctx, view)
+            it.fused = kind.fuses(it, ctx)
         out.append(it)
     for it, t in zip(bumped, increment_counters([it.st for it in bumped], "sf_step")):
         it.sf_t = t
@@ -183,17 +193,6 @@ def _advance_steps(states: list) -> list[int]:
         if "step" not in st:
             st["step"] = torch.zeros((), dtype=torch.float32)
     return [v - 1 for v in increment_counters(states, "step")]
-
-
-def _fused_for(ctx: StepContext, view: ParamView) -> bool:
-    """Use ``torch._fused_adamw_`` for this whole-tensor AdamW item: float32 data and gradient
-    (the kernel wants one dtype for params, grads and moments), non-empty, and ``fused=True``
-    or (``fused=None`` and a CUDA tensor)."""
-    if ctx.fused is False or view.data.numel() == 0:
-        return False
-    if view.data.dtype != torch.float32 or view.grad.dtype != torch.float32:
-        return False
-    return bool(ctx.fused) or view.data.device.type == "cuda"
 
 
 # ---------------------------------------------------------------------------------------- reduce
@@ -287,29 +286,38 @@ def exchange(ctx: StepContext, items: list[Item]) -> None:
 
 # ---------------------------------------------------------------------------------------- apply
 def apply(ctx: StepContext, items: list[Item]) -> None:
-    """Decoupled weight decay, then each item's update, group by group (no communication)."""
+    """Each item's update, group by group (no communication): the kinds route every item to a
+    batch (``ApplyBatches``); the batches that fold the weight decay run as they are, the others
+    after one ``W *= 1 - lr wd`` over their tensors."""
     by_group: dict[int, list[Item]] = {}
     for it in items:
         by_group.setdefault(id(it.group), []).append(it)
     for its in by_group.values():
         group = its[0].group
         lr, wd = group["lr"], group["weight_decay"]
-        fused = [it for it in its if it.fused]
-        if wd != 0.0:
-            data = [it.view.data for it in its if it.view.data.numel() and not it.fused]
-            if data:
-                torch._foreach_mul_(data, 1.0 - lr * wd)
-        if fused:
-            apply_fused(fused, lr, wd, group, ctx.cache.device_steps)
         batches = ApplyBatches()
         for it in its:
             if it.fused:
-                it.g_sf = None
+                batches.fused.append(it)
             else:
-                it.kind.apply(it, ctx, batches)
-        s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
-        apply_free_batch(batches.free, lr)
-        if batches.coords:
-            apply_coordinate_batch(batches.coords, lr, s_p, s_i)
-        if batches.projs:
-            apply_projection_batch(batches.projs, lr, s_p, s_i)
+                it.kind.route(it, ctx, batches)
+        if wd != 0.0:  # fused / free / kernel_projs fold the decay into their kernels
+            data = [it.view.data for it in (*batches.rest, *batches.coords, *batches.projs)
+                    if it.view.data.numel()]  # fmt: skip
+            if data:
+                torch._foreach_mul_(data, 1.0 - lr * wd)
+        if batches.fused:
+            apply_fused(batches.fused, lr, wd, group, ctx.kernels, ctx.cache.coord_positions)
+        apply_free_batch(batches.free, lr, wd, ctx.kernels)
+        if batches.kernel_projs:
+            apply_batched(batches.kernel_projs, lr, wd, ctx.kernels, ctx.cache.kernel_cache)
+        kind = its[0].kind
+        with kind.gemm_context(group, its[0].g.device):  # per-item projection GEMMs
+            for it in batches.rest:
+                kind.apply_one(it, ctx)
+                it.release()  # this item's temporaries, now
+            s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
+            if batches.coords:
+                apply_coordinate_batch(batches.coords, lr, s_p, s_i)
+            if batches.projs:
+                apply_projection_batch(batches.projs, lr, s_p, s_i)

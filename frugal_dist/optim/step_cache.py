@@ -30,7 +30,9 @@ class StepCache:
     * ``schedules``: (id(group), n, density, order, seed) -> the group's ``BlockSchedule``;
     * ``shard_plan``: the static owner plan of ``shard_state`` (``optim.ownership``);
     * ``block_owners``: (id(group), k, world) -> owners of the active blocks at refresh k;
-    * ``device_steps``: name -> [CUDA counter mirror, count] for ``torch._fused_adamw_``.
+    * ``coord_positions``: name -> (coordinate index, its ``coordinate_positions``) for the
+      fused coordinate kernel (``fast_apply.apply_fused``);
+    * ``kernel_cache``: stacked projection bases per batch (``optim.projection_batch``).
     """
 
     def __init__(self) -> None:
@@ -45,4 +47,5 @@ class StepCache:
         self.schedules: dict[tuple, BlockSchedule] = {}
         self.shard_plan: ShardPlan | None = None
         self.block_owners: dict[tuple, dict[int, int]] = {}
-        self.device_steps: dict[str, list[Tensor | int]] = {}
+        self.coord_positions: dict[str, tuple[Tensor, Tensor]] = {}
+        self.kernel_cache: dict[Any, Any] = {}

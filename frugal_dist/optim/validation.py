@@ -10,6 +10,8 @@ from typing import Any
 
 from frugal_dist.core.rules import STATE_FREE_RULES, STATE_FULL_RULES
 from frugal_dist.core.subspaces import BLOCK_ORDERS, COORD_CHOICES, PROJ_SIDES, PROJ_TYPES
+from frugal_dist.kernels.projection import PRECISIONS as PROJ_PRECISIONS
+from frugal_dist.kernels.refresh import METHODS as SVD_METHODS
 
 # "state_full": the group's ``state_full`` rule (AdamW, SGDM or Lion) on whole tensors.
 ALGORITHMS = ("frugal", "adamw", "state_full", "signsgd", "sgd")
@@ -24,6 +26,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "proj_side": PROJ_SIDES,
     "state_full": STATE_FULL_RULES,
     "state_free": STATE_FREE_RULES,
+    "proj_precision": PROJ_PRECISIONS,
+    "svd_method": SVD_METHODS,
 }
 
 

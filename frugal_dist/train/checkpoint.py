@@ -44,6 +44,8 @@ import torch
 import torch.distributed as dist
 
 from frugal_dist.train.config import TrainConfig
+from frugal_dist.train.logs import logger
+from frugal_dist.train.resume_policy import compare, fingerprint
 
 FORMAT = "frugal_dist.checkpoint/1"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -54,36 +56,19 @@ REPLICATED = ("single", "ddp")
 
 
 # ----------------------------------------------------------------------------- identity
-def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
-    """The settings that make a run *this* run: a checkpoint only resumes a run with equal values
-    (model, sequence length, dtype, seed, data source and every optimizer option)."""
-    out: dict[str, Any] = {
-        "model": cfg.model,
-        "seq_len": cfg.seq_len,
-        "dtype": cfg.dtype,
-        "seed": cfg.seed,
-        "data.source": cfg.data.get("source", "embedded"),
-    }
-    for key in sorted(cfg.optimizer):
-        value = cfg.optimizer[key]
-        out[f"optimizer.{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def check_compatible(manifest: dict[str, Any], cfg: TrainConfig, engine: str, path: Path) -> None:
-    """Raise ``ValueError`` naming every differing field if ``manifest`` is of another run."""
-    saved, now = manifest["fingerprint"], fingerprint(cfg)
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if diff:
-        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
-        raise ValueError(
-            f"checkpoint {path} belongs to another run (config fields differ: {detail}). Resume "
-            "with the same settings, or use another output_dir / --resume=PATH."
-        )
+def check_compatible(
+    manifest: dict[str, Any], cfg: TrainConfig, engine: str, path: Path
+) -> list[str]:
+    """Raise ``ValueError`` naming every differing field if ``manifest`` is of another run, or
+    if a setting differs that ``cfg.resume_override`` does not name (``resume_policy``); returns
+    the notices of the overridden settings (``"optimizer.lr 0.003 -> 0.001"``)."""
+    refusals, notices = compare(manifest["config"], cfg, cfg.resume_override)
+    if refusals:
+        raise ValueError(f"checkpoint {path}: {' '.join(refusals)}")
     if manifest["engine"] != engine and not {manifest["engine"], engine} <= set(REPLICATED):
         fix = f"--engine={manifest['engine']}"
         if manifest["engine"] in REPLICATED:  # replicated state: either engine, any world size
@@ -92,6 +77,12 @@ def check_compatible(manifest: dict[str, Any], cfg: TrainConfig, engine: str, pa
             f"checkpoint {path} was written by engine={manifest['engine']!r}, this run uses "
             f"engine={engine!r}; resume with {fix}"
         )
+    if cfg.max_steps < manifest["step"]:
+        raise ValueError(
+            f"max_steps={cfg.max_steps} is below the step of checkpoint {path} "
+            f"({manifest['step']}); resume with --max_steps={manifest['step']} or more"
+        )
+    return notices
 
 
 # ----------------------------------------------------------------------------- files
@@ -148,13 +139,13 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def find_latest(root: str | Path, report: Any = print) -> Path | None:
+def find_latest(root: str | Path, report: Any = logger.warning) -> Path | None:
     """The newest checkpoint under ``root`` that verifies; each one skipped is reported."""
     for _, path in list_checkpoints(root):
         manifest, reason = verify(path)
         if manifest is not None:
             return path
-        report(f"[frugal_dist] skipping checkpoint {path}: {reason}")
+        report(f"skipping checkpoint {path}: {reason}")
     return None
 
 
@@ -292,24 +283,37 @@ def resolve_resume(cfg: TrainConfig, engine: str) -> Path | None:
 def _choose(cfg: TrainConfig, engine: str) -> str | None:
     if cfg.resume == "auto":
         if cfg.output_dir is None:
-            raise ValueError("resume='auto' needs output_dir (where the checkpoints are)")
+            raise ValueError(
+                "resume='auto' needs output_dir (where the checkpoints are): add "
+                "--output_dir=<the run's directory>, or give --resume=<checkpoint>"
+            )
         path = find_latest(Path(cfg.output_dir) / "checkpoints")
         if path is None:
-            print("[frugal_dist] resume=auto: no complete checkpoint; starting from step 0",
-                  flush=True)  # fmt: skip
+            logger.info("resume=auto: no complete checkpoint; starting from step 0")
             return None
     else:
         path = Path(cfg.resume)
         if STEP_DIR.match(path.name) is None and (path / "checkpoints").is_dir():
             path = find_latest(path / "checkpoints")  # a run directory: its newest checkpoint
             if path is None:
-                raise ValueError(f"resume={cfg.resume!r}: no valid checkpoint in that run")
+                raise ValueError(
+                    f"resume={cfg.resume!r}: no valid checkpoint in that run "
+                    "(see the skipped ones above); give one checkpoint directory "
+                    "(.../checkpoints/step_XXXXXXXX), or drop --resume"
+                )
     manifest, reason = verify(path)
     if manifest is None:
-        raise ValueError(f"resume={str(path)!r} is not a valid checkpoint: {reason}")
-    check_compatible(manifest, cfg, engine, path)
-    print(f"[frugal_dist] resuming from {path} (step {manifest['step']}, written by "
-          f"{manifest['world_size']} rank(s))", flush=True)  # fmt: skip
+        raise ValueError(
+            f"resume={str(path)!r} is not a valid checkpoint: {reason}; give "
+            "another one (an older step_XXXXXXXX of the run, or --resume=auto for "
+            "the newest valid one in output_dir)"
+        )
+    notices = check_compatible(manifest, cfg, engine, path)
+    logger.info(f"resuming from {path} (step {manifest['step']}, written by "
+                f"{manifest['world_size']} rank(s))")  # fmt: skip
+    if notices:
+        logger.info(f"resume_override: this run's values replace the checkpoint's from step "
+                    f"{manifest['step'] + 1}: {'; '.join(notices)}")  # fmt: skip
     return str(path)
 
 
@@ -371,8 +375,8 @@ def resume_into(
         rank, _ = _world()
         root = Path(cfg.output_dir) / "checkpoints" if cfg.output_dir else None
         if rank == 0 and cfg.resume is None and root is not None and list_checkpoints(root):
-            print(f"[frugal_dist] note: {root} holds checkpoints of an earlier run; this run "
-                  "starts from step 0 (pass --resume auto to continue it)", flush=True)  # fmt: skip
+            logger.info(f"note: {root} holds checkpoints of an earlier run; this run starts "
+                        "from step 0 (pass --resume auto to continue it)")  # fmt: skip
         return TrainState(step=0, tokens=0, val_loss=float("nan"))
     state = load(path, engine=engine, model=model, optimizer=optimizer, ds_engine=ds_engine)
     if state.data_state is not None and hasattr(train_data, "load_state_dict"):
@@ -402,8 +406,8 @@ def maybe_save(
         return None
     if engine not in SUPPORTED:
         if not _NOTED and _world()[0] == 0:
-            print(f"[frugal_dist] note: no checkpoints for engine={engine!r} (supported: "
-                  f"{list(SUPPORTED)})", flush=True)  # fmt: skip
+            logger.info(f"note: no checkpoints for engine={engine!r} (supported: "
+                        f"{list(SUPPORTED)})")  # fmt: skip
         _NOTED.append(engine)
         return None
     model = _engine_model(engine, model, wrapped)

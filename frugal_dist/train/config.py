@@ -73,6 +73,10 @@ class TrainConfig:
     resume: Annotated[str | None, _f("'auto' (newest valid checkpoint) or a checkpoint path")] = (
         None
     )
+    resume_override: Annotated[list[str], _f("with resume: fields that may differ from the "
+                                              "checkpoint's run, e.g. optimizer.lr,max_steps")] = (
+        field(default_factory=list)
+    )  # fmt: skip
     dtype: Annotated[Literal[DTYPES], _c("parameter dtype")] = "float32"  # type: ignore[valid-type]
     autocast: Annotated[Literal["none", "bfloat16"], _c("bf16 compute, fp32 masters")] = "none"
     collective_timeout_s: Annotated[float, _f("a collective waiting longer fails", gt=0)] = 600.0
@@ -100,7 +104,8 @@ def expected(key: str) -> str:
     if info.choices:
         return f"one of {list(info.choices)}"
     what = {"int": "an integer", "float": "a finite number", "dict": "a mapping (a YAML section)",
-            "str": "a string"}.get(info.kind, info.kind)  # fmt: skip
+            "str": "a string", "list": "a list of names (command line: comma-separated)"}.get(
+                info.kind, info.kind)  # fmt: skip
     bounds = " and ".join(f"{op} {v}" for op, v in info.bounds)
     return f"{what}{' ' + bounds if bounds else ''}{' or null' if info.optional else ''}"
 
@@ -151,6 +156,10 @@ def build_config(raw: dict[str, Any]) -> TrainConfig:
         if key not in FIELDS:
             raise _unknown(key, sorted(FIELDS), "the training config")
     values = dict(raw)
+    if isinstance(values.get("resume_override"), str):  # --resume_override=optimizer.lr,max_steps
+        values["resume_override"] = [
+            k.strip() for k in values["resume_override"].split(",") if k.strip()
+        ]
     for key in ("optimizer", "data"):
         if key in values and values[key] is None:
             values[key] = {}

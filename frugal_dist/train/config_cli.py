@@ -21,6 +21,7 @@ import dataclasses
 import typing
 from typing import Any, NamedTuple
 
+from frugal_dist.optim.fast_apply import KERNELS
 from frugal_dist.optim.frugal import FRUGAL_DEFAULTS, PROJ_QR_DEVICES, RESIDUAL_COMM
 from frugal_dist.optim.nonfinite import NONFINITE_MODES
 from frugal_dist.optim.param_groups import NON_SPLIT
@@ -57,7 +58,10 @@ OPTIMIZER_KEYS: dict[str, tuple[str, str]] = {
     "check_agreement": ("frugal", "check at start-up that ranks share seed and options"),
     "nonfinite": ("frugal", "a NaN/inf gradient: skip the step, raise, or ignore"),
     "fused": ("frugal", "fused kernels (null: on CUDA)"),
-    "proj_qr_device": ("frugal", "where projection QR/SVD refreshes run"),
+    "proj_qr_device": ("frugal", "where random projection bases are drawn (auto: on CUDA)"),
+    "proj_precision": ("frugal", "projection GEMMs: fp32, tf32 (TF32 on CUDA) or bf16 operands"),
+    "svd_method": ("frugal", "svd refresh: warm (subspace iteration), randomized or exact"),
+    "kernels": ("frugal", "Triton kernels: auto (on CUDA), triton or torch"),
     "inner_steps": ("rso", "steps between merges of B into W"),
     "prox": ("rso", "proximal pull of B towards 0"),
     "rank": ("rso", "rank r of B (instead of density)"),
@@ -70,6 +74,7 @@ OPTIMIZER_CHOICES: dict[str, tuple[Any, ...]] = {
     "residual_comm": RESIDUAL_COMM,
     "nonfinite": NONFINITE_MODES,
     "proj_qr_device": PROJ_QR_DEVICES,
+    "kernels": KERNELS,
     "non_split": NON_SPLIT,
 }
 # key -> (sources that take it, description)
@@ -116,6 +121,8 @@ def field_info(key: str) -> FieldInfo:
     optional = type(None) in args
     if typing.get_origin(base) is typing.Literal:
         choices, kind = args, "choice"
+    elif typing.get_origin(base) is list:
+        choices, kind = (), "list"
     else:
         choices = ()
         inner = [a for a in args if a is not type(None)] or [base]
@@ -157,7 +164,8 @@ def optimizer_defaults() -> dict[str, Any]:
 
     return {**RSO_DEFAULTS, **FRUGAL_DEFAULTS, "shard_state": False,
             "reduce_gradients": False, "residual_comm": "exact", "check_agreement": True,
-            "nonfinite": "skip", "fused": None, "proj_qr_device": "cpu", "non_split": NON_SPLIT[0],
+            "nonfinite": "skip", "fused": None, "proj_qr_device": "auto", "kernels": "auto",
+            "non_split": NON_SPLIT[0],
             "seed": _Said("the run's seed"), **TrainConfig().optimizer}  # fmt: skip
 
 
@@ -197,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         if key in ("optimizer", "data"):
             continue
         info = field_info(key)
-        metavar = {"int": "INT", "float": "NUM", "str": "STR"}.get(info.kind, "CHOICE")
+        kinds = {"int": "INT", "float": "NUM", "str": "STR", "list": "KEYS"}
+        metavar = kinds.get(info.kind, "CHOICE")
         _add(run, key, _help(info.description, info.default, info.choices), metavar)
     opt = parser.add_argument_group(
         "optimizer keys (YAML 'optimizer:' section; [..]: the optimizers that take the key)"

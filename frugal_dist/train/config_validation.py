@@ -14,10 +14,12 @@ import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from frugal_dist.optim.frugal import FRUGAL, FRUGAL_DEFAULTS, RESIDUAL_COMM
+from frugal_dist.optim.fast_apply import KERNELS
+from frugal_dist.optim.frugal import FRUGAL, FRUGAL_DEFAULTS, PROJ_QR_DEVICES, RESIDUAL_COMM
 from frugal_dist.optim.param_groups import NON_SPLIT
 from frugal_dist.optim.validation import check_known_keys, validate_options
 from frugal_dist.train.metric_sinks import check_wandb_available
+from frugal_dist.train.resume_policy import validate_override
 
 if TYPE_CHECKING:
     from frugal_dist.train.config import TrainConfig
@@ -44,6 +46,7 @@ def validate_config(cfg: TrainConfig) -> None:
             f"never reach optimizer.lr; set warmup_steps <= max_steps (e.g. {cfg.max_steps // 10})"
         )
     check_wandb_available(cfg.wandb_project, cfg.wandb_mode)
+    validate_override(cfg.resume_override, cfg.resume)
     if cfg.fsdp2_replicas != 1 and cfg.engine != "fsdp2":
         raise ValueError(
             f"fsdp2_replicas={cfg.fsdp2_replicas} (HSDP) needs engine=fsdp2, got engine="
@@ -86,6 +89,9 @@ def validate_optimizer_section(section: Any) -> None:
             f"optimizer.non_split must be one of {list(NON_SPLIT)} (the rule of embeddings, heads, "
             f"norms and biases: the state_full rule, or AdamW), got {opts['non_split']!r}"
         )
+    for key, choices in (("kernels", KERNELS), ("proj_qr_device", PROJ_QR_DEVICES)):
+        if key in opts and opts[key] not in choices:
+            raise ValueError(f"optimizer.{key} must be one of {list(choices)}, got {opts[key]!r}")
     if "residual_comm" in opts and opts["residual_comm"] not in RESIDUAL_COMM:
         raise ValueError(
             f"optimizer.residual_comm must be one of {list(RESIDUAL_COMM)}, got "

@@ -99,6 +99,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     with input_errors():  # a bad input at start-up: one line, exit 2 (launchers/train.py)
         rank, world, device = init_distributed(cfg.collective_timeout_s)
         setup_console(rank)
+        if cfg.engine == "single" and world > 1:  # each rank would train alone, unreduced
+            raise ValueError(
+                f"engine='single' runs one process, but this launch has {world} ranks (WORLD_SIZE="
+                f"{world}): each would train its own model without gradient reduction; use "
+                "--engine=ddp (or auto) for data parallelism, or run one process (python "
+                "launchers/train.py ...)"
+            )
         check_run_agreement(cfg, world)  # same code, config and seed on every rank, or raise
         engine = cfg.engine if cfg.engine != "auto" else ("ddp" if world > 1 else "single")
         if engine == "ddp" and world == 1 and not dist.is_initialized():
@@ -136,6 +143,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             wrapped, optimizer = wrap_and_build(engine, model, name, opt_cfg)
         else:
             optimizer = build_optimizer(model, name, **opt_cfg)
+        # before resume_into: this run's lr (resume_override=optimizer.lr), not the checkpoint's
         base_lrs = [g["lr"] for g in optimizer.param_groups]
         if engine == "ddp" and getattr(optimizer, "reduce_gradients", False):
             # FRUGAL reduces the gradients itself (compressed): DDP must not all-reduce them too.

@@ -23,18 +23,29 @@ def pick(*names: str) -> dict[str, dict]:
 
 @contextlib.contextmanager
 def count_svd_refreshes() -> Iterator[list[int]]:
-    """Count the SVD bases this process computes (``counter[0]``) inside the block."""
-    import frugal_dist.optim.kinds.projection as fs
+    """Count the svd bases this process computes (``counter[0]``) inside the block: exact ones
+    (``projection_selection``) and batched warm / randomized ones (``svd_bases``, or
+    ``orthonormalize`` for float64 warm refreshes: per matrix)."""
+    import frugal_dist.optim.svd_refresh as sr
 
     counter = [0]
-    original = fs.projection_selection
+    exact, batched, orth64 = sr.projection_selection, sr.svd_bases, sr.orthonormalize
 
-    def counting(*args, **kwargs):
-        counter[0] += int(args[2] == "svd")  # (shape, density, proj_type, ...)
-        return original(*args, **kwargs)
+    def counting_exact(*args, **kwargs):
+        counter[0] += 1
+        return exact(*args, **kwargs)
 
-    fs.projection_selection = counting
+    def counting_batched(grads, *args, **kwargs):
+        counter[0] += len(grads)
+        return batched(grads, *args, **kwargs)
+
+    def counting_orth64(y, *args, **kwargs):  # warm refreshes of float64 gradients
+        counter[0] += len(y)
+        return orth64(y, *args, **kwargs)
+
+    sr.projection_selection, sr.svd_bases = counting_exact, counting_batched
+    sr.orthonormalize = counting_orth64
     try:
         yield counter
     finally:
-        fs.projection_selection = original
+        sr.projection_selection, sr.svd_bases, sr.orthonormalize = exact, batched, orth64

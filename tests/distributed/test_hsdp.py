@@ -47,9 +47,14 @@ def test_hsdp_2x2_matches_single_process(kind):
         # projections, svd bases), never over the replicate dim.
         assert got[r]["state_placements"] <= {ROW_SHARDED, REPLICATED}
         assert got[r]["losses"] == pytest.approx(ref["losses"], rel=1e-6)
-        _close(got[r]["params"], ref["params"], TOL)
+        # svd_method="warm": one power step P = orth(G^T G P_prev) from the last basis amplifies
+        # the engines' last-bit gradient differences (1e-8 after 4 steps) by about
+        # ||G||^2 / sigma_r^2 at each refresh: measured 1.6e-5 after 10 steps (the exact method
+        # stays below 1e-6). Bound 1e-4 there, as test_fsdp2 bounds svd.
+        tol = 1e-4 if kind == "svd" else TOL
+        _close(got[r]["params"], ref["params"], tol)
         for name, st in ref["state"].items():
-            _close(got[r]["state"][name], st, TOL)
+            _close(got[r]["state"][name], st, tol)
     if kind in ("block-descending", "columns", "projection-right"):
         assert ROW_SHARDED in got[0]["state_placements"]
     # Replicas hold identical copies: ranks (0, 2) and (1, 3) hold the same shard.
@@ -68,7 +73,8 @@ def test_hsdp_dcp_checkpoint_resumes_at_one_process_and_at_4x1(kind, tmp_path):
         got = run_distributed(hw.hsdp_resume, world, replicas, first, rest, kw, path)
         for r in range(world):
             assert got[r]["losses"] == pytest.approx(ref["losses"][first:], rel=1e-6)
-            _close(got[r]["params"], ref["params"], TOL)
+            # warm svd refreshes amplify last-bit differences (see the 2x2 test): measured 1.6e-5
+            _close(got[r]["params"], ref["params"], 1e-4 if kind == "svd" else TOL)
 
 
 def test_tensor_parallel_mesh_is_refused_naming_the_parameter_and_placements():

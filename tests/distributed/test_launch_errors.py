@@ -86,6 +86,13 @@ def test_empty_training_file_says_what_can_fix_it(tmp_path):
     assert "val_fraction" not in line  # raising it cannot give the training split any text
 
 
+def test_engine_single_under_a_multi_rank_launch(tmp_path):
+    """engine=single would train each rank alone (no gradient reduction): refused."""
+    line = _check(tmp_path, ["--engine=single"], "engine='single'", "2 ranks", "--engine=ddp",
+                  "run one process")  # fmt: skip
+    assert "WORLD_SIZE=2" in line
+
+
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
 def test_other_launchers_print_once_and_exit_2(tmp_path, launcher):
     """The DeepSpeed launcher and MPICH's mpirun report the job's exit code, not each rank's."""

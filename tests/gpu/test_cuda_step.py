@@ -1,5 +1,5 @@
-"""The CUDA paths of the FRUGAL step: fused AdamW with device step mirrors, batched state-free
-apply, no host sync in a step, non-finite skip, on-device random projections. Skipped without
+"""The CUDA paths of the FRUGAL step: Triton AdamW / state-free / coordinate kernels and batched
+projections, no host sync in a step, non-finite skip, on-device random projections. Skipped without
 CUDA (CI runs none of this; run on a GPU machine)."""
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ def _diff(a, b) -> float:
 def test_cuda_matches_cpu_across_refreshes_and_resume(kind):
     cpu = make_params()
     gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
-    opt_c, opt_g = _opt(cpu, **KINDS[kind]), _opt(gpu, **KINDS[kind])
+    # the same (CPU float64) random bases and IEEE fp32 projection GEMMs on both devices
+    kw = dict(KINDS[kind], proj_qr_device="cpu", proj_precision="fp32")
+    opt_c, opt_g = _opt(cpu, **kw), _opt(gpu, **kw)
     for step, gs in enumerate(grad_stream(SHAPES, 14)):
-        if step == 7:  # the device step mirrors must follow a reloaded state
+        if step == 7:  # the step counts must follow a reloaded state
             sd = opt_g.state_dict()
-            opt_g = _opt(gpu, **KINDS[kind])
+            opt_g = _opt(gpu, **kw)
             opt_g.load_state_dict(sd)
         set_grads(cpu, gs)
         set_grads(gpu, [g.cuda() for g in gs])

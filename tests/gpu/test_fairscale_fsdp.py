@@ -23,7 +23,9 @@ pytestmark = [
 KINDS = {
     "block-descending": dict(subspace="block", block_order="descending"),
     "columns": dict(subspace="coordinate", coord_choice="columns"),
-    "projection": dict(subspace="projection", proj_type="random"),
+    # IEEE fp32 GEMMs: the sharded run's per-item products and the single GPU's batched kernel
+    # would round TF32 differently (sign flips of the residual far above float32 rounding)
+    "projection": dict(subspace="projection", proj_type="random", proj_precision="fp32"),
 }
 COMMON = dict(lr=3e-3, density=0.25, update_gap=4, weight_decay=0.01)
 STEPS = 10

@@ -3,11 +3,15 @@ runs torch's fused kernel on the CPU too) and the on-device random projection op
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from frugal_dist import FRUGAL
-from frugal_dist.core.subspaces import projection_selection
+from frugal_dist.core.seeding import projection_seed
+from frugal_dist.core.subspaces import projection_rank, projection_selection
+from frugal_dist.kernels.refresh import random_bases
 from tests.helpers import SHAPES, clone_params, grad_stream, make_params, max_diff, set_grads
 
 NAMES = [f"layers.{i}.w" for i in range(len(SHAPES))]
@@ -153,16 +157,28 @@ def test_bad_fused_option():
 
 
 # ------------------------------------------------------------------- on-device random projection
-def test_proj_qr_device_basis_is_orthonormal_deterministic_and_opt_in():
-    a = projection_selection((40, 24), 0.25, "random", "auto", seed=7, qr_device="cpu")
-    b = projection_selection((40, 24), 0.25, "random", "auto", seed=7, qr_device="cpu")
-    c = projection_selection((40, 24), 0.25, "random", "auto", seed=7)
-    assert a.basis.dtype == torch.float32 and a.basis.shape == (24, 6)
-    assert torch.equal(a.basis, b.basis)
-    assert torch.allclose(a.basis.T @ a.basis, torch.eye(6), atol=1e-5)
-    # It spans the same subspace as the float64 default only if the draws agree (they do not:
-    # float32 vs float64 Gaussians), so the default path stays the bit-exact reference.
-    assert not torch.equal(a.basis, c.basis)
+def test_proj_qr_device_param_draws_random_bases_on_the_device():
+    """``proj_qr_device="param"``: the basis is ``kernels.refresh.random_bases`` on the
+    parameter's device (here the CPU), orthonormal and a pure function of (seed, name, k);
+    ``"auto"`` keeps the float64 CPU basis for CPU parameters (a different draw)."""
+    bases = {}
+    for where in ("param", "auto"):
+        ps = make_params()
+        opt = _opt(ps, subspace="projection", proj_type="random", proj_qr_device=where)
+        set_grads(ps, next(iter(grad_stream(SHAPES, 1))))
+        opt.step()
+        bases[where] = opt.selections_in_use()[NAMES[0]][1].basis
+    m, n = SHAPES[0][0], math.prod(SHAPES[0][1:])
+    side = "right" if m >= n else "left"
+    dim = m if side == "left" else n
+    r = projection_rank((m, n), COMMON["density"], side)
+    want = random_bases(dim, r, [projection_seed(0, NAMES[0], 0)], "cpu")[0]
+    assert torch.equal(bases["param"], want)
+    assert torch.allclose(want.T @ want, torch.eye(r), atol=1e-5)
+    seed = projection_seed(0, NAMES[0], 0)
+    auto = projection_selection((m, n), COMMON["density"], "random", "auto", seed)
+    assert torch.equal(bases["auto"], auto.basis)
+    assert not torch.equal(bases["param"], bases["auto"])
 
 
 def test_proj_qr_device_option_trains_and_is_validated():

@@ -10,7 +10,8 @@ A kind is a stateless object (one instance per kind); everything per parameter i
     down      down()                                G_sf; fragments' partial sums (projection)
     state     rule()                                the state-full rule (phase-generic)
     exchange  compact_shape()                       shape of U for owners' broadcasts
-    apply     apply()                               W update, or a place in a batched apply
+    apply     route(), apply_one()                  a place in a batched apply, or the item's
+                                                    own update (after the group's decay)
 
 plus, outside the step: expected_state_bytes() (shard_state's ownership weights), state_role()
 (checkpoint consolidation) and current_selection() (checkpoints, aux bytes).
@@ -18,9 +19,11 @@ plus, outside the step: expected_state_bytes() (shard_state's ownership weights)
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from frugal_dist.core.rules import state_full_keys
@@ -83,8 +86,9 @@ class SubspaceKind(ABC):
         """Whether the parameter has a state-full part during refresh ``k``."""
         return True
 
-    def fused_candidate(self, group: dict[str, Any]) -> bool:
-        """Its active items may run ``torch._fused_adamw_`` (whole tensors under AdamW)."""
+    def fuses(self, it: Item, ctx: StepContext) -> bool:
+        """The item's state phase runs inside its apply kernel (``fast_apply.apply_fused``);
+        asked for active items on their owner."""
         return False
 
     def lr_scale(self, group: dict[str, Any]) -> float:
@@ -135,9 +139,31 @@ class SubspaceKind(ABC):
     def free_direction(self, it: Item) -> Tensor | None:
         """F(R) of one item (a new full-size tensor, or None for ``none``)."""
 
+    def route(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
+        """Queue the (non-fused) item in one of ``batches``' lists: a batched apply, or
+        ``rest`` (``apply_one`` after the group's weight decay). Default: ``rest``."""
+        batches.rest.append(it)
+
     @abstractmethod
-    def apply(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
-        """Update the item's data (or queue it in ``batches``)."""
+    def apply_one(self, it: Item, ctx: StepContext) -> None:
+        """The item's own update W += -lr (...) (weight decay already applied)."""
+
+    def gemm_context(self, group: dict[str, Any], device: Any) -> Any:
+        """Context for this kind's per-item GEMMs (projection: ``proj_precision`` on CUDA)."""
+        return contextlib.nullcontext()
 
     def __repr__(self) -> str:
         return f"<subspace kind {self.name}>"
+
+
+def fused_adamw_ok(it: Item, ctx: StepContext) -> bool:
+    """Whole-tensor AdamW through ``fast_apply.apply_fused`` (Triton on CUDA, or
+    ``torch._fused_adamw_``): not under ``shard_state``, float32 data and gradient (one dtype
+    for params, grads and moments), non-empty, and ``fused=True`` or (``fused=None`` and a CUDA
+    tensor or ``kernels="triton"``)."""
+    view = it.view
+    if ctx.sharded or ctx.fused is False or view.data.numel() == 0:
+        return False
+    if view.data.dtype != torch.float32 or view.grad.dtype != torch.float32:
+        return False
+    return bool(ctx.fused) or view.data.device.type == "cuda" or ctx.kernels == "triton"

@@ -19,7 +19,7 @@ from frugal_dist.core.rules import state_free_direction
 from frugal_dist.core.seeding import block_seed
 from frugal_dist.core.subspaces import BlockSchedule
 from frugal_dist.optim.fast_apply import can_batch
-from frugal_dist.optim.kinds.base import SubspaceKind
+from frugal_dist.optim.kinds.base import SubspaceKind, fused_adamw_ok
 from frugal_dist.optim.ownership import block_owner
 from frugal_dist.optim.step_items import Item, apply_update, drop_buffers, reset_buffers
 
@@ -44,8 +44,10 @@ class Block(SubspaceKind):
             active = ctx.memo[key] = schedule(ctx, group).active(k)
         return view.index in active
 
-    def fused_candidate(self, group: dict[str, Any]) -> bool:
-        return group["state_full"] == "adamw" and group["proj_params_lr_scale"] > 0
+    def fuses(self, it: Item, ctx: StepContext) -> bool:
+        group = it.group
+        adamw = group["state_full"] == "adamw" and group["proj_params_lr_scale"] > 0
+        return adamw and fused_adamw_ok(it, ctx)
 
     def prepare(self, it: Item, ctx: StepContext) -> None:
         if not it.refresh:
@@ -69,20 +71,23 @@ class Block(SubspaceKind):
             return it.free
         return state_free_direction(self.free_rule(it.group), it.g)
 
-    def apply(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
+    def route(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
+        if not it.active and can_batch(it):
+            scale = it.group["proj_params_lr_scale"] * it.group["inactive_lr_scale"]
+            batches.free.append((it, self.free_rule(it.group), scale))
+        else:
+            batches.rest.append(it)
+
+    def apply_one(self, it: Item, ctx: StepContext) -> None:
         group = it.group
         lr, s_p = group["lr"], group["proj_params_lr_scale"]
         if it.active:
             apply_update(it.view.data, it.u, -lr * s_p)
             return
         s_i = group["inactive_lr_scale"]
-        if can_batch(it):
-            batches.free.append((it, self.free_rule(group), s_p * s_i))
-            return
         free = self.free_direction(it)
         if free is not None:
             apply_update(it.view.data, free, -lr * s_p * s_i)
-        it.release()
 
 
 def schedule(ctx: StepContext, group: dict[str, Any]) -> BlockSchedule:

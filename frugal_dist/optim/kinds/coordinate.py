@@ -26,7 +26,7 @@ from frugal_dist.core.subspaces import (
     matrix_shape,
     tensor_fingerprint,
 )
-from frugal_dist.optim.fast_apply import can_batch, local_matrix
+from frugal_dist.optim.fast_apply import can_batch, coordinate_fusable, local_matrix
 from frugal_dist.optim.kinds.base import SubspaceKind
 from frugal_dist.optim.step_items import Item, apply_update
 
@@ -77,9 +77,13 @@ class Coordinate(SubspaceKind):
     def fingerprint(self, it: Item) -> int | None:
         return tensor_fingerprint(it.gsel.index)
 
+    def fuses(self, it: Item, ctx: StepContext) -> bool:
+        sign_vote = ctx.reduced_here and ctx.residual_comm == "sign"
+        return coordinate_fusable(it, ctx.kernels, ctx.sharded, sign_vote)
+
     def down(self, its: list[Item], ctx: StepContext) -> None:
         for it in its:
-            if it.g_sf is None:
+            if it.g_sf is None and not it.fused:  # fused: the apply kernel gathers G itself
                 it.g_sf = it.sel.gather(it.g)
 
     def free_direction(self, it: Item) -> Tensor | None:
@@ -88,23 +92,26 @@ class Coordinate(SubspaceKind):
         # F(G) everywhere; the selected entries are overwritten with U in ``apply``
         return state_free_direction(self.free_rule(it.group), it.g)
 
-    def apply(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
+    def route(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
         group = it.group
-        s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
         if can_batch(it):
-            if s_i == 1.0 and it.sel.numel == 0:  # rho = 0: the update is s_p F(G)
-                batches.free.append((it, self.free_rule(group), s_p))
+            if group["inactive_lr_scale"] == 1.0 and it.sel.numel == 0:  # rho = 0: s_p F(G)
+                batches.free.append((it, self.free_rule(group), group["proj_params_lr_scale"]))
                 return
             if it.u is not None and self.free_rule(group) == "signsgd":
                 batches.coords.append(it)
                 return
+        batches.rest.append(it)
+
+    def apply_one(self, it: Item, ctx: StepContext) -> None:
+        group = it.group
+        s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
         free = self.free_direction(it)
         full = free if free is not None else torch.zeros_like(it.g)
         if free is not None and s_i != 1.0:
             full.mul_(s_i)
         it.sel.scatter_(full, it.u)  # selected: up(U); others: s_i F(R)
         apply_update(it.view.data, it.span.unpad(full), -group["lr"] * s_p)
-        it.release()
 
 
 def global_selection(

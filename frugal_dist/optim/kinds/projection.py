@@ -12,8 +12,10 @@ Fragments (flat layouts, FSDP2 rows): a right projection's rows are local except
 ranks, whose partial products are summed; a left projection's (r, n) product is summed over all
 ranks (``sum_partial_projections``: one coalesced all-reduce).
 
-Kernel plug points: ``svd_refresh`` (the basis computation of every pending matrix) and
-``fast_apply.apply_projection_batch`` (the steady step's GEMMs + sign + update).
+Kernels: whole float32 matrices go through ``optim.projection_batch`` (batched down and fused
+apply per (shape, side, rank), ``proj_precision``); svd bases through ``optim.svd_refresh``
+(``svd_method``, batched per shape); random bases on CUDA through ``kernels.refresh``. The
+per-item path (fragments, sign vote, other dtypes) runs its GEMMs at ``proj_precision`` too.
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ from frugal_dist.core.subspaces import (
     resolve_side,
     tensor_fingerprint,
 )
+from frugal_dist.kernels.refresh import random_bases
 from frugal_dist.optim.fast_apply import can_batch, local_matrix
 from frugal_dist.optim.kinds.base import SubspaceKind
+from frugal_dist.optim.projection_batch import down_batched, gemm_precision, projection_backend
 from frugal_dist.optim.sharding import assign_owners
 from frugal_dist.optim.step_items import Item, apply_update
+from frugal_dist.optim.svd_refresh import basis_shape, owner_bases
 
 if TYPE_CHECKING:
     from frugal_dist.layouts.base import ParamView
@@ -85,9 +90,13 @@ class Projection(SubspaceKind):
     def sign_parts(self, it: Item) -> tuple[Tensor | None, Tensor | None] | None:
         if it.sel is None:  # svd refresh: the basis needs the exact gradient
             return None
-        compact = it.sel.down(it.g)
-        resid = it.g - it.sel.up(compact) if self.free_rule(it.group) != "none" else None
+        with gemm_precision(it.group, it.g.device):
+            compact = it.sel.down(it.g)
+            resid = it.g - it.sel.up(compact) if self.free_rule(it.group) != "none" else None
         return compact, resid
+
+    def gemm_context(self, group: dict[str, Any], device: Any) -> Any:
+        return gemm_precision(group, device)
 
     def select(self, its: list[Item], ctx: StepContext) -> None:
         pending = [it for it in its if it.sel is None]
@@ -98,11 +107,16 @@ class Projection(SubspaceKind):
         return tensor_fingerprint(it.gsel.basis)
 
     def down(self, its: list[Item], ctx: StepContext) -> None:
+        # whole matrices: batched GEMMs (optim.projection_batch); per item where the ranks sum
+        # partial products (a bound layout at world > 1: every rank takes part)
+        fragments = ctx.layout is not None and ctx.world > 1
+        done = set() if fragments else down_batched(its, ctx.kernels, ctx.cache.kernel_cache)
         partial: list[Item] = []
         for it in its:
-            if it.g_sf is None:
-                it.g_sf = it.sel.down(it.g)
-                if ctx.layout is not None and ctx.world > 1:
+            if it.g_sf is None and id(it) not in done:
+                with gemm_precision(it.group, it.g.device):
+                    it.g_sf = it.sel.down(it.g)
+                if fragments:
                     partial.append(it)
         if partial:
             sum_partial_projections(partial, ctx)
@@ -115,24 +129,33 @@ class Projection(SubspaceKind):
             return state_free_direction(rule, it.g)
         return state_free_direction_(rule, it.sel.residual(it.g, it.g_sf))
 
-    def apply(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
+    def route(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
+        group = it.group
+        batchable = can_batch(it)
+        if batchable and group["inactive_lr_scale"] == 1.0 and it.sel.rank == 0:  # rho = 0
+            batches.free.append((it, self.free_rule(group), group["proj_params_lr_scale"]))
+        elif projection_backend(it, ctx.kernels) is not None:
+            batches.kernel_projs.append(it)
+        elif (
+            batchable
+            and self.free_rule(group) == "signsgd"
+            and it.u is not None
+            and it.g_sf is not None
+            and it.sel.rank > 0
+        ):
+            batches.projs.append(it)
+        else:
+            batches.rest.append(it)
+
+    def apply_one(self, it: Item, ctx: StepContext) -> None:
         group = it.group
         s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
-        if can_batch(it):
-            if s_i == 1.0 and it.sel.rank == 0:  # rho = 0: the update is s_p F(G)
-                batches.free.append((it, self.free_rule(group), s_p))
-                return
-            signsgd = self.free_rule(group) == "signsgd"
-            if signsgd and it.u is not None and it.g_sf is not None and it.sel.rank > 0:
-                batches.projs.append(it)
-                return
         free = self.free_direction(it)
         if free is None:
             full = it.sel.up(it.u)
         else:  # s_i F(R) + up(U), in place in F(R)'s buffer
             full = it.sel.up_add_(free, it.u, beta=s_i)
         apply_update(it.view.data, it.span.unpad(full), -group["lr"] * s_p)
-        it.release()
 
 
 def global_basis(
@@ -148,16 +171,30 @@ def global_basis(
         if "proj_basis" not in view.state:
             raise RuntimeError(f"svd basis of {view.name!r} missing from the optimizer state")
         sel = ProjectionSelection(resolve_side(group["proj_side"], shape), view.state["proj_basis"])
+    elif group["proj_type"] == "random" and _random_on_device(ctx, view):
+        # drawn and orthonormalised on the parameter's device (kernels.refresh.random_bases):
+        # the same bits on every rank of a job (same seed, device type and library)
+        side = resolve_side(group["proj_side"], shape)
+        dim = shape[0] if side == "left" else shape[1]
+        r = projection_rank(shape, group["density"], side, "random")
+        seed = projection_seed(group["seed"], view.name, k)
+        sel = ProjectionSelection(side, random_bases(dim, r, [seed], view.data.device)[0])
     else:
-        on_device = ctx.proj_qr_device == "param" and group["proj_type"] == "random"
         sel = projection_selection(
             shape, group["density"], group["proj_type"], group["proj_side"],
             projection_seed(group["seed"], view.name, k),
-            qr_device=view.data.device if on_device else None,
         )  # fmt: skip
         sel = ProjectionSelection(sel.side, sel.basis.to(view.data.device))
     ctx.cache.selections[view.name] = (k, sel)
     return sel
+
+
+def _random_on_device(ctx: StepContext, view: ParamView) -> bool:
+    """``proj_qr_device``: ``auto`` = on the device for CUDA parameters (the CPU keeps the
+    float64 path), ``param`` = always on the parameter's device, ``cpu`` = never."""
+    if ctx.proj_qr_device == "auto":
+        return view.data.device.type == "cuda"
+    return ctx.proj_qr_device == "param"
 
 
 def svd_refresh(pending: list[Item], ctx: StepContext) -> None:
@@ -169,8 +206,8 @@ def svd_refresh(pending: list[Item], ctx: StepContext) -> None:
     coalesced ``reduce`` per (owner, dtype), 4 B x m x n each (``svd_gather``); then one
     ``broadcast`` per owner of its bases over the agreement group, 4 B x dim x r each
     (``basis_broadcast``; bounded in time, ``comm.participants``). Every rank then stores the
-    basis as ``proj_basis`` and selects with it. Plug point for a batched / randomized refresh
-    kernel: the loop computing ``basis`` below.
+    basis as ``proj_basis`` and selects with it. The bases themselves: ``owner_bases``
+    (``optim.svd_refresh``: ``svd_method``, batched over same-shape matrices).
     """
     arank, aworld = rank_and_world(ctx.agreement_pg)
     if aworld > 1:
@@ -198,22 +235,18 @@ def svd_refresh(pending: list[Item], ctx: StepContext) -> None:
             full_grads.append(it.span.pad(raw.reshape(-1).to(dtype)))
     if fragments:
         reduce_to_owners(gathered, ctx.pg, ctx.comm, "svd_gather")
+    # the owner's bases, batched over same-shape matrices (optim.svd_refresh: svd_method; the
+    # previous basis, if any, is still it.st["proj_basis"])
+    mine = [(it, g) for it, g in zip(pending, full_grads) if owners[it.name] == arank]
+    computed = dict(zip((id(it) for it, _ in mine),
+                        owner_bases([it for it, _ in mine], [g for _, g in mine])))  # fmt: skip
     per_rank: list[list[Tensor]] = [[] for _ in range(aworld)]
-    for it, full_g in zip(pending, full_grads):
-        group = it.group
-        shape = matrix_shape(it.view.shape)
-        owner = owners[it.name]
-        if owner == arank:
-            basis = projection_selection(
-                shape, group["density"], "svd", group["proj_side"],
-                projection_seed(group["seed"], it.name, it.k), grad=full_g,
-            ).basis  # fmt: skip
-        else:
-            side = resolve_side(group["proj_side"], shape)
-            dim = shape[0] if side == "left" else shape[1]
-            r = projection_rank(shape, group["density"], side, "svd")
+    for it in pending:
+        basis = computed.get(id(it))
+        if basis is None:
+            dim, r = basis_shape(it)
             basis = torch.empty(dim, r, device=it.g.device)
-        per_rank[owner].append(basis)
+        per_rank[owners[it.name]].append(basis)
         it.st["proj_basis"] = basis
     broadcast_from_owners(per_rank, ctx.agreement_pg, ctx.comm, "basis_broadcast", bounded=True)
     for it in pending:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from frugal_dist.core.rules import state_free_direction
 from frugal_dist.optim.fast_apply import can_batch
-from frugal_dist.optim.kinds.base import SubspaceKind
+from frugal_dist.optim.kinds.base import SubspaceKind, fused_adamw_ok
 from frugal_dist.optim.step_items import Item, apply_update, reset_buffers
 
 if TYPE_CHECKING:
@@ -32,8 +32,8 @@ class WholeStateFull(SubspaceKind):
     def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
         return math.prod(shape)
 
-    def fused_candidate(self, group: dict[str, Any]) -> bool:
-        return self.rule(group) == "adamw"
+    def fuses(self, it: Item, ctx: StepContext) -> bool:
+        return self.rule(it.group) == "adamw" and fused_adamw_ok(it, ctx)
 
     def lr_scale(self, group: dict[str, Any]) -> float:
         return 1.0
@@ -47,7 +47,7 @@ class WholeStateFull(SubspaceKind):
     def free_direction(self, it: Item) -> Tensor | None:
         return None
 
-    def apply(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
+    def apply_one(self, it: Item, ctx: StepContext) -> None:
         apply_update(it.view.data, it.u, -it.group["lr"])
 
 
@@ -76,11 +76,13 @@ class WholeFree(SubspaceKind):
             return it.free
         return state_free_direction(self.free_rule(it.group), it.g)
 
-    def apply(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
+    def route(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
         if can_batch(it):
             batches.free.append((it, self.free_rule(it.group), 1.0))
-            return
+        else:
+            batches.rest.append(it)
+
+    def apply_one(self, it: Item, ctx: StepContext) -> None:
         free = self.free_direction(it)
         if free is not None:
             apply_update(it.view.data, free, -it.group["lr"])
-        it.release()
