@@ -13,21 +13,26 @@
               a mean all-reduce of the *compact* state-full gradients (``grad_projected``), and a
               1-bit majority vote of the local state-free residual signs (``sign_allgather``)
     select    per kind: svd refreshes (the owner gets the full gradient -- one coalesced
-              ``reduce`` per owner over ``process_group`` for fragments -- computes the basis
-              and broadcasts it, 4 B x dim x r); at every refresh the ranks compare selection
+              ``reduce`` per owner over ``process_group`` for fragments -- computes its bases
+              batched by shape (``optim.svd_refresh``, ``svd_method``) and broadcasts them,
+              4 B x dim x r); at every refresh the ranks compare selection
               fingerprints (one all-gather of 8 B per refreshing parameter,
               ``agreement_check``). Both go over the layout's ``agreement_group`` (HSDP: every
               replica too)
-    down      per kind: G_sf = down(G); fragments' partial projections summed over ranks in one
+    down      per kind: G_sf = down(G) (whole projection matrices batched by shape through
+              ``kernels.projection.project_down``); fragments' partial projections summed in one
               coalesced all-reduce (right: 4 B x r per cut row; left: 4 B x r x n,
               ``fragment_projection``)
     state     owners advance the state-full rule (``torch._foreach_*``) -> directions U
     exchange  (shard_state, world > 1) each owner broadcasts the U it computed (4 B x |S|,
               ``update_broadcast``)
     apply     W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R)) per kind; fragments drop phantom
-              entries. Fused AdamW items run ``torch._fused_adamw_`` here (their state phase is
-              this kernel); pure state-free updates, coordinate and projection items with a
-              signSGD residual go through the foreach batches of ``optim.fast_apply``
+              entries. Each kind routes its items to ``ApplyBatches``: fused items run their
+              state phase in the apply kernel (whole-tensor AdamW, columns / rows coordinates),
+              pure state-free updates go through ``free_apply_``, whole projection matrices
+              through ``apply_projection`` per (shape, side, rank) batch -- these fold the weight
+              decay; the rest decays first, then applies (``optim.fast_apply``,
+              ``optim.projection_batch``)
 
 At world size 1 every collective is skipped and the pipeline is the plain FRUGAL step.
 """
