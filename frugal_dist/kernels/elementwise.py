@@ -65,12 +65,15 @@ Integration contract (how ``FRUGAL``'s apply phase calls these; what each replac
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from frugal_dist.core.rules import state_full_directions
+
+T = TypeVar("T")
 
 IMPLS = ("auto", "torch", "triton")
 FREE_RULES = ("signsgd", "sgd", "none")
@@ -206,7 +209,7 @@ def _free_torch(params: list[Tensor], grads: list[Tensor], alpha, rule, keep) ->
     # (no view op for a grad already shaped like its param: the step is launch-bound on a GPU)
     wide = [(p, g if g.shape == p.shape else g.reshape(p.shape)) for p, g in pairs
             if p.dtype not in _HALF]  # fmt: skip
-    for chunk in _chunks(wide):
+    for chunk in runs_of(wide, lambda pair: pair[0].numel()):
         data = [p for p, _ in chunk]
         gs = [g for _, g in chunk]
         if rule == "signsgd":
@@ -219,13 +222,18 @@ def _free_torch(params: list[Tensor], grads: list[Tensor], alpha, rule, keep) ->
             p.copy_(p.float().add_(d.reshape(p.shape), alpha=-alpha))
 
 
-def _chunks(pairs: list[tuple[Tensor, Tensor]]) -> list[list[tuple[Tensor, Tensor]]]:
-    """Consecutive runs of at least ``FREE_CHUNK`` elements (the last: fewer)."""
-    out, chunk, size = [], [], 0
-    for pair in pairs:
-        chunk.append(pair)
-        size += pair[0].numel()
-        if size >= FREE_CHUNK:
+def runs_of(
+    items: Sequence[T], numel: Callable[[T], int], limit: int = FREE_CHUNK
+) -> list[list[T]]:
+    """``items`` cut into consecutive runs of at least ``limit`` elements (the last: fewer), so
+    a foreach batch's temporaries stay bounded; ``numel(item)`` is an item's element count."""
+    out: list[list[T]] = []
+    chunk: list[T] = []
+    size = 0
+    for item in items:
+        chunk.append(item)
+        size += numel(item)
+        if size >= limit:
             out.append(chunk)
             chunk, size = [], 0
     if chunk:

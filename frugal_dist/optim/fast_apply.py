@@ -37,6 +37,7 @@ from frugal_dist.kernels.elementwise import (
     coordinate_adamw_apply_,
     coordinate_positions,
     free_apply_,
+    runs_of,
 )
 from frugal_dist.optim.step_items import Item
 
@@ -72,7 +73,7 @@ def apply_coordinate_batch(its: list[Item], lr: float, s_p: float, s_i: float) -
     """W += -lr s_p D with D = U on the selected coordinates and s_i sign(G) elsewhere, for many
     coordinate items at once: one foreach sign (and scale), one ``index_copy_`` of U per item,
     one foreach add. Temporaries are bounded to ``FREE_CHUNK`` elements at a time."""
-    for chunk in _chunks(its):
+    for chunk in runs_of(its, _numel, FREE_CHUNK):
         full = torch._foreach_sign([it.g for it in chunk])
         if s_i != 1.0:
             torch._foreach_mul_(full, s_i)
@@ -87,7 +88,7 @@ def apply_projection_batch(its: list[Item], lr: float, s_p: float, s_i: float) -
     """W += -lr s_p (s_i sign(G - up(G_sf)) + up(U)) for many projection items: the two GEMMs
     per item (residual, ``up_add_``) stay per tensor, the sign and the update are one foreach
     op each. Temporaries are bounded to ``FREE_CHUNK`` elements at a time."""
-    for chunk in _chunks(its):
+    for chunk in runs_of(its, _numel, FREE_CHUNK):
         full = [it.sel.residual(it.g, it.g_sf) for it in chunk]
         torch._foreach_sign_(full)
         for it, f in zip(chunk, full):
@@ -97,20 +98,8 @@ def apply_projection_batch(its: list[Item], lr: float, s_p: float, s_i: float) -
         torch._foreach_add_([it.view.data for it in chunk], directions, alpha=-lr * s_p)
 
 
-def _chunks(its: list[Item]) -> list[list[Item]]:
-    """``its`` cut into consecutive runs of at least ``FREE_CHUNK`` elements (the last: less)."""
-    out: list[list[Item]] = []
-    chunk: list[Item] = []
-    size = 0
-    for it in its:
-        chunk.append(it)
-        size += it.view.data.numel()
-        if size >= FREE_CHUNK:
-            out.append(chunk)
-            chunk, size = [], 0
-    if chunk:
-        out.append(chunk)
-    return out
+def _numel(it: Item) -> int:
+    return it.view.data.numel()
 
 
 def coordinate_fusable(it: Item, kernels: str, sharded: bool, sign_vote: bool) -> bool:
