@@ -124,8 +124,14 @@ from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.layout_guard import ParamRegistry
 from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.param_groups import check_orientation
+from frugal_dist.optim.state_loading import (
+    SCALAR_KEYS,
+    check_checkpoint_groups,
+    restore_state_dtypes,
+    saved_state_dtypes,
+)
 from frugal_dist.optim.step_cache import StepCache
-from frugal_dist.optim.validation import check_known_keys, validate_options
+from frugal_dist.optim.validation import check_group_keys, check_known_keys, validate_options
 
 FRUGAL_DEFAULTS: dict[str, Any] = dict(
     lr=1e-3,
@@ -149,7 +155,6 @@ FRUGAL_DEFAULTS: dict[str, Any] = dict(
     proj_precision="tf32",
     svd_method="warm",
 )
-SCALAR_KEYS = ("step", "sf_step")
 RESIDUAL_COMM = ("exact", "sign")
 PROJ_QR_DEVICES = ("auto", "cpu", "param")
 GROUP_KEYS = frozenset(FRUGAL_DEFAULTS) | {"params", "names", "name", "initial_lr"}
@@ -182,6 +187,7 @@ class FRUGAL(Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
+        lr: float | None = None,
         *,
         process_group: Any = None,
         shard_state: bool = False,
@@ -195,6 +201,8 @@ class FRUGAL(Optimizer):
         **kwargs: Any,
     ) -> None:
         check_known_keys(kwargs, set(FRUGAL_DEFAULTS), "FRUGAL(...) arguments")
+        if lr is not None:  # FRUGAL(params, 1e-3), as torch.optim
+            kwargs["lr"] = lr
         if residual_comm not in RESIDUAL_COMM:
             raise ValueError(
                 f"residual_comm must be one of {list(RESIDUAL_COMM)}, got {residual_comm!r}"
@@ -260,7 +268,7 @@ class FRUGAL(Optimizer):
         self._cache.invalidate()  # ranks compare settings and parameters again at the next step
         idx = len(self.param_groups)
         where = f"param group {idx} ({param_group.get('name', 'unnamed')})"
-        check_known_keys({k: v for k, v in param_group.items()}, GROUP_KEYS, where)
+        check_group_keys(param_group, GROUP_KEYS, where)
         if isinstance(param_group.get("betas"), list):
             param_group["betas"] = tuple(param_group["betas"])
         validate_options(param_group, where)
@@ -486,50 +494,13 @@ class FRUGAL(Optimizer):
         """
         self._cache.invalidate()
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"checkpoint has {len(saved_groups)} param groups, this optimizer "
-                f"{len(self.param_groups)}: it comes from another model or param-group layout"
-            )
-        for gi, (saved, cur) in enumerate(zip(saved_groups, self.param_groups)):
-            if "names" in saved and list(saved["names"]) != list(cur["names"]):
-                diff = next(
-                    (i for i, (a, b) in enumerate(zip(saved["names"], cur["names"])) if a != b),
-                    min(len(saved["names"]), len(cur["names"])),
-                )
-                raise ValueError(
-                    f"checkpoint param group {gi} does not match this model: parameter {diff} is "
-                    f"{_at(saved['names'], diff)!r} in the checkpoint but "
-                    f"{_at(cur['names'], diff)!r} here. Load a checkpoint of the same model and "
-                    "param-group rules."
-                )
-        saved_dtypes = {
-            pid: {k: v.dtype for k, v in st.items() if isinstance(v, Tensor)}
-            for pid, st in state_dict["state"].items()
-        }
+        check_checkpoint_groups(saved_groups, self.param_groups)
+        saved_dtypes = saved_state_dtypes(state_dict)
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # options added since the checkpoint: their defaults
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        id_map = {
-            pid: p
-            for pid, p in zip(
-                (i for g in saved_groups for i in g["params"]),
-                (p for g in self.param_groups for p in g["params"]),
-            )
-        }
-        for pid, dtypes in saved_dtypes.items():
-            p = id_map.get(pid)
-            if p is None:
-                continue
-            st = self.state[p]
-            for key, dtype in dtypes.items():
-                if key in SCALAR_KEYS:  # counters stay float32 on the CPU (no device syncs)
-                    st[key] = (
-                        state_dict["state"][pid][key].detach().to("cpu", torch.float32).clone()
-                    )
-                elif key in st and st[key].dtype != dtype:
-                    st[key] = state_dict["state"][pid][key].to(device=st[key].device, dtype=dtype)
+        restore_state_dtypes(self.state, state_dict, saved_dtypes, self.param_groups)
         self._cache.invalidate()
 
 
@@ -538,7 +509,3 @@ def _same_params(entries: list[tuple], params: list[Tensor]) -> bool:
     return len(entries) == len(params) and all(
         e[4] is p and e[2] == tuple(p.shape) for e, p in zip(entries, params)
     )
-
-
-def _at(seq: list[str], i: int) -> str | None:
-    return seq[i] if i < len(seq) else None

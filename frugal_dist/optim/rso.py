@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from frugal_dist.optim.rso_layers import LAYER_KEYS, RSOLinear, apply_rso_from_options, rso_layers
+from frugal_dist.optim.validation import check_group_keys
 
 RSO_DEFAULTS: dict[str, Any] = dict(
     lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, inner_steps=200, prox=0.0, rso=False
@@ -75,8 +76,15 @@ class RSO(Optimizer):
     """
 
     def __init__(
-        self, params: Iterable[Any], *, layers: Mapping[str, RSOLinear] | None = None, **kwargs: Any
+        self,
+        params: Iterable[Any],
+        lr: float | None = None,
+        *,
+        layers: Mapping[str, RSOLinear] | None = None,
+        **kwargs: Any,
     ) -> None:
+        if lr is not None:  # RSOOptimizer(params, 1e-3), as torch.optim
+            kwargs["lr"] = lr
         unknown = set(kwargs) - set(RSO_DEFAULTS)
         if unknown:
             raise ValueError(
@@ -90,9 +98,7 @@ class RSO(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        extra = set(param_group) - GROUP_KEYS
-        if extra:
-            raise ValueError(f"RSO param group has unknown keys {sorted(extra)}")
+        check_group_keys(param_group, GROUP_KEYS, "RSO param group")
         super().add_param_group(param_group)
         g = self.param_groups[-1]
         g["betas"] = tuple(g["betas"])

@@ -95,3 +95,24 @@ def check_known_keys(
             raise ValueError(
                 f"unknown option {key!r} in {where}{hint} Allowed options: {sorted(allowed)}"
             )
+
+
+TYPO_CUTOFF = 0.85  # difflib ratio: one wrong letter in a name of 6+ letters ("densty")
+
+
+def check_group_keys(
+    group: Mapping[str, Any], allowed: set[str] | frozenset[str], where: str
+) -> None:
+    """torch.optim's convention: keys a param group does not use (``lr_mult``, ``layer_id``,
+    tags that schedulers and tools add) are kept and ignored. A key within one typo of an
+    option name (``densty``, ``updte_gap``) is an error with a suggestion, so a misspelt option
+    never silently falls back to its default."""
+    for key in group:
+        if key in allowed:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(allowed), n=1, cutoff=TYPO_CUTOFF)
+        if close:
+            raise ValueError(
+                f"unknown option {key!r} in {where}; did you mean {close[0]!r}? (keys that are "
+                "not near an option name are kept and ignored, as in torch.optim)"
+            )
