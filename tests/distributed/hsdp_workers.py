@@ -41,6 +41,29 @@ def hsdp(rank: int, world: int, replicas: int, steps: int, opt_kw: dict) -> dict
     }
 
 
+def hsdp_many(
+    rank: int, world: int, replicas: int, steps: int, kws: dict[str, dict]
+) -> dict[str, dict[str, Any]]:
+    """``hsdp`` for every option set of ``kws`` in one launch (one process start for all)."""
+    return {name: hsdp(rank, world, replicas, steps, kw) for name, kw in kws.items()}
+
+
+def hsdp_save_many(
+    rank: int, world: int, replicas: int, steps: int, kws: dict[str, dict], root: str
+) -> None:
+    for name, kw in kws.items():
+        hsdp_save(rank, world, replicas, steps, kw, f"{root}/{name}")
+
+
+def hsdp_resume_many(
+    rank: int, world: int, replicas: int, start: int, steps: int, kws: dict[str, dict], root: str
+) -> dict[str, dict[str, Any]]:
+    return {
+        name: hsdp_resume(rank, world, replicas, start, steps, kw, f"{root}/{name}")
+        for name, kw in kws.items()
+    }
+
+
 def hsdp_save(rank: int, world: int, replicas: int, steps: int, opt_kw: dict, path: str) -> None:
     from frugal_dist.engines import fsdp2_checkpoint
 

@@ -1,7 +1,8 @@
 """FRUGAL under HSDP (FSDP2 on a (replicate, shard) = 2 x 2 gloo mesh) against the single-process
 run, DCP checkpoints saved at 2 x 2 resumed at 1 process and at 4 x 1, and a tensor-parallel
-2-D mesh refused with an error naming the parameter and its placements. Wall time: 16 tests, about
-7 minutes on a busy 2-core box (4-process gloo launches)."""
+2-D mesh refused with an error naming the parameter and its placements. The 2 x 2 equivalence runs
+every kind in one 4-process launch and the DCP tests in three (save, resume at 1, resume at 4),
+so the 16 tests start 8 launches instead of 22."""
 
 from __future__ import annotations
 
@@ -36,11 +37,17 @@ def _close(a: dict, b: dict, tol: float) -> float:
     return worst
 
 
+@pytest.fixture(scope="module")
+def hsdp_runs() -> dict[str, tuple[dict, list[dict]]]:
+    """Every kind's single-process reference and its 2 x 2 run (one 4-process launch for all)."""
+    kws = {kind: {**COMMON, **kw} for kind, kw in KINDS.items()}
+    got = run_distributed(hw.hsdp_many, 4, 2, STEPS, kws)
+    return {kind: (fw.single(STEPS, kw), [g[kind] for g in got]) for kind, kw in kws.items()}
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_hsdp_2x2_matches_single_process(kind):
-    kw = {**COMMON, **KINDS[kind]}
-    ref = fw.single(STEPS, kw)
-    got = run_distributed(hw.hsdp, 4, 2, STEPS, kw)
+def test_hsdp_2x2_matches_single_process(kind, hsdp_runs):
+    ref, got = hsdp_runs[kind]
     for r in range(4):
         assert got[r]["param_placements"] == {ROW_SHARDED}
         # State is sharded over the shard dim like its parameter (or replicated: left
@@ -62,17 +69,35 @@ def test_hsdp_2x2_matches_single_process(kind):
     assert got[1]["state_bytes"] == got[3]["state_bytes"]
 
 
-@pytest.mark.parametrize("kind", ["block-descending", "columns", "projection-left", "svd"])
-def test_hsdp_dcp_checkpoint_resumes_at_one_process_and_at_4x1(kind, tmp_path):
-    kw = {**COMMON, **KINDS[kind]}
-    first, rest = 5, 5
-    ref = fw.single(first + rest, kw)
-    path = str(tmp_path / "ckpt")
-    run_distributed(hw.hsdp_save, 4, 2, first, kw, path)
-    for world, replicas in ((1, 1), (4, 4)):
-        got = run_distributed(hw.hsdp_resume, world, replicas, first, rest, kw, path)
+DCP_KINDS = ["block-descending", "columns", "projection-left", "svd"]
+FIRST, REST = 5, 5
+
+
+@pytest.fixture(scope="module")
+def dcp_runs(tmp_path_factory) -> dict[str, tuple[dict, dict[int, list[dict]]]]:
+    """Saved at 2 x 2, resumed at 1 process and at 4 x 1: three launches for all kinds."""
+    kws = {kind: {**COMMON, **KINDS[kind]} for kind in DCP_KINDS}
+    root = str(tmp_path_factory.mktemp("hsdp_dcp"))
+    run_distributed(hw.hsdp_save_many, 4, 2, FIRST, kws, root)
+    resumed = {
+        world: run_distributed(hw.hsdp_resume_many, world, replicas, FIRST, REST, kws, root)
+        for world, replicas in ((1, 1), (4, 4))
+    }
+    return {
+        kind: (
+            fw.single(FIRST + REST, kw),
+            {w: [g[kind] for g in got] for w, got in resumed.items()},
+        )
+        for kind, kw in kws.items()
+    }
+
+
+@pytest.mark.parametrize("kind", DCP_KINDS)
+def test_hsdp_dcp_checkpoint_resumes_at_one_process_and_at_4x1(kind, dcp_runs):
+    ref, resumed = dcp_runs[kind]
+    for world, got in resumed.items():
         for r in range(world):
-            assert got[r]["losses"] == pytest.approx(ref["losses"][first:], rel=1e-6)
+            assert got[r]["losses"] == pytest.approx(ref["losses"][FIRST:], rel=1e-6)
             # warm svd refreshes amplify last-bit differences (see the 2x2 test): measured 1.6e-5
             _close(got[r]["params"], ref["params"], 1e-4 if kind == "svd" else TOL)
 
