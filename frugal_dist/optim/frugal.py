@@ -56,11 +56,12 @@ Step options (of the optimizer, not of a group):
   kernels). Not with ``shard_state`` at world size > 1.
 * ``proj_qr_device="auto"`` -- where ``random`` projection bases are drawn: ``"auto"`` on the
   parameter's device for CUDA parameters (``kernels.refresh.random_bases``: Gaussian from a
-  generator on the device seeded by (seed, name, k), shifted CholeskyQR2; 0.05 s for a 1B model
-  on an H200) and on the CPU in float64 for CPU parameters; ``"cpu"``: always the CPU float64
-  draw + QR (the bit-exact, device-independent basis); ``"param"``: always on the parameter's
-  device. Every rank draws the same bits (same seed, device type and library); the ranks'
-  fingerprint check at each refresh guards it.
+  generator on the device seeded by (seed, name, k), shifted CholeskyQR2; drawn one matrix at a
+  time: a LLaMA-1B refresh step took 297 ms on an H200, against 0.05 s for the same bases batched
+  by shape in benchmarks/kernels_projection.py) and on the CPU in float64 for CPU parameters;
+  ``"cpu"``: always the CPU float64 draw + QR (the bit-exact, device-independent basis);
+  ``"param"``: always on the parameter's device. Every rank draws the same bits (same seed, device
+  type and library); the ranks' fingerprint check at each refresh guards it.
 * ``kernels="auto"`` -- the fast apply paths (``optim.fast_apply``, ``optim.projection_batch``):
   ``"auto"`` = the Triton kernels of ``frugal_dist.kernels`` on CUDA tensors, the plain torch
   code on the CPU; ``"triton"`` = Triton wherever a kernel applies (CUDA, or the CPU under
