@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import REPO, frugal_device_options, provenance, write_json  # noqa: E402
+from bench_common import REPO, frugal_device_options, git_info, provenance, write_json  # noqa: E402
 from gpu_memory_speed import FRUGAL_COMMON, VARIANTS, model_config  # noqa: E402
 
 from frugal_dist.train import optimizers as presets  # noqa: E402
@@ -125,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
               f"launches, first step {row['first_step_s']:.2f} s", flush=True)  # fmt: skip
         for k in row["top_kernels"]:
             print(f"   {k['ms_per_step']:7.3f} ms  x{k['launches_per_step']:<5.0f} {k['name']}")
-    write_json(Path(args.out), {"provenance": provenance(), "args": vars(args), "rows": rows})
+    write_json(
+        Path(args.out),
+        {"provenance": provenance(), "code": git_info(REPO), "args": vars(args), "rows": rows},
+    )
 
 
 if __name__ == "__main__":
