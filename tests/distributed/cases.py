@@ -12,6 +12,9 @@ SUBSPACES: dict[str, dict] = {
     "rows": dict(subspace="coordinate", coord_choice="rows"),
     "randk": dict(subspace="coordinate", coord_choice="randk"),
     "projection": dict(subspace="projection", proj_type="random"),
+    # random bases drawn by kernels.refresh.random_bases (batched per shape) on the parameter's
+    # device, the CUDA default, here on the CPU
+    "projection-device": dict(subspace="projection", proj_type="random", proj_qr_device="param"),
     "projection-left": dict(subspace="projection", proj_type="randperm", proj_side="left"),
     "svd": dict(subspace="projection", proj_type="svd"),
 }
