@@ -75,8 +75,9 @@ Group options of the projection kernels (``FRUGAL_DEFAULTS``):
   on the CPU: CPU results are those of fp32), ``"bf16"`` bfloat16 operands with float32
   accumulation (``kernels.projection``). H200, LLaMA-1B step: fp32 98 ms, tf32 35 ms, bf16 35 ms.
 * ``svd_method="warm"`` -- how ``svd`` bases are refreshed (``optim.svd_refresh``): ``"exact"``
-  full SVD; ``"warm"`` one subspace-iteration step from the previous basis (exact when there is
-  none); ``"randomized"`` a seeded range finder with oversampling.
+  full SVD; ``"warm"`` one subspace-iteration step from the previous basis (when there is none,
+  at the first refresh: ``"randomized"``, so no refresh runs an exact SVD); ``"randomized"`` a
+  seeded range finder with 2 power steps.
 
 Communication schedule of one ``step()`` (every collective is skipped at world size 1):
 

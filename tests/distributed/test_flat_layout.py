@@ -11,7 +11,8 @@ from tests.distributed.launch import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-KINDS = cases.pick("block", "columns", "rows", "randk", "projection", "projection-left", "svd")
+KINDS = cases.pick("block", "columns", "rows", "randk", "projection", "projection-device",
+                     "projection-left", "svd")  # fmt: skip
 COMMON = dict(lr=1e-2, density=0.4, update_gap=8, weight_decay=0.01)
 STEPS = 20
 
