@@ -163,7 +163,7 @@ def ref_projection(
 
 
 # The randomized range finder's power steps (the optimizer's ``optim.svd_refresh`` states its
-# own; a test checks they agree). No oversampling: the basis is Q itself.
+# own; a test checks they agree). No oversampling; the Rayleigh-Ritz rotation orders the basis.
 REF_POWER_ITERS = 2
 
 
@@ -179,7 +179,9 @@ def _ref_orth(y: Tensor) -> Tensor:
 def ref_randomized_range(g: Tensor, r: int, side: str, seed: int) -> Tensor:
     """Halko-Martinsson-Tropp, in float64: A = G (left) or G^T (right), (dim x o); Omega (o x r)
     float32 normals from a generator on G's device seeded with ``seed``; Q = orth(A Omega), then
-    q = ``REF_POWER_ITERS`` times Q = orth(A A^T Q); P = Q."""
+    q = ``REF_POWER_ITERS`` times Q = orth(A A^T Q); then Rayleigh-Ritz: V = the eigenvectors of
+    (Q^T A)(Q^T A)^T by decreasing eigenvalue, each with its largest-magnitude entry positive;
+    P = Q V."""
     a = g.double() if side == "left" else g.double().T
     o = a.shape[1]
     gen = torch.Generator(device=g.device)
@@ -188,4 +190,12 @@ def ref_randomized_range(g: Tensor, r: int, side: str, seed: int) -> Tensor:
     q = _ref_orth(a @ omega)
     for _ in range(REF_POWER_ITERS):
         q = _ref_orth(a @ (a.T @ q))
-    return q
+    # Rayleigh-Ritz: the singular directions of A within span(Q), largest first
+    small = q.T @ a  # (r, o)
+    _, vecs = torch.linalg.eigh(small @ small.T)
+    out = q @ vecs.flip(-1)
+    for j in range(out.shape[1]):  # sign: the largest-magnitude entry of each V column positive
+        col = vecs.flip(-1)[:, j]
+        if col[col.abs().argmax()] < 0:
+            out[:, j] = -out[:, j]
+    return out

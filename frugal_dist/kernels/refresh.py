@@ -19,12 +19,16 @@ gradient differences (between engines' reduction orders) into basis differences.
                      Q = orth(A (A^T Q)). One step = 2 products and one thin QR; without a
                      previous basis it is ``randomized`` (with the caller's ``power_iters``).
 
-With oversampling (k > r) a Rayleigh-Ritz step keeps the best r directions of span(Q): the
-top-r eigenvectors V of C = (Q^T A)(Q^T A)^T (k x k, float64), P = Q V (one more product).
-With k = r the basis is Q itself (only the span matters for down / up / residual). The batched
-k x k ``eigh`` dominates an oversampled refresh on CUDA (H200, LLaMA-1B, k = r + 8 = 520: warm
-p=8 1.113 s against p=0 0.102 s: the products differ by 1.6 %, the rest is Rayleigh-Ritz),
-while p=8 buys little energy over p=0 at the same power steps (CPU, 1B shapes, q=2: 0.9767 vs
+A Rayleigh-Ritz step then keeps the best r directions of span(Q) in singular-vector order: the
+top-r eigenvectors V of C = (Q^T A)(Q^T A)^T (k x k, float64; each with its largest-magnitude
+entry positive), P = Q V (one more product). It runs after every cold start (no previous basis)
+and whenever k > r. The coordinates matter, not only the span: AdamW's per-coordinate moments
+live in the basis's coordinates, and the 60M quality guard lost 0.015 of validation loss with a
+cold start of Q itself (benchmarks/results/quality_60m_guard_cold_start_no_rr/). A warm step with k = r
+returns Q itself: from an aligned basis U_r, A A^T U_r = U_r S^2 and the QR only rescales the
+columns, so alignment carries over. The batched k x k ``eigh`` costs about 1 s at LLaMA-1B on an
+H200 (warm p=8 1.113 s against p=0 0.102 s, products 1.6 % apart), paid once per run by the cold
+start; p=8 buys little energy over p=0 at the same power steps (CPU, 1B shapes, q=2: 0.9767 vs
 0.9754 of the exact top-r), so the optimizer's refreshes use p = 0 (``optim.svd_refresh``).
 
 ``orth`` (``qr=``): ``householder`` (``torch.linalg.qr``, diag(R) >= 0) or ``cholesky``
@@ -162,12 +166,15 @@ def _sketch_bases(
     for _ in range(power_iters):
         Z = mm(A.mT, Q.to(dt))
         Q = orthonormalize(mm(A, Z.to(dt)), qr)
-    if k == r:
-        return Q.contiguous()
+    if k == r and prev is not None:
+        return Q.contiguous()  # a warm step keeps an aligned basis aligned (module docstring)
     Bm = mm(Q.to(dt).mT, A).double()  # (B, k, o)
     _, vecs = torch.linalg.eigh(Bm @ Bm.mT)  # ascending eigenvalues
-    V = vecs[..., -r:].flip(-1).to(Q.dtype)
-    return (Q @ V).contiguous()
+    V = vecs[..., -r:].flip(-1)
+    # one sign per eigenvector (eigh's is arbitrary): its largest-magnitude entry positive
+    pick = V.abs().argmax(dim=-2, keepdim=True)
+    V = V * torch.where(V.gather(-2, pick) < 0, -1.0, 1.0).to(V.dtype)
+    return (Q @ V.to(Q.dtype)).contiguous()
 
 
 @torch.no_grad()

@@ -17,10 +17,13 @@ refresh is found (A = G for a left basis, G^T for a right one; r = ``projection_
 * ``randomized`` -- Halko-Martinsson-Tropp range finder: Omega (o x r) Gaussian drawn on the
                     gradient's device from ``projection_seed(seed, name, k)``, Q = orth(A Omega),
                     then ``RANDOMIZED_POWER_ITERS`` = 2 power steps Q = orth(A (A^T Q)): 5
-                    products and 3 QRs per matrix, batched. No oversampling
-                    (``RANDOMIZED_OVERSAMPLE`` = 0), so no Rayleigh-Ritz ``eigh``: on CUDA the
-                    batched k x k ``eigh`` of an oversampled refresh costs ~1 s at LLaMA-1B
-                    (``kernels.refresh``) and buys little. Energy / exact top-r at LLaMA-1B
+                    products and 3 QRs per matrix, batched, then a Rayleigh-Ritz rotation
+                    (an r x r ``eigh``) into singular-vector order: AdamW's moments live in
+                    the basis's coordinates, and without it the 60M quality guard lost 0.015
+                    of validation loss (``kernels.refresh``; the batched ``eigh`` costs about
+                    1 s at LLaMA-1B, once per run). No oversampling
+                    (``RANDOMIZED_OVERSAMPLE`` = 0): it buys little. Energy / exact top-r at
+                    LLaMA-1B
                     shapes (``i^-0.5`` spectrum + noise, as benchmarks/kernels_projection.py,
                     CPU float32): 0.9754-0.9805 with p=0 q=2 (p=8 q=2: 0.9767-0.9815; p=8 q=1,
                     the old setting: 0.9463-0.9554).

