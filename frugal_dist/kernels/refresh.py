@@ -19,17 +19,17 @@ gradient differences (between engines' reduction orders) into basis differences.
                      Q = orth(A (A^T Q)). One step = 2 products and one thin QR; without a
                      previous basis it is ``randomized`` (with the caller's ``power_iters``).
 
-A Rayleigh-Ritz step then keeps the best r directions of span(Q) in singular-vector order: the
-top-r eigenvectors V of C = (Q^T A)(Q^T A)^T (k x k, float64; each with its largest-magnitude
-entry positive), P = Q V (one more product). It runs after every cold start (no previous basis)
-and whenever k > r. The coordinates matter, not only the span: AdamW's per-coordinate moments
-live in the basis's coordinates, and the 60M quality guard lost 0.015 of validation loss with
-a cold start of Q itself (benchmarks/results/quality_60m_guard_cold_start_no_rr/). A warm step
-with k = r returns Q itself: from an aligned basis U_r, A A^T U_r = U_r S^2 and the QR only
-rescales the columns, so alignment carries over. The batched k x k ``eigh`` costs about 1 s at LLaMA-1B on an
-H200 (warm p=8 1.113 s against p=0 0.102 s, products 1.6 % apart), paid once per run by the cold
-start; p=8 buys little energy over p=0 at the same power steps (CPU, 1B shapes, q=2: 0.9767 vs
-0.9754 of the exact top-r), so the optimizer's refreshes use p = 0 (``optim.svd_refresh``).
+A Rayleigh-Ritz step then keeps the best r directions of span(Q) in singular-vector order: the top-r
+eigenvectors V of C = (Q^T A)(Q^T A)^T (k x k, float64; each with its largest-magnitude entry
+positive), P = Q V (one more product). It runs after every cold start (no previous basis) and
+whenever k > r. The coordinates matter, not only the span: AdamW's per-coordinate moments live in
+the basis's coordinates, and the 60M quality guard lost 0.015 of validation loss with a cold start
+of Q itself (benchmarks/results/quality_60m_guard_cold_start_no_rr/). A warm step with k = r returns
+Q itself: from an aligned basis U_r, A A^T U_r = U_r S^2 and the QR only rescales the columns, so
+alignment carries over. The batched k x k ``eigh`` costs about 1 s at LLaMA-1B on an H200 (warm p=8
+1.113 s against p=0 0.102 s, products 1.6 % apart), paid once per run by the cold start; p=8 buys
+little energy over p=0 at the same power steps (CPU, 1B shapes, q=2: 0.9767 vs 0.9754 of the exact
+top-r), so the optimizer's refreshes use p = 0 (``optim.svd_refresh``).
 
 ``orth`` (``qr=``): ``householder`` (``torch.linalg.qr``, diag(R) >= 0) or ``cholesky``
 (shifted CholeskyQR2 in float64: two Gram products and two triangular solves per matrix, all
