@@ -201,8 +201,8 @@ def measure(args) -> dict[str, Any]:
     for w in WORLDS:
         gathered = torch.randint(0, 256, (w, total), dtype=torch.uint8, device=DEVICE, generator=g8)
         for impl in impls:
-            _row(rows, f"vote_w{w}_{impl}", lambda g=gathered, impl=impl: sb.majority_vote(g, impl=impl), args,
-                 bound_ms)  # fmt: skip
+            vote = lambda g=gathered, impl=impl: sb.majority_vote(g, impl=impl)  # noqa: E731
+            _row(rows, f"vote_w{w}_{impl}", vote, args, bound_ms)
         if not args.no_legacy:
             _row(
                 rows,
