@@ -113,6 +113,16 @@ def all_gather_objects(obj: object, pg: ProcessGroup = None) -> list[object]:
     return gathered
 
 
+def all_gather_rows_(out: Tensor, inp: Tensor, pg: ProcessGroup) -> None:
+    """``out[r]`` <- rank r's ``inp`` (``out``: (W, *inp.shape), contiguous). NCCL: one
+    ``all_gather_into_tensor``; gloo: ``all_gather`` into the rows (no stacking copy). Not
+    counted: the caller knows what the bytes are."""
+    if "nccl" in str(dist.get_backend(pg)).lower():
+        dist.all_gather_into_tensor(out, inp, group=pg)
+    else:
+        dist.all_gather(list(out.unbind(0)), inp, group=pg)
+
+
 def sign_majority(
     tensors: list[Tensor], pg: ProcessGroup, stats: CommStats, kernels: str = "auto"
 ) -> list[Tensor]:
@@ -128,10 +138,7 @@ def sign_majority(
         return []
     flat = pack_signs(tensors, impl=kernels)
     gathered = torch.empty((world, flat.numel()), dtype=torch.uint8, device=flat.device)
-    if "nccl" in str(dist.get_backend(pg)).lower():
-        dist.all_gather_into_tensor(gathered, flat, group=pg)
-    else:  # gloo: into the rows of the (W, B) buffer, no stacking copy
-        dist.all_gather(list(gathered.unbind(0)), flat, group=pg)
+    all_gather_rows_(gathered, flat, pg)
     stats.add("sign_allgather", flat.nbytes, (world - 1) * flat.nbytes)
     return vote_views(majority_vote(gathered, impl=kernels), tensors)
 

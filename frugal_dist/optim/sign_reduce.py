@@ -13,34 +13,42 @@ sign (W ranks, one group; bytes per rank handed to each collective, fp32):
     residual: F = sign(2 #{r: R(g_r) >= 0} - W)    all_gather     1 bit x residual    sign_allgather
 
 hierarchical (N nodes of L ranks, ``comm.topology``): first the exact node mean over the fast
-links, then the sign step above across nodes with the node means as the voters:
+links, then the sign step above across nodes with the node means as the voters, each of the L
+ranks of a node sending 1/L of the payload over its inter group (``comm.hierarchical``):
 
     node:     g_k = mean_{r in node k} g_r         all_reduce (intra, L ranks)  4 B x every entry
                                                                                 grad_intra
-    full:     G = mean_k g_k                       all_reduce (inter, N ranks)  grad_full
-    compact:  G_sf = mean_k down(g_k)              all_reduce (inter)           grad_projected
-    residual: F = sign(2 #{k: R(g_k) >= 0} - N)    all_gather (inter)           sign_allgather
+    full:     G = mean_k g_k                       all_reduce (inter, N ranks)  4 B x full / L
+                                                                                grad_full
+    compact:  G_sf = mean_k down(g_k)              all_reduce (inter)           4 B x compact / L
+                                                                                grad_projected
+    residual: F = sign(2 #{k: R(g_k) >= 0} - N)    all_gather (inter)           bits / L
+                                                                                sign_allgather
+    slices back together                           all_gather (intra)           intra_gather
 
-Only the inter collectives cross the slow links: per rank 4 B x (full + compact entries) in
-all-reduces plus 1 bit x residual entries gathered from N - 1 nodes; each of the L ranks of a
-node sends that over its own inter group (the L groups run side by side, one NIC per GPU on
-most clusters; a node with one NIC carries L x that). ``comm_stats()`` counts them under the keys
-above (``grad_intra`` is the fast-link part). F is +1 / -1, or 0 on a tie (N even, split
-evenly); coordinates then overwrite the selected entries with U, as in sign mode.
+Only ``grad_full``, ``grad_projected`` and ``sign_allgather`` cross the slow links: per rank
+4 B x (full + compact entries) / L in ring all-reduces (wire 2 (N-1)/N x that) plus
+ceil(residual entries / 8) / L bytes all-gathered from the N - 1 other nodes; a node's L ranks
+together send the sign mode's per-rank payload once. ``grad_intra`` and ``intra_gather`` use the
+fast links. F is +1 / -1, or 0 on a tie (N even, split evenly); coordinates then overwrite
+the selected entries with U, as in sign mode.
 
 At one node (N = 1) hierarchical *is* exact mode: one mean all-reduce of every gradient over
 the optimizer's group, the same call, so the same bits. At one rank per node (L = 1) it is sign
-mode over the N ranks.
+mode over the N ranks, the same calls.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from frugal_dist.comm.collectives import allreduce_mean_, sign_majority
-from frugal_dist.comm.topology import resolve_node_size
+from frugal_dist.comm.hierarchical import node_allreduce_mean_, node_sign_majority
+from frugal_dist.comm.stats import CommStats
+from frugal_dist.comm.topology import NodeGroups, resolve_node_size
 
 if TYPE_CHECKING:
     from frugal_dist.optim.phases import StepContext
@@ -96,15 +104,17 @@ def votes_residual(ctx: StepContext) -> bool:
 def reduce_signs(ctx: StepContext, items: list[Item]) -> None:
     """The reduce phase for ``residual_comm`` "sign" / "hierarchical" (module docstring): sets
     every item's reduced ``g``, its ``g_sf`` and its voted ``free`` direction."""
-    slow = ctx.pg
+    mean_, vote = _plain_collectives(ctx.pg)
     if ctx.residual_comm == "hierarchical":
         groups = ctx.optimizer.node_groups()
         if groups.nodes == 1:  # one node: exact mode, the same collective
             allreduce_mean_([it.g for it in items], ctx.pg, ctx.comm, "grad_full")
             return
-        if groups.node_size > 1:
+        if groups.node_size == 1:  # one rank per node: sign mode over the inter group
+            mean_, vote = _plain_collectives(groups.inter)
+        else:
             allreduce_mean_([it.g for it in items], groups.intra, ctx.comm, "grad_intra")
-        slow = groups.inter
+            mean_, vote = _sliced_collectives(groups)
     full: list[Tensor] = []
     compact: list[Tensor] = []
     signs: list[Tensor] = []
@@ -122,7 +132,32 @@ def reduce_signs(ctx: StepContext, items: list[Item]) -> None:
             it.g_sf = g_sf
             compact.append(g_sf)
         it.free_done = True
-    allreduce_mean_(full, slow, ctx.comm, "grad_full")
-    allreduce_mean_(compact, slow, ctx.comm, "grad_projected")
-    for it, vote in zip(voted, sign_majority(signs, slow, ctx.comm, ctx.kernels)):
-        it.free = vote
+    mean_(full, ctx.comm, "grad_full")
+    mean_(compact, ctx.comm, "grad_projected")
+    for it, v in zip(voted, vote(signs, ctx.comm, ctx.kernels)):
+        it.free = v
+
+
+def _plain_collectives(pg: Any) -> tuple[Callable, Callable]:
+    """(mean all-reduce, sign vote) over one group: every rank sends its whole payload."""
+
+    def mean_(tensors: list[Tensor], stats: CommStats, kind: str) -> None:
+        allreduce_mean_(tensors, pg, stats, kind)
+
+    def vote(tensors: list[Tensor], stats: CommStats, kernels: str) -> list[Tensor]:
+        return sign_majority(tensors, pg, stats, kernels)
+
+    return mean_, vote
+
+
+def _sliced_collectives(groups: NodeGroups) -> tuple[Callable, Callable]:
+    """(mean all-reduce, sign vote) across nodes, each local rank sending 1/L of the payload
+    (``comm.hierarchical``)."""
+
+    def mean_(tensors: list[Tensor], stats: CommStats, kind: str) -> None:
+        node_allreduce_mean_(tensors, groups, stats, kind)
+
+    def vote(tensors: list[Tensor], stats: CommStats, kernels: str) -> list[Tensor]:
+        return node_sign_majority(tensors, groups, stats, kernels)
+
+    return mean_, vote

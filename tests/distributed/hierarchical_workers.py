@@ -17,10 +17,11 @@ CASES = {
     "columns": dict(subspace="coordinate", coord_choice="columns", density=0.25),
     "projection": dict(subspace="projection", proj_type="random", density=0.25),
 }
-# node_groups: ranks per node. 4 ranks: 2 nodes x 2 (the case under test), one node of 4 (must
-# be exact mode), 4 nodes of 1 (must be sign mode).
+# node_groups: ranks per node. 4 ranks: 2 nodes x 2 (the case under test; also given as a 2-D
+# DeviceMesh), one node of 4 (must be exact mode), 4 nodes of 1 (must be sign mode).
 MODES = {
     "hier_2x2": dict(residual_comm="hierarchical", node_groups=2),
+    "hier_mesh": dict(residual_comm="hierarchical", node_groups="mesh"),
     "hier_1node": dict(residual_comm="hierarchical", node_groups=4),
     "exact": dict(residual_comm="exact"),
     "hier_4x1": dict(residual_comm="hierarchical", node_groups=1),
@@ -30,9 +31,14 @@ MODES = {
 
 def run_modes(rank: int, world: int, steps: int) -> dict[Any, Any]:
     """{(case, mode): {"traj": [params after step s], "stats": last step's comm stats}}."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("nodes", "local"))
     out: dict[Any, Any] = {}
     for case, kw in CASES.items():
         for mode, extra in MODES.items():
+            if extra.get("node_groups") == "mesh":
+                extra = {**extra, "node_groups": mesh}
             split, full = workers.named_params()
             params = split + full
             shapes = [tuple(p.shape) for p in params]

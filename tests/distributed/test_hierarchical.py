@@ -77,6 +77,8 @@ def test_one_node_is_exact_mode_and_one_rank_nodes_are_sign_mode(runs, case):
     for r in range(WORLD):
         run = runs[r]
         for s in range(STEPS):
+            for a, b in zip(run[case, "hier_mesh"]["traj"][s], run[case, "hier_2x2"]["traj"][s]):
+                assert torch.equal(a, b), (case, r, s, "mesh vs node_groups=2")
             for a, b in zip(run[case, "hier_1node"]["traj"][s], run[case, "exact"]["traj"][s]):
                 assert torch.equal(a, b), (case, r, s, "one node vs exact")
             for a, b in zip(run[case, "hier_4x1"]["traj"][s], run[case, "sign"]["traj"][s]):
@@ -87,13 +89,17 @@ def test_one_node_is_exact_mode_and_one_rank_nodes_are_sign_mode(runs, case):
 
 @pytest.mark.parametrize("case", list(hw.CASES))
 def test_bytes_per_link_are_counted(runs, case):
-    """Fast links: 4 B x every entry (``grad_intra``); slow links: the sign mode's payload."""
+    """Fast links: 4 B x every entry (``grad_intra``) and the slices' all-gathers
+    (``intra_gather``); slow links: each local rank 1/L of the sign mode's payload."""
     split, full = workers.named_params()
     entries = sum(p.numel() for p in split + full)
     hier = runs[0][case, "hier_2x2"]["stats"]
     sign = runs[0][case, "sign"]["stats"]
     assert hier["grad_intra"] == 4 * entries
-    for key in ("grad_full", "grad_projected", "sign_allgather"):
-        assert hier.get(key, 0) == sign.get(key, 0), key
-    assert hier["sign_allgather"] > 0
+    for key in ("grad_full", "grad_projected"):
+        assert hier.get(key, 0) == 4 * -(-sign.get(key, 0) // 4 // NODE), key
+    assert hier["sign_allgather"] == -(-sign["sign_allgather"] // NODE) > 0
+    slices = hier["sign_allgather"] * (WORLD // NODE)  # the (N, B/L) bytes received
+    slices += sum(hier.get(k, 0) for k in ("grad_full", "grad_projected"))
+    assert hier["intra_gather"] == slices
     assert "grad_intra" not in runs[0][case, "hier_1node"]["stats"]
