@@ -54,7 +54,7 @@ OPTIMIZER_KEYS: dict[str, tuple[str, str]] = {
     "non_split": ("frugal", "rule of embeddings, heads, norms, biases: state_full's or AdamW"),
     "shard_state": ("frugal", "DDP: each rank keeps 1/world of the state (ZeRO-1 style)"),
     "reduce_gradients": ("frugal", "DDP: FRUGAL reduces gradients itself (compressed)"),
-    "residual_comm": ("frugal", "with reduce_gradients: state-free part exact or 1-bit sign"),
+    "residual_comm": ("frugal", "with reduce_gradients: residual exact, 1-bit, or hierarchical"),
     "check_agreement": ("frugal", "check at start-up that ranks share seed and options"),
     "nonfinite": ("frugal", "a NaN/inf gradient: skip the step, raise, or ignore"),
     "fused": ("frugal", "fused kernels (null: on CUDA)"),
