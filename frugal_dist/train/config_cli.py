@@ -55,6 +55,7 @@ OPTIMIZER_KEYS: dict[str, tuple[str, str]] = {
     "shard_state": ("frugal", "DDP: each rank keeps 1/world of the state (ZeRO-1 style)"),
     "reduce_gradients": ("frugal", "DDP: FRUGAL reduces gradients itself (compressed)"),
     "residual_comm": ("frugal", "with reduce_gradients: residual exact, 1-bit, or hierarchical"),
+    "node_groups": ("frugal", "hierarchical: ranks per node (null: LOCAL_WORLD_SIZE)"),
     "check_agreement": ("frugal", "check at start-up that ranks share seed and options"),
     "nonfinite": ("frugal", "a NaN/inf gradient: skip the step, raise, or ignore"),
     "fused": ("frugal", "fused kernels (null: on CUDA)"),
