@@ -22,6 +22,7 @@ CASES = {
 MODES = {
     "hier_2x2": dict(residual_comm="hierarchical", node_groups=2),
     "hier_mesh": dict(residual_comm="hierarchical", node_groups="mesh"),
+    "hier_sharded": dict(residual_comm="hierarchical", node_groups=2, shard_state=True),
     "hier_1node": dict(residual_comm="hierarchical", node_groups=4),
     "exact": dict(residual_comm="exact"),
     "hier_4x1": dict(residual_comm="hierarchical", node_groups=1),

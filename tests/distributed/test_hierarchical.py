@@ -74,11 +74,13 @@ def test_two_nodes_match_the_vote_simulation_step_by_step(runs, case):
 
 @pytest.mark.parametrize("case", list(hw.CASES))
 def test_one_node_is_exact_mode_and_one_rank_nodes_are_sign_mode(runs, case):
+    """Also: the 2 x 2 run with node_groups as a 2-D DeviceMesh, and with shard_state."""
     for r in range(WORLD):
         run = runs[r]
         for s in range(STEPS):
-            for a, b in zip(run[case, "hier_mesh"]["traj"][s], run[case, "hier_2x2"]["traj"][s]):
-                assert torch.equal(a, b), (case, r, s, "mesh vs node_groups=2")
+            for other in ("hier_mesh", "hier_sharded"):  # a 2-D mesh; owners compute U
+                for a, b in zip(run[case, other]["traj"][s], run[case, "hier_2x2"]["traj"][s]):
+                    assert torch.equal(a, b), (case, r, s, other)
             for a, b in zip(run[case, "hier_1node"]["traj"][s], run[case, "exact"]["traj"][s]):
                 assert torch.equal(a, b), (case, r, s, "one node vs exact")
             for a, b in zip(run[case, "hier_4x1"]["traj"][s], run[case, "sign"]["traj"][s]):
