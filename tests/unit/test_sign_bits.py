@@ -106,3 +106,20 @@ def test_bad_input_names_the_field():
     if triton_available() and not TRITON_RUNS:
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             sign_bits.pack_signs([torch.ones(3)], impl="triton")
+
+
+@needs_triton
+def test_triton_int64_offsets_path(monkeypatch):
+    """The int64-offset variant (buffers near 2^31 entries) forced on small inputs."""
+    from frugal_dist.kernels import sign_bits_triton as tk
+
+    monkeypatch.setattr(tk, "_wide", lambda *args: True)
+    monkeypatch.setattr(tk, "_TILE_MAPS", {})
+    ts = _tensors(4)
+    packed = sign_bits.pack_signs(ts, impl="triton")
+    assert torch.equal(packed.cpu(), _oracle_pack(ts))
+    gen = torch.Generator().manual_seed(5)
+    gathered = torch.randint(0, 256, (3, packed.numel()), dtype=torch.uint8, generator=gen)
+    vote = sign_bits.majority_vote(gathered.to(DEV), impl="triton")
+    want = bits.majority_from_packed(gathered, 8 * packed.numel())
+    assert torch.equal(vote.cpu(), want)
