@@ -1,6 +1,8 @@
-"""Per-rank function for ``test_hierarchical``: every (subspace, communication mode) pair on the
-same 4 gloo ranks, each rank with its own dyadic gradients (``workers.rank_grads``: every sum
-over ranks is exact in float32), parameters recorded after every step."""
+"""Per-rank function for ``test_hierarchical`` (gloo) and ``tests/gpu/test_hierarchical_nccl``:
+every (subspace, communication mode) pair on the same ranks, each rank with its own dyadic
+gradients (``workers.rank_grads``: every sum over ranks is exact in float32), parameters
+recorded after every step; and ``simulate``, the single-process vote simulation they are
+compared with (``ReferenceFRUGAL.step(voters)``, which shares no code with the fast path)."""
 
 from __future__ import annotations
 
@@ -9,55 +11,82 @@ from typing import Any
 import torch
 
 from frugal_dist import FRUGAL
+from frugal_dist.core.reference import ReferenceFRUGAL
 from tests.distributed import workers
 
-BASE = dict(lr=1e-2, update_gap=2, seed=3)
+BASE = dict(lr=1e-2, update_gap=2, seed=3, proj_precision="fp32")
 CASES = {
     "block": dict(subspace="block", density=0.4),
     "columns": dict(subspace="coordinate", coord_choice="columns", density=0.25),
     "projection": dict(subspace="projection", proj_type="random", density=0.25),
 }
-# node_groups: ranks per node. 4 ranks: 2 nodes x 2 (the case under test; also given as a 2-D
-# DeviceMesh), one node of 4 (must be exact mode), 4 nodes of 1 (must be sign mode).
-MODES = {
-    "hier_2x2": dict(residual_comm="hierarchical", node_groups=2),
-    "hier_mesh": dict(residual_comm="hierarchical", node_groups="mesh"),
-    "hier_sharded": dict(residual_comm="hierarchical", node_groups=2, shard_state=True),
-    "hier_1node": dict(residual_comm="hierarchical", node_groups=4),
-    "exact": dict(residual_comm="exact"),
-    "hier_4x1": dict(residual_comm="hierarchical", node_groups=1),
-    "sign": dict(residual_comm="sign"),
-}
 
 
-def run_modes(rank: int, world: int, steps: int) -> dict[Any, Any]:
-    """{(case, mode): {"traj": [params after step s], "stats": last step's comm stats}}."""
+def modes(world: int) -> dict[str, dict[str, Any]]:
+    """node_groups = ranks per node: 2 nodes of world / 2 (the case under test; also as a 2-D
+    DeviceMesh, and with shard_state), one node of all ranks (must be exact mode), nodes of one
+    rank (must be sign mode)."""
+    hier = dict(residual_comm="hierarchical")
+    return {
+        "hier_2_nodes": dict(hier, node_groups=world // 2),
+        "hier_mesh": dict(hier, node_groups="mesh"),
+        "hier_sharded": dict(hier, node_groups=world // 2, shard_state=True),
+        "hier_1node": dict(hier, node_groups=world),
+        "exact": dict(residual_comm="exact"),
+        "hier_1rank_nodes": dict(hier, node_groups=1),
+        "sign": dict(residual_comm="sign"),
+    }
+
+
+def run_modes(rank: int, world: int, steps: int, device: str = "cpu") -> dict[Any, Any]:
+    """{(case, mode): {"traj": [params after step s (CPU)], "stats": last step's bytes}}."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("nodes", "local"))
+    mesh = init_device_mesh(device, (2, world // 2), mesh_dim_names=("nodes", "local"))
     out: dict[Any, Any] = {}
     for case, kw in CASES.items():
-        for mode, extra in MODES.items():
+        for mode, extra in modes(world).items():
             if extra.get("node_groups") == "mesh":
                 extra = {**extra, "node_groups": mesh}
             split, full = workers.named_params()
+            split = [torch.nn.Parameter(p.detach().to(device)) for p in split]
+            full = [torch.nn.Parameter(p.detach().to(device)) for p in full]
             params = split + full
             shapes = [tuple(p.shape) for p in params]
             opt = FRUGAL(workers.groups(split, full), reduce_gradients=True, **BASE, **kw, **extra)
             traj = []
             for s in range(steps):
                 for p, g in zip(params, workers.rank_grads(s, rank, shapes)):
-                    p.grad = g.clone()
+                    p.grad = g.to(device)
                 opt.step()
-                traj.append([p.detach().clone() for p in params])
-            stats = opt.comm_stats()
-            out[case, mode] = {"traj": traj, "stats": dict(stats["last_step"])}
-            if mode == "hier_2x2":
-                out[case, "node_size"] = opt.node_groups().node_size
+                traj.append([p.detach().cpu().clone() for p in params])
+            out[case, mode] = {"traj": traj, "stats": dict(opt.comm_stats()["last_step"])}
     return out
 
 
-def grads_of(step: int, rank: int) -> list[torch.Tensor]:
-    """The gradients ``run_modes`` gives rank ``rank`` at ``step`` (for the test's reference)."""
+def simulate(case: str, world: int, node: int, steps: int) -> list[list[torch.Tensor]]:
+    """One process: node k's gradient is the mean of its ranks' (exact: dyadic values), every
+    parameter's gradient the mean of the node means, and the split parameters' state-free
+    direction the vote of the node means' residuals."""
+    kw = {**BASE, **CASES[case]}
     split, full = workers.named_params()
-    return workers.rank_grads(step, rank, [tuple(p.shape) for p in split + full])
+    names = [f"layers.{i}.w" for i in range(len(split))]
+    ref = ReferenceFRUGAL(list(zip(names, split)), **kw)
+    ref_full = ReferenceFRUGAL(
+        [(f"extra.{i}", p) for i, p in enumerate(full)], algorithm="adamw", **kw
+    )
+    params = split + full
+    shapes = [tuple(p.shape) for p in params]
+    traj = []
+    for s in range(steps):
+        per_rank = [workers.rank_grads(s, r, shapes) for r in range(world)]
+        nodes = [
+            [sum(per_rank[k * node + j][i] for j in range(node)) / node for i in range(len(params))]
+            for k in range(world // node)
+        ]
+        for i, p in enumerate(params):
+            p.grad = sum(n[i] for n in nodes) / len(nodes)
+        ref.step({name: [n[i] for n in nodes] for i, name in enumerate(names)})
+        ref_full.step()
+        traj.append([p.detach().clone() for p in params])
+    return traj
