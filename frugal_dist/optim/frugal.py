@@ -92,6 +92,8 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
        [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
                                  all_reduce(mean) of compact G_sf (coord: rho, proj: r x max(m,n)),
                                  all_gather of packed residual signs               1 bit x params
+       [reduce_gradients, hierarchical] inside each node all_reduce(mean) of every gradient,
+                                 across nodes the sign row, 1/L per rank (optim.sign_reduce)
     2. [svd refresh]             fragments: one reduce per owner of the padded
                                  gradients it owns                                 4 B x m x n
                                  owner computes P (svd_method), broadcast of P     4 B x dim x r
