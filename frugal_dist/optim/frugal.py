@@ -191,8 +191,8 @@ class FRUGAL(Optimizer):
         nonfinite, fused, proj_qr_device, kernels: optimizer-wide step options (module
             docstring).
         node_groups: ``residual_comm="hierarchical"`` only: ranks per node (int), a 2-D
-            ``DeviceMesh`` (dim 0 across nodes, dim 1 inside a node), or None for
-            ``LOCAL_WORLD_SIZE`` (``comm.topology``).
+            ``DeviceMesh`` (dim 0 across nodes, dim 1 inside a node), a ``NodeGroups``
+            (``comm.topology.build_node_groups``), or None for ``LOCAL_WORLD_SIZE``.
     """
 
     def __init__(
@@ -233,7 +233,7 @@ class FRUGAL(Optimizer):
         self.shard_state = bool(shard_state)
         self.reduce_gradients = bool(reduce_gradients)
         self.residual_comm = residual_comm
-        self.node_size, self._node_mesh = hierarchy_options(
+        self.node_size, self._node_spec = hierarchy_options(
             residual_comm, node_groups, self.reduce_gradients, rank_and_world(process_group)[1]
         )
         self._node_groups: NodeGroups | None = None
@@ -280,7 +280,7 @@ class FRUGAL(Optimizer):
         if self.node_size is None:
             raise ValueError("node_groups() is for residual_comm='hierarchical'")
         if self._node_groups is None:
-            self._node_groups = build_node_groups(self._pg, self.node_size, self._node_mesh)
+            self._node_groups = build_node_groups(self._pg, self.node_size, self._node_spec)
         return self._node_groups
 
     def skipped_steps(self) -> int:

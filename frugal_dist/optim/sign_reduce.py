@@ -69,8 +69,9 @@ HIERARCHICAL_UNDER_LAYOUT = (
 def hierarchy_options(
     residual_comm: str, node_groups: Any, reduce_gradients: bool, world: int
 ) -> tuple[int | None, Any]:
-    """(ranks per node, the 2-D mesh or None) of ``FRUGAL(residual_comm=..., node_groups=...)``;
-    (None, None) unless hierarchical. Clear errors for options that would be ignored."""
+    """(ranks per node, the 2-D mesh / ``NodeGroups`` or None) of ``FRUGAL(residual_comm=...,
+    node_groups=...)``; (None, None) unless hierarchical. Clear errors for options that would be
+    ignored."""
     if residual_comm != "hierarchical":
         if node_groups is not None:
             raise ValueError(
@@ -87,8 +88,8 @@ def hierarchy_options(
             "reduces the gradients"
         )
     size = resolve_node_size(node_groups, world)
-    mesh = node_groups if not isinstance(node_groups, (int, type(None))) else None
-    return size, mesh
+    spec = node_groups if not isinstance(node_groups, (int, type(None))) else None
+    return size, spec
 
 
 def votes_residual(ctx: StepContext) -> bool:

@@ -24,12 +24,13 @@ CASES = {
 
 def modes(world: int) -> dict[str, dict[str, Any]]:
     """node_groups = ranks per node: 2 nodes of world / 2 (the case under test; also as a 2-D
-    DeviceMesh, and with shard_state), one node of all ranks (must be exact mode), nodes of one
-    rank (must be sign mode)."""
+    DeviceMesh, as NodeGroups with gloo inter groups, and with shard_state), one node of all
+    ranks (must be exact mode), nodes of one rank (must be sign mode)."""
     hier = dict(residual_comm="hierarchical")
     return {
         "hier_2_nodes": dict(hier, node_groups=world // 2),
         "hier_mesh": dict(hier, node_groups="mesh"),
+        "hier_gloo_inter": dict(hier, node_groups="gloo_inter"),
         "hier_sharded": dict(hier, node_groups=world // 2, shard_state=True),
         "hier_1node": dict(hier, node_groups=world),
         "exact": dict(residual_comm="exact"),
@@ -42,12 +43,17 @@ def run_modes(rank: int, world: int, steps: int, device: str = "cpu") -> dict[An
     """{(case, mode): {"traj": [params after step s (CPU)], "stats": last step's bytes}}."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device, (2, world // 2), mesh_dim_names=("nodes", "local"))
+    from frugal_dist.comm.topology import build_node_groups
+
+    specs = {
+        "mesh": init_device_mesh(device, (2, world // 2), mesh_dim_names=("nodes", "local")),
+        "gloo_inter": build_node_groups(None, world // 2, inter_backend="gloo"),
+    }
     out: dict[Any, Any] = {}
     for case, kw in CASES.items():
         for mode, extra in modes(world).items():
-            if extra.get("node_groups") == "mesh":
-                extra = {**extra, "node_groups": mesh}
+            if isinstance(extra.get("node_groups"), str):
+                extra = {**extra, "node_groups": specs[extra["node_groups"]]}
             split, full = workers.named_params()
             split = [torch.nn.Parameter(p.detach().to(device)) for p in split]
             full = [torch.nn.Parameter(p.detach().to(device)) for p in full]

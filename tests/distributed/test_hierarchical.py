@@ -1,7 +1,8 @@
 """``residual_comm="hierarchical"`` on 4 gloo processes as 2 nodes x 2 ranks, against a
 single-process simulation: the node means voted with ``ReferenceFRUGAL.step(voters)`` (the slow
 oracle, which shares no code with the fast path). Also: one node of 4 is exact mode bit for bit,
-4 nodes of 1 are sign mode bit for bit, a 2-D DeviceMesh and ``shard_state`` change nothing.
+4 nodes of 1 are sign mode bit for bit, a 2-D DeviceMesh, ready NodeGroups and ``shard_state``
+change nothing.
 One 4-process launch for the whole file."""
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ def check_against_simulation(runs, case: str, world: int, node: int, steps: int)
 
 def check_special_cases(runs, case: str, world: int, steps: int) -> None:
     """One node == exact mode and one-rank nodes == sign mode, bit for bit and byte for byte;
-    the 2-node run with node_groups as a 2-D DeviceMesh, and with shard_state, == the 2-node run."""
-    pairs = [("hier_1node", "exact"), ("hier_1rank_nodes", "sign"),
-             ("hier_mesh", "hier_2_nodes"), ("hier_sharded", "hier_2_nodes")]  # fmt: skip
+    the 2-node run with node_groups as a 2-D DeviceMesh, as NodeGroups with gloo inter groups,
+    and with shard_state, == the 2-node run."""
+    pairs = [("hier_1node", "exact"), ("hier_1rank_nodes", "sign"), ("hier_mesh", "hier_2_nodes"),
+             ("hier_gloo_inter", "hier_2_nodes"), ("hier_sharded", "hier_2_nodes")]  # fmt: skip
     for r in range(world):
         for a_mode, b_mode in pairs:
             for s in range(steps):
