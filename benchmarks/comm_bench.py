@@ -30,6 +30,12 @@ Rows:
   of the job, intra included) to see the slow-link regime. ``cross_node_payload``: the bytes
   of the collectives that would cross nodes (all of them for exact / sign; hierarchical less its
   ``grad_intra`` and ``intra_gather``).
+* ``two_level_allreduce`` (``--inter-backend gloo``) -- the exact mean over the same two link
+  tiers as the hierarchical rows: NCCL inside each simulated node, the cross-node slices over
+  gloo (TCP); ``+ adamw`` adds the fused AdamW step. With ``--inter-backend gloo`` the
+  hierarchical rows' inter groups are gloo too, so NVLink carries the intra traffic and TCP the
+  cross-node bytes: the slow-link regime on one host. Compare ``frugal_*_hierarchical`` with
+  ``two_level_allreduce(+adamw)`` and with ``local_step_ms`` + ``two_level_allreduce``.
 
 Writes ``benchmarks/results/comm_bench_ws<W>.json`` (or ``--out``), a PNG and a markdown table.
 """
@@ -63,6 +69,10 @@ from bench_common import (  # noqa: E402
     write_json,
 )  # fmt: skip
 
+from frugal_dist.comm.collectives import allreduce_mean_  # noqa: E402
+from frugal_dist.comm.hierarchical import node_allreduce_mean_  # noqa: E402
+from frugal_dist.comm.stats import CommStats  # noqa: E402
+from frugal_dist.comm.topology import build_node_groups  # noqa: E402
 from frugal_dist.train.model import build_model  # noqa: E402
 from frugal_dist.train.optimizers import build_optimizer  # noqa: E402
 
@@ -119,6 +129,16 @@ def ddp_allreduce(grads: list[torch.Tensor], bucket_bytes: int, world: int) -> N
         flush()
 
 
+def two_level_allreduce(grads: list[torch.Tensor], groups, stats: CommStats) -> None:
+    """Exact mean of ``grads`` over the same links as the hierarchical rows: all-reduce inside
+    each node (``grad_intra``), then each local rank's 1/L slice across nodes (``grad_full``,
+    ``intra_gather``) -- exact mode's traffic when the cross-node links are the slow ones."""
+    if groups.node_size > 1:
+        allreduce_mean_(grads, groups.intra, stats, "grad_intra")
+    if groups.nodes > 1:
+        node_allreduce_mean_(grads, groups, stats, "grad_full")
+
+
 def timed(fn, load, warmup: int, steps: int, deadline: float) -> list[float]:
     """Median-able step times (ms) of ``fn``; ``load`` (untimed) refreshes the gradients.
     All ranks run the same number of steps (``deadline`` is agreed by the caller)."""
@@ -168,8 +188,14 @@ def run(args, rank: int, world: int, device) -> dict[str, Any]:
     numel = sum(p.numel() for p in params)
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
     rows: list[dict[str, Any]] = []
-    plan = ["ddp_allreduce", "ddp_allreduce+adamw"] + [
-        f"frugal_{s}_{m}" for s in args.subspaces.split(",") for m in args.modes.split(",")
+    modes = args.modes.split(",")
+    groups = None
+    if "hierarchical" in modes or args.inter_backend:
+        size = args.node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        groups = build_node_groups(None, size, inter_backend=args.inter_backend)
+    two_level = ["two_level_allreduce", "two_level_allreduce+adamw"] if args.inter_backend else []
+    plan = ["ddp_allreduce", "ddp_allreduce+adamw", *two_level] + [
+        f"frugal_{s}_{m}" for s in args.subspaces.split(",") for m in modes
     ]
     for i, name in enumerate(plan):
         deadline = time.monotonic() + budget.share(len(plan) - i)
@@ -190,10 +216,27 @@ def run(args, rank: int, world: int, device) -> dict[str, Any]:
                 row["payload_bytes"] = {"allreduce": grad_bytes}
                 row["wire_bytes"] = {"allreduce": 2 * (world - 1) / world * grad_bytes}
                 del opt
+            elif name.startswith("two_level"):
+                opt = None
+                if name.endswith("adamw"):
+                    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0,
+                                            fused=device.type == "cuda" or None)  # fmt: skip
+                stats = CommStats()
+
+                def step(opt=opt, stats=stats) -> None:
+                    stats.begin_step()
+                    two_level_allreduce([p.grad for p in params], groups, stats)
+                    if opt is not None:
+                        opt.step()
+
+                row["step_ms"] = timed(step, load, args.warmup, args.steps, deadline)
+                row["payload_bytes"] = dict(stats.last_step)
+                row["wire_bytes"] = dict(stats.last_wire)
+                del opt
             else:
                 sub, mode = name[len("frugal_") :].rsplit("_", 1)
                 kw = {**FRUGAL_COMMON, **frugal_device_options(), **SUBSPACES[sub]}
-                nodes = {"node_groups": args.node_size} if mode == "hierarchical" else {}
+                nodes = {"node_groups": groups} if mode == "hierarchical" else {}
                 opt = build_optimizer(model, "frugal", reduce_gradients=True, residual_comm=mode,
                                       **nodes, **kw)  # fmt: skip
                 row["step_ms"] = timed(opt.step, load, args.warmup, args.steps, deadline)
@@ -284,6 +327,13 @@ def main(argv=None) -> None:
         type=int,
         default=None,
         help="hierarchical: ranks per simulated node (default LOCAL_WORLD_SIZE)",
+    )
+    ap.add_argument(
+        "--inter-backend",
+        default=None,
+        choices=(None, "gloo", "nccl"),
+        help="backend of the cross-node groups (gloo: TCP, emulated slow links); adds "
+        "two_level_allreduce rows (exact over the same links)",
     )
     ap.add_argument("--bucket-mb", type=int, default=25, help="DDP bucket size (its default)")
     ap.add_argument("--warmup", type=int, default=2)
