@@ -19,6 +19,7 @@ CASES = {
     "block": dict(subspace="block", density=0.4),
     "columns": dict(subspace="coordinate", coord_choice="columns", density=0.25),
     "projection": dict(subspace="projection", proj_type="random", density=0.25),
+    "svd": dict(subspace="projection", proj_type="svd", density=0.25),  # refreshes: exact mean
 }
 
 
@@ -73,7 +74,9 @@ def run_modes(rank: int, world: int, steps: int, device: str = "cpu") -> dict[An
 def simulate(case: str, world: int, node: int, steps: int) -> list[list[torch.Tensor]]:
     """One process: node k's gradient is the mean of its ranks' (exact: dyadic values), every
     parameter's gradient the mean of the node means, and the split parameters' state-free
-    direction the vote of the node means' residuals."""
+    direction the vote of the node means' residuals -- except at svd refreshes, where the basis
+    needs the exact mean gradient, which is then reduced in full (as in sign mode) and F is
+    sign(R(mean))."""
     kw = {**BASE, **CASES[case]}
     split, full = workers.named_params()
     names = [f"layers.{i}.w" for i in range(len(split))]
@@ -92,7 +95,11 @@ def simulate(case: str, world: int, node: int, steps: int) -> list[list[torch.Te
         ]
         for i, p in enumerate(params):
             p.grad = sum(n[i] for n in nodes) / len(nodes)
-        ref.step({name: [n[i] for n in nodes] for i, name in enumerate(names)})
+        svd_refresh = kw.get("proj_type") == "svd" and s % kw["update_gap"] == 0
+        voters = (
+            None if svd_refresh else {name: [n[i] for n in nodes] for i, name in enumerate(names)}
+        )
+        ref.step(voters)
         ref_full.step()
         traj.append([p.detach().clone() for p in params])
     return traj

@@ -69,7 +69,7 @@ def test_one_node_is_exact_mode_and_one_rank_nodes_are_sign_mode(runs, case):
     check_special_cases(runs, case, WORLD, STEPS)
 
 
-@pytest.mark.parametrize("case", list(hw.CASES))
+@pytest.mark.parametrize("case", [c for c in hw.CASES if c != "svd"])  # svd: last step refreshes
 def test_bytes_per_link_are_counted(runs, case):
     """Fast links: 4 B x every entry (``grad_intra``) and the slices' all-gathers
     (``intra_gather``); slow links: each local rank 1/L of the sign mode's payload."""
