@@ -9,8 +9,8 @@ elements) of one tensor: it loads a (PACK_BLOCK, 8) tile -- contiguous, 128-bit 
 Masked (out-of-range) entries load as -1, so padding bits are 0 as in ``comm.bits``.
 
 vote: one launch over the (W, B) gathered bytes; every program reads ``VOTE_BLOCK`` bytes of each
-of the W ranks (a ``WORLD``-times unrolled loop), counts the set bits per position in int32
-registers and writes sign(2 ones - W) as a (VOTE_BLOCK, 8) float32 tile. Nothing per element
+of the W ranks (unrolled up to 16 ranks, a loop beyond), counts the set bits per position in
+int32 registers and writes sign(2 ones - W) as a (VOTE_BLOCK, 8) float32 tile. Nothing per element
 leaves the registers but the result.
 
 Offsets are int32 unless a buffer nears 2^31 elements (``WIDE``).
@@ -68,6 +68,16 @@ def _pack_kernel(
 
 
 @triton.jit
+def _bits(row_ptr, rows, cols, nbytes, full):
+    """(BLOCK, 8) int32 bits of bytes ``rows`` of one rank's packed row."""
+    if full:
+        b = tl.load(row_ptr + rows)
+    else:
+        b = tl.load(row_ptr + rows, mask=rows < nbytes, other=0)
+    return (b.to(tl.int32)[:, None] >> cols[None, :]) & 1
+
+
+@triton.jit
 def _vote_kernel(
     g_ptr, out_ptr, nbytes,
     WORLD: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr,
@@ -82,12 +92,12 @@ def _vote_kernel(
     cols = tl.arange(0, 8)
     full = start + BLOCK <= nbytes
     ones = tl.zeros((BLOCK, 8), dtype=tl.int32)
-    for r in tl.static_range(WORLD):
-        if full:
-            b = tl.load(g_ptr + r * nbytes + rows)
-        else:
-            b = tl.load(g_ptr + r * nbytes + rows, mask=rows < nbytes, other=0)
-        ones += (b.to(tl.int32)[:, None] >> cols[None, :]) & 1
+    if WORLD <= 16:  # unrolled: all W loads in flight at once
+        for r in tl.static_range(WORLD):
+            ones += _bits(g_ptr + r * nbytes, rows, cols, nbytes, full)
+    else:  # many voters: a loop (compile time and registers stay bounded)
+        for r in range(WORLD):
+            ones += _bits(g_ptr + r * nbytes, rows, cols, nbytes, full)
     d = 2 * ones - WORLD
     s = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
     idx = rows[:, None] * 8 + cols[None, :]

@@ -53,7 +53,7 @@ def test_pack_matches_comm_bits_byte_for_byte(impl, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8, 17])  # 17: the looped kernel
 def test_vote_matches_majority_from_packed(impl, world):
     ts = _tensors(2)
     offsets, total = sign_bits.packed_offsets([t.numel() for t in ts])
