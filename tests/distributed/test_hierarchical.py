@@ -69,6 +69,16 @@ def test_one_node_is_exact_mode_and_one_rank_nodes_are_sign_mode(runs, case):
     check_special_cases(runs, case, WORLD, STEPS)
 
 
+@pytest.mark.parametrize("case", list(hw.CASES))
+def test_sign_mode_matches_the_vote_simulation_with_rank_voters(runs, case):
+    """Sign mode is the simulation with one-rank nodes (every rank a voter)."""
+    sim = hw.simulate(case, WORLD, 1, STEPS)
+    for s in range(STEPS):
+        got = runs[0][case, "sign"]["traj"][s]
+        diff = max(float((a - b).abs().max()) for a, b in zip(got, sim[s]))
+        assert diff < 1e-5, (case, s, diff)
+
+
 @pytest.mark.parametrize("case", [c for c in hw.CASES if c != "svd"])  # svd: last step refreshes
 def test_bytes_per_link_are_counted(runs, case):
     """Fast links: 4 B x every entry (``grad_intra``) and the slices' all-gathers
