@@ -1,6 +1,7 @@
 """``residual_comm="hierarchical"`` on 4 gloo processes as 2 nodes x 2 ranks, against a
 single-process simulation: the node means voted with ``ReferenceFRUGAL.step(voters)`` (the slow
-oracle, which shares no code with the fast path). Also: one node of 4 is exact mode bit for bit,
+oracle, which shares no code with the fast path), and sign mode against the same simulation with
+every rank a voter. Also: one node of 4 is exact mode bit for bit,
 4 nodes of 1 are sign mode bit for bit, a 2-D DeviceMesh, ready NodeGroups and ``shard_state``
 change nothing.
 One 4-process launch for the whole file."""
