@@ -23,6 +23,19 @@ Rows:
   2(W-1)/W x payload, all-gather (W-1)/W x total). Each FRUGAL variant is also run with
   ``reduce_gradients=False`` on the same gradients (the local update alone); the difference of
   the two medians estimates the time its communication costs.
+* ``frugal_<subspace>_d<rho>_hierarchical`` (``--modes ...,hierarchical``) -- exact mean inside
+  each simulated node of ``--node-size`` ranks, the sign scheme across nodes
+  (``optim.sign_reduce``). On one host every link is fast; force NCCL onto TCP sockets
+  (``NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_NET=Socket``, which slows every communicator
+  of the job, intra included) to see the slow-link regime. ``cross_node_payload``: the bytes
+  of the collectives that would cross nodes (all of them for exact / sign; hierarchical less its
+  ``grad_intra`` and ``intra_gather``).
+* ``two_level_allreduce`` (``--inter-backend gloo``) -- the exact mean over the same two link
+  tiers as the hierarchical rows: NCCL inside each simulated node, the cross-node slices over
+  gloo (TCP); ``+ adamw`` adds the fused AdamW step. With ``--inter-backend gloo`` the
+  hierarchical rows' inter groups are gloo too, so NVLink carries the intra traffic and TCP the
+  cross-node bytes: the slow-link regime on one host. Compare ``frugal_*_hierarchical`` with
+  ``two_level_allreduce(+adamw)`` and with ``local_step_ms`` + ``two_level_allreduce``.
 
 Writes ``benchmarks/results/comm_bench_ws<W>.json`` (or ``--out``), a PNG and a markdown table.
 """
@@ -56,6 +69,10 @@ from bench_common import (  # noqa: E402
     write_json,
 )  # fmt: skip
 
+from frugal_dist.comm.collectives import allreduce_mean_  # noqa: E402
+from frugal_dist.comm.hierarchical import node_allreduce_mean_  # noqa: E402
+from frugal_dist.comm.stats import CommStats  # noqa: E402
+from frugal_dist.comm.topology import build_node_groups  # noqa: E402
 from frugal_dist.train.model import build_model  # noqa: E402
 from frugal_dist.train.optimizers import build_optimizer  # noqa: E402
 
@@ -112,6 +129,16 @@ def ddp_allreduce(grads: list[torch.Tensor], bucket_bytes: int, world: int) -> N
         flush()
 
 
+def two_level_allreduce(grads: list[torch.Tensor], groups, stats: CommStats) -> None:
+    """Exact mean of ``grads`` over the same links as the hierarchical rows: all-reduce inside
+    each node (``grad_intra``), then each local rank's 1/L slice across nodes (``grad_full``,
+    ``intra_gather``) -- exact mode's traffic when the cross-node links are the slow ones."""
+    if groups.node_size > 1:
+        allreduce_mean_(grads, groups.intra, stats, "grad_intra")
+    if groups.nodes > 1:
+        node_allreduce_mean_(grads, groups, stats, "grad_full")
+
+
 def timed(fn, load, warmup: int, steps: int, deadline: float) -> list[float]:
     """Median-able step times (ms) of ``fn``; ``load`` (untimed) refreshes the gradients.
     All ranks run the same number of steps (``deadline`` is agreed by the caller)."""
@@ -161,8 +188,14 @@ def run(args, rank: int, world: int, device) -> dict[str, Any]:
     numel = sum(p.numel() for p in params)
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
     rows: list[dict[str, Any]] = []
-    plan = ["ddp_allreduce", "ddp_allreduce+adamw"] + [
-        f"frugal_{s}_{m}" for s in args.subspaces.split(",") for m in ("exact", "sign")
+    modes = args.modes.split(",")
+    groups = None
+    if "hierarchical" in modes or args.inter_backend:
+        size = args.node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        groups = build_node_groups(None, size, inter_backend=args.inter_backend)
+    two_level = ["two_level_allreduce", "two_level_allreduce+adamw"] if args.inter_backend else []
+    plan = ["ddp_allreduce", "ddp_allreduce+adamw", *two_level] + [
+        f"frugal_{s}_{m}" for s in args.subspaces.split(",") for m in modes
     ]
     for i, name in enumerate(plan):
         deadline = time.monotonic() + budget.share(len(plan) - i)
@@ -183,11 +216,29 @@ def run(args, rank: int, world: int, device) -> dict[str, Any]:
                 row["payload_bytes"] = {"allreduce": grad_bytes}
                 row["wire_bytes"] = {"allreduce": 2 * (world - 1) / world * grad_bytes}
                 del opt
+            elif name.startswith("two_level"):
+                opt = None
+                if name.endswith("adamw"):
+                    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0,
+                                            fused=device.type == "cuda" or None)  # fmt: skip
+                stats = CommStats()
+
+                def step(opt=opt, stats=stats) -> None:
+                    stats.begin_step()
+                    two_level_allreduce([p.grad for p in params], groups, stats)
+                    if opt is not None:
+                        opt.step()
+
+                row["step_ms"] = timed(step, load, args.warmup, args.steps, deadline)
+                row["payload_bytes"] = dict(stats.last_step)
+                row["wire_bytes"] = dict(stats.last_wire)
+                del opt
             else:
                 sub, mode = name[len("frugal_") :].rsplit("_", 1)
                 kw = {**FRUGAL_COMMON, **frugal_device_options(), **SUBSPACES[sub]}
+                nodes = {"node_groups": groups} if mode == "hierarchical" else {}
                 opt = build_optimizer(model, "frugal", reduce_gradients=True, residual_comm=mode,
-                                      **kw)  # fmt: skip
+                                      **nodes, **kw)  # fmt: skip
                 row["step_ms"] = timed(opt.step, load, args.warmup, args.steps, deadline)
                 stats = opt.comm_stats()
                 row["payload_bytes"] = stats["last_step"]
@@ -211,6 +262,9 @@ def run(args, rank: int, world: int, device) -> dict[str, Any]:
             row["payload_total"] = sum(row["payload_bytes"].values())
             row["wire_total"] = sum(row["wire_bytes"].values())
             row["payload_vs_ddp"] = row["payload_total"] / grad_bytes
+            fast = ("grad_intra", "intra_gather")  # hierarchical: inside a node
+            row["cross_node_payload"] = sum(v for k, v in row["payload_bytes"].items()
+                                            if k not in fast)  # fmt: skip
         rows.append(row)
         if rank == 0:
             print(f"[{name}] {row['status']} {fmt(row.get('step_ms_median'), ',.2f')} ms, "
@@ -228,9 +282,12 @@ def table(result: dict[str, Any]) -> str:
                      fmt(r.get("local_step_ms_median"), ",.2f"), fmt(r.get("comm_ms_est"), ",.2f"),
                      fmt(r["payload_total"] / 2**20, ",.1f") if ok else "-",
                      fmt(r["wire_total"] / 2**20, ",.1f") if ok else "-",
-                     fmt(r.get("payload_vs_ddp"), ".3f")])  # fmt: skip
+                     fmt(r.get("payload_vs_ddp"), ".3f"),
+                     fmt(r.get("cross_node_payload", r.get("payload_total", 0)) / 2**20, ",.1f")
+                     if ok else "-"])  # fmt: skip
     return markdown_table(["variant", "status", "step ms (median)", "local step ms", "comm ms est",
-                           "payload MiB/rank", "wire MiB/rank", "payload / DDP"], rows)  # fmt: skip
+                           "payload MiB/rank", "wire MiB/rank", "payload / DDP",
+                           "cross-node payload MiB/rank"], rows)  # fmt: skip
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -263,6 +320,21 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="1b", help="a LLAMA_CONFIGS name (350m if memory-bound)")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--subspaces", default=",".join(SUBSPACES))
+    ap.add_argument("--modes", default="exact,sign",
+                    help="residual_comm values to run: exact,sign,hierarchical")  # fmt: skip
+    ap.add_argument(
+        "--node-size",
+        type=int,
+        default=None,
+        help="hierarchical: ranks per simulated node (default LOCAL_WORLD_SIZE)",
+    )
+    ap.add_argument(
+        "--inter-backend",
+        default=None,
+        choices=(None, "gloo", "nccl"),
+        help="backend of the cross-node groups (gloo: TCP, emulated slow links); adds "
+        "two_level_allreduce rows (exact over the same links)",
+    )
     ap.add_argument("--bucket-mb", type=int, default=25, help="DDP bucket size (its default)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
@@ -274,6 +346,9 @@ def main(argv=None) -> None:
     for s in args.subspaces.split(","):
         if s not in SUBSPACES:
             ap.error(f"--subspaces: unknown {s!r}; choose from {list(SUBSPACES)}")
+    for m in args.modes.split(","):
+        if m not in ("exact", "sign", "hierarchical"):
+            ap.error(f"--modes: unknown {m!r}; choose from exact, sign, hierarchical")
     if args.replot:
         result = json.loads(Path(args.replot).read_text())
         plot(result, Path(args.replot).with_suffix(".png"))

@@ -3,6 +3,10 @@
 A non-negative value votes +1 (bit 1), a negative value -1 (bit 0). The majority of W votes is
 sign(2 * ones - W): +1, -1, or 0 on a tie (an even W split evenly), as in signSGD with majority
 vote (Bernstein et al., 2019).
+
+This per-tensor torch code defines the format and is the oracle of the fused pack and vote that
+the sign path runs (``frugal_dist.kernels.sign_bits``, tested byte for byte against it); it is
+not on the step's path.
 """
 
 from __future__ import annotations

@@ -10,13 +10,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from frugal_dist.comm.bits import majority_from_packed, pack_signs
 from frugal_dist.comm.participants import (
     agree_on_seed_bounded,
     all_gather_bounded,
     broadcast_bounded,
 )
 from frugal_dist.comm.stats import CommStats
+from frugal_dist.kernels.sign_bits import majority_vote, pack_signs, vote_views
 
 ProcessGroup = dist.ProcessGroup | None
 
@@ -113,26 +113,34 @@ def all_gather_objects(obj: object, pg: ProcessGroup = None) -> list[object]:
     return gathered
 
 
-def sign_majority(tensors: list[Tensor], pg: ProcessGroup, stats: CommStats) -> list[Tensor]:
-    """The majority vote of every rank's signs of each tensor (packed 8 signs per byte, one
-    all-gather). Returns float32 tensors of +1 / -1 / 0 (tie) shaped like the inputs."""
+def all_gather_rows_(out: Tensor, inp: Tensor, pg: ProcessGroup) -> None:
+    """``out[r]`` <- rank r's ``inp`` (``out``: (W, *inp.shape), contiguous). NCCL: one
+    ``all_gather_into_tensor``; gloo: ``all_gather`` into the rows (no stacking copy). Not
+    counted: the caller knows what the bytes are."""
+    if "nccl" in str(dist.get_backend(pg)).lower():
+        dist.all_gather_into_tensor(out, inp, group=pg)
+    else:
+        dist.all_gather(list(out.unbind(0)), inp, group=pg)
+
+
+def sign_majority(
+    tensors: list[Tensor], pg: ProcessGroup, stats: CommStats, kernels: str = "auto"
+) -> list[Tensor]:
+    """The majority vote of every rank's signs of each tensor: one fused pack of all of them
+    (``kernels.sign_bits``, 1 bit per entry, each tensor padded to whole bytes), one all-gather
+    of the packed bytes (payload B = sum ceil(n/8); wire (W-1) x B), one fused vote. Returns
+    float32 views of +1 / -1 / 0 (tie) shaped like the inputs (``comm.bits`` is the format and
+    the oracle). ``kernels``: the optimizer's option (Triton on CUDA for "auto")."""
     _, world = rank_and_world(pg)
     if world == 1:
         return [torch.sign(t.float()) for t in tensors]
     if not tensors:
         return []
-    packed = [pack_signs(t) for t in tensors]
-    flat = torch.cat(packed)
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat, group=pg)
-    stacked = torch.stack(gathered)
-    out, offset = [], 0
-    for t, pk in zip(tensors, packed):
-        nb = pk.numel()
-        out.append(majority_from_packed(stacked[:, offset : offset + nb], t.numel()).view(t.shape))
-        offset += nb
+    flat = pack_signs(tensors, impl=kernels)
+    gathered = torch.empty((world, flat.numel()), dtype=torch.uint8, device=flat.device)
+    all_gather_rows_(gathered, flat, pg)
     stats.add("sign_allgather", flat.nbytes, (world - 1) * flat.nbytes)
-    return out
+    return vote_views(majority_vote(gathered, impl=kernels), tensors)
 
 
 def broadcast_from_owners(

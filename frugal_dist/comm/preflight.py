@@ -37,7 +37,7 @@ from frugal_dist.comm.stats import CommStats
 MAX_FIELDS_SHOWN = 8
 MAX_VALUE_CHARS = 160
 OPTIMIZER_OPTIONS = ("shard_state", "reduce_gradients", "residual_comm", "check_agreement",
-                     "nonfinite", "fused", "proj_qr_device", "kernels")  # fmt: skip
+                     "nonfinite", "fused", "proj_qr_device", "kernels", "node_size")  # fmt: skip
 ABSENT = "<absent>"
 
 

@@ -13,6 +13,13 @@ step (``s`` = steps taken before this one, T = ``update_gap``):
     W   <- W * (1 - lr * wd)
     W   <- W - lr * s_p * up(U) - lr * s_p * s_i * StateFree(R)
 
+Majority vote (``residual_comm="sign"`` / ``"hierarchical"``): ``step(voters)`` takes, per
+parameter name, the gradients of the N voters (ranks, or node means); ``p.grad`` is then their
+mean and the state-free direction of a ``signsgd`` parameter is the vote of the voters' own
+residuals instead of sign(R):
+
+    F = sign(2 * #{k : R(g_k) >= 0} - N)      (0 where coordinates are selected, 0 on a tie)
+
 ``algorithm="adamw"`` is plain AdamW on every tensor, ``algorithm="state_full"`` the ``state_full``
 rule (AdamW, SGDM or Lion) on every tensor; ``algorithm="signsgd"`` / ``"sgd"`` is the
 state-free rule on every tensor (W <- W*(1-lr*wd) - lr*D).
@@ -112,8 +119,17 @@ class ReferenceFRUGAL:
         st["t"] = 0
 
     # ---------------------------------------------------------------------------- the step
+    @staticmethod
+    def _vote(residuals: list[Tensor]) -> Tensor:
+        """sign(2 * ones - N) of the voters' residuals, a non-negative entry voting +1."""
+        ones = torch.zeros_like(residuals[0], dtype=torch.int64)
+        for r in residuals:
+            ones += (r >= 0).to(torch.int64)
+        return torch.sign((2 * ones - len(residuals)).to(torch.float32))
+
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, voters: dict[str, list[Tensor]] | None = None) -> None:
+        """One step; ``voters``: per parameter name, the voters' gradients (module docstring)."""
         h = self.h
         for idx, (name, p) in enumerate(self.named_params):
             if p.grad is None:
@@ -151,9 +167,11 @@ class ReferenceFRUGAL:
                     if active:
                         up_u = self._state_full(st, g)
                         r = torch.zeros_like(g)
+                        residual = None  # active blocks are reduced exactly: no vote
                     else:
                         up_u = torch.zeros_like(g)
                         r = g
+                        residual = lambda gv: gv  # noqa: E731
                 elif kind == "coordinate":
                     if refresh:
                         st["mask"] = ref_coordinate_mask(
@@ -169,6 +187,12 @@ class ReferenceFRUGAL:
                     up_u[mask] = u
                     r = g.clone()
                     r[mask] = 0.0
+
+                    def residual(gv: Tensor, mask: Tensor = mask) -> Tensor:
+                        out = gv.clone()
+                        out[mask] = 0.0
+                        return out
+
                 else:  # projection
                     if refresh:
                         prev = st["P"][1] if "P" in st else None
@@ -187,6 +211,17 @@ class ReferenceFRUGAL:
                     up_u = P @ u if side == "left" else u @ P.T
                     up_g = P @ g_sf if side == "left" else g_sf @ P.T
                     r = g - up_g
+
+                    def residual(gv: Tensor, side: str = side, P: Tensor = P) -> Tensor:
+                        if side == "left":
+                            return gv - P @ (P.T @ gv)
+                        return gv - (gv @ P) @ P.T
+
                 free = self._state_free(r, h["state_free"])
+                vs = None if voters is None else voters.get(name)
+                if vs is not None and residual is not None and h["state_free"] == "signsgd":
+                    free = self._vote([residual(v.float().reshape(m, n)) for v in vs])
+                    if kind == "coordinate":
+                        free[mask] = 0.0
                 w = w - h["lr"] * h["s_p"] * up_u - h["lr"] * h["s_p"] * h["s_i"] * free
             p.copy_(w.reshape(p.shape).to(p.dtype))

@@ -33,7 +33,10 @@ Distributed (replicated parameters: DDP, plain torchrun). Options of the optimiz
   gradient accumulation communicate nothing (gradients just accumulate in ``.grad``).
 * ``residual_comm`` -- ``"exact"`` (default): one mean all-reduce of the full gradients;
   ``"sign"``: compact state-full gradients all-reduced, the state-free residual sent as 1-bit
-  signs and decided by majority vote (needs ``state_free="signsgd"``).
+  signs and decided by majority vote (needs ``state_free="signsgd"``); ``"hierarchical"``:
+  exact mean inside each node, then the sign scheme across nodes with the node means as voters
+  (``node_groups``: ranks per node, a 2-D DeviceMesh, or None for ``LOCAL_WORLD_SIZE``; one node
+  = exact mode). Bytes per link: ``optim.sign_reduce``.
 * ``seed=None`` -- rank 0 draws the seed and broadcasts it; at every refresh the ranks compare a
   fingerprint of each parameter's subspace and raise, naming the parameter, if any disagree.
 * ``process_group`` -- the optimizer is collective over it (default: the whole world): every rank
@@ -90,6 +93,8 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
        [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
                                  all_reduce(mean) of compact G_sf (coord: rho, proj: r x max(m,n)),
                                  all_gather of packed residual signs               1 bit x params
+       [reduce_gradients, hierarchical] inside each node all_reduce(mean) of every gradient,
+                                 across nodes the sign row, 1/L per rank (optim.sign_reduce)
     2. [svd refresh]             fragments: one reduce per owner of the padded
                                  gradients it owns                                 4 B x m x n
                                  owner computes P (svd_method), broadcast of P     4 B x dim x r
@@ -115,6 +120,7 @@ from frugal_dist.comm.collectives import agree_on_seed, rank_and_world
 from frugal_dist.comm.participants import probe
 from frugal_dist.comm.preflight import check_optimizer_agreement
 from frugal_dist.comm.stats import CommStats
+from frugal_dist.comm.topology import NodeGroups, build_node_groups
 from frugal_dist.core.fragments import RowSpan
 from frugal_dist.core.subspaces import CoordinateSelection, matrix_shape
 from frugal_dist.kernels.elementwise import triton_available
@@ -126,6 +132,7 @@ from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.layout_guard import ParamRegistry
 from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.param_groups import check_orientation
+from frugal_dist.optim.sign_reduce import HIERARCHICAL_UNDER_LAYOUT, hierarchy_options
 from frugal_dist.optim.state_loading import (
     SCALAR_KEYS,
     check_checkpoint_groups,
@@ -162,7 +169,7 @@ FRUGAL_DEFAULTS: dict[str, Any] = dict(
     proj_precision="tf32",
     svd_method="warm",
 )
-RESIDUAL_COMM = ("exact", "sign")
+RESIDUAL_COMM = ("exact", "sign", "hierarchical")
 PROJ_QR_DEVICES = ("auto", "cpu", "param")
 GROUP_KEYS = frozenset(FRUGAL_DEFAULTS) | {"params", "names", "name", "initial_lr"}
 
@@ -189,6 +196,9 @@ class FRUGAL(Optimizer):
         proj_precision, svd_method: the projection kernels' options (module docstring).
         nonfinite, fused, proj_qr_device, kernels: optimizer-wide step options (module
             docstring).
+        node_groups: ``residual_comm="hierarchical"`` only: ranks per node (int), a 2-D
+            ``DeviceMesh`` (dim 0 across nodes, dim 1 inside a node), a ``NodeGroups``
+            (``comm.topology.build_node_groups``), or None for ``LOCAL_WORLD_SIZE``.
     """
 
     def __init__(
@@ -200,6 +210,7 @@ class FRUGAL(Optimizer):
         shard_state: bool = False,
         reduce_gradients: bool = False,
         residual_comm: str = "exact",
+        node_groups: Any = None,
         check_agreement: bool = True,
         nonfinite: str = "skip",
         fused: bool | None = None,
@@ -228,6 +239,10 @@ class FRUGAL(Optimizer):
         self.shard_state = bool(shard_state)
         self.reduce_gradients = bool(reduce_gradients)
         self.residual_comm = residual_comm
+        self.node_size, self._node_spec = hierarchy_options(
+            residual_comm, node_groups, self.reduce_gradients, rank_and_world(process_group)[1]
+        )
+        self._node_groups: NodeGroups | None = None
         self.check_agreement = bool(check_agreement)
         self.nonfinite = validate_nonfinite(nonfinite)
         if fused not in (None, True, False):
@@ -256,14 +271,23 @@ class FRUGAL(Optimizer):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"parameter names must be unique across groups; repeated: {dup[:5]}")
-        if residual_comm == "sign":
+        if residual_comm != "exact":
             for g in self.param_groups:
                 if g["algorithm"] == "frugal" and g["state_free"] == "sgd":
                     raise ValueError(
-                        f"residual_comm='sign' sends 1-bit signs of the state-free residual, which "
-                        f"state_free='sgd' cannot use (group {g.get('name')!r}); use "
-                        "state_free='signsgd' or residual_comm='exact'"
+                        f"residual_comm={residual_comm!r} sends 1-bit signs of the state-free "
+                        f"residual, which state_free='sgd' cannot use (group {g.get('name')!r}); "
+                        "use state_free='signsgd' or residual_comm='exact'"
                     )
+
+    def node_groups(self) -> NodeGroups:
+        """This rank's intra- and inter-node groups (``residual_comm="hierarchical"``), created
+        on first use (``comm.topology``)."""
+        if self.node_size is None:
+            raise ValueError("node_groups() is for residual_comm='hierarchical'")
+        if self._node_groups is None:
+            self._node_groups = build_node_groups(self._pg, self.node_size, self._node_spec)
+        return self._node_groups
 
     def skipped_steps(self) -> int:
         """Steps skipped because a gradient held inf/nan (``nonfinite="skip"``); the same on
@@ -429,6 +453,8 @@ class FRUGAL(Optimizer):
         """Let an engine adapter describe where each parameter's local fragment lives (see
         ``frugal_dist.layouts``). Gradients then come reduced by the engine, so the optimizer's
         own ``shard_state`` / ``reduce_gradients`` must be off."""
+        if self.residual_comm == "hierarchical":
+            raise ValueError(HIERARCHICAL_UNDER_LAYOUT)
         if self.shard_state or self.reduce_gradients:
             raise ValueError(
                 "shard_state / reduce_gradients are for replicated parameters (DDP); with an "

@@ -11,7 +11,9 @@
               (4 B x params, ``grad_full``); sign: full mean all-reduce only where exactness is
               needed (whole-tensor state-full params, active blocks, svd refreshes, SGD groups),
               a mean all-reduce of the *compact* state-full gradients (``grad_projected``), and a
-              1-bit majority vote of the local state-free residual signs (``sign_allgather``)
+              1-bit majority vote of the local state-free residual signs (``sign_allgather``);
+              hierarchical: exact mean inside each node, then sign across nodes
+              (``optim.sign_reduce``)
     select    per kind: svd refreshes (the owner gets the full gradient -- one coalesced
               ``reduce`` per owner over ``process_group`` for fragments -- computes its bases
               batched by shape (``optim.svd_refresh``, ``svd_method``) and broadcasts them,
@@ -50,7 +52,6 @@ from frugal_dist.comm.collectives import (
     broadcast_from_owners,
     check_agreement,
     rank_and_world,
-    sign_majority,
 )
 from frugal_dist.comm.stats import CommStats
 from frugal_dist.core.rules import state_full_directions
@@ -64,6 +65,7 @@ from frugal_dist.optim.fast_apply import (
 from frugal_dist.optim.kinds import SubspaceKind, kind_for
 from frugal_dist.optim.nonfinite import grads_are_finite
 from frugal_dist.optim.projection_batch import apply_batched
+from frugal_dist.optim.sign_reduce import reduce_signs
 from frugal_dist.optim.step_cache import StepCache
 from frugal_dist.optim.step_items import Item, increment_counters
 
@@ -208,27 +210,7 @@ def reduce(ctx: StepContext, items: list[Item]) -> None:
     if ctx.residual_comm == "exact":
         allreduce_mean_([it.g for it in items], ctx.pg, ctx.comm, "grad_full")
         return
-    full: list[Tensor] = []
-    compact: list[Tensor] = []
-    signs: list[Tensor] = []
-    voted: list[Item] = []
-    for it in items:
-        parts = it.kind.sign_parts(it)
-        if parts is None:
-            full.append(it.g)
-            continue
-        g_sf, resid = parts
-        if resid is not None:
-            signs.append(resid)
-            voted.append(it)
-        if g_sf is not None:
-            it.g_sf = g_sf
-            compact.append(g_sf)
-        it.free_done = True
-    allreduce_mean_(full, ctx.pg, ctx.comm, "grad_full")
-    allreduce_mean_(compact, ctx.pg, ctx.comm, "grad_projected")
-    for it, vote in zip(voted, sign_majority(signs, ctx.pg, ctx.comm)):
-        it.free = vote
+    reduce_signs(ctx, items)  # sign / hierarchical: optim.sign_reduce
 
 
 # ---------------------------------------------------------------------------------------- select

@@ -28,6 +28,7 @@ from frugal_dist.core.subspaces import (
 )
 from frugal_dist.optim.fast_apply import can_batch, coordinate_fusable, local_matrix
 from frugal_dist.optim.kinds.base import SubspaceKind
+from frugal_dist.optim.sign_reduce import votes_residual
 from frugal_dist.optim.step_items import Item, apply_update
 
 if TYPE_CHECKING:
@@ -78,8 +79,7 @@ class Coordinate(SubspaceKind):
         return tensor_fingerprint(it.gsel.index)
 
     def fuses(self, it: Item, ctx: StepContext) -> bool:
-        sign_vote = ctx.reduced_here and ctx.residual_comm == "sign"
-        return coordinate_fusable(it, ctx.kernels, ctx.sharded, sign_vote)
+        return coordinate_fusable(it, ctx.kernels, ctx.sharded, votes_residual(ctx))
 
     def down(self, its: list[Item], ctx: StepContext) -> None:
         for it in its:

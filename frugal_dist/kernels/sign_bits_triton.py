@@ -1,0 +1,186 @@
+"""Triton kernels behind ``frugal_dist.kernels.sign_bits`` (imported lazily, only when a CUDA
+tensor -- or a test under ``TRITON_INTERPRET=1`` -- asks for the Triton path).
+
+pack: one launch per input dtype over a list of tensors. A small int64 table on the device holds
+each tensor's [data pointer, numel, output byte offset]; a tile map (tile -> tensor, tensor ->
+first tile; cached per sizes) lets every program pack ``PACK_BLOCK`` bytes (8 x ``PACK_BLOCK``
+elements) of one tensor: it loads a (PACK_BLOCK, 8) tile -- contiguous, 128-bit vectors for
+16-byte aligned tensors -- tests x >= 0, shifts bit i by i and sums each row into a byte.
+Masked (out-of-range) entries load as -1, so padding bits are 0 as in ``comm.bits``.
+
+vote: one launch over the (W, B) gathered bytes; every program reads ``VOTE_BLOCK`` bytes of each
+of the W ranks (unrolled up to 16 ranks, a loop beyond), counts the set bits per position in
+int32 registers and writes sign(2 ones - W) as a (VOTE_BLOCK, 8) float32 tile. Nothing per element
+leaves the registers but the result.
+
+Offsets are int32 unless a buffer nears 2^31 elements (``WIDE``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from frugal_dist.kernels.elementwise_triton import upload
+
+# Bytes per program and warps (benchmarks/kernels_sign.py sweeps them).
+PACK_BLOCK = 512
+PACK_WARPS = 8
+VOTE_BLOCK = 512
+VOTE_WARPS = 8
+_GDTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TILE_MAPS: dict[tuple, tuple[Tensor, Tensor, int]] = {}
+_MAX_TILE_MAPS = 64
+
+
+@triton.jit
+def _pack_kernel(
+    tile_tensor, first_tile, table, out_ptr,
+    X_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Bytes [start, start + BLOCK) of one tensor; table rows [x ptr, numel, out offset]."""
+    pid = tl.program_id(0)
+    t = tl.load(tile_tensor + pid)
+    start = pid - tl.load(first_tile + t)
+    if WIDE:
+        start = start.to(tl.int64)
+    start = start * BLOCK
+    x_ptr = tl.load(table + 3 * t).to(tl.pointer_type(X_DTYPE))
+    if ALIGNED:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+    n = tl.load(table + 3 * t + 1)
+    if not WIDE:
+        n = n.to(tl.int32)
+    o_ptr = out_ptr + tl.load(table + 3 * t + 2)
+    rows = start + tl.arange(0, BLOCK)
+    cols = tl.arange(0, 8)
+    idx = rows[:, None] * 8 + cols[None, :]
+    if (start + BLOCK) * 8 <= n:
+        x = tl.load(x_ptr + idx)
+        bits = (x >= 0).to(tl.int32) << cols[None, :]
+        tl.store(o_ptr + rows, tl.sum(bits, axis=1).to(tl.uint8))
+    else:
+        x = tl.load(x_ptr + idx, mask=idx < n, other=-1.0)
+        bits = (x >= 0).to(tl.int32) << cols[None, :]
+        tl.store(o_ptr + rows, tl.sum(bits, axis=1).to(tl.uint8), mask=rows < (n + 7) // 8)
+
+
+@triton.jit
+def _bits(row_ptr, rows, cols, nbytes, full):
+    """(BLOCK, 8) int32 bits of bytes ``rows`` of one rank's packed row."""
+    if full:
+        b = tl.load(row_ptr + rows)
+    else:
+        b = tl.load(row_ptr + rows, mask=rows < nbytes, other=0)
+    return (b.to(tl.int32)[:, None] >> cols[None, :]) & 1
+
+
+@triton.jit
+def _vote_kernel(
+    g_ptr, out_ptr, nbytes,
+    WORLD: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """out[8 j + i] = sign(2 * sum_r bit_i(g[r, j]) - WORLD) for j in this program's bytes."""
+    start = tl.program_id(0)
+    if WIDE:
+        start = start.to(tl.int64)
+        nbytes = nbytes.to(tl.int64)
+    start = start * BLOCK
+    rows = start + tl.arange(0, BLOCK)
+    cols = tl.arange(0, 8)
+    full = start + BLOCK <= nbytes
+    ones = tl.zeros((BLOCK, 8), dtype=tl.int32)
+    if WORLD <= 16:  # unrolled: all W loads in flight at once
+        for r in tl.static_range(WORLD):
+            ones += _bits(g_ptr + r * nbytes, rows, cols, nbytes, full)
+    else:  # many voters: a loop (compile time and registers stay bounded)
+        for r in range(WORLD):
+            ones += _bits(g_ptr + r * nbytes, rows, cols, nbytes, full)
+    d = 2 * ones - WORLD
+    s = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    idx = rows[:, None] * 8 + cols[None, :]
+    if full:
+        tl.store(out_ptr + idx, s)
+    else:
+        tl.store(out_ptr + idx, s, mask=idx < nbytes * 8)
+
+
+def _tile_map(nbytes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """(tile -> tensor int32, tensor -> first tile int32, tiles) for ``PACK_BLOCK``-byte tiles,
+    cached per (device, sizes, block) and uploaded without a sync."""
+    key = (device, nbytes, PACK_BLOCK)
+    hit = _TILE_MAPS.get(key)
+    if hit is not None:
+        return hit
+    tiles = [-(-b // PACK_BLOCK) for b in nbytes]
+    first, total = [], 0
+    for c in tiles:
+        first.append(total)
+        total += c
+    owner = torch.repeat_interleave(
+        torch.arange(len(nbytes), dtype=torch.int32), torch.tensor(tiles, dtype=torch.int64)
+    )
+    if device.type == "cuda":
+        owner = owner.pin_memory().to(device, non_blocking=True)
+    out = (owner, upload(first, device, torch.int32), total)
+    if len(_TILE_MAPS) >= _MAX_TILE_MAPS:
+        _TILE_MAPS.pop(next(iter(_TILE_MAPS)))
+    _TILE_MAPS[key] = out
+    return out
+
+
+def _wide(elements: int, block_elements: int) -> bool:
+    return elements + block_elements >= 1 << 31
+
+
+def _launch_device(device: torch.device):
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device.index)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def pack(tensors: list[Tensor], offsets: list[int], out: Tensor, dtypes: tuple) -> list[int]:
+    """Pack every contiguous tensor of a dtype in ``dtypes`` into ``out`` at its byte offset
+    (one launch per dtype); returns the indices of the tensors left to the caller's torch path
+    (other dtypes, non-contiguous)."""
+    groups: dict[torch.dtype, tuple[list[int], list[int], list[int]]] = {}
+    rest: list[int] = []
+    for i, t in enumerate(tensors):
+        n = t.numel()
+        if n == 0:
+            continue
+        if t.dtype not in dtypes or not t.is_contiguous():
+            rest.append(i)
+            continue
+        rows, nbytes, ptr_or = groups.setdefault(t.dtype, ([], [], [0]))
+        ptr = t.data_ptr()
+        rows += (ptr, n, offsets[i])
+        nbytes.append((n + 7) // 8)
+        ptr_or[0] |= ptr
+    device = out.device
+    for dtype, (rows, nbytes, ptr_or) in groups.items():
+        tile_tensor, first_tile, tiles = _tile_map(tuple(nbytes), device)
+        with _launch_device(device):
+            _pack_kernel[(tiles,)](
+                tile_tensor, first_tile, upload(rows, device), out,
+                X_DTYPE=_GDTYPES[dtype], ALIGNED=ptr_or[0] & 15 == 0,
+                WIDE=_wide(8 * max(nbytes), 8 * PACK_BLOCK), BLOCK=PACK_BLOCK,
+                num_warps=PACK_WARPS,
+            )  # fmt: skip
+    return rest
+
+
+def vote(gathered: Tensor, out: Tensor) -> None:
+    """``out`` (8 B float32) <- the majority of the (W, B) contiguous uint8 ``gathered``."""
+    world, nbytes = gathered.shape
+    grid = (triton.cdiv(nbytes, VOTE_BLOCK),)
+    with _launch_device(gathered.device):
+        _vote_kernel[grid](
+            gathered, out, nbytes, WORLD=world,
+            WIDE=_wide(max(8 * nbytes, world * nbytes), 8 * VOTE_BLOCK), BLOCK=VOTE_BLOCK,
+            num_warps=VOTE_WARPS,
+        )  # fmt: skip

@@ -1,0 +1,125 @@
+"""``frugal_dist.kernels.sign_bits`` (fused pack and majority vote) against ``comm.bits``, the
+per-tensor torch code that defines the format and the vote (tie rule included).
+
+The torch path runs everywhere; the Triton path on CUDA or under the CPU interpreter
+(``PYTHONPATH=$PWD:/work/triton_site TRITON_INTERPRET=1 pytest tests/unit/test_sign_bits.py``);
+without either, skipped. Everything here must be bit-identical: packs are compared byte for byte,
+votes with ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from frugal_dist.comm import bits
+from frugal_dist.kernels import sign_bits
+from frugal_dist.kernels.elementwise import triton_available
+
+TRITON_RUNS = triton_available() and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+)
+needs_triton = pytest.mark.skipif(
+    not TRITON_RUNS, reason="needs triton with CUDA, or TRITON_INTERPRET=1 (CPU interpreter)"
+)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
+# sizes: empty, shorter than a byte, whole bytes, a tail, more than one 4096-element tile
+SIZES = [0, 1, 7, 8, 9, 64, 4097, 9001]
+
+
+def _tensors(seed: int, dtype=torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.randn(n, generator=g) for n in SIZES]
+    special = out[5]  # signed zeros and NaN: 0.0 and -0.0 vote +1, NaN votes -1
+    special[:6] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), -1e-30])
+    return [t.to(dtype).to(DEV) for t in out]
+
+
+def _oracle_pack(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([bits.pack_signs(t.cpu()) for t in ts])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pack_matches_comm_bits_byte_for_byte(impl, dtype):
+    ts = _tensors(1, dtype)
+    ts.append(torch.randn(6, 5, device=DEV).t())  # non-contiguous: the torch fallback
+    got = sign_bits.pack_signs(ts, impl=impl)
+    assert got.dtype == torch.uint8
+    assert torch.equal(got.cpu(), _oracle_pack(ts))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8, 17])  # 17: the looped kernel
+def test_vote_matches_majority_from_packed(impl, world):
+    ts = _tensors(2)
+    offsets, total = sign_bits.packed_offsets([t.numel() for t in ts])
+    gen = torch.Generator().manual_seed(world)
+    gathered = torch.randint(0, 256, (world, total), dtype=torch.uint8, generator=gen)
+    votes = sign_bits.vote_views(sign_bits.majority_vote(gathered.to(DEV), impl=impl), ts)
+    for t, o, v in zip(ts, offsets, votes):
+        want = bits.majority_from_packed(gathered[:, o : o + (t.numel() + 7) // 8], t.numel())
+        assert v.shape == t.shape and v.dtype == torch.float32
+        assert torch.equal(v.cpu(), want.view(t.shape))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ties_vote_zero_and_round_trip(impl):
+    """Two ranks with opposite signs tie (0); equal signs keep theirs; pack -> vote of one rank
+    is the sign with 0 counted as +1."""
+    x = torch.randn(1000, device=DEV)
+    a = sign_bits.pack_signs([x], impl=impl)
+    b = sign_bits.pack_signs([-x], impl=impl)
+    tie = sign_bits.majority_vote(torch.stack([a, b]), impl=impl)[: x.numel()]
+    assert torch.equal(tie, torch.zeros_like(tie))
+    same = sign_bits.majority_vote(torch.stack([a, a, b]), impl=impl)[: x.numel()]
+    assert torch.equal(same, torch.where(x >= 0, 1.0, -1.0))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_torch_path_chunks_agree(impl, monkeypatch):
+    """Inputs larger than the torch path's chunk (shrunk here) give the same bytes and votes."""
+    monkeypatch.setattr(sign_bits, "CHUNK", 64)
+    ts = _tensors(3)
+    packed = sign_bits.pack_signs(ts, impl=impl)
+    assert torch.equal(packed.cpu(), _oracle_pack(ts))
+    gathered = torch.stack([packed, sign_bits.pack_signs([-t for t in ts], impl=impl), packed])
+    votes = sign_bits.vote_views(sign_bits.majority_vote(gathered, impl=impl), ts)
+    for t, v in zip(ts, votes):
+        assert torch.equal(v, torch.where(t >= 0, 1.0, -1.0).view(t.shape))
+
+
+def test_bad_input_names_the_field():
+    with pytest.raises(ValueError, match="at least one tensor"):
+        sign_bits.pack_signs([])
+    with pytest.raises(ValueError, match="float tensors"):
+        sign_bits.pack_signs([torch.ones(3, dtype=torch.int32)])
+    with pytest.raises(ValueError, match="uint8"):
+        sign_bits.majority_vote(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        sign_bits.pack_signs([torch.ones(3)], impl="cuda")
+    with pytest.raises(ValueError, match="the tensors that were packed"):
+        sign_bits.vote_views(torch.zeros(8), [torch.ones(9)])
+    if triton_available() and not TRITON_RUNS:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            sign_bits.pack_signs([torch.ones(3)], impl="triton")
+
+
+@needs_triton
+def test_triton_int64_offsets_path(monkeypatch):
+    """The int64-offset variant (buffers near 2^31 entries) forced on small inputs."""
+    from frugal_dist.kernels import sign_bits_triton as tk
+
+    monkeypatch.setattr(tk, "_wide", lambda *args: True)
+    monkeypatch.setattr(tk, "_TILE_MAPS", {})
+    ts = _tensors(4)
+    packed = sign_bits.pack_signs(ts, impl="triton")
+    assert torch.equal(packed.cpu(), _oracle_pack(ts))
+    gen = torch.Generator().manual_seed(5)
+    gathered = torch.randint(0, 256, (3, packed.numel()), dtype=torch.uint8, generator=gen)
+    vote = sign_bits.majority_vote(gathered.to(DEV), impl="triton")
+    want = bits.majority_from_packed(gathered, 8 * packed.numel())
+    assert torch.equal(vote.cpu(), want)
