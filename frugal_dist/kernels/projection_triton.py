@@ -18,8 +18,10 @@ once (the ``bf16`` tiles are rounded in registers: no bfloat16 copy of G is writ
 
 Both kernels read W and G through a table of B device addresses (the matrices are separate
 tensors), the bases and compact operands as stacked (B, ., .) tensors. Precision: ``fp32`` ->
-``tl.dot`` ieee, ``tf32`` -> tf32 on float32 operands, ``bf16`` -> bfloat16 operands (the caller
-passes P, X, U as bfloat16; float32 accumulate; W, G and the epilogue stay float32). Tile sizes
+``tl.dot`` ieee, ``tf32`` -> tf32 on float32 operands, ``bf16`` -> bfloat16 operands (float32
+accumulate; W, G and the epilogue stay float32): operands handed over as float32 (G always, X
+from the down product, P where no bfloat16 stack is kept) are rounded in registers, so the step
+writes no bfloat16 copies. Tile sizes
 come from a fixed table (``TILES``, measured on an H200 by
 ``benchmarks/kernels_projection_tiles.py``), not from run-time autotuning, so every rank runs the
 same arithmetic (same result on any world size).
@@ -42,6 +44,7 @@ from torch import Tensor
 
 RULE_CODES = {"signsgd": 0, "sgd": 1, "none": 2}
 _INPUT_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
+_OPERAND = {"fp32": tl.float32, "tf32": tl.float32, "bf16": tl.bfloat16}
 _ELEM = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 # (BM, BN, BK, num_warps, num_stages) by kernel and precision. Built-in defaults, overridden by
@@ -92,8 +95,11 @@ def _apply_kernel(
     decay, c_u, c_f,
     r: tl.constexpr,  # the rank: a compile-time loop bound (few distinct values per model)
     LEFT: tl.constexpr, RULE: tl.constexpr, G_ELEM: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+    OP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):  # fmt: skip
+    """``OP``: the products' operand dtype; P, X, U tiles of another dtype (float32 X in the
+    ``bf16`` precision) are rounded to it in registers."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     tiles_n = tl.cdiv(n, BN)
@@ -123,13 +129,14 @@ def _apply_kernel(
             else:
                 a = tl.load(p_ptr + a_off, mask=rk[None, :] < r, other=0.0)
                 b2 = tl.load(u_ptr + u_off, mask=rk[:, None] < r, other=0.0)
-            acc2 = tl.dot(a, b2, acc2, input_precision=PREC)
+            a = a.to(OP)
+            acc2 = tl.dot(a, b2.to(OP), acc2, input_precision=PREC)
             if RULE != 2:
                 if EVEN_K:
                     b1 = tl.load(x_ptr + x_off)
                 else:
                     b1 = tl.load(x_ptr + x_off, mask=rk[:, None] < r, other=0.0)
-                acc1 = tl.dot(a, b1, acc1, input_precision=PREC)
+                acc1 = tl.dot(a, b1.to(OP), acc1, input_precision=PREC)
         else:  # X, U (m, r) rows om; P (n, r): the B tile is P^T[rk, on] = P[on, rk]
             b_off = on[None, :] * s_p0 + rk[:, None] * s_p1
             x_off = om[:, None] * s_x0 + rk[None, :] * s_x1
@@ -140,13 +147,14 @@ def _apply_kernel(
             else:
                 bt = tl.load(p_ptr + b_off, mask=rk[:, None] < r, other=0.0)
                 a2 = tl.load(u_ptr + u_off, mask=rk[None, :] < r, other=0.0)
-            acc2 = tl.dot(a2, bt, acc2, input_precision=PREC)
+            bt = bt.to(OP)
+            acc2 = tl.dot(a2.to(OP), bt, acc2, input_precision=PREC)
             if RULE != 2:
                 if EVEN_K:
                     a1 = tl.load(x_ptr + x_off)
                 else:
                     a1 = tl.load(x_ptr + x_off, mask=rk[None, :] < r, other=0.0)
-                acc1 = tl.dot(a1, bt, acc1, input_precision=PREC)
+                acc1 = tl.dot(a1.to(OP), bt, acc1, input_precision=PREC)
     mask = (rm < m)[:, None] & (rn < n)[None, :]
     w_offs = rm[:, None] * n + rn[None, :]  # W is contiguous
     w = tl.load(w_ptr + w_offs, mask=mask, other=0.0)
@@ -193,8 +201,9 @@ def _down_kernel(
         else:
             a = tl.load(g_ptr + a_off, mask=rc[None, :] < K, other=0.0)
             bt = tl.load(p_ptr + b_off, mask=rc[:, None] < K, other=0.0)
-        if BF16:
+        if BF16:  # G and P rounded in registers (no bfloat16 copies)
             a = a.to(tl.bfloat16)
+            bt = bt.to(tl.bfloat16)
         else:
             a = a.to(tl.float32)
         acc = tl.dot(a, bt, acc, input_precision=PREC)
@@ -256,8 +265,9 @@ def fused_apply(
 ) -> None:  # fmt: skip
     """W_b <- W_b decay + c_u up(U_b) + c_f F(G_b - up(X_b)) in place for B matrices (module doc).
     ``W``: contiguous float32 (m, n) tensors; ``G``: (m, n)-viewable float32 / bfloat16 / float16;
-    ``P`` (B, dim, r), ``X``, ``U`` (B, m, r) right / (B, r, n) left: float32, or bfloat16 for
-    ``bf16``. ``tile``: (BM, BN, BK, warps, stages), default the measured table. One launch.
+    ``P`` (B, dim, r), ``X``, ``U`` (B, m, r) right / (B, r, n) left: float32, or (any of them)
+    bfloat16 for ``bf16``, where float32 tiles are rounded to bfloat16 in registers (no cast
+    copies). ``tile``: (BM, BN, BK, warps, stages), default the measured table. One launch.
     Communication: none."""
     B = len(W)
     m, n = W[0].shape
@@ -271,8 +281,8 @@ def fused_apply(
         X.stride(0), X.stride(1), X.stride(2), U.stride(0), U.stride(1), U.stride(2),
         float(decay), float(c_u), float(c_f),
         r=r, LEFT=side == "left", RULE=RULE_CODES[rule], G_ELEM=_ELEM[Gv[0].dtype],
-        PREC=_INPUT_PRECISION[precision], BM=bm, BN=bn, BK=bk, EVEN_K=r % bk == 0,
-        num_warps=warps, num_stages=stages,
+        PREC=_INPUT_PRECISION[precision], OP=_OPERAND[precision], BM=bm, BN=bn, BK=bk,
+        EVEN_K=r % bk == 0, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
@@ -281,8 +291,10 @@ def fused_down(
     tile: Tile | None = None,
 ) -> Tensor:  # fmt: skip
     """out_b = G_b P_b (right, out (B, m, r)) or P_b^T G_b (left, out (B, r, n)), float32, for
-    B (m, n)-viewable gradients; ``P`` (B, dim, r) float32, or bfloat16 for ``bf16`` (G's tiles
-    are then rounded to bfloat16 in registers). One launch. Communication: none."""
+    B (m, n)-viewable gradients; ``P`` (B, dim, r) float32, or bfloat16 for ``bf16`` (G's tiles,
+    and P's if float32, are then rounded to bfloat16 in registers). ``out`` may be any strided
+    view (a ``left`` (B, r, n) result stored as (B, n, r): the apply's K-contiguous layout).
+    One launch. Communication: none."""
     B = len(G)
     r = P.shape[-1]
     m, n = (P.shape[1], G[0].numel() // P.shape[1]) if side == "left" else (
