@@ -4,7 +4,17 @@ For B whole matrices of one shape and side with bases of rank r (``project_down`
 ``apply_projection``, see ``frugal_dist.kernels.projection``):
 
     down:   X = down(G)  for the batch  (B, m, r) right / (B, r, n) left      G_sf of each item
+    state:  m <- lerp(m, X, 1 - b1);  v <- b2 v + (1 - b2) X^2                AdamW groups
+            U = (m / (sqrt(v) / sqrt(1 - b2^t) + eps)) / (1 - b1^t)          (``state_batched``)
     apply:  W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(G - up(X)))            decay folded
+
+Every operand is laid out once: the bases are stacked once per refresh in the products' dtype
+and held once (``operand_bases``); X is the down product's (B, ...) result, used through views
+(``stacked`` makes no copy of a batch's rows); the state kernel (``kernels.projection_state``:
+reads X, m, v, writes m, v, U -- 24 B per compact entry, one launch per batch) writes U -- and,
+for bf16, X's bfloat16 copy -- in the layout and dtype the apply kernel reads. A steady bf16 step
+is then three Triton launches per batch and no copies; tf32 still stacks G for its ``bmm`` down
+(``projection_tiles.json``: ``down_backend``).
 
 ``proj_precision`` (a group option) sets the precision of these GEMMs: ``fp32`` (IEEE float32),
 ``tf32`` (TF32 tensor cores on CUDA; on the CPU the same as fp32) or ``bf16`` (bfloat16 operands,
