@@ -10,7 +10,8 @@ CUDA events (median of ``--reps``). Each candidate is first checked on one matri
 against the float64 oracle (relative error of the smooth part, fraction of sign flips). Prints
 per-candidate totals over the model and the floors (12 bytes per entry at the measured copy
 bandwidth; 4 m n r flops for the apply). ``--write-tiles PATH`` writes the fastest candidate
-per kernel and precision (and whether the Triton or the ``bmm`` down product is faster) in the
+per kernel and precision (and which down product is fastest: Triton, ``bmm`` over stacked G or
+one ``mm`` per matrix) in the
 format of ``frugal_dist/kernels/projection_tiles.json``, rewritten after every candidate. Writes
 ``--out`` (JSON) and a markdown table beside it. Without CUDA: exits 0.
 """
@@ -160,10 +161,14 @@ def write_tiles(path: str, res: dict[str, Any]) -> None:
         out["ms"][f"{kind}.{prec}"] = round(row["ms"], 3)
     for row in res["rows"]:
         if row["kind"] == "bmm apply+down" and ("down", row["precision"]) in best:
-            bmm = sum(x["down_ms"] for x in row["groups"])
-            out["ms"][f"down.{row['precision']}.bmm"] = round(bmm, 3)
-            faster = best[("down", row["precision"])]["ms"] < bmm
-            out["down_backend"][row["precision"]] = "triton" if faster else "bmm"
+            ms = {"triton": best[("down", row["precision"])]["ms"],
+                  "bmm": sum(x["down_ms"] for x in row["groups"])}  # fmt: skip
+            if all("mm_down_ms" in x for x in row["groups"]):  # sweeps before "mm" lack it
+                ms["mm"] = sum(x["mm_down_ms"] for x in row["groups"])
+            for how in ("bmm", "mm"):
+                if how in ms:
+                    out["ms"][f"down.{row['precision']}.{how}"] = round(ms[how], 3)
+            out["down_backend"][row["precision"]] = min(ms, key=ms.get)
     Path(path).write_text(json.dumps(out, indent=1) + "\n")
 
 
@@ -209,15 +214,20 @@ def main(argv=None) -> None:
             dn = median_ms(lambda g=g: project_down(g["G"], g["P"], g["side"],
                                                     precision=precision, backend="bmm"),
                            args.reps)  # fmt: skip
+            # one cuBLAS mm per matrix, no stacked G (down_backend "mm")
+            mm = median_ms(lambda g=g: project_down(g["G"], g["P"], g["side"],
+                                                    precision=precision, backend="torch"),
+                           args.reps)  # fmt: skip
             ap_ms = median_ms(lambda g=g, X=X: apply_projection(
                 g["W"], g["G"], g["P"], X, g["U"], g["side"], lr=LR, weight_decay=WD,
                 precision=precision, backend="bmm"), args.reps)  # fmt: skip
             base["groups"].append({"shape": list(g["shape"]), "side": g["side"], "ms": dn + ap_ms,
-                                   "down_ms": dn, "apply_ms": ap_ms})  # fmt: skip
+                                   "down_ms": dn, "mm_down_ms": mm, "apply_ms": ap_ms})  # fmt: skip
         base["ms"] = sum(x["ms"] for x in base["groups"])
         res["rows"].append(base)
-        print("bmm", precision, [(round(x["down_ms"], 3), round(x["apply_ms"], 3))
-                                 for x in base["groups"]], flush=True)  # fmt: skip
+        print("bmm", precision, [(round(x["down_ms"], 3), round(x["mm_down_ms"], 3),
+                                  round(x["apply_ms"], 3)) for x in base["groups"]],
+              flush=True)  # fmt: skip
         for kind, cands in (("apply", APPLY[precision]), ("down", DOWN[precision])):
             for tile in cands:
                 row: dict[str, Any] = {"kind": kind, "precision": precision, "tile": list(tile),

@@ -23,7 +23,8 @@ Backends (``backend``):
                (``kernels.projection_triton``): the apply fuses both up-products and the update
                (reads G and W, writes W, no temporaries); the down product reads G in its own
                dtype (no stacked copy), or runs as ``bmm`` where that measured faster
-               (``projection_triton.DOWN_BACKEND``). Needs triton (CUDA, or TRITON_INTERPRET=1).
+               (``projection_triton.DOWN_BACKEND``: ``bmm`` stacks G, ``mm`` runs one product
+               per matrix). Needs triton (CUDA, or TRITON_INTERPRET=1).
 * ``auto``  -- ``bmm`` on CUDA, ``torch`` elsewhere.
 
 Precision of the projection GEMMs (``precision``):
@@ -220,12 +221,16 @@ def project_down(
         kern = _triton_module(dev)
         if kern.down_on_triton(precision, dev):
             return kern.fused_down(grads, Pc, side, out, precision=precision)
+        if kern.DOWN_BACKEND[precision] == "mm":  # per-matrix products: no stacked copy of G
+            how = "torch"
     with matmul_precision(precision):
         if how == "torch":
             for b in range(B):
                 g = grads[b].reshape(m, n).to(dt)
                 if side == "right":
                     mm32(g, Pc[b], out=out[b])
+                elif out.stride(1) == 1:  # (B, n, r) storage: X^T = G^T P
+                    mm32(g.T, Pc[b], out=out[b].T)
                 else:
                     mm32(Pc[b].T, g, out=out[b])
             return out

@@ -45,6 +45,9 @@ from torch import Tensor
 
 RULE_CODES = {"signsgd": 0, "sgd": 1, "none": 2}
 SIDES = ("left", "right")
+# the down product of the triton backend: this module's kernel, one cuBLAS bmm over G stacked
+# into a temporary, or one cuBLAS mm per matrix (no copy of G; B launches)
+DOWN_BACKENDS = ("triton", "bmm", "mm")
 _INPUT_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
 _OPERAND = {"fp32": tl.float32, "tf32": tl.float32, "bf16": tl.bfloat16}
 _ELEM = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -52,7 +55,7 @@ _ELEM = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: 
 # (BM, BN, BK, num_warps, num_stages) by kernel and precision. Built-in defaults, overridden by
 # projection_tiles.json beside this file: the best candidates of a sweep on an H200 at LLaMA-1B
 # shapes (r = 512), written by benchmarks/kernels_projection_tiles.py --write-tiles. Its
-# ``down_backend`` names, per precision, the faster down product there (``triton`` or ``bmm``).
+# ``down_backend`` names, per precision, the fastest down product there (``DOWN_BACKENDS``).
 TILES_FILE = Path(__file__).with_name("projection_tiles.json")
 _DEFAULT_TILES = {
     "apply": {"bf16": (128, 128, 64, 8, 3), "tf32": (128, 128, 32, 8, 3),
@@ -92,9 +95,9 @@ def load_tiles(path: Path = TILES_FILE) -> tuple[dict[str, dict[str, Tile]], dic
                                      f"got {t!r}")  # fmt: skip
                 tiles[kind][prec] = tuple(t)
         for prec, how in data.get("down_backend", {}).items():
-            if prec not in _INPUT_PRECISION or how not in ("triton", "bmm"):
-                raise ValueError(f"{path}: down_backend.{prec} must be 'triton' or 'bmm', got "
-                                 f"{how!r}")  # fmt: skip
+            if prec not in _INPUT_PRECISION or how not in DOWN_BACKENDS:
+                raise ValueError(f"{path}: down_backend.{prec} must be one of "
+                                 f"{list(DOWN_BACKENDS)}, got {how!r}")  # fmt: skip
             down_backend[prec] = how
     return tiles, down_backend
 

@@ -285,3 +285,42 @@ def test_stacked_apply_kernel_equals_the_two_dot_kernel(rule, side, shape, layou
                                            lr=1e-2, weight_decay=0.1, s_p=0.8, s_i=0.5,
                                            rule=rule)  # fmt: skip
         torch.testing.assert_close(W2[b].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tiles_file_takes_side_tiles_stacked_flags_and_mm_down(tmp_path):
+    pt = pytest.importorskip("frugal_dist.kernels.projection_triton")
+    f = tmp_path / "tiles.json"
+    f.write_text('{"apply": {"bf16": [128, 64, 64, 4, 3], "bf16.right": [64, 128, 64, 4, 3, 1]},'
+                 ' "down_backend": {"tf32": "mm"}}')  # fmt: skip
+    tiles, down = pt.load_tiles(f)
+    assert tiles["apply"]["bf16.right"] == (64, 128, 64, 4, 3, 1)
+    assert down["tf32"] == "mm"
+    for bad in ('{"down": {"bf16.right": [64, 64, 64, 4, 3]}}',
+                '{"apply": {"bf16.up": [64, 64, 64, 4, 3]}}',
+                '{"apply": {"bf16": [64, 64, 64, 4, 3, 2]}}',
+                '{"down": {"bf16": [64, 64, 64, 4, 3, 1]}}'):  # fmt: skip
+        f.write_text(bad)
+        with pytest.raises(ValueError, match="must be five positive ints"):
+            pt.load_tiles(f)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("side,shape", [("right", (40, 24)), ("left", (24, 40))])
+def test_per_matrix_mm_down_equals_the_kernel(side, shape, monkeypatch):
+    """``down_backend = "mm"``: one product per matrix into the same (left: (B, n, r)-stored)
+    result, no stacked copy of G."""
+    from frugal_dist.kernels import projection_triton as pt
+    from frugal_dist.kernels.projection import project_down
+
+    gen = torch.Generator().manual_seed(4)
+    m, n = shape
+    dim = m if side == "left" else n
+    P = torch.linalg.qr(torch.randn(3, dim, 6, generator=gen)).Q.contiguous()
+    G = [torch.randn(m, n, generator=gen) for _ in range(3)]
+    ref = project_down(G, P, side, precision="tf32", backend="triton")
+    monkeypatch.setattr(pt, "down_on_triton", lambda *a: False)
+    monkeypatch.setitem(pt.DOWN_BACKEND, "tf32", "mm")
+    monkeypatch.setattr(torch, "stack", None)  # any stacking would fail
+    out = project_down(G, P, side, precision="tf32", backend="triton")
+    assert out.stride() == ref.stride()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
