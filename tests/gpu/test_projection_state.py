@@ -161,3 +161,54 @@ def test_bases_are_held_once_and_the_step_allocates_only_compact_temporaries(pre
     compact = sum(opt.state[p]["exp_avg"].numel() for p in ps)
     # X float32, U and X's copy bfloat16; allocator rounding (512 B blocks) and small tables
     assert extra <= (4 + 2 + 2) * compact + 64 * 1024, (extra, compact)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("side,shape", [("right", (544, 256)), ("left", (256, 544))])
+@pytest.mark.parametrize("tile", [(64, 128, 32, 4, 3, 1), (128, 64, 32, 4, 3, 1)])
+def test_stacked_apply_kernel_matches_the_two_dot_kernel(precision, side, shape, tile):
+    """The stacked-operand apply (one dot on [X; U]) against the two-dot kernel on the same
+    bfloat16 / float32 operands: the same products in another accumulation grouping, so
+    identical up to float32 summation order -- except sign(R) where |R| is at that level."""
+    from frugal_dist.kernels.projection_triton import fused_apply
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    m, n = shape
+    B, r = 3, 64
+    dim = m if side == "left" else n
+    P = torch.linalg.qr(torch.randn(B, dim, r, device="cuda", generator=gen)).Q.contiguous()
+    G = [torch.randn(m, n, device="cuda", generator=gen) for _ in range(B)]
+    W = [torch.randn(m, n, device="cuda", generator=gen) for _ in range(B)]
+    a, c = (m, r) if side == "right" else (r, n)
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
+    X = torch.stack([g @ p if side == "right" else p.T @ g for g, p in zip(G, P)])
+    U = torch.randn(B, a, c, device="cuda", generator=gen)
+    Xk = _stored(B, a, c, side == "left", dt).copy_(X)
+    Uk = _stored(B, a, c, side == "left", dt).copy_(U)
+    hp = dict(decay=1 - 1e-3, c_u=-1e-2, c_f=-5e-3, rule="signsgd", precision=precision)
+    W1, W2 = [w.clone() for w in W], [w.clone() for w in W]
+    fused_apply(W1, G, P.to(dt), Xk, Uk, side, tile=tile[:5], **hp)
+    fused_apply(W2, G, P.to(dt), Xk, Uk, side, tile=tile, **hp)
+    for b in range(B):
+        diff = (W2[b] - W1[b]).abs()
+        assert (diff > 1e-5).float().mean() < 1e-3  # sign flips only (2 x 5e-3 each)
+        assert diff[diff <= 1e-5].max() < 1e-6
+
+
+def test_per_matrix_mm_down_matches_bmm():
+    from frugal_dist.kernels import projection_triton as pt
+    from frugal_dist.kernels.projection import project_down
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    for side, (m, n) in (("right", (544, 256)), ("left", (256, 544))):
+        dim = m if side == "left" else n
+        P = torch.linalg.qr(torch.randn(3, dim, 64, device="cuda", generator=gen)).Q.contiguous()
+        G = [torch.randn(m, n, device="cuda", generator=gen) for _ in range(3)]
+        ref = project_down(G, P, side, precision="fp32", backend="bmm")
+        old = pt.DOWN_BACKEND["tf32"]
+        try:
+            pt.DOWN_BACKEND["tf32"] = "mm"
+            out = project_down(G, P, side, precision="tf32", backend="triton")
+        finally:
+            pt.DOWN_BACKEND["tf32"] = old
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-3)  # TF32 products
