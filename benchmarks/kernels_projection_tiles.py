@@ -136,13 +136,16 @@ def check_down(grp, precision, tile) -> float:
 
 
 def write_tiles(path: str, res: dict[str, Any]) -> None:
-    """The fastest measured tile per (kernel, precision), and for the apply per side too
-    (``bf16.right``: the sum over that side's groups); ``down_backend``: triton or bmm."""
+    """The fastest measured tile per (kernel, precision), per matrix shape (``bf16.2048x5461``)
+    and, for the apply, per side (``bf16.right``: the sum over that side's groups);
+    ``down_backend``: the fastest down product (the Triton time with the per-precision tile)."""
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for row in res["rows"]:
         if "ms" not in row or row["kind"] not in ("apply", "down"):
             continue
         per_key = [(row["precision"], row["ms"])]
+        per_key += [(f"{row['precision']}.{x['shape'][0]}x{x['shape'][1]}", x["ms"])
+                    for x in row["groups"]]  # fmt: skip
         if row["kind"] == "apply":
             for side in ("left", "right"):
                 ms = [x["ms"] for x in row["groups"] if x["side"] == side]

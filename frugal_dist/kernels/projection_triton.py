@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,9 +68,12 @@ Tile = tuple[int, ...]  # (BM, BN, BK, warps, stages), apply: optionally a 6th, 
 
 
 def _tile_key_ok(kind: str, key: str) -> bool:
-    """``<precision>``, or for the apply ``<precision>.<side>`` (a side's own tile)."""
-    prec, _, side = key.partition(".")
-    return prec in _INPUT_PRECISION and (side == "" or (kind == "apply" and side in SIDES))
+    """``<precision>``, ``<precision>.<m>x<n>`` (one matrix shape's tile), or for the apply
+    ``<precision>.<side>`` (a side's own tile)."""
+    prec, _, rest = key.partition(".")
+    if prec not in _INPUT_PRECISION:
+        return False
+    return rest == "" or (kind == "apply" and rest in SIDES) or bool(re.fullmatch(r"\d+x\d+", rest))
 
 
 def _tile_ok(kind: str, t: Any) -> bool:
@@ -79,9 +83,10 @@ def _tile_ok(kind: str, t: Any) -> bool:
 
 def load_tiles(path: Path = TILES_FILE) -> tuple[dict[str, dict[str, Tile]], dict[str, str]]:
     """(tiles by kernel and precision, down backend by precision): the defaults above updated
-    from ``path`` when it exists. Apply keys may name a side (``bf16.right``: that side's tile,
-    else the precision's) and carry a 6th entry, 1 = ``_apply_stacked_kernel`` (one dot on
-    stacked operands), 0 / absent = ``_apply_kernel`` (two dots)."""
+    from ``path`` when it exists. Keys may name a matrix shape (``bf16.2048x5461``: the tile of
+    the (2048, 5461) matrices) and, for the apply, a side (``bf16.right``); the most specific
+    present key wins (shape, side, precision). Apply tiles may carry a 6th entry, 1 =
+    ``_apply_stacked_kernel`` (one dot on stacked operands), 0 / absent = ``_apply_kernel``."""
     tiles = {k: dict(v) for k, v in _DEFAULT_TILES.items()}
     down_backend = {p: "triton" for p in _INPUT_PRECISION}
     if path.exists():
@@ -339,10 +344,16 @@ def uniform_strides(mats: Sequence[Tensor], m: int, n: int) -> list[Tensor]:
     return [v.to(dt).contiguous() for v in views]
 
 
-def _tile(kind: str, precision: str, device: torch.device, side: str = "") -> Tile:
+def _tile(kind: str, precision: str, device: torch.device, shape: tuple[int, int],
+          side: str = "") -> Tile:  # fmt: skip
+    """The table's tile for a (m, n) matrix: by shape, else side (apply), else precision."""
     if device.type != "cuda":
         return _INTERPRET_TILE
-    return TILES[kind].get(f"{precision}.{side}", TILES[kind][precision])
+    table = TILES[kind]
+    for key in (f"{precision}.{shape[0]}x{shape[1]}", f"{precision}.{side}"):
+        if key in table:
+            return table[key]
+    return table[precision]
 
 
 def down_on_triton(precision: str, device: torch.device) -> bool:
@@ -367,7 +378,8 @@ def fused_apply(
     m, n = W[0].shape
     r = P.shape[-1]
     Gv = uniform_strides(G, m, n)
-    bm, bn, bk, warps, stages, *rest = tile or _tile("apply", precision, W[0].device, side)
+    bm, bn, bk, warps, stages, *rest = tile or _tile("apply", precision, W[0].device, (m, n),
+                                                     side)  # fmt: skip
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), B)
     if rest and rest[0] == 1 and rule != "none":
         if X.dtype != U.dtype or X.stride() != U.stride():
@@ -415,7 +427,7 @@ def fused_down(
         M, K, s_ga, s_gc, s_oa, s_ok = m, n, s_gm, s_gn, out.stride(1), out.stride(2)
     else:  # a = column j, c = row i; out (r, n) written transposed
         M, K, s_ga, s_gc, s_oa, s_ok = n, m, s_gn, s_gm, out.stride(2), out.stride(1)
-    bm, bn, bk, warps, stages = tile or _tile("down", precision, out.device)
+    bm, bn, bk, warps, stages = tile or _tile("down", precision, out.device, (m, n))
     grid = (triton.cdiv(M, bm) * triton.cdiv(r, bn), B)
     _down_kernel[grid](
         address_table(Gv), P, out, M,

@@ -287,7 +287,7 @@ def test_stacked_apply_kernel_equals_the_two_dot_kernel(rule, side, shape, layou
         torch.testing.assert_close(W2[b].double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_tiles_file_takes_side_tiles_stacked_flags_and_mm_down(tmp_path):
+def test_tiles_file_takes_shape_and_side_tiles_stacked_flags_and_mm_down(tmp_path, monkeypatch):
     pt = pytest.importorskip("frugal_dist.kernels.projection_triton")
     f = tmp_path / "tiles.json"
     f.write_text('{"apply": {"bf16": [128, 64, 64, 4, 3], "bf16.right": [64, 128, 64, 4, 3, 1]},'
@@ -295,8 +295,18 @@ def test_tiles_file_takes_side_tiles_stacked_flags_and_mm_down(tmp_path):
     tiles, down = pt.load_tiles(f)
     assert tiles["apply"]["bf16.right"] == (64, 128, 64, 4, 3, 1)
     assert down["tf32"] == "mm"
+    f.write_text('{"apply": {"bf16.right": [64, 128, 64, 4, 3], "bf16.48x16": [32, 64, 64, 4, 3]},'
+                 ' "down": {"bf16.48x16": [64, 64, 32, 4, 2]}}')  # fmt: skip
+    tiles, _ = pt.load_tiles(f)
+    monkeypatch.setattr(pt, "TILES", tiles)
+    cuda = torch.device("cuda")  # the table applies on CUDA (the interpreter has its own tile)
+    assert pt._tile("apply", "bf16", cuda, (48, 16), "right") == (32, 64, 64, 4, 3)  # shape
+    assert pt._tile("apply", "bf16", cuda, (64, 16), "right") == (64, 128, 64, 4, 3)  # side
+    assert pt._tile("apply", "bf16", cuda, (16, 64), "left") == tiles["apply"]["bf16"]
+    assert pt._tile("down", "bf16", cuda, (48, 16)) == (64, 64, 32, 4, 2)
     for bad in ('{"down": {"bf16.right": [64, 64, 64, 4, 3]}}',
                 '{"apply": {"bf16.up": [64, 64, 64, 4, 3]}}',
+                '{"apply": {"bf16.48x": [64, 64, 64, 4, 3]}}',
                 '{"apply": {"bf16": [64, 64, 64, 4, 3, 2]}}',
                 '{"down": {"bf16": [64, 64, 64, 4, 3, 1]}}'):  # fmt: skip
         f.write_text(bad)
