@@ -12,8 +12,9 @@ that is ``core.rules.state_full_directions("adamw", ...)`` (the oracle; the CPU 
 two per-matrix bias-correction divisions as multiplications by their float32 reciprocals (as
 ``kernels.elementwise_triton``: one IEEE division and one IEEE square root per entry remain).
 
-One pass: reads X, m, v and writes m, v, U -- 24 bytes per float32 entry (22 with a bfloat16 U),
-against ~9 foreach passes of the torch path. X and U are stacked (B, a, c) tensors of any
+One pass: reads X, m, v and writes m, v, U -- 24 bytes per float32 entry (22 with a bfloat16 U,
++2 for the optional bfloat16 copy of X that the bf16 apply reads), against ~9 foreach passes of
+the torch path. X and U are stacked (B, a, c) tensors of any
 strides (the apply kernel's layout: a ``left`` batch keeps X and U as (B, c, a) storage, the
 K-contiguous tiles that TF32 tensor-core products need), so U is written where and in the dtype
 (float32, or bfloat16 for ``proj_precision="bf16"``) the apply reads it: no transpose, cast or
@@ -34,10 +35,10 @@ import triton.language as tl
 from torch import Tensor
 
 from frugal_dist.kernels.elementwise_triton import (
-    _adam_scalars,
-    _adamw_direction,
-    _on,
     adam_corrections,
+    adam_scalars,
+    adamw_direction,
+    launch_device,
     upload,
 )
 from frugal_dist.kernels.projection_triton import address_table
@@ -80,7 +81,7 @@ def _adamw_state_kernel(
     x = tl.load(x_ptr + b * s_xb + ra[:, None] * s_xa + rc[None, :] * s_xc, mask=mask, other=0.0)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    m, v, d = _adamw_direction(x, m, v, w1, one_minus_w1, b2, w2, eps, ibc1, ibc2s, LERP_HIGH)
+    m, v, d = adamw_direction(x, m, v, w1, one_minus_w1, b2, w2, eps, ibc1, ibc2s, LERP_HIGH)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     tl.store(u_ptr + b * s_ub + ra[:, None] * s_ua + rc[None, :] * s_uc, d.to(U_ELEM), mask=mask)
@@ -137,12 +138,12 @@ def adamw_state(
         ibc1, ibc2s = (1.0 / (1.0 - b1**first), 1.0 / (1.0 - b2**first) ** 0.5)
     xo = out if x_copy is None else x_copy  # unused without a copy
     grid = (triton.cdiv(A, TILE_A) * triton.cdiv(C, TILE_C), B)
-    with _on(x.device):
+    with launch_device(x.device):
         _adamw_state_kernel[grid](
             address_table(exp_avgs), address_table(exp_avg_sqs), coef, x, out, xo, A, C,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
             xo.stride(0), xo.stride(1), xo.stride(2),
-            ibc1, ibc2s, **_adam_scalars(tuple(betas), eps), PER_ITEM=per_item,
+            ibc1, ibc2s, **adam_scalars(tuple(betas), eps), PER_ITEM=per_item,
             U_ELEM=_U_ELEM[out.dtype], COPY_X=x_copy is not None, XO_ELEM=_U_ELEM[xo.dtype],
             BA=TILE_A, BC=TILE_C, num_warps=NUM_WARPS,
         )  # fmt: skip
