@@ -14,7 +14,15 @@ events (median of ``--reps`` after ``--warmup``), all in the same run:
   compact gradients (batched foreach-free tensor ops, the ``state`` column), ``apply_projection``
   with a signSGD residual and weight decay. ``down`` / ``state`` / ``apply`` are timed alone too.
   Backends ``torch`` / ``bmm`` / ``triton`` (batched Triton apply and down kernels, tiles from
-  ``frugal_dist/kernels/projection_tiles.json``, recorded as ``triton_tiles``).
+  ``frugal_dist/kernels/projection_tiles.json``, recorded as ``triton_tiles``), and
+  ``triton+fused_state``: the optimizer's own batched path -- the state phase as one
+  ``kernels.projection_state.adamw_state`` launch per group on per-matrix moments, U written in
+  the apply's layout and dtype (bf16: plus the bfloat16 copy of G_sf), bases stacked once in
+  the operand dtype: no cast, transpose or stacking copies (bf16).
+* ``frugal_step[precision]`` (CUDA): ``FRUGAL.step()`` itself on the same tensors (random
+  projection, rho 0.25, signSGD residual, AdamW state, the embeddings / head / norms in an
+  AdamW group; no refresh inside the timed steps), host time included, with the peak memory the
+  step adds over what it holds before (``step_peak_extra_bytes``) and its state bytes.
 * refreshes of all split matrices: ``svd_bases`` per method / oversampling / power steps / QR /
   precision (the rows the optimizer's step runs are marked ``step:``: ``warm``, its first refresh
   = ``randomized`` with ``optim.svd_refresh``'s settings, at the default ``proj_precision``
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -152,24 +161,51 @@ def adam_direction(grp: dict[str, Any], x: torch.Tensor, t: int) -> torch.Tensor
     return (grp["m"] / (1 - b1**t)).div_(denom)
 
 
+def fused_state(grp: dict[str, Any], x: torch.Tensor, t: int, side: str, precision: str):
+    """(X as the apply reads it, U): one ``adamw_state`` launch on the per-matrix moments, U in
+    the apply kernel's layout / dtype, bf16 with the bfloat16 copy of X (as
+    ``optim.projection_batch.state_batched``)."""
+    from frugal_dist.kernels.projection_state import adamw_state
+
+    B, a, c = x.shape
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
+    if side == "left" and precision != "fp32":
+        u = torch.empty(B, c, a, device=x.device, dtype=dt).mT
+    else:
+        u = torch.empty(B, a, c, device=x.device, dtype=dt)
+    x_op = torch.empty_like(u) if precision == "bf16" else None
+    adamw_state(x, grp["m_list"], grp["v_list"], [t] * B, BETAS, EPS, u, x_op)
+    return (x if x_op is None else x_op), u
+
+
 def step_fns(gs: Groups, rest_opt, backend: str, precision: str) -> dict[str, Callable[[], Any]]:
     keep: dict[tuple, tuple] = {}
+    fused = backend == "triton+fused_state"
+    backend = "triton" if fused else backend
+    for grp in gs.by_key.values():  # the optimizer's layout: one moment tensor per matrix
+        grp["m_list"], grp["v_list"] = list(grp["m"].unbind(0)), list(grp["v"].unbind(0))
+        P = grp["P"]
+        grp["P_op"] = P.to(torch.bfloat16) if fused and precision == "bf16" else P  # per refresh
 
     def down():
         for key, grp in gs.by_key.items():
-            keep[key] = (project_down(grp["G"], grp["P"], key[1], precision=precision,
+            keep[key] = (project_down(grp["G"], grp["P_op"], key[1], precision=precision,
                                       backend=backend),)  # fmt: skip
 
     def state():
         gs.t += 1
         for key, grp in gs.by_key.items():
-            keep[key] = (keep[key][0], adam_direction(grp, keep[key][0], gs.t))
+            x = keep[key][0]
+            if fused:
+                keep[key] = fused_state(grp, x, gs.t, key[1], precision)
+            else:
+                keep[key] = (x, adam_direction(grp, x, gs.t))
 
     def apply():
         for key, grp in gs.by_key.items():
             x, u = keep[key]
-            apply_projection(grp["W"], grp["G"], grp["P"], x, u, key[1], lr=LR, weight_decay=WD,
-                             precision=precision, backend=backend)  # fmt: skip
+            apply_projection(grp["W"], grp["G"], grp["P_op"], x, u, key[1], lr=LR,
+                             weight_decay=WD, precision=precision, backend=backend)  # fmt: skip
 
     def whole():
         rest_opt.step()
@@ -180,6 +216,39 @@ def step_fns(gs: Groups, rest_opt, backend: str, precision: str) -> dict[str, Ca
     down()
     state()
     return {"step": whole, "down": down, "state": state, "apply": apply}
+
+
+def frugal_step(gs: Groups, args, device, precision: str) -> dict[str, Any]:
+    """``FRUGAL.step()`` on the benchmark's tensors (module docstring): median step ms (CUDA
+    events around the call, host time included), state bytes, and the peak memory one step
+    adds over what is allocated before it."""
+    from frugal_dist import FRUGAL
+
+    names = [n for grp in gs.by_key.values() for n in grp["names"]]
+    mats = [w for grp in gs.by_key.values() for w in grp["W"]]
+    for w, g in zip(mats, [g for grp in gs.by_key.values() for g in grp["G"]]):
+        w.grad = g
+    rest_names = [f"rest.{i}" for i in range(len(gs.rest_p))]
+    opt = FRUGAL(
+        [{"params": mats, "names": names},
+         {"params": gs.rest_p, "names": rest_names, "algorithm": "adamw"}],
+        lr=LR, weight_decay=WD, subspace="projection", proj_type="random", density=args.density,
+        update_gap=10**6, proj_precision=precision, seed=args.seed,
+    )  # fmt: skip
+    opt.step()  # the refresh: bases drawn and stacked, state allocated
+    ms = median_ms(opt.step, device, args.reps, args.warmup)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    opt.step()
+    torch.cuda.synchronize()
+    row = {"precision": precision, "step_ms": ms, "state_bytes": opt.state_bytes(),
+           "aux_bytes": opt.aux_bytes(),
+           "step_peak_extra_bytes": torch.cuda.max_memory_allocated() - before}  # fmt: skip
+    del opt
+    for w in mats:
+        w.grad = None
+    return row
 
 
 def time_refresh(gs: Groups, args, device, prev: dict, cfg) -> dict[str, Any]:
@@ -257,7 +326,10 @@ def main(argv=None) -> None:
     ap.add_argument("--energy-sample", type=int, default=1, help="matrices per shape for energy")
     ap.add_argument("--exact-sample", type=int, default=2, help="matrices per shape, exact SVD")
     ap.add_argument("--exact-all", action="store_true", help="exact SVD of every matrix")
-    ap.add_argument("--backends", default="torch,bmm,triton", help="triton: skipped if absent")
+    ap.add_argument("--backends", default="torch,bmm,triton,triton+fused_state",
+                    help="triton*: skipped if absent")  # fmt: skip
+    ap.add_argument("--frugal-precisions", default="tf32,bf16",
+                    help="FRUGAL.step() rows (CUDA); empty: none")  # fmt: skip
     ap.add_argument("--precisions", default="fp32,tf32,bf16")
     ap.add_argument("--no-refresh", action="store_true")
     ap.add_argument("--refresh-only", action="store_true", help="skip AdamW and the step rows")
@@ -282,9 +354,11 @@ def main(argv=None) -> None:
                                        "count": len(g["W"])} for k, g in gs.by_key.items()],
     }  # fmt: skip
     if importlib.util.find_spec("triton"):
+        from frugal_dist.kernels import projection_state as ps
         from frugal_dist.kernels import projection_triton as pt
 
-        result["triton_tiles"] = {"tiles": pt.TILES, "down_backend": pt.DOWN_BACKEND}
+        result["triton_tiles"] = {"tiles": pt.TILES, "down_backend": pt.DOWN_BACKEND,
+                                  "state": [ps.TILE_A, ps.TILE_C, ps.NUM_WARPS]}  # fmt: skip
     every = gs.rest_p + [w for g in gs.by_key.values() for w in g["W"]]
     grads = gs.rest_g + [g for grp in gs.by_key.values() for g in grp["G"]]
     for p, g in zip(every, grads):
@@ -297,8 +371,11 @@ def main(argv=None) -> None:
         del adamw
     rest_opt = torch.optim.AdamW(gs.rest_p, lr=LR, weight_decay=WD, fused=fused)
     for backend in [] if args.refresh_only else args.backends.split(","):
-        if backend == "triton" and not (cuda and importlib.util.find_spec("triton")):
-            print("[proj step triton] skipped: needs CUDA and the triton package", flush=True)
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # a CPU smoke run of the kernels
+        if backend.startswith("triton") and not (
+            (cuda or interpreted) and importlib.util.find_spec("triton")
+        ):
+            print(f"[proj step {backend}] skipped: needs CUDA and the triton package", flush=True)
             continue
         for precision in args.precisions.split(","):
             fns = step_fns(gs, rest_opt, backend, precision)
@@ -315,6 +392,17 @@ def main(argv=None) -> None:
     result["steps"] = rows
     if cuda:
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        result["frugal_steps"] = []
+        for precision in [] if args.refresh_only else args.frugal_precisions.split(","):
+            if not precision:
+                continue
+            row = frugal_step(gs, args, device, precision)
+            row["ratio_to_adamw"] = row["step_ms"] / result["adamw_ms"]
+            result["frugal_steps"].append(row)
+            extra = row["step_peak_extra_bytes"] / 2**30
+            print(f"[FRUGAL.step {precision}] {row['step_ms']:.2f} ms "
+                  f"({row['ratio_to_adamw']:.2f}x AdamW), the step adds {extra:.3f} GiB at peak",
+                  flush=True)  # fmt: skip
     write_json(out, result)
     if not args.no_refresh:
         result["refresh"] = refreshes(gs, args, device)
@@ -351,6 +439,9 @@ def table(result: dict[str, Any]) -> str:
             rows.append([f"projection {r['backend']}", r["precision"], fmt(r["step_ms"], ".2f"),
                          fmt(r["ratio_to_adamw"], ".2f"), fmt(r["down_ms"], ".2f"),
                          fmt(r["state_ms"], ".2f"), fmt(r["apply_ms"], ".2f")])  # fmt: skip
+        for r in result.get("frugal_steps", []):
+            rows.append(["FRUGAL.step()", r["precision"], fmt(r["step_ms"], ".2f"),
+                         fmt(r["ratio_to_adamw"], ".2f"), "-", "-", "-"])  # fmt: skip
         md = markdown_table(["step", "precision", "ms", "x AdamW", "down ms", "state ms",
                              "apply ms"], rows)  # fmt: skip
     ref = result.get("refresh")

@@ -10,7 +10,8 @@ CUDA events (median of ``--reps``). Each candidate is first checked on one matri
 against the float64 oracle (relative error of the smooth part, fraction of sign flips). Prints
 per-candidate totals over the model and the floors (12 bytes per entry at the measured copy
 bandwidth; 4 m n r flops for the apply). ``--write-tiles PATH`` writes the fastest candidate
-per kernel and precision (and whether the Triton or the ``bmm`` down product is faster) in the
+per kernel and precision (and which down product is fastest: Triton, ``bmm`` over stacked G or
+one ``mm`` per matrix) in the
 format of ``frugal_dist/kernels/projection_tiles.json``, rewritten after every candidate. Writes
 ``--out`` (JSON) and a markdown table beside it. Without CUDA: exits 0.
 """
@@ -35,10 +36,18 @@ from frugal_dist.core.subspaces import projection_rank, resolve_side  # noqa: E4
 from frugal_dist.kernels.refresh import random_bases  # noqa: E402
 from frugal_dist.train.model import LLAMA_CONFIGS  # noqa: E402
 
+# apply: a 6th entry 1 = the stacked-operand kernel (one dot of (2 BM x BN) right / (BM x 2 BN)
+# left); per output entry it reads r (2/BN + 1/BM) (right) or r (1/BN + 2/BM) (left) operand
+# entries from L2, so each side may want its own tile (written as "<precision>.<side>").
 APPLY = {
-    "bf16": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4)],
-    "tf32": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 16, 8, 4)],
-}
+    "bf16": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
+             (64, 256, 64, 8, 3), (256, 64, 64, 8, 3),
+             (64, 128, 64, 4, 3, 1), (64, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1),
+             (128, 64, 64, 4, 3, 1), (256, 64, 64, 8, 3, 1), (64, 64, 64, 4, 4, 1)],
+    "tf32": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 16, 8, 4),
+             (64, 128, 32, 4, 3, 1), (64, 256, 32, 8, 3, 1), (128, 64, 32, 4, 3, 1),
+             (256, 64, 32, 8, 3, 1)],
+}  # fmt: skip
 DOWN = {
     "bf16": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3)],
     "tf32": [(128, 128, 32, 8, 3), (128, 256, 32, 8, 3), (64, 256, 32, 4, 3)],
@@ -127,14 +136,25 @@ def check_down(grp, precision, tile) -> float:
 
 
 def write_tiles(path: str, res: dict[str, Any]) -> None:
-    """The fastest measured tile per (kernel, precision); ``down_backend``: triton or bmm."""
+    """The fastest measured tile per (kernel, precision), per matrix shape (``bf16.2048x5461``)
+    and, for the apply, per side (``bf16.right``: the sum over that side's groups);
+    ``down_backend``: the fastest down product (the Triton time with the per-precision tile)."""
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for row in res["rows"]:
         if "ms" not in row or row["kind"] not in ("apply", "down"):
             continue
-        key = (row["kind"], row["precision"])
-        if key not in best or row["ms"] < best[key]["ms"]:
-            best[key] = row
+        per_key = [(row["precision"], row["ms"])]
+        per_key += [(f"{row['precision']}.{x['shape'][0]}x{x['shape'][1]}", x["ms"])
+                    for x in row["groups"]]  # fmt: skip
+        if row["kind"] == "apply":
+            for side in ("left", "right"):
+                ms = [x["ms"] for x in row["groups"] if x["side"] == side]
+                if ms:
+                    per_key.append((f"{row['precision']}.{side}", sum(ms)))
+        for prec, ms in per_key:
+            key = (row["kind"], prec)
+            if key not in best or ms < best[key]["ms"]:
+                best[key] = {**row, "ms": ms}
     out: dict[str, Any] = {"measured": {"command": res["provenance"].get("command"),
                                         "date_utc": res["provenance"].get("date_utc"),
                                         "gpu": res["provenance"]["hardware"].get("gpu_name")},
@@ -144,10 +164,14 @@ def write_tiles(path: str, res: dict[str, Any]) -> None:
         out["ms"][f"{kind}.{prec}"] = round(row["ms"], 3)
     for row in res["rows"]:
         if row["kind"] == "bmm apply+down" and ("down", row["precision"]) in best:
-            bmm = sum(x["down_ms"] for x in row["groups"])
-            out["ms"][f"down.{row['precision']}.bmm"] = round(bmm, 3)
-            faster = best[("down", row["precision"])]["ms"] < bmm
-            out["down_backend"][row["precision"]] = "triton" if faster else "bmm"
+            ms = {"triton": best[("down", row["precision"])]["ms"],
+                  "bmm": sum(x["down_ms"] for x in row["groups"])}  # fmt: skip
+            if all("mm_down_ms" in x for x in row["groups"]):  # sweeps before "mm" lack it
+                ms["mm"] = sum(x["mm_down_ms"] for x in row["groups"])
+            for how in ("bmm", "mm"):
+                if how in ms:
+                    out["ms"][f"down.{row['precision']}.{how}"] = round(ms[how], 3)
+            out["down_backend"][row["precision"]] = min(ms, key=ms.get)
     Path(path).write_text(json.dumps(out, indent=1) + "\n")
 
 
@@ -193,15 +217,20 @@ def main(argv=None) -> None:
             dn = median_ms(lambda g=g: project_down(g["G"], g["P"], g["side"],
                                                     precision=precision, backend="bmm"),
                            args.reps)  # fmt: skip
+            # one cuBLAS mm per matrix, no stacked G (down_backend "mm")
+            mm = median_ms(lambda g=g: project_down(g["G"], g["P"], g["side"],
+                                                    precision=precision, backend="torch"),
+                           args.reps)  # fmt: skip
             ap_ms = median_ms(lambda g=g, X=X: apply_projection(
                 g["W"], g["G"], g["P"], X, g["U"], g["side"], lr=LR, weight_decay=WD,
                 precision=precision, backend="bmm"), args.reps)  # fmt: skip
             base["groups"].append({"shape": list(g["shape"]), "side": g["side"], "ms": dn + ap_ms,
-                                   "down_ms": dn, "apply_ms": ap_ms})  # fmt: skip
+                                   "down_ms": dn, "mm_down_ms": mm, "apply_ms": ap_ms})  # fmt: skip
         base["ms"] = sum(x["ms"] for x in base["groups"])
         res["rows"].append(base)
-        print("bmm", precision, [(round(x["down_ms"], 3), round(x["apply_ms"], 3))
-                                 for x in base["groups"]], flush=True)  # fmt: skip
+        print("bmm", precision, [(round(x["down_ms"], 3), round(x["mm_down_ms"], 3),
+                                  round(x["apply_ms"], 3)) for x in base["groups"]],
+              flush=True)  # fmt: skip
         for kind, cands in (("apply", APPLY[precision]), ("down", DOWN[precision])):
             for tile in cands:
                 row: dict[str, Any] = {"kind": kind, "precision": precision, "tile": list(tile),

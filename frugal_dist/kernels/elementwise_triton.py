@@ -377,3 +377,10 @@ def coordinate_apply(device, rows: list[int], count: int, ptr_or: int, gdtype,
             G_DTYPE=_GDTYPES[gdtype], ALIGNED=COORD_VECTOR and ptr_or & 15 == 0,
             WIDE=_wide(numel), BLOCK=block, num_warps=COORD_WARPS,
         )  # fmt: skip
+
+
+# Shared with ``kernels.projection_state`` (the projection step's fused AdamW state phase): the
+# same AdamW arithmetic, scalars and launch device as the kernels above.
+adamw_direction = _adamw_direction
+adam_scalars = _adam_scalars
+launch_device = _on

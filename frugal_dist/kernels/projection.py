@@ -23,7 +23,8 @@ Backends (``backend``):
                (``kernels.projection_triton``): the apply fuses both up-products and the update
                (reads G and W, writes W, no temporaries); the down product reads G in its own
                dtype (no stacked copy), or runs as ``bmm`` where that measured faster
-               (``projection_triton.DOWN_BACKEND``). Needs triton (CUDA, or TRITON_INTERPRET=1).
+               (``projection_triton.DOWN_BACKEND``: ``bmm`` stacks G, ``mm`` runs one product
+               per matrix). Needs triton (CUDA, or TRITON_INTERPRET=1).
 * ``auto``  -- ``bmm`` on CUDA, ``torch`` elsewhere.
 
 Precision of the projection GEMMs (``precision``):
@@ -192,8 +193,10 @@ def project_down(
     chunk_elems: int = CHUNK_ELEMS,
 ) -> Tensor:
     """G_sf = down(G) for B same-shape matrices: (B, m, r) for ``right``, (B, r, n) for ``left``,
-    float32. ``grads``: a list of (m, n)-viewable tensors or a (B, m, n) tensor; ``bases``: a
-    list or (B, dim, r) tensor (float32, or bfloat16 for ``precision='bf16'``: no cast then).
+    float32 (a ``left`` result of the ``triton`` backend at tf32 / bf16 is stored as (B, n, r),
+    the K-contiguous layout ``apply_projection`` reads, and returned as its ``.mT`` view).
+    ``grads``: a list of (m, n)-viewable tensors or a (B, m, n) tensor; ``bases``: a list or
+    (B, dim, r) tensor (float32, or bfloat16 for ``precision='bf16'``: no cast then).
     Row shards with ``left``: the result is a partial sum to all-reduce (module docstring).
     Communication: none."""
     check_choice("precision", precision, PRECISIONS)
@@ -207,18 +210,27 @@ def project_down(
     dev = g0.device
     dt = operand_dtype(precision)
     Pc = P.to(dt)
-    out = torch.empty((B, m, r) if side == "right" else (B, r, n), device=dev, dtype=torch.float32)
     how = resolve_backend(backend, dev)
+    if side == "right":
+        out = torch.empty(B, m, r, device=dev, dtype=torch.float32)
+    elif how == "triton" and precision != "fp32":  # stored (B, n, r): what the apply reads
+        out = torch.empty(B, n, r, device=dev, dtype=torch.float32).mT
+    else:
+        out = torch.empty(B, r, n, device=dev, dtype=torch.float32)
     if how == "triton":
         kern = _triton_module(dev)
         if kern.down_on_triton(precision, dev):
             return kern.fused_down(grads, Pc, side, out, precision=precision)
+        if kern.DOWN_BACKEND[precision] == "mm":  # per-matrix products: no stacked copy of G
+            how = "torch"
     with matmul_precision(precision):
         if how == "torch":
             for b in range(B):
                 g = grads[b].reshape(m, n).to(dt)
                 if side == "right":
                     mm32(g, Pc[b], out=out[b])
+                elif out.stride(1) == 1:  # (B, n, r) storage: X^T = G^T P
+                    mm32(g.T, Pc[b], out=out[b].T)
                 else:
                     mm32(Pc[b].T, g, out=out[b])
             return out
@@ -230,6 +242,8 @@ def project_down(
                                 grads[lo:hi], m, n)  # fmt: skip
             if side == "right":
                 mm32(S, Pc[lo:hi], out=out[lo:hi])
+            elif out.stride(1) == 1:  # (B, n, r) storage: X^T = G^T P
+                mm32(S.mT, Pc[lo:hi], out=out[lo:hi].mT)
             else:
                 mm32(Pc[lo:hi].mT, S, out=out[lo:hi])
     return out
@@ -317,6 +331,15 @@ def apply_projection(
     W = _param_views(params, m, n)
     dev = W[0].device
     dt = operand_dtype(precision)
+    how = resolve_backend(backend, dev)
+    if how == "triton":  # float32 X is rounded in registers; the others are cast if they must be
+        Xk, Uk = X, U.to(dt)
+        if side == "left" and precision != "fp32":  # K-contiguous B tiles: (B, n, r) storage
+            Xk, Uk = _k_contiguous(Xk), _k_contiguous(Uk)
+        _triton_module(dev).fused_apply(
+            W, grads, P.to(dt), Xk, Uk, side, decay=1.0 - lr * weight_decay, c_u=-lr * s_p,
+            c_f=-lr * s_p * s_i, rule=rule, precision=precision)  # fmt: skip
+        return
     Pc, Xc, Uc = P.to(dt), X.to(dt), U.to(dt)
     c, c_free = _coefficients(lr, weight_decay, s_p, s_i)
 
@@ -343,14 +366,6 @@ def apply_projection(
             S.sign_()
         up_add(S, Ub, c_free, c)  # c s_i F(R) + c up(U)
 
-    how = resolve_backend(backend, dev)
-    if how == "triton":
-        if side == "left" and precision != "fp32":  # K-contiguous B tiles: (B, n, r) copies
-            Xc, Uc = Xc.mT.contiguous().mT, Uc.mT.contiguous().mT
-        _triton_module(dev).fused_apply(
-            W, grads, Pc, Xc, Uc, side, decay=1.0 - lr * weight_decay, c_u=-lr * s_p,
-            c_f=-lr * s_p * s_i, rule=rule, precision=precision)  # fmt: skip
-        return
     with matmul_precision(precision):
         if how == "torch":
             for b in range(B):
@@ -367,6 +382,11 @@ def apply_projection(
                 _stack_into(S, grads[lo:hi], m, n)
             fill(S, lo, hi, grads)
             _finish(W[lo:hi], list(S.unbind(0)), lr, weight_decay)
+
+
+def _k_contiguous(t: Tensor) -> Tensor:
+    """``t`` (B, r, n) stored as (B, n, r) (a copy only when it is not already)."""
+    return t if t.stride(1) == 1 else t.mT.contiguous().mT
 
 
 def _triton_module(device: torch.device):  # noqa: ANN202 (a module)

@@ -18,8 +18,10 @@ once (the ``bf16`` tiles are rounded in registers: no bfloat16 copy of G is writ
 
 Both kernels read W and G through a table of B device addresses (the matrices are separate
 tensors), the bases and compact operands as stacked (B, ., .) tensors. Precision: ``fp32`` ->
-``tl.dot`` ieee, ``tf32`` -> tf32 on float32 operands, ``bf16`` -> bfloat16 operands (the caller
-passes P, X, U as bfloat16; float32 accumulate; W, G and the epilogue stay float32). Tile sizes
+``tl.dot`` ieee, ``tf32`` -> tf32 on float32 operands, ``bf16`` -> bfloat16 operands (float32
+accumulate; W, G and the epilogue stay float32): operands handed over as float32 (G always, X
+from the down product, P where no bfloat16 stack is kept) are rounded in registers, so the step
+writes no bfloat16 copies. Tile sizes
 come from a fixed table (``TILES``, measured on an H200 by
 ``benchmarks/kernels_projection_tiles.py``), not from run-time autotuning, so every rank runs the
 same arithmetic (same result on any world size).
@@ -31,9 +33,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton
@@ -41,13 +45,18 @@ import triton.language as tl
 from torch import Tensor
 
 RULE_CODES = {"signsgd": 0, "sgd": 1, "none": 2}
+SIDES = ("left", "right")
+# the down product of the triton backend: this module's kernel, one cuBLAS bmm over G stacked
+# into a temporary, or one cuBLAS mm per matrix (no copy of G; B launches)
+DOWN_BACKENDS = ("triton", "bmm", "mm")
 _INPUT_PRECISION = {"fp32": "ieee", "tf32": "tf32", "bf16": "tf32"}
+_OPERAND = {"fp32": tl.float32, "tf32": tl.float32, "bf16": tl.bfloat16}
 _ELEM = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 # (BM, BN, BK, num_warps, num_stages) by kernel and precision. Built-in defaults, overridden by
 # projection_tiles.json beside this file: the best candidates of a sweep on an H200 at LLaMA-1B
 # shapes (r = 512), written by benchmarks/kernels_projection_tiles.py --write-tiles. Its
-# ``down_backend`` names, per precision, the faster down product there (``triton`` or ``bmm``).
+# ``down_backend`` names, per precision, the fastest down product there (``DOWN_BACKENDS``).
 TILES_FILE = Path(__file__).with_name("projection_tiles.json")
 _DEFAULT_TILES = {
     "apply": {"bf16": (128, 128, 64, 8, 3), "tf32": (128, 128, 32, 8, 3),
@@ -55,27 +64,45 @@ _DEFAULT_TILES = {
     "down": {"bf16": (128, 128, 64, 8, 3), "tf32": (128, 128, 32, 8, 3),
              "fp32": (64, 64, 32, 4, 2)},
 }  # fmt: skip
-Tile = tuple[int, int, int, int, int]
+Tile = tuple[int, ...]  # (BM, BN, BK, warps, stages), apply: optionally a 6th, ``stacked`` (0 / 1)
+
+
+def _tile_key_ok(kind: str, key: str) -> bool:
+    """``<precision>``, ``<precision>.<m>x<n>`` (one matrix shape's tile), or for the apply
+    ``<precision>.<side>`` (a side's own tile)."""
+    prec, _, rest = key.partition(".")
+    if prec not in _INPUT_PRECISION:
+        return False
+    return rest == "" or (kind == "apply" and rest in SIDES) or bool(re.fullmatch(r"\d+x\d+", rest))
+
+
+def _tile_ok(kind: str, t: Any) -> bool:
+    n_ok = len(t) == 5 or (kind == "apply" and len(t) == 6 and t[5] in (0, 1))
+    return n_ok and all(isinstance(x, int) and x > 0 for x in t[:5])
 
 
 def load_tiles(path: Path = TILES_FILE) -> tuple[dict[str, dict[str, Tile]], dict[str, str]]:
     """(tiles by kernel and precision, down backend by precision): the defaults above updated
-    from ``path`` when it exists."""
+    from ``path`` when it exists. Keys may name a matrix shape (``bf16.2048x5461``: the tile of
+    the (2048, 5461) matrices) and, for the apply, a side (``bf16.right``); the most specific
+    present key wins (shape, side, precision). Apply tiles may carry a 6th entry, 1 =
+    ``_apply_stacked_kernel`` (one dot on stacked operands), 0 / absent = ``_apply_kernel``."""
     tiles = {k: dict(v) for k, v in _DEFAULT_TILES.items()}
     down_backend = {p: "triton" for p in _INPUT_PRECISION}
     if path.exists():
         data = json.loads(path.read_text())
         for kind in tiles:
             for prec, t in data.get(kind, {}).items():
-                if (prec not in _INPUT_PRECISION or len(t) != 5
-                        or not all(isinstance(x, int) and x > 0 for x in t)):  # fmt: skip
+                if not (_tile_key_ok(kind, prec) and isinstance(t, list) and _tile_ok(kind, t)):
                     raise ValueError(f"{path}: {kind}.{prec} must be five positive ints (BM, "
-                                     f"BN, BK, warps, stages), got {t!r}")  # fmt: skip
+                                     f"BN, BK, warps, stages; apply: and optionally 'stacked' "
+                                     f"0/1), keyed by a precision (apply: or precision.side), "
+                                     f"got {t!r}")  # fmt: skip
                 tiles[kind][prec] = tuple(t)
         for prec, how in data.get("down_backend", {}).items():
-            if prec not in _INPUT_PRECISION or how not in ("triton", "bmm"):
-                raise ValueError(f"{path}: down_backend.{prec} must be 'triton' or 'bmm', got "
-                                 f"{how!r}")  # fmt: skip
+            if prec not in _INPUT_PRECISION or how not in DOWN_BACKENDS:
+                raise ValueError(f"{path}: down_backend.{prec} must be one of "
+                                 f"{list(DOWN_BACKENDS)}, got {how!r}")  # fmt: skip
             down_backend[prec] = how
     return tiles, down_backend
 
@@ -92,8 +119,11 @@ def _apply_kernel(
     decay, c_u, c_f,
     r: tl.constexpr,  # the rank: a compile-time loop bound (few distinct values per model)
     LEFT: tl.constexpr, RULE: tl.constexpr, G_ELEM: tl.constexpr, PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+    OP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):  # fmt: skip
+    """``OP``: the products' operand dtype; P, X, U tiles of another dtype (float32 X in the
+    ``bf16`` precision) are rounded to it in registers."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     tiles_n = tl.cdiv(n, BN)
@@ -123,13 +153,14 @@ def _apply_kernel(
             else:
                 a = tl.load(p_ptr + a_off, mask=rk[None, :] < r, other=0.0)
                 b2 = tl.load(u_ptr + u_off, mask=rk[:, None] < r, other=0.0)
-            acc2 = tl.dot(a, b2, acc2, input_precision=PREC)
+            a = a.to(OP)
+            acc2 = tl.dot(a, b2.to(OP), acc2, input_precision=PREC)
             if RULE != 2:
                 if EVEN_K:
                     b1 = tl.load(x_ptr + x_off)
                 else:
                     b1 = tl.load(x_ptr + x_off, mask=rk[:, None] < r, other=0.0)
-                acc1 = tl.dot(a, b1, acc1, input_precision=PREC)
+                acc1 = tl.dot(a, b1.to(OP), acc1, input_precision=PREC)
         else:  # X, U (m, r) rows om; P (n, r): the B tile is P^T[rk, on] = P[on, rk]
             b_off = on[None, :] * s_p0 + rk[:, None] * s_p1
             x_off = om[:, None] * s_x0 + rk[None, :] * s_x1
@@ -140,13 +171,21 @@ def _apply_kernel(
             else:
                 bt = tl.load(p_ptr + b_off, mask=rk[:, None] < r, other=0.0)
                 a2 = tl.load(u_ptr + u_off, mask=rk[None, :] < r, other=0.0)
-            acc2 = tl.dot(a2, bt, acc2, input_precision=PREC)
+            bt = bt.to(OP)
+            acc2 = tl.dot(a2.to(OP), bt, acc2, input_precision=PREC)
             if RULE != 2:
                 if EVEN_K:
                     a1 = tl.load(x_ptr + x_off)
                 else:
                     a1 = tl.load(x_ptr + x_off, mask=rk[None, :] < r, other=0.0)
-                acc1 = tl.dot(a1, bt, acc1, input_precision=PREC)
+                acc1 = tl.dot(a1.to(OP), bt, acc1, input_precision=PREC)
+    _update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u, c_f, RULE)
+
+
+@triton.jit
+def _update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u, c_f,
+                 RULE: tl.constexpr):  # fmt: skip
+    """W[rm, rn] <- W decay + c_u acc2 + c_f F(G - acc1): reads G and W once, writes W once."""
     mask = (rm < m)[:, None] & (rn < n)[None, :]
     w_offs = rm[:, None] * n + rn[None, :]  # W is contiguous
     w = tl.load(w_ptr + w_offs, mask=mask, other=0.0)
@@ -158,6 +197,71 @@ def _apply_kernel(
             res = tl.where(res > 0, 1.0, tl.where(res < 0, -1.0, res * 0.0))
         out += c_f * res
     tl.store(w_ptr + w_offs, out, mask=mask)
+
+
+@triton.jit
+def _apply_stacked_kernel(
+    w_addrs, g_addrs, p_ptr, x_ptr,
+    m, n, u_delta,
+    s_gm, s_gn, s_pb, s_p0, s_p1, s_xb, s_x0, s_x1,
+    decay, c_u, c_f,
+    r: tl.constexpr, LEFT: tl.constexpr, RULE: tl.constexpr, G_ELEM: tl.constexpr,
+    PREC: tl.constexpr, OP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """``_apply_kernel`` with both products as ONE ``tl.dot`` on stacked operands: right,
+    A' = [X rows; U rows] (2 BM x BK) times the shared P^T tile -> (2 BM x BN); left, the shared
+    P tile times B' = [X cols | U cols] (BK x 2 BN) -> (BM x 2 BN); the accumulator is split in
+    the epilogue. The same flops and operand bytes as two dots, as one standard GEMM tile. U is
+    read at ``x_ptr + u_delta`` with X's strides (the host checks: same dtype and layout)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    tiles_n = tl.cdiv(n, BN)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    w_ptr = tl.load(w_addrs + b).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(g_addrs + b).to(tl.pointer_type(G_ELEM))
+    p_ptr += b * s_pb
+    x_ptr += b * s_xb
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    if LEFT:  # columns j < BN of B' are X's, the others U's
+        j = tl.arange(0, 2 * BN)
+        cj = (pid_n * BN + j % BN) % n
+        col = tl.where(j < BN, 0, u_delta) + cj.to(tl.int64) * s_x1
+        om = rm % m
+        acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+        for k0 in range(0, r, BK):
+            rk = k0 + tl.arange(0, BK)
+            a_off = om[:, None] * s_p0 + rk[None, :] * s_p1
+            b_off = rk[:, None] * s_x0 + col[None, :]
+            if EVEN_K:
+                a = tl.load(p_ptr + a_off)
+                bx = tl.load(x_ptr + b_off)
+            else:
+                a = tl.load(p_ptr + a_off, mask=rk[None, :] < r, other=0.0)
+                bx = tl.load(x_ptr + b_off, mask=rk[:, None] < r, other=0.0)
+            acc = tl.dot(a.to(OP), bx.to(OP), acc, input_precision=PREC)
+        acc1, acc2 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
+    else:  # rows i < BM of A' are X's, the others U's; the B tile is P^T[rk, on] = P[on, rk]
+        i = tl.arange(0, 2 * BM)
+        ri = (pid_m * BM + i % BM) % m
+        row = tl.where(i < BM, 0, u_delta) + ri.to(tl.int64) * s_x0
+        on = rn % n
+        acc = tl.zeros((2 * BM, BN), dtype=tl.float32)
+        for k0 in range(0, r, BK):
+            rk = k0 + tl.arange(0, BK)
+            a_off = row[:, None] + rk[None, :] * s_x1
+            b_off = on[None, :] * s_p0 + rk[:, None] * s_p1
+            if EVEN_K:
+                a = tl.load(x_ptr + a_off)
+                bt = tl.load(p_ptr + b_off)
+            else:
+                a = tl.load(x_ptr + a_off, mask=rk[None, :] < r, other=0.0)
+                bt = tl.load(p_ptr + b_off, mask=rk[:, None] < r, other=0.0)
+            acc = tl.dot(a.to(OP), bt.to(OP), acc, input_precision=PREC)
+        acc1, acc2 = tl.split(tl.permute(tl.reshape(acc, (2, BM, BN)), (1, 2, 0)))
+    _update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u, c_f, RULE)
 
 
 @triton.jit
@@ -193,8 +297,9 @@ def _down_kernel(
         else:
             a = tl.load(g_ptr + a_off, mask=rc[None, :] < K, other=0.0)
             bt = tl.load(p_ptr + b_off, mask=rc[:, None] < K, other=0.0)
-        if BF16:
+        if BF16:  # G and P rounded in registers (no bfloat16 copies)
             a = a.to(tl.bfloat16)
+            bt = bt.to(tl.bfloat16)
         else:
             a = a.to(tl.float32)
         acc = tl.dot(a, bt, acc, input_precision=PREC)
@@ -239,8 +344,16 @@ def uniform_strides(mats: Sequence[Tensor], m: int, n: int) -> list[Tensor]:
     return [v.to(dt).contiguous() for v in views]
 
 
-def _tile(kind: str, precision: str, device: torch.device) -> Tile:
-    return TILES[kind][precision] if device.type == "cuda" else _INTERPRET_TILE
+def _tile(kind: str, precision: str, device: torch.device, shape: tuple[int, int],
+          side: str = "") -> Tile:  # fmt: skip
+    """The table's tile for a (m, n) matrix: by shape, else side (apply), else precision."""
+    if device.type != "cuda":
+        return _INTERPRET_TILE
+    table = TILES[kind]
+    for key in (f"{precision}.{shape[0]}x{shape[1]}", f"{precision}.{side}"):
+        if key in table:
+            return table[key]
+    return table[precision]
 
 
 def down_on_triton(precision: str, device: torch.device) -> bool:
@@ -256,23 +369,42 @@ def fused_apply(
 ) -> None:  # fmt: skip
     """W_b <- W_b decay + c_u up(U_b) + c_f F(G_b - up(X_b)) in place for B matrices (module doc).
     ``W``: contiguous float32 (m, n) tensors; ``G``: (m, n)-viewable float32 / bfloat16 / float16;
-    ``P`` (B, dim, r), ``X``, ``U`` (B, m, r) right / (B, r, n) left: float32, or bfloat16 for
-    ``bf16``. ``tile``: (BM, BN, BK, warps, stages), default the measured table. One launch.
-    Communication: none."""
+    ``P`` (B, dim, r), ``X``, ``U`` (B, m, r) right / (B, r, n) left: float32, or (any of them)
+    bfloat16 for ``bf16``, where float32 tiles are rounded to bfloat16 in registers (no cast
+    copies). ``tile``: (BM, BN, BK, warps, stages[, stacked]), default the measured table (per
+    precision and side); ``stacked`` = 1 runs ``_apply_stacked_kernel`` (X and U then share one
+    dtype and layout: cast / laid out here if they do not). One launch. Communication: none."""
     B = len(W)
     m, n = W[0].shape
     r = P.shape[-1]
     Gv = uniform_strides(G, m, n)
-    bm, bn, bk, warps, stages = tile or _tile("apply", precision, W[0].device)
+    bm, bn, bk, warps, stages, *rest = tile or _tile("apply", precision, W[0].device, (m, n),
+                                                     side)  # fmt: skip
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), B)
+    if rest and rest[0] == 1 and rule != "none":
+        if X.dtype != U.dtype or X.stride() != U.stride():
+            X = torch.empty_like(U).copy_(X)  # a fallback; the step hands them over alike
+        delta, rem = divmod(U.data_ptr() - X.data_ptr(), X.element_size())
+        if rem:  # not expected from the caching allocator (512-byte blocks)
+            X = torch.empty_like(U).copy_(X)
+            delta = (U.data_ptr() - X.data_ptr()) // X.element_size()
+        _apply_stacked_kernel[grid](
+            address_table(W), address_table(Gv), P, X, m, n, delta,
+            Gv[0].stride(0), Gv[0].stride(1), P.stride(0), P.stride(1), P.stride(2),
+            X.stride(0), X.stride(1), X.stride(2), float(decay), float(c_u), float(c_f),
+            r=r, LEFT=side == "left", RULE=RULE_CODES[rule], G_ELEM=_ELEM[Gv[0].dtype],
+            PREC=_INPUT_PRECISION[precision], OP=_OPERAND[precision], BM=bm, BN=bn, BK=bk,
+            EVEN_K=r % bk == 0, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        return
     _apply_kernel[grid](
         address_table(W), address_table(Gv), P, X, U, m, n,
         Gv[0].stride(0), Gv[0].stride(1), P.stride(0), P.stride(1), P.stride(2),
         X.stride(0), X.stride(1), X.stride(2), U.stride(0), U.stride(1), U.stride(2),
         float(decay), float(c_u), float(c_f),
         r=r, LEFT=side == "left", RULE=RULE_CODES[rule], G_ELEM=_ELEM[Gv[0].dtype],
-        PREC=_INPUT_PRECISION[precision], BM=bm, BN=bn, BK=bk, EVEN_K=r % bk == 0,
-        num_warps=warps, num_stages=stages,
+        PREC=_INPUT_PRECISION[precision], OP=_OPERAND[precision], BM=bm, BN=bn, BK=bk,
+        EVEN_K=r % bk == 0, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
@@ -281,8 +413,10 @@ def fused_down(
     tile: Tile | None = None,
 ) -> Tensor:  # fmt: skip
     """out_b = G_b P_b (right, out (B, m, r)) or P_b^T G_b (left, out (B, r, n)), float32, for
-    B (m, n)-viewable gradients; ``P`` (B, dim, r) float32, or bfloat16 for ``bf16`` (G's tiles
-    are then rounded to bfloat16 in registers). One launch. Communication: none."""
+    B (m, n)-viewable gradients; ``P`` (B, dim, r) float32, or bfloat16 for ``bf16`` (G's tiles,
+    and P's if float32, are then rounded to bfloat16 in registers). ``out`` may be any strided
+    view (a ``left`` (B, r, n) result stored as (B, n, r): the apply's K-contiguous layout).
+    One launch. Communication: none."""
     B = len(G)
     r = P.shape[-1]
     m, n = (P.shape[1], G[0].numel() // P.shape[1]) if side == "left" else (
@@ -293,7 +427,7 @@ def fused_down(
         M, K, s_ga, s_gc, s_oa, s_ok = m, n, s_gm, s_gn, out.stride(1), out.stride(2)
     else:  # a = column j, c = row i; out (r, n) written transposed
         M, K, s_ga, s_gc, s_oa, s_ok = n, m, s_gn, s_gm, out.stride(2), out.stride(1)
-    bm, bn, bk, warps, stages = tile or _tile("down", precision, out.device)
+    bm, bn, bk, warps, stages = tile or _tile("down", precision, out.device, (m, n))
     grid = (triton.cdiv(M, bm) * triton.cdiv(r, bn), B)
     _down_kernel[grid](
         address_table(Gv), P, out, M,

@@ -238,14 +238,19 @@ def down(ctx: StepContext, items: list[Item]) -> None:
 
 # ---------------------------------------------------------------------------------------- state
 def state(ctx: StepContext, items: list[Item]) -> None:
-    """U = StateFull(G_sf) on the owner of each active item, one foreach call per group (fused
-    AdamW items wait for the apply phase)."""
+    """U = StateFull(G_sf) on the owner of each active item: what the kind batches itself
+    (``state_batched``: whole projection matrices, one fused kernel per batch), then one foreach
+    call per group for the rest (fused AdamW items wait for the apply phase)."""
     by_group: dict[int, list[Item]] = {}
     for it in items:
         if it.active and it.owner == ctx.rank and not it.fused:
             by_group.setdefault(id(it.group), []).append(it)
     for its in by_group.values():
         group = its[0].group
+        done = its[0].kind.state_batched(its, ctx)  # fused kernels (projection batches)
+        its = [it for it in its if id(it) not in done]
+        if not its:
+            continue
         dirs = state_full_directions(
             its[0].kind.rule(group), [it.g_sf for it in its], [it.st for it in its],
             [it.sf_t for it in its], group["betas"], group["eps"],

@@ -4,7 +4,17 @@ For B whole matrices of one shape and side with bases of rank r (``project_down`
 ``apply_projection``, see ``frugal_dist.kernels.projection``):
 
     down:   X = down(G)  for the batch  (B, m, r) right / (B, r, n) left      G_sf of each item
+    state:  m <- lerp(m, X, 1 - b1);  v <- b2 v + (1 - b2) X^2                AdamW groups
+            U = (m / (sqrt(v) / sqrt(1 - b2^t) + eps)) / (1 - b1^t)          (``state_batched``)
     apply:  W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(G - up(X)))            decay folded
+
+Every operand is laid out once: the bases are stacked once per refresh in the products' dtype
+and held once (``operand_bases``); X is the down product's (B, ...) result, used through views
+(``stacked`` makes no copy of a batch's rows); the state kernel (``kernels.projection_state``:
+reads X, m, v, writes m, v, U -- 24 B per compact entry, one launch per batch) writes U -- and,
+for bf16, X's bfloat16 copy -- in the layout and dtype the apply kernel reads. A steady bf16 step
+is then three Triton launches per batch and no copies; tf32 still stacks G for its ``bmm`` down
+(``projection_tiles.json``: ``down_backend``).
 
 ``proj_precision`` (a group option) sets the precision of these GEMMs: ``fp32`` (IEEE float32),
 ``tf32`` (TF32 tensor cores on CUDA; on the CPU the same as fp32) or ``bf16`` (bfloat16 operands,
@@ -78,36 +88,61 @@ def batches(its: list[Item], kernels: str) -> list[tuple[str, list[Item]]]:
     return [(key[0], sub) for key, sub in out.items()]
 
 
-def stacked(tensors: list[Tensor], cache: dict[Any, tuple[list[Tensor], Tensor]] | None = None,
-            key: Any = None) -> Tensor:  # fmt: skip
-    """The (B, ...) stack of same-shape ``tensors`` without a copy when they are the
-    consecutive slices of one tensor; else ``torch.stack`` (kept in ``cache[key]`` while the
-    very same tensors come back: bases, between refreshes)."""
-    base = tensors[0]._base
-    if (
-        base is not None
-        and base.dim() == tensors[0].dim() + 1
-        and base.shape[0] == len(tensors)
-        and base.is_contiguous()
-        and all(
-            t._base is base
-            and t.shape == base.shape[1:]
-            and t.storage_offset() == base.storage_offset() + b * base.stride(0)
-            for b, t in enumerate(tensors)
-        )
+def stacked(tensors: list[Tensor]) -> Tensor:
+    """The (B, ...) stack of same-shape ``tensors``: a view, without a copy, when they are
+    equally spaced non-overlapping slices of one storage with one layout (the rows of a batch
+    result, whatever its strides), else ``torch.stack``."""
+    t0 = tensors[0]
+    if len(tensors) == 1:
+        return t0.unsqueeze(0)
+    root = t0._base if t0._base is not None else t0
+    step = tensors[1].storage_offset() - t0.storage_offset()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t0.shape, t0.stride()))
+    if step >= extent and all(
+        (t._base if t._base is not None else t) is root
+        and t.dtype == t0.dtype
+        and t.shape == t0.shape
+        and t.stride() == t0.stride()
+        and t.storage_offset() == t0.storage_offset() + b * step
+        for b, t in enumerate(tensors)
     ):
-        return base
-    if cache is not None:
-        hit = cache.get(key)
-        if (
-            hit is not None
-            and len(hit[0]) == len(tensors)
-            and all(a is b for a, b in zip(hit[0], tensors))
-        ):
-            return hit[1]
-    out = torch.stack(tensors)
-    if cache is not None:
-        cache[key] = (list(tensors), out)
+        return t0.as_strided((len(tensors), *t0.shape), (step, *t0.stride()), t0.storage_offset())
+    return torch.stack(tensors)
+
+
+def operand_bases(sub: list[Item], cache: dict) -> Tensor:
+    """The batch's bases as one (B, dim, r) tensor in the products' operand dtype, built once
+    per refresh and held once:
+
+    * ``fp32`` / ``tf32``: the float32 stack *is* the bases -- each item's basis (its selection,
+      and the svd ``proj_basis`` state) is rebound to its slice ``stack[b]``, so no second copy
+      exists (``state_dict()`` then holds views of one buffer: ``torch.save`` writes it once,
+      consolidated checkpoints and DCP write each view's own entries);
+    * ``bf16``: a bfloat16 stack beside the float32 per-item bases (half their bytes), so the
+      kernels read no float32 P and the step writes no per-step casts.
+
+    ``cache[key]`` = (the per-item basis tensors, the stack), kept while the very same tensors
+    come back (until the next refresh)."""
+    group = sub[0].group
+    key = ("bases", id(group), _key(sub[0], ""))
+    bases = [it.sel.basis for it in sub]
+    hit = cache.get(key)
+    if hit is not None and len(hit[0]) == len(bases) and all(a is b for a, b in zip(hit[0], bases)):
+        return hit[1]
+    cache.pop(key, None)  # the old stack goes before the new one is built
+    full = stacked(bases)
+    if group["proj_precision"] == "bf16":
+        out = full.to(torch.bfloat16)
+    else:
+        out = full
+        bases = list(full.unbind(0))
+        for it, view in zip(sub, bases):
+            if it.st.get("proj_basis") is it.sel.basis:
+                it.st["proj_basis"] = view
+            if it.gsel is not None and it.gsel is not it.sel and it.gsel.basis is it.sel.basis:
+                it.gsel.basis = view
+            it.sel.basis = view  # also the cached selection (``StepCache.selections``)
+    cache[key] = (bases, out)
     return out
 
 
@@ -117,8 +152,7 @@ def down_batched(its: list[Item], kernels: str, cache: dict) -> set[int]:
     done: set[int] = set()
     for backend, sub in batches(its, kernels):
         group = sub[0].group
-        bases = stacked([it.sel.basis for it in sub], cache, ("bases", id(group), _key(sub[0], "")))
-        X = project_down([it.g for it in sub], bases, sub[0].sel.side,
+        X = project_down([it.g for it in sub], operand_bases(sub, cache), sub[0].sel.side,
                          precision=group["proj_precision"], backend=backend)  # fmt: skip
         for it, x in zip(sub, X.unbind(0)):
             it.g_sf = x
@@ -126,19 +160,68 @@ def down_batched(its: list[Item], kernels: str, cache: dict) -> set[int]:
     return done
 
 
+def fused_state_usable(kernels: str, device: torch.device) -> bool:
+    """Whether the state phase of batched projections runs as one Triton launch per batch
+    (``kernels.projection_state``): CUDA with ``kernels`` allowing Triton, or ``"triton"``."""
+    if kernels == "triton":
+        return True
+    return kernels == "auto" and device.type == "cuda" and triton_available()
+
+
+def state_batched(its: list[Item], kernels: str, *, sharded: bool) -> set[int]:
+    """U = AdamW(G_sf) of the batchable items of one group (``state_full="adamw"``), one
+    ``adamw_state`` launch per batch (m, v advanced in place, U written once); returns the ids
+    of the items done, the others keep the ``core.rules`` foreach path.
+
+    U goes where the apply kernel reads it: a (B, ...) buffer (no stacking copy), for the
+    ``triton`` backend in its operand dtype and, ``left``, stored (B, n, r); with ``bf16`` the
+    kernel also writes G_sf's bfloat16 copy (``it.g_sf_op``). ``shard_state`` keeps U float32
+    contiguous (it is broadcast to the other ranks). Communication: none."""
+    group = its[0].group
+    if its[0].kind.rule(group) != "adamw" or not fused_state_usable(kernels, its[0].g.device):
+        return set()
+    from frugal_dist.kernels.projection_state import adamw_state
+
+    done: set[int] = set()
+    for backend, sub in batches(its, kernels):
+        if any(it.g_sf is None or "exp_avg" not in it.st for it in sub):
+            continue
+        X = stacked([it.g_sf for it in sub])
+        B, a, c = X.shape
+        dev = X.device
+        fast = backend == "triton" and not sharded
+        bf16 = fast and group["proj_precision"] == "bf16"
+        dt = torch.bfloat16 if bf16 else torch.float32
+        if fast and sub[0].sel.side == "left" and group["proj_precision"] != "fp32":
+            U = torch.empty(B, c, a, device=dev, dtype=dt).mT
+        else:
+            U = torch.empty(B, a, c, device=dev, dtype=dt)
+        X_op = torch.empty_like(U) if bf16 else None
+        adamw_state(X, [it.st["exp_avg"] for it in sub], [it.st["exp_avg_sq"] for it in sub],
+                    [it.sf_t for it in sub], group["betas"], group["eps"], U, X_op)  # fmt: skip
+        for b, it in enumerate(sub):
+            it.u = U[b]
+            if X_op is not None:
+                it.g_sf_op = X_op[b]
+            done.add(id(it))
+    return done
+
+
 def apply_batched(its: list[Item], lr: float, wd: float, kernels: str, cache: dict) -> None:
     """W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R)) for items ``projection_backend`` accepts
     (their G_sf from ``down_batched`` or the per-item down, U from the state / exchange phase);
-    one ``apply_projection`` per batch, decay folded."""
+    one ``apply_projection`` per batch, decay folded. Operands already laid out by
+    ``state_batched`` (U, the bfloat16 G_sf) are passed as they are."""
     for backend, sub in batches(its, kernels):
         group = sub[0].group
-        bases = stacked([it.sel.basis for it in sub], cache, ("bases", id(group), _key(sub[0], "")))
+        ops = [it.g_sf_op for it in sub]
+        X = stacked(ops) if all(x is not None for x in ops) else stacked([it.g_sf for it in sub])
         apply_projection(
-            [it.view.data for it in sub], [it.g for it in sub], bases,
-            stacked([it.g_sf for it in sub]), stacked([it.u for it in sub]), sub[0].sel.side,
+            [it.view.data for it in sub], [it.g for it in sub], operand_bases(sub, cache), X,
+            stacked([it.u for it in sub]), sub[0].sel.side,
             lr=lr, weight_decay=wd, s_p=group["proj_params_lr_scale"],
             s_i=group["inactive_lr_scale"], rule=group["state_free"],
             precision=group["proj_precision"], backend=backend,
         )  # fmt: skip
         for it in sub:
-            it.free = it.u = it.g_sf = None
+            it.release()

@@ -32,6 +32,7 @@ class Item:
     sel: Any = None  # selection in local coordinates
     gsel: Any = None  # global selection
     g_sf: Tensor | None = None
+    g_sf_op: Tensor | None = None  # G_sf as the apply kernel reads it (``projection_batch``)
     free: Tensor | None = None  # state-free direction decided by the sign vote
     free_done: bool = False  # ``free`` is final (residual_comm="sign")
     u: Tensor | None = None
@@ -44,7 +45,7 @@ class Item:
 
     def release(self) -> None:
         """Drop this item's temporaries (once its update is applied)."""
-        self.free = self.u = self.g_sf = None
+        self.free = self.u = self.g_sf = self.g_sf_op = None
 
     @property
     def st(self):

@@ -9,7 +9,8 @@ A kind is a stateless object (one instance per kind); everything per parameter i
     reduce    sign_parts()                          what residual_comm="sign" sends
     select    select()                              svd refresh (projection), fingerprint()
     down      down()                                G_sf; fragments' partial sums (projection)
-    state     rule()                                the state-full rule (phase-generic)
+    state     rule(), state_batched()               the state-full rule (phase-generic); the
+                                                    items a kind runs in its own kernels
     exchange  compact_shape()                       shape of U for owners' broadcasts
     apply     route(), apply_one()                  a place in a batched apply, or the item's
                                                     own update (after the group's decay)
@@ -141,6 +142,12 @@ class SubspaceKind(ABC):
         for it in its:
             if it.g_sf is None and it.active:
                 it.g_sf = it.g
+
+    # ------------------------------------------------------------------ state
+    def state_batched(self, its: list[Item], ctx: StepContext) -> set[int]:
+        """Compute U for the items of one group this kind batches in its own kernels; return
+        their ids (the state phase runs ``core.rules`` on the others). Default: none."""
+        return set()
 
     # ------------------------------------------------------------------ apply
     @abstractmethod

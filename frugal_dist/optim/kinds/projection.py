@@ -46,7 +46,12 @@ from frugal_dist.core.subspaces import (
 from frugal_dist.kernels.refresh import random_bases
 from frugal_dist.optim.fast_apply import can_batch, local_matrix
 from frugal_dist.optim.kinds.base import SubspaceKind
-from frugal_dist.optim.projection_batch import down_batched, gemm_precision, projection_backend
+from frugal_dist.optim.projection_batch import (
+    down_batched,
+    gemm_precision,
+    projection_backend,
+    state_batched,
+)
 from frugal_dist.optim.sharding import assign_owners
 from frugal_dist.optim.step_items import Item, apply_update
 from frugal_dist.optim.svd_refresh import basis_shape, owner_bases
@@ -126,6 +131,10 @@ class Projection(SubspaceKind):
                     partial.append(it)
         if partial:
             sum_partial_projections(partial, ctx)
+
+    def state_batched(self, its: list[Item], ctx: StepContext) -> set[int]:
+        # whole matrices of an AdamW group: one fused kernel per batch (optim.projection_batch)
+        return state_batched(its, ctx.kernels, sharded=ctx.sharded)
 
     def free_direction(self, it: Item) -> Tensor | None:
         if it.free_done:
