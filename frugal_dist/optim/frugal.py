@@ -132,6 +132,7 @@ from frugal_dist.optim.state_loading import (
     saved_state_dtypes,
 )
 from frugal_dist.optim.step_cache import StepCache
+from frugal_dist.optim.step_plan import SKIPPED, STALE, StepPlan
 from frugal_dist.optim.validation import check_group_keys, check_known_keys, validate_options
 
 FRUGAL_DEFAULTS: dict[str, Any] = dict(
@@ -306,6 +307,14 @@ class FRUGAL(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.comm.begin_step()
+        plan = self._cache.plan
+        if plan is not None:  # between refreshes: the cached plan (optim.step_plan)
+            done = plan.run(self._context(), self.nonfinite)
+            if done == SKIPPED:
+                self._skipped += 1
+            if done != STALE:
+                return loss
+            self._cache.plan = None
         views = [(group, self.views(group)) for group in self.param_groups]
         ctx = self._context()
         self._check_agreement_once(ctx)
@@ -320,7 +329,9 @@ class FRUGAL(Optimizer):
         phases.down(ctx, items)  # G_sf = down(G)
         phases.state(ctx, items)  # U = StateFull(G_sf) on each owner
         phases.exchange(ctx, items)  # shard_state: owners broadcast U
-        phases.apply(ctx, items)  # W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R))
+        routed = phases.route_apply(ctx, items)
+        phases.run_apply(ctx, routed)  # W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R))
+        self._cache.plan = StepPlan.build(ctx, items, routed)  # the steps until the refresh
         return loss
 
     def _context(self) -> phases.StepContext:

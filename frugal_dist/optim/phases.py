@@ -139,8 +139,17 @@ def gradients_finite(
     reduces itself differ per rank: the flag is all-reduced over the group (4 B)."""
     names = [v.name for _, vs in views for v in vs]
     grads = [v.grad for _, vs in views for v in vs]
+    return check_finite(ctx, names, grads, mode)
+
+
+def check_finite(
+    ctx: StepContext, names: list[str], grads: list[Tensor | None], mode: str,
+    buckets: list[list[int]] | None = None,
+) -> bool:  # fmt: skip
+    """``gradients_finite`` over explicit lists (``buckets``: the cached positions of the
+    non-empty gradients per (device, dtype), ``nonfinite.grad_buckets``)."""
     per_rank = ctx.layout is not None or ctx.reduce_gradients
-    ok, first = grads_are_finite(names, grads, ctx.pg, ctx.world if per_rank else 1)
+    ok, first = grads_are_finite(names, grads, ctx.pg, ctx.world if per_rank else 1, buckets)
     if ok:
         return True
     if mode == "raise":
@@ -254,15 +263,36 @@ def down(ctx: StepContext, items: list[Item]) -> None:
         kind.down([it for it in its if it.active], ctx)
 
 
+def down_lists(ctx: StepContext) -> list[tuple[SubspaceKind, list[Item]]]:
+    """Per kind, the active items whose G_sf a later phase reads: fused items gather G inside
+    their apply kernel (``fast_apply.apply_fused``), so the cached step plan leaves them out."""
+    out = []
+    for kind, its in ctx.by_kind.items():
+        need = [it for it in its if it.active and not it.fused]
+        if need:
+            out.append((kind, need))
+    return out
+
+
 # ---------------------------------------------------------------------------------------- state
 def state(ctx: StepContext, items: list[Item]) -> None:
     """U = StateFull(G_sf) on the owner of each active item, one foreach call per group (fused
     AdamW items wait for the apply phase)."""
+    run_state(state_batches(ctx, items))
+
+
+def state_batches(ctx: StepContext, items: list[Item]) -> list[list[Item]]:
+    """The items of each group whose owner advances their state-full rule here (not fused)."""
     by_group: dict[int, list[Item]] = {}
     for it in items:
         if it.active and it.owner == ctx.rank and not it.fused:
             by_group.setdefault(id(it.group), []).append(it)
-    for its in by_group.values():
+    return list(by_group.values())
+
+
+def run_state(batches: list[list[Item]]) -> None:
+    """One ``state_full_directions`` call per batch of ``state_batches``; sets ``Item.u``."""
+    for its in batches:
         group = its[0].group
         dirs = state_full_directions(
             its[0].kind.rule(group), [it.g_sf for it in its], [it.st for it in its],
@@ -290,34 +320,58 @@ def exchange(ctx: StepContext, items: list[Item]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- apply
+@dataclass
+class GroupApply:
+    """One group's routed apply work (``route_apply``): its kind, batches, the tensors that take
+    the group's own ``W *= 1 - lr wd`` and the device of its per-item GEMMs."""
+
+    group: dict[str, Any]
+    kind: SubspaceKind
+    batches: ApplyBatches
+    decayed: list[Tensor]
+    device: Any
+
+
 def apply(ctx: StepContext, items: list[Item]) -> None:
     """Each item's update, group by group (no communication): the kinds route every item to a
     batch (``ApplyBatches``); the batches that fold the weight decay run as they are, the others
     after one ``W *= 1 - lr wd`` over their tensors."""
+    run_apply(ctx, route_apply(ctx, items))
+
+
+def route_apply(ctx: StepContext, items: list[Item]) -> list[GroupApply]:
+    """Every item's batch, group by group (the kinds' ``route``; fused items: ``fused``)."""
     by_group: dict[int, list[Item]] = {}
     for it in items:
         by_group.setdefault(id(it.group), []).append(it)
+    out = []
     for its in by_group.values():
-        group = its[0].group
-        lr, wd = group["lr"], group["weight_decay"]
         batches = ApplyBatches()
         for it in its:
             if it.fused:
                 batches.fused.append(it)
             else:
                 it.kind.route(it, ctx, batches)
-        if wd != 0.0:  # fused / free / kernel_projs fold the decay into their kernels
-            data = [it.view.data for it in (*batches.rest, *batches.coords, *batches.projs)
-                    if it.view.data.numel()]  # fmt: skip
-            if data:
-                torch._foreach_mul_(data, 1.0 - lr * wd)
+        decayed = [it.view.data for it in (*batches.rest, *batches.coords, *batches.projs)
+                   if it.view.data.numel()]  # fmt: skip
+        out.append(GroupApply(its[0].group, its[0].kind, batches, decayed, its[0].g.device))
+    return out
+
+
+def run_apply(ctx: StepContext, routed: list[GroupApply]) -> None:
+    """The routed updates with the groups' current lr and weight decay (fused / free /
+    kernel_projs fold the decay into their kernels; the other lists are decayed first)."""
+    for ga in routed:
+        group, kind, batches = ga.group, ga.kind, ga.batches
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0.0 and ga.decayed:
+            torch._foreach_mul_(ga.decayed, 1.0 - lr * wd)
         if batches.fused:
             apply_fused(batches.fused, lr, wd, group, ctx.kernels, ctx.cache.coord_positions)
         apply_free_batch(batches.free, lr, wd, ctx.kernels)
         if batches.kernel_projs:
             apply_batched(batches.kernel_projs, lr, wd, ctx.kernels, ctx.cache.kernel_cache)
-        kind = its[0].kind
-        with kind.gemm_context(group, its[0].g.device):  # per-item projection GEMMs
+        with kind.gemm_context(group, ga.device):  # per-item projection GEMMs
             for it in batches.rest:
                 kind.apply_one(it, ctx)
                 it.release()  # this item's temporaries, now
