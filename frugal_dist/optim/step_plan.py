@@ -186,4 +186,3 @@ def _prep(it: Item):
     if it.kind.matrix_grad:
         return lambda g: local_matrix(view, g.float() if to_float else g)
     return lambda g: g.float()
-
