@@ -56,10 +56,13 @@ from frugal_dist.comm.stats import CommStats
 from frugal_dist.core.rules import state_full_directions
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim.fast_apply import (
+    FusedParts,
     apply_coordinate_batch,
-    apply_free_batch,
-    apply_fused,
     apply_projection_batch,
+    free_parts,
+    fused_parts,
+    run_free,
+    run_fused,
 )
 from frugal_dist.optim.kinds import SubspaceKind, kind_for
 from frugal_dist.optim.nonfinite import grads_are_finite
@@ -112,8 +115,8 @@ class StepContext:
 class ApplyBatches:
     """Where each item's update goes in the apply phase (filled by the kinds' ``route``):
 
-    * ``fused``: state phase inside the apply kernel (``fast_apply.apply_fused``), decay folded;
-    * ``free``: pure state-free updates (``fast_apply.apply_free_batch``), decay folded;
+    * ``fused``: state phase inside the apply kernel (``fast_apply.run_fused``), decay folded;
+    * ``free``: pure state-free updates (``fast_apply.run_free``), decay folded;
     * ``kernel_projs``: whole projection matrices (``projection_batch.apply_batched``), decay
       folded;
     * ``coords`` / ``projs``: foreach batches with a signSGD residual, after the group's decay;
@@ -265,7 +268,7 @@ def down(ctx: StepContext, items: list[Item]) -> None:
 
 def down_lists(ctx: StepContext) -> list[tuple[SubspaceKind, list[Item]]]:
     """Per kind, the active items whose G_sf a later phase reads: fused items gather G inside
-    their apply kernel (``fast_apply.apply_fused``), so the cached step plan leaves them out."""
+    their apply kernel (``fast_apply.run_fused``), so the cached step plan leaves them out."""
     out = []
     for kind, its in ctx.by_kind.items():
         need = [it for it in its if it.active and not it.fused]
@@ -322,12 +325,15 @@ def exchange(ctx: StepContext, items: list[Item]) -> None:
 # ---------------------------------------------------------------------------------------- apply
 @dataclass
 class GroupApply:
-    """One group's routed apply work (``route_apply``): its kind, batches, the tensors that take
-    the group's own ``W *= 1 - lr wd`` and the device of its per-item GEMMs."""
+    """One group's routed apply work (``route_apply``): its kind, batches, the fused batch's
+    fixed kernel arguments, the tensors that take the group's own ``W *= 1 - lr wd`` and the
+    device of its per-item GEMMs."""
 
     group: dict[str, Any]
     kind: SubspaceKind
     batches: ApplyBatches
+    fused: FusedParts | None
+    free: list[tuple[str, float, list[Item], list[Tensor]]]
     decayed: list[Tensor]
     device: Any
 
@@ -354,7 +360,12 @@ def route_apply(ctx: StepContext, items: list[Item]) -> list[GroupApply]:
                 it.kind.route(it, ctx, batches)
         decayed = [it.view.data for it in (*batches.rest, *batches.coords, *batches.projs)
                    if it.view.data.numel()]  # fmt: skip
-        out.append(GroupApply(its[0].group, its[0].kind, batches, decayed, its[0].g.device))
+        group = its[0].group
+        fused = None
+        if batches.fused:
+            fused = fused_parts(batches.fused, group, ctx.cache.coord_positions)
+        free = free_parts(batches.free)
+        out.append(GroupApply(group, its[0].kind, batches, fused, free, decayed, its[0].g.device))
     return out
 
 
@@ -366,9 +377,9 @@ def run_apply(ctx: StepContext, routed: list[GroupApply]) -> None:
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0.0 and ga.decayed:
             torch._foreach_mul_(ga.decayed, 1.0 - lr * wd)
-        if batches.fused:
-            apply_fused(batches.fused, lr, wd, group, ctx.kernels, ctx.cache.coord_positions)
-        apply_free_batch(batches.free, lr, wd, ctx.kernels)
+        if ga.fused is not None:
+            run_fused(ga.fused, lr, wd, group, ctx.kernels)
+        run_free(ga.free, lr, wd, ctx.kernels)
         if batches.kernel_projs:
             apply_batched(batches.kernel_projs, lr, wd, ctx.kernels, ctx.cache.kernel_cache)
         with kind.gemm_context(group, ga.device):  # per-item projection GEMMs
