@@ -202,8 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated variant names")
     ap.add_argument("--out", default=str(HERE / "results" / "step_host_overhead_cpu.json"))
-    ap.add_argument("--nonfinite", default="skip", choices=("skip", "raise", "ignore"),
-                    help="FRUGAL's nonfinite option (ignore: no inf/nan check, no sync)")
+    ap.add_argument(
+        "--nonfinite",
+        default="skip",
+        choices=("skip", "raise", "ignore"),
+        help="FRUGAL's nonfinite option (ignore: no inf/nan check, no sync)",
+    )
     ap.add_argument("--check-steps", type=int, default=0)
     ap.add_argument("--save-params", default="")
     args = ap.parse_args(argv)
