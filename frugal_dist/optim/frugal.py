@@ -45,9 +45,10 @@ Distributed (replicated parameters: DDP, plain torchrun). Options of the optimiz
 
 Step options (of the optimizer, not of a group):
 
-* ``nonfinite="skip"`` -- check every local gradient for inf/nan first (one fused
-  ``_foreach_norm`` per dtype, one flag, one host sync per step; see ``optim.nonfinite``) and skip
-  the whole step if any rank found one (``skipped_steps()`` counts them); ``"raise"`` raises
+* ``nonfinite="skip"`` -- check every local gradient for inf/nan before anything changes (one
+  fused ``_foreach_norm`` per dtype, one flag, one host sync per step; see ``optim.nonfinite``;
+  between refreshes after the cached plan's host work, ``optim.step_plan``) and skip the whole
+  step if any rank found one (``skipped_steps()`` counts them); ``"raise"`` raises
   ``FloatingPointError`` naming the parameter; ``"ignore"`` checks nothing.
 * ``fused=None`` -- whole-tensor AdamW items (``algorithm="adamw"`` groups; ``"state_full"``
   groups and active blocks with ``state_full="adamw"``) of float32 data and gradients run
@@ -97,8 +98,10 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
                                  or the (r, n) products (left)                     4 B x r x n
     5. [shard_state]             each owner broadcasts the compact U it computed   4 B x |S|
 
-``step()`` runs these as the phases of ``frugal_dist.optim.phases``; ``docs/step.md`` walks
-through them, and through where a new subspace kind (``optim.kinds``) or engine plugs in.
+``step()`` runs these as the phases of ``frugal_dist.optim.phases``; steps between refreshes
+replay a plan cached at the first step after each refresh (``optim.step_plan``: same results,
+less host work). ``docs/step.md`` walks through them, and through where a new subspace kind
+(``optim.kinds``) or engine plugs in.
 """
 
 from __future__ import annotations
