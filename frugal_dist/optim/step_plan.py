@@ -65,6 +65,7 @@ class StepPlan:
         self.names = [it.name for it in items]
         self.grad_dtypes = [it.view.grad.dtype for it in items]
         self.preps = [_prep(it) for it in items]
+        self.plain = all(prep is None for prep in self.preps)
         self.buckets = grad_buckets([it.view.grad for it in items])
         self.step_counters = [it.st["step"] for it in items]
         self.step_base = [int(t.item()) for t in self.step_counters]
@@ -130,9 +131,12 @@ class StepPlan:
         for g, dtype in zip(grads, self.grad_dtypes):
             if g is None or g.dtype is not dtype:
                 return STALE
-        items = self.items
-        for it, g, prep in zip(items, grads, self.preps):
-            it.g = g if prep is None else prep(g)
+        if self.plain:  # every item's g is its gradient
+            for it, g in zip(self.items, grads):
+                it.g = g
+        else:
+            for it, g, prep in zip(self.items, grads, self.preps):
+                it.g = g if prep is None else prep(g)
         n = self.taken + 1
         for it, base in zip(self.owned, self.sf_base):
             it.sf_t = base + n
