@@ -3,6 +3,7 @@
 
     python benchmarks/kernels_projection.py                       # CUDA, LLaMA-1B shapes
     python benchmarks/kernels_projection.py --model tiny --allow-cpu --reps 2    # CPU smoke
+    python benchmarks/kernels_projection.py --refresh-only     # refreshes only (no step rows)
 
 One process, one GPU, fp32 parameters and gradients of every LLaMA parameter. Timed with CUDA
 events (median of ``--reps`` after ``--warmup``), all in the same run:
@@ -15,7 +16,10 @@ events (median of ``--reps`` after ``--warmup``), all in the same run:
   Backends ``torch`` / ``bmm`` / ``triton`` (batched Triton apply and down kernels, tiles from
   ``frugal_dist/kernels/projection_tiles.json``, recorded as ``triton_tiles``).
 * refreshes of all split matrices: ``svd_bases`` per method / oversampling / power steps / QR /
-  precision, ``random_bases`` (Householder, CholeskyQR2), and the exact SVD on ``--exact-sample``
+  precision (the rows the optimizer's step runs are marked ``step:``: ``warm``, its first refresh
+  = ``randomized`` with ``optim.svd_refresh``'s settings, at the default ``proj_precision``
+  tf32), ``random_bases`` (Householder, CholeskyQR2; the step draws one CholeskyQR2 batch per
+  (dim, r) at a refresh), and the exact SVD on ``--exact-sample``
   matrices per shape, scaled to the whole model (``extrapolated: true``), unless ``--exact-all``.
   ``energy``: captured / optimal energy (``captured_energy`` / ``optimal_energy``, float64) on
   ``--energy-sample`` matrices per shape. The gradients are synthetic: a spectrum decaying like
@@ -52,12 +56,16 @@ from frugal_dist.kernels.refresh import (  # noqa: E402
     random_bases,
     svd_bases,
 )
+from frugal_dist.optim import svd_refresh  # noqa: E402
 from frugal_dist.train.model import LLAMA_CONFIGS  # noqa: E402
 
 REFRESH_CONFIGS = [  # (method, oversample, power_iters, qr, precision)
     ("randomized", 8, 1, "householder", "tf32"),
     ("randomized", 8, 1, "cholesky", "tf32"),
     ("randomized", 8, 2, "cholesky", "tf32"),
+    ("randomized", 0, 2, "cholesky", "tf32"),  # the step's first svd refresh (svd_refresh)
+    ("randomized", 0, 2, "cholesky", "bf16"),
+    ("randomized", 0, 3, "cholesky", "tf32"),
     ("warm", 0, 1, "householder", "tf32"),
     ("warm", 0, 1, "cholesky", "tf32"),
     ("warm", 0, 1, "cholesky", "bf16"),
@@ -223,15 +231,19 @@ def refreshes(gs: Groups, args, device) -> dict[str, Any]:
         k = min(args.energy_sample, take)
         exact_ratio += (captured_energy(sub[:k], P[:k], side) / grp["best"][:k]).tolist()
     out["exact"] = {"ms": exact_ms, "extrapolated": sampled, "energy_ratio_min": min(exact_ratio)}
+    # random bases as the step draws them at a refresh: one call per (dim, r), names in order
+    # (optim.kinds.projection.draw_random_bases)
+    by_dim: dict[tuple[int, int], list[str]] = {}
+    for (shape, side, r), grp in gs.by_key.items():
+        by_dim.setdefault((shape[0] if side == "left" else shape[1], r), []).extend(grp["names"])
     out["random"] = []
     for qr in ("householder", "cholesky"):
         total = 0.0
-        for (shape, side, r), grp in gs.by_key.items():
-            dim = shape[0] if side == "left" else shape[1]
-            seeds = [projection_seed(args.seed, n, 1) for n in grp["names"]]
+        for (dim, r), names in by_dim.items():
+            seeds = [projection_seed(args.seed, n, 1) for n in sorted(names)]
             draw = lambda d=dim, r=r, s=seeds, q=qr: random_bases(d, r, s, device, qr=q)  # noqa: E731
             total += median_ms(draw, device, args.reps, 1)
-        out["random"].append({"qr": qr, "ms": total})
+        out["random"].append({"qr": qr, "ms": total, "calls": len(by_dim)})
     return out
 
 
@@ -248,6 +260,7 @@ def main(argv=None) -> None:
     ap.add_argument("--backends", default="torch,bmm,triton", help="triton: skipped if absent")
     ap.add_argument("--precisions", default="fp32,tf32,bf16")
     ap.add_argument("--no-refresh", action="store_true")
+    ap.add_argument("--refresh-only", action="store_true", help="skip AdamW and the step rows")
     ap.add_argument("--allow-cpu", action="store_true", help="run on the CPU (smoke test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -277,12 +290,13 @@ def main(argv=None) -> None:
     for p, g in zip(every, grads):
         p.grad = g
     fused = cuda or None
-    adamw = torch.optim.AdamW(every, lr=LR, weight_decay=WD, fused=fused)
-    result["adamw_ms"] = median_ms(adamw.step, device, args.reps, args.warmup)
-    del adamw
-    rest_opt = torch.optim.AdamW(gs.rest_p, lr=LR, weight_decay=WD, fused=fused)
     rows = []
-    for backend in args.backends.split(","):
+    if not args.refresh_only:
+        adamw = torch.optim.AdamW(every, lr=LR, weight_decay=WD, fused=fused)
+        result["adamw_ms"] = median_ms(adamw.step, device, args.reps, args.warmup)
+        del adamw
+    rest_opt = torch.optim.AdamW(gs.rest_p, lr=LR, weight_decay=WD, fused=fused)
+    for backend in [] if args.refresh_only else args.backends.split(","):
         if backend == "triton" and not (cuda and importlib.util.find_spec("triton")):
             print("[proj step triton] skipped: needs CUDA and the triton package", flush=True)
             continue
@@ -312,15 +326,33 @@ def main(argv=None) -> None:
     print(f"wrote {out}")
 
 
+def step_role(s: dict[str, Any]) -> str:
+    """Which refresh of the optimizer's step a configuration is (``optim.svd_refresh``'s
+    settings at the default ``proj_precision``), or ""."""
+    if s["qr"] != svd_refresh.QR or s["precision"] != "tf32":
+        return ""
+    if s["method"] == "warm" and (s["oversample"], s["power_iters"]) == (
+        0, svd_refresh.WARM_POWER_ITERS
+    ):  # fmt: skip
+        return "step: warm"
+    if s["method"] == "randomized" and (s["oversample"], s["power_iters"]) == (
+        svd_refresh.RANDOMIZED_OVERSAMPLE, svd_refresh.RANDOMIZED_POWER_ITERS
+    ):  # fmt: skip
+        return "step: first refresh (warm) / randomized"
+    return ""
+
+
 def table(result: dict[str, Any]) -> str:
-    a = result["adamw_ms"]
-    rows = [["adamw (fused)", "-", fmt(a, ".2f"), "1.00", "-", "-", "-"]]
-    for r in result["steps"]:
-        rows.append([f"projection {r['backend']}", r["precision"], fmt(r["step_ms"], ".2f"),
-                     fmt(r["ratio_to_adamw"], ".2f"), fmt(r["down_ms"], ".2f"),
-                     fmt(r["state_ms"], ".2f"), fmt(r["apply_ms"], ".2f")])  # fmt: skip
-    md = markdown_table(["step", "precision", "ms", "x AdamW", "down ms", "state ms",
-                         "apply ms"], rows)  # fmt: skip
+    md = ""
+    if "adamw_ms" in result:
+        a = result["adamw_ms"]
+        rows = [["adamw (fused)", "-", fmt(a, ".2f"), "1.00", "-", "-", "-"]]
+        for r in result["steps"]:
+            rows.append([f"projection {r['backend']}", r["precision"], fmt(r["step_ms"], ".2f"),
+                         fmt(r["ratio_to_adamw"], ".2f"), fmt(r["down_ms"], ".2f"),
+                         fmt(r["state_ms"], ".2f"), fmt(r["apply_ms"], ".2f")])  # fmt: skip
+        md = markdown_table(["step", "precision", "ms", "x AdamW", "down ms", "state ms",
+                             "apply ms"], rows)  # fmt: skip
     ref = result.get("refresh")
     if ref:
         rr = [
@@ -329,27 +361,31 @@ def table(result: dict[str, Any]) -> str:
                 "-",
                 fmt(ref["exact"]["ms"] / 1e3, ".3f"),
                 fmt(ref["exact"]["energy_ratio_min"], ".4f"),
+                "svd_method=exact",
             ]
         ]
         for s in ref["svd"]:
             rr.append([f"{s['method']} p={s['oversample']} q={s['power_iters']} {s['qr']}",
                        s["precision"], fmt(s["ms"] / 1e3, ".3f"),
-                       fmt(s["energy_ratio_min"], ".4f")])  # fmt: skip
+                       fmt(s["energy_ratio_min"], ".4f"), step_role(s)])  # fmt: skip
         for s in ref["random"]:
-            rr.append([f"random bases {s['qr']}", "fp32", fmt(s["ms"] / 1e3, ".4f"), "-"])
-        md += "\n\n" + markdown_table(["refresh (whole model)", "precision", "s",
-                                       "energy / exact top-r (min)"], rr)  # fmt: skip
+            role = "step: random refresh" if s["qr"] == "cholesky" else ""
+            rr.append([f"random bases {s['qr']}", "fp32", fmt(s["ms"] / 1e3, ".4f"), "-", role])
+        head = ["refresh (whole model)", "precision", "s", "energy / exact top-r (min)",
+                "in the step"]  # fmt: skip
+        md += ("\n\n" if md else "") + markdown_table(head, rr)
     return md
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
     def draw(plt):
         fig, ax = plt.subplots(1, 2, figsize=(14, 5))
-        labels = ["adamw"] + [f"{r['backend']} {r['precision']}" for r in result["steps"]]
-        ax[0].barh(labels, [result["adamw_ms"]] + [r["step_ms"] for r in result["steps"]])
-        ax[0].axvline(1.5 * result["adamw_ms"], color="k", ls="--", label="1.5x AdamW")
-        ax[0].set_xlabel("step ms (LLaMA shapes)")
-        ax[0].legend()
+        if "adamw_ms" in result:
+            labels = ["adamw"] + [f"{r['backend']} {r['precision']}" for r in result["steps"]]
+            ax[0].barh(labels, [result["adamw_ms"]] + [r["step_ms"] for r in result["steps"]])
+            ax[0].axvline(1.5 * result["adamw_ms"], color="k", ls="--", label="1.5x AdamW")
+            ax[0].set_xlabel("step ms (LLaMA shapes)")
+            ax[0].legend()
         ref = result.get("refresh")
         if ref:
             lab = [f"{s['method']} p{s['oversample']} q{s['power_iters']} {s['qr'][:4]} "

@@ -119,7 +119,7 @@ def ref_projection(
     """(side, P): P (m, r) for a left projection, (n, r) for a right one, float32.
 
     ``svd_method`` (``svd`` only): ``exact`` = the top-r singular vectors; ``warm`` = one step of
-    subspace iteration from ``previous`` (exact when it is None or of another shape);
+    subspace iteration from ``previous`` (when it is None or of another shape: ``randomized``);
     ``randomized`` = a seeded range finder (``ref_randomized_range``). ``random_device``
     (``random`` only): the Gaussian is drawn in float32 by a generator on that device (the
     optimizer's on-device bases) instead of in float64 on the CPU."""
@@ -136,7 +136,7 @@ def ref_projection(
         if svd_method == "warm" and previous is not None and tuple(previous.shape) == (d, r):
             a = g.double() if side == "left" else g.double().T
             return side, _ref_orth(a @ (a.T @ previous.double())).float()
-        if svd_method == "randomized":
+        if svd_method in ("randomized", "warm"):  # warm without a previous basis starts here
             return side, ref_randomized_range(g, r, side, seed).float()
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
         p = u[:, :r] if side == "left" else vh[:r, :].T
@@ -162,10 +162,9 @@ def ref_projection(
     raise ValueError(f"unknown proj_type {proj_type!r}")
 
 
-# The randomized range finder's settings (the optimizer's ``optim.svd_refresh`` states its own;
-# a test checks they agree).
-REF_OVERSAMPLE = 8
-REF_POWER_ITERS = 1
+# The randomized range finder's power steps (the optimizer's ``optim.svd_refresh`` states its
+# own; a test checks they agree). No oversampling: the basis is Q itself.
+REF_POWER_ITERS = 2
 
 
 def _ref_orth(y: Tensor) -> Tensor:
@@ -178,21 +177,15 @@ def _ref_orth(y: Tensor) -> Tensor:
 
 
 def ref_randomized_range(g: Tensor, r: int, side: str, seed: int) -> Tensor:
-    """Halko-Martinsson-Tropp, in float64: A = G (left) or G^T (right), (dim x o); Omega (o x k)
-    float32 normals from a generator on G's device seeded with ``seed``, k = min(r + p, dim, o);
-    Q = orth(A Omega), q times Q = orth(A A^T Q); with k > r the top-r eigenvectors V of
-    (Q^T A)(Q^T A)^T give P = Q V."""
+    """Halko-Martinsson-Tropp, in float64: A = G (left) or G^T (right), (dim x o); Omega (o x r)
+    float32 normals from a generator on G's device seeded with ``seed``; Q = orth(A Omega), then
+    q = ``REF_POWER_ITERS`` times Q = orth(A A^T Q); P = Q."""
     a = g.double() if side == "left" else g.double().T
-    dim, o = a.shape
-    k = min(r + REF_OVERSAMPLE, dim, o)
+    o = a.shape[1]
     gen = torch.Generator(device=g.device)
     gen.manual_seed(int(seed))
-    omega = torch.empty(o, k, device=g.device).normal_(generator=gen).double()
+    omega = torch.empty(o, r, device=g.device).normal_(generator=gen).double()
     q = _ref_orth(a @ omega)
     for _ in range(REF_POWER_ITERS):
         q = _ref_orth(a @ (a.T @ q))
-    if k == r:
-        return q
-    b = q.T @ a
-    _, vecs = torch.linalg.eigh(b @ b.T)  # ascending
-    return q @ vecs[:, -r:].flip(-1)
+    return q

@@ -4,6 +4,9 @@ Every function takes B matrices of one shape (m, n) and returns bases (B, dim, r
 dim = m for ``left`` (P spans the top left singular vectors: down(G) = P^T G) and dim = n for
 ``right`` (top right singular vectors: down(G) = G P). Write A = G (left) or A = G^T (right),
 a (dim x o) matrix whose dominant column space is wanted, and k = min(r + oversample, dim, o).
+float64 gradients are kept in float64 throughout (products, QR, Rayleigh-Ritz; ``precision`` does
+not apply) and only the bases are rounded to float32: float32 rounding of G would turn last-bit
+gradient differences (between engines' reduction orders) into basis differences.
 
 ``svd_bases(method=...)``:
 
@@ -14,11 +17,15 @@ a (dim x o) matrix whose dominant column space is wanted, and k = min(r + oversa
 * ``warm``        -- subspace iteration from the previous basis: Q = [P_prev | Omega_p / sqrt(dim)]
                      (Omega_p: k - r seeded Gaussian columns), then ``power_iters`` (>= 1) times
                      Q = orth(A (A^T Q)). One step = 2 products and one thin QR; without a
-                     previous basis it is ``randomized``.
+                     previous basis it is ``randomized`` (with the caller's ``power_iters``).
 
 With oversampling (k > r) a Rayleigh-Ritz step keeps the best r directions of span(Q): the
 top-r eigenvectors V of C = (Q^T A)(Q^T A)^T (k x k, float64), P = Q V (one more product).
-With k = r the basis is Q itself (only the span matters for down / up / residual).
+With k = r the basis is Q itself (only the span matters for down / up / residual). The batched
+k x k ``eigh`` dominates an oversampled refresh on CUDA (H200, LLaMA-1B, k = r + 8 = 520: warm
+p=8 1.113 s against p=0 0.102 s: the products differ by 1.6 %, the rest is Rayleigh-Ritz),
+while p=8 buys little energy over p=0 at the same power steps (CPU, 1B shapes, q=2: 0.9767 vs
+0.9754 of the exact top-r), so the optimizer's refreshes use p = 0 (``optim.svd_refresh``).
 
 ``orth`` (``qr=``): ``householder`` (``torch.linalg.qr``, diag(R) >= 0) or ``cholesky``
 (shifted CholeskyQR2 in float64: two Gram products and two triangular solves per matrix, all
@@ -102,18 +109,20 @@ def _cholesky_qr2(Y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def orthonormalize(Y: Tensor, qr: str = "householder") -> Tensor:
-    """An orthonormal basis (B, d, k) float32 of each Y[b]'s column space (k <= d), with the
-    R factor's diagonal positive (so a full-rank Y gives a unique Q)."""
+    """An orthonormal basis (B, d, k) of each Y[b]'s column space (k <= d), with the R factor's
+    diagonal positive (so a full-rank Y gives a unique Q): float64 for a float64 Y, else
+    float32."""
     check_choice("qr", qr, QR_METHODS)
     if Y.shape[-1] > Y.shape[-2]:
         raise ValueError(f"cannot orthonormalise {Y.shape[-1]} columns in dimension {Y.shape[-2]}")
+    dt = torch.float64 if Y.dtype == torch.float64 else torch.float32
     if qr == "householder" or Y.shape[-1] == 0:
-        return _householder(Y.float())
+        return _householder(Y.to(dt))
     q, bad = _cholesky_qr2(Y)
-    q = q.float()
+    q = q.to(dt)
     if bool(bad.any()):  # one host sync per refresh chunk
         idx = bad.nonzero().flatten()
-        q[idx] = _householder(Y[idx].float())
+        q[idx] = _householder(Y[idx].to(dt))
     return q
 
 
@@ -135,26 +144,29 @@ def _sketch_bases(
     A: Tensor, r: int, k: int, method: str, seeds: Sequence[int] | None,
     prev: Tensor | None, power_iters: int, qr: str,
 ) -> Tensor:  # fmt: skip
-    """Bases (B, dim, r) of one chunk: A (B, dim, o) in the operand dtype (see module doc)."""
+    """Bases (B, dim, r) of one chunk: A (B, dim, o) in the operand dtype (see module doc);
+    float32, or float64 for a float64 A."""
     B, dim, o = A.shape
     dt = A.dtype
+    wide = dt == torch.float64  # float64 products and bases, no float32 rounding before the end
+    mm = torch.matmul if wide else mm32
     if method == "warm" and prev is not None:
         # No QR of the start: the previous basis is orthonormal and the extra Gaussian columns
         # (unit expected norm) need only be independent of it; A A^T Q is orthonormalised below.
-        Q = prev.float()
+        Q = prev.to(torch.float64 if wide else torch.float32)
         if k > r:
             extra = gaussian(B, dim, k - r, seeds, A.device) / dim**0.5
-            Q = torch.cat([Q, extra], dim=-1)
+            Q = torch.cat([Q, extra.to(Q.dtype)], dim=-1)
     else:
-        Q = orthonormalize(mm32(A, gaussian(B, o, k, seeds, A.device).to(dt)), qr)
+        Q = orthonormalize(mm(A, gaussian(B, o, k, seeds, A.device).to(dt)), qr)
     for _ in range(power_iters):
-        Z = mm32(A.mT, Q.to(dt))
-        Q = orthonormalize(mm32(A, Z.to(dt)), qr)
+        Z = mm(A.mT, Q.to(dt))
+        Q = orthonormalize(mm(A, Z.to(dt)), qr)
     if k == r:
         return Q.contiguous()
-    Bm = mm32(Q.to(dt).mT, A).double()  # (B, k, o)
+    Bm = mm(Q.to(dt).mT, A).double()  # (B, k, o)
     _, vecs = torch.linalg.eigh(Bm @ Bm.mT)  # ascending eigenvalues
-    V = vecs[..., -r:].flip(-1).to(torch.float32)
+    V = vecs[..., -r:].flip(-1).to(Q.dtype)
     return (Q @ V).contiguous()
 
 
@@ -178,7 +190,8 @@ def svd_bases(
     matrices or a (B, m, n) tensor; ``seeds``: one int per matrix (needed unless ``exact``, or
     ``warm`` with ``previous`` and no oversampling); ``previous``: (B, dim, rank) bases of the
     last refresh (``warm``). ``precision`` applies to the (dim x o) products (``tf32`` /
-    ``bf16`` on CUDA); the QR, Gram and eigen steps run in float32 / float64.
+    ``bf16`` on CUDA); the QR, Gram and eigen steps run in float32 / float64. float64
+    ``grads`` run every step in float64 (all methods) and are rounded to float32 at the end.
     Temporaries: one stacked chunk of ``chunk_elems`` entries at a time. Communication: none."""
     check_choice("method", method, METHODS)
     check_choice("side", side, SIDES)
@@ -215,7 +228,10 @@ def svd_bases(
     if rank == 0:
         return out
     exact = method == "exact"
-    dt = torch.float32 if exact else operand_dtype(precision)
+    if g0.dtype == torch.float64:
+        dt = torch.float64
+    else:
+        dt = torch.float32 if exact else operand_dtype(precision)
     with matmul_precision("fp32" if exact else precision):
         for lo, hi in chunks(B, m * n, chunk_elems):
             G = _stacked(grads, lo, hi, m, n, dt)

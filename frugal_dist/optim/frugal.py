@@ -76,8 +76,9 @@ Group options of the projection kernels (``FRUGAL_DEFAULTS``):
   on the CPU: CPU results are those of fp32), ``"bf16"`` bfloat16 operands with float32
   accumulation (``kernels.projection``). H200, LLaMA-1B step: fp32 98 ms, tf32 35 ms, bf16 35 ms.
 * ``svd_method="warm"`` -- how ``svd`` bases are refreshed (``optim.svd_refresh``): ``"exact"``
-  full SVD; ``"warm"`` one subspace-iteration step from the previous basis (exact when there is
-  none); ``"randomized"`` a seeded range finder with oversampling.
+  full SVD; ``"warm"`` one subspace-iteration step from the previous basis (when there is none,
+  at the first refresh: ``"randomized"``, so no refresh runs an exact SVD); ``"randomized"`` a
+  seeded range finder with 2 power steps.
 
 Communication schedule of one ``step()`` (every collective is skipped at world size 1):
 
@@ -136,7 +137,12 @@ from frugal_dist.optim.state_loading import (
 )
 from frugal_dist.optim.step_cache import StepCache
 from frugal_dist.optim.step_plan import SKIPPED, STALE, StepPlan
-from frugal_dist.optim.validation import check_group_keys, check_known_keys, validate_options
+from frugal_dist.optim.validation import (
+    check_group_keys,
+    check_known_keys,
+    check_sharded_layout_options,
+    validate_options,
+)
 
 FRUGAL_DEFAULTS: dict[str, Any] = dict(
     lr=1e-3,
@@ -289,6 +295,12 @@ class FRUGAL(Optimizer):
         param_group["names"] = names
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if getattr(self, "_layout", None) is not None and rank_and_world(self._pg)[1] > 1:
+            try:
+                check_sharded_layout_options(self.param_groups)
+            except ValueError:
+                self.param_groups.pop()  # the optimizer stays as it was
+                raise
         self._registry.record(len(self.param_groups) - 1, group)
         check_orientation(group, where)
         if group["algorithm"] == "frugal" and group["subspace"] == "projection":
@@ -436,8 +448,11 @@ class FRUGAL(Optimizer):
                 "shard_state / reduce_gradients are for replicated parameters (DDP); with an "
                 "engine that shards (DeepSpeed ZeRO, FSDP) leave them False"
             )
+        pg = getattr(layout, "process_group", self._pg)
+        if rank_and_world(pg)[1] > 1:
+            check_sharded_layout_options(self.param_groups)
         self._layout = layout
-        self._pg = getattr(layout, "process_group", self._pg)
+        self._pg = pg
         self._cache.invalidate()
 
     def reset_caches(self) -> None:

@@ -192,12 +192,12 @@ def _plan_group(ctx: StepContext, group: dict[str, Any], views: list[ParamView])
         # State-free-only tensors need no float32 copy of a 16-bit gradient (sign and the
         # promoted add give the same result), unless FRUGAL reduces the gradients itself.
         g = view.grad if (not active and keep_dtype) else view.grad.float()
-        it = Item(view, group, kind, refresh, k, active, owner, g)
-        kind.prepare(it, ctx)
-        if active and owner == rank:
+        out.append(Item(view, group, kind, refresh, k, active, owner, g))
+    kind.prepare_group(out, ctx)
+    for it in out:
+        if it.active and it.owner == rank:
             bumped.append(it)
             it.fused = kind.fuses(it, ctx)
-        out.append(it)
     for it, t in zip(bumped, increment_counters([it.st for it in bumped], "sf_step")):
         it.sf_t = t
     return out

@@ -9,19 +9,26 @@ refresh is found (A = G for a left basis, G^T for a right one; r = ``projection_
                     P = orth(A (A^T P_prev)), ``orth`` = shifted CholeskyQR2 in float64
                     (Householder where it fails), batched over same-shape matrices
                     (``kernels.refresh.svd_bases``, ``WARM_POWER_ITERS`` power steps, no
-                    oversampling). Measured on an H200 at
-                    LLaMA-1B: 0.098 s for the whole model, captured energy >= 0.975 of the exact
-                    top-r (benchmarks/results/kernels_projection_cuda.md). Without a previous basis
-                    of the same shape (the first refresh, or after a shape change) it is ``exact``.
-* ``randomized`` -- Halko-Martinsson-Tropp range finder: Omega (o x (r + p)) Gaussian drawn on the
+                    oversampling). Measured on an H200 at LLaMA-1B: 0.098 s for the whole model,
+                    captured energy >= 0.975 of the exact top-r
+                    (benchmarks/results/kernels_projection_cuda.md). Without a previous basis of
+                    the same shape (the first refresh, or after a shape change) it is
+                    ``randomized`` below: no exact SVD at any refresh.
+* ``randomized`` -- Halko-Martinsson-Tropp range finder: Omega (o x r) Gaussian drawn on the
                     gradient's device from ``projection_seed(seed, name, k)``, Q = orth(A Omega),
-                    ``RANDOMIZED_POWER_ITERS`` power steps, then Rayleigh-Ritz to the best r
-                    directions (p = ``RANDOMIZED_OVERSAMPLE``); no previous basis needed.
+                    then ``RANDOMIZED_POWER_ITERS`` = 2 power steps Q = orth(A (A^T Q)): 5
+                    products and 3 QRs per matrix, batched. No oversampling
+                    (``RANDOMIZED_OVERSAMPLE`` = 0), so no Rayleigh-Ritz ``eigh``: on CUDA the
+                    batched k x k ``eigh`` of an oversampled refresh costs ~1 s at LLaMA-1B
+                    (``kernels.refresh``) and buys little. Energy / exact top-r at LLaMA-1B
+                    shapes (``i^-0.5`` spectrum + noise, as benchmarks/kernels_projection.py,
+                    CPU float32): 0.9754-0.9805 with p=0 q=2 (p=8 q=2: 0.9767-0.9815; p=8 q=1,
+                    the old setting: 0.9463-0.9554).
 
 The products run at the group's ``proj_precision`` (TF32 / bfloat16 on CUDA; fp32 on the CPU for
-``tf32``); ``warm`` keeps float64 gradients in float64 up to the QR. Each basis is computed once,
-by its owner, then broadcast by the caller, so every rank holds the same bits. Communication:
-none here.
+``tf32``); float64 gradients stay float64 up to the final float32 basis (``svd_bases``). Each
+basis is computed once, by its owner, then broadcast by the caller, so every rank holds the same
+bits. Communication: none here.
 """
 
 from __future__ import annotations
@@ -38,11 +45,11 @@ from frugal_dist.core.subspaces import (
     projection_selection,
     resolve_side,
 )
-from frugal_dist.kernels.refresh import orthonormalize, svd_bases
+from frugal_dist.kernels.refresh import svd_bases
 
 WARM_POWER_ITERS = 1
-RANDOMIZED_OVERSAMPLE = 8
-RANDOMIZED_POWER_ITERS = 1
+RANDOMIZED_OVERSAMPLE = 0
+RANDOMIZED_POWER_ITERS = 2
 QR = "cholesky"
 
 
@@ -63,12 +70,12 @@ def owner_bases(its: list[Any], grads: list[Tensor]) -> list[Tensor]:
     batches: dict[tuple, list[int]] = {}
     for i, (it, g) in enumerate(zip(its, grads)):
         method = it.group["svd_method"]
-        prev = it.st.get("proj_basis")
-        if method == "warm" and (prev is None or tuple(prev.shape) != basis_shape(it)):
-            method = "exact"  # no previous basis to start from
         if method == "exact":
             out[i] = _exact(it, g)
             continue
+        prev = it.st.get("proj_basis")
+        if method == "warm" and (prev is None or tuple(prev.shape) != basis_shape(it)):
+            method = "randomized"  # no previous basis to start from: the range finder
         key = (id(it.group), method, tuple(g.shape), g.dtype)
         batches.setdefault(key, []).append(i)
     for (_, method, _, _), idx in batches.items():
@@ -78,26 +85,13 @@ def owner_bases(its: list[Any], grads: list[Tensor]) -> list[Tensor]:
         r = basis_shape(its[idx[0]])[1]
         sub = [grads[i].reshape(shape) for i in idx]
         seeds = [projection_seed(group["seed"], its[i].name, its[i].k) for i in idx]
-        if method == "warm" and sub[0].dtype == torch.float64:
-            # float64 gradients stay float64 up to the QR (as the exact path keeps them): the
-            # float32 rounding of G would turn last-bit gradient differences between engines
-            # into basis differences
-            G = torch.stack(sub)
-            A = G if side == "left" else G.mT
-            prev = torch.stack([its[i].st["proj_basis"].double() for i in idx])
-            for _ in range(WARM_POWER_ITERS):
-                prev = A @ (A.mT @ prev)
-            bases = orthonormalize(prev, QR)
-        elif method == "warm":
-            prev = torch.stack([its[i].st["proj_basis"].float() for i in idx])
-            bases = svd_bases(sub, r, side, method="warm", previous=prev, seeds=seeds,
-                              power_iters=WARM_POWER_ITERS, qr=QR,
-                              precision=group["proj_precision"])  # fmt: skip
+        if method == "warm":
+            prev = torch.stack([its[i].st["proj_basis"] for i in idx])
+            kw = dict(previous=prev, power_iters=WARM_POWER_ITERS)
         else:
-            bases = svd_bases(sub, r, side, method="randomized", seeds=seeds,
-                              oversample=RANDOMIZED_OVERSAMPLE,
-                              power_iters=RANDOMIZED_POWER_ITERS, qr=QR,
-                              precision=group["proj_precision"])  # fmt: skip
+            kw = dict(oversample=RANDOMIZED_OVERSAMPLE, power_iters=RANDOMIZED_POWER_ITERS)
+        bases = svd_bases(sub, r, side, method=method, seeds=seeds, qr=QR,
+                          precision=group["proj_precision"], **kw)  # fmt: skip
         for i, b in zip(idx, bases.unbind(0)):
             out[i] = b.clone()  # its own storage: the basis is optimizer state
     return [b for b in out if b is not None]

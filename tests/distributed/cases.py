@@ -12,6 +12,9 @@ SUBSPACES: dict[str, dict] = {
     "rows": dict(subspace="coordinate", coord_choice="rows"),
     "randk": dict(subspace="coordinate", coord_choice="randk"),
     "projection": dict(subspace="projection", proj_type="random"),
+    # random bases drawn by kernels.refresh.random_bases (batched per shape) on the parameter's
+    # device, the CUDA default, here on the CPU
+    "projection-device": dict(subspace="projection", proj_type="random", proj_qr_device="param"),
     "projection-left": dict(subspace="projection", proj_type="randperm", proj_side="left"),
     "svd": dict(subspace="projection", proj_type="svd"),
 }
@@ -24,12 +27,11 @@ def pick(*names: str) -> dict[str, dict]:
 @contextlib.contextmanager
 def count_svd_refreshes() -> Iterator[list[int]]:
     """Count the svd bases this process computes (``counter[0]``) inside the block: exact ones
-    (``projection_selection``) and batched warm / randomized ones (``svd_bases``, or
-    ``orthonormalize`` for float64 warm refreshes: per matrix)."""
+    (``projection_selection``) and batched warm / randomized ones (``svd_bases``)."""
     import frugal_dist.optim.svd_refresh as sr
 
     counter = [0]
-    exact, batched, orth64 = sr.projection_selection, sr.svd_bases, sr.orthonormalize
+    exact, batched = sr.projection_selection, sr.svd_bases
 
     def counting_exact(*args, **kwargs):
         counter[0] += 1
@@ -39,13 +41,8 @@ def count_svd_refreshes() -> Iterator[list[int]]:
         counter[0] += len(grads)
         return batched(grads, *args, **kwargs)
 
-    def counting_orth64(y, *args, **kwargs):  # warm refreshes of float64 gradients
-        counter[0] += len(y)
-        return orth64(y, *args, **kwargs)
-
     sr.projection_selection, sr.svd_bases = counting_exact, counting_batched
-    sr.orthonormalize = counting_orth64
     try:
         yield counter
     finally:
-        sr.projection_selection, sr.svd_bases, sr.orthonormalize = exact, batched, orth64
+        sr.projection_selection, sr.svd_bases = exact, batched

@@ -11,7 +11,8 @@ from tests.distributed.launch import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-KINDS = cases.pick("block", "columns", "rows", "randk", "projection", "projection-left", "svd")
+KINDS = cases.pick("block", "columns", "rows", "randk", "projection", "projection-device",
+                     "projection-left", "svd")  # fmt: skip
 COMMON = dict(lr=1e-2, density=0.4, update_gap=8, weight_decay=0.01)
 STEPS = 20
 
@@ -32,3 +33,32 @@ def test_flat_partitions_match_single_process(world):
             # Partial rows of a cut matrix are projected piece by piece and summed over ranks:
             # float32 summation order differs from one matmul, ~1e-7 per step over 20 steps.
             assert diff < 1e-5, (name, r, diff)
+
+
+def _kept_moments(rank, world):
+    out = {}
+    for choice in ("rows", "randk", "columns"):
+        kw = dict(lr=1e-2, density=0.4, update_gap=4, subspace="coordinate",
+                  coord_choice=choice, reset_statistics=False)  # fmt: skip
+        try:
+            out[choice] = workers.zero_sim_run(rank, world, 10, kw)
+        except ValueError as e:
+            out[choice] = str(e)
+    return out
+
+
+def test_kept_moments_on_fragments():
+    """reset_statistics=False: columns keeps its row-aligned moments across refreshes (equal to
+    the single process); rows / randk, whose kept slots would change ranks, are refused on every
+    rank before the first step (they crashed at the second refresh before)."""
+    got = run_distributed(_kept_moments, 2)
+    for r in range(2):
+        for choice in ("rows", "randk"):
+            msg = got[r][choice]
+            assert isinstance(msg, str), (choice, r)
+            assert f"coord_choice={choice!r}" in msg and "reset_statistics=True" in msg, msg
+        kw = dict(lr=1e-2, density=0.4, update_gap=4, subspace="coordinate",
+                  coord_choice="columns", reset_statistics=False)  # fmt: skip
+        ref = workers.synthetic_run(0, 2, 10, kw, "single")["params"]
+        diff = max((a - b).abs().max().item() for a, b in zip(got[r]["columns"], ref))
+        assert diff < 1e-5, diff

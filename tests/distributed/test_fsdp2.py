@@ -11,7 +11,7 @@ from tests.distributed.launch import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-KINDS = cases.pick("block-descending", "columns", "projection", "svd")
+KINDS = cases.pick("block-descending", "columns", "projection", "projection-device", "svd")
 COMMON = dict(lr=3e-3, density=0.25, update_gap=4, weight_decay=0.01)
 STEPS = 10  # refreshes at 0, 4, 8
 

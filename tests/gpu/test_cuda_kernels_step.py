@@ -110,17 +110,18 @@ def test_no_host_sync_between_refreshes(case):
             torch.cuda.set_sync_debug_mode("default")
 
 
-def test_svd_refresh_runs_warm_batched_after_the_first_refresh(monkeypatch):
+def test_svd_refresh_runs_batched_randomized_then_warm(monkeypatch):
     import frugal_dist.optim.svd_refresh as sr
 
-    batched: list[int] = []
+    batched: list[tuple[str, int]] = []
     original = sr.svd_bases
 
     def counting(grads, *args, **kwargs):
-        batched.append(len(grads))
+        batched.append((kwargs["method"], len(grads)))
         return original(grads, *args, **kwargs)
 
     monkeypatch.setattr(sr, "svd_bases", counting)
-    _run("svd-warm", 5)  # refreshes at steps 0 (exact: no previous basis) and 4 (warm)
-    # (64, 48) x 3, (48, 64) x 2, (40, 40) x 1: one batched call per shape at the second refresh
-    assert sorted(batched) == [1, 2, 3], batched
+    _run("svd-warm", 5)  # refreshes at steps 0 (randomized: no previous basis) and 4 (warm)
+    # (64, 48) x 3, (48, 64) x 2, (40, 40) x 1: one batched call per shape at each refresh
+    assert sorted(batched) == [("randomized", 1), ("randomized", 2), ("randomized", 3),
+                               ("warm", 1), ("warm", 2), ("warm", 3)], batched  # fmt: skip

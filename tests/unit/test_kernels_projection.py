@@ -213,6 +213,32 @@ def test_warm_without_previous_is_randomized():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_float64_gradients_stay_float64_up_to_the_basis(side):
+    """float64 input: products and QR in float64, one rounding to float32 at the end. ``warm``
+    is bit-identical to the float64 power step written out (the optimizer's former float64
+    branch); ``randomized`` matches the float64 oracle (``ref_randomized_range``, Householder
+    instead of CholeskyQR2: ~1e-15 apart before the rounding)."""
+    from frugal_dist.core.reference_selection import REF_POWER_ITERS, ref_randomized_range
+
+    G = torch.stack(_low_rank_plus_noise(3, 40, 30, 4, 0.5)).double()
+    r = 4
+    A = G if side == "left" else G.mT
+    prev = svd_bases(G.float(), r, side, method="exact")
+    warm = svd_bases(G, r, side, method="warm", previous=prev, qr="cholesky")
+    want = orthonormalize(A @ (A.mT @ prev.double()), "cholesky")
+    assert want.dtype == torch.float64
+    assert warm.dtype == torch.float32
+    assert torch.equal(warm, want.float())
+    rnd = svd_bases(G, r, side, method="randomized", seeds=[5, 6, 7], qr="cholesky",
+                    power_iters=REF_POWER_ITERS)  # fmt: skip
+    for b, seed in enumerate([5, 6, 7]):
+        ref = ref_randomized_range(G[b], r, side, seed)
+        torch.testing.assert_close(rnd[b].double(), ref, atol=1e-6, rtol=0)
+    # float32 input of the same gradient: the float32 path, not the same bits
+    assert not torch.equal(warm, svd_bases(G.float(), r, side, method="warm", previous=prev))
+
+
 def test_svd_bases_chunked_equals_unchunked():
     G = _low_rank_plus_noise(5, 30, 20, 3, 0.5)
     a = svd_bases(G, 3, "right", method="randomized", seeds=list(range(5)))

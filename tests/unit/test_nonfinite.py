@@ -200,3 +200,41 @@ def test_proj_qr_device_option_trains_and_is_validated():
     assert all(torch.isfinite(p).all() for p in ps)
     with pytest.raises(ValueError, match="proj_qr_device must be one of"):
         _opt(make_params(), proj_qr_device="gpu")
+
+
+def test_on_device_random_bases_are_drawn_batched_and_equal_the_per_matrix_draws():
+    """At a refresh the optimizer draws every on-device random basis of a group in one
+    ``random_bases`` call per (dim, r) (``kinds.projection.draw_random_bases``): on the CPU the
+    batched draw is bit-identical to drawing each matrix alone, at every refresh."""
+    import frugal_dist.optim.kinds.projection as proj
+
+    shapes = [(12, 8), (8, 12), (12, 8), (16, 8), (10, 10), (12, 8)]
+    names = [f"blocks.{i}.w" for i in range(len(shapes))]
+    ps = make_params(shapes)
+    opt = FRUGAL([{"params": ps, "names": names}], subspace="projection", proj_type="random",
+                 proj_qr_device="param", density=0.3, update_gap=2)  # fmt: skip
+    calls = []
+    real = proj.random_bases
+
+    def counting(dim, r, seeds, device, **kw):
+        calls.append((dim, r, len(seeds)))
+        return real(dim, r, seeds, device, **kw)
+
+    proj.random_bases = counting
+    try:
+        for step, grads in enumerate(grad_stream(shapes, 4)):
+            set_grads(ps, grads)
+            opt.step()
+            k = step // 2
+            for name, shape in zip(names, shapes):
+                side = "right" if shape[0] >= shape[1] else "left"
+                dim = shape[0] if side == "left" else shape[1]
+                r = projection_rank(shape, 0.3, side)
+                want = real(dim, r, [projection_seed(0, name, k)], "cpu")[0]
+                got = opt.selections_in_use()[name][1].basis
+                assert torch.equal(got, want), (name, step)
+    finally:
+        proj.random_bases = real
+    # two refreshes (steps 0 and 2), one call per (dim, r) each: the five matrices with
+    # dim 8, r 2 (right of 12x8 / 16x8, left of 8x12) in one batch, the 10x10 one alone
+    assert sorted(calls) == [(8, 2, 5), (8, 2, 5), (10, 3, 1), (10, 3, 1)]

@@ -16,8 +16,8 @@ from frugal_dist import FRUGAL
 from frugal_dist.core import reference_selection as ref_sel
 from frugal_dist.core.reference import ReferenceFRUGAL
 from frugal_dist.core.seeding import projection_seed
-from frugal_dist.core.subspaces import projection_selection
 from frugal_dist.kernels.elementwise import triton_available
+from frugal_dist.kernels.refresh import svd_bases
 from frugal_dist.optim import svd_refresh
 from frugal_dist.train.config_validation import validate_optimizer_section
 from tests.helpers import clone_params, grad_stream, make_params, max_diff, set_grads
@@ -67,18 +67,31 @@ def test_cpu_step_matches_oracle(case, rule):
     assert max_diff(ps, qs) < 1e-5
 
 
-def test_warm_starts_exact_and_then_iterates_from_the_previous_basis():
+def test_warm_starts_randomized_and_then_iterates_from_the_previous_basis(monkeypatch):
+    """svd_method="warm": the first refresh (no previous basis) is the randomized range finder
+    (2 power steps, no exact SVD anywhere), the next ones one power step from the last basis."""
+    import frugal_dist.core.subspaces as subspaces
+
+    def no_exact_svd(*args, **kwargs):
+        raise AssertionError("svd_method='warm' ran an exact SVD")
+
+    monkeypatch.setattr(svd_refresh, "projection_selection", no_exact_svd)
+    monkeypatch.setattr(subspaces.torch.linalg, "svd", no_exact_svd)
     ps = make_params(SHAPES)
     opt = FRUGAL([{"params": ps, "names": NAMES}], subspace="projection", proj_type="svd",
                  density=0.3, update_gap=2, svd_method="warm")  # fmt: skip
     stream = grad_stream(SHAPES, 3)
     g0 = next(stream)
     set_grads(ps, g0)
-    opt.step()  # refresh 0: no previous basis -> exact
+    opt.step()  # refresh 0: no previous basis -> randomized
     basis0 = opt.state[ps[0]]["proj_basis"].clone()
-    exact0 = projection_selection((12, 8), 0.3, "svd", "auto", projection_seed(0, NAMES[0], 0),
-                                  grad=g0[0]).basis  # fmt: skip
-    assert torch.equal(basis0, exact0)
+    seed0 = projection_seed(0, NAMES[0], 0)
+    rnd0 = svd_bases([g0[0]], 2, "right", method="randomized", seeds=[seed0], qr=svd_refresh.QR,
+                     oversample=0, power_iters=2)[0]  # fmt: skip
+    assert torch.equal(basis0, rnd0)
+    _, ref0 = ref_sel.ref_projection((12, 8), 0.3, "svd", "auto", seed0, grad=g0[0],
+                                     svd_method="warm")  # fmt: skip
+    assert torch.allclose(basis0, ref0, atol=1e-5)  # the oracle's float64 range finder
     set_grads(ps, next(stream))
     opt.step()
     g2 = next(stream)
@@ -96,8 +109,8 @@ def test_warm_starts_exact_and_then_iterates_from_the_previous_basis():
 
 
 def test_oracle_and_fast_randomized_settings_agree():
-    assert ref_sel.REF_OVERSAMPLE == svd_refresh.RANDOMIZED_OVERSAMPLE
-    assert ref_sel.REF_POWER_ITERS == svd_refresh.RANDOMIZED_POWER_ITERS
+    assert svd_refresh.RANDOMIZED_OVERSAMPLE == 0  # the oracle's range finder has none
+    assert ref_sel.REF_POWER_ITERS == svd_refresh.RANDOMIZED_POWER_ITERS == 2
     assert svd_refresh.WARM_POWER_ITERS == 1
 
 

@@ -4,7 +4,8 @@ A kind is a stateless object (one instance per kind); everything per parameter i
 ``Item``, everything cached between steps in the optimizer's ``StepCache``. The phases
 (``optim.phases``) call these methods in order:
 
-    plan      owner(), is_active(), prepare()      selection, state resets, float32 gradient
+    plan      owner(), is_active(), prepare_group() selection, state resets, float32 gradient
+                                                    (default: prepare() per item)
     reduce    sign_parts()                          what residual_comm="sign" sends
     select    select()                              svd refresh (projection), fingerprint()
     down      down()                                G_sf; fragments' partial sums (projection)
@@ -99,6 +100,13 @@ class SubspaceKind(ABC):
         """Steps of this group send data between ranks even for replicated parameters without
         ``reduce_gradients`` / ``shard_state`` (svd bases from their owner)."""
         return False
+
+    def prepare_group(self, its: list[Item], ctx: StepContext) -> None:
+        """Plan-phase work on all items of one group (the same items, in the same order, on
+        every rank), for work batched over the group (projection: the on-device random bases of
+        a refresh). Default: ``prepare`` per item."""
+        for it in its:
+            self.prepare(it, ctx)
 
     def prepare(self, it: Item, ctx: StepContext) -> None:
         """Plan-phase work after the item exists: selections, resets of the state buffers.

@@ -14,7 +14,8 @@ ranks (``sum_partial_projections``: one coalesced all-reduce).
 
 Kernels: whole float32 matrices go through ``optim.projection_batch`` (batched down and fused
 apply per (shape, side, rank), ``proj_precision``); svd bases through ``optim.svd_refresh``
-(``svd_method``, batched per shape); random bases on CUDA through ``kernels.refresh``. The
+(``svd_method``, batched per shape); random bases on CUDA through ``kernels.refresh``, one
+batched draw per (dim, r) at a refresh (``draw_random_bases``). The
 per-item path (fragments, sign vote, other dtypes) runs its GEMMs at ``proj_precision`` too.
 """
 
@@ -78,6 +79,11 @@ class Projection(SubspaceKind):
 
     def hands_over(self, group: dict[str, Any]) -> bool:
         return group["proj_type"] == "svd"
+
+    def prepare_group(self, its: list[Item], ctx: StepContext) -> None:
+        draw_random_bases(its, ctx)  # on-device random bases: one batched draw per shape
+        for it in its:
+            self.prepare(it, ctx)
 
     def prepare(self, it: Item, ctx: StepContext) -> None:
         view, group = it.view, it.group
@@ -162,7 +168,8 @@ def global_basis(
     ctx: StepContext, view: ParamView, k: int, group: dict[str, Any]
 ) -> ProjectionSelection:
     """The global basis at refresh k: drawn from (seed, name, k), or the svd basis kept in the
-    state (svd refreshes themselves happen in ``svd_refresh``). Cached per refresh."""
+    state (svd refreshes themselves happen in ``svd_refresh``). Cached per refresh; on-device
+    random bases are put in the cache by ``draw_random_bases`` (plan phase, batched)."""
     cached = ctx.cache.selections.get(view.name)
     if cached is not None and cached[0] == k:
         return cached[1]
@@ -172,13 +179,8 @@ def global_basis(
             raise RuntimeError(f"svd basis of {view.name!r} missing from the optimizer state")
         sel = ProjectionSelection(resolve_side(group["proj_side"], shape), view.state["proj_basis"])
     elif group["proj_type"] == "random" and _random_on_device(ctx, view):
-        # drawn and orthonormalised on the parameter's device (kernels.refresh.random_bases):
-        # the same bits on every rank of a job (same seed, device type and library)
-        side = resolve_side(group["proj_side"], shape)
-        dim = shape[0] if side == "left" else shape[1]
-        r = projection_rank(shape, group["density"], side, "random")
-        seed = projection_seed(group["seed"], view.name, k)
-        sel = ProjectionSelection(side, random_bases(dim, r, [seed], view.data.device)[0])
+        raise RuntimeError(f"on-device random basis of {view.name!r} at refresh {k} was not "
+                           "drawn in the plan phase (draw_random_bases)")  # fmt: skip
     else:
         sel = projection_selection(
             shape, group["density"], group["proj_type"], group["proj_side"],
@@ -187,6 +189,39 @@ def global_basis(
         sel = ProjectionSelection(sel.side, sel.basis.to(view.data.device))
     ctx.cache.selections[view.name] = (k, sel)
     return sel
+
+
+def draw_random_bases(its: list[Item], ctx: StepContext) -> None:
+    """The on-device ``random`` bases of one group's items (``proj_qr_device``), drawn in one
+    ``kernels.refresh.random_bases`` call per (dim, r, device) and put in
+    ``ctx.cache.selections``; nothing is drawn while every item's basis at its refresh k is
+    cached (between refreshes).
+
+    Rank consistency: a batched draw's bits for one matrix may depend on the batch it is in
+    (its size and position: chunking, the kernels a batched GEMM / Cholesky picks). So the
+    batch is always *every* on-device random item of the group -- all ranks hold an item for
+    every logical parameter of a stepping group (layouts give empty fragments a view and an
+    empty gradient) -- ordered by name, each with its own seed ``projection_seed(seed, name,
+    k)``: the same batches on every rank whatever fragments it holds, on every engine and
+    world size, and after a cache invalidation. Communication: none."""
+    group = its[0].group if its else None
+    if group is None or group["proj_type"] != "random":
+        return
+    mine = [it for it in its if _random_on_device(ctx, it.view)]
+    if all((c := ctx.cache.selections.get(it.name)) is not None and c[0] == it.k for it in mine):
+        return
+    batches: dict[tuple, list[tuple[Item, str, int]]] = {}
+    for it in sorted(mine, key=lambda it: it.name):
+        shape = matrix_shape(it.view.shape)
+        side = resolve_side(group["proj_side"], shape)
+        dim = shape[0] if side == "left" else shape[1]
+        r = projection_rank(shape, group["density"], side, "random")
+        seed = projection_seed(group["seed"], it.name, it.k)
+        batches.setdefault((dim, r, it.view.data.device), []).append((it, side, seed))
+    for (dim, r, device), entries in batches.items():
+        bases = random_bases(dim, r, [seed for _, _, seed in entries], device)
+        for (it, side, _), basis in zip(entries, bases.unbind(0)):
+            ctx.cache.selections[it.name] = (it.k, ProjectionSelection(side, basis))
 
 
 def _random_on_device(ctx: StepContext, view: ParamView) -> bool:
