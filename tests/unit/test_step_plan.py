@@ -124,3 +124,45 @@ def test_the_plan_keeps_no_gradient():
             p.grad = None
         gc.collect()
         assert all(r() is None for r in refs[-1])
+
+
+def test_raise_on_a_plan_step_updates_nothing_and_the_run_continues():
+    ps, qs = make_params(), make_params()
+    opt = FRUGAL(_groups(ps, CASES["block"]), lr=1e-2, update_gap=4, nonfinite="raise")
+    ref = FRUGAL(_groups(qs, CASES["block"]), lr=1e-2, update_gap=4, nonfinite="raise")
+    for step, grads in enumerate(grad_stream(SHAPES, 8)):
+        if step == 2:  # a plan step (refresh at 0, plan built at 1)
+            bad = [g.clone() for g in grads]
+            bad[2][0, 0] = float("nan")
+            set_grads(ps, bad)
+            before = [p.detach().clone() for p in ps]
+            with pytest.raises(FloatingPointError, match=NAMES[2]):
+                opt.step()
+            assert all(torch.equal(a, b) for a, b in zip(before, ps))
+        set_grads(ps, grads)
+        set_grads(qs, grads)
+        opt.step()
+        ref.step()
+    _assert_same((ps, opt.state_dict()["state"]), (qs, ref.state_dict()["state"]))
+
+
+def test_resuming_between_refreshes_equals_the_uninterrupted_run():
+    grads = list(grad_stream(SHAPES, 11))
+    ps = make_params()
+    opt = FRUGAL(_groups(ps, CASES["columns"]), lr=1e-2, update_gap=4)
+    for g in grads:
+        set_grads(ps, g)
+        opt.step()
+    qs = make_params()
+    first = FRUGAL(_groups(qs, CASES["columns"]), lr=1e-2, update_gap=4)
+    for g in grads[:6]:  # stops after a plan step
+        set_grads(qs, g)
+        first.step()
+    saved = first.state_dict()
+    rs = [torch.nn.Parameter(q.detach().clone()) for q in qs]
+    second = FRUGAL(_groups(rs, CASES["columns"]), lr=1e-2, update_gap=4)
+    second.load_state_dict(saved)
+    for g in grads[6:]:
+        set_grads(rs, g)
+        second.step()
+    _assert_same((ps, opt.state_dict()["state"]), (rs, second.state_dict()["state"]))
