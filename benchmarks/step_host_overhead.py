@@ -33,7 +33,8 @@ file from two code versions must compare bit-equal.
 
 Usage::
 
-    python benchmarks/step_host_overhead.py [--scale 16] [--steps 50] [--out PATH]
+    python benchmarks/step_host_overhead.py [--scale 16] [--steps 50] [--nonfinite skip|ignore]
+                                            [--out PATH]
 """
 
 from __future__ import annotations
@@ -145,10 +146,11 @@ def counters(opt: torch.optim.Optimizer) -> set[int]:
     return out
 
 
-def measure(v, specs, steps: int, warmup: int) -> dict[str, Any]:
+def measure(v, specs, steps: int, warmup: int, nonfinite: str = "skip") -> dict[str, Any]:
     params = make_params(specs)
     set_grads(params, 1)
-    opt = make(v, specs, params, gap=10_000, fused=True)
+    extra = {} if v["kind"] == "torch" else dict(nonfinite=nonfinite)
+    opt = make(v, specs, params, gap=10_000, fused=True, extra=extra)
     for _ in range(1 + warmup):
         opt.step()
     counter = OpCounter()
@@ -200,6 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated variant names")
     ap.add_argument("--out", default=str(HERE / "results" / "step_host_overhead_cpu.json"))
+    ap.add_argument(
+        "--nonfinite",
+        default="skip",
+        choices=("skip", "raise", "ignore"),
+        help="FRUGAL's nonfinite option (ignore: no inf/nan check, no sync)",
+    )
     ap.add_argument("--check-steps", type=int, default=0)
     ap.add_argument("--save-params", default="")
     args = ap.parse_args(argv)
@@ -219,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     for v in variants():
         if keep and v["name"] not in keep:
             continue
-        r = measure(v, specs, args.steps, args.warmup)
+        r = measure(v, specs, args.steps, args.warmup, args.nonfinite)
         rows.append(r)
         line = f"  {r['name']:<26} {r['aten_ops']:9d} {r['tensor_ops']:7d} {r['counter_ops']:8d} "
         print(line + f"{r['syncs']:6d} {r['host_ms']:9.2f} {r['host_min_ms']:8.2f}", flush=True)
@@ -228,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     result = dict(benchmark="step_host_overhead",
                   date=_dt.datetime.now(_dt.timezone.utc).isoformat(),
                   command=[sys.executable, *sys.argv], torch=torch.__version__,
-                  threads=args.threads, scale=args.scale, n_tensors=len(specs), n_params=n,
+                  threads=args.threads, scale=args.scale, nonfinite=args.nonfinite,
+                  n_tensors=len(specs), n_params=n,
                   steps=args.steps, warmup=args.warmup, code=code_version(), rows=rows)  # fmt: skip
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

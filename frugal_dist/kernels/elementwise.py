@@ -37,11 +37,11 @@ Integration contract (how ``FRUGAL``'s apply phase calls these; what each replac
   ``_foreach_mul_(data, 1 - lr wd)`` on the tensors it passes here, and passes ``decay = lr wd``
   (``adamw_apply_``: ``lr`` and ``weight_decay`` as ``torch._fused_adamw_`` takes them).
 * ``free_apply_(data, grads, lr * scale, rule=rule, decay=lr * wd)`` replaces
-  ``fast_apply.apply_free_batch`` (one call per (rule, scale); the scale is s_p s_i for inactive
+  ``fast_apply.run_free`` (one call per (rule, scale); the scale is s_p s_i for inactive
   blocks, s_p for rho = 0, 1 for signSGD / SGD groups). Grads may be 16-bit; params of any
   float dtype (non-float32 ones take the torch path).
 * ``adamw_apply_(data, grads, exp_avg, exp_avg_sq, steps, lr=lr * scale, weight_decay=wd / scale,
-  ...)`` replaces ``fast_apply.apply_fused``; ``steps`` are the host counts ``Item.sf_t`` (after
+  ...)`` replaces ``fast_apply.run_fused``; ``steps`` are the host counts ``Item.sf_t`` (after
   this step), so no device step mirrors are needed (the CUDA torch path uploads them, no sync).
 * ``coordinate_adamw_apply_`` replaces the state phase *and* ``apply_coordinate_batch`` for
   ``columns`` / ``rows`` items whose owner holds the state (``shard_state`` off or world 1), with

@@ -5,16 +5,18 @@ CUDA tensors and the plain torch code on the CPU (bit-identical to the pre-kerne
 ``"triton"`` = Triton wherever a kernel applies (CUDA, or the CPU under ``TRITON_INTERPRET=1``,
 for tests); ``"torch"`` = never Triton.
 
-* ``apply_fused``: items whose state phase runs inside the apply kernel (``Item.fused``):
+* ``fused_parts`` / ``run_fused``: items whose state phase runs inside the apply kernel
+  (``Item.fused``; the parts, the kernels' fixed arguments, are kept between refreshes):
   whole-tensor AdamW (AdamW groups, active blocks) through ``kernels.elementwise.adamw_apply_``
   on CUDA (one kernel reads W, G, m, v and writes W, m, v, decoupled weight decay inside: 28 B per
   float32 parameter; step counts are the host counts ``Item.sf_t``), ``torch._fused_adamw_`` with
   the CPU counters on the CPU (``fused=True``); ``columns`` / ``rows`` coordinate items through
   ``coordinate_adamw_apply_`` (one kernel per same-shape batch: AdamW on the selected entries,
   the state-free rule elsewhere, decay inside; see ``coordinate_fusable``).
-* ``apply_free_batch``: pure state-free updates W <- W (1 - lr wd) - lr s F(G) (signSGD / SGD
-  groups, inactive blocks, rho = 0 coordinates / projections) through ``free_apply_``: one Triton
-  pass reading W and G and writing W (decay folded), or foreach kernels in bounded chunks.
+* ``free_parts`` / ``run_free``: pure state-free updates W <- W (1 - lr wd) - lr s F(G)
+  (signSGD / SGD groups, inactive blocks, rho = 0 coordinates / projections) through
+  ``free_apply_``: one Triton pass reading W and G and writing W (decay folded), or foreach
+  kernels in bounded chunks.
 * ``apply_coordinate_batch`` / ``apply_projection_batch``: the remaining coordinate / projection
   items with a signSGD residual: foreach sign and add over many tensors; only the scatter of U
   (coordinates) or the two GEMMs (projections) stay per tensor. (Batched projection GEMMs:
@@ -24,10 +26,12 @@ Which item goes where is its kind's ``route`` (``optim.kinds``); ``can_batch`` i
 precondition.
 
 Weight decay: the callers run the group's ``W *= 1 - lr wd`` only on tensors that take none of
-the decay-folding paths above (``apply_fused``, ``apply_free_batch``, ``projection_batch``).
+the decay-folding paths above (``run_fused``, ``run_free``, ``projection_batch``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -52,19 +56,26 @@ def can_batch(it: Item) -> bool:
     return not it.free_done and it.view.data.dtype == torch.float32 and it.view.data.numel() > 0
 
 
-def apply_free_batch(batch: list[tuple[Item, str, float]], lr: float, wd: float,
-                     kernels: str) -> None:  # fmt: skip
-    """W <- W (1 - lr wd) - lr * scale * F(G) over many tensors, one ``free_apply_`` call per
-    (rule, scale) (decay folded; ``rule="none"`` still decays)."""
+def free_parts(batch: list[tuple[Item, str, float]]) -> list[tuple[str, float, list[Item],
+                                                                    list[Tensor]]]:  # fmt: skip
+    """The ``free`` batch grouped by (rule, scale), with each group's params: the fixed
+    arguments of ``run_free`` between refreshes."""
     by_key: dict[tuple[str, float], list[Item]] = {}
     for it, rule, scale in batch:
         by_key.setdefault((rule, scale), []).append(it)
-    for (rule, scale), its in by_key.items():
+    return [(rule, scale, its, [c.view.data for c in its]) for (rule, scale), its in by_key.items()]
+
+
+def run_free(parts: list[tuple[str, float, list[Item], list[Tensor]]], lr: float, wd: float,
+             kernels: str) -> None:  # fmt: skip
+    """One ``free_apply_`` call per (rule, scale) with the current gradients (``Item.g``), lr
+    and decay (decay folded; ``rule="none"`` still decays)."""
+    for rule, scale, its, data in parts:
         if rule == "none" and wd == 0.0:
             continue
-        data = [c.view.data for c in its]
         grads = [
-            _param_shaped(c, c.g) if c.kind.matrix_grad else _shaped(c.g, c.view.data) for c in its
+            _param_shaped(c, c.g) if c.kind.matrix_grad else _shaped(c.g, d)
+            for c, d in zip(its, data)
         ]
         free_apply_(data, grads, lr * scale, rule=rule, decay=lr * wd, impl=kernels)
 
@@ -123,14 +134,22 @@ def coordinate_fusable(it: Item, kernels: str, sharded: bool, sign_vote: bool) -
     )
 
 
-def apply_fused(
-    its: list[Item], lr: float, wd: float, group: dict, kernels: str,
-    positions: dict[str, tuple[Tensor, Tensor]],
-) -> None:  # fmt: skip
-    """Items whose state phase is their apply kernel (module docstring). Whole-tensor AdamW
-    items use lr * s_p and wd / s_p for active blocks (same product lr * wd). ``positions``:
-    the caller's cache of ``coordinate_positions`` per parameter name (rebuilt when the
-    selection changes)."""
+@dataclass
+class FusedParts:
+    """The fixed arguments of a group's fused apply between refreshes (``fused_parts``): per lr
+    scale the whole-tensor AdamW items, their params and moments; per shape the coordinate items,
+    their params, moments, selections and ``coordinate_positions``."""
+
+    whole: list[tuple[float, list[Item], list[Tensor], list[Tensor], list[Tensor]]]
+    coords: list[tuple[list[Item], list[Tensor], list[Tensor], list[Tensor], list[Tensor],
+                       list[Tensor]]]  # fmt: skip
+
+
+def fused_parts(
+    its: list[Item], group: dict, positions: dict[str, tuple[Tensor, Tensor]]
+) -> FusedParts:
+    """Group ``its`` (fused items of ``group``) for ``run_fused``. ``positions``: the caller's
+    cache of ``coordinate_positions`` per parameter name (rebuilt when the selection changes)."""
     by_scale: dict[float, list[Item]] = {}
     coords: dict[tuple, list[Item]] = {}
     for it in its:
@@ -138,12 +157,30 @@ def apply_fused(
             coords.setdefault(tuple(it.view.data.shape), []).append(it)
         else:  # whole tensors: AdamW groups (scale 1), active blocks (s_p)
             by_scale.setdefault(it.kind.lr_scale(group), []).append(it)
+    whole = [
+        (scale, sub, [it.view.data for it in sub], [it.st["exp_avg"] for it in sub],
+         [it.st["exp_avg_sq"] for it in sub])
+        for scale, sub in by_scale.items()
+    ]  # fmt: skip
+    axis = group["coord_choice"]
+    parts = []
+    for sub in coords.values():
+        dim = sub[0].sel.shape[1] if axis == "columns" else sub[0].sel.shape[0]
+        parts.append((
+            sub, [it.view.data for it in sub], [it.st["exp_avg"] for it in sub],
+            [it.st["exp_avg_sq"] for it in sub], [it.sel.index for it in sub],
+            [_positions(positions, it, dim) for it in sub],
+        ))  # fmt: skip
+    return FusedParts(whole, parts)
+
+
+def run_fused(parts: FusedParts, lr: float, wd: float, group: dict, kernels: str) -> None:
+    """The fused items' updates with the current gradients (``Item.g``), lr and decay.
+    Whole-tensor AdamW items use lr * s_p and wd / s_p for active blocks (same product
+    lr * wd)."""
     b1, b2 = group["betas"]
-    for scale, sub in by_scale.items():
-        data = [it.view.data for it in sub]
-        grads = [_shaped(it.g, it.view.data) for it in sub]
-        m = [it.st["exp_avg"] for it in sub]
-        v = [it.st["exp_avg_sq"] for it in sub]
+    for scale, sub, data, m, v in parts.whole:
+        grads = [_shaped(it.g, d) for it, d in zip(sub, data)]
         if data[0].device.type == "cpu" and kernels != "triton":  # fused=True on the CPU
             torch._fused_adamw_(
                 data, grads, m, v, [], [it.st["sf_step"] for it in sub], lr=lr * scale,
@@ -155,19 +192,13 @@ def apply_fused(
                      betas=(b1, b2), eps=group["eps"], weight_decay=wd / scale,
                      impl=kernels)  # fmt: skip
     s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
-    for sub in coords.values():
-        axis = group["coord_choice"]
-        dim = sub[0].sel.shape[1] if axis == "columns" else sub[0].sel.shape[0]
+    axis = group["coord_choice"]
+    for sub, data, m, v, index, pos in parts.coords:
         coordinate_adamw_apply_(
-            [it.view.data for it in sub], [it.g for it in sub],
-            [it.st["exp_avg"] for it in sub], [it.st["exp_avg_sq"] for it in sub],
-            [it.sel.index for it in sub], [it.sf_t for it in sub], lr=lr, scale=s_p,
+            data, [it.g for it in sub], m, v, index, [it.sf_t for it in sub], lr=lr, scale=s_p,
             free_scale=s_i, betas=(b1, b2), eps=group["eps"], decay=lr * wd,
-            free_rule=group["state_free"], axis=axis,
-            positions=[_positions(positions, it, dim) for it in sub], impl=kernels,
+            free_rule=group["state_free"], axis=axis, positions=pos, impl=kernels,
         )  # fmt: skip
-    for it in its:
-        it.g_sf = None
 
 
 def _positions(cache: dict[str, tuple[Tensor, Tensor]], it: Item, dim: int) -> Tensor:

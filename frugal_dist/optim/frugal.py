@@ -48,9 +48,10 @@ Distributed (replicated parameters: DDP, plain torchrun). Options of the optimiz
 
 Step options (of the optimizer, not of a group):
 
-* ``nonfinite="skip"`` -- check every local gradient for inf/nan first (one fused
-  ``_foreach_norm`` per dtype, one flag, one host sync per step; see ``optim.nonfinite``) and skip
-  the whole step if any rank found one (``skipped_steps()`` counts them); ``"raise"`` raises
+* ``nonfinite="skip"`` -- check every local gradient for inf/nan before anything changes (one
+  fused ``_foreach_norm`` per dtype, one flag, one host sync per step; see ``optim.nonfinite``;
+  between refreshes after the cached plan's host work, ``optim.step_plan``) and skip the whole
+  step if any rank found one (``skipped_steps()`` counts them); ``"raise"`` raises
   ``FloatingPointError`` naming the parameter; ``"ignore"`` checks nothing.
 * ``fused=None`` -- whole-tensor AdamW items (``algorithm="adamw"`` groups; ``"state_full"``
   groups and active blocks with ``state_full="adamw"``) of float32 data and gradients run
@@ -103,8 +104,10 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
                                  or the (r, n) products (left)                     4 B x r x n
     5. [shard_state]             each owner broadcasts the compact U it computed   4 B x |S|
 
-``step()`` runs these as the phases of ``frugal_dist.optim.phases``; ``docs/step.md`` walks
-through them, and through where a new subspace kind (``optim.kinds``) or engine plugs in.
+``step()`` runs these as the phases of ``frugal_dist.optim.phases``; steps between refreshes
+replay a plan cached at the first step after each refresh (``optim.step_plan``: same results,
+less host work). ``docs/step.md`` walks through them, and through where a new subspace kind
+(``optim.kinds``) or engine plugs in.
 """
 
 from __future__ import annotations
@@ -140,6 +143,7 @@ from frugal_dist.optim.state_loading import (
     saved_state_dtypes,
 )
 from frugal_dist.optim.step_cache import StepCache
+from frugal_dist.optim.step_plan import SKIPPED, STALE, StepPlan
 from frugal_dist.optim.validation import (
     check_group_keys,
     check_known_keys,
@@ -342,6 +346,14 @@ class FRUGAL(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.comm.begin_step()
+        plan = self._cache.plan
+        if plan is not None:  # between refreshes: the cached plan (optim.step_plan)
+            done = plan.run(self._context(), self.nonfinite)
+            if done == SKIPPED:
+                self._skipped += 1
+            if done != STALE:
+                return loss
+            self._cache.plan = None
         views = [(group, self.views(group)) for group in self.param_groups]
         ctx = self._context()
         self._check_agreement_once(ctx)
@@ -356,7 +368,9 @@ class FRUGAL(Optimizer):
         phases.down(ctx, items)  # G_sf = down(G)
         phases.state(ctx, items)  # U = StateFull(G_sf) on each owner
         phases.exchange(ctx, items)  # shard_state: owners broadcast U
-        phases.apply(ctx, items)  # W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R))
+        routed = phases.route_apply(ctx, items)
+        phases.run_apply(ctx, routed)  # W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R))
+        self._cache.plan = StepPlan.build(ctx, items, routed)  # the steps until the refresh
         return loss
 
     def _context(self) -> phases.StepContext:

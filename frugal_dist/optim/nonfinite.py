@@ -42,35 +42,44 @@ def validate_nonfinite(mode: Any) -> str:
     return str(mode)
 
 
-def _flag_device(pg: Any, grads: list[Tensor]) -> torch.device:
+def _flag_device(pg: Any, first: Tensor | None) -> torch.device:
     if dist.is_available() and dist.is_initialized():
         if "nccl" in str(dist.get_backend(pg)).lower():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-    return grads[0].device if grads else torch.device("cpu")
+    return first.device if first is not None else torch.device("cpu")
 
 
-def _max_abs_norms(grads: list[Tensor]) -> list[tuple[list[int], Tensor]]:
-    """Per (device, dtype) bucket: positions in ``grads`` and the stacked inf-norms."""
+def grad_buckets(grads: list[Tensor | None]) -> list[list[int]]:
+    """Positions in ``grads`` of the non-empty gradients, one list per (device, dtype) in order
+    of first appearance (a step plan caches it: ``optim.step_plan``)."""
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, g in enumerate(grads):
-        buckets.setdefault((g.device, g.dtype), []).append(i)
+        if g is not None and g.numel():
+            buckets.setdefault((g.device, g.dtype), []).append(i)
+    return list(buckets.values())
+
+
+def _max_abs_norms(grads: list[Tensor], buckets: list[list[int]]) -> list[tuple[list[int], Tensor]]:
+    """Per bucket: its positions in ``grads`` and the stacked inf-norms."""
     out = []
-    for idx in buckets.values():
+    for idx in buckets:
         norms = torch._foreach_norm([grads[i] for i in idx], float("inf"))
         out.append((idx, torch.stack(list(norms))))
     return out
 
 
 def grads_are_finite(
-    names: list[str], grads: list[Tensor], pg: Any, world: int
-) -> tuple[bool, str | None]:
-    """(all finite on every rank, first local offending name or None). One host sync."""
-    live = [(n, g) for n, g in zip(names, grads) if g is not None and g.numel()]
-    names_l = [n for n, _ in live]
-    grads_l = [g for _, g in live]
-    device = _flag_device(pg, grads_l)
-    norms = _max_abs_norms(grads_l)
+    names: list[str], grads: list[Tensor | None], pg: Any, world: int,
+    buckets: list[list[int]] | None = None,
+) -> tuple[bool, str | None]:  # fmt: skip
+    """(all finite on every rank, first local offending name or None). One host sync.
+    ``buckets``: ``grad_buckets(grads)``, when the caller has it cached."""
+    if buckets is None:
+        buckets = grad_buckets(grads)
+    first_grad = grads[buckets[0][0]] if buckets else None
+    device = _flag_device(pg, first_grad)
+    norms = _max_abs_norms(grads, buckets)  # type: ignore[arg-type]
     # Max-abs norms are >= 0 or nan, so "finite" is "< inf" (nan compares False): one op.
     if len(norms) == 1 and norms[0][1].device == device:
         all_norms = norms[0][1]
@@ -89,4 +98,4 @@ def grads_are_finite(
         for pos, ok in zip(idx, finite):
             if not ok and (first is None or pos < first):
                 first = pos
-    return False, None if first is None else names_l[first]
+    return False, None if first is None else names[first]

@@ -57,10 +57,13 @@ from frugal_dist.comm.stats import CommStats
 from frugal_dist.core.rules import state_full_directions
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim.fast_apply import (
+    FusedParts,
     apply_coordinate_batch,
-    apply_free_batch,
-    apply_fused,
     apply_projection_batch,
+    free_parts,
+    fused_parts,
+    run_free,
+    run_fused,
 )
 from frugal_dist.optim.kinds import SubspaceKind, kind_for
 from frugal_dist.optim.nonfinite import grads_are_finite
@@ -114,8 +117,8 @@ class StepContext:
 class ApplyBatches:
     """Where each item's update goes in the apply phase (filled by the kinds' ``route``):
 
-    * ``fused``: state phase inside the apply kernel (``fast_apply.apply_fused``), decay folded;
-    * ``free``: pure state-free updates (``fast_apply.apply_free_batch``), decay folded;
+    * ``fused``: state phase inside the apply kernel (``fast_apply.run_fused``), decay folded;
+    * ``free``: pure state-free updates (``fast_apply.run_free``), decay folded;
     * ``kernel_projs``: whole projection matrices (``projection_batch.apply_batched``), decay
       folded;
     * ``coords`` / ``projs``: foreach batches with a signSGD residual, after the group's decay;
@@ -141,8 +144,17 @@ def gradients_finite(
     reduces itself differ per rank: the flag is all-reduced over the group (4 B)."""
     names = [v.name for _, vs in views for v in vs]
     grads = [v.grad for _, vs in views for v in vs]
+    return check_finite(ctx, names, grads, mode)
+
+
+def check_finite(
+    ctx: StepContext, names: list[str], grads: list[Tensor | None], mode: str,
+    buckets: list[list[int]] | None = None,
+) -> bool:  # fmt: skip
+    """``gradients_finite`` over explicit lists (``buckets``: the cached positions of the
+    non-empty gradients per (device, dtype), ``nonfinite.grad_buckets``)."""
     per_rank = ctx.layout is not None or ctx.reduce_gradients
-    ok, first = grads_are_finite(names, grads, ctx.pg, ctx.world if per_rank else 1)
+    ok, first = grads_are_finite(names, grads, ctx.pg, ctx.world if per_rank else 1, buckets)
     if ok:
         return True
     if mode == "raise":
@@ -236,16 +248,38 @@ def down(ctx: StepContext, items: list[Item]) -> None:
         kind.down([it for it in its if it.active], ctx)
 
 
+def down_lists(ctx: StepContext) -> list[tuple[SubspaceKind, list[Item]]]:
+    """Per kind, the active items whose G_sf a later phase reads: fused items gather G inside
+    their apply kernel (``fast_apply.run_fused``), so the cached step plan leaves them out."""
+    out = []
+    for kind, its in ctx.by_kind.items():
+        need = [it for it in its if it.active and not it.fused]
+        if need:
+            out.append((kind, need))
+    return out
+
+
 # ---------------------------------------------------------------------------------------- state
 def state(ctx: StepContext, items: list[Item]) -> None:
     """U = StateFull(G_sf) on the owner of each active item: what the kind batches itself
     (``state_batched``: whole projection matrices, one fused kernel per batch), then one foreach
     call per group for the rest (fused AdamW items wait for the apply phase)."""
+    run_state(ctx, state_batches(ctx, items))
+
+
+def state_batches(ctx: StepContext, items: list[Item]) -> list[list[Item]]:
+    """The items of each group whose owner advances their state-full rule here (not fused)."""
     by_group: dict[int, list[Item]] = {}
     for it in items:
         if it.active and it.owner == ctx.rank and not it.fused:
             by_group.setdefault(id(it.group), []).append(it)
-    for its in by_group.values():
+    return list(by_group.values())
+
+
+def run_state(ctx: StepContext, batches: list[list[Item]]) -> None:
+    """Per batch of ``state_batches``: the kind's fused ``state_batched`` kernels, then one
+    ``state_full_directions`` call for the rest; sets ``Item.u``."""
+    for its in batches:
         group = its[0].group
         done = its[0].kind.state_batched(its, ctx)  # fused kernels (projection batches)
         its = [it for it in its if id(it) not in done]
@@ -277,34 +311,66 @@ def exchange(ctx: StepContext, items: list[Item]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- apply
+@dataclass
+class GroupApply:
+    """One group's routed apply work (``route_apply``): its kind, batches, the fused batch's
+    fixed kernel arguments, the tensors that take the group's own ``W *= 1 - lr wd`` and the
+    device of its per-item GEMMs."""
+
+    group: dict[str, Any]
+    kind: SubspaceKind
+    batches: ApplyBatches
+    fused: FusedParts | None
+    free: list[tuple[str, float, list[Item], list[Tensor]]]
+    decayed: list[Tensor]
+    device: Any
+
+
 def apply(ctx: StepContext, items: list[Item]) -> None:
     """Each item's update, group by group (no communication): the kinds route every item to a
     batch (``ApplyBatches``); the batches that fold the weight decay run as they are, the others
     after one ``W *= 1 - lr wd`` over their tensors."""
+    run_apply(ctx, route_apply(ctx, items))
+
+
+def route_apply(ctx: StepContext, items: list[Item]) -> list[GroupApply]:
+    """Every item's batch, group by group (the kinds' ``route``; fused items: ``fused``)."""
     by_group: dict[int, list[Item]] = {}
     for it in items:
         by_group.setdefault(id(it.group), []).append(it)
+    out = []
     for its in by_group.values():
-        group = its[0].group
-        lr, wd = group["lr"], group["weight_decay"]
         batches = ApplyBatches()
         for it in its:
             if it.fused:
                 batches.fused.append(it)
             else:
                 it.kind.route(it, ctx, batches)
-        if wd != 0.0:  # fused / free / kernel_projs fold the decay into their kernels
-            data = [it.view.data for it in (*batches.rest, *batches.coords, *batches.projs)
-                    if it.view.data.numel()]  # fmt: skip
-            if data:
-                torch._foreach_mul_(data, 1.0 - lr * wd)
+        decayed = [it.view.data for it in (*batches.rest, *batches.coords, *batches.projs)
+                   if it.view.data.numel()]  # fmt: skip
+        group = its[0].group
+        fused = None
         if batches.fused:
-            apply_fused(batches.fused, lr, wd, group, ctx.kernels, ctx.cache.coord_positions)
-        apply_free_batch(batches.free, lr, wd, ctx.kernels)
+            fused = fused_parts(batches.fused, group, ctx.cache.coord_positions)
+        free = free_parts(batches.free)
+        out.append(GroupApply(group, its[0].kind, batches, fused, free, decayed, its[0].g.device))
+    return out
+
+
+def run_apply(ctx: StepContext, routed: list[GroupApply]) -> None:
+    """The routed updates with the groups' current lr and weight decay (fused / free /
+    kernel_projs fold the decay into their kernels; the other lists are decayed first)."""
+    for ga in routed:
+        group, kind, batches = ga.group, ga.kind, ga.batches
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0.0 and ga.decayed:
+            torch._foreach_mul_(ga.decayed, 1.0 - lr * wd)
+        if ga.fused is not None:
+            run_fused(ga.fused, lr, wd, group, ctx.kernels)
+        run_free(ga.free, lr, wd, ctx.kernels)
         if batches.kernel_projs:
             apply_batched(batches.kernel_projs, lr, wd, ctx.kernels, ctx.cache.kernel_cache)
-        kind = its[0].kind
-        with kind.gemm_context(group, its[0].g.device):  # per-item projection GEMMs
+        with kind.gemm_context(group, ga.device):  # per-item projection GEMMs
             for it in batches.rest:
                 kind.apply_one(it, ctx)
                 it.release()  # this item's temporaries, now

@@ -31,8 +31,9 @@ class StepCache:
     * ``shard_plan``: the static owner plan of ``shard_state`` (``optim.ownership``);
     * ``block_owners``: (id(group), k, world) -> owners of the active blocks at refresh k;
     * ``coord_positions``: name -> (coordinate index, its ``coordinate_positions``) for the
-      fused coordinate kernel (``fast_apply.apply_fused``);
-    * ``kernel_cache``: stacked projection bases per batch (``optim.projection_batch``).
+      fused coordinate kernel (``fast_apply.run_fused``);
+    * ``kernel_cache``: stacked projection bases per batch (``optim.projection_batch``);
+    * ``plan``: the step plan replayed until the next refresh (``optim.step_plan``).
     """
 
     def __init__(self) -> None:
@@ -49,3 +50,4 @@ class StepCache:
         self.block_owners: dict[tuple, dict[int, int]] = {}
         self.coord_positions: dict[str, tuple[Tensor, Tensor]] = {}
         self.kernel_cache: dict[Any, Any] = {}
+        self.plan: Any = None

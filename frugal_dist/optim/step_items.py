@@ -36,7 +36,7 @@ class Item:
     free: Tensor | None = None  # state-free direction decided by the sign vote
     free_done: bool = False  # ``free`` is final (residual_comm="sign")
     u: Tensor | None = None
-    fused: bool = False  # state phase inside the apply kernel (``fast_apply.apply_fused``)
+    fused: bool = False  # state phase inside the apply kernel (``fast_apply.run_fused``)
     sf_t: int = 0  # state-full step count after this step (active items on their owner)
 
     @property

@@ -20,6 +20,8 @@ KINDS = {
     "columns": dict(subspace="coordinate", coord_choice="columns"),
     "projection": dict(subspace="projection", proj_type="random"),
     "svd": dict(subspace="projection", proj_type="svd"),
+    "rho0": dict(subspace="block", density=0.0),
+    "columns_rho0": dict(subspace="coordinate", coord_choice="columns", density=0.0),
 }
 COMMON = dict(lr=1e-2, density=0.4, update_gap=3, weight_decay=0.01)
 
@@ -40,14 +42,22 @@ def _snapshot(opt, ps):
     return [p.detach().clone() for p in ps], state
 
 
+# update_gap 3: step 3 refreshes (full path, check first), step 4 builds the step plan (full
+# path), step 5 replays it (optim.step_plan: host planning first, then the check)
+POISONED = {"refresh": 3, "plan_build": 4, "plan_step": 5}
+
+
+@pytest.mark.parametrize("at", list(POISONED))
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_skip_leaves_everything_untouched_and_the_run_continues_as_if_the_step_never_was(kind, bad):
+def test_skip_leaves_everything_untouched_and_the_run_continues_as_if_the_step_never_was(
+    kind, bad, at
+):
     ps, qs = make_params(), make_params()
     opt, ref = _opt(ps, **KINDS[kind]), _opt(qs, **KINDS[kind])
-    grads = list(grad_stream(SHAPES, 8))
+    grads = list(grad_stream(SHAPES, 10))
     for step, gs in enumerate(grads):
-        if step == 4:  # a poisoned step, between refreshes 3 and 6
+        if step == POISONED[at]:  # a poisoned step, taken again with a finite gradient
             poisoned = [g.clone() for g in gs]
             poisoned[1][2, 1] = bad
             set_grads(ps, poisoned)

@@ -89,7 +89,7 @@ class SubspaceKind(ABC):
         return True
 
     def fuses(self, it: Item, ctx: StepContext) -> bool:
-        """The item's state phase runs inside its apply kernel (``fast_apply.apply_fused``);
+        """The item's state phase runs inside its apply kernel (``fast_apply.run_fused``);
         asked for active items on their owner."""
         return False
 
@@ -172,7 +172,7 @@ class SubspaceKind(ABC):
 
 
 def fused_adamw_ok(it: Item, ctx: StepContext) -> bool:
-    """Whole-tensor AdamW through ``fast_apply.apply_fused`` (Triton on CUDA, or
+    """Whole-tensor AdamW through ``fast_apply.run_fused`` (Triton on CUDA, or
     ``torch._fused_adamw_``): not under ``shard_state``, float32 data and gradient (one dtype
     for params, grads and moments), non-empty, and ``fused=True`` or (``fused=None`` and a CUDA
     tensor or ``kernels="triton"``)."""

@@ -1,0 +1,192 @@
+"""The cached step plan: what a FRUGAL step does between two refreshes, built once.
+
+Between refreshes every step does the same work with the same tensors: the same items (one per
+parameter), the same kinds' routes into the same ``ApplyBatches``, the same selections and
+state-full batches. Only the gradients (``zero_grad(set_to_none=True)`` makes new ones every
+step), the step counters and the groups' lr / betas / eps / weight decay (schedulers change lr
+every step) differ. ``StepPlan`` keeps the items of a full step and replays the phases on them:
+
+    still valid?   same groups, parameters and hyper-parameters (except lr, betas, eps,
+                   weight_decay), every parameter has a gradient of the planned dtype, no item
+                   refreshes this step (counted down from the build)
+    gather         the current gradients, one comprehension over the parameters in plan order
+    check          (nonfinite != "ignore") the fused inf/nan test, its one host sync -- after
+                   all host-side planning, so the update kernels launch right after it
+    counters       ``step`` / ``sf_step`` written from host integers (no reads)
+    down / state / apply   the phases' cached batches (``phases.down_lists``,
+                   ``state_batches``, ``route_apply``) with the groups' current lr and decay
+
+A skipped step (inf/nan) changes nothing: counters, state, parameters and the count of steps to
+the next refresh stay as they were. Only replicated parameters are planned (no bound layout, no
+``reduce_gradients`` / ``shard_state`` at world size > 1: such steps communicate per step) and
+only when every parameter of every group has a gradient; the rest always takes the full path.
+The plan lives in the ``StepCache`` (any ``invalidate()`` drops it) and keeps no gradient.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+from frugal_dist.optim import phases
+from frugal_dist.optim.fast_apply import local_matrix
+from frugal_dist.optim.nonfinite import grad_buckets
+from frugal_dist.optim.step_items import EXACT_COUNT, Item
+
+PER_STEP_KEYS = frozenset({"params", "names", "lr", "betas", "eps", "weight_decay", "initial_lr"})
+DONE, SKIPPED, STALE = "done", "skipped", "stale"
+
+
+def _route_keys(group: dict[str, Any]) -> dict[str, Any]:
+    """The group's options that decide items and routes (everything but the per-step ones)."""
+    return {k: v for k, v in group.items() if k not in PER_STEP_KEYS}
+
+
+def _options(ctx: phases.StepContext) -> tuple:
+    return (ctx.rank, ctx.world, ctx.layout is None, ctx.reduced_here, ctx.sharded, ctx.fused,
+            ctx.kernels, ctx.proj_qr_device, ctx.residual_comm)  # fmt: skip
+
+
+class StepPlan:
+    """A full step's items, batches and counters, replayed until the next refresh (module
+    docstring). Build with ``StepPlan.build`` after a full step; ``run`` each later step."""
+
+    def __init__(
+        self, ctx: phases.StepContext, items: list[Item], routed: list[phases.GroupApply],
+        left: int,
+    ) -> None:  # fmt: skip
+        self.left = left  # steady steps this plan may still take
+        self.taken = 0  # steps taken since the build step
+        self.options = _options(ctx)
+        self.groups = list(ctx.param_groups)
+        self.keys = [_route_keys(g) for g in self.groups]
+        self.items = items
+        self.params = [it.view.data for it in items]  # == the groups' params, in order
+        self.names = [it.name for it in items]
+        self.grad_dtypes = [it.view.grad.dtype for it in items]
+        self.preps = [_prep(it) for it in items]
+        self.plain = all(prep is None for prep in self.preps)
+        self.buckets = grad_buckets([it.view.grad for it in items])
+        self.step_counters = [it.st["step"] for it in items]
+        self.step_base = [int(t.item()) for t in self.step_counters]
+        owned = [it for it in items if it.active and it.owner == ctx.rank]
+        self.owned = owned
+        self.sf_counters = [it.st["sf_step"] for it in owned]
+        self.sf_base = [it.sf_t for it in owned]
+        self.counters_first = any(p.device.type == "cpu" for p in self.params)
+        self.downs = phases.down_lists(ctx)
+        self.states = phases.state_batches(ctx, items)
+        self.routed = routed
+        self.temporaries = [it for it in items if not it.fused]
+        for it in items:  # the plan keeps no gradient (nor any temporary)
+            it.view.grad = None
+            it.g = None  # type: ignore[assignment]
+            it.release()
+
+    @staticmethod
+    def build(
+        ctx: phases.StepContext, items: list[Item], routed: list[phases.GroupApply]
+    ) -> StepPlan | None:
+        """A plan from the items of the full step that just ran and its routes (``routed``, as
+        ``phases.route_apply`` made them in that step's apply phase), or None when its steps must
+        take the full path (module docstring: layouts, per-step communication, parameters
+        without a gradient, a refresh in this step or the next)."""
+        if ctx.layout is not None or ctx.reduced_here or ctx.sharded or not items:
+            return None
+        if any(it.refresh or it.free_done for it in items):
+            return None
+        if len(items) != sum(len(g["params"]) for g in ctx.param_groups):
+            return None
+        left = None
+        for it in items:
+            gap = it.group["update_gap"]
+            done = int(it.st["step"].item())  # steps taken, this one included
+            if done + gap >= EXACT_COUNT:
+                return None
+            until = (gap - done % gap) % gap  # steady steps before this item's next refresh
+            left = until if left is None else min(left, until)
+        if not left:
+            return None
+        return StepPlan(ctx, items, routed, left)
+
+    def valid(self, ctx: phases.StepContext) -> bool:
+        """The groups, parameters, options and route-deciding hyper-parameters are the plan's,
+        and the next step does not refresh."""
+        if self.left <= 0 or _options(ctx) != self.options:
+            return False
+        groups = ctx.param_groups
+        if len(groups) != len(self.groups) or not all(map(operator.is_, groups, self.groups)):
+            return False
+        if not all(_route_keys(g) == k for g, k in zip(groups, self.keys)):
+            return False
+        now = [p for g in groups for p in g["params"]]
+        return len(now) == len(self.params) and all(map(operator.is_, now, self.params))
+
+    def run(self, ctx: phases.StepContext, nonfinite: str) -> str:
+        """One steady step: ``DONE``, ``SKIPPED`` (inf/nan, nothing changed) or ``STALE``
+        (nothing done; take the full path, which rebuilds the plan)."""
+        if not self.valid(ctx):
+            return STALE
+        grads = [p.grad for p in self.params]
+        for g, dtype in zip(grads, self.grad_dtypes):
+            if g is None or g.dtype is not dtype:
+                return STALE
+        if self.plain:  # every item's g is its gradient
+            for it, g in zip(self.items, grads):
+                it.g = g
+        else:
+            for it, g, prep in zip(self.items, grads, self.preps):
+                it.g = g if prep is None else prep(g)
+        n = self.taken + 1
+        for it, base in zip(self.owned, self.sf_base):
+            it.sf_t = base + n
+        # All host-side planning is done and nothing has changed yet: now the check and its
+        # one sync; the update kernels launch right after it.
+        if nonfinite != "ignore":
+            try:
+                ok = phases.check_finite(ctx, self.names, grads, nonfinite, self.buckets)
+            except FloatingPointError:
+                self._drop_gradients()
+                raise
+            if not ok:
+                self._drop_gradients()
+                return SKIPPED
+        if self.counters_first:  # CPU fused AdamW reads the sf_step tensors
+            self._advance(n)
+        for kind, its in self.downs:
+            kind.down(its, ctx)
+        phases.run_state(ctx, self.states)
+        phases.run_apply(ctx, self.routed)
+        if not self.counters_first:  # CUDA kernels take host counts: write them while they run
+            self._advance(n)
+        self.taken = n
+        self.left -= 1
+        self._drop_gradients()
+        return DONE
+
+    def _advance(self, n: int) -> None:
+        """``step`` and ``sf_step`` counters to their values after plan step ``n`` (the same
+        float32 values as ``+= 1`` each step: integers below 2**24 are exact)."""
+        for t, base in zip(self.step_counters, self.step_base):
+            t.fill_(base + n)
+        for t, base in zip(self.sf_counters, self.sf_base):
+            t.fill_(base + n)
+
+    def _drop_gradients(self) -> None:
+        for it in self.items:
+            it.g = None  # type: ignore[assignment]
+        for it in self.temporaries:
+            it.release()
+
+
+def _prep(it: Item):
+    """How the item's ``g`` is made from the parameter's gradient (None: the gradient itself),
+    as the plan phase made it: float32 copy of a 16-bit gradient, the (m, n) matrix view."""
+    grad = it.view.grad
+    if it.g is grad:
+        return None
+    view = it.view
+    to_float = it.g.dtype != grad.dtype
+    if it.kind.matrix_grad:
+        return lambda g: local_matrix(view, g.float() if to_float else g)
+    return lambda g: g.float()

@@ -1,0 +1,103 @@
+"""The cached step plan on CUDA (``optim.step_plan``, Triton kernels by default): steps replayed
+from the plan equal full steps bit for bit, a non-finite step in the plan's range is skipped
+without a trace, and the plan makes a step's host time shorter. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from frugal_dist import FRUGAL
+from tests.helpers import grad_stream, make_params, set_grads
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+SHAPES = [(64, 48), (64, 48), (48, 64), (48, 64), (64, 48), (40, 40), (64,), (64,)]
+NAMES = [f"layers.{i}.w" for i in range(len(SHAPES))]
+CASES = {
+    "block": dict(subspace="block", density=0.4),
+    "rho0": dict(subspace="block", density=0.0),
+    "columns": dict(subspace="coordinate", coord_choice="columns", density=0.3),
+    "random": dict(subspace="projection", proj_type="random", density=0.3),
+    "svd": dict(subspace="projection", proj_type="svd", density=0.3),
+}
+
+
+def _opt(ps, case, **kw):
+    groups = [
+        {"params": ps[:6], "names": NAMES[:6], **CASES[case]},
+        {"params": ps[6:], "names": NAMES[6:], "algorithm": "adamw"},
+    ]
+    return FRUGAL(groups, lr=1e-2, update_gap=5, weight_decay=0.05, inactive_lr_scale=0.5, **kw)
+
+
+def _run(case, invalidate, steps=13, poison_at=None):
+    ps = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(SHAPES)]
+    opt = _opt(ps, case)
+    for step, grads in enumerate(grad_stream(SHAPES, steps)):
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 * 0.9**step  # a scheduler
+        if step == poison_at:
+            bad = [g.clone() for g in grads]
+            bad[2][1, 1] = float("inf")
+            set_grads(ps, [g.cuda() for g in bad])
+            opt.step()  # skipped
+        set_grads(ps, [g.cuda() for g in grads])
+        if invalidate:
+            opt.reset_caches()
+        opt.step()
+    state = opt.state_dict()["state"]
+    return ps, state, opt.skipped_steps()
+
+
+def _same(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    for i in a[1]:
+        assert all(torch.equal(a[1][i][k], b[1][i][k]) for k in a[1][i])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_steps_equal_full_steps(case):
+    _same(_run(case, False), _run(case, True))
+
+
+@pytest.mark.parametrize("at", [5, 6, 8])  # refresh, plan build, plan step (update_gap 5)
+@pytest.mark.parametrize("case", list(CASES))
+def test_skipped_step_leaves_the_trajectory_unchanged(case, at):
+    got = _run(case, False, poison_at=at)
+    assert got[2] == 1
+    _same(got, _run(case, False))
+
+
+def _host_ms(case, invalidate, steps=30):
+    shapes = [(256, 256)] * 96 + [(256,)] * 64
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
+    groups = [
+        {"params": ps[:96], "names": [f"w{i}" for i in range(96)], **CASES[case]},
+        {"params": ps[96:], "names": [f"n{i}" for i in range(64)], "algorithm": "adamw"},
+    ]
+    opt = FRUGAL(groups, lr=1e-3, update_gap=10_000)
+    grads = [torch.randn_like(p) for p in ps]
+    times = []
+    for _ in range(steps):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        if invalidate:
+            opt.reset_caches()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[5:])[len(times[5:]) // 2] * 1e3
+
+
+@pytest.mark.parametrize("case", ["block", "rho0", "columns"])
+def test_plan_steps_take_less_host_time(case):
+    planned, full = _host_ms(case, False), _host_ms(case, True)
+    print(f"{case}: host ms per step, plan {planned:.3f}, full path {full:.3f}")
+    assert planned < full

@@ -1,0 +1,185 @@
+"""The cached step plan (``optim.step_plan``): steps between refreshes replay a plan built once
+per refresh. Every result must be bit-identical to the full path (the plan dropped before every
+step), with lr / weight decay changed every step (schedulers), route-deciding options changed
+mid-run, gradients missing on some steps, and 16-bit parameters; the plan keeps no gradient."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import weakref
+
+import pytest
+import torch
+
+from frugal_dist import FRUGAL
+from frugal_dist.optim import phases
+from tests.helpers import SHAPES, grad_stream, make_params, set_grads
+
+NAMES = [f"layers.{i}.w" for i in range(len(SHAPES))]
+CASES = {
+    "block": dict(subspace="block", density=0.4),
+    "block_rho0": dict(subspace="block", density=0.0),
+    "columns": dict(subspace="coordinate", coord_choice="columns", density=0.5),
+    "rows_rho0": dict(subspace="coordinate", coord_choice="rows", density=0.0),
+    "randk": dict(subspace="coordinate", coord_choice="randk", density=0.3),
+    "projection": dict(subspace="projection", proj_type="random", density=0.5),
+    "svd_left": dict(subspace="projection", proj_type="svd", proj_side="left", density=0.5),
+    "sgdm_lion": dict(subspace="block", density=0.6, state_full="lion", state_free="sgd"),
+}
+
+
+def _groups(ps, opts):
+    return [
+        {"params": ps[:3], "names": NAMES[:3], **opts},
+        {"params": ps[3:4], "names": NAMES[3:4], "algorithm": "adamw"},
+        {"params": ps[4:], "names": NAMES[4:], "algorithm": "signsgd"},
+    ]
+
+
+def _run(opts, invalidate, steps=11, dtype=torch.float32, fused=None, hook=None, **step_opts):
+    ps = make_params(dtype=dtype)
+    opt = FRUGAL(
+        _groups(ps, opts), lr=1e-2, update_gap=4, weight_decay=0.01, fused=fused, **step_opts
+    )
+    for step, grads in enumerate(grad_stream(SHAPES, steps)):
+        set_grads(ps, grads)  # new gradient tensors every step, as zero_grad(set_to_none)
+        for g in opt.param_groups:  # a scheduler: lr and weight decay change every step
+            g["lr"] = 1e-2 * (0.9**step)
+            g["weight_decay"] = 0.01 * (step % 3)
+        if hook is not None:
+            hook(step, opt, ps)
+        if invalidate:
+            opt.reset_caches()
+        opt.step()
+    state = opt.state_dict()["state"]
+    return [p.detach().clone() for p in ps], state
+
+
+def _assert_same(a, b):
+    pa, sa = a
+    pb, sb = b
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys()
+        assert all(torch.equal(sa[i][k], sb[i][k]) for k in sa[i]), (i, list(sa[i]))
+
+
+@pytest.mark.parametrize("fused", [None, True])
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_steps_equal_full_steps_with_lr_and_decay_changing_every_step(case, fused):
+    _assert_same(_run(CASES[case], False, fused=fused), _run(CASES[case], True, fused=fused))
+
+
+TRITON = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton")
+
+
+@pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("case", ["block", "block_rho0", "columns", "projection", "svd_left"])
+def test_plan_steps_equal_full_steps_on_the_triton_kernels(case):
+    """The kernel path (fused AdamW / state-free / coordinate kernels, the projections' fused
+    state and apply kernels) replayed from the plan equals its full path bit for bit."""
+    opts = {**CASES[case], "proj_precision": "fp32"}
+    a = _run(opts, False, kernels="triton")
+    _assert_same(a, _run(opts, True, kernels="triton"))
+
+
+@pytest.mark.parametrize("case", ["block", "columns", "projection"])
+def test_16_bit_parameters(case):
+    a = _run(CASES[case], False, dtype=torch.bfloat16)
+    _assert_same(a, _run(CASES[case], True, dtype=torch.bfloat16))
+
+
+def _change_options(step, opt, ps):
+    if step == 6:  # between refreshes: routes and selections change
+        opt.param_groups[0]["inactive_lr_scale"] = 0.5
+        opt.param_groups[0]["proj_params_lr_scale"] = 0.7
+    if step == 7:
+        opt.param_groups[0]["state_free"] = "sgd"
+        opt.param_groups[1]["betas"] = (0.8, 0.99)
+        opt.param_groups[1]["eps"] = 1e-6
+
+
+@pytest.mark.parametrize("case", ["block", "columns", "rows_rho0", "projection"])
+def test_changed_group_options_take_effect_between_refreshes(case):
+    a = _run(CASES[case], False, hook=_change_options)
+    _assert_same(a, _run(CASES[case], True, hook=_change_options))
+
+
+def _drop_a_gradient(step, opt, ps):
+    if step in (2, 6):
+        ps[1].grad = None  # a parameter without gradient this step
+    if step == 7:
+        ps[0].grad = ps[0].grad.double().float()  # a new tensor of the same dtype
+
+
+@pytest.mark.parametrize("case", ["block", "columns", "projection"])
+def test_parameters_without_gradient_on_some_steps(case):
+    a = _run(CASES[case], False, hook=_drop_a_gradient)
+    _assert_same(a, _run(CASES[case], True, hook=_drop_a_gradient))
+
+
+def test_steps_between_refreshes_do_not_plan_again(monkeypatch):
+    calls = []
+    real = phases.plan
+    monkeypatch.setattr(phases, "plan", lambda ctx, views: calls.append(1) or real(ctx, views))
+    _run(CASES["block"], False, steps=12)  # update_gap 4: refreshes at steps 0, 4, 8
+    assert len(calls) == 6  # each refresh step and the step after it (which builds the plan)
+
+
+def test_the_plan_keeps_no_gradient():
+    ps = make_params()
+    opt = FRUGAL(_groups(ps, CASES["columns"]), lr=1e-2, update_gap=10)
+    refs = []
+    for grads in grad_stream(SHAPES, 4):
+        set_grads(ps, grads)
+        opt.step()
+        refs.append([weakref.ref(p.grad) for p in ps])
+        for p in ps:
+            p.grad = None
+        gc.collect()
+        assert all(r() is None for r in refs[-1])
+
+
+def test_raise_on_a_plan_step_updates_nothing_and_the_run_continues():
+    ps, qs = make_params(), make_params()
+    opt = FRUGAL(_groups(ps, CASES["block"]), lr=1e-2, update_gap=4, nonfinite="raise")
+    ref = FRUGAL(_groups(qs, CASES["block"]), lr=1e-2, update_gap=4, nonfinite="raise")
+    for step, grads in enumerate(grad_stream(SHAPES, 8)):
+        if step == 2:  # a plan step (refresh at 0, plan built at 1)
+            bad = [g.clone() for g in grads]
+            bad[2][0, 0] = float("nan")
+            set_grads(ps, bad)
+            before = [p.detach().clone() for p in ps]
+            with pytest.raises(FloatingPointError, match=NAMES[2]):
+                opt.step()
+            assert all(torch.equal(a, b) for a, b in zip(before, ps))
+        set_grads(ps, grads)
+        set_grads(qs, grads)
+        opt.step()
+        ref.step()
+    _assert_same((ps, opt.state_dict()["state"]), (qs, ref.state_dict()["state"]))
+
+
+def test_resuming_between_refreshes_equals_the_uninterrupted_run():
+    grads = list(grad_stream(SHAPES, 11))
+    ps = make_params()
+    opt = FRUGAL(_groups(ps, CASES["columns"]), lr=1e-2, update_gap=4)
+    for g in grads:
+        set_grads(ps, g)
+        opt.step()
+    qs = make_params()
+    first = FRUGAL(_groups(qs, CASES["columns"]), lr=1e-2, update_gap=4)
+    for g in grads[:6]:  # stops after a plan step
+        set_grads(qs, g)
+        first.step()
+    saved = first.state_dict()
+    rs = [torch.nn.Parameter(q.detach().clone()) for q in qs]
+    second = FRUGAL(_groups(rs, CASES["columns"]), lr=1e-2, update_gap=4)
+    second.load_state_dict(saved)
+    for g in grads[6:]:
+        set_grads(rs, g)
+        second.step()
+    _assert_same((ps, opt.state_dict()["state"]), (rs, second.state_dict()["state"]))
