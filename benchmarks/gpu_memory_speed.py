@@ -90,8 +90,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "frugal_projection_d0.25": ("frugal", dict(density=0.25, subspace="projection",
                                                proj_type="random")),
     "frugal_svd_d0.25": ("frugal", dict(density=0.25, subspace="projection", proj_type="svd")),
-    "frugal_svd_bf16_d0.25": ("frugal", dict(density=0.25, subspace="projection", proj_type="svd",
-                                             proj_precision="bf16")),
+    "frugal_svd_tf32_d0.25": ("frugal", dict(density=0.25, subspace="projection", proj_type="svd",
+                                             proj_precision="tf32")),
     "frugal_d0": ("frugal", dict(density=0.0, subspace="block")),
     "rso": ("rso", dict(lr=1e-3, weight_decay=0.0, density=0.25, inner_steps=100_000)),
 }  # fmt: skip

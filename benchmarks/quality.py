@@ -20,6 +20,7 @@ papers': rho 0.25, update gap 200, lr 1e-3 for 60M). Variants (``--variants``):
     frugal_projection_exact    svd with the exact refresh and fp32 GEMMs (not in the default list)
     frugal_projection_random_exact  random, float64 CPU bases, fp32 GEMMs (not in the default list)
     frugal_projection_bf16         svd with bfloat16 projection GEMMs (not in the default list)
+    frugal_projection_tf32         svd with TF32 projection GEMMs (not in the default list)
     frugal_projection_random_bf16  random with bfloat16 projection GEMMs (not in the default list)
     frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
@@ -83,6 +84,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                        "proj_precision": "fp32", "proj_qr_device": "cpu"},
     "frugal_projection_bf16": {"name": "frugal", "subspace": "projection", "proj_type": "svd",
                                "density": 0.25, "proj_precision": "bf16"},
+    "frugal_projection_tf32": {"name": "frugal", "subspace": "projection", "proj_type": "svd",
+                               "density": 0.25, "proj_precision": "tf32"},
     "frugal_projection_random_bf16": {"name": "frugal", "subspace": "projection",
                                       "proj_type": "random", "density": 0.25,
                                       "proj_precision": "bf16"},
@@ -93,7 +96,7 @@ DEFAULT_VARIANTS = [
     v
     for v in VARIANTS
     if not v.startswith("frugal_projection_random")
-    and v not in ("frugal_projection_exact", "frugal_projection_bf16")
+    and v not in ("frugal_projection_exact", "frugal_projection_bf16", "frugal_projection_tf32")
 ]
 GPU_DATA = {  # paths staged by ../shared/gpu/stage.sh
     "train_files": ".gpu/data/enwiki2015/train-*.jsonl.xz",

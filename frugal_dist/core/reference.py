@@ -65,7 +65,7 @@ class ReferenceFRUGAL:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         seed: int = 0,
-        proj_precision: str = "tf32",
+        proj_precision: str = "auto",
         svd_method: str = "warm",
         random_device: str | torch.device | None = None,
     ) -> None:

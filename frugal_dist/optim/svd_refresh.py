@@ -49,6 +49,7 @@ from frugal_dist.core.subspaces import (
     resolve_side,
 )
 from frugal_dist.kernels.refresh import svd_bases
+from frugal_dist.optim.projection_batch import group_precision
 
 WARM_POWER_ITERS = 1
 RANDOMIZED_OVERSAMPLE = 0
@@ -94,7 +95,7 @@ def owner_bases(its: list[Any], grads: list[Tensor]) -> list[Tensor]:
         else:
             kw = dict(oversample=RANDOMIZED_OVERSAMPLE, power_iters=RANDOMIZED_POWER_ITERS)
         bases = svd_bases(sub, r, side, method=method, seeds=seeds, qr=QR,
-                          precision=group["proj_precision"], **kw)  # fmt: skip
+                          precision=group_precision(group, sub[0].device), **kw)  # fmt: skip
         for i, b in zip(idx, bases.unbind(0)):
             out[i] = b.clone()  # its own storage: the basis is optimizer state
     return [b for b in out if b is not None]

@@ -10,12 +10,13 @@ from typing import Any
 
 from frugal_dist.core.rules import STATE_FREE_RULES, STATE_FULL_RULES
 from frugal_dist.core.subspaces import BLOCK_ORDERS, COORD_CHOICES, PROJ_SIDES, PROJ_TYPES
-from frugal_dist.kernels.projection import PRECISIONS as PROJ_PRECISIONS
+from frugal_dist.kernels.projection import PRECISIONS
 from frugal_dist.kernels.refresh import METHODS as SVD_METHODS
 
 # "state_full": the group's ``state_full`` rule (AdamW, SGDM or Lion) on whole tensors.
 ALGORITHMS = ("frugal", "adamw", "state_full", "signsgd", "sgd")
 SUBSPACES = ("block", "coordinate", "projection")
+PROJ_PRECISIONS = ("auto", *PRECISIONS)  # auto: bf16 on CUDA, fp32 elsewhere
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm": ALGORITHMS,

@@ -60,7 +60,7 @@ OPTIMIZER_KEYS: dict[str, tuple[str, str]] = {
     "nonfinite": ("frugal", "a NaN/inf gradient: skip the step, raise, or ignore"),
     "fused": ("frugal", "fused kernels (null: on CUDA)"),
     "proj_qr_device": ("frugal", "where random projection bases are drawn (auto: on CUDA)"),
-    "proj_precision": ("frugal", "projection GEMMs: fp32, tf32 (TF32 on CUDA) or bf16 operands"),
+    "proj_precision": ("frugal", "projection GEMMs: auto (bf16 on CUDA), fp32, tf32 or bf16"),
     "svd_method": ("frugal", "svd refresh: warm (subspace iteration), randomized or exact"),
     "kernels": ("frugal", "Triton kernels: auto (on CUDA), triton or torch"),
     "inner_steps": ("rso", "steps between merges of B into W"),
