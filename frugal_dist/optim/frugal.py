@@ -22,67 +22,36 @@ last reset, for bias correction) plus the rule's buffers (``exp_avg``, ``exp_avg
 keep their basis ``proj_basis`` (it depends on a past gradient); random bases and coordinate sets
 are rebuilt from the seed. Inactive blocks keep no buffers at all.
 
-Distributed (replicated parameters: DDP, plain torchrun). Options of the optimizer, not of a group:
+Options of the optimizer, not of a group (``docs/optimizer.md`` has the full table):
 
-* ``shard_state=True`` -- ZeRO-1 for the state-full buffers: every parameter has one owner rank
-  (longest-first balancing of state bytes; block tensors re-balanced at each refresh), only the
-  owner keeps its buffers and computes U; per-rank state ~ total / world size (the plan:
-  ``frugal_dist.optim.ownership``).
-* ``reduce_gradients=True`` -- FRUGAL reduces the gradients itself (leave the model unwrapped, or
-  wrap it in DDP with ``frugal_dist.comm.defer_to_optimizer_hook``). Non-final micro-steps of
-  gradient accumulation communicate nothing (gradients just accumulate in ``.grad``).
-* ``residual_comm`` -- ``"exact"`` (default): one mean all-reduce of the full gradients;
-  ``"sign"``: compact state-full gradients all-reduced, the state-free residual sent as 1-bit
-  signs and decided by majority vote (needs ``state_free="signsgd"``); ``"hierarchical"``:
-  exact mean inside each node, then the sign scheme across nodes with the node means as voters
-  (``node_groups``: ranks per node, a 2-D DeviceMesh, or None for ``LOCAL_WORLD_SIZE``; one node
-  = exact mode). Bytes per link: ``optim.sign_reduce``.
-* ``seed=None`` -- rank 0 draws the seed and broadcasts it; at every refresh the ranks compare a
-  fingerprint of each parameter's subspace and raise, naming the parameter, if any disagree.
-* ``process_group`` -- the optimizer is collective over it (default: the whole world): every rank
-  of it builds the optimizer and steps. The seed agreement, the first-step checks and the
-  fingerprints wait at most ``FRUGAL_DIST_PARTICIPANTS_TIMEOUT_S`` (300 s), then raise
-  ``ParticipantsError`` (``frugal_dist.comm.participants``). A replicated optimizer (no layout,
-  no ``reduce_gradients`` / ``shard_state`` / svd) with a fixed seed and
-  ``check_agreement=False`` issues no collective: it can run on one rank alone.
+* ``shard_state`` -- ZeRO-1 for the state-full buffers of replicated parameters: one owner rank
+  per parameter keeps its buffers and computes U (``optim.ownership``).
+* ``reduce_gradients`` -- FRUGAL reduces the gradients itself (unwrapped model, or DDP with
+  ``comm.defer_to_optimizer_hook``); ``residual_comm`` = ``"exact"`` (mean all-reduce),
+  ``"sign"`` (compact G_sf exact, residual as a 1-bit majority vote; ``state_free="signsgd"``) or
+  ``"hierarchical"`` (exact inside a node, the sign scheme across ``node_groups``; one node =
+  exact). Bytes per link: ``optim.sign_reduce``.
+* ``seed=None`` -- rank 0 draws and broadcasts the seed; subspace fingerprints are compared at
+  every refresh. ``process_group``: the optimizer is collective over it; its participant checks
+  wait at most ``FRUGAL_DIST_PARTICIPANTS_TIMEOUT_S`` (``comm.participants``).
+* ``nonfinite="skip"`` -- one fused inf/nan test of every local gradient and one host sync per
+  step (``optim.nonfinite``; on plan steps after the host work), the whole step skipped on any
+  rank's inf/nan (``skipped_steps()``); ``"raise"`` names the parameter; ``"ignore"``: no check
+  (at LLaMA-1B on an H200 the check costs 1.5 ms of GPU time plus the sync).
+* ``fused=None`` -- whole-tensor AdamW items of float32 data run one fused kernel per group on
+  CUDA (``True``: also on the CPU; ``False``: foreach kernels).
+* ``proj_qr_device="auto"`` -- ``random`` projection bases drawn on the parameter's device for
+  CUDA parameters (``kernels.refresh.random_bases``, all of a group's bases of one (dim, r) in
+  one call per refresh), in float64 on the CPU otherwise (``"cpu"``: always that bit-exact
+  basis; ``"param"``: always on the device).
+* ``kernels="auto"`` -- the Triton kernels of ``frugal_dist.kernels`` on CUDA, plain torch on the
+  CPU (``"triton"``: Triton wherever a kernel applies; ``"torch"``: never).
 
-Step options (of the optimizer, not of a group):
-
-* ``nonfinite="skip"`` -- check every local gradient for inf/nan before anything changes (one
-  fused ``_foreach_norm`` per dtype, one flag, one host sync per step; see ``optim.nonfinite``;
-  between refreshes after the cached plan's host work, ``optim.step_plan``) and skip the whole
-  step if any rank found one (``skipped_steps()`` counts them); ``"raise"`` raises
-  ``FloatingPointError`` naming the parameter; ``"ignore"`` checks nothing.
-* ``fused=None`` -- whole-tensor AdamW items (``algorithm="adamw"`` groups; ``"state_full"``
-  groups and active blocks with ``state_full="adamw"``) of float32 data and gradients run
-  ``torch._fused_adamw_`` (one kernel per group; step counts mirrored on the device without
-  syncs); ``None`` = on CUDA only, ``True`` = on the CPU too, ``False`` = never (foreach
-  kernels). Not with ``shard_state`` at world size > 1.
-* ``proj_qr_device="auto"`` -- where ``random`` projection bases are drawn: ``"auto"`` on the
-  parameter's device for CUDA parameters (``kernels.refresh.random_bases``: Gaussian from a
-  generator on the device seeded by (seed, name, k), shifted CholeskyQR2; drawn one matrix at a
-  time: a LLaMA-1B refresh step took 297 ms on an H200, against 0.05 s for the same bases batched
-  by shape in benchmarks/kernels_projection.py) and on the CPU in float64 for CPU parameters;
-  ``"cpu"``: always the CPU float64 draw + QR (the bit-exact, device-independent basis);
-  ``"param"``: always on the parameter's device. Every rank draws the same bits (same seed, device
-  type and library); the ranks' fingerprint check at each refresh guards it.
-* ``kernels="auto"`` -- the fast apply paths (``optim.fast_apply``, ``optim.projection_batch``):
-  ``"auto"`` = the Triton kernels of ``frugal_dist.kernels`` on CUDA tensors, the plain torch
-  code on the CPU; ``"triton"`` = Triton wherever a kernel applies (CUDA, or the CPU under
-  ``TRITON_INTERPRET=1``); ``"torch"`` = no Triton (foreach kernels, ``torch._fused_adamw_``,
-  ``bmm`` projections on CUDA).
-
-Group options of the projection kernels (``FRUGAL_DEFAULTS``):
-
-* ``proj_precision="auto"`` -- precision of the projection GEMMs (down, up, residual and the
-  svd refresh products): ``"auto"`` = ``"bf16"`` on CUDA, ``"fp32"`` elsewhere; ``"fp32"`` IEEE
-  float32; ``"tf32"`` TF32 tensor cores on CUDA (float32 on the CPU); ``"bf16"`` bfloat16
-  operands with float32 accumulation (``kernels.projection``). The 60M quality guard puts bf16
-  within the seed spread of tf32 and of the exact fp32 path.
-* ``svd_method="warm"`` -- how ``svd`` bases are refreshed (``optim.svd_refresh``): ``"exact"``
-  full SVD; ``"warm"`` one subspace-iteration step from the previous basis (when there is none,
-  at the first refresh: ``"randomized"``, so no refresh runs an exact SVD); ``"randomized"`` a
-  seeded range finder with 2 power steps.
+Group options of the projection kernels: ``proj_precision="auto"`` (bf16 GEMM operands on CUDA,
+fp32 elsewhere; ``"fp32"``, ``"tf32"``, ``"bf16"``; the 60M quality guard puts bf16 within the
+seed spread of the exact fp32 path) and ``svd_method="warm"`` (one subspace-iteration step from
+the previous basis; the first refresh runs the randomized range finder with a Rayleigh-Ritz
+rotation, so no refresh runs an exact SVD; ``"randomized"``, ``"exact"``: ``optim.svd_refresh``).
 
 Communication schedule of one ``step()`` (every collective is skipped at world size 1):
 
