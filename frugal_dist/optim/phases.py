@@ -96,6 +96,9 @@ class StepContext:
     kernels: str
     by_kind: dict[SubspaceKind, list[Item]] = field(default_factory=dict)  # filled by ``plan``
     memo: dict[Any, Any] = field(default_factory=dict)  # per-step lookups (block active sets)
+    # the step plan's lookups kept between its steps (``projection_batch.batches``); None on
+    # full steps
+    batch_memo: dict[Any, Any] | None = None
 
     @property
     def agreement_world(self) -> int:
@@ -369,7 +372,8 @@ def run_apply(ctx: StepContext, routed: list[GroupApply]) -> None:
             run_fused(ga.fused, lr, wd, group, ctx.kernels)
         run_free(ga.free, lr, wd, ctx.kernels)
         if batches.kernel_projs:
-            apply_batched(batches.kernel_projs, lr, wd, ctx.kernels, ctx.cache.kernel_cache)
+            apply_batched(batches.kernel_projs, lr, wd, ctx.kernels, ctx.cache.kernel_cache,
+                          ctx.batch_memo)  # fmt: skip
         with kind.gemm_context(group, ga.device):  # per-item projection GEMMs
             for it in batches.rest:
                 kind.apply_one(it, ctx)

@@ -33,6 +33,7 @@ precision too (``gemm_precision``; ``bf16`` as TF32 there). Communication: none.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,14 +90,72 @@ def _key(it: Item, backend: str) -> tuple:
     return (backend, tuple(it.g.shape), it.sel.side, it.sel.rank)
 
 
-def batches(its: list[Item], kernels: str) -> list[tuple[str, list[Item]]]:
-    """(backend, items) per (backend, shape, side, rank), in first-appearance order."""
+@dataclass(eq=False)
+class ProjBatch:
+    """One (backend, shape, side, rank) batch of projection items and what is fixed about it
+    between refreshes: the first item's group (its precision and scales), the parameters and,
+    on plan steps (``memo``), the operand bases once built."""
+
+    backend: str
+    items: list[Item]
+    group: dict[str, Any]
+    precision: str
+    ids: tuple[int, ...]  # the items' identities: the key of the per-step results in ``memo``
+    params: list[Tensor]
+    bases: Tensor | None = None
+
+
+def batches(its: list[Item], kernels: str, memo: dict | None = None) -> list[ProjBatch]:
+    """The batches per (backend, shape, side, rank), in first-appearance order.
+
+    ``memo``: the step plan's (``StepContext.batch_memo``; None on full steps), kept while the
+    plan lives: the plan's item lists are the same list objects every step and hold their
+    items, so the batches of a list are computed once per plan, not per step."""
+    if memo is not None:
+        hit = memo.get(id(its))
+        if hit is not None and hit[0] is its:
+            return hit[1]
     out: dict[tuple, list[Item]] = {}
     for it in its:
         backend = projection_backend(it, kernels)
         if backend is not None:
             out.setdefault(_key(it, backend), []).append(it)
-    return [(key[0], sub) for key, sub in out.items()]
+    found = []
+    for key, sub in out.items():
+        group = sub[0].group
+        found.append(ProjBatch(key[0], sub, group, group_precision(group, sub[0].g.device),
+                               tuple(map(id, sub)), [it.view.data for it in sub]))  # fmt: skip
+    if memo is not None:
+        memo[id(its)] = (its, found)
+    return found
+
+
+def _batch_bases(b: ProjBatch, cache: dict, memo: dict | None) -> Tensor:
+    """``operand_bases`` of the batch; on plan steps looked up once per plan (the bases do not
+    change before the next refresh, which drops the plan)."""
+    if memo is None:
+        return operand_bases(b.items, cache)
+    if b.bases is None:
+        b.bases = operand_bases(b.items, cache)
+    return b.bases
+
+
+def _stash(memo: dict | None, what: str, b: ProjBatch, value: Tensor | None, rows: list) -> None:
+    """On plan steps, remember a batch result (``value``) of this step for a later phase, with
+    its first and last row views as handed to the items (checked by ``_stashed``)."""
+    if memo is not None:
+        memo[(what, b.ids)] = (value, rows[0], rows[-1])
+
+
+def _stashed(memo: dict | None, what: str, b: ProjBatch, rows: list) -> Tensor | None:
+    """The batch result ``_stash`` kept this step if ``rows`` (the items' current views) are
+    exactly its rows (same batch, same step), else None (``stacked`` then lays them out)."""
+    if memo is None:
+        return None
+    hit = memo.get((what, b.ids))
+    if hit is None or hit[1] is not rows[0] or hit[2] is not rows[-1]:
+        return None
+    return hit[0]
 
 
 def stacked(tensors: list[Tensor]) -> Tensor:
@@ -157,18 +216,19 @@ def operand_bases(sub: list[Item], cache: dict) -> Tensor:
     return out
 
 
-def down_batched(its: list[Item], kernels: str, cache: dict) -> set[int]:
+def down_batched(its: list[Item], kernels: str, cache: dict, memo: dict | None = None) -> set[int]:
     """G_sf = down(G) of every batchable item, one ``project_down`` per batch; returns the ids of
-    the items done (their ``g_sf`` are views of the batch result)."""
+    the items done (their ``g_sf`` are views of the batch result). ``memo``: see ``batches``."""
     done: set[int] = set()
-    for backend, sub in batches(its, kernels):
-        group = sub[0].group
-        X = project_down([it.g for it in sub], operand_bases(sub, cache), sub[0].sel.side,
-                         precision=group_precision(group, sub[0].g.device),
-                         backend=backend)  # fmt: skip
-        for it, x in zip(sub, X.unbind(0)):
+    for b in batches(its, kernels, memo):
+        sub = b.items
+        X = project_down([it.g for it in sub], _batch_bases(b, cache, memo), sub[0].sel.side,
+                         precision=b.precision, backend=b.backend)  # fmt: skip
+        rows = X.unbind(0)
+        for it, x in zip(sub, rows):
             it.g_sf = x
-            done.add(id(it))
+        _stash(memo, "g_sf", b, X, rows)
+        done.update(b.ids)
     return done
 
 
@@ -180,7 +240,9 @@ def fused_state_usable(kernels: str, device: torch.device) -> bool:
     return kernels == "auto" and device.type == "cuda" and triton_available()
 
 
-def state_batched(its: list[Item], kernels: str, *, sharded: bool) -> set[int]:
+def state_batched(
+    its: list[Item], kernels: str, *, sharded: bool, memo: dict | None = None
+) -> set[int]:
     """U = AdamW(G_sf) of the batchable items of one group (``state_full="adamw"``), one
     ``adamw_state`` launch per batch (m, v advanced in place, U written once); returns the ids
     of the items done, the others keep the ``core.rules`` foreach path.
@@ -188,21 +250,26 @@ def state_batched(its: list[Item], kernels: str, *, sharded: bool) -> set[int]:
     U goes where the apply kernel reads it: a (B, ...) buffer (no stacking copy), for the
     ``triton`` backend in its operand dtype and, ``left``, stored (B, n, r); with ``bf16`` the
     kernel also writes G_sf's bfloat16 copy (``it.g_sf_op``). ``shard_state`` keeps U float32
-    contiguous (it is broadcast to the other ranks). Communication: none."""
+    contiguous (it is broadcast to the other ranks). ``memo``: see ``batches`` (plan steps take
+    X from the down phase's batch result, not from the rows). Communication: none."""
     group = its[0].group
     if its[0].kind.rule(group) != "adamw" or not fused_state_usable(kernels, its[0].g.device):
         return set()
     from frugal_dist.kernels.projection_state import adamw_state
 
     done: set[int] = set()
-    for backend, sub in batches(its, kernels):
-        if any(it.g_sf is None or "exp_avg" not in it.st for it in sub):
+    for b in batches(its, kernels, memo):
+        sub = b.items
+        xs = [it.g_sf for it in sub]
+        if any(x is None for x in xs) or any("exp_avg" not in it.st for it in sub):
             continue
-        X = stacked([it.g_sf for it in sub])
+        X = _stashed(memo, "g_sf", b, xs)
+        if X is None:
+            X = stacked(xs)
         B, a, c = X.shape
         dev = X.device
-        fast = backend == "triton" and not sharded
-        precision = group_precision(group, dev)
+        fast = b.backend == "triton" and not sharded
+        precision = b.precision
         bf16 = fast and precision == "bf16"
         dt = torch.bfloat16 if bf16 else torch.float32
         if fast and sub[0].sel.side == "left" and precision != "fp32":
@@ -212,29 +279,47 @@ def state_batched(its: list[Item], kernels: str, *, sharded: bool) -> set[int]:
         X_op = torch.empty_like(U) if bf16 else None
         adamw_state(X, [it.st["exp_avg"] for it in sub], [it.st["exp_avg_sq"] for it in sub],
                     [it.sf_t for it in sub], group["betas"], group["eps"], U, X_op)  # fmt: skip
-        for b, it in enumerate(sub):
-            it.u = U[b]
-            if X_op is not None:
-                it.g_sf_op = X_op[b]
-            done.add(id(it))
+        rows = U.unbind(0)
+        for it, u in zip(sub, rows):
+            it.u = u
+        _stash(memo, "u", b, U, rows)
+        if X_op is not None:
+            ops = X_op.unbind(0)
+            for it, x in zip(sub, ops):
+                it.g_sf_op = x
+            _stash(memo, "g_sf_op", b, X_op, ops)
+        done.update(b.ids)
     return done
 
 
-def apply_batched(its: list[Item], lr: float, wd: float, kernels: str, cache: dict) -> None:
+def apply_batched(
+    its: list[Item], lr: float, wd: float, kernels: str, cache: dict, memo: dict | None = None
+) -> None:
     """W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R)) for items ``projection_backend`` accepts
     (their G_sf from ``down_batched`` or the per-item down, U from the state / exchange phase);
     one ``apply_projection`` per batch, decay folded. Operands already laid out by
-    ``state_batched`` (U, the bfloat16 G_sf) are passed as they are."""
-    for backend, sub in batches(its, kernels):
-        group = sub[0].group
-        ops = [it.g_sf_op for it in sub]
-        X = stacked(ops) if all(x is not None for x in ops) else stacked([it.g_sf for it in sub])
+    ``state_batched`` (U, the bfloat16 G_sf) are passed as they are. ``memo``: see
+    ``batches``."""
+    for b in batches(its, kernels, memo):
+        sub, group = b.items, b.group
+        X = _operand(memo, b, "g_sf_op", [it.g_sf_op for it in sub])
+        if X is None:
+            X = _operand(memo, b, "g_sf", [it.g_sf for it in sub])
         apply_projection(
-            [it.view.data for it in sub], [it.g for it in sub], operand_bases(sub, cache), X,
-            stacked([it.u for it in sub]), sub[0].sel.side,
+            b.params, [it.g for it in sub], _batch_bases(b, cache, memo), X,
+            _operand(memo, b, "u", [it.u for it in sub]), sub[0].sel.side,
             lr=lr, weight_decay=wd, s_p=group["proj_params_lr_scale"],
             s_i=group["inactive_lr_scale"], rule=group["state_free"],
-            precision=group_precision(group, sub[0].g.device), backend=backend,
+            precision=b.precision, backend=b.backend,
         )  # fmt: skip
         for it in sub:
             it.release()
+
+
+def _operand(memo: dict | None, b: ProjBatch, what: str, rows: list) -> Tensor | None:
+    """The (B, ...) operand of the items' ``rows`` (None if any is missing): this step's stashed
+    batch result, else ``stacked``."""
+    if any(x is None for x in rows):
+        return None
+    X = _stashed(memo, what, b, rows)
+    return stacked(rows) if X is None else X

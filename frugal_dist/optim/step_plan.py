@@ -28,6 +28,8 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+import torch
+
 from frugal_dist.optim import phases
 from frugal_dist.optim.fast_apply import local_matrix
 from frugal_dist.optim.nonfinite import grad_buckets
@@ -78,6 +80,8 @@ class StepPlan:
         self.states = phases.state_batches(ctx, items)
         self.routed = routed
         self.temporaries = [it for it in items if not it.fused]
+        self.batch_memo: dict = {}  # kernel batches of the lists above (``batches``)
+        self.counters = self.step_counters + self.sf_counters
         for it in items:  # the plan keeps no gradient (nor any temporary)
             it.view.grad = None
             it.g = None  # type: ignore[assignment]
@@ -138,6 +142,7 @@ class StepPlan:
             for it, g, prep in zip(self.items, grads, self.preps):
                 it.g = g if prep is None else prep(g)
         n = self.taken + 1
+        ctx.batch_memo = self.batch_memo
         for it, base in zip(self.owned, self.sf_base):
             it.sf_t = base + n
         # All host-side planning is done and nothing has changed yet: now the check and its
@@ -167,10 +172,13 @@ class StepPlan:
     def _advance(self, n: int) -> None:
         """``step`` and ``sf_step`` counters to their values after plan step ``n`` (the same
         float32 values as ``+= 1`` each step: integers below 2**24 are exact)."""
-        for t, base in zip(self.step_counters, self.step_base):
-            t.fill_(base + n)
-        for t, base in zip(self.sf_counters, self.sf_base):
-            t.fill_(base + n)
+        if n == 1:
+            for t, base in zip(self.step_counters, self.step_base):
+                t.fill_(base + 1)
+            for t, base in zip(self.sf_counters, self.sf_base):
+                t.fill_(base + 1)
+        else:  # each counter holds its value after step n - 1: one foreach add for all
+            torch._foreach_add_(self.counters, 1.0)
 
     def _drop_gradients(self) -> None:
         for it in self.items:

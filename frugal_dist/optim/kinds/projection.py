@@ -121,7 +121,10 @@ class Projection(SubspaceKind):
         # whole matrices: batched GEMMs (optim.projection_batch); per item where the ranks sum
         # partial products (a bound layout at world > 1: every rank takes part)
         fragments = ctx.layout is not None and ctx.world > 1
-        done = set() if fragments else down_batched(its, ctx.kernels, ctx.cache.kernel_cache)
+        done = (set() if fragments else
+                down_batched(its, ctx.kernels, ctx.cache.kernel_cache, ctx.batch_memo))  # fmt: skip
+        if len(done) == len(its):  # all batched (done holds ids of its items only)
+            return
         partial: list[Item] = []
         for it in its:
             if it.g_sf is None and id(it) not in done:
@@ -134,7 +137,7 @@ class Projection(SubspaceKind):
 
     def state_batched(self, its: list[Item], ctx: StepContext) -> set[int]:
         # whole matrices of an AdamW group: one fused kernel per batch (optim.projection_batch)
-        return state_batched(its, ctx.kernels, sharded=ctx.sharded)
+        return state_batched(its, ctx.kernels, sharded=ctx.sharded, memo=ctx.batch_memo)
 
     def free_direction(self, it: Item) -> Tensor | None:
         if it.free_done:
