@@ -270,6 +270,7 @@ def _finish(params: list[Tensor], bufs: list[Tensor], lr: float, wd: float) -> N
 
 def _param_views(params: Sequence[Tensor], m: int, n: int) -> list[Tensor]:
     out = []
+    mn = (m, n)
     for i, p in enumerate(params):
         if p.numel() != m * n:
             raise ValueError(f"params[{i}] has {p.numel()} entries, the gradients {m}x{n}")
@@ -279,7 +280,7 @@ def _param_views(params: Sequence[Tensor], m: int, n: int) -> list[Tensor]:
         if p.dtype != torch.float32:
             raise ValueError(f"params[{i}] is {p.dtype}; the batched apply takes float32 "
                              "masters (other dtypes: the per-item path)")  # fmt: skip
-        out.append(p.view(m, n))
+        out.append(p if p.shape == mn else p.view(m, n))  # (m, n) already: no view op
     return out
 
 

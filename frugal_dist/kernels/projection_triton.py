@@ -312,12 +312,15 @@ _ADDR_CACHE: OrderedDict[tuple, Tensor] = OrderedDict()
 _ADDR_CACHE_SIZE = 256
 
 
+_DATA_PTR = Tensor.data_ptr
+
+
 def address_table(mats: Sequence[Tensor]) -> Tensor:
     """An int64 tensor of the matrices' data addresses on their device. Cached by the addresses
     (parameters and gradient buffers keep theirs from step to step); a miss copies through
     pinned memory without blocking the host on the stream."""
     dev = mats[0].device
-    key = (str(dev), *(t.data_ptr() for t in mats))
+    key = (str(dev), *map(_DATA_PTR, mats))  # no Python frame per matrix
     hit = _ADDR_CACHE.get(key)
     if hit is not None:
         _ADDR_CACHE.move_to_end(key)
@@ -335,7 +338,8 @@ def address_table(mats: Sequence[Tensor]) -> Tensor:
 
 def uniform_strides(mats: Sequence[Tensor], m: int, n: int) -> list[Tensor]:
     """``mats`` as (m, n) views sharing one dtype and one stride pair (others are copied)."""
-    views = [t.reshape(m, n) for t in mats]
+    mn = (m, n)
+    views = [t if t.shape == mn else t.reshape(m, n) for t in mats]  # (m, n) already: no view op
     dt, st = views[0].dtype, views[0].stride()
     if dt not in _ELEM:
         raise ValueError(f"gradients must be float32, bfloat16 or float16, got {dt}")

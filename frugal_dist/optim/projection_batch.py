@@ -103,6 +103,7 @@ class ProjBatch:
     ids: tuple[int, ...]  # the items' identities: the key of the per-step results in ``memo``
     params: list[Tensor]
     bases: Tensor | None = None
+    moments: tuple[list[Tensor], list[Tensor]] | None = None
 
 
 def batches(its: list[Item], kernels: str, memo: dict | None = None) -> list[ProjBatch]:
@@ -261,7 +262,8 @@ def state_batched(
     for b in batches(its, kernels, memo):
         sub = b.items
         xs = [it.g_sf for it in sub]
-        if any(x is None for x in xs) or any("exp_avg" not in it.st for it in sub):
+        moments = _moments(b, memo)
+        if any(x is None for x in xs) or moments is None:
             continue
         X = _stashed(memo, "g_sf", b, xs)
         if X is None:
@@ -277,8 +279,8 @@ def state_batched(
         else:
             U = torch.empty(B, a, c, device=dev, dtype=dt)
         X_op = torch.empty_like(U) if bf16 else None
-        adamw_state(X, [it.st["exp_avg"] for it in sub], [it.st["exp_avg_sq"] for it in sub],
-                    [it.sf_t for it in sub], group["betas"], group["eps"], U, X_op)  # fmt: skip
+        adamw_state(X, *moments, [it.sf_t for it in sub], group["betas"], group["eps"], U,
+                    X_op)  # fmt: skip
         rows = U.unbind(0)
         for it, u in zip(sub, rows):
             it.u = u
@@ -290,6 +292,20 @@ def state_batched(
             _stash(memo, "g_sf_op", b, X_op, ops)
         done.update(b.ids)
     return done
+
+
+def _moments(b: ProjBatch, memo: dict | None) -> tuple[list[Tensor], list[Tensor]] | None:
+    """The batch's AdamW moments (None: some item has none yet); on plan steps listed once per
+    plan (state tensors are replaced only at refreshes and loads, which drop the plan)."""
+    if memo is not None and b.moments is not None:
+        return b.moments
+    sts = [it.st for it in b.items]
+    if any("exp_avg" not in st for st in sts):
+        return None
+    moments = ([st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts])
+    if memo is not None:
+        b.moments = moments
+    return moments
 
 
 def apply_batched(
