@@ -86,6 +86,37 @@ def test_plan_steps_equal_full_steps_on_the_triton_kernels(case):
     _assert_same(a, _run(opts, True, kernels="triton"))
 
 
+@pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("case", ["projection", "svd_left"])
+def test_plan_steps_equal_full_steps_on_the_bf16_projection_kernels(case):
+    """bf16 operands: the state kernel's bfloat16 copy of G_sf, handed to the apply kernel from
+    the plan's stash, equals the full path's stacked rows bit for bit."""
+    opts = {**CASES[case], "proj_precision": "bf16"}
+    a = _run(opts, False, kernels="triton")
+    _assert_same(a, _run(opts, True, kernels="triton"))
+
+
+@pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 and triton")
+def test_plan_steps_batch_projections_once_per_plan(monkeypatch):
+    """The projection batches (``projection_batch.batches``) are listed on the plan's first step,
+    not again on its later steps: no per-item ``projection_backend`` there."""
+    from frugal_dist.optim import projection_batch
+
+    calls: list[int] = []
+    real = projection_batch.projection_backend
+    monkeypatch.setattr(projection_batch, "projection_backend",
+                        lambda it, k: calls.append(1) or real(it, k))  # fmt: skip
+    per_step = []
+    _run({**CASES["projection"], "proj_precision": "fp32"}, False, steps=8, kernels="triton",
+         hook=lambda step, opt, ps: per_step.append(len(calls)))  # fmt: skip
+    per_step.append(len(calls))
+    done = [b - a for a, b in zip(per_step, per_step[1:])]  # calls made by steps 0..7
+    # update_gap 4: steps 0 and 4 refresh, 1 and 5 build the plan, 2 and 6 replay it first (and
+    # list its batches), 3 and 7 replay it again
+    assert all(done[s] > 0 for s in (0, 1, 2, 4, 5, 6)), done
+    assert [done[3], done[7]] == [0, 0], done
+
+
 @pytest.mark.parametrize("case", ["block", "columns", "projection"])
 def test_16_bit_parameters(case):
     a = _run(CASES[case], False, dtype=torch.bfloat16)
