@@ -12,7 +12,8 @@ every step) differ. ``StepPlan`` keeps the items of a full step and replays the 
     gather         the current gradients, one comprehension over the parameters in plan order
     check          (nonfinite != "ignore") the fused inf/nan test, its one host sync -- after
                    all host-side planning, so the update kernels launch right after it
-    counters       ``step`` / ``sf_step`` written from host integers (no reads)
+    counters       ``step`` / ``sf_step`` advanced without reads: at the build they become
+                   0-dim views of one CPU buffer (``_share_counters``), one ``add_`` per step
     down / state / apply   the phases' cached batches (``phases.down_lists``,
                    ``state_batches``, ``route_apply``) with the groups' current lr and decay
 
@@ -69,10 +70,11 @@ class StepPlan:
         self.preps = [_prep(it) for it in items]
         self.plain = all(prep is None for prep in self.preps)
         self.buckets = grad_buckets([it.view.grad for it in items])
-        self.step_counters = [it.st["step"] for it in items]
-        self.step_base = [int(t.item()) for t in self.step_counters]
         owned = [it for it in items if it.active and it.owner == ctx.rank]
         self.owned = owned
+        self.counter_buffer = _share_counters(items, owned)
+        self.step_counters = [it.st["step"] for it in items]
+        self.step_base = [int(t.item()) for t in self.step_counters]
         self.sf_counters = [it.st["sf_step"] for it in owned]
         self.sf_base = [it.sf_t for it in owned]
         self.counters_first = any(p.device.type == "cpu" for p in self.params)
@@ -81,7 +83,6 @@ class StepPlan:
         self.routed = routed
         self.temporaries = [it for it in items if not it.fused]
         self.batch_memo: dict = {}  # kernel batches of the lists above (``batches``)
-        self.counters = self.step_counters + self.sf_counters
         for it in items:  # the plan keeps no gradient (nor any temporary)
             it.view.grad = None
             it.g = None  # type: ignore[assignment]
@@ -172,19 +173,36 @@ class StepPlan:
     def _advance(self, n: int) -> None:
         """``step`` and ``sf_step`` counters to their values after plan step ``n`` (the same
         float32 values as ``+= 1`` each step: integers below 2**24 are exact)."""
-        if n == 1:
-            for t, base in zip(self.step_counters, self.step_base):
-                t.fill_(base + 1)
-            for t, base in zip(self.sf_counters, self.sf_base):
-                t.fill_(base + 1)
-        else:  # each counter holds its value after step n - 1: one foreach add for all
-            torch._foreach_add_(self.counters, 1.0)
+        if self.counter_buffer is not None:  # every counter is a view of it: one add
+            self.counter_buffer.add_(1.0)  # holds the values after step n - 1 (none skipped)
+            return
+        for t, base in zip(self.step_counters, self.step_base):
+            t.fill_(base + n)
+        for t, base in zip(self.sf_counters, self.sf_base):
+            t.fill_(base + n)
 
     def _drop_gradients(self) -> None:
         for it in self.items:
             it.g = None  # type: ignore[assignment]
         for it in self.temporaries:
             it.release()
+
+
+def _share_counters(items: list[Item], owned: list[Item]) -> torch.Tensor | None:
+    """Rebind every item's ``step`` and every owned item's ``sf_step`` counter to a 0-dim view
+    of one float32 CPU buffer holding their current values (the state then holds views of one
+    buffer, as the fp32 projection bases do), so that ``_advance`` is one ``add_``; returns the
+    buffer, or None (counters left as they are) unless every counter is a 0-dim float32 CPU
+    tensor in a plain state dict."""
+    slots = [(it.st, "step") for it in items] + [(it.st, "sf_step") for it in owned]
+    for st, key in slots:
+        t = st[key]
+        if type(st) is not dict or t.dim() or t.dtype != torch.float32 or t.device.type != "cpu":
+            return None
+    buf = torch.stack([st[key] for st, key in slots])  # exact: the same float32 values
+    for (st, key), view in zip(slots, buf.unbind(0)):
+        st[key] = view
+    return buf
 
 
 def _prep(it: Item):
