@@ -16,6 +16,12 @@ for bf16, X's bfloat16 copy -- in the layout and dtype the apply kernel reads. A
 is then three Triton launches per batch and no copies; tf32 still stacks G for its ``bmm`` down
 (``projection_tiles.json``: ``down_backend``).
 
+On the step plan's steps (``memo``, ``StepContext.batch_memo``) the batches and what is fixed about
+them between refreshes (``ProjBatch``: items, parameters, precision, operand bases, moments) are
+listed once per plan, and each phase hands its (B, ...) result to the next (``_stash``) instead of
+the items' rows being checked and re-stacked: no per-item ``projection_backend`` / ``stacked`` /
+basis comparison per step.
+
 ``proj_precision`` (a group option) sets the precision of these GEMMs: ``fp32`` (IEEE float32),
 ``tf32`` (TF32 tensor cores on CUDA; on the CPU the same as fp32) or ``bf16`` (bfloat16 operands,
 float32 accumulation). Backends: ``triton`` (the fused apply kernel: reads G and W, writes W, no
