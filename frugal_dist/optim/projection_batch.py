@@ -96,6 +96,9 @@ def _key(it: Item, backend: str) -> tuple:
     return (backend, tuple(it.g.shape), it.sel.side, it.sel.rank)
 
 
+STASH = "stash"  # ``memo`` key of this step's batch results (``_stash``)
+
+
 @dataclass(eq=False)
 class ProjBatch:
     """One (backend, shape, side, rank) batch of projection items and what is fixed about it
@@ -149,20 +152,28 @@ def _batch_bases(b: ProjBatch, cache: dict, memo: dict | None) -> Tensor:
 
 def _stash(memo: dict | None, what: str, b: ProjBatch, value: Tensor | None, rows: list) -> None:
     """On plan steps, remember a batch result (``value``) of this step for a later phase, with
-    its first and last row views as handed to the items (checked by ``_stashed``)."""
+    its first and last row views as handed to the items (checked by ``_stashed``). Dropped when
+    the batch's apply is done (``_unstash``) or, at the latest, at the end of the plan step."""
     if memo is not None:
-        memo[(what, b.ids)] = (value, rows[0], rows[-1])
+        memo.setdefault(STASH, {})[(what, b.ids)] = (value, rows[0], rows[-1])
 
 
 def _stashed(memo: dict | None, what: str, b: ProjBatch, rows: list) -> Tensor | None:
     """The batch result ``_stash`` kept this step if ``rows`` (the items' current views) are
     exactly its rows (same batch, same step), else None (``stacked`` then lays them out)."""
-    if memo is None:
-        return None
-    hit = memo.get((what, b.ids))
+    hit = None if memo is None else memo.get(STASH, {}).get((what, b.ids))
     if hit is None or hit[1] is not rows[0] or hit[2] is not rows[-1]:
         return None
     return hit[0]
+
+
+def _unstash(memo: dict | None, b: ProjBatch) -> None:
+    """Forget the batch's results (its update is applied): their memory goes now, as the
+    items' rows do."""
+    if memo is not None:
+        stash = memo.get(STASH, {})
+        for what in ("g_sf", "u", "g_sf_op"):
+            stash.pop((what, b.ids), None)
 
 
 def stacked(tensors: list[Tensor]) -> Tensor:
@@ -336,6 +347,7 @@ def apply_batched(
         )  # fmt: skip
         for it in sub:
             it.release()
+        _unstash(memo, b)
 
 
 def _operand(memo: dict | None, b: ProjBatch, what: str, rows: list) -> Tensor | None:

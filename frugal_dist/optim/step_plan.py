@@ -34,6 +34,7 @@ import torch
 from frugal_dist.optim import phases
 from frugal_dist.optim.fast_apply import local_matrix
 from frugal_dist.optim.nonfinite import grad_buckets
+from frugal_dist.optim.projection_batch import STASH
 from frugal_dist.optim.step_items import EXACT_COUNT, Item
 
 PER_STEP_KEYS = frozenset({"params", "names", "lr", "betas", "eps", "weight_decay", "initial_lr"})
@@ -182,6 +183,7 @@ class StepPlan:
             t.fill_(base + n)
 
     def _drop_gradients(self) -> None:
+        self.batch_memo.pop(STASH, None)  # any batch results a phase left (none normally)
         for it in self.items:
             it.g = None  # type: ignore[assignment]
         for it in self.temporaries:

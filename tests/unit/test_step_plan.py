@@ -106,10 +106,17 @@ def test_plan_steps_batch_projections_once_per_plan(monkeypatch):
     real = projection_batch.projection_backend
     monkeypatch.setattr(projection_batch, "projection_backend",
                         lambda it, k: calls.append(1) or real(it, k))  # fmt: skip
-    per_step = []
-    _run({**CASES["projection"], "proj_precision": "fp32"}, False, steps=8, kernels="triton",
-         hook=lambda step, opt, ps: per_step.append(len(calls)))  # fmt: skip
+    per_step, opts = [], []
+
+    def hook(step, opt, ps):
+        per_step.append(len(calls))
+        opts.append(opt)
+
+    _run({**CASES["projection"], "proj_precision": "bf16"}, False, steps=8, kernels="triton",
+         hook=hook)  # fmt: skip
     per_step.append(len(calls))
+    memo = opts[-1]._cache.plan.batch_memo
+    assert memo and not memo.get(projection_batch.STASH)  # no batch result outlives its step
     done = [b - a for a, b in zip(per_step, per_step[1:])]  # calls made by steps 0..7
     # update_gap 4: steps 0 and 4 refresh, 1 and 5 build the plan, 2 and 6 replay it first (and
     # list its batches), 3 and 7 replay it again
