@@ -103,6 +103,7 @@ from frugal_dist.optim.engine_hooks import auto_layout, logical_shape
 from frugal_dist.optim.fast_apply import KERNELS
 from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.layout_guard import ParamRegistry
+from frugal_dist.optim.moment_transfer import check_moment_transfer
 from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.param_groups import check_orientation
 from frugal_dist.optim.sign_reduce import HIERARCHICAL_UNDER_LAYOUT, hierarchy_options
@@ -142,6 +143,7 @@ FRUGAL_DEFAULTS: dict[str, Any] = dict(
     seed=0,
     proj_precision="auto",
     svd_method="warm",
+    moment_transfer="none",
 )
 RESIDUAL_COMM = ("exact", "sign", "hierarchical")
 PROJ_QR_DEVICES = ("auto", "cpu", "param")
@@ -164,6 +166,8 @@ class FRUGAL(Optimizer):
         block_order, coord_choice, proj_type, proj_side: choices of each subspace kind.
         state_full: "adamw" | "sgdm" | "lion"; state_free: "signsgd" | "sgd" | "none".
         reset_statistics: zero the state-full buffers (and restart bias correction) at each refresh.
+        moment_transfer: "none" | "rotate" (projections: carry the moments into the new basis at
+            a refresh instead of zeroing them; a project addition, ``optim.moment_transfer``).
         seed: base seed of every subspace choice (all ranks must share it).
         algorithm: per-group "frugal" | "adamw" | "state_full" (the ``state_full`` rule on whole
             tensors) | "signsgd" | "sgd".
@@ -295,6 +299,11 @@ class FRUGAL(Optimizer):
             except ValueError:
                 self.param_groups.pop()  # the optimizer stays as it was
                 raise
+        try:
+            check_moment_transfer(group, where)
+        except ValueError:
+            self.param_groups.pop()  # the optimizer stays as it was
+            raise
         self._registry.record(len(self.param_groups) - 1, group)
         check_orientation(group, where)
         if group["algorithm"] == "frugal" and group["subspace"] == "projection":

@@ -12,6 +12,7 @@ from frugal_dist.core.rules import STATE_FREE_RULES, STATE_FULL_RULES
 from frugal_dist.core.subspaces import BLOCK_ORDERS, COORD_CHOICES, PROJ_SIDES, PROJ_TYPES
 from frugal_dist.kernels.projection import PRECISIONS
 from frugal_dist.kernels.refresh import METHODS as SVD_METHODS
+from frugal_dist.optim.moment_transfer import MOMENT_TRANSFERS
 
 # "state_full": the group's ``state_full`` rule (AdamW, SGDM or Lion) on whole tensors.
 ALGORITHMS = ("frugal", "adamw", "state_full", "signsgd", "sgd")
@@ -29,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "state_free": STATE_FREE_RULES,
     "proj_precision": PROJ_PRECISIONS,
     "svd_method": SVD_METHODS,
+    "moment_transfer": MOMENT_TRANSFERS,
 }
 
 
