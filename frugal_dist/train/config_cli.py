@@ -50,6 +50,7 @@ OPTIMIZER_KEYS: dict[str, tuple[str, str]] = {
     "inactive_lr_scale": ("frugal", "state-free lr = lr * inactive_lr_scale (0.1 measured best)"),
     "proj_params_lr_scale": ("frugal", "lr scale of every split parameter"),
     "reset_statistics": ("frugal", "zero the Adam moments at each refresh"),
+    "moment_transfer": ("frugal", "projection refresh: none, or rotate moments into the new basis"),
     "algorithm": ("frugal", "rule of every group (signsgd: pure signSGD)"),
     "non_split": ("frugal", "rule of embeddings, heads, norms, biases: state_full's or AdamW"),
     "shard_state": ("frugal", "DDP: each rank keeps 1/world of the state (ZeRO-1 style)"),
