@@ -3,11 +3,14 @@ the fast path against the oracle step by step, the rotation's equations, and wha
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from frugal_dist import FRUGAL
 from frugal_dist.core.reference import ReferenceFRUGAL
+from frugal_dist.kernels.elementwise import triton_available
 from frugal_dist.optim.moment_transfer import basis_change, rotate_moments
 from tests.helpers import SHAPES, clone_params, grad_stream, make_params, max_diff, set_grads
 
@@ -34,6 +37,7 @@ def _ids(case: dict) -> str:
 
 def _oracle_kw(kw: dict) -> dict:
     kw = dict(kw)
+    kw.pop("kernels", None)
     if kw.pop("proj_qr_device", None) == "param":
         kw["random_device"] = "cpu"  # the optimizer's on-device draw, on the CPU here
     return kw
@@ -75,6 +79,27 @@ def test_rotate_matches_oracle_step_by_step(case, rule):
         assert max_diff(ps, qs) < 1e-5, step
     # bias correction never restarted: the count is the number of steps
     assert all(int(opt.state[p]["sf_step"]) == STEPS for p in ps)
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("TRITON_INTERPRET") == "1" and triton_available()),
+    reason="needs TRITON_INTERPRET=1, triton",
+)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4], CASES[5]], ids=_ids)
+def test_rotate_through_the_batched_kernels(case):
+    """The batched down / fused AdamW state / fused apply kernels (``kernels="triton"``, the
+    CUDA path, here interpreted; fp32: the interpreter's bfloat16 dot is unusable) read the
+    rotated moments in place, and the step plans between refreshes keep them."""
+    kw = {**COMMON, **case, "kernels": "triton", "proj_precision": "fp32"}
+    ps, qs, opt, ref = _pair(kw)
+    tol = 1e-3 if case["proj_type"] == "svd" else 1e-5
+    for step, grads in enumerate(grad_stream(SHAPES, 13)):
+        set_grads(ps, grads)
+        set_grads(qs, grads)
+        opt.step()
+        ref.step()
+        _check_state(opt, ps, ref, step, "adamw", tol)
+        assert max_diff(ps, qs) < 1e-5, step
 
 
 @pytest.mark.parametrize("case", CASES[:2] + CASES[4:6], ids=_ids)
