@@ -16,11 +16,12 @@ is tested against.
 
 State is tensors only, created lazily in ``step()``:
 ``step`` (float32 scalar: steps taken), and for the state-full part ``sf_step`` (steps since the
-last reset, for bias correction) plus the rule's buffers (``exp_avg``, ``exp_avg_sq`` /
-``momentum_buffer``), shaped like the compact gradient: the whole tensor for an active block,
-(m, k) / (k, n) / (k,) for coordinates, (m, r) / (r, n) for projections. ``svd`` projections also
-keep their basis ``proj_basis`` (it depends on a past gradient); random bases and coordinate sets
-are rebuilt from the seed. Inactive blocks keep no buffers at all.
+last reset, for bias correction; ``moment_transfer="rotate"`` never resets it) plus the rule's
+buffers (``exp_avg``, ``exp_avg_sq`` / ``momentum_buffer``), shaped like the compact gradient:
+the whole tensor for an active block, (m, k) / (k, n) / (k,) for coordinates, (m, r) / (r, n) for
+projections. ``svd`` projections also keep their basis ``proj_basis`` (it depends on a past
+gradient); random bases and coordinate sets are rebuilt from the seed. Inactive blocks keep no
+buffers at all.
 
 Options of the optimizer, not of a group (``docs/optimizer.md`` has the full table):
 
