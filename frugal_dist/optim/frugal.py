@@ -97,11 +97,9 @@ from frugal_dist.comm.stats import CommStats
 from frugal_dist.comm.topology import NodeGroups, build_node_groups
 from frugal_dist.core.fragments import RowSpan
 from frugal_dist.core.subspaces import CoordinateSelection, matrix_shape
-from frugal_dist.kernels.elementwise import triton_available
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim import ownership, phases
 from frugal_dist.optim.engine_hooks import auto_layout, logical_shape
-from frugal_dist.optim.fast_apply import KERNELS
 from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.layout_guard import ParamRegistry
 from frugal_dist.optim.moment_transfer import check_moment_transfer
@@ -120,6 +118,7 @@ from frugal_dist.optim.validation import (
     check_group_keys,
     check_known_keys,
     check_sharded_layout_options,
+    check_step_options,
     validate_options,
 )
 
@@ -146,8 +145,6 @@ FRUGAL_DEFAULTS: dict[str, Any] = dict(
     svd_method="warm",
     moment_transfer="none",
 )
-RESIDUAL_COMM = ("exact", "sign", "hierarchical")
-PROJ_QR_DEVICES = ("auto", "cpu", "param")
 GROUP_KEYS = frozenset(FRUGAL_DEFAULTS) | {"params", "names", "name", "initial_lr"}
 
 
@@ -198,12 +195,12 @@ class FRUGAL(Optimizer):
         **kwargs: Any,
     ) -> None:
         check_known_keys(kwargs, set(FRUGAL_DEFAULTS), "FRUGAL(...) arguments")
+        check_step_options(residual_comm=residual_comm, shard_state=shard_state,
+                           reduce_gradients=reduce_gradients, check_agreement=check_agreement,
+                           fused=fused, proj_qr_device=proj_qr_device,
+                           kernels=kernels)  # fmt: skip
         if lr is not None:  # FRUGAL(params, 1e-3), as torch.optim
             kwargs["lr"] = lr
-        if residual_comm not in RESIDUAL_COMM:
-            raise ValueError(
-                f"residual_comm must be one of {list(RESIDUAL_COMM)}, got {residual_comm!r}"
-            )
         defaults = {**FRUGAL_DEFAULTS, **kwargs}
         if isinstance(defaults["betas"], list):
             defaults["betas"] = tuple(defaults["betas"])
@@ -211,10 +208,6 @@ class FRUGAL(Optimizer):
         if defaults["seed"] is None:  # rank 0 draws the seed; every rank uses it
             defaults["seed"] = agree_on_seed(None, process_group)
         validate_options(defaults, "FRUGAL(...) arguments")
-        for flag, value in (("shard_state", shard_state), ("reduce_gradients", reduce_gradients),
-                            ("check_agreement", check_agreement)):  # fmt: skip
-            if not isinstance(value, bool):
-                raise ValueError(f"{flag} must be True or False, got {value!r}")
         self.shard_state = bool(shard_state)
         self.reduce_gradients = bool(reduce_gradients)
         self.residual_comm = residual_comm
@@ -224,21 +217,8 @@ class FRUGAL(Optimizer):
         self._node_groups: NodeGroups | None = None
         self.check_agreement = bool(check_agreement)
         self.nonfinite = validate_nonfinite(nonfinite)
-        if fused not in (None, True, False):
-            raise ValueError(f"fused must be None (auto: CUDA), True or False, got {fused!r}")
         self.fused = fused
-        if proj_qr_device not in PROJ_QR_DEVICES:
-            raise ValueError(
-                f"proj_qr_device must be one of {list(PROJ_QR_DEVICES)}, got {proj_qr_device!r}"
-            )
         self.proj_qr_device = proj_qr_device
-        if kernels not in KERNELS:
-            raise ValueError(
-                f"kernels must be one of {list(KERNELS)} (auto: Triton on CUDA, plain torch on "
-                f"the CPU), got {kernels!r}"
-            )
-        if kernels == "triton" and not triton_available():
-            raise ValueError("kernels='triton' needs the triton package; use kernels='auto'")
         self.kernels = kernels
         self._skipped = torch.zeros((), dtype=torch.int64)
         self.comm = CommStats()

@@ -22,10 +22,10 @@ import typing
 from typing import Any, NamedTuple
 
 from frugal_dist.optim.fast_apply import KERNELS
-from frugal_dist.optim.frugal import FRUGAL_DEFAULTS, PROJ_QR_DEVICES, RESIDUAL_COMM
+from frugal_dist.optim.frugal import FRUGAL_DEFAULTS
 from frugal_dist.optim.nonfinite import NONFINITE_MODES
 from frugal_dist.optim.param_groups import NON_SPLIT
-from frugal_dist.optim.validation import CHOICES
+from frugal_dist.optim.validation import CHOICES, PROJ_QR_DEVICES, RESIDUAL_COMM
 
 # key -> (optimizers that take it, description); defaults come from the code
 OPTIMIZER_KEYS: dict[str, tuple[str, str]] = {
