@@ -22,6 +22,8 @@ papers': rho 0.25, update gap 200, lr 1e-3 for 60M). Variants (``--variants``):
     frugal_projection_bf16         svd with bfloat16 projection GEMMs (not in the default list)
     frugal_projection_tf32         svd with TF32 projection GEMMs (not in the default list)
     frugal_projection_random_bf16  random with bfloat16 projection GEMMs (not in the default list)
+    frugal_projection_rotate  svd with moment_transfer="rotate": moments carried into the new
+                       basis at a refresh (project addition, issue 19; not in the default list)
     frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
 
@@ -89,6 +91,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "frugal_projection_random_bf16": {"name": "frugal", "subspace": "projection",
                                       "proj_type": "random", "density": 0.25,
                                       "proj_precision": "bf16"},
+    # beyond the paper (issue 19): moments rotated into the new basis at each refresh
+    "frugal_projection_rotate": {"name": "frugal", "subspace": "projection", "proj_type": "svd",
+                                 "density": 0.25, "moment_transfer": "rotate"},
     "frugal_d0": {"name": "frugal", "subspace": "block", "density": 0.0},
     "rso": {"name": "rso", "density": 0.25},
 }  # fmt: skip
@@ -96,7 +101,13 @@ DEFAULT_VARIANTS = [
     v
     for v in VARIANTS
     if not v.startswith("frugal_projection_random")
-    and v not in ("frugal_projection_exact", "frugal_projection_bf16", "frugal_projection_tf32")
+    and v
+    not in (
+        "frugal_projection_exact",
+        "frugal_projection_bf16",
+        "frugal_projection_tf32",
+        "frugal_projection_rotate",
+    )
 ]
 GPU_DATA = {  # paths staged by ../shared/gpu/stage.sh
     "train_files": ".gpu/data/enwiki2015/train-*.jsonl.xz",

@@ -11,7 +11,9 @@ so no later step refreshes), then
 * ``host_ms``: the median wall time of the ``step()`` call itself (no synchronisation inside the
   timed region; the GPU is idle when it starts), i.e. the Python + launch time;
 * a ``torch.profiler`` pass over ``--profile-steps`` steps: every CUDA kernel's total time and
-  launch count per step (the top ``--top`` by time), and the number of kernel launches per step.
+  launch count per step (the top ``--top`` by time), and the number of kernel launches per step;
+* with ``--cprofile``: a ``cProfile`` pass over ``--profile-steps`` more steps, the ``--top``
+  Python functions by own time per step (where the host time goes).
 
 Usage::
 
@@ -82,6 +84,29 @@ def trace_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.profile_steps):
             opt.step()
         torch.cuda.synchronize()
+    host_top: list[dict[str, Any]] = []
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        cp = cProfile.Profile()
+        torch.cuda.synchronize()
+        cp.enable()
+        for _ in range(args.profile_steps):
+            opt.step()
+        cp.disable()
+        torch.cuda.synchronize()
+        stats = pstats.Stats(cp).stats  # (file, line, func) -> (cc, nc, tottime, cumtime, callers)
+        rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[: args.top]
+        host_top = [
+            {
+                "function": f"{Path(k[0]).name}:{k[1]}:{k[2]}",
+                "calls_per_step": v[1] / args.profile_steps,
+                "own_ms_per_step": v[2] * 1e3 / args.profile_steps,
+                "cum_ms_per_step": v[3] * 1e3 / args.profile_steps,
+            }
+            for k, v in rows
+        ]
     launches = 0
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -97,6 +122,7 @@ def trace_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "launches_per_step": launches / args.profile_steps,
         "top_kernels": [{"name": n, "ms_per_step": v[0],
                          "launches_per_step": v[1] / args.profile_steps} for n, v in top],
+        "host_top": host_top,
     }  # fmt: skip
     del opt, model
     torch.cuda.empty_cache()
@@ -111,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--cprofile", action="store_true", help="also the Python functions by own time")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/step_trace_cuda.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -125,6 +152,11 @@ def main(argv: list[str] | None = None) -> None:
               f"launches, first step {row['first_step_s']:.2f} s", flush=True)  # fmt: skip
         for k in row["top_kernels"]:
             print(f"   {k['ms_per_step']:7.3f} ms  x{k['launches_per_step']:<5.0f} {k['name']}")
+        for h in row["host_top"]:
+            print(
+                f"   host {h['own_ms_per_step']:7.3f} ms own, {h['cum_ms_per_step']:7.3f} cum, "
+                f"x{h['calls_per_step']:<6.0f} {h['function']}"
+            )
     write_json(
         Path(args.out),
         {"provenance": provenance(), "code": git_info(REPO), "args": vars(args), "rows": rows},

@@ -6,7 +6,9 @@ the matrix P for projections, full tensors for blocks. For parameter W with grad
 step (``s`` = steps taken before this one, T = ``update_gap``):
 
     if s % T == 0: choose subspace S_k, k = s // T; reset the state-full statistics if
-                   ``reset_statistics`` (or if there are none yet)
+                   ``reset_statistics`` (or if there are none yet); projections with
+                   ``moment_transfer="rotate"`` carry them into the new basis instead
+                   (``_carry_over``; the bias-correction count goes on)
     G_sf = down(G)                # block: G or nothing; coord: G[mask]; proj: P^T G | G P
     U    = StateFull(G_sf)        # rules.py equations, written out again here
     R    = G - up(G_sf)
@@ -61,6 +63,7 @@ class ReferenceFRUGAL:
         inactive_lr_scale: float = 1.0,
         proj_params_lr_scale: float = 1.0,
         reset_statistics: bool = True,
+        moment_transfer: str = "none",
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -76,7 +79,7 @@ class ReferenceFRUGAL:
             proj_type=proj_type, proj_side=proj_side, state_full=state_full,
             state_free=state_free, s_i=inactive_lr_scale, s_p=proj_params_lr_scale,
             reset=reset_statistics, betas=betas, eps=eps, wd=weight_decay, seed=seed,
-            svd_method=svd_method, random_device=random_device,
+            svd_method=svd_method, random_device=random_device, transfer=moment_transfer,
         )  # fmt: skip
         # ``proj_precision`` is accepted for keyword parity with FRUGAL: the oracle always runs
         # its products in float32 / float64 (tests bound the difference of tf32 / bf16 runs).
@@ -117,6 +120,32 @@ class ReferenceFRUGAL:
         st["m"] = torch.zeros_like(like)
         st["v"] = torch.zeros_like(like)
         st["t"] = 0
+
+    @staticmethod
+    def _carry_over(st: dict, side: str, p_old: Tensor, p_new: Tensor) -> None:
+        """``moment_transfer="rotate"``: the moments move from the basis ``p_old`` to ``p_new``
+        (the step count ``t`` goes on). First moment: lifted to the full space with the old
+        basis, projected with the new one (left m' = P_new^T (P_old m), right
+        m' = (m P_old^T) P_new). Second moment: each new coordinate is a combination
+        sum_j c_ij x_j of the old ones with c_ij = <p_new_i, p_old_j>, whose mean square under
+        independent coordinates is sum_j c_ij^2 v_j, written entry by entry."""
+        p_old, p_new = p_old.double(), p_new.double()
+        m, v = st["m"].double(), st["v"].double()
+        if side == "left":
+            st["m"] = (p_new.T @ (p_old @ m)).float()
+        else:
+            st["m"] = ((m @ p_old.T) @ p_new).float()
+        r_new, r_old = p_new.shape[1], p_old.shape[1]
+        out = torch.zeros((r_new, v.shape[1]) if side == "left" else (v.shape[0], r_new),
+                          dtype=torch.float64, device=v.device)  # fmt: skip
+        for i in range(r_new):
+            for j in range(r_old):
+                c2 = float(torch.dot(p_new[:, i], p_old[:, j])) ** 2
+                if side == "left":
+                    out[i] += c2 * v[j]
+                else:
+                    out[:, i] += c2 * v[:, j]
+        st["v"] = out.float()
 
     # ---------------------------------------------------------------------------- the step
     @staticmethod
@@ -194,6 +223,7 @@ class ReferenceFRUGAL:
                         return out
 
                 else:  # projection
+                    old = st["P"][1] if refresh and "P" in st else None
                     if refresh:
                         prev = st["P"][1] if "P" in st else None
                         st["P"] = ref_projection(
@@ -205,7 +235,10 @@ class ReferenceFRUGAL:
                     side, P = st["P"]
                     P = P.to(g.device)
                     g_sf = P.T @ g if side == "left" else g @ P
-                    if refresh and (h["reset"] or "m" not in st):
+                    carry = h["transfer"] == "rotate" and "m" in st and old is not None
+                    if refresh and carry:
+                        self._carry_over(st, side, old.to(g.device), P)
+                    elif refresh and (h["reset"] or "m" not in st):
                         self._zero_stats(st, g_sf)
                     u = self._state_full(st, g_sf)
                     up_u = P @ u if side == "left" else u @ P.T

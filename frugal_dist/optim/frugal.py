@@ -16,11 +16,12 @@ is tested against.
 
 State is tensors only, created lazily in ``step()``:
 ``step`` (float32 scalar: steps taken), and for the state-full part ``sf_step`` (steps since the
-last reset, for bias correction) plus the rule's buffers (``exp_avg``, ``exp_avg_sq`` /
-``momentum_buffer``), shaped like the compact gradient: the whole tensor for an active block,
-(m, k) / (k, n) / (k,) for coordinates, (m, r) / (r, n) for projections. ``svd`` projections also
-keep their basis ``proj_basis`` (it depends on a past gradient); random bases and coordinate sets
-are rebuilt from the seed. Inactive blocks keep no buffers at all.
+last reset, for bias correction; ``moment_transfer="rotate"`` never resets it) plus the rule's
+buffers (``exp_avg``, ``exp_avg_sq`` / ``momentum_buffer``), shaped like the compact gradient:
+the whole tensor for an active block, (m, k) / (k, n) / (k,) for coordinates, (m, r) / (r, n) for
+projections. ``svd`` projections also keep their basis ``proj_basis`` (it depends on a past
+gradient); random bases and coordinate sets are rebuilt from the seed. Inactive blocks keep no
+buffers at all.
 
 Options of the optimizer, not of a group (``docs/optimizer.md`` has the full table):
 
@@ -96,13 +97,12 @@ from frugal_dist.comm.stats import CommStats
 from frugal_dist.comm.topology import NodeGroups, build_node_groups
 from frugal_dist.core.fragments import RowSpan
 from frugal_dist.core.subspaces import CoordinateSelection, matrix_shape
-from frugal_dist.kernels.elementwise import triton_available
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim import ownership, phases
 from frugal_dist.optim.engine_hooks import auto_layout, logical_shape
-from frugal_dist.optim.fast_apply import KERNELS
 from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.layout_guard import ParamRegistry
+from frugal_dist.optim.moment_transfer import check_moment_transfer
 from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.param_groups import check_orientation
 from frugal_dist.optim.sign_reduce import HIERARCHICAL_UNDER_LAYOUT, hierarchy_options
@@ -118,6 +118,7 @@ from frugal_dist.optim.validation import (
     check_group_keys,
     check_known_keys,
     check_sharded_layout_options,
+    check_step_options,
     validate_options,
 )
 
@@ -142,9 +143,8 @@ FRUGAL_DEFAULTS: dict[str, Any] = dict(
     seed=0,
     proj_precision="auto",
     svd_method="warm",
+    moment_transfer="none",
 )
-RESIDUAL_COMM = ("exact", "sign", "hierarchical")
-PROJ_QR_DEVICES = ("auto", "cpu", "param")
 GROUP_KEYS = frozenset(FRUGAL_DEFAULTS) | {"params", "names", "name", "initial_lr"}
 
 
@@ -164,6 +164,8 @@ class FRUGAL(Optimizer):
         block_order, coord_choice, proj_type, proj_side: choices of each subspace kind.
         state_full: "adamw" | "sgdm" | "lion"; state_free: "signsgd" | "sgd" | "none".
         reset_statistics: zero the state-full buffers (and restart bias correction) at each refresh.
+        moment_transfer: "none" | "rotate" (projections: carry the moments into the new basis at
+            a refresh instead of zeroing them; a project addition, ``optim.moment_transfer``).
         seed: base seed of every subspace choice (all ranks must share it).
         algorithm: per-group "frugal" | "adamw" | "state_full" (the ``state_full`` rule on whole
             tensors) | "signsgd" | "sgd".
@@ -193,12 +195,12 @@ class FRUGAL(Optimizer):
         **kwargs: Any,
     ) -> None:
         check_known_keys(kwargs, set(FRUGAL_DEFAULTS), "FRUGAL(...) arguments")
+        check_step_options(residual_comm=residual_comm, shard_state=shard_state,
+                           reduce_gradients=reduce_gradients, check_agreement=check_agreement,
+                           fused=fused, proj_qr_device=proj_qr_device,
+                           kernels=kernels)  # fmt: skip
         if lr is not None:  # FRUGAL(params, 1e-3), as torch.optim
             kwargs["lr"] = lr
-        if residual_comm not in RESIDUAL_COMM:
-            raise ValueError(
-                f"residual_comm must be one of {list(RESIDUAL_COMM)}, got {residual_comm!r}"
-            )
         defaults = {**FRUGAL_DEFAULTS, **kwargs}
         if isinstance(defaults["betas"], list):
             defaults["betas"] = tuple(defaults["betas"])
@@ -206,10 +208,6 @@ class FRUGAL(Optimizer):
         if defaults["seed"] is None:  # rank 0 draws the seed; every rank uses it
             defaults["seed"] = agree_on_seed(None, process_group)
         validate_options(defaults, "FRUGAL(...) arguments")
-        for flag, value in (("shard_state", shard_state), ("reduce_gradients", reduce_gradients),
-                            ("check_agreement", check_agreement)):  # fmt: skip
-            if not isinstance(value, bool):
-                raise ValueError(f"{flag} must be True or False, got {value!r}")
         self.shard_state = bool(shard_state)
         self.reduce_gradients = bool(reduce_gradients)
         self.residual_comm = residual_comm
@@ -219,21 +217,8 @@ class FRUGAL(Optimizer):
         self._node_groups: NodeGroups | None = None
         self.check_agreement = bool(check_agreement)
         self.nonfinite = validate_nonfinite(nonfinite)
-        if fused not in (None, True, False):
-            raise ValueError(f"fused must be None (auto: CUDA), True or False, got {fused!r}")
         self.fused = fused
-        if proj_qr_device not in PROJ_QR_DEVICES:
-            raise ValueError(
-                f"proj_qr_device must be one of {list(PROJ_QR_DEVICES)}, got {proj_qr_device!r}"
-            )
         self.proj_qr_device = proj_qr_device
-        if kernels not in KERNELS:
-            raise ValueError(
-                f"kernels must be one of {list(KERNELS)} (auto: Triton on CUDA, plain torch on "
-                f"the CPU), got {kernels!r}"
-            )
-        if kernels == "triton" and not triton_available():
-            raise ValueError("kernels='triton' needs the triton package; use kernels='auto'")
         self.kernels = kernels
         self._skipped = torch.zeros((), dtype=torch.int64)
         self.comm = CommStats()
@@ -295,6 +280,11 @@ class FRUGAL(Optimizer):
             except ValueError:
                 self.param_groups.pop()  # the optimizer stays as it was
                 raise
+        try:
+            check_moment_transfer(group, where)
+        except ValueError:
+            self.param_groups.pop()  # the optimizer stays as it was
+            raise
         self._registry.record(len(self.param_groups) - 1, group)
         check_orientation(group, where)
         if group["algorithm"] == "frugal" and group["subspace"] == "projection":

@@ -38,6 +38,7 @@ class Item:
     u: Tensor | None = None
     fused: bool = False  # state phase inside the apply kernel (``fast_apply.run_fused``)
     sf_t: int = 0  # state-full step count after this step (active items on their owner)
+    prev_basis: Tensor | None = None  # moment_transfer="rotate": global basis before a refresh
 
     @property
     def name(self) -> str:

@@ -10,12 +10,17 @@ from typing import Any
 
 from frugal_dist.core.rules import STATE_FREE_RULES, STATE_FULL_RULES
 from frugal_dist.core.subspaces import BLOCK_ORDERS, COORD_CHOICES, PROJ_SIDES, PROJ_TYPES
+from frugal_dist.kernels.elementwise import triton_available
 from frugal_dist.kernels.projection import PRECISIONS
 from frugal_dist.kernels.refresh import METHODS as SVD_METHODS
+from frugal_dist.optim.fast_apply import KERNELS
+from frugal_dist.optim.moment_transfer import MOMENT_TRANSFERS
 
 # "state_full": the group's ``state_full`` rule (AdamW, SGDM or Lion) on whole tensors.
 ALGORITHMS = ("frugal", "adamw", "state_full", "signsgd", "sgd")
 SUBSPACES = ("block", "coordinate", "projection")
+RESIDUAL_COMM = ("exact", "sign", "hierarchical")
+PROJ_QR_DEVICES = ("auto", "cpu", "param")
 PROJ_PRECISIONS = ("auto", *PRECISIONS)  # auto: bf16 on CUDA, fp32 elsewhere
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -29,6 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "state_free": STATE_FREE_RULES,
     "proj_precision": PROJ_PRECISIONS,
     "svd_method": SVD_METHODS,
+    "moment_transfer": MOMENT_TRANSFERS,
 }
 
 
@@ -135,3 +141,32 @@ def check_sharded_layout_options(groups: list[Mapping[str, Any]]) -> None:
                 "row or entry would move to another rank at each refresh. Use "
                 "reset_statistics=True (the paper's default) or coord_choice='columns'."
             )
+
+
+def check_step_options(
+    *, residual_comm: str, shard_state: Any, reduce_gradients: Any, check_agreement: Any,
+    fused: Any, proj_qr_device: str, kernels: str,
+) -> None:  # fmt: skip
+    """The optimizer-wide options of ``FRUGAL(...)`` (not group options): each one's allowed
+    values, or a ``ValueError`` naming it."""
+    if residual_comm not in RESIDUAL_COMM:
+        raise ValueError(
+            f"residual_comm must be one of {list(RESIDUAL_COMM)}, got {residual_comm!r}"
+        )
+    for flag, value in (("shard_state", shard_state), ("reduce_gradients", reduce_gradients),
+                        ("check_agreement", check_agreement)):  # fmt: skip
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be True or False, got {value!r}")
+    if fused not in (None, True, False):
+        raise ValueError(f"fused must be None (auto: CUDA), True or False, got {fused!r}")
+    if proj_qr_device not in PROJ_QR_DEVICES:
+        raise ValueError(
+            f"proj_qr_device must be one of {list(PROJ_QR_DEVICES)}, got {proj_qr_device!r}"
+        )
+    if kernels not in KERNELS:
+        raise ValueError(
+            f"kernels must be one of {list(KERNELS)} (auto: Triton on CUDA, plain torch on "
+            f"the CPU), got {kernels!r}"
+        )
+    if kernels == "triton" and not triton_available():
+        raise ValueError("kernels='triton' needs the triton package; use kernels='auto'")

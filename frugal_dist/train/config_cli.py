@@ -22,10 +22,10 @@ import typing
 from typing import Any, NamedTuple
 
 from frugal_dist.optim.fast_apply import KERNELS
-from frugal_dist.optim.frugal import FRUGAL_DEFAULTS, PROJ_QR_DEVICES, RESIDUAL_COMM
+from frugal_dist.optim.frugal import FRUGAL_DEFAULTS
 from frugal_dist.optim.nonfinite import NONFINITE_MODES
 from frugal_dist.optim.param_groups import NON_SPLIT
-from frugal_dist.optim.validation import CHOICES
+from frugal_dist.optim.validation import CHOICES, PROJ_QR_DEVICES, RESIDUAL_COMM
 
 # key -> (optimizers that take it, description); defaults come from the code
 OPTIMIZER_KEYS: dict[str, tuple[str, str]] = {
@@ -50,6 +50,7 @@ OPTIMIZER_KEYS: dict[str, tuple[str, str]] = {
     "inactive_lr_scale": ("frugal", "state-free lr = lr * inactive_lr_scale (0.1 measured best)"),
     "proj_params_lr_scale": ("frugal", "lr scale of every split parameter"),
     "reset_statistics": ("frugal", "zero the Adam moments at each refresh"),
+    "moment_transfer": ("frugal", "projection refresh: none, or rotate moments into the new basis"),
     "algorithm": ("frugal", "rule of every group (signsgd: pure signSGD)"),
     "non_split": ("frugal", "rule of embeddings, heads, norms, biases: state_full's or AdamW"),
     "shard_state": ("frugal", "DDP: each rank keeps 1/world of the state (ZeRO-1 style)"),

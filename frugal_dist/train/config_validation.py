@@ -15,9 +15,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from frugal_dist.optim.fast_apply import KERNELS
-from frugal_dist.optim.frugal import FRUGAL, FRUGAL_DEFAULTS, PROJ_QR_DEVICES, RESIDUAL_COMM
+from frugal_dist.optim.frugal import FRUGAL, FRUGAL_DEFAULTS
 from frugal_dist.optim.param_groups import NON_SPLIT
-from frugal_dist.optim.validation import check_known_keys, validate_options
+from frugal_dist.optim.validation import (
+    PROJ_QR_DEVICES,
+    RESIDUAL_COMM,
+    check_known_keys,
+    validate_options,
+)
 from frugal_dist.train.metric_sinks import check_wandb_available
 from frugal_dist.train.resume_policy import validate_override
 

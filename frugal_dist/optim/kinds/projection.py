@@ -33,7 +33,7 @@ from frugal_dist.comm.collectives import (
     reduce_to_owners,
 )
 from frugal_dist.core.fragments import local_projection
-from frugal_dist.core.rules import state_free_direction, state_free_direction_
+from frugal_dist.core.rules import state_free_direction, state_free_direction_, state_full_keys
 from frugal_dist.core.seeding import projection_seed
 from frugal_dist.core.subspaces import (
     ProjectionSelection,
@@ -46,6 +46,7 @@ from frugal_dist.core.subspaces import (
 from frugal_dist.kernels.refresh import random_bases
 from frugal_dist.optim.fast_apply import can_batch, local_matrix
 from frugal_dist.optim.kinds.base import SubspaceKind
+from frugal_dist.optim.moment_transfer import basis_change, rotate_moments
 from frugal_dist.optim.projection_batch import (
     down_batched,
     gemm_precision,
@@ -86,9 +87,17 @@ class Projection(SubspaceKind):
         return group["proj_type"] == "svd"
 
     def prepare_group(self, its: list[Item], ctx: StepContext) -> None:
+        # moment_transfer="rotate": the bases the moments live in, before the refresh replaces
+        # them (optim.moment_transfer)
+        for it, basis in previous_bases(its, ctx):
+            it.prev_basis = basis
         draw_random_bases(its, ctx)  # on-device random bases: one batched draw per shape
         for it in its:
             self.prepare(it, ctx)
+
+    def reset_at_refresh(self, it: Item, ctx: StepContext) -> None:
+        if it.prev_basis is None:  # else: rotated into the new basis in the select phase
+            super().reset_at_refresh(it, ctx)
 
     def prepare(self, it: Item, ctx: StepContext) -> None:
         view, group = it.view, it.group
@@ -113,6 +122,11 @@ class Projection(SubspaceKind):
         pending = [it for it in its if it.sel is None]
         if pending:
             svd_refresh(pending, ctx)
+        for it in its:  # moment_transfer="rotate": every new basis is known now
+            if it.prev_basis is not None:
+                c = basis_change(it.gsel.basis, it.prev_basis)
+                rotate_moments(it.st, self.rule(it.group), it.gsel.side, c)
+                it.prev_basis = None
 
     def fingerprint(self, it: Item) -> int | None:
         return tensor_fingerprint(it.gsel.basis)
@@ -203,6 +217,64 @@ def global_basis(
     return sel
 
 
+def previous_bases(its: list[Item], ctx: StepContext) -> list[tuple[Item, Tensor]]:
+    """``moment_transfer="rotate"``: for each item that refreshes with moments to carry (its
+    owner, buffers present), the global basis they live in. svd: the kept ``proj_basis``;
+    random / randperm: the cached basis of the last refresh, or, after a cache invalidation,
+    the one of refresh k - 1 drawn again (on-device random bases: the group's whole batch at
+    k - 1, as it was drawn then, so the bits are the same). Communication: none."""
+    group = its[0].group if its else None
+    if group is None or group["moment_transfer"] != "rotate":
+        return []
+    keys = state_full_keys(its[0].kind.rule(group))
+    carry = [it for it in its if it.refresh and it.k > 0 and it.owner == ctx.rank
+             and "sf_step" in it.st and all(key in it.st for key in keys)]  # fmt: skip
+    out: list[tuple[Item, Tensor]] = []
+    missing: list[Item] = []
+    for it in carry:
+        if group["proj_type"] == "svd":
+            if "proj_basis" not in it.st:
+                raise RuntimeError(
+                    f"moment_transfer='rotate': the svd basis of {it.name!r} that its moments "
+                    "live in is missing from the optimizer state"
+                )
+            out.append((it, it.st["proj_basis"]))
+            continue
+        cached = ctx.cache.selections.get(it.name)
+        if cached is not None and cached[0] < it.k:
+            out.append((it, cached[1].basis))
+        elif _random_on_device(ctx, it.view) and group["proj_type"] == "random":
+            missing.append(it)
+        else:
+            out.append((it, global_basis(ctx, it.view, it.k - 1, group).basis))
+    if missing:
+        batch = [it for it in its if it.k > 0 and _random_on_device(ctx, it.view)]
+        drawn = _draw_random(batch, [it.k - 1 for it in batch], group)
+        out.extend((it, drawn[it.name].basis) for it in missing)
+    return out
+
+
+def _draw_random(
+    its: list[Item], ks: list[int], group: dict[str, Any]
+) -> dict[str, ProjectionSelection]:
+    """The on-device random bases of ``its`` at refreshes ``ks``: one ``random_bases`` call per
+    (dim, r, device), items ordered by name (``draw_random_bases`` says why)."""
+    batches: dict[tuple, list[tuple[str, str, int]]] = {}
+    for it, k in sorted(zip(its, ks), key=lambda e: e[0].name):
+        shape = matrix_shape(it.view.shape)
+        side = resolve_side(group["proj_side"], shape)
+        dim = shape[0] if side == "left" else shape[1]
+        r = projection_rank(shape, group["density"], side, "random")
+        seed = projection_seed(group["seed"], it.name, k)
+        batches.setdefault((dim, r, it.view.data.device), []).append((it.name, side, seed))
+    out: dict[str, ProjectionSelection] = {}
+    for (dim, r, device), entries in batches.items():
+        bases = random_bases(dim, r, [seed for _, _, seed in entries], device)
+        for (name, side, _), basis in zip(entries, bases.unbind(0)):
+            out[name] = ProjectionSelection(side, basis)
+    return out
+
+
 def draw_random_bases(its: list[Item], ctx: StepContext) -> None:
     """The on-device ``random`` bases of one group's items (``proj_qr_device``), drawn in one
     ``kernels.refresh.random_bases`` call per (dim, r, device) and put in
@@ -222,18 +294,9 @@ def draw_random_bases(its: list[Item], ctx: StepContext) -> None:
     mine = [it for it in its if _random_on_device(ctx, it.view)]
     if all((c := ctx.cache.selections.get(it.name)) is not None and c[0] == it.k for it in mine):
         return
-    batches: dict[tuple, list[tuple[Item, str, int]]] = {}
-    for it in sorted(mine, key=lambda it: it.name):
-        shape = matrix_shape(it.view.shape)
-        side = resolve_side(group["proj_side"], shape)
-        dim = shape[0] if side == "left" else shape[1]
-        r = projection_rank(shape, group["density"], side, "random")
-        seed = projection_seed(group["seed"], it.name, it.k)
-        batches.setdefault((dim, r, it.view.data.device), []).append((it, side, seed))
-    for (dim, r, device), entries in batches.items():
-        bases = random_bases(dim, r, [seed for _, _, seed in entries], device)
-        for (it, side, _), basis in zip(entries, bases.unbind(0)):
-            ctx.cache.selections[it.name] = (it.k, ProjectionSelection(side, basis))
+    drawn = _draw_random(mine, [it.k for it in mine], group)
+    for it in mine:
+        ctx.cache.selections[it.name] = (it.k, drawn[it.name])
 
 
 def _random_on_device(ctx: StepContext, view: ParamView) -> bool:
