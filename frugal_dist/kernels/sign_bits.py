@@ -130,8 +130,9 @@ def majority_vote(gathered: Tensor, *, impl: str = "auto") -> Tensor:
             f"majority_vote: gathered must be a (world, bytes) uint8 tensor, got "
             f"{tuple(gathered.shape)} {gathered.dtype}; stack the ranks' packed buffers"
         )
-    gathered = gathered.contiguous()
-    world, nbytes = gathered.shape
+    if gathered.stride(1) != 1:  # a column slice of a wider buffer is read in place
+        gathered = gathered.contiguous()
+    nbytes = gathered.shape[1]
     out = torch.empty(8 * nbytes, dtype=torch.float32, device=gathered.device)
     if nbytes == 0:
         return out
@@ -140,18 +141,22 @@ def majority_vote(gathered: Tensor, *, impl: str = "auto") -> Tensor:
 
         tk.vote(gathered, out)
         return out
-    shifts = _SHIFTS.to(gathered.device)
     step = CHUNK // 8
     for lo in range(0, nbytes, step):
         block = gathered[:, lo : lo + step]
-        ones = torch.zeros(block.shape[1], 8, dtype=torch.int32, device=gathered.device)
-        for r in range(world):
-            ones += ((block[r].unsqueeze(-1) >> shifts) & 1).to(torch.int32)
-        torch.sign(
-            (2 * ones - world).to(torch.float32),
-            out=out[8 * lo : 8 * (lo + block.shape[1])].view(-1, 8),
-        )
+        majority_bytes(block, out=out[8 * lo : 8 * (lo + block.shape[1])].view(-1, 8))
     return out
+
+
+def majority_bytes(block: Tensor, out: Tensor | None = None) -> Tensor:
+    """The torch vote of a (W, b) uint8 ``block``: float32 (b, 8) sign(2 ones - W) (into
+    ``out`` when given); temporaries of b x 8 int32."""
+    world = block.shape[0]
+    shifts = _SHIFTS.to(block.device)
+    ones = torch.zeros(block.shape[1], 8, dtype=torch.int32, device=block.device)
+    for r in range(world):
+        ones += ((block[r].unsqueeze(-1) >> shifts) & 1).to(torch.int32)
+    return torch.sign((2 * ones - world).to(torch.float32), out=out)
 
 
 def vote_views(vote: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -13,6 +13,13 @@ of the W ranks (unrolled up to 16 ranks, a loop beyond), counts the set bits per
 int32 registers and writes sign(2 ones - W) as a (VOTE_BLOCK, 8) float32 tile. Nothing per element
 leaves the registers but the result.
 
+vote_apply: one launch over many float32 parameters (``kernels.vote_apply``): a table row per
+parameter [data pointer, numel, byte offset of its bits in a gathered row] and a tile map over
+its bytes (``VOTE_APPLY_BLOCK`` bytes = 8 x that many elements per program). A program counts
+the W ranks' bits of its bytes as the vote kernel does, then updates its (BLOCK, 8) tile of the
+parameter in place: p <- p keep + nalpha sign(2 ones - W). Reads W/8 + 4 B, writes 4 B per
+element; the vote never leaves the registers.
+
 Offsets are int32 unless a buffer nears 2^31 elements (``WIDE``).
 """
 
@@ -30,6 +37,8 @@ PACK_BLOCK = 512
 PACK_WARPS = 8
 VOTE_BLOCK = 512
 VOTE_WARPS = 8
+VOTE_APPLY_BLOCK = 512
+VOTE_APPLY_WARPS = 8
 _GDTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _TILE_MAPS: dict[tuple, tuple[Tensor, Tensor, int]] = {}
 _MAX_TILE_MAPS = 64
@@ -79,7 +88,7 @@ def _bits(row_ptr, rows, cols, nbytes, full):
 
 @triton.jit
 def _vote_kernel(
-    g_ptr, out_ptr, nbytes,
+    g_ptr, out_ptr, nbytes, row_stride,
     WORLD: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """out[8 j + i] = sign(2 * sum_r bit_i(g[r, j]) - WORLD) for j in this program's bytes."""
@@ -87,6 +96,7 @@ def _vote_kernel(
     if WIDE:
         start = start.to(tl.int64)
         nbytes = nbytes.to(tl.int64)
+        row_stride = row_stride.to(tl.int64)
     start = start * BLOCK
     rows = start + tl.arange(0, BLOCK)
     cols = tl.arange(0, 8)
@@ -94,10 +104,10 @@ def _vote_kernel(
     ones = tl.zeros((BLOCK, 8), dtype=tl.int32)
     if WORLD <= 16:  # unrolled: all W loads in flight at once
         for r in tl.static_range(WORLD):
-            ones += _bits(g_ptr + r * nbytes, rows, cols, nbytes, full)
+            ones += _bits(g_ptr + r * row_stride, rows, cols, nbytes, full)
     else:  # many voters: a loop (compile time and registers stay bounded)
         for r in range(WORLD):
-            ones += _bits(g_ptr + r * nbytes, rows, cols, nbytes, full)
+            ones += _bits(g_ptr + r * row_stride, rows, cols, nbytes, full)
     d = 2 * ones - WORLD
     s = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
     idx = rows[:, None] * 8 + cols[None, :]
@@ -107,14 +117,66 @@ def _vote_kernel(
         tl.store(out_ptr + idx, s, mask=idx < nbytes * 8)
 
 
-def _tile_map(nbytes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, int]:
-    """(tile -> tensor int32, tensor -> first tile int32, tiles) for ``PACK_BLOCK``-byte tiles,
-    cached per (device, sizes, block) and uploaded without a sync."""
-    key = (device, nbytes, PACK_BLOCK)
+@triton.jit
+def _vote_apply_kernel(
+    tile_tensor, first_tile, table, g_ptr, row_stride, nalpha, keep,
+    WORLD: tl.constexpr, DECAY: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Bytes [start, start + BLOCK) of one parameter's bits; table rows [p ptr, numel, byte
+    offset]: p[8 j + i] <- p keep + nalpha sign(2 sum_r bit_i(g[r, off + j]) - WORLD)."""
+    pid = tl.program_id(0)
+    t = tl.load(tile_tensor + pid)
+    start = pid - tl.load(first_tile + t)
+    if WIDE:
+        start = start.to(tl.int64)
+        row_stride = row_stride.to(tl.int64)
+    start = start * BLOCK
+    p_ptr = tl.load(table + 3 * t).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+    n = tl.load(table + 3 * t + 1)
+    if not WIDE:
+        n = n.to(tl.int32)
+    bytes_ptr = g_ptr + tl.load(table + 3 * t + 2)
+    nbytes = (n + 7) // 8
+    rows = start + tl.arange(0, BLOCK)
+    cols = tl.arange(0, 8)
+    idx = rows[:, None] * 8 + cols[None, :]
+    full = (start + BLOCK) * 8 <= n
+    ones = tl.zeros((BLOCK, 8), dtype=tl.int32)
+    if WORLD <= 16:
+        for r in tl.static_range(WORLD):
+            ones += _bits(bytes_ptr + r * row_stride, rows, cols, nbytes, full)
+    else:
+        for r in range(WORLD):
+            ones += _bits(bytes_ptr + r * row_stride, rows, cols, nbytes, full)
+    d = 2 * ones - WORLD
+    s = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    if full:
+        p = tl.load(p_ptr + idx)
+    else:
+        p = tl.load(p_ptr + idx, mask=idx < n, other=0.0)
+    if DECAY:
+        p = p * keep
+    p = p + nalpha * s
+    if full:
+        tl.store(p_ptr + idx, p)
+    else:
+        tl.store(p_ptr + idx, p, mask=idx < n)
+
+
+def _tile_map(
+    nbytes: tuple[int, ...], device: torch.device, block: int = 0
+) -> tuple[Tensor, Tensor, int]:
+    """(tile -> tensor int32, tensor -> first tile int32, tiles) for ``block``-byte tiles
+    (default ``PACK_BLOCK``), cached per (device, sizes, block) and uploaded without a sync."""
+    block = block or PACK_BLOCK
+    key = (device, nbytes, block)
     hit = _TILE_MAPS.get(key)
     if hit is not None:
         return hit
-    tiles = [-(-b // PACK_BLOCK) for b in nbytes]
+    tiles = [-(-b // block) for b in nbytes]
     first, total = [], 0
     for c in tiles:
         first.append(total)
@@ -175,12 +237,42 @@ def pack(tensors: list[Tensor], offsets: list[int], out: Tensor, dtypes: tuple) 
 
 
 def vote(gathered: Tensor, out: Tensor) -> None:
-    """``out`` (8 B float32) <- the majority of the (W, B) contiguous uint8 ``gathered``."""
+    """``out`` (8 B float32) <- the majority of the (W, B) uint8 ``gathered`` (rows of unit
+    stride: a column slice of a wider gathered buffer is read in place)."""
     world, nbytes = gathered.shape
+    stride = gathered.stride(0)
     grid = (triton.cdiv(nbytes, VOTE_BLOCK),)
     with _launch_device(gathered.device):
         _vote_kernel[grid](
-            gathered, out, nbytes, WORLD=world,
-            WIDE=_wide(max(8 * nbytes, world * nbytes), 8 * VOTE_BLOCK), BLOCK=VOTE_BLOCK,
+            gathered, out, nbytes, stride, WORLD=world,
+            WIDE=_wide(max(8 * nbytes, world * stride), 8 * VOTE_BLOCK), BLOCK=VOTE_BLOCK,
             num_warps=VOTE_WARPS,
+        )  # fmt: skip
+
+
+def vote_apply(
+    params: list[Tensor], offsets: list[int], gathered: Tensor, alpha: float, keep: float
+) -> None:
+    """One launch: p <- p keep - alpha vote for every (float32 contiguous, non-empty) ``params[i]``
+    whose bits start at byte ``offsets[i]`` of each row of ``gathered`` ((W, B) uint8, rows of
+    unit stride)."""
+    world = gathered.shape[0]
+    stride = gathered.stride(0)
+    rows: list[int] = []
+    nbytes: list[int] = []
+    ptr_or = 0
+    for p, o in zip(params, offsets):
+        ptr = p.data_ptr()
+        rows += (ptr, p.numel(), o)
+        nbytes.append((p.numel() + 7) // 8)
+        ptr_or |= ptr
+    device = gathered.device
+    tile_tensor, first_tile, tiles = _tile_map(tuple(nbytes), device, VOTE_APPLY_BLOCK)
+    span = 8 * max(nbytes) + 8 * VOTE_APPLY_BLOCK
+    with _launch_device(device):
+        _vote_apply_kernel[(tiles,)](
+            tile_tensor, first_tile, upload(rows, device), gathered, stride, -alpha, keep,
+            WORLD=world, DECAY=keep != 1.0, ALIGNED=ptr_or & 15 == 0,
+            WIDE=span >= 1 << 31 or world * stride >= 1 << 31, BLOCK=VOTE_APPLY_BLOCK,
+            num_warps=VOTE_APPLY_WARPS,
         )  # fmt: skip
