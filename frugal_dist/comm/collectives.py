@@ -16,7 +16,7 @@ from frugal_dist.comm.participants import (
     broadcast_bounded,
 )
 from frugal_dist.comm.stats import CommStats
-from frugal_dist.kernels.sign_bits import majority_vote, pack_signs, vote_views
+from frugal_dist.kernels.sign_bits import pack_signs
 
 ProcessGroup = dist.ProcessGroup | None
 
@@ -123,24 +123,23 @@ def all_gather_rows_(out: Tensor, inp: Tensor, pg: ProcessGroup) -> None:
         dist.all_gather(list(out.unbind(0)), inp, group=pg)
 
 
-def sign_majority(
+def sign_gather(
     tensors: list[Tensor], pg: ProcessGroup, stats: CommStats, kernels: str = "auto"
-) -> list[Tensor]:
-    """The majority vote of every rank's signs of each tensor: one fused pack of all of them
-    (``kernels.sign_bits``, 1 bit per entry, each tensor padded to whole bytes), one all-gather
-    of the packed bytes (payload B = sum ceil(n/8); wire (W-1) x B), one fused vote. Returns
-    float32 views of +1 / -1 / 0 (tie) shaped like the inputs (``comm.bits`` is the format and
-    the oracle). ``kernels``: the optimizer's option (Triton on CUDA for "auto")."""
+) -> Tensor:
+    """Every rank's packed signs of ``tensors`` (world > 1): one fused pack
+    (``kernels.sign_bits``, 1 bit per entry, tensor t at byte ``packed_offsets``[t]) and one
+    all-gather into a (W, B) uint8 buffer (payload B = sum ceil(n/8) bytes; wire (W-1) x B),
+    counted under ``sign_allgather``. The majority vote sign(2 ones - W) (+1 / -1 / 0 on a tie;
+    ``comm.bits`` is the format and the oracle) is the caller's: ``sign_bits.majority_vote``
+    to float32, or ``kernels.vote_apply.vote_apply_`` straight into the update."""
     _, world = rank_and_world(pg)
     if world == 1:
-        return [torch.sign(t.float()) for t in tensors]
-    if not tensors:
-        return []
+        raise ValueError("sign_gather needs world > 1 (one rank's vote is torch.sign)")
     flat = pack_signs(tensors, impl=kernels)
     gathered = torch.empty((world, flat.numel()), dtype=torch.uint8, device=flat.device)
     all_gather_rows_(gathered, flat, pg)
     stats.add("sign_allgather", flat.nbytes, (world - 1) * flat.nbytes)
-    return vote_views(majority_vote(gathered, impl=kernels), tensors)
+    return gathered
 
 
 def broadcast_from_owners(

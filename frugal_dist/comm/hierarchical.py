@@ -8,10 +8,11 @@ the fast intra group. Per rank, with N nodes and a payload of n entries:
     node_allreduce_mean_   slow: all_reduce of n/L float32 over N ranks   4 B x n / L
                                  (ring wire 2 (N-1)/N x that)
                            fast: all_gather of the slices over L ranks    4 B x n / L
-    node_sign_majority     slow: all_gather of B/L packed bytes           B / L, B = sum ceil(n/8)
+    node_sign_gather       slow: all_gather of B/L packed bytes           B / L, B = sum ceil(n/8)
                                  (wire (N-1) x that)
                            fast: all_gather of the (N, B/L) received bytes N x B / L
-                           then the vote of the N node signs (``kernels.sign_bits``)
+                           then the caller's vote of the N node signs (``kernels.sign_bits``
+                           ``majority_vote``, or ``kernels.vote_apply``)
 
 so the slow links carry 1/L of what each rank would send alone; results are those of the
 same collective over the inter group on the whole payload (the same N summands per entry).
@@ -27,7 +28,7 @@ from torch import Tensor
 from frugal_dist.comm.collectives import all_gather_rows_
 from frugal_dist.comm.stats import CommStats
 from frugal_dist.comm.topology import NodeGroups
-from frugal_dist.kernels.sign_bits import majority_vote, pack_signs, vote_views
+from frugal_dist.kernels.sign_bits import pack_signs
 
 
 def _slice(flat: Tensor, groups: NodeGroups) -> tuple[Tensor, Tensor, int]:
@@ -60,14 +61,13 @@ def node_allreduce_mean_(
         offset += t.numel()
 
 
-def node_sign_majority(
+def node_sign_gather(
     tensors: list[Tensor], groups: NodeGroups, stats: CommStats, kernels: str = "auto"
-) -> list[Tensor]:
-    """The majority vote over the N nodes of each tensor's signs (the tensors are equal on the
-    node's ranks): float32 +1 / -1 / 0 (tie) views shaped like the inputs, as
-    ``collectives.sign_majority`` over the inter group (module docstring for the bytes)."""
-    if not tensors:
-        return []
+) -> Tensor:
+    """The N nodes' packed signs of ``tensors`` as an (N, B) uint8 buffer (rows of unit stride,
+    the format of ``collectives.sign_gather``): slice j over the inter group (B / L bytes per
+    rank, ``sign_allgather``), the slices back together over the intra group (N x B / L,
+    ``intra_gather``). The vote is the caller's."""
     flat = pack_signs(tensors, impl=kernels)
     nbytes = flat.numel()
     _, mine, c = _slice(flat, groups)
@@ -78,5 +78,4 @@ def node_sign_majority(
     every = torch.empty((size, nodes, c), dtype=torch.uint8, device=flat.device)
     all_gather_rows_(every, part, groups.intra)
     stats.add("intra_gather", part.nbytes, (size - 1) * part.nbytes)
-    gathered = every.permute(1, 0, 2).reshape(nodes, size * c)[:, :nbytes].contiguous()
-    return vote_views(majority_vote(gathered, impl=kernels), tensors)
+    return every.permute(1, 0, 2).reshape(nodes, size * c)[:, :nbytes]

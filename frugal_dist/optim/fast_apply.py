@@ -17,6 +17,11 @@ for tests); ``"torch"`` = never Triton.
   (signSGD / SGD groups, inactive blocks, rho = 0 coordinates / projections) through
   ``free_apply_``: one Triton pass reading W and G and writing W (decay folded), or foreach
   kernels in bounded chunks.
+* ``voted_parts`` / ``run_voted``: state-free updates whose F is the sign vote still packed
+  (``Item.vote_bits``: inactive blocks, signSGD groups under ``residual_comm="sign"`` /
+  ``"hierarchical"``): W <- W (1 - lr wd) - (lr s_p) s_i F through
+  ``kernels.vote_apply.vote_apply_``: one pass reading the W voters' bits and W, writing W
+  (8 + W/8 B per float32 entry; the float32 vote, 4 B written and read again, is never made).
 * ``apply_coordinate_batch`` / ``apply_projection_batch``: the remaining coordinate / projection
   items with a signSGD residual: foreach sign and add over many tensors; only the scatter of U
   (coordinates) or the two GEMMs (projections) stay per tensor. (Batched projection GEMMs:
@@ -26,7 +31,7 @@ Which item goes where is its kind's ``route`` (``optim.kinds``); ``can_batch`` i
 precondition.
 
 Weight decay: the callers run the group's ``W *= 1 - lr wd`` only on tensors that take none of
-the decay-folding paths above (``run_fused``, ``run_free``, ``projection_batch``).
+the decay-folding paths above (``run_fused``, ``run_free``, ``run_voted``, ``projection_batch``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from frugal_dist.kernels.elementwise import (
     free_apply_,
     runs_of,
 )
+from frugal_dist.kernels.vote_apply import vote_apply_
 from frugal_dist.optim.step_items import Item
 
 KERNELS = ("auto", "torch", "triton")
@@ -78,6 +84,34 @@ def run_free(parts: list[tuple[str, float, list[Item], list[Tensor]]], lr: float
             for c, d in zip(its, data)
         ]
         free_apply_(data, grads, lr * scale, rule=rule, decay=lr * wd, impl=kernels)
+
+
+VotedPart = tuple[tuple[float, float], Tensor, list[Item], list[Tensor], list[int]]
+
+
+def voted_parts(batch: list[tuple[Item, tuple[float, float]]]) -> list[VotedPart]:
+    """The ``voted`` batch grouped by ((s_p, s_i), gathered buffer): each group's items, params
+    and byte offsets (``Item.vote_bits``), the arguments of one ``vote_apply_`` call."""
+    by_key: dict[tuple, VotedPart] = {}
+    for it, factors in batch:
+        gathered, offset = it.vote_bits
+        key = (factors, id(gathered))
+        part = by_key.get(key)
+        if part is None:
+            part = by_key[key] = (factors, gathered, [], [], [])
+        part[2].append(it)
+        part[3].append(it.view.data)
+        part[4].append(offset)
+    return list(by_key.values())
+
+
+def run_voted(parts: list[VotedPart], lr: float, wd: float, kernels: str) -> None:
+    """W <- W (1 - lr wd) - (lr s_p) s_i F for every voted part (F read from the packed bits;
+    ``(lr s_p) s_i`` as ``apply_one`` rounds it), then the items' temporaries are dropped."""
+    for (s_p, s_i), gathered, its, data, offsets in parts:
+        vote_apply_(data, gathered, offsets, lr * s_p * s_i, decay=lr * wd, impl=kernels)
+        for it in its:
+            it.release()
 
 
 def apply_coordinate_batch(its: list[Item], lr: float, s_p: float, s_i: float) -> None:

@@ -58,12 +58,15 @@ from frugal_dist.core.rules import state_full_directions
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim.fast_apply import (
     FusedParts,
+    VotedPart,
     apply_coordinate_batch,
     apply_projection_batch,
     free_parts,
     fused_parts,
     run_free,
     run_fused,
+    run_voted,
+    voted_parts,
 )
 from frugal_dist.optim.kinds import SubspaceKind, kind_for
 from frugal_dist.optim.nonfinite import grads_are_finite
@@ -122,6 +125,8 @@ class ApplyBatches:
 
     * ``fused``: state phase inside the apply kernel (``fast_apply.run_fused``), decay folded;
     * ``free``: pure state-free updates (``fast_apply.run_free``), decay folded;
+    * ``voted``: state-free updates from the packed sign vote (``Item.vote_bits``;
+      ``fast_apply.run_voted``), decay folded;
     * ``kernel_projs``: whole projection matrices (``projection_batch.apply_batched``), decay
       folded;
     * ``coords`` / ``projs``: foreach batches with a signSGD residual, after the group's decay;
@@ -129,6 +134,7 @@ class ApplyBatches:
 
     fused: list[Item] = field(default_factory=list)
     free: list[tuple[Item, str, float]] = field(default_factory=list)  # (item, rule, scale)
+    voted: list[tuple[Item, tuple[float, float]]] = field(default_factory=list)  # (s_p, s_i)
     kernel_projs: list[Item] = field(default_factory=list)
     coords: list[Item] = field(default_factory=list)
     projs: list[Item] = field(default_factory=list)
@@ -325,6 +331,7 @@ class GroupApply:
     batches: ApplyBatches
     fused: FusedParts | None
     free: list[tuple[str, float, list[Item], list[Tensor]]]
+    voted: list[VotedPart]
     decayed: list[Tensor]
     device: Any
 
@@ -347,6 +354,8 @@ def route_apply(ctx: StepContext, items: list[Item]) -> list[GroupApply]:
         for it in its:
             if it.fused:
                 batches.fused.append(it)
+            elif it.vote_bits is not None:  # the packed vote (optim.sign_reduce)
+                batches.voted.append((it, it.kind.whole_vote_scale(it)))
             else:
                 it.kind.route(it, ctx, batches)
         decayed = [it.view.data for it in (*batches.rest, *batches.coords, *batches.projs)
@@ -356,7 +365,9 @@ def route_apply(ctx: StepContext, items: list[Item]) -> list[GroupApply]:
         if batches.fused:
             fused = fused_parts(batches.fused, group, ctx.cache.coord_positions)
         free = free_parts(batches.free)
-        out.append(GroupApply(group, its[0].kind, batches, fused, free, decayed, its[0].g.device))
+        voted = voted_parts(batches.voted)
+        out.append(GroupApply(group, its[0].kind, batches, fused, free, voted, decayed,
+                              its[0].g.device))  # fmt: skip
     return out
 
 
@@ -371,6 +382,7 @@ def run_apply(ctx: StepContext, routed: list[GroupApply]) -> None:
         if ga.fused is not None:
             run_fused(ga.fused, lr, wd, group, ctx.kernels)
         run_free(ga.free, lr, wd, ctx.kernels)
+        run_voted(ga.voted, lr, wd, ctx.kernels)
         if batches.kernel_projs:
             apply_batched(batches.kernel_projs, lr, wd, ctx.kernels, ctx.cache.kernel_cache,
                           ctx.batch_memo)  # fmt: skip

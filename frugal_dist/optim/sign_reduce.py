@@ -43,12 +43,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
-from frugal_dist.comm.collectives import allreduce_mean_, sign_majority
-from frugal_dist.comm.hierarchical import node_allreduce_mean_, node_sign_majority
+from frugal_dist.comm.collectives import allreduce_mean_, sign_gather
+from frugal_dist.comm.hierarchical import node_allreduce_mean_, node_sign_gather
 from frugal_dist.comm.stats import CommStats
 from frugal_dist.comm.topology import NodeGroups, resolve_node_size
+from frugal_dist.kernels.sign_bits import majority_vote, packed_offsets, vote_views
 
 if TYPE_CHECKING:
     from frugal_dist.optim.phases import StepContext
@@ -104,22 +106,27 @@ def votes_residual(ctx: StepContext) -> bool:
 
 def reduce_signs(ctx: StepContext, items: list[Item]) -> None:
     """The reduce phase for ``residual_comm`` "sign" / "hierarchical" (module docstring): sets
-    every item's reduced ``g``, its ``g_sf`` and its voted ``free`` direction."""
-    mean_, vote = _plain_collectives(ctx.pg)
+    every item's reduced ``g``, its ``g_sf`` and its voted direction: ``vote_bits`` (the
+    gathered packed signs, applied by ``fast_apply.run_voted`` with no float32 vote) for items
+    whose update is the whole voted residual on float32 data (``applies_packed``), else the
+    float32 ``free`` (one vote over the leading bytes of the same gathered buffer; these
+    tensors are packed first)."""
+    mean_, gather = _plain_collectives(ctx.pg)
     if ctx.residual_comm == "hierarchical":
         groups = ctx.optimizer.node_groups()
         if groups.nodes == 1:  # one node: exact mode, the same collective
             allreduce_mean_([it.g for it in items], ctx.pg, ctx.comm, "grad_full")
             return
         if groups.node_size == 1:  # one rank per node: sign mode over the inter group
-            mean_, vote = _plain_collectives(groups.inter)
+            mean_, gather = _plain_collectives(groups.inter)
         else:
             allreduce_mean_([it.g for it in items], groups.intra, ctx.comm, "grad_intra")
-            mean_, vote = _sliced_collectives(groups)
+            mean_, gather = _sliced_collectives(groups)
     full: list[Tensor] = []
     compact: list[Tensor] = []
-    signs: list[Tensor] = []
+    signs: list[Tensor] = []  # tensors voted to float32 (``it.free``), then packed-applied ones
     voted: list[Item] = []
+    direct: list[tuple[Item, Tensor]] = []
     for it in items:
         parts = it.kind.sign_parts(it)
         if parts is None:
@@ -127,38 +134,65 @@ def reduce_signs(ctx: StepContext, items: list[Item]) -> None:
             continue
         g_sf, resid = parts
         if resid is not None:
-            signs.append(resid)
-            voted.append(it)
+            if applies_packed(it):
+                direct.append((it, resid))
+            else:
+                signs.append(resid)
+                voted.append(it)
         if g_sf is not None:
             it.g_sf = g_sf
             compact.append(g_sf)
         it.free_done = True
     mean_(full, ctx.comm, "grad_full")
     mean_(compact, ctx.comm, "grad_projected")
-    for it, v in zip(voted, vote(signs, ctx.comm, ctx.kernels)):
-        it.free = v
+    if not signs and not direct:
+        return
+    tensors = signs + [resid for _, resid in direct]
+    gathered = gather(tensors, ctx.comm, ctx.kernels)
+    offsets, _ = packed_offsets([t.numel() for t in tensors])
+    for (it, _), offset in zip(direct, offsets[len(signs) :]):
+        it.vote_bits = (gathered, offset)
+    if signs:
+        head = offsets[len(signs) - 1] + (signs[-1].numel() + 7) // 8
+        votes = vote_views(majority_vote(gathered[:, :head], impl=ctx.kernels), signs)
+        for it, v in zip(voted, votes):
+            it.free = v
+
+
+def applies_packed(it: Item) -> bool:
+    """Whether the item's vote is applied from the packed bits (``fast_apply.run_voted``) rather
+    than voted to a float32 tensor: its kind's update is the whole voted residual
+    (``whole_vote_scale``) on non-empty contiguous float32 data."""
+    data = it.view.data
+    return (
+        data.dtype == torch.float32
+        and data.numel() > 0
+        and data.is_contiguous()
+        and it.kind.whole_vote_scale(it) is not None
+    )
 
 
 def _plain_collectives(pg: Any) -> tuple[Callable, Callable]:
-    """(mean all-reduce, sign vote) over one group: every rank sends its whole payload."""
+    """(mean all-reduce, packed-sign gather) over one group: every rank sends its whole
+    payload."""
 
     def mean_(tensors: list[Tensor], stats: CommStats, kind: str) -> None:
         allreduce_mean_(tensors, pg, stats, kind)
 
-    def vote(tensors: list[Tensor], stats: CommStats, kernels: str) -> list[Tensor]:
-        return sign_majority(tensors, pg, stats, kernels)
+    def gather(tensors: list[Tensor], stats: CommStats, kernels: str) -> Tensor:
+        return sign_gather(tensors, pg, stats, kernels)
 
-    return mean_, vote
+    return mean_, gather
 
 
 def _sliced_collectives(groups: NodeGroups) -> tuple[Callable, Callable]:
-    """(mean all-reduce, sign vote) across nodes, each local rank sending 1/L of the payload
-    (``comm.hierarchical``)."""
+    """(mean all-reduce, packed-sign gather) across nodes, each local rank sending 1/L of the
+    payload (``comm.hierarchical``)."""
 
     def mean_(tensors: list[Tensor], stats: CommStats, kind: str) -> None:
         node_allreduce_mean_(tensors, groups, stats, kind)
 
-    def vote(tensors: list[Tensor], stats: CommStats, kernels: str) -> list[Tensor]:
-        return node_sign_majority(tensors, groups, stats, kernels)
+    def gather(tensors: list[Tensor], stats: CommStats, kernels: str) -> Tensor:
+        return node_sign_gather(tensors, groups, stats, kernels)
 
-    return mean_, vote
+    return mean_, gather

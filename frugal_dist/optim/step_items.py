@@ -35,6 +35,8 @@ class Item:
     g_sf_op: Tensor | None = None  # G_sf as the apply kernel reads it (``projection_batch``)
     free: Tensor | None = None  # state-free direction decided by the sign vote
     free_done: bool = False  # ``free`` is final (residual_comm="sign")
+    vote_bits: tuple[Tensor, int] | None = None  # (gathered (W, B) uint8, byte offset): F(R)
+    # still packed, applied by ``fast_apply.run_voted`` (``kernels.vote_apply``)
     u: Tensor | None = None
     fused: bool = False  # state phase inside the apply kernel (``fast_apply.run_fused``)
     sf_t: int = 0  # state-full step count after this step (active items on their owner)
@@ -46,7 +48,7 @@ class Item:
 
     def release(self) -> None:
         """Drop this item's temporaries (once its update is applied)."""
-        self.free = self.u = self.g_sf = self.g_sf_op = None
+        self.free = self.u = self.g_sf = self.g_sf_op = self.vote_bits = None
 
     @property
     def st(self):

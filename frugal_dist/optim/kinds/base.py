@@ -128,6 +128,13 @@ class SubspaceKind(ABC):
         (compact gradient to mean-reduce or None, tensor whose signs are voted on or None)."""
         return None
 
+    def whole_vote_scale(self, it: Item) -> tuple[float, float] | None:
+        """(s_p, s_i) when the item's whole update is W <- W (1 - lr wd) - (lr s_p) s_i F(R)
+        with R the voted tensor of ``sign_parts``, element for element the parameter's data
+        (so ``kernels.vote_apply`` may apply the packed vote directly); None otherwise (the
+        float32 vote and ``apply_one``). Default: None."""
+        return None
+
     # ------------------------------------------------------------------ select / down
     def select(self, its: list[Item], ctx: StepContext) -> None:
         """Selections that need the (reduced) gradient: the svd refresh. Default: none."""

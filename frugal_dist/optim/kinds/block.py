@@ -63,6 +63,11 @@ class Block(SubspaceKind):
             return None
         return None, (it.g if self.free_rule(it.group) != "none" else None)
 
+    def whole_vote_scale(self, it: Item) -> tuple[float, float] | None:
+        if it.active:
+            return None
+        return it.group["proj_params_lr_scale"], it.group["inactive_lr_scale"]
+
     def fingerprint(self, it: Item) -> int | None:
         return it.k * 2 + int(it.active)
 

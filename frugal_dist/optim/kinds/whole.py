@@ -71,6 +71,9 @@ class WholeFree(SubspaceKind):
             return None
         return None, (it.g if rule != "none" else None)
 
+    def whole_vote_scale(self, it: Item) -> tuple[float, float] | None:
+        return 1.0, 1.0  # W <- W (1 - lr wd) - lr F
+
     def free_direction(self, it: Item) -> Tensor | None:
         if it.free_done:
             return it.free

@@ -1,0 +1,38 @@
+"""The packed-vote apply (``kernels.vote_apply`` through ``fast_apply.run_voted``) against the
+float32 vote and ``apply_one`` (the path before it), on 4 gloo processes: sign mode (4 voters:
+ties) and hierarchical mode (2 nodes of 2: 2 voters, ties), inactive blocks (with s_p, s_i),
+all blocks inactive (density 0) and a signSGD group, weight decay 0.1. On the CPU both take the
+torch path: equal bit for bit. One 4-process launch for the file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import vote_apply_workers as vw
+from tests.distributed.launch import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+WORLD, STEPS = 4, 4
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return run_distributed(vw.run_paths, WORLD, STEPS, deadline_s=600)
+
+
+@pytest.mark.parametrize("mode", list(vw.MODES))
+@pytest.mark.parametrize("case", list(vw.CASES))
+def test_packed_vote_apply_is_the_float_vote_bit_for_bit(runs, case, mode):
+    for r in range(WORLD):
+        packed, calls = runs[r][case, mode, "packed"]
+        floats, float_calls = runs[r][case, mode, "float"]
+        assert calls > 0 and float_calls == 0, (calls, float_calls)  # each path really ran
+        for s in range(STEPS):
+            for a, b, c in zip(packed[s], floats[s], runs[0][case, mode, "packed"][0][s]):
+                assert torch.equal(a, b), (case, mode, r, s)
+                assert torch.equal(a, c), (case, mode, r, s)  # every rank the same
+    # the parameters moved (the comparison is not of two no-ops)
+    packed = runs[0][case, mode, "packed"][0]
+    assert packed[-1][0].ne(packed[0][0]).any()
