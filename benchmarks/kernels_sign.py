@@ -14,7 +14,15 @@ GPU, legacy = the per-tensor ``comm.bits`` code ``sign_majority`` ran before the
 * ``pack_<dtype>_<impl>``: every gradient -> one uint8 buffer (``pack_signs``);
 * ``pack_flat_fp32_triton``: the same bytes from one flat buffer;
 * ``vote_w<W>_<impl>``: (W, B) bytes -> float32 votes (``majority_vote``);
-* ``pack+vote_w<W>``: fp32 pack + vote, the figure of the target (<= 3 x the bound).
+* ``pack+vote_w<W>``: fp32 pack + vote, the figure of the target (<= 3 x the bound);
+* ``vote_apply_w<W>_<impl>``: (W, B) bytes -> the state-free update of float32 params in place,
+  p <- p (1 - lr wd) - lr s F with no float32 vote (``kernels.vote_apply.vote_apply_``; reads
+  W/8 + 4 B, writes 4 B per entry: ``x_own_bound`` is its time over those bytes at the copy
+  bandwidth);
+* ``vote+free_apply_w<W>_<impl>``: the two-kernel alternative, ``majority_vote`` then
+  ``free_apply_`` of the float32 votes (rule signsgd: sign(F) = F), 16 + W/8 B per entry;
+* ``pack+vote_apply_w<W>_<impl>`` / ``pack+vote+free_apply_w<W>_<impl>``: with the fp32 pack,
+  the reduce-and-apply cost of a voted state-free entry.
 
 Bound: one read of the float32 gradient (4 B x 1.34 B) at the measured copy bandwidth
 (``bench_common.copy_bandwidth``, read + write bytes per second). Timing: CUDA events, median of
@@ -61,7 +69,8 @@ from optimizer_step_setup import llama_param_specs  # noqa: E402
 
 from frugal_dist.comm import bits  # noqa: E402
 from frugal_dist.kernels import sign_bits as sb  # noqa: E402
-from frugal_dist.kernels.elementwise import triton_available  # noqa: E402
+from frugal_dist.kernels.elementwise import free_apply_, triton_available  # noqa: E402
+from frugal_dist.kernels.vote_apply import vote_apply_  # noqa: E402
 
 MODELS = {
     "1b": dict(vocab=32000, dim=2048, layers=24, heads=32, intermediate=5461),
@@ -71,6 +80,7 @@ WORLDS = (2, 4)
 TARGET = 3.0  # issue 18: pack + vote <= 3 x the read-once bound
 SEED = 0
 CHECK_TENSORS = 8
+LR, DECAY = 1e-6, 1e-7  # vote-apply rows: alpha = lr, decay = lr wd (params drift negligibly)
 DEVICE = torch.device("cuda")  # set by main()
 
 
@@ -135,6 +145,13 @@ def _check(grads: list[torch.Tensor]) -> dict[str, bool]:
         votes = sb.vote_views(sb.majority_vote(gathered, impl=impl), few)
         ref = _legacy_vote(gathered, [g.numel() for g in few])
         out[f"vote_w{w}_equal"] = all(torch.equal(a.reshape(-1), b) for a, b in zip(votes, ref))
+        params = [torch.randn_like(g) for g in few]
+        want = [p.clone() for p in params]
+        for p, v in zip(want, ref):
+            p.add_(v.view(p.shape), alpha=-LR)
+        offsets = sb.packed_offsets([g.numel() for g in few])[0]
+        vote_apply_(params, gathered, offsets, LR, impl=impl)  # no decay: exact
+        out[f"vote_apply_w{w}_equal"] = all(torch.equal(a, b) for a, b in zip(params, want))
     return out
 
 
@@ -213,6 +230,37 @@ def measure(args) -> dict[str, Any]:
             )
         del gathered
         free_memory()
+    params = [torch.randn(g.shape, device=DEVICE, generator=gen) for g in grads]
+    offsets = sb.packed_offsets(numels)[0]
+    for w in WORLDS:
+        gathered = torch.randint(0, 256, (w, total), dtype=torch.uint8, device=DEVICE, generator=g8)
+        own_ms = (8 + w / 8) * n / bw * 1e3
+        for impl in impls:
+            fused = lambda g=gathered, impl=impl, ps=params: vote_apply_(  # noqa: E731
+                ps, g, offsets, LR, decay=DECAY, impl=impl
+            )
+            _row(rows, f"vote_apply_w{w}_{impl}", fused, args, bound_ms)
+            row = rows[f"vote_apply_w{w}_{impl}"]
+            if isinstance(row.get("ms"), float):
+                row["x_own_bound"] = row["ms"] / own_ms
+
+            def two(g=gathered, impl=impl, ps=params) -> None:
+                votes = sb.vote_views(sb.majority_vote(g, impl=impl), grads)
+                free_apply_(ps, votes, LR, rule="signsgd", decay=DECAY, impl=impl)
+
+            _row(rows, f"vote+free_apply_w{w}_{impl}", two, args, bound_ms)
+        del gathered
+        free_memory()
+    del params
+    free_memory()
+    for w in WORLDS:
+        for impl in impls:
+            p = rows.get(f"pack_fp32_{impl}", {})
+            for name in (f"vote_apply_w{w}_{impl}", f"vote+free_apply_w{w}_{impl}"):
+                v = rows.get(name, {})
+                if isinstance(p.get("ms"), float) and isinstance(v.get("ms"), float):
+                    ms = p["ms"] + v["ms"]
+                    rows["pack+" + name] = dict(ms=ms, x_bound=ms / bound_ms)
     for w in WORLDS:
         for impl in [*impls, *([] if args.no_legacy else ["legacy"])]:
             p, v = rows.get(f"pack_fp32_{impl}", {}), rows.get(f"vote_w{w}_{impl}", {})

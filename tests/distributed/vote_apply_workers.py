@@ -16,8 +16,9 @@ from tests.distributed import workers
 
 BASE = dict(lr=1e-2, update_gap=2, seed=5, weight_decay=0.1)
 CASES = {
-    "block": dict(subspace="block", density=0.4, proj_params_lr_scale=0.75,
-                  inactive_lr_scale=0.5),  # fmt: skip
+    "block": dict(
+        subspace="block", density=0.4, proj_params_lr_scale=0.75, inactive_lr_scale=0.5
+    ),
     "block_rho0": dict(subspace="block", density=0.0, proj_params_lr_scale=0.3),
     "signsgd": dict(algorithm="signsgd"),
 }
