@@ -1,7 +1,8 @@
 """The packed-vote apply (``kernels.vote_apply`` through ``fast_apply.run_voted``) against the
 float32 vote and ``apply_one`` (the path before it), on 4 gloo processes: sign mode (4 voters:
 ties) and hierarchical mode (2 nodes of 2: 2 voters, ties), inactive blocks (with s_p, s_i),
-all blocks inactive (density 0) and a signSGD group, weight decay 0.1. On the CPU both take the
+all blocks inactive (density 0), a signSGD group and rho = 0 columns / projections (with s_p),
+weight decay 0.1. On the CPU both take the
 torch path: equal bit for bit. One 4-process launch for the file."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Per-rank function for ``test_vote_apply_dist``: the same steps with the sign vote applied
 from the packed bits (``kernels.vote_apply``, today's default) and through the float32 vote
 and ``apply_one`` (``sign_reduce.applies_packed`` forced off: the path before it), for inactive
-blocks and signSGD groups, with weight decay and lr scales, in sign and hierarchical mode."""
+blocks, signSGD groups and rho = 0 coordinates / projections, with weight decay and lr scales,
+in sign and hierarchical mode."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ from tests.distributed import workers
 
 BASE = dict(lr=1e-2, update_gap=2, seed=5, weight_decay=0.1)
 CASES = {
-    "block": dict(
-        subspace="block", density=0.4, proj_params_lr_scale=0.75, inactive_lr_scale=0.5
-    ),
+    "block": dict(subspace="block", density=0.4, proj_params_lr_scale=0.75, inactive_lr_scale=0.5),
     "block_rho0": dict(subspace="block", density=0.0, proj_params_lr_scale=0.3),
     "signsgd": dict(algorithm="signsgd"),
+    "columns_rho0": dict(
+        subspace="coordinate", coord_choice="columns", density=0.0, proj_params_lr_scale=0.6
+    ),
+    "projection_rho0": dict(
+        subspace="projection", proj_type="random", density=0.0, proj_params_lr_scale=0.6
+    ),
 }
 MODES = {
     "sign": dict(residual_comm="sign"),

@@ -75,6 +75,14 @@ class Coordinate(SubspaceKind):
             resid = it.sel.fill_(it.g.clone(), 0.0)
         return compact, resid
 
+    def whole_vote_scale(self, it: Item) -> tuple[float, float] | None:
+        # rho = 0 on a whole matrix with s_i = 1: W <- W (1 - lr wd) - lr s_p F(G), the voted
+        # residual (G, nothing selected) entry for entry the data; otherwise ``apply_one``
+        group = it.group
+        if it.sel.numel == 0 and it.span.is_full and group["inactive_lr_scale"] == 1.0:
+            return group["proj_params_lr_scale"], 1.0
+        return None
+
     def fingerprint(self, it: Item) -> int | None:
         return tensor_fingerprint(it.gsel.index)
 

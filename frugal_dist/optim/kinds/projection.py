@@ -115,6 +115,20 @@ class Projection(SubspaceKind):
             resid = it.g - it.sel.up(compact) if self.free_rule(it.group) != "none" else None
         return compact, resid
 
+    def whole_vote_scale(self, it: Item) -> tuple[float, float] | None:
+        # rank 0 on a whole matrix with s_i = 1: W <- W (1 - lr wd) - lr s_p F(G - up(0)), the
+        # voted residual entry for entry the data; otherwise ``apply_one``
+        group = it.group
+        sel = it.sel
+        if (
+            sel is not None
+            and sel.rank == 0
+            and it.span.is_full
+            and group["inactive_lr_scale"] == 1.0
+        ):
+            return group["proj_params_lr_scale"], 1.0
+        return None
+
     def gemm_context(self, group: dict[str, Any], device: Any) -> Any:
         return gemm_precision(group, device)
 
