@@ -57,12 +57,14 @@ def _run(rank: int, steps: int, kw: dict[str, Any]) -> tuple[list[list[torch.Ten
     return traj, calls
 
 
-def run_paths(rank: int, world: int, steps: int) -> dict[Any, Any]:
-    """{(case, mode, path): (trajectory, vote_apply_ calls)}, path "packed" or "float"."""
+def run_paths(rank: int, world: int, steps: int, kernels: str = "auto") -> dict[Any, Any]:
+    """{(case, mode, path): (trajectory, vote_apply_ calls)}, path "packed" or "float";
+    ``kernels`` the optimizer option ("triton": the Triton kernels, on the CPU under
+    ``TRITON_INTERPRET=1``)."""
     out: dict[Any, Any] = {}
     for case, ckw in CASES.items():
         for mode, mkw in MODES.items():
-            kw = {**BASE, **ckw, **mkw}
+            kw = {**BASE, **ckw, **mkw, "kernels": kernels}
             out[case, mode, "packed"] = _run(rank, steps, kw)
             with mock.patch.object(sign_reduce, "applies_packed", lambda it: False):
                 out[case, mode, "float"] = _run(rank, steps, kw)
