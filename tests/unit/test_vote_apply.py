@@ -5,7 +5,8 @@ update) against ``comm.bits.majority_from_packed`` followed by today's update (t
 The torch path runs everywhere and must be bit-identical. The Triton path runs on CUDA or under
 the CPU interpreter (``PYTHONPATH=$PWD:/work/triton_site TRITON_INTERPRET=1 pytest
 tests/unit/test_vote_apply.py``): bit-identical without decay; with decay within one float32
-rounding of p (a GPU compiler may contract ``p keep + (-alpha) F`` into one FMA).
+rounding of p keep and one of the result (a GPU compiler may contract ``p keep + (-alpha) F``
+into one FMA).
 """
 
 from __future__ import annotations
@@ -74,11 +75,12 @@ def test_vote_apply_matches_vote_then_update(impl, world, ties, decay):
     want = _reference(params, gathered, offsets, alpha, decay)
     got = [p.clone() for p in params]
     vote_apply_(got, gathered, offsets, alpha, decay=decay, impl=impl)
-    for w, x in zip(want, got):
+    eps = torch.finfo(torch.float32).eps
+    for p, w, x in zip(params, want, got):
         if impl == "torch" or decay == 0.0 or DEV == "cpu":
             assert torch.equal(w, x)
-        else:  # one FMA instead of two roundings
-            torch.testing.assert_close(x, w, rtol=2e-7, atol=0.0)
+        else:  # one FMA instead of two roundings: within the roundings of p keep and the sum
+            assert ((x - w).abs() <= eps * (p.abs() + w.abs())).all()
     if ties and world % 2 == 0:  # every entry tied (but rank 0's +-0 / NaN): only decay moved p
         for i, (p, x) in enumerate(zip(params, got)):
             lo = 4 if i == 5 else 0
