@@ -25,7 +25,8 @@ never Triton.
 
 Bound (what any implementation must move per element, fp32 input): pack 4 B + 1/8 B, vote
 W/8 B + 4 B. (Where the vote only feeds a state-free update, ``kernels.vote_apply`` applies it
-from the bits instead: W/8 + 8 B, no float32 vote.) ``benchmarks/kernels_sign.py`` times both against one read of the fp32 gradient.
+from the bits instead: W/8 + 8 B, no float32 vote.) ``benchmarks/kernels_sign.py`` times them
+all against one read of the fp32 gradient.
 """
 
 from __future__ import annotations
