@@ -102,7 +102,7 @@ def test_random_positions_against_isfinite(small_tiles, seed):
     g = torch.Generator().manual_seed(100 + seed)
     for _ in range(6):
         poisoned = [None if x is None else x.clone() for x in ts]
-        for i, t in enumerate(poisoned):  # each tensor poisoned with probability 1/8
+        for t in poisoned:  # each tensor poisoned with probability 1/8
             if t is not None and t.numel() and torch.rand(1, generator=g) < 0.125:
                 pos = int(torch.randint(t.numel(), (1,), generator=g))
                 t.view(-1)[pos] = BADS[int(torch.randint(3, (1,), generator=g))]
