@@ -70,7 +70,7 @@ def grad_buckets(grads: list[Tensor | None]) -> list[list[int]]:
     return list(buckets.values())
 
 
-def _max_abs_norms(grads: list[Tensor], buckets: list[list[int]]) -> list[tuple[list[int], Tensor]]:
+def max_abs_norms(grads: list[Tensor], buckets: list[list[int]]) -> list[tuple[list[int], Tensor]]:
     """Per bucket: its positions in ``grads`` and the stacked inf-norms."""
     out = []
     for idx in buckets:
@@ -105,11 +105,11 @@ def grads_are_finite(
             flag = any_rank_flag(flag.to(device=device, dtype=torch.float32), pg)
         if not flag.item():  # the one host sync of the check
             return True, None
-        return False, _first_bad(names, grads, _max_abs_norms(grads, check.buckets))
+        return False, _first_bad(names, grads, max_abs_norms(grads, check.buckets))
     buckets = check.buckets
     first_grad = grads[buckets[0][0]] if buckets else None
     device = _flag_device(pg, first_grad)
-    norms = _max_abs_norms(grads, buckets)  # type: ignore[arg-type]
+    norms = max_abs_norms(grads, buckets)  # type: ignore[arg-type]
     # Max-abs norms are >= 0 or nan, so "finite" is "< inf" (nan compares False): one op.
     if len(norms) == 1 and norms[0][1].device == device:
         all_norms = norms[0][1]
