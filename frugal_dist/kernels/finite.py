@@ -58,7 +58,7 @@ class NonfiniteTest:
         self._launches = []
         offset = 0
         for dtype, idx in groups.items():
-            launch = ft.FiniteLaunch([tensors[i].numel() for i in idx], dtype, device)
+            launch = ft.finite_launch(tuple(tensors[i].numel() for i in idx), dtype, device)
             self._launches.append((offset, launch))
             offset += len(idx)
         self._count = offset

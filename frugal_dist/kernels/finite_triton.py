@@ -18,6 +18,8 @@ one launch per dtype, no device sync.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -66,12 +68,25 @@ def _nonfinite_kernel(
         tl.store(flag, 1)
 
 
+def finite_launch(numels: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    """The ``FiniteLaunch`` of these sizes, memoised (steps that always take the full path --
+    layouts, per-rank gradients -- rebuild their check every step: its tables are reused)."""
+    return _finite_launch(numels, dtype, device, FINITE_BLOCK)
+
+
+@functools.lru_cache(maxsize=32)
+def _finite_launch(numels, dtype, device, block) -> FiniteLaunch:
+    return FiniteLaunch(numels, dtype, device, block)
+
+
 class FiniteLaunch:
     """The fixed part of one dtype's launch for tensors of sizes ``numels`` (all > 0) on
-    ``device``: the tile map and the sizes, uploaded once (no sync)."""
+    ``device``: the tile map (``block`` elements per tile) and the sizes, uploaded once (no
+    sync)."""
 
-    def __init__(self, numels: list[int], dtype: torch.dtype, device: torch.device) -> None:
-        block = FINITE_BLOCK
+    def __init__(
+        self, numels: tuple[int, ...], dtype: torch.dtype, device: torch.device, block: int
+    ) -> None:
         tiles = [-(-n // block) for n in numels]
         first, total = [], 0
         for c in tiles:
