@@ -19,8 +19,8 @@ Columns: ``flag_ms`` -- CUDA-event time of producing the device flag, no sync (m
 its one host sync); ``bound_ms`` -- one read of every gradient byte at the measured copy
 bandwidth (``bench_common.copy_bandwidth``, read + write counted). Each row is verified: clean
 gradients pass, and an inf / nan in the last element of the last tensor and in the first
-element of the first tensor fail. A ``FINITE_BLOCK`` x ``FINITE_WARPS`` sweep of the kernel
-follows (float32).
+element of the first tensor fail. A ``FINITE_BLOCK`` x ``FINITE_WARPS`` x ``FINITE_REDUCE``
+sweep of the kernel follows (float32).
 
 Usage::
 
@@ -34,6 +34,7 @@ Without CUDA (and not ``--device cpu``) it prints why and exits 0 without writin
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -148,15 +149,15 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         if dtype is torch.float32 and not args.no_sweep:
             from frugal_dist.kernels import finite_triton as ft
 
-            saved = (ft.FINITE_BLOCK, ft.FINITE_WARPS)
-            for block, warps in SWEEP:
-                ft.FINITE_BLOCK, ft.FINITE_WARPS = block, warps
+            saved = (ft.FINITE_BLOCK, ft.FINITE_WARPS, ft.FINITE_REDUCE)
+            for (block, warps), reduce in itertools.product(SWEEP, (True, False)):
+                ft.FINITE_BLOCK, ft.FINITE_WARPS, ft.FINITE_REDUCE = block, warps, reduce
                 check = FiniteCheck(grads, "auto" if device.type == "cuda" else "triton")
                 r = timed(_flag_fn(check, names, grads), device, 2, args.reps)
-                sweep.append(dict(block=block, num_warps=warps, flag_ms=r["flag_ms"],
-                                  x_bound=r["flag_ms"] / (nbytes / bw * 1e3),
+                sweep.append(dict(block=block, num_warps=warps, reduce=reduce,
+                                  flag_ms=r["flag_ms"], x_bound=r["flag_ms"] / (nbytes / bw * 1e3),
                                   verified=verify(check, names, grads)))  # fmt: skip
-            ft.FINITE_BLOCK, ft.FINITE_WARPS = saved
+            ft.FINITE_BLOCK, ft.FINITE_WARPS, ft.FINITE_REDUCE = saved
         del grads
         free_memory()
     return dict(benchmark="kernels_nonfinite", provenance=provenance(),
@@ -173,9 +174,10 @@ def table(result: dict[str, Any]) -> str:
              r["verified"]] for r in result["rows"]]  # fmt: skip
     out = markdown_table(head, body)
     if result["sweep"]:
-        sw = [[e["block"], e["num_warps"], f"{e['flag_ms']:.3f}", f"{e['x_bound']:.2f}",
-               e["verified"]] for e in result["sweep"]]  # fmt: skip
-        out += "\n\n" + markdown_table(["FINITE_BLOCK", "warps", "flag ms", "x bound", "ok"], sw)
+        sw = [[e["block"], e["num_warps"], e["reduce"], f"{e['flag_ms']:.3f}",
+               f"{e['x_bound']:.2f}", e["verified"]] for e in result["sweep"]]  # fmt: skip
+        head = ["FINITE_BLOCK", "warps", "FINITE_REDUCE", "flag ms", "x bound", "ok"]
+        out += "\n\n" + markdown_table(head, sw)
     return out
 
 

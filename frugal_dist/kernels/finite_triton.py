@@ -7,8 +7,9 @@ pointer is 16-byte aligned) and tests the exponent bits: an element is inf or na
 they are all ones (float32 ``0x7f800000``, bfloat16 ``0x7f80``, float16 ``0x7c00``), with no
 floating-point arithmetic a compiler could reorder. A tile that holds such an element stores 1
 into the shared int32 flag (a plain store: every writer writes the same value; clean tiles write
-nothing). Bytes: each gradient byte is read once (4 B per float32 element, 2 B per 16-bit one),
-plus 8 B per tensor of table and 8 B per tile of tile map; no other memory traffic.
+nothing): after one block-wide max, or per element (``FINITE_REDUCE``). Bytes: each gradient
+byte is read once (4 B per float32 element, 2 B per 16-bit one), plus 4 B per tile (its tensor)
+and 20 B per tensor (data pointer, size, first tile); no other memory traffic.
 
 The tile map (tile -> tensor, tensor -> first tile) depends only on the tensors' sizes and is
 built once (``FiniteLaunch``); each call uploads only the data pointers, with the zeroed flag in
@@ -30,6 +31,9 @@ from frugal_dist.kernels.elementwise_triton import launch_device, upload
 # Elements per program and warps per program (benchmarks/kernels_nonfinite.py sweeps them).
 FINITE_BLOCK = 8192
 FINITE_WARPS = 8
+# How a tile reports: True -- one block-wide max, then one scalar store when it is bad; False --
+# a store predicated on each element (no cross-warp reduction; clean tiles issue no store).
+FINITE_REDUCE = True
 # (integer dtype read, exponent mask) per gradient dtype
 _BITS = {
     torch.float32: (tl.int32, 0x7F800000),
@@ -43,7 +47,7 @@ DTYPES = tuple(_BITS)
 def _nonfinite_kernel(
     tile_tensor, first_tile, table, sizes, flag,
     INT: tl.constexpr, EXP: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    REDUCE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """``flag`` <- 1 if tensor ``table[t]`` (``sizes[t]`` elements) holds inf/nan in this tile."""
     pid = tl.program_id(0)
@@ -63,9 +67,12 @@ def _nonfinite_kernel(
         x = tl.load(ptr + offs)
     else:
         x = tl.load(ptr + offs, mask=offs < n, other=0)
-    bad = tl.max(((x & EXP) == EXP).to(tl.int32), axis=0)
-    if bad > 0:
-        tl.store(flag, 1)
+    bad = (x & EXP) == EXP
+    if REDUCE:
+        if tl.max(bad.to(tl.int32), axis=0) > 0:
+            tl.store(flag, 1)
+    else:
+        tl.store(flag + tl.zeros([BLOCK], dtype=tl.int32), tl.full([BLOCK], 1, tl.int32), mask=bad)
 
 
 def finite_launch(numels: tuple[int, ...], dtype: torch.dtype, device: torch.device):
@@ -113,5 +120,5 @@ class FiniteLaunch:
             _nonfinite_kernel[(self.tiles,)](
                 self.tile_tensor, self.first_tile, table, self.sizes, flag,
                 INT=self.int_dtype, EXP=self.exp, ALIGNED=aligned, WIDE=self.wide,
-                BLOCK=self.block, num_warps=FINITE_WARPS,
+                REDUCE=FINITE_REDUCE, BLOCK=self.block, num_warps=FINITE_WARPS,
             )  # fmt: skip

@@ -28,13 +28,15 @@ BADS = [float("inf"), float("-inf"), float("nan")]
 SMALL_BLOCK = 64
 
 
-@pytest.fixture
-def small_tiles(monkeypatch):
+@pytest.fixture(params=[True, False], ids=["reduce", "per_element_store"])
+def small_tiles(monkeypatch, request):
+    """A small tile, with each way a tile reports (``FINITE_REDUCE``)."""
     if not TRITON_RUNS:
         pytest.skip("needs triton with CUDA, or TRITON_INTERPRET=1")
     from frugal_dist.kernels import finite_triton as ft
 
     monkeypatch.setattr(ft, "FINITE_BLOCK", SMALL_BLOCK)
+    monkeypatch.setattr(ft, "FINITE_REDUCE", request.param)
     return SMALL_BLOCK
 
 
