@@ -65,12 +65,12 @@ def test_misaligned_views_and_no_sync_before_the_read():
     assert any_nonfinite(ts, "auto") is True
 
 
-@pytest.mark.parametrize("bad_step", [0, 3])  # a full step; a plan step (update_gap 3)
+@pytest.mark.parametrize("bad_step", [0, 2])  # a full step; a plan step (update_gap 3: 1 builds)
 def test_frugal_skips_and_raises_through_the_kernel(bad_step):
-    torch.manual_seed(0)
     shapes = [(256, 512), (512, 256), (1000,)]
     runs = []
     for kernels in ("auto", "torch"):
+        torch.manual_seed(0)  # the same start for both runs
         ps = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
         opt = FRUGAL([{"params": ps, "names": ["a", "b", "c"]}], lr=1e-2, density=0.25,
                      update_gap=3, subspace="block", kernels=kernels)  # fmt: skip
