@@ -111,6 +111,9 @@ def _use_triton(impl: str, device: torch.device, auto_default: str = "triton") -
     return auto_default == "triton" and device.type == "cuda" and triton_available()
 
 
+use_triton = _use_triton  # public: other kernel modules dispatch the same way (``kernels.finite``)
+
+
 def _check_lists(what: str, **lists: Sequence[Tensor]) -> int:
     sizes = {name: len(xs) for name, xs in lists.items()}
     if len(set(sizes.values())) > 1:

@@ -1,9 +1,18 @@
 """Non-finite gradient handling for ``FRUGAL`` (option ``nonfinite``).
 
 Before a step touches any state, every local gradient (whole tensors, or this rank's fragments
-under a layout) is checked for inf/nan with one fused reduction per (device, dtype):
-``torch._foreach_norm(grads, inf)`` (the max-abs norm never overflows and propagates nan), then one
-scalar flag. Distributed: where gradients differ per rank (an engine layout's fragments, or
+under a layout) is checked for inf/nan, then one scalar flag is read (the host sync):
+
+* Triton (``kernels`` "auto" on CUDA, "triton"; ``kernels.finite.NonfiniteTest``): one launch
+  per gradient dtype sets an int32 device flag, reading each gradient byte once (4 B per float32
+  element) plus an 8 B-per-tensor pointer table; ``FiniteCheck`` keeps its tile maps, so a step
+  plan's check does no per-tensor Python.
+* torch (the CPU, ``kernels="torch"``, other dtypes, strided gradients): one
+  ``torch._foreach_norm(grads, inf)`` per (device, dtype) (the max-abs norm never overflows and
+  propagates nan), then the norms compared with inf.
+
+Both decide alike: a step is non-finite when any element is inf or nan. Distributed: where
+gradients differ per rank (an engine layout's fragments, or
 ``reduce_gradients=True``) the flag is all-reduced (MAX) over the optimizer's process group, so
 every rank takes the same decision even when only one rank's fragment holds the bad value;
 replicated gradients (DDP-reduced, or an optimizer on one rank) are checked locally, with no
@@ -16,8 +25,8 @@ collective (the caller passes ``world=1``).
 * ``"ignore"``: no check at all (no sync, no collective).
 
 Cost: one device->host sync per step (reading the flag) plus, for per-rank gradients at world
-size > 1, one 4-byte all-reduce. ``"raise"`` syncs once more per parameter, but only on the
-failing step.
+size > 1, one 4-byte all-reduce. ``"raise"`` finds the parameter's name with the torch path
+(one more sync), only on the failing step.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from frugal_dist.comm.collectives import any_rank_flag
+from frugal_dist.kernels.finite import NonfiniteTest
 
 NONFINITE_MODES = ("skip", "raise", "ignore")
 
@@ -60,7 +70,7 @@ def grad_buckets(grads: list[Tensor | None]) -> list[list[int]]:
     return list(buckets.values())
 
 
-def _max_abs_norms(grads: list[Tensor], buckets: list[list[int]]) -> list[tuple[list[int], Tensor]]:
+def max_abs_norms(grads: list[Tensor], buckets: list[list[int]]) -> list[tuple[list[int], Tensor]]:
     """Per bucket: its positions in ``grads`` and the stacked inf-norms."""
     out = []
     for idx in buckets:
@@ -69,17 +79,37 @@ def _max_abs_norms(grads: list[Tensor], buckets: list[list[int]]) -> list[tuple[
     return out
 
 
+class FiniteCheck:
+    """The check's fixed arguments for gradients of given sizes, dtypes and devices: the
+    positions of the non-empty ones per (device, dtype) (``grad_buckets``, the torch path's
+    buckets) and the Triton test where ``kernels`` selects it (``kernels.finite``). Built on
+    each full step; a step plan keeps its own until the next refresh."""
+
+    def __init__(self, grads: list[Tensor | None], kernels: str = "auto") -> None:
+        self.buckets = grad_buckets(grads)
+        self.kernel = NonfiniteTest(grads, kernels)
+
+
 def grads_are_finite(
     names: list[str], grads: list[Tensor | None], pg: Any, world: int,
-    buckets: list[list[int]] | None = None,
+    check: FiniteCheck | None = None, kernels: str = "auto",
 ) -> tuple[bool, str | None]:  # fmt: skip
     """(all finite on every rank, first local offending name or None). One host sync.
-    ``buckets``: ``grad_buckets(grads)``, when the caller has it cached."""
-    if buckets is None:
-        buckets = grad_buckets(grads)
+    ``check``: ``FiniteCheck(grads, kernels)``, when the caller has it cached."""
+    if check is None:
+        check = FiniteCheck(grads, kernels)
+    flag = check.kernel(grads) if check.kernel.fast else None
+    if flag is not None:
+        if world > 1:
+            device = _flag_device(pg, flag)
+            flag = any_rank_flag(flag.to(device=device, dtype=torch.float32), pg)
+        if not flag.item():  # the one host sync of the check
+            return True, None
+        return False, _first_bad(names, grads, max_abs_norms(grads, check.buckets))
+    buckets = check.buckets
     first_grad = grads[buckets[0][0]] if buckets else None
     device = _flag_device(pg, first_grad)
-    norms = _max_abs_norms(grads, buckets)  # type: ignore[arg-type]
+    norms = max_abs_norms(grads, buckets)  # type: ignore[arg-type]
     # Max-abs norms are >= 0 or nan, so "finite" is "< inf" (nan compares False): one op.
     if len(norms) == 1 and norms[0][1].device == device:
         all_norms = norms[0][1]
@@ -92,10 +122,18 @@ def grads_are_finite(
         ok = any_rank_flag((~ok).to(torch.float32), pg) == 0.0
     if ok.item():  # the one host sync of the check
         return True, None
+    return False, _first_bad(names, grads, norms)
+
+
+def _first_bad(
+    names: list[str], grads: list[Tensor | None], norms: list[tuple[list[int], Tensor]]
+) -> str | None:
+    """The first (model-order) name whose inf-norm is not finite; None: none here (another
+    rank's). Failing steps only: one sync per bucket."""
     first = None
     for idx, stacked in norms:
-        finite = torch.isfinite(stacked).tolist()  # failing step only
+        finite = torch.isfinite(stacked).tolist()
         for pos, ok in zip(idx, finite):
             if not ok and (first is None or pos < first):
                 first = pos
-    return False, None if first is None else names[first]
+    return None if first is None else names[first]

@@ -69,7 +69,7 @@ from frugal_dist.optim.fast_apply import (
     voted_parts,
 )
 from frugal_dist.optim.kinds import SubspaceKind, kind_for
-from frugal_dist.optim.nonfinite import grads_are_finite
+from frugal_dist.optim.nonfinite import FiniteCheck, grads_are_finite
 from frugal_dist.optim.projection_batch import apply_batched
 from frugal_dist.optim.sign_reduce import reduce_signs
 from frugal_dist.optim.step_cache import StepCache
@@ -158,12 +158,13 @@ def gradients_finite(
 
 def check_finite(
     ctx: StepContext, names: list[str], grads: list[Tensor | None], mode: str,
-    buckets: list[list[int]] | None = None,
+    check: FiniteCheck | None = None,
 ) -> bool:  # fmt: skip
-    """``gradients_finite`` over explicit lists (``buckets``: the cached positions of the
-    non-empty gradients per (device, dtype), ``nonfinite.grad_buckets``)."""
+    """``gradients_finite`` over explicit lists (``check``: the cached
+    ``nonfinite.FiniteCheck`` of gradients shaped like these, a step plan's)."""
     per_rank = ctx.layout is not None or ctx.reduce_gradients
-    ok, first = grads_are_finite(names, grads, ctx.pg, ctx.world if per_rank else 1, buckets)
+    world = ctx.world if per_rank else 1
+    ok, first = grads_are_finite(names, grads, ctx.pg, world, check, ctx.kernels)
     if ok:
         return True
     if mode == "raise":

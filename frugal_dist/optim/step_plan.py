@@ -10,8 +10,10 @@ every step) differ. ``StepPlan`` keeps the items of a full step and replays the 
                    weight_decay), every parameter has a gradient of the planned dtype, no item
                    refreshes this step (counted down from the build)
     gather         the current gradients, one comprehension over the parameters in plan order
-    check          (nonfinite != "ignore") the fused inf/nan test, its one host sync -- after
-                   all host-side planning, so the update kernels launch right after it
+    check          (nonfinite != "ignore") the fused inf/nan test through the plan's
+                   ``FiniteCheck`` (Triton: tile maps kept, one table upload and one launch per
+                   dtype), its one host sync -- after all host-side planning, so the update
+                   kernels launch right after it
     counters       ``step`` / ``sf_step`` advanced without reads: at the build they become
                    0-dim views of one CPU buffer (``_share_counters``), one ``add_`` per step
     down / state / apply   the phases' cached batches (``phases.down_lists``,
@@ -33,7 +35,7 @@ import torch
 
 from frugal_dist.optim import phases
 from frugal_dist.optim.fast_apply import local_matrix
-from frugal_dist.optim.nonfinite import grad_buckets
+from frugal_dist.optim.nonfinite import FiniteCheck
 from frugal_dist.optim.projection_batch import STASH
 from frugal_dist.optim.step_items import EXACT_COUNT, Item
 
@@ -70,7 +72,7 @@ class StepPlan:
         self.grad_dtypes = [it.view.grad.dtype for it in items]
         self.preps = [_prep(it) for it in items]
         self.plain = all(prep is None for prep in self.preps)
-        self.buckets = grad_buckets([it.view.grad for it in items])
+        self.finite = FiniteCheck([it.view.grad for it in items], ctx.kernels)
         owned = [it for it in items if it.active and it.owner == ctx.rank]
         self.owned = owned
         self.counter_buffer = _share_counters(items, owned)
@@ -151,7 +153,7 @@ class StepPlan:
         # one sync; the update kernels launch right after it.
         if nonfinite != "ignore":
             try:
-                ok = phases.check_finite(ctx, self.names, grads, nonfinite, self.buckets)
+                ok = phases.check_finite(ctx, self.names, grads, nonfinite, self.finite)
             except FloatingPointError:
                 self._drop_gradients()
                 raise

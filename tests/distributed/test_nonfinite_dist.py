@@ -4,6 +4,9 @@ ZeRO-2's own fp16 overflow skip drives FRUGAL unchanged."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -17,15 +20,22 @@ POISON_STEP = 3
 KW = dict(lr=1e-2, density=0.4, update_gap=4, weight_decay=0.01, subspace="coordinate")
 
 
-def _poisoned_run(rank: int, world: int, steps: int, mode: str, poison_rank: int) -> dict:
+TRITON = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton")
+NEEDS_TRITON = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 and triton")
+KERNELS = ["auto", pytest.param("triton", marks=NEEDS_TRITON)]
+
+
+def _poisoned_run(
+    rank: int, world: int, steps: int, mode: str, poison_rank: int, kernels: str = "auto"
+) -> dict:
     """``mode`` "optimizer": FRUGAL reduces the gradients and shards its state; rank
     ``poison_rank`` gets an inf at ``POISON_STEP``. "single": one process, mean gradients, the
-    poisoned step left out."""
+    poisoned step left out. ``kernels="triton"``: the one-launch check (and apply kernels)."""
     split, full = workers.named_params()
     params = split + full
     shapes = [tuple(p.shape) for p in params]
     dist_kw = dict(reduce_gradients=True, shard_state=True) if mode == "optimizer" else {}
-    opt = FRUGAL(workers.groups(split, full), **dist_kw, **KW)
+    opt = FRUGAL(workers.groups(split, full), **dist_kw, kernels=kernels, **KW)
     for step in range(steps):
         if mode == "single":
             if step == POISON_STEP:
@@ -41,9 +51,10 @@ def _poisoned_run(rank: int, world: int, steps: int, mode: str, poison_rank: int
     return {"params": [p.detach().clone() for p in params], "skipped": opt.skipped_steps()}
 
 
-def _raise_run(rank: int, world: int) -> str:
+def _raise_run(rank: int, world: int, kernels: str = "auto") -> str:
     split, full = workers.named_params()
-    opt = FRUGAL(workers.groups(split, full), nonfinite="raise", reduce_gradients=True, **KW)
+    opt = FRUGAL(workers.groups(split, full), nonfinite="raise", reduce_gradients=True,
+                 kernels=kernels, **KW)  # fmt: skip
     for p, g in zip(split + full, workers.rank_grads(0, rank, [p.shape for p in split + full])):
         p.grad = g.clone()
     if rank == 1:
@@ -55,19 +66,24 @@ def _raise_run(rank: int, world: int) -> str:
     return "no error"
 
 
-def test_one_ranks_inf_skips_the_step_on_every_rank():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_one_ranks_inf_skips_the_step_on_every_rank(kernels):
     steps = 8
-    got = run_distributed(_poisoned_run, 2, steps, "optimizer", 1)
-    ref = _poisoned_run(0, 2, steps, "single", -1)
+    got = run_distributed(_poisoned_run, 2, steps, "optimizer", 1, kernels)
+    ref = _poisoned_run(0, 2, steps, "single", -1, kernels)
     for r in range(2):
         assert got[r]["skipped"] == 1
         # Exact: gradients are dyadic, so the surviving steps reproduce the single run bitwise.
+        # "triton": the single run's coordinate items take the Triton apply kernel, the sharded
+        # run's the torch path (elementwise: sharded state keeps it): float32 last bits
+        # (measured 1.2e-7).
         diff = max((a - b).abs().max().item() for a, b in zip(got[r]["params"], ref["params"]))
-        assert diff == 0.0, (r, diff)
+        assert diff <= (0.0 if kernels == "auto" else 1e-6), (r, diff)
 
 
-def test_raise_names_the_parameter_on_its_rank_and_says_another_rank_elsewhere():
-    msgs = run_distributed(_raise_run, 2)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_raise_names_the_parameter_on_its_rank_and_says_another_rank_elsewhere(kernels):
+    msgs = run_distributed(_raise_run, 2, kernels)
     assert "on another rank" in msgs[0], msgs[0]
     assert "'extra.0'" in msgs[1], msgs[1]
 

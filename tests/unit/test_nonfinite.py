@@ -3,7 +3,9 @@ runs torch's fused kernel on the CPU too) and the on-device random projection op
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 from frugal_dist import FRUGAL
 from frugal_dist.core.seeding import projection_seed
 from frugal_dist.core.subspaces import projection_rank, projection_selection
+from frugal_dist.kernels.finite import NonfiniteTest
 from frugal_dist.kernels.refresh import random_bases
 from tests.helpers import SHAPES, clone_params, grad_stream, make_params, max_diff, set_grads
 
@@ -91,6 +94,73 @@ def test_raise_names_the_first_offending_parameter_and_updates_nothing():
         opt.step()
     assert max_diff(before, ps) == 0.0
     assert all(len(st) == 0 for st in opt.state.values())  # not even a step counter
+
+
+TRITON = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton")
+needs_interpreter = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 and triton")
+
+
+def _count_kernel_checks(monkeypatch) -> list[int]:
+    """Counts the calls of the Triton check (``kernels.finite.NonfiniteTest``) that ran."""
+    calls = [0]
+    run = NonfiniteTest.__call__
+
+    def counted(self, tensors):
+        out = run(self, tensors)
+        calls[0] += out is not None
+        return out
+
+    monkeypatch.setattr(NonfiniteTest, "__call__", counted)
+    return calls
+
+
+@needs_interpreter
+@pytest.mark.parametrize("at", list(POISONED))
+@pytest.mark.parametrize("kind", ["block", "svd", "rho0"])
+def test_the_triton_check_skips_the_same_steps(kind, at, monkeypatch):
+    """``kernels="triton"`` (the one-launch check, on full and plan steps): the poisoned step
+    is skipped and the run equals the torch check's run (itself checked against a clean run
+    above)."""
+    calls = _count_kernel_checks(monkeypatch)
+    runs = []
+    for kernels in ("triton", "torch"):
+        ps = make_params()
+        opt = _opt(ps, kernels=kernels, **KINDS[kind])
+        for step, gs in enumerate(grad_stream(SHAPES, 8)):
+            if step == POISONED[at]:
+                poisoned = [g.clone() for g in gs]
+                poisoned[2][-1, -1] = float("nan")
+                set_grads(ps, poisoned)
+                opt.step()
+            set_grads(ps, gs)
+            opt.step()
+        assert opt.skipped_steps() == 1
+        runs.append(ps)
+        if kernels == "triton":
+            assert calls[0] == 9  # every step, the skipped one too
+    assert calls[0] == 9  # the torch run never used the kernel
+    assert max_diff(*runs) < 1e-6  # the Triton apply kernels round differently (last bits)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("step", [0, 2])  # a full step; a plan step (update_gap 3, built at 1)
+def test_the_triton_check_raises_naming_the_parameter(step, monkeypatch):
+    calls = _count_kernel_checks(monkeypatch)
+    ps = make_params(dtype=torch.bfloat16)
+    opt = _opt(ps, nonfinite="raise", kernels="triton", subspace="block")
+    for i, gs in enumerate(grad_stream(SHAPES, step + 1)):
+        if i == step:
+            gs[4][-1, -1] = float("-inf")
+            gs[3][0, 0] = float("nan")
+        set_grads(ps, gs)
+        if i < step:
+            opt.step()
+            continue
+        before = [p.detach().clone() for p in ps]
+        with pytest.raises(FloatingPointError, match="'layers.3.w'"):
+            opt.step()
+        assert max_diff(before, ps) == 0.0
+    assert calls[0] == step + 1
 
 
 def test_ignore_does_not_check():
