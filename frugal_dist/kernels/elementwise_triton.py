@@ -274,20 +274,25 @@ def f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
-def _tile_map(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, int]:
-    """(tile -> tensor index int32, tensor -> first tile int32, number of tiles), cached per
-    (device, sizes, ``BLOCK``); built on the host and uploaded without a sync."""
-    key = (device, numels, BLOCK)
+def tile_map(
+    sizes: tuple[int, ...], device: torch.device, block: int = 0
+) -> tuple[Tensor, Tensor, int]:
+    """(tile -> tensor index int32, tensor -> first tile int32, number of tiles) for tiles of
+    ``block`` units (default ``BLOCK`` elements; the sign kernels pass bytes), cached per
+    (device, sizes, block); built on the host and uploaded without a sync. Shared by every
+    one-launch-over-many-tensors kernel (elementwise, sign bits, the inf/nan test)."""
+    block = block or BLOCK
+    key = (device, sizes, block)
     hit = _TILE_MAPS.get(key)
     if hit is not None:
         return hit
-    tiles = [-(-n // BLOCK) for n in numels]
+    tiles = [-(-n // block) for n in sizes]
     first, total = [], 0
     for c in tiles:
         first.append(total)
         total += c
     counts = torch.tensor(tiles, dtype=torch.int64)
-    owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+    owner = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), counts)
     if device.type == "cuda":
         owner = owner.pin_memory().to(device, non_blocking=True)
     out = (owner, upload(first, device, torch.int32), total)
@@ -334,7 +339,7 @@ def free_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, gd
                alpha: float, rule: str, keep: float) -> None:  # fmt: skip
     """One launch: p <- p keep - alpha F(g); ``rows`` = [p ptr, g ptr, numel] per tensor
     (float32 contiguous params, contiguous grads of dtype ``gdtype``)."""
-    tile_tensor, first_tile, tiles = _tile_map(numels, device)
+    tile_tensor, first_tile, tiles = tile_map(numels, device)
     with _on(device):
         _free_kernel[(tiles,)](
             tile_tensor, first_tile, upload(rows, device), -alpha, keep, 1.0,
@@ -347,7 +352,7 @@ def adamw_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, l
                 betas: tuple[float, float], eps: float, keep: float) -> None:  # fmt: skip
     """One launch of AdamW; ``rows`` = [p, g, m, v ptrs, numel, *adam_corrections(t), 0] per
     tensor (all float32 contiguous)."""
-    tile_tensor, first_tile, tiles = _tile_map(numels, device)
+    tile_tensor, first_tile, tiles = tile_map(numels, device)
     table = upload(rows, device)
     with _on(device):
         _adamw_kernel[(tiles,)](

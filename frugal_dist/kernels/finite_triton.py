@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from frugal_dist.kernels.elementwise_triton import launch_device, upload
+from frugal_dist.kernels.elementwise_triton import launch_device, tile_map, upload
 
 # Elements per program and warps per program (benchmarks/kernels_nonfinite.py sweeps them).
 FINITE_BLOCK = 8192
@@ -94,20 +94,8 @@ class FiniteLaunch:
     def __init__(
         self, numels: tuple[int, ...], dtype: torch.dtype, device: torch.device, block: int
     ) -> None:
-        tiles = [-(-n // block) for n in numels]
-        first, total = [], 0
-        for c in tiles:
-            first.append(total)
-            total += c
-        owner = torch.repeat_interleave(
-            torch.arange(len(numels), dtype=torch.int32), torch.tensor(tiles, dtype=torch.int64)
-        )
-        if device.type == "cuda":
-            owner = owner.pin_memory().to(device, non_blocking=True)
-        self.tile_tensor = owner
-        self.first_tile = upload(first, device, torch.int32)
+        self.tile_tensor, self.first_tile, self.tiles = tile_map(numels, device, block)
         self.sizes = upload(list(numels), device)
-        self.tiles = total
         self.block = block
         self.int_dtype, self.exp = _BITS[dtype]
         self.wide = max(numels) + block >= 1 << 31

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from frugal_dist.kernels.elementwise_triton import upload
+from frugal_dist.kernels.elementwise_triton import tile_map, upload
 
 # Bytes per program and warps (benchmarks/kernels_sign.py sweeps them).
 PACK_BLOCK = 512
@@ -40,8 +40,6 @@ VOTE_WARPS = 8
 VOTE_APPLY_BLOCK = 512
 VOTE_APPLY_WARPS = 8
 _GDTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_TILE_MAPS: dict[tuple, tuple[Tensor, Tensor, int]] = {}
-_MAX_TILE_MAPS = 64
 
 
 @triton.jit
@@ -166,33 +164,6 @@ def _vote_apply_kernel(
         tl.store(p_ptr + idx, p, mask=idx < n)
 
 
-def _tile_map(
-    nbytes: tuple[int, ...], device: torch.device, block: int = 0
-) -> tuple[Tensor, Tensor, int]:
-    """(tile -> tensor int32, tensor -> first tile int32, tiles) for ``block``-byte tiles
-    (default ``PACK_BLOCK``), cached per (device, sizes, block) and uploaded without a sync."""
-    block = block or PACK_BLOCK
-    key = (device, nbytes, block)
-    hit = _TILE_MAPS.get(key)
-    if hit is not None:
-        return hit
-    tiles = [-(-b // block) for b in nbytes]
-    first, total = [], 0
-    for c in tiles:
-        first.append(total)
-        total += c
-    owner = torch.repeat_interleave(
-        torch.arange(len(nbytes), dtype=torch.int32), torch.tensor(tiles, dtype=torch.int64)
-    )
-    if device.type == "cuda":
-        owner = owner.pin_memory().to(device, non_blocking=True)
-    out = (owner, upload(first, device, torch.int32), total)
-    if len(_TILE_MAPS) >= _MAX_TILE_MAPS:
-        _TILE_MAPS.pop(next(iter(_TILE_MAPS)))
-    _TILE_MAPS[key] = out
-    return out
-
-
 def _wide(elements: int, block_elements: int) -> bool:
     return elements + block_elements >= 1 << 31
 
@@ -225,7 +196,7 @@ def pack(tensors: list[Tensor], offsets: list[int], out: Tensor, dtypes: tuple) 
         ptr_or[0] |= ptr
     device = out.device
     for dtype, (rows, nbytes, ptr_or) in groups.items():
-        tile_tensor, first_tile, tiles = _tile_map(tuple(nbytes), device)
+        tile_tensor, first_tile, tiles = tile_map(tuple(nbytes), device, PACK_BLOCK)
         with _launch_device(device):
             _pack_kernel[(tiles,)](
                 tile_tensor, first_tile, upload(rows, device), out,
@@ -267,7 +238,7 @@ def vote_apply(
         nbytes.append((p.numel() + 7) // 8)
         ptr_or |= ptr
     device = gathered.device
-    tile_tensor, first_tile, tiles = _tile_map(tuple(nbytes), device, VOTE_APPLY_BLOCK)
+    tile_tensor, first_tile, tiles = tile_map(tuple(nbytes), device, VOTE_APPLY_BLOCK)
     span = 8 * max(nbytes) + 8 * VOTE_APPLY_BLOCK
     with _launch_device(device):
         _vote_apply_kernel[(tiles,)](

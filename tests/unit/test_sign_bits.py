@@ -111,10 +111,11 @@ def test_bad_input_names_the_field():
 @needs_triton
 def test_triton_int64_offsets_path(monkeypatch):
     """The int64-offset variant (buffers near 2^31 entries) forced on small inputs."""
+    from frugal_dist.kernels import elementwise_triton as ek
     from frugal_dist.kernels import sign_bits_triton as tk
 
     monkeypatch.setattr(tk, "_wide", lambda *args: True)
-    monkeypatch.setattr(tk, "_TILE_MAPS", {})
+    monkeypatch.setattr(ek, "_TILE_MAPS", {})  # the shared tile-map cache
     ts = _tensors(4)
     packed = sign_bits.pack_signs(ts, impl="triton")
     assert torch.equal(packed.cpu(), _oracle_pack(ts))
