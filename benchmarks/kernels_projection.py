@@ -179,7 +179,8 @@ def fused_state(grp: dict[str, Any], x: torch.Tensor, t: int, side: str, precisi
 
 
 def step_fns(gs: Groups, rest_opt, backend: str, precision: str) -> dict[str, Callable[[], Any]]:
-    keep: dict[tuple, tuple] = {}
+    downs: dict[tuple, torch.Tensor] = {}  # down's X, per group
+    keep: dict[tuple, tuple] = {}  # the state phase's (X as the apply reads it, U)
     fused = backend == "triton+fused_state"
     backend = "triton" if fused else backend
     for grp in gs.by_key.values():  # the optimizer's layout: one moment tensor per matrix
@@ -189,13 +190,13 @@ def step_fns(gs: Groups, rest_opt, backend: str, precision: str) -> dict[str, Ca
 
     def down():
         for key, grp in gs.by_key.items():
-            keep[key] = (project_down(grp["G"], grp["P_op"], key[1], precision=precision,
-                                      backend=backend),)  # fmt: skip
+            downs[key] = project_down(grp["G"], grp["P_op"], key[1], precision=precision,
+                                      backend=backend)  # fmt: skip
 
     def state():
         gs.t += 1
         for key, grp in gs.by_key.items():
-            x = keep[key][0]
+            x = downs[key]  # float32: a timed rep must not read the previous rep's bf16 copy
             if fused:
                 keep[key] = fused_state(grp, x, gs.t, key[1], precision)
             else:
