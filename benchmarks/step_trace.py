@@ -13,7 +13,12 @@ so no later step refreshes), then
 * a ``torch.profiler`` pass over ``--profile-steps`` steps: every CUDA kernel's total time and
   launch count per step (the top ``--top`` by time), and the number of kernel launches per step;
 * with ``--cprofile``: a ``cProfile`` pass over ``--profile-steps`` more steps, the ``--top``
-  Python functions by own time per step (where the host time goes).
+  Python functions by own time per step (where the host time goes);
+* with ``--refresh`` (FRUGAL variants): every group's ``update_gap`` set to 1, so that each step
+  refreshes the subspaces: the median CUDA-event time of ``--refresh-steps`` such steps
+  (``refresh.step_ms``, after one untimed refresh that compiles what the refresh path compiles),
+  the top kernels of one more (``refresh.top_kernels``) and, with ``--cprofile``, its top Python
+  functions (``refresh.host_top``).
 
 Usage::
 
@@ -49,6 +54,83 @@ TRACE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }  # fmt: skip
 
 
+def _kernel_table(prof: Any, steps: int, top: int) -> tuple[list[dict[str, Any]], float, int]:
+    """(top kernels by time per step, kernel ms per step, launches per step) of a profile."""
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    launches = 0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels[ev.name[:90]]
+            k[0] += ev.device_time_total / 1e3 / steps
+            k[1] += 1
+            launches += 1
+    rows = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    table = [{"name": n, "ms_per_step": v[0], "launches_per_step": v[1] / steps} for n, v in rows]
+    return table, sum(v[0] for v in kernels.values()), launches // max(steps, 1)
+
+
+def _host_table(step: Any, steps: int, top: int) -> list[dict[str, Any]]:
+    """The ``top`` Python functions by own time per step over ``steps`` calls of ``step``."""
+    import cProfile
+    import pstats
+
+    cp = cProfile.Profile()
+    torch.cuda.synchronize()
+    cp.enable()
+    for _ in range(steps):
+        step()
+    cp.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(cp).stats  # (file, line, func) -> (cc, nc, tottime, cumtime, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [
+        {
+            "function": f"{Path(k[0]).name}:{k[1]}:{k[2]}",
+            "calls_per_step": v[1] / steps,
+            "own_ms_per_step": v[2] * 1e3 / steps,
+            "cum_ms_per_step": v[3] * 1e3 / steps,
+        }
+        for k, v in rows
+    ]
+
+
+def _event_ms(step: Any, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
+def trace_refresh(opt: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``--refresh`` figures (module docstring), or None without ``update_gap`` groups."""
+    groups = [g for g in opt.param_groups if "update_gap" in g]
+    if not groups:
+        return None
+    old = [g["update_gap"] for g in groups]
+    for g in groups:
+        g["update_gap"] = 1
+    try:
+        opt.step()  # untimed: what only the refresh path compiles
+        torch.cuda.synchronize()
+        ms = _event_ms(opt.step, args.refresh_steps)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            opt.step()
+            torch.cuda.synchronize()
+        top, kernel_ms, launches = _kernel_table(prof, 1, args.top)
+        host = _host_table(opt.step, 1, args.top) if args.cprofile else []
+    finally:
+        for g, gap in zip(groups, old):
+            g["update_gap"] = gap
+    return {"step_ms": statistics.median(ms), "all_ms": ms, "kernel_ms": kernel_ms,
+            "launches": launches, "top_kernels": top, "host_top": host}  # fmt: skip
+
+
 def trace_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     name, opts = TRACE_VARIANTS[variant]
     if name == "frugal":
@@ -79,50 +161,18 @@ def trace_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         host_ms.append((time.perf_counter() - t) * 1e3)
         b.synchronize()
         step_ms.append(a.elapsed_time(b))
-    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.profile_steps):
             opt.step()
         torch.cuda.synchronize()
-    host_top: list[dict[str, Any]] = []
-    if args.cprofile:
-        import cProfile
-        import pstats
-
-        cp = cProfile.Profile()
-        torch.cuda.synchronize()
-        cp.enable()
-        for _ in range(args.profile_steps):
-            opt.step()
-        cp.disable()
-        torch.cuda.synchronize()
-        stats = pstats.Stats(cp).stats  # (file, line, func) -> (cc, nc, tottime, cumtime, callers)
-        rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[: args.top]
-        host_top = [
-            {
-                "function": f"{Path(k[0]).name}:{k[1]}:{k[2]}",
-                "calls_per_step": v[1] / args.profile_steps,
-                "own_ms_per_step": v[2] * 1e3 / args.profile_steps,
-                "cum_ms_per_step": v[3] * 1e3 / args.profile_steps,
-            }
-            for k, v in rows
-        ]
-    launches = 0
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels[ev.name[:90]]
-            k[0] += ev.device_time_total / 1e3 / args.profile_steps
-            k[1] += 1
-            launches += 1
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]
+    top, kernel_ms, launches = _kernel_table(prof, args.profile_steps, args.top)
+    host_top = _host_table(opt.step, args.profile_steps, args.top) if args.cprofile else []
     row = {
         "variant": variant, "options": kw, "first_step_s": first_s,
         "step_ms": statistics.median(step_ms), "host_ms": statistics.median(host_ms),
-        "kernel_ms_per_step": sum(v[0] for v in kernels.values()),
-        "launches_per_step": launches / args.profile_steps,
-        "top_kernels": [{"name": n, "ms_per_step": v[0],
-                         "launches_per_step": v[1] / args.profile_steps} for n, v in top],
-        "host_top": host_top,
+        "kernel_ms_per_step": kernel_ms, "launches_per_step": launches,
+        "top_kernels": top, "host_top": host_top,
+        "refresh": trace_refresh(opt, args) if args.refresh and name == "frugal" else None,
     }  # fmt: skip
     del opt, model
     torch.cuda.empty_cache()
@@ -138,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--cprofile", action="store_true", help="also the Python functions by own time")
+    ap.add_argument("--refresh", action="store_true", help="also steps that refresh (FRUGAL)")
+    ap.add_argument("--refresh-steps", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/step_trace_cuda.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -157,6 +209,18 @@ def main(argv: list[str] | None = None) -> None:
                 f"   host {h['own_ms_per_step']:7.3f} ms own, {h['cum_ms_per_step']:7.3f} cum, "
                 f"x{h['calls_per_step']:<6.0f} {h['function']}"
             )
+        ref = row["refresh"]
+        if ref:
+            every = [round(x, 1) for x in ref["all_ms"]]
+            print(f"   refresh step {ref['step_ms']:.1f} ms (all {every}), "
+                  f"kernels {ref['kernel_ms']:.1f} ms in {ref['launches']} launches")  # fmt: skip
+            for k in ref["top_kernels"]:
+                ms, x = k["ms_per_step"], k["launches_per_step"]
+                print(f"   refresh {ms:8.3f} ms x{x:<5.0f} {k['name']}")
+            for h in ref["host_top"]:
+                own, cum, x = h["own_ms_per_step"], h["cum_ms_per_step"], h["calls_per_step"]
+                fn = h["function"]
+                print(f"   refresh host {own:8.3f} ms own, {cum:8.3f} cum, x{x:<6.0f} {fn}")
     write_json(
         Path(args.out),
         {"provenance": provenance(), "code": git_info(REPO), "args": vars(args), "rows": rows},

@@ -99,6 +99,10 @@ def test_step_with_the_fused_state_follows_the_oracle(kind, precision, monkeypat
     assert max_diff(qs, [p.cuda() for p in make_params(SHAPES)]) > 0.05
 
 
+# the two apply kernels (``projection_tiles.json`` picks one per shape; 6th tile entry 1: stacked)
+APPLY_KERNELS = ("_apply_kernel", "_apply_stacked_kernel")
+
+
 def _kernels_of_steady_step(precision: str) -> list[str]:
     ps = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(SHAPES)]
     opt = FRUGAL([{"params": ps, "names": NAMES}], proj_precision=precision, nonfinite="ignore",
@@ -120,8 +124,9 @@ def test_bf16_steady_step_is_three_triton_kernels_per_batch():
     transpose, stacking or foreach kernels (the bases are stacked once per refresh)."""
     names = _kernels_of_steady_step("bf16")
     kernels = [n for n in names if not n.startswith("Memcpy")]
-    assert sorted(set(kernels)) == ["_adamw_state_kernel", "_apply_kernel", "_down_kernel"], names
-    assert len(kernels) == 3 * 3, names
+    applies = {n for n in kernels if n in APPLY_KERNELS}
+    assert applies and set(kernels) == {"_adamw_state_kernel", "_down_kernel"} | applies, names
+    assert len(kernels) == 3 * 3 and sum(n in APPLY_KERNELS for n in kernels) == 3, names
 
 
 def test_tf32_steady_step_copies_no_compact_operands():
@@ -137,7 +142,7 @@ def test_tf32_steady_step_is_one_apply_launch_per_batch():
     ``multi_tensor_apply_kernel``, which a substring match on "_apply_kernel" also counted (6 on
     the H200 at 6505362: 3 copies + 3 applies; a CPU run of the Triton path launches 3)."""
     names = _kernels_of_steady_step("tf32")
-    assert sum(n == "_apply_kernel" for n in names) == 3, names
+    assert sum(n in APPLY_KERNELS for n in names) == 3, names
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
