@@ -146,18 +146,10 @@ def pop_group_options(options: dict[str, Any]) -> dict[str, Any]:
     return {key: options.pop(key) for key in ("non_split",) if key in options}
 
 
-def check_orientation(group: Mapping[str, Any], where: str) -> None:
-    """Refuse orientation-dependent subspaces on weights stored (in, out) (see module doc)."""
-    if group["algorithm"] != "frugal":
-        return
-    sub = group["subspace"]
-    choice = None
-    if sub == "coordinate" and group["coord_choice"] in ("columns", "rows"):
-        choice = f"coord_choice={group['coord_choice']!r}"
-    elif sub == "projection" and group["proj_side"] in ("left", "right"):
-        choice = f"proj_side={group['proj_side']!r}"
-    if choice is None:
-        return
+def refuse_in_out(group: Mapping[str, Any], where: str, choice: str) -> None:
+    """Refuse ``choice`` (an orientation-dependent option, e.g. ``coord_choice='columns'``) for
+    the group's weights stored (in, out) (see module doc). The subspace kinds say which of
+    their choices depend on the orientation (``SubspaceKind.check_group``)."""
     for name, p in zip(group["names"], group["params"]):
         if getattr(p, IN_OUT_ATTR, False):
             raise ValueError(

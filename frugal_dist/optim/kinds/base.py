@@ -15,7 +15,8 @@ A kind is a stateless object (one instance per kind); everything per parameter i
     apply     route(), apply_one()                  a place in a batched apply, or the item's
                                                     own update (after the group's decay)
 
-plus, outside the step: expected_state_bytes() (shard_state's ownership weights), state_role()
+plus, outside the step: check_group() (when a group is added: what the kind cannot honour),
+expected_state_bytes() (shard_state's ownership weights), state_role()
 (checkpoint consolidation) and current_selection() (checkpoints, aux bytes).
 """
 
@@ -76,6 +77,13 @@ class SubspaceKind(ABC):
     ) -> Any:
         """The global selection at refresh ``k`` that a checkpoint needs (coordinates only)."""
         return None
+
+    def check_group(self, group: dict[str, Any], where: str) -> None:
+        """Refuse, with a ``ValueError`` naming the parameter or option and the fix, a group
+        (defaults filled in) whose parameters this kind cannot step: orientation-dependent
+        choices on (in, out)-stored weights (``param_groups.refuse_in_out``), shapes the kind
+        needs. Called by ``FRUGAL.add_param_group``. Default: nothing to refuse."""
+        return
 
     # ------------------------------------------------------------------ plan
     def owner(self, ctx: StepContext, group: dict[str, Any], index: int, name: str, k: int) -> int:
