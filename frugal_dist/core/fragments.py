@@ -4,9 +4,9 @@
 
 A fragment touches rows ``first_row .. last_row``; ``RowSpan.pad`` embeds it in a zero-filled
 (rows_touched, n) *local matrix*, on which every subspace works as on a whole matrix once its
-selection is restricted to those rows (``local_selection``). Entries of the local matrix outside
-the fragment ("phantoms") hold zero gradients, so their state-full statistics stay exactly zero,
-and ``RowSpan.unpad`` drops them from every update.
+selection is restricted to those rows (``local_coordinates``, ``local_projection``). Entries of
+the local matrix outside the fragment ("phantoms") hold zero gradients, so their state-full
+statistics stay exactly zero, and ``RowSpan.unpad`` drops them from every update.
 
 Cross-fragment sums are needed only by projections:
 

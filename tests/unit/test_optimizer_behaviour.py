@@ -41,7 +41,6 @@ def test_coordinate_selection_sizes_and_determinism(choice):
     assert torch.equal(a.index, b.index) and not torch.equal(a.index, c.index)
     expected = {"columns": 10 * 5, "rows": 2 * 20, "randk": 50}[choice]  # rows: int(2.5) = 2
     assert a.numel == expected == int(a.dense_mask().sum())
-    assert torch.equal(a.flat_index(), a.dense_mask().reshape(-1).nonzero().reshape(-1))
     g = torch.randn(10, 20)
     assert torch.equal(a.gather(g).reshape(-1), g[a.dense_mask()])  # compact = row-major order
 
