@@ -24,16 +24,17 @@ from typing import Any
 
 from torch import nn
 
-from frugal_dist.optim.engine_hooks import logical_shape
+from frugal_dist.optim.engine_hooks import logical_shape, name_prefixes
 
 # Wrapper modules whose names must not leak into parameter names: subspaces are seeded by name, so
-# the same model must have the same names under every engine.
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+# the same model must have the same names under every engine. torch's own wrappers here; the
+# engines' (FSDP1) through ``engine_hooks.register_name_prefix``.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def clean_name(name: str) -> str:
-    """``name`` without FSDP1 / activation-checkpointing / torch.compile wrapper components."""
-    for prefix in WRAPPER_PREFIXES:
+    """``name`` without activation-checkpointing / torch.compile / engine wrapper components."""
+    for prefix in WRAPPER_PREFIXES + name_prefixes():
         name = name.replace(prefix, "")
     return name
 

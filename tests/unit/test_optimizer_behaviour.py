@@ -358,6 +358,15 @@ def test_build_param_groups_assigns_every_parameter_once():
     assert [g["algorithm"] for g in kept] == ["frugal", "adamw", "adamw"]
 
 
+def test_wrapper_components_are_not_part_of_parameter_names():
+    # subspaces are seeded by name: FSDP1's wrapper (registered by frugal_dist.engines),
+    # activation checkpointing and torch.compile must not change a parameter's name
+    from frugal_dist.optim.param_groups import clean_name
+
+    raw = "_orig_mod.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn.q.weight"
+    assert clean_name(raw) == "layers.0.attn.q.weight"
+
+
 def test_rules_come_first_and_coverage_errors_name_the_parameter():
     model = _Tiny()
     groups = build_param_groups(model, rules=[(r"^proj\.", {"algorithm": "signsgd"})])
