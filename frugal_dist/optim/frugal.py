@@ -104,6 +104,7 @@ from frugal_dist.optim.engine_hooks import auto_layout, logical_shape
 from frugal_dist.optim.group_setup import (
     FRUGAL_DEFAULTS,
     check_added_group,
+    check_layout_options,
     check_optimizer_groups,
     prepare_group,
 )
@@ -121,7 +122,6 @@ from frugal_dist.optim.step_cache import StepCache
 from frugal_dist.optim.step_plan import SKIPPED, STALE, StepPlan
 from frugal_dist.optim.validation import (
     check_known_keys,
-    check_sharded_layout_options,
     check_step_options,
     validate_options,
 )
@@ -228,9 +228,9 @@ class FRUGAL(Optimizer):
         self._cache.invalidate()  # ranks compare settings and parameters again at the next step
         prepare_group(param_group, len(self.param_groups))
         super().add_param_group(param_group)
-        sharded = getattr(self, "_layout", None) is not None and rank_and_world(self._pg)[1] > 1
+        layout = getattr(self, "_layout", None)  # None while torch's __init__ adds groups
         try:
-            check_added_group(self.param_groups, sharded)
+            check_added_group(self.param_groups, layout, rank_and_world(self._pg)[1])
         except ValueError:
             self.param_groups.pop()  # the optimizer stays as it was
             raise
@@ -375,8 +375,7 @@ class FRUGAL(Optimizer):
                 "engine that shards (DeepSpeed ZeRO, FSDP) leave them False"
             )
         pg = getattr(layout, "process_group", self._pg)
-        if rank_and_world(pg)[1] > 1:
-            check_sharded_layout_options(self.param_groups)
+        check_layout_options(self.param_groups, layout, rank_and_world(pg)[1])
         self._layout = layout
         self._pg = pg
         self._cache.invalidate()

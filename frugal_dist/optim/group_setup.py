@@ -5,9 +5,10 @@ group must pass before a step runs (each a ``ValueError`` naming the group, the 
                                                         "sign" / "hierarchical" need signSGD
     add_param_group(group)    prepare_group             keys, option values, names (before torch
                                                         adds the group)
-                              check_added_group         with the defaults filled in: sharded
-                                                        layout options, moment_transfer, the
+                              check_added_group         with the defaults filled in: the bound
+                                                        layout's options, moment_transfer, the
                                                         subspace kind's own (``check_group``)
+    bind_layout(layout)       check_layout_options      what the layout cannot honour
 
 No communication: every rank runs the same checks on the same groups (the first step's agreement
 check compares them, ``comm.preflight``).
@@ -22,11 +23,7 @@ from torch import Tensor
 
 from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.moment_transfer import check_moment_transfer
-from frugal_dist.optim.validation import (
-    check_group_keys,
-    check_sharded_layout_options,
-    validate_options,
-)
+from frugal_dist.optim.validation import check_group_keys, validate_options
 
 FRUGAL_DEFAULTS: dict[str, Any] = dict(
     lr=1e-3,
@@ -79,17 +76,46 @@ def prepare_group(param_group: dict[str, Any], index: int) -> None:
     param_group["names"] = names
 
 
-def check_added_group(groups: list[dict[str, Any]], sharded_layout: bool) -> None:
-    """The checks of the last group of ``groups`` (defaults filled in by torch):
-    ``sharded_layout`` (a bound layout at world size > 1): the options such a layout cannot
-    honour, over every group; ``moment_transfer``; the subspace kind's own
-    (``SubspaceKind.check_group``: projection shapes, (in, out)-stored weights)."""
+def check_added_group(groups: list[dict[str, Any]], layout: Any, world: int) -> None:
+    """The checks of the last group of ``groups`` (defaults filled in by torch): the bound
+    ``layout``'s (``check_layout_options``, over every group), ``moment_transfer``, the
+    subspace kind's own (``SubspaceKind.check_group``: projection shapes, (in, out)-stored
+    weights)."""
     group = groups[-1]
     where = group_label(group, len(groups) - 1)
-    if sharded_layout:
-        check_sharded_layout_options(groups)
+    if layout is not None:
+        check_layout_options(groups, layout, world)
     check_moment_transfer(group, where)
     kind_for(group).check_group(group, where)
+
+
+def check_layout_options(groups: list[dict[str, Any]], layout: Any, world: int) -> None:
+    """Options an engine layout cannot honour, refused on every rank alike before any step,
+    for state that is not row-aligned (``SubspaceKind.row_aligned_state``: coordinate ``rows``
+    / ``randk``, whose compact slots belong to whichever rank holds the selected row):
+
+    * a layout whose checkpoints reshard the state by rows (``reshards_state_by_rows``: FSDP2)
+      cannot place such state at all;
+    * over more than one rank (``world``: ZeRO / FSDP fragments), ``reset_statistics=False``
+      would have to move a kept slot's moments between ranks at each refresh."""
+    by_rows = getattr(layout, "reshards_state_by_rows", False)
+    for idx, g in enumerate(groups):
+        if kind_for(g).row_aligned_state(g):
+            continue
+        choice = f"coord_choice={g['coord_choice']!r}"
+        if by_rows:
+            raise ValueError(
+                f"{group_label(g, idx)}: {choice} is not supported with FSDP2: its compact "
+                "state is not aligned with the parameter's row shards, so checkpoints could not "
+                "be resharded. Use coord_choice='columns'."
+            )
+        if world > 1 and not g["reset_statistics"]:
+            raise ValueError(
+                f"{group_label(g, idx)}: {choice} with reset_statistics=False is not supported "
+                "on a sharded engine layout (ZeRO / FSDP fragments): the kept moments of a "
+                "selected row or entry would move to another rank at each refresh. Use "
+                "reset_statistics=True (the paper's default) or coord_choice='columns'."
+            )
 
 
 def check_optimizer_groups(groups: list[dict[str, Any]], residual_comm: str) -> None:

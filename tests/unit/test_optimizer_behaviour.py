@@ -367,6 +367,22 @@ def test_wrapper_components_are_not_part_of_parameter_names():
     assert clean_name(raw) == "layers.0.attn.q.weight"
 
 
+def test_a_layout_resharding_state_by_rows_refuses_rows_and_randk():
+    class ByRows:  # what FSDP2's DTensorLayout declares: checkpoints reshard state by rows
+        reshards_state_by_rows = True
+        process_group = None
+
+    p = nn.Parameter(torch.zeros(4, 6))
+    for choice in ("rows", "randk"):
+        opt = FRUGAL([p], subspace="coordinate", coord_choice=choice)
+        with pytest.raises(ValueError, match=f"coord_choice='{choice}' is not supported with"):
+            opt.bind_layout(ByRows())
+        assert opt.layout is None
+    opt = FRUGAL([p], subspace="coordinate", coord_choice="columns")  # (m, k): row-aligned
+    opt.bind_layout(ByRows())
+    assert isinstance(opt.layout, ByRows)
+
+
 def test_rules_come_first_and_coverage_errors_name_the_parameter():
     model = _Tiny()
     groups = build_param_groups(model, rules=[(r"^proj\.", {"algorithm": "signsgd"})])

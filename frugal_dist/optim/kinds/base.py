@@ -85,6 +85,12 @@ class SubspaceKind(ABC):
         needs. Called by ``FRUGAL.add_param_group``. Default: nothing to refuse."""
         return
 
+    def row_aligned_state(self, group: dict[str, Any]) -> bool:
+        """Whether a fragment's compact state is the state of the rows it holds, for every
+        refresh (so a sharded layout keeps each slot on one rank and reshards it by rows).
+        Default: yes."""
+        return True
+
     # ------------------------------------------------------------------ plan
     def owner(self, ctx: StepContext, group: dict[str, Any], index: int, name: str, k: int) -> int:
         """Rank that keeps the state-full buffers of parameter ``index`` (``name``) of ``group``

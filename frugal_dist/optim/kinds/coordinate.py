@@ -54,6 +54,11 @@ class Coordinate(SubspaceKind):
     def compact_shape(self, it: Item) -> tuple[int, ...]:
         return tuple(it.sel.compact_shape)
 
+    def row_aligned_state(self, group: dict[str, Any]) -> bool:
+        # columns: (m, k), one row per parameter row; rows / randk: a slot per selected row /
+        # entry, on whichever rank holds it at this refresh
+        return group["coord_choice"] == "columns"
+
     def check_group(self, group: dict[str, Any], where: str) -> None:
         if group["coord_choice"] in ("columns", "rows"):  # randk does not depend on it
             refuse_in_out(group, where, f"coord_choice={group['coord_choice']!r}")
