@@ -85,8 +85,9 @@ def check_added_group(groups: list[dict[str, Any]], layout: Any, world: int) -> 
     where = group_label(group, len(groups) - 1)
     if layout is not None:
         check_layout_options(groups, layout, world)
-    check_moment_transfer(group, where)
-    kind_for(group).check_group(group, where)
+    kind = kind_for(group)
+    check_moment_transfer(group, where, kind.has_basis)
+    kind.check_group(group, where)
 
 
 def check_layout_options(groups: list[dict[str, Any]], layout: Any, world: int) -> None:

@@ -43,6 +43,7 @@ class SubspaceKind(ABC):
 
     name = "?"
     matrix_grad = False  # Item.g is the padded local (rows, n) matrix, not the local values
+    has_basis = False  # the compact state lives in a basis (moment_transfer="rotate" applies)
 
     # ------------------------------------------------------------------ sizes and roles
     def rule(self, group: dict[str, Any]) -> str:

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 class Projection(SubspaceKind):
     name = "projection"
     matrix_grad = True
+    has_basis = True
 
     def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
         m, n = matrix_shape(shape)
