@@ -9,7 +9,8 @@ and 4 are W different packed buffers stacked (random bytes, fixed seed: the vote
 depend on the values), as ``all_gather_into_tensor`` leaves them.
 
 Rows (``impl``: triton = the fused kernels, torch = ``impl="torch"`` chunked torch code on the
-GPU, legacy = the per-tensor ``comm.bits`` code ``sign_majority`` ran before these kernels):
+GPU, legacy = the per-tensor ``comm.bits`` oracle, ``pack_signs`` / ``majority_from_packed`` per
+tensor, which the vote ran before these kernels):
 
 * ``pack_<dtype>_<impl>``: every gradient -> one uint8 buffer (``pack_signs``);
 * ``pack_flat_fp32_triton``: the same bytes from one flat buffer;

@@ -138,12 +138,8 @@ class OpCounter(TorchDispatchMode):
 
 def counters(opt: torch.optim.Optimizer) -> set[int]:
     """Storage addresses of the CPU step counters (reading them never syncs a GPU)."""
-    out = {t.data_ptr() for st in opt.state.values() for t in st.values()
-           if isinstance(t, torch.Tensor) and t.dim() == 0}  # fmt: skip
-    skipped = getattr(opt, "_skipped", None)
-    if skipped is not None:
-        out.add(skipped.data_ptr())
-    return out
+    return {t.data_ptr() for st in opt.state.values() for t in st.values()
+            if isinstance(t, torch.Tensor) and t.dim() == 0}  # fmt: skip
 
 
 def measure(v, specs, steps: int, warmup: int, nonfinite: str = "skip") -> dict[str, Any]:

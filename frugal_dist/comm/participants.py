@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from frugal_dist.comm.stats import CommStats
+
 ENV = "FRUGAL_DIST_PARTICIPANTS_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -132,9 +134,13 @@ def broadcast_bounded(t: Tensor, src: int, pg: ProcessGroup, what: str) -> None:
     wait_bounded(dist.broadcast(t, src=src, group=pg, async_op=True), what, pg)
 
 
-def probe(pg: ProcessGroup, what: str) -> None:
-    """One 4-byte all-reduce: every rank of ``pg`` is here (bounded in time)."""
-    if _world(pg)[1] == 1:
+def probe(pg: ProcessGroup, what: str, stats: CommStats | None = None) -> None:
+    """One 4-byte all-reduce: every rank of ``pg`` is here (bounded in time); counted in
+    ``stats`` under ``agreement_check`` (payload 4 B, wire 2 (W-1)/W x 4 B)."""
+    world = _world(pg)[1]
+    if world == 1:
         return
     t = torch.ones(1, dtype=torch.int32, device=_device(pg))
     wait_bounded(dist.all_reduce(t, group=pg, async_op=True), what, pg)
+    if stats is not None:
+        stats.add("agreement_check", t.nbytes, 2 * (world - 1) / world * t.nbytes)

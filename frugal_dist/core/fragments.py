@@ -4,9 +4,9 @@
 
 A fragment touches rows ``first_row .. last_row``; ``RowSpan.pad`` embeds it in a zero-filled
 (rows_touched, n) *local matrix*, on which every subspace works as on a whole matrix once its
-selection is restricted to those rows (``local_selection``). Entries of the local matrix outside
-the fragment ("phantoms") hold zero gradients, so their state-full statistics stay exactly zero,
-and ``RowSpan.unpad`` drops them from every update.
+selection is restricted to those rows (``local_coordinates``, ``local_projection``). Entries of
+the local matrix outside the fragment ("phantoms") hold zero gradients, so their state-full
+statistics stay exactly zero, and ``RowSpan.unpad`` drops them from every update.
 
 Cross-fragment sums are needed only by projections:
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from frugal_dist.core.subspaces import CoordinateSelection, ProjectionSelection
@@ -77,16 +78,29 @@ def local_coordinates(sel: CoordinateSelection, span: RowSpan) -> CoordinateSele
     one covering the touched rows (boundary rows included: their phantom entries stay zero)."""
     if span.is_full:
         return sel
-    r0, r1 = span.first_row, span.first_row + span.rows_touched
     shape = (span.rows_touched, span.n)
     if sel.choice == "columns":
         return CoordinateSelection("columns", shape, sel.index)
-    if sel.choice == "rows":
-        idx = sel.index[(sel.index >= r0) & (sel.index < r1)] - r0
-        return CoordinateSelection("rows", shape, idx)
-    lo, hi = r0 * span.n, r1 * span.n
-    idx = sel.index[(sel.index >= lo) & (sel.index < hi)] - lo
-    return CoordinateSelection("randk", shape, idx)
+    inside, lo = _selected_in_rows(sel, span)
+    return CoordinateSelection(sel.choice, shape, sel.index[inside] - lo)
+
+
+def compact_rows(sel: CoordinateSelection, span: RowSpan) -> Tensor:
+    """Where the rows of the fragment's local compact tensor (``local_coordinates``) sit in the
+    global compact tensor, on the CPU: the touched rows (``columns``), or the positions of the
+    selected rows / entries inside them (``rows`` / ``randk``)."""
+    if sel.choice == "columns":
+        return torch.arange(span.first_row, span.first_row + span.rows_touched)
+    inside, _ = _selected_in_rows(sel, span)
+    return torch.nonzero(inside).reshape(-1).cpu()
+
+
+def _selected_in_rows(sel: CoordinateSelection, span: RowSpan) -> tuple[Tensor, int]:
+    """``rows`` / ``randk``: (mask of the indices inside the touched rows, the first row or
+    flat index of those rows)."""
+    r0, r1 = span.first_row, span.first_row + span.rows_touched
+    lo, hi = (r0, r1) if sel.choice == "rows" else (r0 * span.n, r1 * span.n)
+    return (sel.index >= lo) & (sel.index < hi), lo
 
 
 def local_projection(sel: ProjectionSelection, span: RowSpan) -> ProjectionSelection:

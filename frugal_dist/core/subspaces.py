@@ -221,10 +221,6 @@ class CoordinateSelection:
         mask = torch.zeros(m, n, dtype=torch.bool, device=self.index.device)
         return self.fill_(mask, True)
 
-    def flat_index(self) -> Tensor:
-        """Sorted row-major flat indices of the selected entries (the compact order)."""
-        return self.dense_mask().reshape(-1).nonzero().reshape(-1)
-
 
 def coordinate_selection(
     shape: tuple[int, int], density: float, choice: str, seed: int

@@ -8,7 +8,9 @@ attributes:
 
 * FSDP2: a group holding DTensors gets ``layouts.dtensor.DTensorLayout`` bound at the first step;
 * DeepSpeed ``zero.Init``: a parameter's real shape is its ``ds_shape``;
-* FSDP1 (``use_orig_params=False``): its ``FlatParameter`` packs several parameters;
+* FSDP1 (``use_orig_params=False``): its ``FlatParameter`` packs several parameters; its
+  wrapper's ``_fsdp_wrapped_module.`` name component (also fairscale FSDP's) is not part of a
+  parameter's name;
 * DeepSpeed ZeRO-3: the partition of a gathered tensor is its ``ds_tensor`` (rank r holds flat
   elements [r * part, min((r + 1) * part, ds_numel))), for the RSO layers' lazy merge.
 """
@@ -60,3 +62,4 @@ engine_hooks.register_auto_layout(_holds_dtensors, _dtensor_layout)
 engine_hooks.register_shape_resolver(_ds_shape)
 engine_hooks.register_local_partition(_ds_partition)
 engine_hooks.register_flat_detector(_is_fsdp1_flat)
+engine_hooks.register_name_prefix("_fsdp_wrapped_module.")

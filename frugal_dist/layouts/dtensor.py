@@ -30,7 +30,8 @@ State is stored so ``torch.distributed.checkpoint`` can save and reshard it:
   elsewhere) with the parameter's global row count, so their row shards follow the parameter's;
 * left-projection moments (r, n) and svd bases: identical on every rank -> all ``Replicate()``.
 
-Coordinate ``rows`` / ``randk`` compact state is not row-aligned and is refused with a clear error.
+Coordinate ``rows`` / ``randk`` compact state is not row-aligned and is refused with a clear error
+when the layout is bound (``reshards_state_by_rows``).
 """
 
 from __future__ import annotations
@@ -192,6 +193,9 @@ class DTensorLayout:
     """Views of FSDP2 / HSDP DTensor parameters (see module doc)."""
 
     name = "fsdp2"
+    # checkpoints reshard the state by rows: state that is not row-aligned (coordinate rows /
+    # randk) is refused when the layout is bound (``group_setup.check_layout_options``)
+    reshards_state_by_rows = True
 
     def __init__(self, optimizer: Any) -> None:
         self._sharding: dict[int, RowSharding] = {}
@@ -209,13 +213,6 @@ class DTensorLayout:
                         "fully_shard mesh"
                     )
                 self._sharding[id(p)] = sh
-            coordinate = group["algorithm"] == "frugal" and group["subspace"] == "coordinate"
-            if coordinate and group["coord_choice"] != "columns":
-                raise ValueError(
-                    f"coord_choice={group['coord_choice']!r} is not supported with FSDP2: "
-                    "its compact state is not aligned with the parameter's row shards, so "
-                    "checkpoints could not be resharded. Use coord_choice='columns'."
-                )
         if first is None:
             raise ValueError("FRUGAL with FSDP2: the optimizer holds no parameters")
         self.mesh = first.mesh

@@ -109,25 +109,3 @@ class PerParameterFlatLayout(FlatLayout):
             if v.grad is None and v.span.numel == 0 and stepping:
                 v.grad = torch.zeros(0, device=v.data.device)
         return out
-
-
-def partition_evenly(
-    named: list[tuple[str, torch.Size]], rank: int, world: int
-) -> tuple[int, list[tuple[str, int, int, int]]]:
-    """Pack parameters in order into one flat vector padded to a multiple of ``world`` and cut it
-    into equal partitions (what ZeRO-1/2 do per param group). Returns this rank's partition size
-    and its fragments ``(name, offset_in_partition, start_in_param, numel)``, including empty ones.
-    """
-    total = sum(int(torch.Size(s).numel()) for _, s in named)
-    size = -(-total // world)
-    lo, hi = rank * size, (rank + 1) * size
-    frags, pos = [], 0
-    for name, shape in named:
-        numel = int(torch.Size(shape).numel())
-        a, b = max(lo, pos), min(hi, pos + numel)
-        if a < b:
-            frags.append((name, a - lo, a - pos, b - a))
-        else:
-            frags.append((name, 0, 0, 0))
-        pos += numel
-    return size, frags

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from frugal_dist.comm.collectives import all_gather_objects
-from frugal_dist.core.fragments import RowSpan, local_coordinates
+from frugal_dist.core.fragments import RowSpan, compact_rows, local_coordinates
 from frugal_dist.core.subspaces import CoordinateSelection
 
 FORMAT = "frugal_dist.consolidated/1"
@@ -38,15 +38,7 @@ def _row_layout(sel: CoordinateSelection, span: RowSpan) -> tuple[Tensor, Tensor
     local = local_coordinates(sel, span)
     ones = span.pad(torch.ones(span.numel, device=sel.index.device))
     real = local.gather(ones) > 0
-    if sel.choice == "columns":
-        rows = torch.arange(span.first_row, span.first_row + span.rows_touched)
-    elif sel.choice == "rows":
-        lo, hi = span.first_row, span.first_row + span.rows_touched
-        rows = torch.nonzero((sel.index >= lo) & (sel.index < hi)).reshape(-1).cpu()
-    else:
-        lo, hi = span.first_row * span.n, (span.first_row + span.rows_touched) * span.n
-        rows = torch.nonzero((sel.index >= lo) & (sel.index < hi)).reshape(-1).cpu()
-    return rows, real
+    return compact_rows(sel, span), real
 
 
 def _pieces(opt: Any) -> list[tuple[str, str, Any, str, Tensor]]:

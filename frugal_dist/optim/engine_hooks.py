@@ -14,7 +14,10 @@ built-in ones when ``frugal_dist`` is imported):
   several parameters (FSDP1's ``FlatParameter``), refused without a layout (``layout_guard``);
 * ``register_local_partition(fn)``: ``fn(t)`` -> (this rank's partition of a gathered tensor,
   its flat start, its element count), or None (ZeRO-3 ``ds_tensor``): the RSO layers' lazy merge
-  updates it alongside the gathered tensor.
+  updates it alongside the gathered tensor;
+* ``register_name_prefix(prefix)``: a module-name component an engine's wrapper inserts into
+  parameter names (FSDP1's ``_fsdp_wrapped_module.``), dropped by ``param_groups.clean_name``
+  so subspaces, seeded by name, are the same under every engine.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ _recorded_shapes: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _auto_layouts: list[tuple[Callable[[dict[str, Any]], bool], Callable[[Any], Any]]] = []
 _partition_resolvers: list[PartitionResolver] = []
 _flat_detectors: list[Callable[[Tensor], bool]] = []
+_name_prefixes: list[str] = []
 
 
 def _add(registry: list, entry: Any) -> None:
@@ -102,3 +106,12 @@ def local_partition(t: Tensor) -> tuple[Tensor, int, int] | None:
         if found is not None:
             return found
     return None
+
+
+def register_name_prefix(prefix: str) -> None:
+    _add(_name_prefixes, prefix)
+
+
+def name_prefixes() -> tuple[str, ...]:
+    """The wrapper components registered with ``register_name_prefix``."""
+    return tuple(_name_prefixes)

@@ -101,11 +101,16 @@ from frugal_dist.core.subspaces import CoordinateSelection, matrix_shape
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim import ownership, phases
 from frugal_dist.optim.engine_hooks import auto_layout, logical_shape
+from frugal_dist.optim.group_setup import (
+    FRUGAL_DEFAULTS,
+    check_added_group,
+    check_layout_options,
+    check_optimizer_groups,
+    prepare_group,
+)
 from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.layout_guard import ParamRegistry
-from frugal_dist.optim.moment_transfer import check_moment_transfer
 from frugal_dist.optim.nonfinite import validate_nonfinite
-from frugal_dist.optim.param_groups import check_orientation
 from frugal_dist.optim.sign_reduce import HIERARCHICAL_UNDER_LAYOUT, hierarchy_options
 from frugal_dist.optim.state_loading import (
     SCALAR_KEYS,
@@ -116,37 +121,10 @@ from frugal_dist.optim.state_loading import (
 from frugal_dist.optim.step_cache import StepCache
 from frugal_dist.optim.step_plan import SKIPPED, STALE, StepPlan
 from frugal_dist.optim.validation import (
-    check_group_keys,
     check_known_keys,
-    check_sharded_layout_options,
     check_step_options,
     validate_options,
 )
-
-FRUGAL_DEFAULTS: dict[str, Any] = dict(
-    lr=1e-3,
-    algorithm="frugal",
-    density=0.25,
-    update_gap=200,
-    subspace="block",
-    block_order="descending",
-    coord_choice="columns",
-    proj_type="random",
-    proj_side="auto",
-    state_full="adamw",
-    state_free="signsgd",
-    inactive_lr_scale=1.0,
-    proj_params_lr_scale=1.0,
-    reset_statistics=True,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    seed=0,
-    proj_precision="auto",
-    svd_method="warm",
-    moment_transfer="none",
-)
-GROUP_KEYS = frozenset(FRUGAL_DEFAULTS) | {"params", "names", "name", "initial_lr"}
 
 
 class FRUGAL(Optimizer):
@@ -227,18 +205,7 @@ class FRUGAL(Optimizer):
         self._layout: Any = None
         self._registry = ParamRegistry()  # what each group was built with (optim.layout_guard)
         super().__init__(params, defaults)
-        names = [n for g in self.param_groups for n in g["names"]]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"parameter names must be unique across groups; repeated: {dup[:5]}")
-        if residual_comm != "exact":
-            for g in self.param_groups:
-                if g["algorithm"] == "frugal" and g["state_free"] == "sgd":
-                    raise ValueError(
-                        f"residual_comm={residual_comm!r} sends 1-bit signs of the state-free "
-                        f"residual, which state_free='sgd' cannot use (group {g.get('name')!r}); "
-                        "use state_free='signsgd' or residual_comm='exact'"
-                    )
+        check_optimizer_groups(self.param_groups, residual_comm)
 
     def node_groups(self) -> NodeGroups:
         """This rank's intra- and inter-node groups (``residual_comm="hierarchical"``), created
@@ -256,46 +223,18 @@ class FRUGAL(Optimizer):
 
     # ------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (``optim.group_setup``: names, options and the checks of its kind); a
+        group that fails a check is not added."""
         self._cache.invalidate()  # ranks compare settings and parameters again at the next step
-        idx = len(self.param_groups)
-        where = f"param group {idx} ({param_group.get('name', 'unnamed')})"
-        check_group_keys(param_group, GROUP_KEYS, where)
-        if isinstance(param_group.get("betas"), list):
-            param_group["betas"] = tuple(param_group["betas"])
-        validate_options(param_group, where)
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        names = param_group.get("names")
-        if names is None:
-            label = param_group.get("name", f"group{idx}")
-            names = [f"{label}.{i}" for i in range(len(params))]
-        names = list(names)
-        if len(names) != len(params):
-            raise ValueError(f"{where}: 'names' has {len(names)} entries for {len(params)} params")
-        param_group["names"] = names
+        prepare_group(param_group, len(self.param_groups))
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if getattr(self, "_layout", None) is not None and rank_and_world(self._pg)[1] > 1:
-            try:
-                check_sharded_layout_options(self.param_groups)
-            except ValueError:
-                self.param_groups.pop()  # the optimizer stays as it was
-                raise
+        layout = getattr(self, "_layout", None)  # None while torch's __init__ adds groups
         try:
-            check_moment_transfer(group, where)
+            check_added_group(self.param_groups, layout, rank_and_world(self._pg)[1])
         except ValueError:
             self.param_groups.pop()  # the optimizer stays as it was
             raise
-        self._registry.record(len(self.param_groups) - 1, group)
-        check_orientation(group, where)
-        if group["algorithm"] == "frugal" and group["subspace"] == "projection":
-            for name, p in zip(group["names"], group["params"]):
-                if len(logical_shape(p)) < 2:  # real shape under zero.Init / FSDP1
-                    raise ValueError(
-                        f"subspace='projection' needs 2-D (or higher) tensors, but {name!r} in "
-                        f"{where} has shape {tuple(p.shape)}; put it in an algorithm='adamw' group "
-                        "(build_param_groups does) or use subspace='block'/'coordinate'"
-                    )
+        self._registry.record(len(self.param_groups) - 1, self.param_groups[-1])
 
     # ------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -348,13 +287,13 @@ class FRUGAL(Optimizer):
         options, group hyper-parameters and parameter names (+ shapes) -- one int64 all-gather
         when they agree; a mismatch raises on every rank naming the field. Without that check,
         an optimizer that will issue collectives probes (4 B) that every rank of its group is
-        here. Both bounded in time (``comm.participants``)."""
+        here. Both bounded in time (``comm.participants``) and counted under ``agreement_check``."""
         if ctx.agreement_world == 1 or self._cache.agreed:
             return
         if self.check_agreement:
-            check_optimizer_agreement(self, ctx.agreement_pg, shape_of=logical_shape)
+            check_optimizer_agreement(self, ctx.agreement_pg, self.comm, shape_of=logical_shape)
         elif self._issues_collectives():
-            probe(ctx.agreement_pg, "first step (check_agreement=False)")
+            probe(ctx.agreement_pg, "first step (check_agreement=False)", self.comm)
         self._cache.agreed = True
 
     def _issues_collectives(self) -> bool:
@@ -436,8 +375,7 @@ class FRUGAL(Optimizer):
                 "engine that shards (DeepSpeed ZeRO, FSDP) leave them False"
             )
         pg = getattr(layout, "process_group", self._pg)
-        if rank_and_world(pg)[1] > 1:
-            check_sharded_layout_options(self.param_groups)
+        check_layout_options(self.param_groups, layout, rank_and_world(pg)[1])
         self._layout = layout
         self._pg = pg
         self._cache.invalidate()

@@ -47,11 +47,13 @@ MOMENT_TRANSFERS = ("none", "rotate")
 SQUARED_KEYS = ("exp_avg_sq",)  # second moments: rotated with C o C
 
 
-def check_moment_transfer(group: Mapping[str, Any], where: str) -> None:
-    """Refuse ``moment_transfer="rotate"`` where it has no meaning (module docstring)."""
+def check_moment_transfer(group: Mapping[str, Any], where: str, has_basis: bool) -> None:
+    """Refuse ``moment_transfer="rotate"`` where it has no meaning (module docstring);
+    ``has_basis``: the group's subspace kind keeps its state in a basis
+    (``SubspaceKind.has_basis``)."""
     if group.get("moment_transfer", "none") != "rotate" or group.get("algorithm") != "frugal":
         return
-    if group.get("subspace") != "projection":
+    if not has_basis:
         raise ValueError(
             f"moment_transfer='rotate' in {where} rotates projection moments into the new basis, "
             f"but the group has subspace={group.get('subspace')!r} (no basis to rotate); use "

@@ -24,16 +24,17 @@ from typing import Any
 
 from torch import nn
 
-from frugal_dist.optim.engine_hooks import logical_shape
+from frugal_dist.optim.engine_hooks import logical_shape, name_prefixes
 
 # Wrapper modules whose names must not leak into parameter names: subspaces are seeded by name, so
-# the same model must have the same names under every engine.
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+# the same model must have the same names under every engine. torch's own wrappers here; the
+# engines' (FSDP1) through ``engine_hooks.register_name_prefix``.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def clean_name(name: str) -> str:
-    """``name`` without FSDP1 / activation-checkpointing / torch.compile wrapper components."""
-    for prefix in WRAPPER_PREFIXES:
+    """``name`` without activation-checkpointing / torch.compile / engine wrapper components."""
+    for prefix in WRAPPER_PREFIXES + name_prefixes():
         name = name.replace(prefix, "")
     return name
 
@@ -146,18 +147,10 @@ def pop_group_options(options: dict[str, Any]) -> dict[str, Any]:
     return {key: options.pop(key) for key in ("non_split",) if key in options}
 
 
-def check_orientation(group: Mapping[str, Any], where: str) -> None:
-    """Refuse orientation-dependent subspaces on weights stored (in, out) (see module doc)."""
-    if group["algorithm"] != "frugal":
-        return
-    sub = group["subspace"]
-    choice = None
-    if sub == "coordinate" and group["coord_choice"] in ("columns", "rows"):
-        choice = f"coord_choice={group['coord_choice']!r}"
-    elif sub == "projection" and group["proj_side"] in ("left", "right"):
-        choice = f"proj_side={group['proj_side']!r}"
-    if choice is None:
-        return
+def refuse_in_out(group: Mapping[str, Any], where: str, choice: str) -> None:
+    """Refuse ``choice`` (an orientation-dependent option, e.g. ``coord_choice='columns'``) for
+    the group's weights stored (in, out) (see module doc). The subspace kinds say which of
+    their choices depend on the orientation (``SubspaceKind.check_group``)."""
     for name, p in zip(group["names"], group["params"]):
         if getattr(p, IN_OUT_ATTR, False):
             raise ValueError(

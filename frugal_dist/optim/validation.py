@@ -125,24 +125,6 @@ def check_group_keys(
             )
 
 
-def check_sharded_layout_options(groups: list[Mapping[str, Any]]) -> None:
-    """Options a sharded engine layout (ZeRO / FSDP fragments over more than one rank) cannot
-    honour, refused on every rank alike before any step: coordinate ``rows`` / ``randk`` keep a
-    compact state whose slots belong to whichever rank holds the selected row, so with
-    ``reset_statistics=False`` a kept slot's moments would have to move between ranks at each
-    refresh."""
-    for idx, g in enumerate(groups):
-        coordinate = g.get("algorithm") == "frugal" and g.get("subspace") == "coordinate"
-        if coordinate and g.get("coord_choice") != "columns" and not g.get("reset_statistics"):
-            raise ValueError(
-                f"param group {idx} ({g.get('name', 'unnamed')}): coord_choice="
-                f"{g['coord_choice']!r} with reset_statistics=False is not supported on a "
-                "sharded engine layout (ZeRO / FSDP fragments): the kept moments of a selected "
-                "row or entry would move to another rank at each refresh. Use "
-                "reset_statistics=True (the paper's default) or coord_choice='columns'."
-            )
-
-
 def check_step_options(
     *, residual_comm: str, shard_state: Any, reduce_gradients: Any, check_agreement: Any,
     fused: Any, proj_qr_device: str, kernels: str,

@@ -145,7 +145,6 @@ class StreamingPackedDataset:
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.chunk_docs = chunk_docs
-        self._dtype = token_dtype(tokenizer.vocab_size)
         self._state: dict[str, int] = {"next_step": 0, "epoch": 0, "doc": 0, "offset": 0}
         self._resume: tuple[str | None, str | None] = (None, None)  # (position JSON, digest)
         self._placement: tuple[int, int] | None = None  # (rank, world) once opened/restored

@@ -46,7 +46,7 @@ def main() -> None:
     if engine.global_rank == 0:
         with open(args.result, "w") as fh:
             json.dump({"losses": losses, "optimizer": type(frugal).__name__,
-                       "layout": getattr(getattr(frugal, "_layout", None), "name", None),
+                       "layout": getattr(frugal.layout, "name", None),
                        "density": frugal.defaults["density"], "lr": frugal.defaults["lr"],
                        "deepspeed_config": args.deepspeed_config,
                        "world": deepspeed.comm.get_world_size()}, fh)  # fmt: skip

@@ -183,7 +183,7 @@ def zero_sim_run(rank: int, world: int, steps: int, opt_kw: dict) -> list[torch.
     holds piece r and its slice of the mean gradient. Returns the reassembled full parameters."""
     import torch.distributed as dist
 
-    from frugal_dist.layouts.flat import FlatEntry, FlatLayout, partition_evenly
+    from frugal_dist.layouts.flat import FlatEntry, FlatLayout
 
     split, full = named_params()
     opt = FRUGAL(groups(split, full), **opt_kw)
@@ -235,3 +235,25 @@ def train_engine(rank: int, world: int, engine: str, ds_config: str | None, step
     if ds_config:
         raw["deepspeed_config"] = ds_config
     return train(build_config(raw))
+
+
+def partition_evenly(
+    named: list[tuple[str, torch.Size]], rank: int, world: int
+) -> tuple[int, list[tuple[str, int, int, int]]]:
+    """Pack parameters in order into one flat vector padded to a multiple of ``world`` and cut it
+    into equal partitions (what ZeRO-1/2 do per param group). Returns this rank's partition size
+    and its fragments ``(name, offset_in_partition, start_in_param, numel)``, including empty ones.
+    """
+    total = sum(int(torch.Size(s).numel()) for _, s in named)
+    size = -(-total // world)
+    lo, hi = rank * size, (rank + 1) * size
+    frags, pos = [], 0
+    for name, shape in named:
+        numel = int(torch.Size(shape).numel())
+        a, b = max(lo, pos), min(hi, pos + numel)
+        if a < b:
+            frags.append((name, a - lo, a - pos, b - a))
+        else:
+            frags.append((name, 0, 0, 0))
+        pos += numel
+    return size, frags

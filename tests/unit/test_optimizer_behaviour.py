@@ -41,7 +41,6 @@ def test_coordinate_selection_sizes_and_determinism(choice):
     assert torch.equal(a.index, b.index) and not torch.equal(a.index, c.index)
     expected = {"columns": 10 * 5, "rows": 2 * 20, "randk": 50}[choice]  # rows: int(2.5) = 2
     assert a.numel == expected == int(a.dense_mask().sum())
-    assert torch.equal(a.flat_index(), a.dense_mask().reshape(-1).nonzero().reshape(-1))
     g = torch.randn(10, 20)
     assert torch.equal(a.gather(g).reshape(-1), g[a.dense_mask()])  # compact = row-major order
 
@@ -357,6 +356,31 @@ def test_build_param_groups_assigns_every_parameter_once():
     assert opt.param_groups[2]["weight_decay"] == 0.0
     kept = build_param_groups(model, non_split="adamw")
     assert [g["algorithm"] for g in kept] == ["frugal", "adamw", "adamw"]
+
+
+def test_wrapper_components_are_not_part_of_parameter_names():
+    # subspaces are seeded by name: FSDP1's wrapper (registered by frugal_dist.engines),
+    # activation checkpointing and torch.compile must not change a parameter's name
+    from frugal_dist.optim.param_groups import clean_name
+
+    raw = "_orig_mod.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn.q.weight"
+    assert clean_name(raw) == "layers.0.attn.q.weight"
+
+
+def test_a_layout_resharding_state_by_rows_refuses_rows_and_randk():
+    class ByRows:  # what FSDP2's DTensorLayout declares: checkpoints reshard state by rows
+        reshards_state_by_rows = True
+        process_group = None
+
+    p = nn.Parameter(torch.zeros(4, 6))
+    for choice in ("rows", "randk"):
+        opt = FRUGAL([p], subspace="coordinate", coord_choice=choice)
+        with pytest.raises(ValueError, match=f"coord_choice='{choice}' is not supported with"):
+            opt.bind_layout(ByRows())
+        assert opt.layout is None
+    opt = FRUGAL([p], subspace="coordinate", coord_choice="columns")  # (m, k): row-aligned
+    opt.bind_layout(ByRows())
+    assert isinstance(opt.layout, ByRows)
 
 
 def test_rules_come_first_and_coverage_errors_name_the_parameter():

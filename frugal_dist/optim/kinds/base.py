@@ -15,7 +15,8 @@ A kind is a stateless object (one instance per kind); everything per parameter i
     apply     route(), apply_one()                  a place in a batched apply, or the item's
                                                     own update (after the group's decay)
 
-plus, outside the step: expected_state_bytes() (shard_state's ownership weights), state_role()
+plus, outside the step: check_group() (when a group is added: what the kind cannot honour),
+expected_state_bytes() (shard_state's ownership weights), state_role()
 (checkpoint consolidation) and current_selection() (checkpoints, aux bytes).
 """
 
@@ -42,6 +43,7 @@ class SubspaceKind(ABC):
 
     name = "?"
     matrix_grad = False  # Item.g is the padded local (rows, n) matrix, not the local values
+    has_basis = False  # the compact state lives in a basis (moment_transfer="rotate" applies)
 
     # ------------------------------------------------------------------ sizes and roles
     def rule(self, group: dict[str, Any]) -> str:
@@ -76,6 +78,19 @@ class SubspaceKind(ABC):
     ) -> Any:
         """The global selection at refresh ``k`` that a checkpoint needs (coordinates only)."""
         return None
+
+    def check_group(self, group: dict[str, Any], where: str) -> None:
+        """Refuse, with a ``ValueError`` naming the parameter or option and the fix, a group
+        (defaults filled in) whose parameters this kind cannot step: orientation-dependent
+        choices on (in, out)-stored weights (``param_groups.refuse_in_out``), shapes the kind
+        needs. Called by ``FRUGAL.add_param_group``. Default: nothing to refuse."""
+        return
+
+    def row_aligned_state(self, group: dict[str, Any]) -> bool:
+        """Whether a fragment's compact state is the state of the rows it holds, for every
+        refresh (so a sharded layout keeps each slot on one rank and reshards it by rows).
+        Default: yes."""
+        return True
 
     # ------------------------------------------------------------------ plan
     def owner(self, ctx: StepContext, group: dict[str, Any], index: int, name: str, k: int) -> int:

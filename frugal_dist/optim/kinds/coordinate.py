@@ -28,6 +28,7 @@ from frugal_dist.core.subspaces import (
 )
 from frugal_dist.optim.fast_apply import can_batch, coordinate_fusable, local_matrix
 from frugal_dist.optim.kinds.base import SubspaceKind
+from frugal_dist.optim.param_groups import refuse_in_out
 from frugal_dist.optim.sign_reduce import votes_residual
 from frugal_dist.optim.step_items import Item, apply_update
 
@@ -52,6 +53,15 @@ class Coordinate(SubspaceKind):
 
     def compact_shape(self, it: Item) -> tuple[int, ...]:
         return tuple(it.sel.compact_shape)
+
+    def row_aligned_state(self, group: dict[str, Any]) -> bool:
+        # columns: (m, k), one row per parameter row; rows / randk: a slot per selected row /
+        # entry, on whichever rank holds it at this refresh
+        return group["coord_choice"] == "columns"
+
+    def check_group(self, group: dict[str, Any], where: str) -> None:
+        if group["coord_choice"] in ("columns", "rows"):  # randk does not depend on it
+            refuse_in_out(group, where, f"coord_choice={group['coord_choice']!r}")
 
     def state_role(self, group: dict[str, Any], shape: tuple[int, ...], key: str) -> str:
         return "coordinate"

@@ -44,9 +44,11 @@ from frugal_dist.core.subspaces import (
     tensor_fingerprint,
 )
 from frugal_dist.kernels.refresh import random_bases
+from frugal_dist.optim.engine_hooks import logical_shape
 from frugal_dist.optim.fast_apply import can_batch, local_matrix
 from frugal_dist.optim.kinds.base import SubspaceKind
 from frugal_dist.optim.moment_transfer import basis_change, rotate_moments
+from frugal_dist.optim.param_groups import refuse_in_out
 from frugal_dist.optim.projection_batch import (
     down_batched,
     gemm_precision,
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
 class Projection(SubspaceKind):
     name = "projection"
     matrix_grad = True
+    has_basis = True
 
     def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
         m, n = matrix_shape(shape)
@@ -82,6 +85,17 @@ class Projection(SubspaceKind):
         if key == "proj_basis" or resolve_side(group["proj_side"], matrix_shape(shape)) == "left":
             return "replicated"
         return "right"
+
+    def check_group(self, group: dict[str, Any], where: str) -> None:
+        for name, p in zip(group["names"], group["params"]):
+            if len(logical_shape(p)) < 2:  # real shape under zero.Init / FSDP1
+                raise ValueError(
+                    f"subspace='projection' needs 2-D (or higher) tensors, but {name!r} in "
+                    f"{where} has shape {tuple(p.shape)}; put it in an algorithm='adamw' group "
+                    "(build_param_groups does) or use subspace='block'/'coordinate'"
+                )
+        if group["proj_side"] in ("left", "right"):  # auto does not depend on it
+            refuse_in_out(group, where, f"proj_side={group['proj_side']!r}")
 
     def hands_over(self, group: dict[str, Any]) -> bool:
         return group["proj_type"] == "svd"
