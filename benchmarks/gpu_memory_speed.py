@@ -17,9 +17,10 @@ timed steps with CUDA events: step time and tokens/s end to end (forward + backw
 the optimizer step alone (``optimizer.step()``; under DeepSpeed ``engine.step()``, which also
 all-gathers the updated bf16 weights), peak allocated memory, optimizer-state bytes per rank
 (``state_bytes()`` or the sum of the state tensors), ``refresh_ms`` / ``refresh_step_ms`` (the
-optimizer step / whole step of one extra step that refreshes the subspaces: every param group's
-``update_gap`` is set to the steps taken so far, so s % T == 0; None for AdamW and RSO, whose
-refresh is not ``update_gap``-driven), and the optimizer step's bandwidth bound:
+median optimizer step / whole step of three extra steps that each refresh the subspaces: every
+param group's ``update_gap`` is set to the steps taken so far, so s % T == 0; each one's optimizer
+time in ``refresh_ms_each``; None for AdamW and RSO, whose refresh is not
+``update_gap``-driven), and the optimizer step's bandwidth bound:
 
     bytes_min = n_local * (2 * b_param + b_grad) + 2 * S_local        (read + write params,
     bound_ms  = bytes_min / B_copy                                      read grads, read + write
@@ -50,6 +51,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -228,26 +230,31 @@ class Run:
         self.ds = self.opt = self.model = self.batch = None
 
 
-def time_refresh(run: Run, steps_taken: int) -> tuple[float, float] | None:
-    """(whole step ms, optimizer step ms) of one step that refreshes every subspace: each param
-    group with an ``update_gap`` gets T = ``steps_taken`` (every counter s is at that value, so
-    s % T == 0; k = 1) for that step, then its old T back. None without such groups."""
+def time_refresh(run: Run, steps_taken: int, count: int = 3) -> list[tuple[float, float]] | None:
+    """(whole step ms, optimizer step ms) of ``count`` consecutive steps that each refresh every
+    subspace: before step i each param group with an ``update_gap`` gets T = ``steps_taken + i``
+    (every counter s is at that value, so s % T == 0; k = 1), then its old T back. None without
+    such groups. The first such step may include a one-time cost (a kernel specialisation or a
+    library handle the refresh path is first to use), hence several."""
     groups = [g for g in getattr(run.opt, "param_groups", []) if "update_gap" in g]
     if not groups:
         return None
     old = [g["update_gap"] for g in groups]
-    for g in groups:
-        g["update_gap"] = steps_taken
+    out = []
     try:
-        events: list = []
-        _sync()
-        _mark(events)
-        run.step(events)
-        _sync()
+        for i in range(count):
+            for g in groups:
+                g["update_gap"] = steps_taken + i
+            events: list = []
+            _sync()
+            _mark(events)
+            run.step(events)
+            _sync()
+            out.append((_ms(events[0], events[2]), _ms(events[1], events[2])))
     finally:
         for g, gap in zip(groups, old):
             g["update_gap"] = gap
-    return _ms(events[0], events[2]), _ms(events[1], events[2])
+    return out
 
 
 def _mark(events: list | None) -> None:
@@ -321,8 +328,9 @@ def measure(
             "status": "ok", "timed_steps": n, "warmup_steps": warmup,
             "step_ms": step_ms, "opt_ms": opt_ms,
             "step_ms_mean": sum(step_ms) / n, "opt_ms_mean": sum(opt_ms) / n,
-            "refresh_step_ms": refresh[0] if refresh else None,
-            "refresh_ms": refresh[1] if refresh else None,
+            "refresh_step_ms": statistics.median(r[0] for r in refresh) if refresh else None,
+            "refresh_ms": statistics.median(r[1] for r in refresh) if refresh else None,
+            "refresh_ms_each": [r[1] for r in refresh] if refresh else None,
             "tokens_per_s": batch_size * args.seq_len * world / (sum(step_ms) / n / 1e3),
             "state_bytes": state, "master_numel": numel, "param_bytes": bp, "grad_bytes": bg,
             "bound_bytes": numel * (2 * bp + bg) + 2 * state,
