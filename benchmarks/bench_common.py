@@ -34,11 +34,13 @@ ENV_KEYS = ("CUDA_VISIBLE_DEVICES", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_
 def git_info(root: Path) -> dict[str, Any]:
     """Commit of the checkout at ``root`` and whether its ``frugal_dist/`` has uncommitted edits
     (None where there is no git, e.g. a copied working tree on a GPU machine), plus a sha256 of
-    the package sources, which identifies the code either way."""
+    the package sources (``*.py`` and the ``*.json`` data it reads, such as the kernels' tile
+    tables), which identifies the code either way."""
     import hashlib
 
     h = hashlib.sha256()
-    for f in sorted((root / "frugal_dist").rglob("*.py")):
+    pkg = root / "frugal_dist"
+    for f in sorted([*pkg.rglob("*.py"), *pkg.rglob("*.json")]):
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     out: dict[str, Any] = {"commit": None, "frugal_dist_dirty": None,
                            "frugal_dist_sources_sha256": h.hexdigest()}  # fmt: skip
