@@ -103,8 +103,8 @@ from frugal_dist.core.subspaces import CoordinateSelection, matrix_shape
 from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim import ownership, phases
 from frugal_dist.optim.engine_hooks import auto_layout, logical_shape
-from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.free_scale import check_free_scale
+from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.layout_guard import ParamRegistry
 from frugal_dist.optim.moment_transfer import check_moment_transfer
 from frugal_dist.optim.nonfinite import validate_nonfinite

@@ -214,9 +214,10 @@ class Projection(SubspaceKind):
 
     def update_sumsq(self, it: Item, ctx: StepContext) -> Tensor:
         u = it.u.float()
-        if it.span.is_full or ctx.layout is None or ctx.world == 1:
+        if ctx.layout is None or ctx.world == 1:
             return torch.linalg.vector_norm(u).square()
-        if it.sel.side == "left":  # (r, n) U replicated on every rank: counted by rank 0
+        if it.sel.side == "left":  # (r, n) U replicated on every rank (whatever its fragment,
+            # the whole tensor's included): counted by rank 0
             total = torch.linalg.vector_norm(u).square()
             return total if ctx.rank == 0 else torch.zeros_like(total)
         # right: one U row per touched row; a boundary row's is held by both of its ranks and
