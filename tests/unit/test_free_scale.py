@@ -6,12 +6,14 @@ tests/distributed), and what is refused."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 from frugal_dist import FRUGAL
 from frugal_dist.core.reference import ReferenceFRUGAL
+from frugal_dist.kernels.elementwise import triton_available
 from tests.helpers import SHAPES, clone_params, grad_stream, make_params, max_diff, set_grads
 
 NAMES = [f"layers.{i}.w" for i in range(len(SHAPES))]
@@ -169,3 +171,26 @@ def test_other_groups_are_unaffected():
         opt.step()
         plain.step()
     assert max_diff(ps[:2], qs[:2]) < 1e-6
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("TRITON_INTERPRET") == "1" and triton_available()),
+    reason="needs TRITON_INTERPRET=1, triton",
+)
+@pytest.mark.parametrize("name", ["svd-right", "random", "columns", "rows"])
+def test_matched_with_triton_kernels_takes_the_torch_path(name):
+    """``kernels="triton"`` (the CUDA routing, interpreted): matched items are neither fused
+    (coordinates) nor batched (projections), so they match the oracle as on the torch path,
+    step plans included."""
+    kw = {**COMMON, **CASES[name], "proj_precision": "fp32"}
+    tol = 1e-4 if CASES[name].get("proj_type") == "svd" else 1e-5
+    ps = make_params()
+    qs = clone_params(ps)
+    opt = FRUGAL([{"params": ps, "names": NAMES}], kernels="triton", **kw)
+    ref = ReferenceFRUGAL(list(zip(NAMES, qs)), **kw)
+    for step, grads in enumerate(grad_stream(SHAPES, 8)):
+        set_grads(ps, grads)
+        set_grads(qs, grads)
+        opt.step()
+        ref.step()
+        assert max_diff(ps, qs) < tol, (name, step, max_diff(ps, qs))
