@@ -24,6 +24,10 @@ papers': rho 0.25, update gap 200, lr 1e-3 for 60M). Variants (``--variants``):
     frugal_projection_random_bf16  random with bfloat16 projection GEMMs (not in the default list)
     frugal_projection_rotate  svd with moment_transfer="rotate": moments carried into the new
                        basis at a refresh (project addition, issue 19; not in the default list)
+    frugal_projection_matched  svd with free_scale="matched": the state-free step scaled per
+                       tensor to RMS(U) / RMS(sign R) (optim.free_scale; issue 19; not in the
+                       default list; sweep --inactive-lr-scales 1 too: s_i still multiplies)
+    frugal_columns_matched     columns with free_scale="matched" (the same; not in the default list)
     frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
 
@@ -94,6 +98,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # beyond the paper (issue 19): moments rotated into the new basis at each refresh
     "frugal_projection_rotate": {"name": "frugal", "subspace": "projection", "proj_type": "svd",
                                  "density": 0.25, "moment_transfer": "rotate"},
+    # beyond the paper (issue 19): state-free step matched per tensor to the state-full RMS
+    "frugal_projection_matched": {"name": "frugal", "subspace": "projection", "proj_type": "svd",
+                                  "density": 0.25, "free_scale": "matched"},
+    "frugal_columns_matched": {"name": "frugal", "subspace": "coordinate",
+                               "coord_choice": "columns", "density": 0.25,
+                               "free_scale": "matched"},
     "frugal_d0": {"name": "frugal", "subspace": "block", "density": 0.0},
     "rso": {"name": "rso", "density": 0.25},
 }  # fmt: skip
@@ -107,6 +117,8 @@ DEFAULT_VARIANTS = [
         "frugal_projection_bf16",
         "frugal_projection_tf32",
         "frugal_projection_rotate",
+        "frugal_projection_matched",
+        "frugal_columns_matched",
     )
 ]
 GPU_DATA = {  # paths staged by ../shared/gpu/stage.sh

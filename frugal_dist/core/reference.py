@@ -15,6 +15,11 @@ step (``s`` = steps taken before this one, T = ``update_gap``):
     W   <- W * (1 - lr * wd)
     W   <- W - lr * s_p * up(U) - lr * s_p * s_i * StateFree(R)
 
+``free_scale="matched"`` (coordinate, projection) multiplies StateFree(R) by
+s_t = RMS(U) / RMS(StateFree(R)) of that tensor and step (``_matched_scale``: U over its compact
+entries, StateFree(R) over the entries outside the coordinate mask, or all m x n entries of a
+projection; 1 where U is empty, 0 where StateFree(R) is all zero).
+
 Majority vote (``residual_comm="sign"`` / ``"hierarchical"``): ``step(voters)`` takes, per
 parameter name, the gradients of the N voters (ranks, or node means); ``p.grad`` is then their
 mean and the state-free direction of a ``signsgd`` parameter is the vote of the voters' own
@@ -64,6 +69,7 @@ class ReferenceFRUGAL:
         proj_params_lr_scale: float = 1.0,
         reset_statistics: bool = True,
         moment_transfer: str = "none",
+        free_scale: str = "fixed",
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -80,7 +86,12 @@ class ReferenceFRUGAL:
             state_free=state_free, s_i=inactive_lr_scale, s_p=proj_params_lr_scale,
             reset=reset_statistics, betas=betas, eps=eps, wd=weight_decay, seed=seed,
             svd_method=svd_method, random_device=random_device, transfer=moment_transfer,
+            free_scale=free_scale,
         )  # fmt: skip
+        if free_scale not in ("fixed", "matched"):
+            raise ValueError(f"free_scale must be 'fixed' or 'matched', got {free_scale!r}")
+        if free_scale == "matched" and algorithm == "frugal" and subspace == "block":
+            raise ValueError("free_scale='matched' needs subspace='coordinate' or 'projection'")
         # ``proj_precision`` is accepted for keyword parity with FRUGAL: the oracle always runs
         # its products in float32 / float64 (tests bound the difference of tf32 / bf16 runs).
         del proj_precision
@@ -146,6 +157,21 @@ class ReferenceFRUGAL:
                 else:
                     out[:, i] += c2 * v[:, j]
         st["v"] = out.float()
+
+    @staticmethod
+    def _matched_scale(kind: str, u: Tensor, free: Tensor, mask: Tensor | None) -> float:
+        """``free_scale="matched"``: s_t = RMS(U) / RMS(F), in float64. U: the compact
+        state-full direction (every entry); F: the state-free direction on the entries it
+        moves (coordinates: outside the mask; projections: all m x n). No state-full entries:
+        1; F all zero: 0."""
+        f = free.double() if mask is None else free.double()[~mask]
+        if u.numel() == 0:
+            return 1.0
+        rms_u = math.sqrt(float((u.double() ** 2).sum()) / u.numel())
+        sum_f = float((f**2).sum())
+        if sum_f == 0.0:
+            return 0.0
+        return rms_u / math.sqrt(sum_f / f.numel())
 
     # ---------------------------------------------------------------------------- the step
     @staticmethod
@@ -256,5 +282,8 @@ class ReferenceFRUGAL:
                     free = self._vote([residual(v.float().reshape(m, n)) for v in vs])
                     if kind == "coordinate":
                         free[mask] = 0.0
+                if h["free_scale"] == "matched":
+                    free = free * self._matched_scale(kind, u, free, mask if kind == "coordinate"
+                                                      else None)  # fmt: skip
                 w = w - h["lr"] * h["s_p"] * up_u - h["lr"] * h["s_p"] * h["s_i"] * free
             p.copy_(w.reshape(p.shape).to(p.dtype))

@@ -7,7 +7,8 @@ For a split parameter W with gradient G and state-full subspace S (re-chosen eve
     W   <- W * (1 - lr * weight_decay)
     W   <- W - lr * s_p * up(U) - lr * s_p * s_i * StateFree(R)
 
-with s_p = ``proj_params_lr_scale`` and s_i = ``inactive_lr_scale``. Groups with
+with s_p = ``proj_params_lr_scale`` and s_i = ``inactive_lr_scale`` (``free_scale="matched"``:
+s_i s_t, s_t = RMS(U) / RMS(StateFree(R)) per tensor and step, ``optim.free_scale``). Groups with
 ``algorithm="adamw"`` run AdamW, ``"state_full"`` the group's ``state_full`` rule (AdamW, SGDM or
 Lion), ``"signsgd"``/``"sgd"`` the state-free rule, each on the whole tensor.
 The subspace kinds, their sizes and schedules are documented in ``frugal_dist.core.subspaces``;
@@ -75,6 +76,7 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
     4. [projection fragments]    all_reduce(sum) of partial G_sf: cut rows (right) 4 B x r x rows
                                  or the (r, n) products (left)                     4 B x r x n
     5. [shard_state]             each owner broadcasts the compact U it computed   4 B x |S|
+    6. [free_scale="matched", fragments] all_reduce(sum) of (sum U^2, sum F^2)      8 B x tensors
 
 ``step()`` runs these as the phases of ``frugal_dist.optim.phases``; steps between refreshes
 replay a plan cached at the first step after each refresh (``optim.step_plan``: same results,
@@ -145,6 +147,10 @@ class FRUGAL(Optimizer):
         reset_statistics: zero the state-full buffers (and restart bias correction) at each refresh.
         moment_transfer: "none" | "rotate" (projections: carry the moments into the new basis at
             a refresh instead of zeroing them; a project addition, ``optim.moment_transfer``).
+        free_scale: "fixed" (the paper: state-free step lr * s_p * s_i * F(R)) | "matched"
+            (per tensor and step times s_t = RMS(U) / RMS(F(R)), the state-full update's RMS
+            over the state-free direction's; coordinate and projection only; a project
+            addition, ``optim.free_scale``).
         seed: base seed of every subspace choice (all ranks must share it).
         algorithm: per-group "frugal" | "adamw" | "state_full" (the ``state_full`` rule on whole
             tensors) | "signsgd" | "sgd".

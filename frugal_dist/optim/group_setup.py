@@ -6,7 +6,8 @@ group must pass before a step runs (each a ``ValueError`` naming the group, the 
     add_param_group(group)    prepare_group             keys, option values, names (before torch
                                                         adds the group)
                               check_added_group         with the defaults filled in: the bound
-                                                        layout's options, moment_transfer, the
+                                                        layout's options, moment_transfer,
+                                                        free_scale, the
                                                         subspace kind's own (``check_group``)
     bind_layout(layout)       check_layout_options      what the layout cannot honour
 
@@ -21,6 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
+from frugal_dist.optim.free_scale import check_free_scale
 from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.moment_transfer import check_moment_transfer
 from frugal_dist.optim.validation import check_group_keys, validate_options
@@ -47,6 +49,7 @@ FRUGAL_DEFAULTS: dict[str, Any] = dict(
     proj_precision="auto",
     svd_method="warm",
     moment_transfer="none",
+    free_scale="fixed",
 )
 GROUP_KEYS = frozenset(FRUGAL_DEFAULTS) | {"params", "names", "name", "initial_lr"}
 
@@ -78,7 +81,8 @@ def prepare_group(param_group: dict[str, Any], index: int) -> None:
 
 def check_added_group(groups: list[dict[str, Any]], layout: Any, world: int) -> None:
     """The checks of the last group of ``groups`` (defaults filled in by torch): the bound
-    ``layout``'s (``check_layout_options``, over every group), ``moment_transfer``, the
+    ``layout``'s (``check_layout_options``, over every group), ``moment_transfer``,
+    ``free_scale``, the
     subspace kind's own (``SubspaceKind.check_group``: projection shapes, (in, out)-stored
     weights)."""
     group = groups[-1]
@@ -87,6 +91,7 @@ def check_added_group(groups: list[dict[str, Any]], layout: Any, world: int) -> 
         check_layout_options(groups, layout, world)
     kind = kind_for(group)
     check_moment_transfer(group, where, kind.has_basis)
+    check_free_scale(group, where)
     kind.check_group(group, where)
 
 

@@ -34,7 +34,9 @@
               pure state-free updates go through ``free_apply_``, whole projection matrices
               through ``apply_projection`` per (shape, side, rank) batch -- these fold the weight
               decay; the rest decays first, then applies (``optim.fast_apply``,
-              ``optim.projection_batch``)
+              ``optim.projection_batch``). ``free_scale="matched"`` groups go per item; on
+              fragments their scales first take one all-reduce of 8 B per tensor
+              (``optim.free_scale``)
 
 At world size 1 every collective is skipped and the pipeline is the plain FRUGAL step.
 """
@@ -68,6 +70,7 @@ from frugal_dist.optim.fast_apply import (
     run_voted,
     voted_parts,
 )
+from frugal_dist.optim.free_scale import reduce_scales
 from frugal_dist.optim.kinds import SubspaceKind, kind_for
 from frugal_dist.optim.nonfinite import FiniteCheck, grads_are_finite
 from frugal_dist.optim.projection_batch import apply_batched
@@ -375,6 +378,7 @@ def route_apply(ctx: StepContext, items: list[Item]) -> list[GroupApply]:
 def run_apply(ctx: StepContext, routed: list[GroupApply]) -> None:
     """The routed updates with the groups' current lr and weight decay (fused / free /
     kernel_projs fold the decay into their kernels; the other lists are decayed first)."""
+    reduce_scales(ctx, routed)  # free_scale="matched" on fragments: one all-reduce, 8 B x tensors
     for ga in routed:
         group, kind, batches = ga.group, ga.kind, ga.batches
         lr, wd = group["lr"], group["weight_decay"]

@@ -47,14 +47,15 @@ from torch import Tensor
 
 from frugal_dist.kernels.elementwise import triton_available
 from frugal_dist.kernels.projection import apply_projection, matmul_precision, project_down
+from frugal_dist.optim.free_scale import matched
 from frugal_dist.optim.step_items import Item
 
 
 def projection_backend(it: Item, kernels: str) -> str | None:
     """The ``kernels.projection`` backend for this projection item, or None: the per-item
     path."""
-    if it.sel is None or it.free_done or it.sel.rank == 0:
-        return None
+    if it.sel is None or it.free_done or it.sel.rank == 0 or matched(it.group):
+        return None  # matched: a per-tensor device scale, the per-item path (optim.free_scale)
     data = it.view.data
     if not it.span.is_full or data.dtype != torch.float32 or not data.is_contiguous():
         return None

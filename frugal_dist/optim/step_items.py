@@ -41,6 +41,7 @@ class Item:
     fused: bool = False  # state phase inside the apply kernel (``fast_apply.run_fused``)
     sf_t: int = 0  # state-full step count after this step (active items on their owner)
     prev_basis: Tensor | None = None  # moment_transfer="rotate": global basis before a refresh
+    free_scale: Tensor | None = None  # free_scale="matched": s_i s_t reduced over the ranks
 
     @property
     def name(self) -> str:
@@ -48,7 +49,7 @@ class Item:
 
     def release(self) -> None:
         """Drop this item's temporaries (once its update is applied)."""
-        self.free = self.u = self.g_sf = self.g_sf_op = self.vote_bits = None
+        self.free = self.u = self.g_sf = self.g_sf_op = self.vote_bits = self.free_scale = None
 
     @property
     def st(self):

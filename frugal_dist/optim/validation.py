@@ -14,6 +14,7 @@ from frugal_dist.kernels.elementwise import triton_available
 from frugal_dist.kernels.projection import PRECISIONS
 from frugal_dist.kernels.refresh import METHODS as SVD_METHODS
 from frugal_dist.optim.fast_apply import KERNELS
+from frugal_dist.optim.free_scale import FREE_SCALES
 from frugal_dist.optim.moment_transfer import MOMENT_TRANSFERS
 
 # "state_full": the group's ``state_full`` rule (AdamW, SGDM or Lion) on whole tensors.
@@ -35,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "proj_precision": PROJ_PRECISIONS,
     "svd_method": SVD_METHODS,
     "moment_transfer": MOMENT_TRANSFERS,
+    "free_scale": FREE_SCALES,
 }
 
 

@@ -51,6 +51,7 @@ OPTIMIZER_KEYS: dict[str, tuple[str, str]] = {
     "proj_params_lr_scale": ("frugal", "lr scale of every split parameter"),
     "reset_statistics": ("frugal", "zero the Adam moments at each refresh"),
     "moment_transfer": ("frugal", "projection refresh: none, or rotate moments into the new basis"),
+    "free_scale": ("frugal", "state-free step: fixed (lr*s_i), or matched to RMS(U) per tensor"),
     "algorithm": ("frugal", "rule of every group (signsgd: pure signSGD)"),
     "non_split": ("frugal", "rule of embeddings, heads, norms, biases: state_full's or AdamW"),
     "shard_state": ("frugal", "DDP: each rank keeps 1/world of the state (ZeRO-1 style)"),

@@ -17,7 +17,14 @@ SUBSPACES: dict[str, dict] = {
     "projection-device": dict(subspace="projection", proj_type="random", proj_qr_device="param"),
     "projection-left": dict(subspace="projection", proj_type="randperm", proj_side="left"),
     "svd": dict(subspace="projection", proj_type="svd"),
-}
+    # free_scale="matched" (optim.free_scale): on fragments, sums over ranks counted once each
+    # (right: boundary rows; left: replicated U; columns: phantom entries)
+    "projection-matched": dict(subspace="projection", proj_type="random", proj_side="right",
+                               free_scale="matched"),
+    "projection-left-matched": dict(subspace="projection", proj_type="randperm",
+                                    proj_side="left", free_scale="matched"),
+    "columns-matched": dict(subspace="coordinate", coord_choice="columns", free_scale="matched"),
+}  # fmt: skip
 
 
 def pick(*names: str) -> dict[str, dict]:

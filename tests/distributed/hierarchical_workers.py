@@ -20,7 +20,11 @@ CASES = {
     "columns": dict(subspace="coordinate", coord_choice="columns", density=0.25),
     "projection": dict(subspace="projection", proj_type="random", density=0.25),
     "svd": dict(subspace="projection", proj_type="svd", density=0.25),  # refreshes: exact mean
-}
+    # the vote's F (0 on ties, +1 on the selected entries before U overwrites them) scaled to
+    # RMS(U) (optim.free_scale)
+    "columns-matched": dict(subspace="coordinate", coord_choice="columns", density=0.25,
+                            free_scale="matched"),
+}  # fmt: skip
 
 
 def modes(world: int) -> dict[str, dict[str, Any]]:

@@ -14,7 +14,7 @@ from tests.distributed.launch import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-KINDS = cases.pick("block", "columns", "randk", "projection", "svd")
+KINDS = cases.pick("block", "columns", "randk", "projection", "svd", "projection-matched")
 COMMON = dict(lr=1e-2, density=0.4, update_gap=8, weight_decay=0.01)
 STEPS = 20  # spans refreshes at steps 0, 8, 16
 

@@ -17,7 +17,14 @@ pytestmark = pytest.mark.distributed
 
 COMMON = dict(lr=1e-3, density=0.25, update_gap=4, weight_decay=0.01)
 KINDS = {
-    **cases.pick("block-descending", "columns", "projection-left", "svd"),
+    **cases.pick(
+        "block-descending",
+        "columns",
+        "projection-left",
+        "svd",
+        "columns-matched",
+        "projection-left-matched",
+    ),
     "projection-right": dict(subspace="projection", proj_type="random", proj_side="right"),
     "rho0": dict(subspace="projection", proj_type="random", density=0.0),
 }

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from frugal_dist import FRUGAL, build_param_groups
 from frugal_dist.core.rules import STATE_FREE_RULES, STATE_FULL_RULES
 from frugal_dist.core.subspaces import BLOCK_ORDERS, COORD_CHOICES, PROJ_SIDES, PROJ_TYPES
+from frugal_dist.optim.free_scale import FREE_SCALES
 from frugal_dist.optim.moment_transfer import MOMENT_TRANSFERS
 from frugal_dist.optim.validation import SUBSPACES
 from frugal_dist.train.config import DTYPES, ENGINES, FIELDS, build_config
@@ -84,6 +85,7 @@ INVALID_FRUGAL: dict[str, st.SearchStrategy] = {
     "weight_decay": st.one_of(st.floats(max_value=-1e-9), st.sampled_from([NAN, INF])),
     "seed": st.sampled_from([1.5, "0", True, [0]]),
     "moment_transfer": _NOT_CHOICE.filter(lambda v: v not in MOMENT_TRANSFERS),
+    "free_scale": _NOT_CHOICE.filter(lambda v: v not in FREE_SCALES),
 }
 UNKNOWN_KEYS = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).filter(
     lambda k: k not in VALID_FRUGAL and k not in frugal_keywords() and k not in FIELDS

@@ -185,6 +185,22 @@ class SubspaceKind(ABC):
     def apply_one(self, it: Item, ctx: StepContext) -> None:
         """The item's own update W += -lr (...) (weight decay already applied)."""
 
+    # ------------------------------------------------------------------ free_scale="matched"
+    def matched_sizes(self, it: Item) -> tuple[int, int]:
+        """(N_U, N_F): global entries of the state-full direction U and of the entries the
+        state-free step touches (``optim.free_scale``). Only kinds that support
+        ``free_scale="matched"`` implement it (validation refuses the others)."""
+        raise NotImplementedError(f"free_scale='matched' is not supported for {self.name}")
+
+    def update_sumsq(self, it: Item, ctx: StepContext) -> Tensor:
+        """This rank's share of sum U^2, each global entry counted on one rank only."""
+        raise NotImplementedError(f"free_scale='matched' is not supported for {self.name}")
+
+    def free_sumsq(self, it: Item, free: Tensor) -> Tensor:
+        """This rank's sum F^2 over the state-free entries of its fragment (``free``: F on the
+        local matrix; may be modified in place where it is overwritten later anyway)."""
+        raise NotImplementedError(f"free_scale='matched' is not supported for {self.name}")
+
     def gemm_context(self, group: dict[str, Any], device: Any) -> Any:
         """Context for this kind's per-item GEMMs (projection: ``proj_precision`` on CUDA)."""
         return contextlib.nullcontext()

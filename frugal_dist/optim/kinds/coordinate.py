@@ -27,6 +27,7 @@ from frugal_dist.core.subspaces import (
     tensor_fingerprint,
 )
 from frugal_dist.optim.fast_apply import can_batch, coordinate_fusable, local_matrix
+from frugal_dist.optim.free_scale import item_scale, matched
 from frugal_dist.optim.kinds.base import SubspaceKind
 from frugal_dist.optim.param_groups import refuse_in_out
 from frugal_dist.optim.sign_reduce import votes_residual
@@ -97,6 +98,8 @@ class Coordinate(SubspaceKind):
         return tensor_fingerprint(it.gsel.index)
 
     def fuses(self, it: Item, ctx: StepContext) -> bool:
+        if matched(it.group):  # the kernel takes a host scale s_i (optim.free_scale)
+            return False
         return coordinate_fusable(it, ctx.kernels, ctx.sharded, votes_residual(ctx))
 
     def down(self, its: list[Item], ctx: StepContext) -> None:
@@ -112,6 +115,9 @@ class Coordinate(SubspaceKind):
 
     def route(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
         group = it.group
+        if matched(group):  # a per-tensor device scale: the per-item path (optim.free_scale)
+            batches.rest.append(it)
+            return
         if can_batch(it):
             if group["inactive_lr_scale"] == 1.0 and it.sel.numel == 0:  # rho = 0: s_p F(G)
                 batches.free.append((it, self.free_rule(group), group["proj_params_lr_scale"]))
@@ -126,10 +132,26 @@ class Coordinate(SubspaceKind):
         s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
         free = self.free_direction(it)
         full = free if free is not None else torch.zeros_like(it.g)
-        if free is not None and s_i != 1.0:
+        if free is not None and matched(group):
+            full.mul_(item_scale(it, full, ctx))  # s_i s_t (optim.free_scale)
+        elif free is not None and s_i != 1.0:
             full.mul_(s_i)
         it.sel.scatter_(full, it.u)  # selected: up(U); others: s_i F(R)
         apply_update(it.view.data, it.span.unpad(full), -group["lr"] * s_p)
+
+    def matched_sizes(self, it: Item) -> tuple[int, int]:
+        m, n = it.span.m, it.span.n
+        n_u = self.state_numel(it.view.shape, it.group)
+        return n_u, m * n - n_u
+
+    def update_sumsq(self, it: Item, ctx: StepContext) -> Tensor:
+        # the local compact slice: phantom entries of boundary rows hold exactly 0 (their
+        # gradient is 0, so are their moments), every global entry is non-zero on one rank only
+        return torch.linalg.vector_norm(it.u.float()).square()
+
+    def free_sumsq(self, it: Item, free: Tensor) -> Tensor:
+        it.sel.fill_(free, 0.0)  # the selected entries take U (F there: the vote's +-1)
+        return torch.linalg.vector_norm(it.span.unpad(free).float()).square()
 
 
 def global_selection(

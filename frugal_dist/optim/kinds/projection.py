@@ -46,6 +46,7 @@ from frugal_dist.core.subspaces import (
 from frugal_dist.kernels.refresh import random_bases
 from frugal_dist.optim.engine_hooks import logical_shape
 from frugal_dist.optim.fast_apply import can_batch, local_matrix
+from frugal_dist.optim.free_scale import item_scale, matched
 from frugal_dist.optim.kinds.base import SubspaceKind
 from frugal_dist.optim.moment_transfer import basis_change, rotate_moments
 from frugal_dist.optim.param_groups import refuse_in_out
@@ -192,7 +193,9 @@ class Projection(SubspaceKind):
     def route(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
         group = it.group
         batchable = can_batch(it)
-        if batchable and group["inactive_lr_scale"] == 1.0 and it.sel.rank == 0:  # rho = 0
+        if matched(group):  # a per-tensor device scale: the per-item path (optim.free_scale)
+            batches.rest.append(it)
+        elif batchable and group["inactive_lr_scale"] == 1.0 and it.sel.rank == 0:  # rho = 0
             batches.free.append((it, self.free_rule(group), group["proj_params_lr_scale"]))
         elif projection_backend(it, ctx.kernels) is not None:
             batches.kernel_projs.append(it)
@@ -213,9 +216,32 @@ class Projection(SubspaceKind):
         free = self.free_direction(it)
         if free is None:
             full = it.sel.up(it.u)
+        elif matched(group):  # s_i s_t F(R) + up(U) (optim.free_scale)
+            full = it.sel.up_add_(free.mul_(item_scale(it, free, ctx)), it.u)
         else:  # s_i F(R) + up(U), in place in F(R)'s buffer
             full = it.sel.up_add_(free, it.u, beta=s_i)
         apply_update(it.view.data, it.span.unpad(full), -group["lr"] * s_p)
+
+    def matched_sizes(self, it: Item) -> tuple[int, int]:
+        m, n = it.span.m, it.span.n
+        return self.state_numel(it.view.shape, it.group), m * n
+
+    def update_sumsq(self, it: Item, ctx: StepContext) -> Tensor:
+        u = it.u.float()
+        if ctx.layout is None or ctx.world == 1:
+            return torch.linalg.vector_norm(u).square()
+        if it.sel.side == "left":  # (r, n) U replicated on every rank (whatever its fragment,
+            # the whole tensor's included): counted by rank 0
+            total = torch.linalg.vector_norm(u).square()
+            return total if ctx.rank == 0 else torch.zeros_like(total)
+        # right: one U row per touched row; a boundary row's is held by both of its ranks and
+        # counted by the one holding its first entry (not this one when the span starts mid-row)
+        first = 1 if it.span.offset != 0 else 0
+        return torch.linalg.vector_norm(u[first:]).square()
+
+    def free_sumsq(self, it: Item, free: Tensor) -> Tensor:
+        # the fragment's entries only: phantom entries of boundary rows hold -up(G_sf) there
+        return torch.linalg.vector_norm(it.span.unpad(free).float()).square()
 
 
 def global_basis(
