@@ -31,6 +31,30 @@ papers': rho 0.25, update gap 200, lr 1e-3 for 60M). Variants (``--variants``):
     frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
 
+Simulated data parallelism (issue 18, item 4; not in the default list): W ranks simulated in
+each run's one process (``launchers/train.py --simulate_ranks=W``, ``frugal_dist.train.
+simulated``): every step, W micro-batches of ``--batch-size / W`` sequences (the rows a real
+W-rank run gives its ranks: the same tokens as the unsplit run), each rank's gradient clipped
+to its own norm, then FRUGAL's own reduction (``reduce_gradients``) with the variant's
+``residual_comm`` computed in process by ``FRUGAL.step_ranks`` -- the code of the distributed
+step, checked against real gloo ranks by ``tests/distributed/test_simulated_ranks.py``. Each
+measures, against the unsplit ``frugal_block`` / ``frugal_d0`` (rho 0.25 / 0):
+
+    frugal_block_exact_w4    exact mean of 4 ranks' gradients: the unsplit run up to round-off
+                       and per-rank clipping (each rank clips its own gradient) -- the cost of
+                       splitting alone, the reference for the two below
+    frugal_block_sign_w2     sign mode at 2 ranks: state-full part (active blocks, AdamW
+                       params) exact mean, state-free residual the majority vote of the 2 ranks'
+                       signs (a tie, +/- split, gives 0: no update of that entry)
+    frugal_block_sign_w4     the same at 4 ranks (ties only at a 2-2 split)
+    frugal_block_hier_2x2    hierarchical, 2 nodes x 2 ranks: exact mean inside each node,
+                       then the vote of the 2 node means' signs (ties at 1-1)
+    frugal_d0_exact_w4, frugal_d0_sign_w2, frugal_d0_sign_w4, frugal_d0_hier_2x2
+                       the same at rho 0 (every split weight's whole gradient voted)
+
+The cost of voting instead of sign(mean) is ``*_sign_wN`` (or ``*_hier_2x2``) minus
+``*_exact_w4``; ``*_exact_w4`` minus the unsplit variant is the cost of micro-batching.
+
 Sweep and finals (issue: short runs are dominated by hyper-parameters): ``--lrs`` x
 ``--inactive-lr-scales`` (the FRUGAL state-free lr scale s_i; FRUGAL variants only) x ``--seeds``
 is a grid; ``--best-from SWEEP/quality.json`` instead runs each variant's best (lr, s_i) of that
@@ -107,6 +131,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "frugal_d0": {"name": "frugal", "subspace": "block", "density": 0.0},
     "rso": {"name": "rso", "density": 0.25},
 }  # fmt: skip
+# simulated data parallelism (module docstring): variant -> (base variant, residual_comm,
+# simulated ranks W, ranks per node or None)
+SIMULATED: dict[str, tuple[str, str, int, int | None]] = {
+    f"{base}_{tag}": (base, comm, ranks, node)
+    for base in ("frugal_block", "frugal_d0")
+    for tag, comm, ranks, node in (("exact_w4", "exact", 4, None), ("sign_w2", "sign", 2, None),
+                                   ("sign_w4", "sign", 4, None),
+                                   ("hier_2x2", "hierarchical", 4, 2))
+}  # fmt: skip
+for _name, (_base, _comm, _, _) in SIMULATED.items():
+    VARIANTS[_name] = {**VARIANTS[_base], "reduce_gradients": True, "residual_comm": _comm}
 DEFAULT_VARIANTS = [
     v
     for v in VARIANTS
@@ -120,6 +155,7 @@ DEFAULT_VARIANTS = [
         "frugal_projection_matched",
         "frugal_columns_matched",
     )
+    and v not in SIMULATED
 ]
 GPU_DATA = {  # paths staged by ../shared/gpu/stage.sh
     "train_files": ".gpu/data/enwiki2015/train-*.jsonl.xz",
@@ -244,15 +280,26 @@ def plan_runs(args, steps: int) -> list[dict[str, Any]]:
 
 def command(args, run: dict[str, Any], data: dict[str, Any], steps: int, out: Path) -> list[str]:
     warmup = max(1, round(args.warmup_frac * steps))
+    ranks, sim = simulated_flags(run["variant"])
+    batch = args.batch_size // ranks  # simulated ranks: the same global batch, split
     cmd = [sys.executable, str(REPO / "launchers" / "train.py"), f"--model={args.model}",
-           f"--seq_len={args.seq_len}", f"--batch_size={args.batch_size}", "--grad_accum=1",
+           f"--seq_len={args.seq_len}", f"--batch_size={batch}", "--grad_accum=1",
            f"--max_steps={steps}", f"--warmup_steps={warmup}", f"--eval_every={args.eval_every}",
            f"--eval_batches={args.eval_batches}", f"--log_every={args.log_every}",
            f"--seed={run.get('seed', args.seed)}", "--engine=single", f"--dtype={args.dtype}",
            f"--output_dir={out}", "--checkpoint_every=0", "--keep_checkpoints=1"]  # fmt: skip
     cmd += [f"--optimizer.{k}={v}" for k, v in run["optimizer"].items()]
     cmd += [f"--data.{k}={v}" for k, v in data.items()]
-    return cmd + list(args.extra)
+    return cmd + sim + list(args.extra)
+
+
+def simulated_flags(variant: str) -> tuple[int, list[str]]:
+    """(simulated ranks W, ``launchers/train.py`` flags) of a simulated-ranks variant
+    (``SIMULATED``; (1, []) for the others). ``parse_args`` checked that W divides the batch."""
+    if variant not in SIMULATED:
+        return 1, []
+    _, _, ranks, node = SIMULATED[variant]
+    return ranks, [f"--simulate_ranks={ranks}"] + ([f"--simulate_node_size={node}"] if node else [])
 
 
 def schedule(args, runs, data, steps: int, budget: Budget, out_dir: Path) -> None:
@@ -500,6 +547,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             [kind(x) for x in text.split(",")]
         except ValueError:
             ap.error(f"{flag} must be a comma list of {kind.__name__}s, got {text!r}")
+    for v in args.variants.split(","):
+        if v in SIMULATED and args.batch_size % SIMULATED[v][2]:
+            ap.error(f"--batch-size {args.batch_size}: variant {v!r} splits it over "
+                     f"{SIMULATED[v][2]} simulated ranks; pass a multiple of it")  # fmt: skip
     if args.best_from and not Path(args.best_from).is_file():
         ap.error(f"--best-from {args.best_from!r}: no such file (a quality.json of a sweep)")
     return args

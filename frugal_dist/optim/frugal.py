@@ -32,7 +32,8 @@ Options of the optimizer, not of a group (``docs/optimizer.md`` has the full tab
   ``comm.defer_to_optimizer_hook``); ``residual_comm`` = ``"exact"`` (mean all-reduce),
   ``"sign"`` (compact G_sf exact, residual as a 1-bit majority vote; ``state_free="signsgd"``) or
   ``"hierarchical"`` (exact inside a node, the sign scheme across ``node_groups``; one node =
-  exact). Bytes per link: ``optim.sign_reduce``.
+  exact). Bytes per link: ``optim.sign_reduce``. ``step_ranks(rank_grads)`` takes the step of
+  W simulated ranks in one process (``optim.simulated_ranks``: the same reduce, no collective).
 * ``seed=None`` -- rank 0 draws and broadcasts the seed; subspace fingerprints are compared at
   every refresh. ``process_group``: the optimizer is collective over it; its participant checks
   wait at most ``FRUGAL_DIST_PARTICIPANTS_TIMEOUT_S`` (``comm.participants``).
@@ -86,7 +87,7 @@ less host work). ``docs/step.md`` walks through them, and through where a new su
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -114,6 +115,7 @@ from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.layout_guard import ParamRegistry
 from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.sign_reduce import HIERARCHICAL_UNDER_LAYOUT, hierarchy_options
+from frugal_dist.optim.simulated_ranks import simulated_ranks
 from frugal_dist.optim.state_loading import (
     SCALAR_KEYS,
     check_checkpoint_groups,
@@ -266,9 +268,14 @@ class FRUGAL(Optimizer):
         if self.nonfinite != "ignore" and not phases.gradients_finite(ctx, views, self.nonfinite):
             self._skipped += 1
             return loss
+        self._full_step(ctx, views)
+        return loss
+
+    def _full_step(self, ctx: phases.StepContext, views: list) -> None:
+        """Every phase of one step on ``views`` (their gradients checked already)."""
         items = phases.plan(ctx, views)
         if not items:
-            return loss
+            return
         phases.reduce(ctx, items)  # reduce_gradients: mean gradients (full / compact / signs)
         phases.select(ctx, items)  # svd refresh; refresh fingerprints compared
         phases.down(ctx, items)  # G_sf = down(G)
@@ -277,7 +284,54 @@ class FRUGAL(Optimizer):
         routed = phases.route_apply(ctx, items)
         phases.run_apply(ctx, routed)  # W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R))
         self._cache.plan = StepPlan.build(ctx, items, routed)  # the steps until the refresh
-        return loss
+
+    @torch.no_grad()
+    def step_ranks(
+        self, rank_grads: Sequence[Sequence[Tensor | None]], node_size: int | None = None
+    ) -> None:
+        """One step of a W-rank data-parallel run, simulated in this process: the step rank 0
+        of W real ranks takes, with ``rank_grads[r]`` rank r's gradients (one per parameter of
+        ``param_groups``, in order; None where a parameter has none). Needs
+        ``reduce_gradients=True`` and no other rank (a process group of one, no layout); the
+        reduce of ``residual_comm`` runs in process (``optim.simulated_ranks``: exact mean,
+        mean of the compact parts and majority vote of the residual signs, or node means first
+        with ``node_size`` ranks per node for "hierarchical"), the same code and arithmetic as
+        the distributed step. W = 1 is ``step()``. The tensors of ``rank_grads`` serve as
+        buffers (overwritten); afterwards ``p.grad`` is rank 0's, as on rank 0 of a real run.
+        Every step takes the full path (no cached plan)."""
+        if not self.reduce_gradients:
+            raise ValueError(
+                "step_ranks simulates FRUGAL's own gradient reduction; construct the optimizer "
+                "with reduce_gradients=True (and residual_comm 'exact', 'sign' or "
+                "'hierarchical')"
+            )
+        if self._layout is not None or rank_and_world(self._pg)[1] > 1:
+            raise ValueError(
+                "step_ranks simulates the ranks in this process; it needs an optimizer of one "
+                "process and whole tensors (no process group of several ranks, no bound layout)"
+            )
+        params = [p for group in self.param_groups for p in group["params"]]
+        sim = simulated_ranks(params, rank_grads, self.residual_comm, node_size)
+        for p, g in zip(params, sim.grads[0]):
+            p.grad = g
+        if sim.world == 1:
+            self.step()
+            return
+        self._cache.plan = None  # a cached plan has no reduce phase
+        self.comm.begin_step()
+        views = [(group, self.views(group)) for group in self.param_groups]
+        ctx = self._context()
+        ctx.simulated = sim
+        if self.nonfinite != "ignore":
+            names = [v.name for _, vs in views for v in vs]
+            where = {id(p): i for i, p in enumerate(params)}
+            index = [where[id(v.data)] for _, vs in views for v in vs]
+            for gs in sim.grads:  # any rank's inf/nan skips the step (the flag all-reduced)
+                grads = [gs[i] for i in index]
+                if not phases.check_finite(ctx, names, grads, self.nonfinite):
+                    self._skipped += 1
+                    return
+        self._full_step(ctx, views)
 
     def _context(self) -> phases.StepContext:
         rank, world = rank_and_world(self._pg)

@@ -13,7 +13,8 @@
               a mean all-reduce of the *compact* state-full gradients (``grad_projected``), and a
               1-bit majority vote of the local state-free residual signs (``sign_allgather``);
               hierarchical: exact mean inside each node, then sign across nodes
-              (``optim.sign_reduce``)
+              (``optim.sign_reduce``); ``FRUGAL.step_ranks``: the same reduce over simulated
+              ranks in this process (``optim.simulated_ranks``)
     select    per kind: svd refreshes (the owner gets the full gradient -- one coalesced
               ``reduce`` per owner over ``process_group`` for fragments -- computes its bases
               batched by shape (``optim.svd_refresh``, ``svd_method``) and broadcasts them,
@@ -75,6 +76,7 @@ from frugal_dist.optim.kinds import SubspaceKind, kind_for
 from frugal_dist.optim.nonfinite import FiniteCheck, grads_are_finite
 from frugal_dist.optim.projection_batch import apply_batched
 from frugal_dist.optim.sign_reduce import reduce_signs
+from frugal_dist.optim.simulated_ranks import reduce_simulated
 from frugal_dist.optim.step_cache import StepCache
 from frugal_dist.optim.step_items import Item, increment_counters
 
@@ -105,6 +107,9 @@ class StepContext:
     # the step plan's lookups kept between its steps (``projection_batch.batches``); None on
     # full steps
     batch_memo: dict[Any, Any] | None = None
+    # ``FRUGAL.step_ranks``: the simulated ranks' gradients (``optim.simulated_ranks``), whose
+    # reduce runs in this process; None: the real ranks of ``pg``
+    simulated: Any = None
 
     @property
     def agreement_world(self) -> int:
@@ -118,8 +123,8 @@ class StepContext:
 
     @property
     def reduced_here(self) -> bool:
-        """FRUGAL reduces the gradients itself this step."""
-        return self.reduce_gradients and self.world > 1
+        """FRUGAL reduces the gradients itself this step (over real or simulated ranks)."""
+        return self.reduce_gradients and (self.world > 1 or self.simulated is not None)
 
 
 @dataclass
@@ -231,6 +236,9 @@ def _advance_steps(states: list) -> list[int]:
 def reduce(ctx: StepContext, items: list[Item]) -> None:
     """Mean of the gradients over ranks (``reduce_gradients``; see the module docstring)."""
     if not ctx.reduced_here:
+        return
+    if ctx.simulated is not None:  # FRUGAL.step_ranks: the same reduce, in this process
+        reduce_simulated(ctx, items)
         return
     if ctx.residual_comm == "exact":
         allreduce_mean_([it.g for it in items], ctx.pg, ctx.comm, "grad_full")

@@ -41,6 +41,7 @@ mode over the N ranks, the same calls.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -99,6 +100,8 @@ def votes_residual(ctx: StepContext) -> bool:
     than one node) -- the fused coordinate kernel needs the whole reduced gradient instead."""
     if not ctx.reduced_here:
         return False
+    if ctx.simulated is not None:  # ranks simulated in one process (optim.simulated_ranks)
+        return ctx.simulated.votes(ctx.residual_comm)
     if ctx.residual_comm == "sign":
         return True
     return ctx.residual_comm == "hierarchical" and ctx.optimizer.node_groups().nodes > 1
@@ -122,40 +125,68 @@ def reduce_signs(ctx: StepContext, items: list[Item]) -> None:
         else:
             allreduce_mean_([it.g for it in items], groups.intra, ctx.comm, "grad_intra")
             mean_, gather = _sliced_collectives(groups)
-    full: list[Tensor] = []
-    compact: list[Tensor] = []
-    signs: list[Tensor] = []  # tensors voted to float32 (``it.free``), then packed-applied ones
-    voted: list[Item] = []
-    direct: list[tuple[Item, Tensor]] = []
+    parts = split_parts(items)
+    mean_(parts.full, ctx.comm, "grad_full")
+    mean_(parts.compact, ctx.comm, "grad_projected")
+    tensors = parts.sign_tensors()
+    if tensors:
+        take_vote(parts, gather(tensors, ctx.comm, ctx.kernels), ctx.kernels)
+
+
+@dataclass
+class SignParts:
+    """One rank's payload of the sign reduce (``split_parts``): the tensors to mean-reduce whole
+    (``full``: the items' ``g`` themselves), the compact G_sf (``compact``: the items'
+    ``g_sf``), and the residuals whose signs are voted -- ``signs`` (voted to float32 for the
+    ``voted`` items) first, then ``direct`` (applied from the packed bits)."""
+
+    full: list[Tensor] = field(default_factory=list)
+    compact: list[Tensor] = field(default_factory=list)
+    signs: list[Tensor] = field(default_factory=list)
+    voted: list[Item] = field(default_factory=list)
+    direct: list[tuple[Item, Tensor]] = field(default_factory=list)
+
+    def sign_tensors(self) -> list[Tensor]:
+        """The residuals in packed order (``signs``, then ``direct``)."""
+        return self.signs + [resid for _, resid in self.direct]
+
+
+def split_parts(items: list[Item]) -> SignParts:
+    """Each item's kind's ``sign_parts`` of its current ``g`` (this rank's gradient); sets the
+    items' ``g_sf`` (to be mean-reduced in place) and ``free_done``. No communication."""
+    parts = SignParts()
     for it in items:
-        parts = it.kind.sign_parts(it)
-        if parts is None:
-            full.append(it.g)
+        pair = it.kind.sign_parts(it)
+        if pair is None:
+            parts.full.append(it.g)
             continue
-        g_sf, resid = parts
+        g_sf, resid = pair
         if resid is not None:
             if applies_packed(it):
-                direct.append((it, resid))
+                parts.direct.append((it, resid))
             else:
-                signs.append(resid)
-                voted.append(it)
+                parts.signs.append(resid)
+                parts.voted.append(it)
         if g_sf is not None:
             it.g_sf = g_sf
-            compact.append(g_sf)
+            parts.compact.append(g_sf)
         it.free_done = True
-    mean_(full, ctx.comm, "grad_full")
-    mean_(compact, ctx.comm, "grad_projected")
-    if not signs and not direct:
-        return
-    tensors = signs + [resid for _, resid in direct]
-    gathered = gather(tensors, ctx.comm, ctx.kernels)
-    offsets, _ = packed_offsets([t.numel() for t in tensors])
-    for (it, _), offset in zip(direct, offsets[len(signs) :]):
+    return parts
+
+
+def take_vote(parts: SignParts, gathered: Tensor, kernels: str) -> None:
+    """The voted directions from ``gathered``, the (voters, B) packed signs of every voter's
+    ``parts.sign_tensors()`` (row v: voter v's ``pack_signs``): ``vote_bits`` for the
+    ``direct`` items, the float32 majority vote (``kernels.sign_bits``) as ``free`` for the
+    ``voted`` ones. No communication."""
+    signs = parts.signs
+    offsets, _ = packed_offsets([t.numel() for t in parts.sign_tensors()])
+    for (it, _), offset in zip(parts.direct, offsets[len(signs) :]):
         it.vote_bits = (gathered, offset)
     if signs:
         head = offsets[len(signs) - 1] + (signs[-1].numel() + 7) // 8
-        votes = vote_views(majority_vote(gathered[:, :head], impl=ctx.kernels), signs)
-        for it, v in zip(voted, votes):
+        votes = vote_views(majority_vote(gathered[:, :head], impl=kernels), signs)
+        for it, v in zip(parts.voted, votes):
             it.free = v
 
 

@@ -67,6 +67,19 @@ class TrainConfig:
     deepspeed_config: Annotated[str | None, _f("DeepSpeed JSON (engine=deepspeed)")] = None
     fsdp2_replicas: Annotated[int, _f("engine=fsdp2: > 1 is HSDP, (replicas, world / replicas)",
                                       ge=1)] = 1  # fmt: skip
+    simulate_ranks: Annotated[
+        int,
+        _f(
+            "one process takes the steps of this many data-parallel "
+            "ranks (batch_size each; FRUGAL reduce_gradients, "
+            "frugal_dist.train.simulated)",
+            ge=1,
+        ),
+    ] = 1
+    simulate_node_size: Annotated[
+        int | None,
+        _f("simulate_ranks with optimizer.residual_comm=hierarchical: ranks per node", ge=1),
+    ] = None
     output_dir: Annotated[str | None, _f("metrics, TensorBoard, checkpoints, plot")] = None
     checkpoint_every: Annotated[int, _f("steps between checkpoints (0: at the end)", ge=0)] = 100
     keep_checkpoints: Annotated[int, _f("newest checkpoints kept (0: all)", ge=0)] = 3
@@ -89,7 +102,8 @@ class TrainConfig:
 
     @property
     def tokens_per_step_per_rank(self) -> int:
-        return self.batch_size * self.grad_accum * self.seq_len
+        """Tokens one process trains on per step (all its simulated ranks'; ``simulate_ranks``)."""
+        return self.batch_size * self.grad_accum * self.seq_len * self.simulate_ranks
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

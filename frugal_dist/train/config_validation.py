@@ -66,6 +66,7 @@ def validate_config(cfg: TrainConfig) -> None:
 
         read_config(cfg.deepspeed_config, "deepspeed_config")
     validate_optimizer_section(cfg.optimizer)
+    validate_simulation(cfg)
 
 
 def validate_optimizer_section(section: Any) -> None:
@@ -101,4 +102,45 @@ def validate_optimizer_section(section: Any) -> None:
         raise ValueError(
             f"optimizer.residual_comm must be one of {list(RESIDUAL_COMM)}, got "
             f"{opts['residual_comm']!r}"
+        )
+
+
+def validate_simulation(cfg: TrainConfig) -> None:
+    """``simulate_ranks`` / ``simulate_node_size`` (``frugal_dist.train.simulated``) against the
+    rest of the config."""
+    opts = cfg.optimizer
+    comm = opts.get("residual_comm", "exact")
+    if cfg.simulate_ranks == 1:
+        if cfg.simulate_node_size is not None:
+            raise ValueError(
+                f"simulate_node_size={cfg.simulate_node_size} needs simulate_ranks > 1 "
+                "(the simulated ranks it groups into nodes); set simulate_ranks or drop it"
+            )
+        return
+    where = f"simulate_ranks={cfg.simulate_ranks}"
+    if opts.get("name", "frugal") not in FRUGAL_FAMILY:
+        raise ValueError(
+            f"{where} simulates FRUGAL's own gradient reduction; optimizer.name must be one of "
+            f"{list(FRUGAL_FAMILY)}, got {opts.get('name')!r}"
+        )
+    if opts.get("reduce_gradients") is not True:
+        raise ValueError(
+            f"{where} needs optimizer.reduce_gradients=true (the simulated ranks' gradients "
+            "are reduced by FRUGAL, as with engine=ddp and reduce_gradients=true)"
+        )
+    if cfg.grad_accum != 1:
+        raise ValueError(f"{where} needs grad_accum=1, got {cfg.grad_accum}")
+    if cfg.engine not in ("single", "auto"):
+        raise ValueError(f"{where} runs in one process: engine must be single, got {cfg.engine!r}")
+    if comm == "hierarchical":
+        size = cfg.simulate_node_size
+        if size is None or cfg.simulate_ranks % size:
+            raise ValueError(
+                f"{where} with optimizer.residual_comm=hierarchical needs simulate_node_size "
+                f"(ranks per simulated node) dividing {cfg.simulate_ranks}, got {size!r}"
+            )
+    elif cfg.simulate_node_size is not None:
+        raise ValueError(
+            f"simulate_node_size is for optimizer.residual_comm=hierarchical (got {comm!r}); "
+            "drop it"
         )

@@ -1,8 +1,10 @@
 """The training loop: single process or DDP (torchrun / ``mp.spawn``), gloo on CPU, NCCL on GPU.
 
 Each optimizer step: ``grad_accum`` micro-batches per rank (DDP gradient sync only on the last),
-gradient clipping, FRUGAL (or a baseline) step, lr schedule. Rank 0 prints progress and, with
-``output_dir``, appends one JSON object per logged step to ``metrics.jsonl``.
+gradient clipping, FRUGAL (or a baseline) step, lr schedule; or, with ``simulate_ranks`` > 1,
+the step of that many data-parallel ranks in this one process (``frugal_dist.train.simulated``).
+Rank 0 prints progress and, with ``output_dir``, appends one JSON object per logged step to
+``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from frugal_dist.train.pipeline import build_data
 from frugal_dist.train.progress import Progress, memory_gib
 from frugal_dist.train.safeguards import check_model_agreement, check_run_agreement
 from frugal_dist.train.schedule import lr_factor
+from frugal_dist.train.simulated import simulated_step
 from frugal_dist.train.summary import report, run_summary
 
 
@@ -83,7 +86,8 @@ def evaluate(
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(cfg.eval_batches):
-        batch = data.batch(i, cfg.batch_size, rank, world).to(device)
+        # simulated ranks (simulate_ranks = W): the rows of all W, as the real run evaluates
+        batch = data.batch(i, cfg.batch_size * cfg.simulate_ranks, rank, world).to(device)
         with compute_context(cfg, device):
             _, loss = model(batch, labels=batch)
         total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
@@ -99,6 +103,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     with input_errors():  # a bad input at start-up: one line, exit 2 (launchers/train.py)
         rank, world, device = init_distributed(cfg.collective_timeout_s)
         setup_console(rank)
+        if cfg.simulate_ranks > 1 and world > 1:
+            raise ValueError(
+                f"simulate_ranks={cfg.simulate_ranks} simulates the ranks in one process, but "
+                f"this launch has {world} (WORLD_SIZE={world}); run one process"
+            )
         if cfg.engine == "single" and world > 1:  # each rank would train alone, unreduced
             raise ValueError(
                 f"engine='single' runs one process, but this launch has {world} ranks (WORLD_SIZE="
@@ -173,7 +182,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for g, base in zip(optimizer.param_groups, base_lrs):
             g["lr"] = base * factor
         loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
+        if cfg.simulate_ranks > 1:  # W ranks in this process (frugal_dist.train.simulated)
+            loss_sum = simulated_step(cfg, model, optimizer, train_data, step, device,
+                                      compute_context)  # fmt: skip
+        for micro in range(cfg.grad_accum if cfg.simulate_ranks == 1 else 0):
             batch = train_data.batch(step * cfg.grad_accum + micro, cfg.batch_size, rank, world)
             batch = batch.to(device)
             last = micro == cfg.grad_accum - 1
@@ -193,7 +205,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     _, loss = wrapped(batch, labels=batch)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
-        if ds_engine is None:
+        if ds_engine is None and cfg.simulate_ranks == 1:
             if cfg.grad_clip > 0 and engine in SHARDED_ENGINES:
                 clip_gradients(engine, wrapped, optimizer, cfg.grad_clip)
             elif cfg.grad_clip > 0:
