@@ -148,8 +148,8 @@ def _whole(b: _Builder, part, group: dict, kernels: str) -> bool:
         fixed_or |= ptrs[0] | ptrs[1] | ptrs[2]
     numels = tuple(p.numel() for p in data)
     b.add("adamw", group, sub, rows, 1, 5, fixed_or,
-          dict(scale=scale, tiles=tk.tile_map(numels, dev), wide=tk.wide_offsets(max(numels))))
-    return True  # fmt: skip
+          dict(scale=scale, tiles=tk.tile_map(numels, dev), wide=tk.wide_offsets(max(numels))))  # fmt: skip
+    return True
 
 
 def _coords(b: _Builder, part, group: dict, kernels: str) -> bool:
