@@ -147,8 +147,8 @@ def _whole(b: _Builder, part, group: dict, kernels: str) -> bool:
         rows.append([ptrs[0], 0, ptrs[1], ptrs[2], p.numel(), 0, 0, 0])
         fixed_or |= ptrs[0] | ptrs[1] | ptrs[2]
     numels = tuple(p.numel() for p in data)
-    b.add("adamw", group, sub, rows, 1, 5, fixed_or,
-          dict(scale=scale, tiles=tk.tile_map(numels, dev), wide=tk.wide_offsets(max(numels))))  # fmt: skip
+    args = dict(scale=scale, tiles=tk.tile_map(numels, dev), wide=tk.wide_offsets(max(numels)))
+    b.add("adamw", group, sub, rows, 1, 5, fixed_or, args)
     return True
 
 
