@@ -107,7 +107,10 @@ class StepPlan:
                            if id(it) in rest_ids]  # fmt: skip
         launched = [] if self.launches is None else sorted(set(self.launches.grad_src.tolist()))
         self.pick_launched = _picker(launched, len(items)) if launched else None
-        self.temporaries = [it for it in rest if not it.fused]
+        # the items whose temporaries the generic apply may leave (kernel_projs: released by
+        # ``projection_batch.apply_batched``, or never set on its direct steps)
+        batched = {id(it) for ga in self.routed for it in ga.batches.kernel_projs}
+        self.temporaries = [it for it in rest if not it.fused and id(it) not in batched]
         self.batch_memo: dict = {}  # kernel batches of the lists above (``batches``)
         for it in items:  # the plan keeps no gradient (nor any temporary)
             it.view.grad = None

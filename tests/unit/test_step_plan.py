@@ -312,3 +312,36 @@ def test_plan_steps_upload_one_table(case, monkeypatch):
     if case != "projection":  # everything prepared (projection batches keep their own path)
         assert not set(per_kernel) & set(plan_steps), per_kernel
     assert set(per_kernel) >= {0, 1, 4, 5, 8, 9}, per_kernel
+
+
+@pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_later_plan_steps_hand_projection_batches_over_without_rows(precision, monkeypatch):
+    """From a plan's second step on, a projection batch whose down, state and apply all ran
+    batched passes only its (B, ...) results between the phases (``projection_batch.DIRECT``):
+    no ``unbind`` into per-item rows, no item holds a row; results stay bit-identical (the
+    other tests of this file)."""
+    from frugal_dist.optim import projection_batch
+
+    unbinds, now = [], [0]
+    real = torch.Tensor.unbind
+
+    def unbind(self, *args, **kw):
+        unbinds.append(now[0])
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "unbind", unbind)
+    opts = []
+
+    def hook(step, opt, ps):
+        now[0] = step
+        opts.append(opt)
+
+    _run({**CASES["projection"], "proj_precision": precision}, False, steps=8,
+         kernels="triton", hook=hook)  # fmt: skip
+    plan = opts[-1]._cache.plan
+    assert plan.batch_memo.get(projection_batch.DIRECT)
+    assert all(it.g_sf is None and it.u is None and it.g_sf_op is None for it in plan.items)
+    # update_gap 4: 2 and 6 replay the plan first (rows), 3 and 7 replay it again (none)
+    assert 2 in unbinds and 6 in unbinds, unbinds
+    assert 3 not in unbinds and 7 not in unbinds, unbinds
