@@ -5,7 +5,9 @@ Every kernel is one launch over a whole list of tensors: a small int64 *table* o
 each tensor's data pointers (and, for AdamW, its bias corrections as float64 bits), so the number
 of tensors costs host time to build the table, never extra launches. Tables are uploaded with one
 pinned, non-blocking host-to-device copy (no device sync); tile maps, which depend only on the
-tensors' sizes, are cached.
+tensors' sizes, are cached. ``launch_free`` / ``launch_adamw`` / ``launch_coordinate`` launch on
+a table already on the device: a step plan keeps its tables in one ``kernels.step_table``
+buffer (fixed entries written once, one copy per step for all its launches).
 
 Bandwidth: each kernel reads and writes every byte once. Full tiles are unmasked, and 16-byte
 aligned tensors get an alignment hint, so loads and stores are 128-bit vectors; the last tile of

@@ -7,17 +7,31 @@ step), the step counters and the groups' lr / betas / eps / weight decay (schedu
 every step) differ. ``StepPlan`` keeps the items of a full step and replays the phases on them:
 
     still valid?   same groups, parameters and hyper-parameters (except lr, betas, eps,
-                   weight_decay), every parameter has a gradient of the planned dtype, no item
-                   refreshes this step (counted down from the build)
-    gather         the current gradients, one comprehension over the parameters in plan order
-    check          (nonfinite != "ignore") the fused inf/nan test through the plan's
-                   ``FiniteCheck`` (Triton: tile maps kept, one table upload and one launch per
-                   dtype), its one host sync -- after all host-side planning, so the update
-                   kernels launch right after it
+                   weight_decay), every parameter has a gradient of the planned dtype (C-level
+                   maps, no per-parameter Python), the gradients the prepared launches read
+                   still contiguous, no item refreshes this step (counted down from the build)
+    gather         the current gradients, one ``map`` over the parameters in plan order; only
+                   the items left to the generic phases (``rest``) get ``g`` and ``sf_t``
+    stage          (Triton) the prepared launches' table (``optim.plan_launches``): one
+                   ``data_ptr`` gather, the step's bias corrections, ONE pinned non-blocking
+                   host-to-device copy of 8 B per table entry (64 B per AdamW / coordinate
+                   tensor, 24 B per state-free tensor, 8 B per gradient for the inf/nan test)
+    check          (nonfinite != "ignore") the fused inf/nan test (Triton: launched over the
+                   staged table, no upload of its own), its one host sync -- after all
+                   host-side planning, so the update kernels launch right after it
     counters       ``step`` / ``sf_step`` advanced without reads: at the build they become
                    0-dim views of one CPU buffer (``_share_counters``), one ``add_`` per step
-    down / state / apply   the phases' cached batches (``phases.down_lists``,
-                   ``state_batches``, ``route_apply``) with the groups' current lr and decay
+    launch         the prepared launches (whole-tensor AdamW, columns / rows coordinates,
+                   state-free updates): one Triton call each, no per-tensor work
+    down / state / apply   the phases' cached batches for what is not prepared
+                   (``phases.down_lists``, ``state_batches``, the residual of ``route_apply``;
+                   projection batches hand over (B, ...) results, ``projection_batch.DIRECT``)
+                   with the groups' current lr and decay
+
+Host-to-device bytes per plan step: the one table copy (e.g. a LLaMA-1B block rho = 0.25 step,
+219 tensors: at most 64 B x 219 + 8 B x 220 = 15.8 KB), plus what the generic phases upload for
+the parts left to them; device-to-host: the 4 B inf/nan flag (its sync). The CPU torch path
+(``kernels="auto"`` on the CPU) prepares nothing and runs the phases as before.
 
 A skipped step (inf/nan) changes nothing: counters, state, parameters and the count of steps to
 the next refresh stay as they were. Only replicated parameters are planned (no bound layout, no
