@@ -12,7 +12,8 @@ and sends the whole buffer with one non-blocking host-to-device copy (``upload``
     bytes per step: 8 B x (table entries of all launches), one copy, no device sync
 
 On the CPU (Triton under ``TRITON_INTERPRET=1``, tests) the host buffer *is* the table and
-``upload`` does nothing. On CUDA two pinned host buffers alternate; before one is written again
+``upload`` does nothing: an entry a kernel writes (the inf/nan flag) must be rewritten by the
+caller every step, as a per-step slot. On CUDA two pinned host buffers alternate; before one is written again
 the host waits for the event recorded after its previous copy (already complete unless the host
 runs two steps ahead of the device), so a copy never reads a buffer being rewritten. The device
 buffer is rewritten in stream order (the copy follows the previous step's launches on the

@@ -232,9 +232,12 @@ class PlanLaunches:
                 lc.coef = lc.table.view(torch.float64)
         self.finite_check: FiniteCheck | None = None
         self._finite_src: np.ndarray | None = None
+        self._flag_slot = -1  # the inf/nan flag's entry: zeroed every step (on the CPU the
+        # host buffer is the table the kernel writes the flag into)
         self._finite_aligned = True
         if finite is not None:
             self._finite_src = np.array(b.finite_order, np.int64)
+            self._flag_slot = b.finite_start + len(b.finite_order)
             test = finite.kernel
             assert isinstance(test, NonfiniteTest)
             run = test.bind(self.table.view(b.finite_start, len(b.finite_order) + 1))
@@ -250,6 +253,8 @@ class PlanLaunches:
         ptrs = np.fromiter(map(_DATA_PTR, grads), np.int64, len(grads))
         host = self.table.begin()
         host[self.grad_slots] = ptrs[self.grad_src]
+        if self._flag_slot >= 0:
+            host[self._flag_slot] = 0
         for lc in self.coef_launches:
             b1, b2 = lc.group["betas"]
             b1, b2 = float(b1), float(b2)
