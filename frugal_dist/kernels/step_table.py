@@ -13,9 +13,10 @@ and sends the whole buffer with one non-blocking host-to-device copy (``upload``
 
 On the CPU (Triton under ``TRITON_INTERPRET=1``, tests) the host buffer *is* the table and
 ``upload`` does nothing: an entry a kernel writes (the inf/nan flag) must be rewritten by the
-caller every step, as a per-step slot. On CUDA two pinned host buffers alternate; before one is written again
-the host waits for the event recorded after its previous copy (already complete unless the host
-runs two steps ahead of the device), so a copy never reads a buffer being rewritten. The device
+caller every step, as a per-step slot. On CUDA two pinned host buffers alternate; before one is
+written again the host waits for the event recorded after its previous copy (already complete
+unless the host runs two steps ahead of the device), so a copy never reads a buffer being
+rewritten. The device
 buffer is rewritten in stream order (the copy follows the previous step's launches on the
 current stream), so the launches of the previous step have read it by then.
 """
@@ -63,11 +64,11 @@ class StepTable:
         if not self.cuda:
             return
         i = self._next
-        self.table.copy_(self._hosts[i], non_blocking=True)
+        self.table.copy_(self._hosts[i], non_blocking=True)  # on the table device's stream
         event = self._events[i]
         if event is None:
             event = self._events[i] = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         self._next = 1 - i
 
     def view(self, start: int, length: int) -> Tensor:
