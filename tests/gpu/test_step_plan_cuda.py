@@ -133,3 +133,22 @@ def test_plan_steps_take_less_host_time(case):
     planned, full = _host_ms(case, False), _host_ms(case, True)
     print(f"{case}: host ms per step, plan {planned:.3f}, full path {full:.3f}")
     assert planned < full
+
+
+def test_step_table_uploads_each_steps_entries_in_stream_order():
+    """``kernels.step_table.StepTable``: fixed entries once, per-step slots rewritten through
+    two alternating pinned buffers; each upload is what the next kernel on the stream reads,
+    even when the host runs ahead of the device."""
+    from frugal_dist.kernels.step_table import StepTable
+
+    table = StepTable([7, 0, 9, 0], torch.device("cuda"))
+    seen = []
+    for step in range(6):
+        host = table.begin()
+        host[1] = step
+        host[3] = -step
+        table.upload()
+        torch.cuda._sleep(1_000_000)  # the device lags: later uploads queue behind this
+        seen.append(table.table.clone())
+    got = [t.tolist() for t in seen]
+    assert got == [[7, s, 9, -s] for s in range(6)], got
