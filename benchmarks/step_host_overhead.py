@@ -25,6 +25,14 @@ FRUGAL runs with ``fused=True`` so the CPU takes the code path a CUDA step takes
 means fused on CUDA only); ``update_gap`` exceeds the run, so no timed step refreshes. Parameters
 and gradients come from fixed seeds; the gradients are set once.
 
+``--kernels triton --stub-launches`` (under ``TRITON_INTERPRET=1`` with Triton importable) times the
+*Triton* path's host work on the CPU: FRUGAL runs with ``kernels="triton"`` and every Triton kernel
+is replaced by a no-op launch, so ``host_ms`` is the Python, table building and uploads around the
+launches (what a CUDA step pays before and after its nonfinite sync), without the interpreter's
+kernel execution and without Triton's own launcher (``JITFunction.run``, ~0.05-0.1 ms per launch
+on CUDA; not counted here). Uploads are CPU tensors there (no pinning, no copy). The numbers of
+such a run are host cost only: its parameters are not updated.
+
 ``--check-steps N --save-params PATH`` instead runs every variant N steps with a fresh gradient per
 step and ``update_gap=7`` (so refreshes happen too), with ``fused=True`` and ``fused=None``,
 with default and with non-trivial ``weight_decay`` / ``inactive_lr_scale`` /
@@ -142,10 +150,37 @@ def counters(opt: torch.optim.Optimizer) -> set[int]:
             if isinstance(t, torch.Tensor) and t.dim() == 0}  # fmt: skip
 
 
-def measure(v, specs, steps: int, warmup: int, nonfinite: str = "skip") -> dict[str, Any]:
+def stub_launches() -> int:
+    """Replace every Triton kernel of ``frugal_dist.kernels`` by a no-op launch (host-cost
+    runs, ``--stub-launches``); returns how many were replaced."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.jit import KernelInterface
+
+    import frugal_dist.kernels as kernels
+
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    count = 0
+    for info in pkgutil.iter_modules(kernels.__path__):
+        if not info.name.endswith("_triton") and info.name != "projection_state":
+            continue
+        mod = importlib.import_module(f"frugal_dist.kernels.{info.name}")
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, KernelInterface) and name.endswith("_kernel"):
+                setattr(mod, name, Stub())
+                count += 1
+    return count
+
+
+def measure(v, specs, steps: int, warmup: int, nonfinite: str = "skip",
+            kernels: str = "auto") -> dict[str, Any]:  # fmt: skip
     params = make_params(specs)
     set_grads(params, 1)
-    extra = {} if v["kind"] == "torch" else dict(nonfinite=nonfinite)
+    extra = {} if v["kind"] == "torch" else dict(nonfinite=nonfinite, kernels=kernels)
     opt = make(v, specs, params, gap=10_000, fused=True, extra=extra)
     for _ in range(1 + warmup):
         opt.step()
@@ -204,11 +239,25 @@ def main(argv: list[str] | None = None) -> None:
         choices=("skip", "raise", "ignore"),
         help="FRUGAL's nonfinite option (ignore: no inf/nan check, no sync)",
     )
+    ap.add_argument(
+        "--kernels",
+        default="auto",
+        choices=("auto", "torch", "triton"),
+        help="FRUGAL's kernels option (triton on the CPU: TRITON_INTERPRET=1)",
+    )
+    ap.add_argument(
+        "--stub-launches",
+        action="store_true",
+        help="Triton kernels replaced by no-op launches: host work only",
+    )
     ap.add_argument("--check-steps", type=int, default=0)
     ap.add_argument("--save-params", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     specs = scaled_specs(args.scale)
+    stubbed = stub_launches() if args.stub_launches else 0
+    if args.stub_launches:
+        print(f"{stubbed} Triton kernels replaced by no-op launches (host work only)")
     if args.check_steps:
         if not args.save_params:
             raise ValueError("--check-steps needs --save-params PATH")
@@ -223,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     for v in variants():
         if keep and v["name"] not in keep:
             continue
-        r = measure(v, specs, args.steps, args.warmup, args.nonfinite)
+        r = measure(v, specs, args.steps, args.warmup, args.nonfinite, args.kernels)
         rows.append(r)
         line = f"  {r['name']:<26} {r['aten_ops']:9d} {r['tensor_ops']:7d} {r['counter_ops']:8d} "
         print(line + f"{r['syncs']:6d} {r['host_ms']:9.2f} {r['host_min_ms']:8.2f}", flush=True)
@@ -233,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                   date=_dt.datetime.now(_dt.timezone.utc).isoformat(),
                   command=[sys.executable, *sys.argv], torch=torch.__version__,
                   threads=args.threads, scale=args.scale, nonfinite=args.nonfinite,
+                  kernels=args.kernels, stubbed_kernels=stubbed,
                   n_tensors=len(specs), n_params=n,
                   steps=args.steps, warmup=args.warmup, code=code_version(), rows=rows)  # fmt: skip
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -388,7 +388,7 @@ def coordinate_adamw_apply_(
         return
     if min(steps) < 1:
         _check_steps(steps)
-    shape = _matrix(W[0])
+    shape = matrix_shape(W[0])
     M, N = shape
     k = int(indices[0].numel())
     compact = (M, k) if axis == "columns" else (k, N)
@@ -443,7 +443,8 @@ def coordinate_adamw_apply_(
                       1.0 - decay, free_rule, axis)  # fmt: skip
 
 
-def _matrix(w: Tensor) -> tuple[int, int]:
+def matrix_shape(w: Tensor) -> tuple[int, int]:
+    """(M, N): the matrix view (dim 0, the rest) the coordinate kernel reads ``w`` as."""
     if w.dim() == 0:
         return (1, 1)
     if w.dim() == 1:

@@ -5,7 +5,9 @@ Every kernel is one launch over a whole list of tensors: a small int64 *table* o
 each tensor's data pointers (and, for AdamW, its bias corrections as float64 bits), so the number
 of tensors costs host time to build the table, never extra launches. Tables are uploaded with one
 pinned, non-blocking host-to-device copy (no device sync); tile maps, which depend only on the
-tensors' sizes, are cached.
+tensors' sizes, are cached. ``launch_free`` / ``launch_adamw`` / ``launch_coordinate`` launch on
+a table already on the device: a step plan keeps its tables in one ``kernels.step_table``
+buffer (fixed entries written once, one copy per step for all its launches).
 
 Bandwidth: each kernel reads and writes every byte once. Full tiles are unmasked, and 16-byte
 aligned tensors get an alignment hint, so loads and stores are 128-bit vectors; the last tile of
@@ -322,6 +324,12 @@ def _wide(numel: int) -> bool:
     return numel + BLOCK >= 1 << 31
 
 
+def wide_offsets(numel: int) -> bool:
+    """Whether a launch over tensors of up to ``numel`` elements needs int64 offsets (its
+    ``WIDE``; a step plan decides it once)."""
+    return _wide(numel)
+
+
 def _on(device: torch.device):
     """The launch's device context (Triton launches on the current CUDA device)."""
     if device.type == "cuda" and device.index is not None:
@@ -339,12 +347,20 @@ def free_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, gd
                alpha: float, rule: str, keep: float) -> None:  # fmt: skip
     """One launch: p <- p keep - alpha F(g); ``rows`` = [p ptr, g ptr, numel] per tensor
     (float32 contiguous params, contiguous grads of dtype ``gdtype``)."""
-    tile_tensor, first_tile, tiles = tile_map(numels, device)
+    launch_free(device, tile_map(numels, device), upload(rows, device), ptr_or & 15 == 0,
+                _wide(max(numels)), gdtype, alpha, rule, keep)  # fmt: skip
+
+
+def launch_free(device, tiles: tuple[Tensor, Tensor, int], table: Tensor, aligned: bool,
+                wide: bool, gdtype, alpha: float, rule: str, keep: float) -> None:  # fmt: skip
+    """``free_apply``'s launch on a table already on the device (``tiles``: its ``tile_map``;
+    a step plan's tables live in a ``kernels.step_table.StepTable``)."""
+    tile_tensor, first_tile, count = tiles
     with _on(device):
-        _free_kernel[(tiles,)](
-            tile_tensor, first_tile, upload(rows, device), -alpha, keep, 1.0,
+        _free_kernel[(count,)](
+            tile_tensor, first_tile, table, -alpha, keep, 1.0,
             FREE=FREE_RULE_CODES[rule], DECAY=keep != 1.0, G_DTYPE=_GDTYPES[gdtype],
-            ALIGNED=ptr_or & 15 == 0, WIDE=_wide(max(numels)), BLOCK=BLOCK, num_warps=NUM_WARPS,
+            ALIGNED=aligned, WIDE=wide, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
 
 
@@ -352,13 +368,22 @@ def adamw_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, l
                 betas: tuple[float, float], eps: float, keep: float) -> None:  # fmt: skip
     """One launch of AdamW; ``rows`` = [p, g, m, v ptrs, numel, *adam_corrections(t), 0] per
     tensor (all float32 contiguous)."""
-    tile_tensor, first_tile, tiles = tile_map(numels, device)
     table = upload(rows, device)
+    launch_adamw(device, tile_map(numels, device), table, table.view(torch.float64),
+                 ptr_or & 15 == 0, _wide(max(numels)), lr, betas, eps, keep)  # fmt: skip
+
+
+def launch_adamw(device, tiles: tuple[Tensor, Tensor, int], table: Tensor, coef: Tensor,
+                 aligned: bool, wide: bool, lr: float, betas: tuple[float, float], eps: float,
+                 keep: float) -> None:  # fmt: skip
+    """``adamw_apply``'s launch on a table already on the device (``coef``: the same table
+    viewed as float64)."""
+    tile_tensor, first_tile, count = tiles
     with _on(device):
-        _adamw_kernel[(tiles,)](
-            tile_tensor, first_tile, table, table.view(torch.float64), -lr, keep,
-            **_adam_scalars(tuple(betas), eps), DECAY=keep != 1.0, ALIGNED=ptr_or & 15 == 0,
-            WIDE=_wide(max(numels)), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        _adamw_kernel[(count,)](
+            tile_tensor, first_tile, table, coef, -lr, keep,
+            **_adam_scalars(tuple(betas), eps), DECAY=keep != 1.0, ALIGNED=aligned,
+            WIDE=wide, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
 
 
@@ -368,18 +393,29 @@ def coordinate_apply(device, rows: list[int], count: int, ptr_or: int, gdtype,
                      axis_rows: bool) -> None:  # fmt: skip
     """One launch over ``count`` same-shape (M, N) matrices; ``rows`` = [w, g, m, v, positions
     ptrs, *adam_corrections(t), 0] per matrix (``ptr_or`` over w and g only)."""
+    table = upload(rows, device)
+    launch_coordinate(device, table, table.view(torch.float64), count, ptr_or & 15 == 0, gdtype,
+                      shape, k, lr, scale, free_scale, betas, eps, keep, free_rule,
+                      axis_rows)  # fmt: skip
+
+
+def launch_coordinate(device, table: Tensor, coef: Tensor, count: int, aligned: bool, gdtype,
+                      shape: tuple[int, int], k: int, lr: float, scale: float,
+                      free_scale: float, betas: tuple[float, float], eps: float, keep: float,
+                      free_rule: str, axis_rows: bool) -> None:  # fmt: skip
+    """``coordinate_apply``'s launch on a table already on the device (``coef``: the same
+    table viewed as float64; ``aligned``: every w and g pointer 16-byte aligned)."""
     M, N = shape
     numel = M * N
-    table = upload(rows, device)
     block = COORD_BLOCK
     wraps = (N + block - 2) // N
     grid = (triton.cdiv(numel, block), count)
     with _on(device):
         _coordinate_kernel[grid](
-            table, table.view(torch.float64), numel, N, k, -lr * scale, keep, free_scale,
+            table, coef, numel, N, k, -lr * scale, keep, free_scale,
             **_adam_scalars(tuple(betas), eps), ROWS=axis_rows, WRAPS=wraps if wraps <= 8 else 0,
             FREE=FREE_RULE_CODES[free_rule], FREE_SCALED=free_scale != 1.0, DECAY=keep != 1.0,
-            G_DTYPE=_GDTYPES[gdtype], ALIGNED=COORD_VECTOR and ptr_or & 15 == 0,
+            G_DTYPE=_GDTYPES[gdtype], ALIGNED=COORD_VECTOR and aligned,
             WIDE=_wide(numel), BLOCK=block, num_warps=COORD_WARPS,
         )  # fmt: skip
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -54,6 +54,7 @@ class NonfiniteTest:
         from frugal_dist.kernels import finite_triton as ft
 
         order = [i for idx in groups.values() for i in idx]
+        self._order = order
         self._pick = operator.itemgetter(*order) if len(order) > 1 else _one(order[0])
         self._launches = []
         offset = 0
@@ -76,12 +77,34 @@ class NonfiniteTest:
         ptrs = list(map(Tensor.data_ptr, picked))
         aligned = functools.reduce(operator.or_, ptrs) & 15 == 0
         ptrs.append(0)  # the flag: the low half of the last int64 slot (little-endian)
-        table = self._upload(ptrs, self._device)
+        return self.bind(self._upload(ptrs, self._device))(aligned)
+
+    @property
+    def order(self) -> list[int]:
+        """Positions (in the build's ``tensors``) of the tested tensors, in table order. Needs
+        ``fast``."""
+        return list(self._order)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def bind(self, table: Tensor) -> Callable[[bool], Tensor]:
+        """The launches over ``table``, an int64 device tensor already holding the data
+        pointers of the tensors in ``order`` and then one zeroed slot (the flag; a step plan's
+        table is a slice of its ``kernels.step_table.StepTable``): returns ``run(aligned)``,
+        which launches and returns the int32 flag (``aligned``: every pointer 16-byte
+        aligned). Needs ``fast``."""
         n = self._count
         flag = table.view(torch.int32)[2 * n : 2 * n + 1]
-        for offset, launch in self._launches:
-            launch(table[offset:], flag, aligned)
-        return flag
+        parts = [(table[offset:], launch) for offset, launch in self._launches]
+
+        def run(aligned: bool) -> Tensor:
+            for part, launch in parts:
+                launch(part, flag, aligned)
+            return flag
+
+        return run
 
 
 def _one(i: int):

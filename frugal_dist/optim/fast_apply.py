@@ -28,7 +28,9 @@ for tests); ``"torch"`` = never Triton.
   ``optim.projection_batch``.)
 
 Which item goes where is its kind's ``route`` (``optim.kinds``); ``can_batch`` is the common
-precondition.
+precondition. On the step plan's steps the Triton-eligible ``run_fused`` / ``run_free`` parts
+do not come here: ``optim.plan_launches`` launches them from tables built once per plan (same
+kernels, same arguments, no per-tensor Python per step).
 
 Weight decay: the callers run the group's ``W *= 1 - lr wd`` only on tensors that take none of
 the decay-folding paths above (``run_fused``, ``run_free``, ``run_voted``, ``projection_batch``).

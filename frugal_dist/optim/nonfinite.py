@@ -5,8 +5,9 @@ under a layout) is checked for inf/nan, then one scalar flag is read (the host s
 
 * Triton (``kernels`` "auto" on CUDA, "triton"; ``kernels.finite.NonfiniteTest``): one launch
   per gradient dtype sets an int32 device flag, reading each gradient byte once (4 B per float32
-  element) plus an 8 B-per-tensor pointer table; ``FiniteCheck`` keeps its tile maps, so a step
-  plan's check does no per-tensor Python.
+  element) plus an 8 B-per-tensor pointer table; ``FiniteCheck`` keeps its tile maps. A step
+  plan's check launches over the plan's own table (``FiniteCheck.bound``: the pointers are part
+  of the plan's one upload per step, ``optim.plan_launches``), so it does no per-tensor Python.
 * torch (the CPU, ``kernels="torch"``, other dtypes, strided gradients): one
   ``torch._foreach_norm(grads, inf)`` per (device, dtype) (the max-abs norm never overflows and
   propagates nan), then the norms compared with inf.
@@ -31,6 +32,8 @@ size > 1, one 4-byte all-reduce. ``"raise"`` finds the parameter's name with the
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,7 +90,28 @@ class FiniteCheck:
 
     def __init__(self, grads: list[Tensor | None], kernels: str = "auto") -> None:
         self.buckets = grad_buckets(grads)
-        self.kernel = NonfiniteTest(grads, kernels)
+        self.kernel: NonfiniteTest | BoundTest = NonfiniteTest(grads, kernels)
+
+    def bound(self, run: Callable[[], Tensor]) -> FiniteCheck:
+        """This check with its Triton test launched by ``run()`` (a step plan's launch over its
+        own, already uploaded table: ``NonfiniteTest.bind``) instead of uploading a table per
+        call; the torch path's buckets stay."""
+        out = copy.copy(self)
+        out.kernel = BoundTest(run)
+        return out
+
+
+class BoundTest:
+    """A ``NonfiniteTest`` stand-in (``FiniteCheck.bound``): calling it runs the caller's
+    launch and returns its int32 flag."""
+
+    fast = True
+
+    def __init__(self, run: Callable[[], Tensor]) -> None:
+        self._run = run
+
+    def __call__(self, grads: list[Tensor | None]) -> Tensor:
+        return self._run()
 
 
 def grads_are_finite(

@@ -20,7 +20,13 @@ On the step plan's steps (``memo``, ``StepContext.batch_memo``) the batches and 
 them between refreshes (``ProjBatch``: items, parameters, precision, operand bases, moments) are
 listed once per plan, and each phase hands its (B, ...) result to the next (``_stash``) instead of
 the items' rows being checked and re-stacked: no per-item ``projection_backend`` / ``stacked`` /
-basis comparison per step.
+basis comparison per step. Once a plan step has shown that a batch's down, state and apply all
+ran batched -- the state kernel took X from the down phase's stash and the apply kernel took U
+(and X) from the state phase's -- its ids are remembered (``DIRECT``): on the plan's later
+steps its phases hand over only the (B, ...) results, with no per-item rows at all (no
+``unbind``, no ``Item.g_sf`` / ``u`` / ``g_sf_op`` assignment, nothing to ``release``). The
+plan's routes, options and items are fixed until it is dropped, so every later step takes the
+same batched path.
 
 ``proj_precision`` (a group option) sets the precision of these GEMMs: ``fp32`` (IEEE float32),
 ``tf32`` (TF32 tensor cores on CUDA; on the CPU the same as fp32) or ``bf16`` (bfloat16 operands,
@@ -98,6 +104,7 @@ def _key(it: Item, backend: str) -> tuple:
 
 
 STASH = "stash"  # ``memo`` key of this step's batch results (``_stash``)
+DIRECT = "direct"  # ``memo`` key of the batch ids whose phases pass no per-item rows
 
 
 @dataclass(eq=False)
@@ -151,12 +158,15 @@ def _batch_bases(b: ProjBatch, cache: dict, memo: dict | None) -> Tensor:
     return b.bases
 
 
-def _stash(memo: dict | None, what: str, b: ProjBatch, value: Tensor | None, rows: list) -> None:
+def _stash(memo: dict | None, what: str, b: ProjBatch, value: Tensor | None,
+           rows: list | None) -> None:  # fmt: skip
     """On plan steps, remember a batch result (``value``) of this step for a later phase, with
-    its first and last row views as handed to the items (checked by ``_stashed``). Dropped when
-    the batch's apply is done (``_unstash``) or, at the latest, at the end of the plan step."""
+    its first and last row views as handed to the items (checked by ``_stashed``; ``rows``
+    None: a ``_direct`` batch, none handed out). Dropped when the batch's apply is done
+    (``_unstash``) or, at the latest, at the end of the plan step."""
     if memo is not None:
-        memo.setdefault(STASH, {})[(what, b.ids)] = (value, rows[0], rows[-1])
+        first, last = (None, None) if rows is None else (rows[0], rows[-1])
+        memo.setdefault(STASH, {})[(what, b.ids)] = (value, first, last)
 
 
 def _stashed(memo: dict | None, what: str, b: ProjBatch, rows: list) -> Tensor | None:
@@ -166,6 +176,19 @@ def _stashed(memo: dict | None, what: str, b: ProjBatch, rows: list) -> Tensor |
     if hit is None or hit[1] is not rows[0] or hit[2] is not rows[-1]:
         return None
     return hit[0]
+
+
+def _direct(memo: dict | None, b: ProjBatch) -> bool:
+    """Whether this plan step's phases of ``b`` pass their results through the stash only (no
+    per-item rows): a previous step of the plan ran all three of them batched (module
+    docstring)."""
+    return memo is not None and b.ids in memo.get(DIRECT, ())
+
+
+def _taken(memo: dict, what: str, b: ProjBatch) -> Tensor | None:
+    """A ``_direct`` batch's result of this step (None: not made, e.g. no bfloat16 copy)."""
+    hit = memo.get(STASH, {}).get((what, b.ids))
+    return None if hit is None else hit[0]
 
 
 def _unstash(memo: dict | None, b: ProjBatch) -> None:
@@ -243,10 +266,13 @@ def down_batched(its: list[Item], kernels: str, cache: dict, memo: dict | None =
         sub = b.items
         X = project_down([it.g for it in sub], _batch_bases(b, cache, memo), sub[0].sel.side,
                          precision=b.precision, backend=b.backend)  # fmt: skip
-        rows = X.unbind(0)
-        for it, x in zip(sub, rows):
-            it.g_sf = x
-        _stash(memo, "g_sf", b, X, rows)
+        if _direct(memo, b):
+            _stash(memo, "g_sf", b, X, None)
+        else:
+            rows = X.unbind(0)
+            for it, x in zip(sub, rows):
+                it.g_sf = x
+            _stash(memo, "g_sf", b, X, rows)
         done.update(b.ids)
     return done
 
@@ -279,13 +305,20 @@ def state_batched(
     done: set[int] = set()
     for b in batches(its, kernels, memo):
         sub = b.items
-        xs = [it.g_sf for it in sub]
+        direct = _direct(memo, b)
         moments = _moments(b, memo)
-        if any(x is None for x in xs) or moments is None:
-            continue
-        X = _stashed(memo, "g_sf", b, xs)
-        if X is None:
-            X = stacked(xs)
+        if direct:
+            assert memo is not None and moments is not None
+            X = _taken(memo, "g_sf", b)
+            if X is None:
+                raise RuntimeError("projection_batch: a direct batch's down result is missing")
+        else:
+            xs = [it.g_sf for it in sub]
+            if any(x is None for x in xs) or moments is None:
+                continue
+            X = _stashed(memo, "g_sf", b, xs)
+            if X is None:
+                X = stacked(xs)
         B, a, c = X.shape
         dev = X.device
         fast = b.backend == "triton" and not sharded
@@ -299,6 +332,12 @@ def state_batched(
         X_op = torch.empty_like(U) if bf16 else None
         adamw_state(X, *moments, [it.sf_t for it in sub], group["betas"], group["eps"], U,
                     X_op)  # fmt: skip
+        done.update(b.ids)
+        if direct:
+            _stash(memo, "u", b, U, None)
+            if X_op is not None:
+                _stash(memo, "g_sf_op", b, X_op, None)
+            continue
         rows = U.unbind(0)
         for it, u in zip(sub, rows):
             it.u = u
@@ -308,7 +347,6 @@ def state_batched(
             for it, x in zip(sub, ops):
                 it.g_sf_op = x
             _stash(memo, "g_sf_op", b, X_op, ops)
-        done.update(b.ids)
     return done
 
 
@@ -336,19 +374,44 @@ def apply_batched(
     ``batches``."""
     for b in batches(its, kernels, memo):
         sub, group = b.items, b.group
-        X = _operand(memo, b, "g_sf_op", [it.g_sf_op for it in sub])
-        if X is None:
-            X = _operand(memo, b, "g_sf", [it.g_sf for it in sub])
+        direct = _direct(memo, b)
+        if direct:
+            assert memo is not None
+            X = _taken(memo, "g_sf_op", b)
+            X = _taken(memo, "g_sf", b) if X is None else X
+            U = _taken(memo, "u", b)
+            if X is None or U is None:
+                raise RuntimeError("projection_batch: a direct batch's operands are missing")
+        else:
+            X = _operand(memo, b, "g_sf_op", [it.g_sf_op for it in sub])
+            if X is None:
+                X = _operand(memo, b, "g_sf", [it.g_sf for it in sub])
+            U = _operand(memo, b, "u", [it.u for it in sub])
+            if memo is not None and _all_stashed(memo, b, X, U):  # later steps: no rows
+                memo.setdefault(DIRECT, set()).add(b.ids)
         apply_projection(
             b.params, [it.g for it in sub], _batch_bases(b, cache, memo), X,
-            _operand(memo, b, "u", [it.u for it in sub]), sub[0].sel.side,
+            U, sub[0].sel.side,
             lr=lr, weight_decay=wd, s_p=group["proj_params_lr_scale"],
             s_i=group["inactive_lr_scale"], rule=group["state_free"],
             precision=b.precision, backend=b.backend,
         )  # fmt: skip
-        for it in sub:
-            it.release()
+        if not direct:
+            for it in sub:
+                it.release()
         _unstash(memo, b)
+
+
+def _all_stashed(memo: dict, b: ProjBatch, X: Tensor | None, U: Tensor | None) -> bool:
+    """Whether this step's apply operands of ``b`` are the state phase's stashed results and
+    that phase took X from the down phase's stash (its rows were not re-stacked): all three
+    phases ran batched, so the plan's later steps need no per-item rows (``DIRECT``)."""
+    stash = memo.get(STASH, {})
+    down, u = stash.get(("g_sf", b.ids)), stash.get(("u", b.ids))
+    op = stash.get(("g_sf_op", b.ids))
+    if X is None or U is None or down is None or u is None or u[0] is not U:
+        return False
+    return X is down[0] or (op is not None and X is op[0])
 
 
 def _operand(memo: dict | None, b: ProjBatch, what: str, rows: list) -> Tensor | None:

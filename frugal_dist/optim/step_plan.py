@@ -7,17 +7,31 @@ step), the step counters and the groups' lr / betas / eps / weight decay (schedu
 every step) differ. ``StepPlan`` keeps the items of a full step and replays the phases on them:
 
     still valid?   same groups, parameters and hyper-parameters (except lr, betas, eps,
-                   weight_decay), every parameter has a gradient of the planned dtype, no item
-                   refreshes this step (counted down from the build)
-    gather         the current gradients, one comprehension over the parameters in plan order
-    check          (nonfinite != "ignore") the fused inf/nan test through the plan's
-                   ``FiniteCheck`` (Triton: tile maps kept, one table upload and one launch per
-                   dtype), its one host sync -- after all host-side planning, so the update
-                   kernels launch right after it
+                   weight_decay), every parameter has a gradient of the planned dtype (C-level
+                   maps, no per-parameter Python), the gradients the prepared launches read
+                   still contiguous, no item refreshes this step (counted down from the build)
+    gather         the current gradients, one ``map`` over the parameters in plan order; only
+                   the items left to the generic phases (``rest``) get ``g`` and ``sf_t``
+    stage          (Triton) the prepared launches' table (``optim.plan_launches``): one
+                   ``data_ptr`` gather, the step's bias corrections, ONE pinned non-blocking
+                   host-to-device copy of 8 B per table entry (64 B per AdamW / coordinate
+                   tensor, 24 B per state-free tensor, 8 B per gradient for the inf/nan test)
+    check          (nonfinite != "ignore") the fused inf/nan test (Triton: launched over the
+                   staged table, no upload of its own), its one host sync -- after all
+                   host-side planning, so the update kernels launch right after it
     counters       ``step`` / ``sf_step`` advanced without reads: at the build they become
                    0-dim views of one CPU buffer (``_share_counters``), one ``add_`` per step
-    down / state / apply   the phases' cached batches (``phases.down_lists``,
-                   ``state_batches``, ``route_apply``) with the groups' current lr and decay
+    launch         the prepared launches (whole-tensor AdamW, columns / rows coordinates,
+                   state-free updates): one Triton call each, no per-tensor work
+    down / state / apply   the phases' cached batches for what is not prepared
+                   (``phases.down_lists``, ``state_batches``, the residual of ``route_apply``;
+                   projection batches hand over (B, ...) results, ``projection_batch.DIRECT``)
+                   with the groups' current lr and decay
+
+Host-to-device bytes per plan step: the one table copy (e.g. a LLaMA-1B block rho = 0.25 step,
+219 tensors: at most 64 B x 219 + 8 B x 220 = 15.8 KB), plus what the generic phases upload for
+the parts left to them; device-to-host: the 4 B inf/nan flag (its sync). The CPU torch path
+(``kernels="auto"`` on the CPU) prepares nothing and runs the phases as before.
 
 A skipped step (inf/nan) changes nothing: counters, state, parameters and the count of steps to
 the next refresh stay as they were. Only replicated parameters are planned (no bound layout, no
@@ -29,16 +43,21 @@ The plan lives in the ``StepCache`` (any ``invalidate()`` drops it) and keeps no
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from frugal_dist.optim import phases
 from frugal_dist.optim.fast_apply import local_matrix
 from frugal_dist.optim.nonfinite import FiniteCheck
+from frugal_dist.optim.plan_launches import prepare
 from frugal_dist.optim.projection_batch import STASH
 from frugal_dist.optim.step_items import EXACT_COUNT, Item
 
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
 PER_STEP_KEYS = frozenset({"params", "names", "lr", "betas", "eps", "weight_decay", "initial_lr"})
 DONE, SKIPPED, STALE = "done", "skipped", "stale"
 
@@ -69,12 +88,11 @@ class StepPlan:
         self.items = items
         self.params = [it.view.data for it in items]  # == the groups' params, in order
         self.names = [it.name for it in items]
-        self.grad_dtypes = [it.view.grad.dtype for it in items]
-        self.preps = [_prep(it) for it in items]
-        self.plain = all(prep is None for prep in self.preps)
-        self.finite = FiniteCheck([it.view.grad for it in items], ctx.kernels)
+        grads = [it.view.grad for it in items]
+        self.grad_dtypes = [g.dtype for g in grads]
+        preps = [_prep(it) for it in items]
+        self.finite = FiniteCheck(grads, ctx.kernels)
         owned = [it for it in items if it.active and it.owner == ctx.rank]
-        self.owned = owned
         self.counter_buffer = _share_counters(items, owned)
         self.step_counters = [it.st["step"] for it in items]
         self.step_base = [int(t.item()) for t in self.step_counters]
@@ -83,8 +101,30 @@ class StepPlan:
         self.counters_first = any(p.device.type == "cpu" for p in self.params)
         self.downs = phases.down_lists(ctx)
         self.states = phases.state_batches(ctx, items)
-        self.routed = routed
-        self.temporaries = [it for it in items if not it.fused]
+        busy = {id(it) for _, its in self.downs for it in its}
+        busy.update(id(it) for its in self.states for it in its)
+        # the Triton launches prepared once (tables uploaded once per step, before the sync)
+        self.launches, self.routed, rest = prepare(
+            items, routed, grads, [prep is None for prep in preps], self.finite, ctx.kernels,
+            lambda it: id(it) in busy,
+        )  # fmt: skip
+        bound = None if self.launches is None else self.launches.finite_check
+        self.check = self.finite if bound is None else bound
+        # the items the generic phases still see: their g and sf_t are set per step
+        position = {id(it): i for i, it in enumerate(items)}
+        self.rest = rest
+        self.pick_rest = _picker([position[id(it)] for it in rest], len(items))
+        self.preps = [preps[position[id(it)]] for it in rest]
+        self.plain = all(prep is None for prep in self.preps)
+        rest_ids = {id(it) for it in rest}
+        self.rest_owned = [(it, base) for it, base in zip(owned, self.sf_base)
+                           if id(it) in rest_ids]  # fmt: skip
+        launched = [] if self.launches is None else sorted(set(self.launches.grad_src.tolist()))
+        self.pick_launched = _picker(launched, len(items)) if launched else None
+        # the items whose temporaries the generic apply may leave (kernel_projs: released by
+        # ``projection_batch.apply_batched``, or never set on its direct steps)
+        batched = {id(it) for ga in self.routed for it in ga.batches.kernel_projs}
+        self.temporaries = [it for it in rest if not it.fused and id(it) not in batched]
         self.batch_memo: dict = {}  # kernel batches of the lists above (``batches``)
         for it in items:  # the plan keeps no gradient (nor any temporary)
             it.view.grad = None
@@ -135,25 +175,35 @@ class StepPlan:
         (nothing done; take the full path, which rebuilds the plan)."""
         if not self.valid(ctx):
             return STALE
-        grads = [p.grad for p in self.params]
-        for g, dtype in zip(grads, self.grad_dtypes):
-            if g is None or g.dtype is not dtype:
+        grads = list(map(_GRAD, self.params))
+        try:
+            if list(map(_DTYPE, grads)) != self.grad_dtypes:
                 return STALE
+        except AttributeError:  # a parameter without gradient
+            return STALE
+        launches = self.launches
+        if self.pick_launched is not None and not all(
+            map(Tensor.is_contiguous, self.pick_launched(grads))
+        ):  # a gradient layout the prepared tables cannot read
+            return STALE
+        rest = self.pick_rest(grads)
         if self.plain:  # every item's g is its gradient
-            for it, g in zip(self.items, grads):
+            for it, g in zip(self.rest, rest):
                 it.g = g
         else:
-            for it, g, prep in zip(self.items, grads, self.preps):
+            for it, g, prep in zip(self.rest, rest, self.preps):
                 it.g = g if prep is None else prep(g)
         n = self.taken + 1
         ctx.batch_memo = self.batch_memo
-        for it, base in zip(self.owned, self.sf_base):
+        for it, base in self.rest_owned:
             it.sf_t = base + n
+        if launches is not None:  # this step's pointers and counts: one table upload
+            launches.stage(grads, n)
         # All host-side planning is done and nothing has changed yet: now the check and its
         # one sync; the update kernels launch right after it.
         if nonfinite != "ignore":
             try:
-                ok = phases.check_finite(ctx, self.names, grads, nonfinite, self.finite)
+                ok = phases.check_finite(ctx, self.names, grads, nonfinite, self.check)
             except FloatingPointError:
                 self._drop_gradients()
                 raise
@@ -162,6 +212,8 @@ class StepPlan:
                 return SKIPPED
         if self.counters_first:  # CPU fused AdamW reads the sf_step tensors
             self._advance(n)
+        if launches is not None:
+            launches.launch()
         for kind, its in self.downs:
             kind.down(its, ctx)
         phases.run_state(ctx, self.states)
@@ -186,7 +238,7 @@ class StepPlan:
 
     def _drop_gradients(self) -> None:
         self.batch_memo.pop(STASH, None)  # any batch results a phase left (none normally)
-        for it in self.items:
+        for it in self.rest:
             it.g = None  # type: ignore[assignment]
         for it in self.temporaries:
             it.release()
@@ -207,6 +259,19 @@ def _share_counters(items: list[Item], owned: list[Item]) -> torch.Tensor | None
     for (st, key), view in zip(slots, buf.unbind(0)):
         st[key] = view
     return buf
+
+
+def _picker(positions: list[int], n: int) -> Callable[[list], list]:
+    """``xs -> [xs[i] for i in positions]`` as one C-level call (``xs`` itself when
+    ``positions`` is every index in order)."""
+    if positions == list(range(n)):
+        return lambda xs: xs
+    if not positions:
+        return lambda xs: []
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda xs: [xs[i]]
+    return operator.itemgetter(*positions)
 
 
 def _prep(it: Item):

@@ -35,9 +35,10 @@ def _opt(ps, case, **kw):
     return FRUGAL(groups, lr=1e-2, update_gap=5, weight_decay=0.05, inactive_lr_scale=0.5, **kw)
 
 
-def _run(case, invalidate, steps=13, poison_at=None):
+def _run(case, invalidate, steps=13, poison_at=None, layouts=False):
     ps = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(SHAPES)]
     opt = _opt(ps, case)
+    kept = None
     for step, grads in enumerate(grad_stream(SHAPES, steps)):
         for g in opt.param_groups:
             g["lr"] = 1e-2 * 0.9**step  # a scheduler
@@ -47,6 +48,15 @@ def _run(case, invalidate, steps=13, poison_at=None):
             set_grads(ps, [g.cuda() for g in bad])
             opt.step()  # skipped
         set_grads(ps, [g.cuda() for g in grads])
+        if layouts:  # update_gap 5: plan steps 2-4, 7-9, 12
+            if step == 2:
+                kept = [p.grad for p in ps]
+            if step == 3:  # last step's gradient tensors written in place: the same pointers
+                for p, k in zip(ps, kept):
+                    p.grad = k.copy_(p.grad)
+            if step == 7:  # column-major gradients (same values): the plan goes stale
+                for i in (0, 2):
+                    ps[i].grad = ps[i].grad.t().contiguous().t()
         if invalidate:
             opt.reset_caches()
         opt.step()
@@ -63,6 +73,28 @@ def _same(a, b):
 @pytest.mark.parametrize("case", list(CASES))
 def test_plan_steps_equal_full_steps(case):
     _same(_run(case, False), _run(case, True))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_steps_with_changed_gradient_pointers_and_layouts(case):
+    """The prepared launches (``optim.plan_launches``) read each step's gradient pointers; a
+    strided gradient sends that step to the full path: bit-identical to full steps."""
+    _same(_run(case, False, layouts=True), _run(case, True, layouts=True))
+
+
+@pytest.mark.parametrize("case", ["block", "rho0", "columns"])
+def test_plan_prepares_every_launch(case):
+    """Block, rho = 0 and columns plans leave nothing to the generic phases: every update and
+    the inf/nan test launch from the plan's one table."""
+    ps = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(SHAPES)]
+    opt = _opt(ps, case)
+    for grads in grad_stream(SHAPES, 3):
+        set_grads(ps, [g.cuda() for g in grads])
+        opt.step()
+    plan = opt._cache.plan
+    assert plan is not None and plan.launches is not None
+    assert not plan.rest and not plan.routed
+    assert plan.launches.finite_check is not None
 
 
 @pytest.mark.parametrize("at", [5, 6, 8])  # refresh, plan build, plan step (update_gap 5)
@@ -101,3 +133,22 @@ def test_plan_steps_take_less_host_time(case):
     planned, full = _host_ms(case, False), _host_ms(case, True)
     print(f"{case}: host ms per step, plan {planned:.3f}, full path {full:.3f}")
     assert planned < full
+
+
+def test_step_table_uploads_each_steps_entries_in_stream_order():
+    """``kernels.step_table.StepTable``: fixed entries once, per-step slots rewritten through
+    two alternating pinned buffers; each upload is what the next kernel on the stream reads,
+    even when the host runs ahead of the device."""
+    from frugal_dist.kernels.step_table import StepTable
+
+    table = StepTable([7, 0, 9, 0], torch.device("cuda"))
+    seen = []
+    for step in range(6):
+        host = table.begin()
+        host[1] = step
+        host[3] = -step
+        table.upload()
+        torch.cuda._sleep(1_000_000)  # the device lags: later uploads queue behind this
+        seen.append(table.table.clone())
+    got = [t.tolist() for t in seen]
+    assert got == [[7, s, 9, -s] for s in range(6)], got

@@ -15,6 +15,7 @@ from frugal_dist.core.seeding import projection_seed
 from frugal_dist.core.subspaces import projection_rank, projection_selection
 from frugal_dist.kernels.finite import NonfiniteTest
 from frugal_dist.kernels.refresh import random_bases
+from frugal_dist.optim.nonfinite import BoundTest
 from tests.helpers import SHAPES, clone_params, grad_stream, make_params, max_diff, set_grads
 
 NAMES = [f"layers.{i}.w" for i in range(len(SHAPES))]
@@ -101,16 +102,17 @@ needs_interpreter = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRE
 
 
 def _count_kernel_checks(monkeypatch) -> list[int]:
-    """Counts the calls of the Triton check (``kernels.finite.NonfiniteTest``) that ran."""
+    """Counts the calls of the Triton check that ran: ``kernels.finite.NonfiniteTest`` (full
+    steps) or its launch over a step plan's table (``optim.nonfinite.BoundTest``)."""
     calls = [0]
-    run = NonfiniteTest.__call__
+    for cls in (NonfiniteTest, BoundTest):
 
-    def counted(self, tensors):
-        out = run(self, tensors)
-        calls[0] += out is not None
-        return out
+        def counted(self, tensors, run=cls.__call__):
+            out = run(self, tensors)
+            calls[0] += out is not None
+            return out
 
-    monkeypatch.setattr(NonfiniteTest, "__call__", counted)
+        monkeypatch.setattr(cls, "__call__", counted)
     return calls
 
 

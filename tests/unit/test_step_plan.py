@@ -221,3 +221,127 @@ def test_resuming_between_refreshes_equals_the_uninterrupted_run():
         set_grads(rs, g)
         second.step()
     _assert_same((ps, opt.state_dict()["state"]), (rs, second.state_dict()["state"]))
+
+
+def _grad_layouts(step, opt, ps):
+    """Plan steps (update_gap 4: 2, 3, 6, 7, 10) with gradients the prepared launches must not
+    read as planned: at 3 the previous step's gradient tensors are written in place (the same
+    pointers as before), at 6 one gradient is column-major (same shape and values, other
+    strides; a signSGD parameter: ``kernels="triton"`` refuses strided AdamW gradients), at 7
+    it is a fresh contiguous tensor again."""
+    if step == 2:
+        _grad_layouts.kept = [p.grad for p in ps]
+    if step == 3:
+        for p, kept in zip(ps, _grad_layouts.kept):
+            kept.copy_(p.grad)
+            p.grad = kept
+    if step == 6:
+        ps[4].grad = ps[4].grad.t().contiguous().t()
+        assert not ps[4].grad.is_contiguous()
+
+
+@pytest.mark.parametrize("case", ["block", "columns"])
+def test_gradient_pointers_and_layouts_changing_between_plan_steps(case):
+    a = _run(CASES[case], False, hook=_grad_layouts)
+    _assert_same(a, _run(CASES[case], True, hook=_grad_layouts))
+
+
+def _plan_calls(monkeypatch, **run_opts) -> list[int]:
+    """The steps that took the full path (``phases.plan`` ran) in a ``_run``."""
+    steps: list[int] = []
+    now = [0]
+    real = phases.plan
+    monkeypatch.setattr(phases, "plan", lambda ctx, v: steps.append(now[0]) or real(ctx, v))
+    hook = run_opts.pop("hook", None)
+
+    def count(step, opt, ps):
+        now[0] = step
+        if hook is not None:
+            hook(step, opt, ps)
+
+    _run(hook=count, **run_opts)
+    return steps
+
+
+@pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("case", ["block", "columns"])
+def test_prepared_launches_with_changed_gradient_pointers_and_layouts(case, monkeypatch):
+    """The plan's prepared launches (``optim.plan_launches``) read each step's gradient
+    pointers, whatever they are (new tensors, or last step's written in place); a gradient of
+    another layout (column-major) makes the plan stale: that step takes the full path (and
+    builds a new plan), bit-identical to full steps throughout."""
+    opts = {**CASES[case], "proj_precision": "fp32"}
+    a = _run(opts, False, kernels="triton", hook=_grad_layouts)
+    _assert_same(a, _run(opts, True, kernels="triton", hook=_grad_layouts))
+    full = _plan_calls(monkeypatch, opts=opts, invalidate=False, kernels="triton",
+                       hook=_grad_layouts)  # fmt: skip
+    assert full == [0, 1, 4, 5, 6, 8, 9], full  # 6: the column-major gradient
+
+
+@pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("case", ["block", "columns", "projection"])
+def test_plan_steps_upload_one_table(case, monkeypatch):
+    """A plan step uploads one table for all its prepared launches and the inf/nan test (the
+    ``StepTable``), and no per-kernel table; full steps upload per kernel."""
+    from frugal_dist.kernels import elementwise_triton as tk
+    from frugal_dist.kernels import finite_triton as ft
+    from frugal_dist.kernels.step_table import StepTable
+
+    per_kernel, per_plan, now = [], [], [0]
+    real_upload, real_stage = tk.upload, StepTable.upload
+
+    def upload(*args, **kw):
+        per_kernel.append(now[0])
+        return real_upload(*args, **kw)
+
+    def stage(self):
+        per_plan.append(now[0])
+        return real_stage(self)
+
+    monkeypatch.setattr(tk, "upload", upload)
+    monkeypatch.setattr(ft, "upload", upload)
+    monkeypatch.setattr(StepTable, "upload", stage)
+
+    def hook(step, opt, ps):
+        now[0] = step
+
+    opts = {**CASES[case], "proj_precision": "fp32"}
+    _run(opts, False, kernels="triton", hook=hook)
+    plan_steps = [2, 3, 6, 7, 10]
+    assert per_plan == plan_steps, per_plan
+    if case != "projection":  # everything prepared (projection batches keep their own path)
+        assert not set(per_kernel) & set(plan_steps), per_kernel
+    assert set(per_kernel) >= {0, 1, 4, 5, 8, 9}, per_kernel
+
+
+@pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 and triton")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_later_plan_steps_hand_projection_batches_over_without_rows(precision, monkeypatch):
+    """From a plan's second step on, a projection batch whose down, state and apply all ran
+    batched passes only its (B, ...) results between the phases (``projection_batch.DIRECT``):
+    no ``unbind`` into per-item rows, no item holds a row; results stay bit-identical (the
+    other tests of this file)."""
+    from frugal_dist.optim import projection_batch
+
+    unbinds, now = [], [0]
+    real = torch.Tensor.unbind
+
+    def unbind(self, *args, **kw):
+        unbinds.append(now[0])
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "unbind", unbind)
+    opts = []
+
+    def hook(step, opt, ps):
+        now[0] = step
+        opts.append(opt)
+
+    _run({**CASES["projection"], "proj_precision": precision}, False, steps=8,
+         kernels="triton", hook=hook)  # fmt: skip
+    plan = opts[-1]._cache.plan
+    assert plan.batch_memo.get(projection_batch.DIRECT)
+    assert all(it.g_sf is None and it.u is None and it.g_sf_op is None for it in plan.items)
+    # update_gap 4: 2 and 6 replay the plan first (rows), 3 and 7 replay it again (none)
+    assert 2 in unbinds and 6 in unbinds, unbinds
+    assert 3 not in unbinds and 7 not in unbinds, unbinds
