@@ -325,11 +325,17 @@ def state_batched(
         precision = b.precision
         bf16 = fast and precision == "bf16"
         dt = torch.bfloat16 if bf16 else torch.float32
+        # bf16: U and the operand copy of X are the two halves of one buffer, so the stacked
+        # apply kernel's U - X offset is the same (B a c elements) at every step and refresh:
+        # separate allocations give an offset that Triton specialises on (int32 / int64 range),
+        # i.e. a recompilation whenever a new allocation lands in another class
+        halves = 2 if bf16 else 1
         if fast and sub[0].sel.side == "left" and precision != "fp32":
-            U = torch.empty(B, c, a, device=dev, dtype=dt).mT
+            both = torch.empty(halves, B, c, a, device=dev, dtype=dt).mT
         else:
-            U = torch.empty(B, a, c, device=dev, dtype=dt)
-        X_op = torch.empty_like(U) if bf16 else None
+            both = torch.empty(halves, B, a, c, device=dev, dtype=dt)
+        U = both[-1]
+        X_op = both[0] if bf16 else None
         adamw_state(X, *moments, [it.sf_t for it in sub], group["betas"], group["eps"], U,
                     X_op)  # fmt: skip
         done.update(b.ids)

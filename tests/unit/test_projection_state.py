@@ -206,6 +206,34 @@ def test_steady_steps_stack_and_cast_nothing(precision, monkeypatch):
 
 
 @needs_interpreter
+def test_bf16_direction_and_operand_copy_are_one_buffer_at_every_refresh(monkeypatch):
+    """bf16: the state kernel writes U and the operand copy of X into the two halves of one
+    buffer, so the stacked apply kernel's U - X offset (an int argument Triton specialises on)
+    is B a c elements at every step, across refreshes -- not an allocator-dependent distance."""
+    from frugal_dist.kernels import projection_state
+
+    seen: list[tuple[int, int]] = []
+    real = projection_state.adamw_state
+
+    def spy(x, m, v, t, betas, eps, u, x_op=None):
+        assert (
+            x_op is not None and u.untyped_storage().data_ptr() == x_op.untyped_storage().data_ptr()
+        )
+        assert u.stride() == x_op.stride()
+        seen.append((u.data_ptr() - x_op.data_ptr(), u.numel() * u.element_size()))
+        return real(x, m, v, t, betas, eps, u, x_op)
+
+    monkeypatch.setattr(projection_state, "adamw_state", spy)
+    ps = make_params(SHAPES)
+    opt = FRUGAL([{"params": ps, "names": NAMES}], kernels="triton", proj_precision="bf16",
+                 **{**COMMON, "update_gap": 2}, **TYPES["random"])  # fmt: skip
+    for g in grad_stream(SHAPES, 5):  # refreshes at steps 1, 3 and 5
+        set_grads(ps, g)
+        opt.step()
+    assert len(seen) == 5 * 3 and all(delta == nbytes for delta, nbytes in seen)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("kind", list(TYPES))
 def test_bases_are_held_once(kind):
     """fp32 / tf32: each item's basis (and svd's ``proj_basis`` state) is a slice of the one
