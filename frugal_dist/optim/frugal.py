@@ -63,7 +63,8 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
                                  hyper-parameters and parameter names/shapes (the full
                                  descriptions only when they differ, to name the field)
     first step only [check_agreement=False, and the step communicates]: all_reduce of 4 B
-    0. [nonfinite != "ignore", layout or reduce_gradients] all_reduce(max) of one inf/nan flag  4 B
+    0. [nonfinite != "ignore", layout or reduce_gradients] all_reduce(max) of one inf/nan flag
+                                 (``comm_stats()`` key ``nonfinite_flag``)         4 B
     1. [reduce_gradients, exact] all_reduce(mean) of every gradient, coalesced     4 B x params
        [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
                                  all_reduce(mean) of compact G_sf (coord: rho, proj: r x max(m,n)),
@@ -460,6 +461,12 @@ class FRUGAL(Optimizer):
             return None
         k = max(int(view.state["step"].item()) - 1, 0) // group["update_gap"]
         return kind_for(group).current_selection(view, group, k, self._context())
+
+    def step_plan(self) -> StepPlan | None:
+        """The plan the steps until the next refresh replay (``optim.step_plan``), or None when
+        the next step takes the full path. For inspection (tests, diagnostics): read it, do not
+        change it."""
+        return self._cache.plan
 
     def selections_in_use(self) -> dict[str, tuple[int, Any]]:
         """name -> (refresh index, global coordinate set or projection basis) of the
