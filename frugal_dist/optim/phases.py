@@ -161,6 +161,10 @@ def gradients_finite(
     reduces itself differ per rank: the flag is all-reduced over the group (4 B per rank,
     ``comm_stats()`` key ``nonfinite_flag``)."""
     names = [v.name for _, vs in views for v in vs]
+    if ctx.simulated is not None:  # FRUGAL.step_ranks: any simulated rank's inf/nan skips
+        ctx.simulated.count_flag(ctx.comm)  # the 4 B flag a real rank all-reduces
+        per_rank = ctx.simulated.grads_of([v.data for _, vs in views for v in vs])
+        return all(check_finite(ctx, names, grads, mode) for grads in per_rank)
     grads = [v.grad for _, vs in views for v in vs]
     return check_finite(ctx, names, grads, mode)
 
