@@ -92,12 +92,14 @@ def reduce_to_owners(
     stats.add(kind, total, total)
 
 
-def any_rank_flag(flag: Tensor, pg: ProcessGroup) -> Tensor:
+def any_rank_flag(flag: Tensor, pg: ProcessGroup, stats: CommStats, kind: str) -> Tensor:
     """In place: ``flag`` (a float32 scalar, nonzero = raised) becomes its max over ranks: one
-    4-byte all-reduce. Not counted in ``CommStats`` (a step's control flag, not its data)."""
+    4-byte all-reduce, counted under ``kind`` (payload 4 B, wire 2 (W-1)/W x 4 B); nothing at
+    world size 1."""
     _, world = rank_and_world(pg)
     if world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
+        stats.add(kind, flag.nbytes, 2 * (world - 1) / world * flag.nbytes)
     return flag
 
 

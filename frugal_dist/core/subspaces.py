@@ -184,6 +184,18 @@ class CoordinateSelection:
         k = int(self.index.numel())
         return {"columns": (m, k), "rows": (k, n), "randk": (k,)}[self.choice]
 
+    @property
+    def axis(self) -> str | None:
+        """The matrix axis ``index`` picks whole lines of: "columns" or "rows" (the fused
+        coordinate kernels take these), None for single entries (``randk``)."""
+        return self.choice if self.choice in ("columns", "rows") else None
+
+    @property
+    def axis_length(self) -> int:
+        """Length of the indexed axis: n (columns), m (rows) or m n (entries)."""
+        m, n = self.shape
+        return {"columns": n, "rows": m, "randk": m * n}[self.choice]
+
     def to(self, device: torch.device) -> CoordinateSelection:
         return CoordinateSelection(self.choice, self.shape, self.index.to(device))
 

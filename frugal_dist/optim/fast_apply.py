@@ -151,17 +151,17 @@ def _numel(it: Item) -> int:
 
 def coordinate_fusable(it: Item, kernels: str, sharded: bool, sign_vote: bool) -> bool:
     """A coordinate item for ``coordinate_adamw_apply_`` (its state phase runs in the apply
-    kernel): Triton selected (``kernels="auto"`` on CUDA, or ``"triton"``), ``columns`` /
-    ``rows``, rule ``adamw``, a whole (unsharded) float32 matrix with a non-empty selection, the
-    owner holding the state (no ``shard_state`` split) and the whole reduced gradient (no sign
-    vote). Everything else keeps the per-phase path."""
+    kernel): Triton selected (``kernels="auto"`` on CUDA, or ``"triton"``), a selection of
+    whole columns / rows (one with an ``axis``), rule ``adamw``, a whole (unsharded) float32
+    matrix with a non-empty selection, the owner holding the state (no ``shard_state`` split)
+    and the whole reduced gradient (no sign vote). Everything else keeps the per-phase path."""
     data = it.view.data
     return (
         kernels != "torch"
         and (kernels == "triton" or data.device.type == "cuda")
         and not sharded
         and not sign_vote
-        and it.group["coord_choice"] in ("columns", "rows")
+        and it.sel.axis is not None
         and it.kind.rule(it.group) == "adamw"
         and it.span.is_full
         and data.dtype == torch.float32
@@ -198,10 +198,9 @@ def fused_parts(
          [it.st["exp_avg_sq"] for it in sub])
         for scale, sub in by_scale.items()
     ]  # fmt: skip
-    axis = group["coord_choice"]
     parts = []
     for sub in coords.values():
-        dim = sub[0].sel.shape[1] if axis == "columns" else sub[0].sel.shape[0]
+        dim = sub[0].sel.axis_length
         parts.append((
             sub, [it.view.data for it in sub], [it.st["exp_avg"] for it in sub],
             [it.st["exp_avg_sq"] for it in sub], [it.sel.index for it in sub],
@@ -228,12 +227,11 @@ def run_fused(parts: FusedParts, lr: float, wd: float, group: dict, kernels: str
                      betas=(b1, b2), eps=group["eps"], weight_decay=wd / scale,
                      impl=kernels)  # fmt: skip
     s_p, s_i = group["proj_params_lr_scale"], group["inactive_lr_scale"]
-    axis = group["coord_choice"]
     for sub, data, m, v, index, pos in parts.coords:
         coordinate_adamw_apply_(
             data, [it.g for it in sub], m, v, index, [it.sf_t for it in sub], lr=lr, scale=s_p,
             free_scale=s_i, betas=(b1, b2), eps=group["eps"], decay=lr * wd,
-            free_rule=group["state_free"], axis=axis, positions=pos, impl=kernels,
+            free_rule=group["state_free"], axis=sub[0].sel.axis, positions=pos, impl=kernels,
         )  # fmt: skip
 
 

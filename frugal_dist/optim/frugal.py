@@ -63,7 +63,8 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
                                  hyper-parameters and parameter names/shapes (the full
                                  descriptions only when they differ, to name the field)
     first step only [check_agreement=False, and the step communicates]: all_reduce of 4 B
-    0. [nonfinite != "ignore", layout or reduce_gradients] all_reduce(max) of one inf/nan flag  4 B
+    0. [nonfinite != "ignore", layout or reduce_gradients] all_reduce(max) of one inf/nan flag
+                                 (``comm_stats()`` key ``nonfinite_flag``)         4 B
     1. [reduce_gradients, exact] all_reduce(mean) of every gradient, coalesced     4 B x params
        [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
                                  all_reduce(mean) of compact G_sf (coord: rho, proj: r x max(m,n)),
@@ -102,7 +103,7 @@ from frugal_dist.comm.topology import NodeGroups, build_node_groups
 from frugal_dist.core.fragments import RowSpan
 from frugal_dist.core.subspaces import CoordinateSelection, matrix_shape
 from frugal_dist.layouts.base import ParamView
-from frugal_dist.optim import ownership, phases
+from frugal_dist.optim import ownership, phases, simulated_ranks
 from frugal_dist.optim.engine_hooks import auto_layout, logical_shape
 from frugal_dist.optim.group_setup import (
     FRUGAL_DEFAULTS,
@@ -115,7 +116,6 @@ from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.layout_guard import ParamRegistry
 from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.sign_reduce import HIERARCHICAL_UNDER_LAYOUT, hierarchy_options
-from frugal_dist.optim.simulated_ranks import simulated_ranks
 from frugal_dist.optim.state_loading import (
     SCALAR_KEYS,
     check_checkpoint_groups,
@@ -262,17 +262,35 @@ class FRUGAL(Optimizer):
             if done != STALE:
                 return loss
             self._cache.plan = None
+        self._full_step()
+        return loss
+
+    @torch.no_grad()
+    def step_ranks(
+        self, rank_grads: Sequence[Sequence[Tensor | None]], node_size: int | None = None
+    ) -> None:
+        """Rank 0's step of a W-rank data-parallel run, simulated in this process (needs
+        ``reduce_gradients=True``, one process, no layout): ``rank_grads[r]`` are rank r's
+        gradients (one per parameter of ``param_groups`` in order, None for none; used as
+        buffers), ``node_size`` the ranks per node for "hierarchical". The reduce runs in
+        process (``optim.simulated_ranks``); W = 1 is ``step()``; then ``p.grad`` is rank 0's."""
+        sim = simulated_ranks.prepare(self, rank_grads, node_size)  # p.grad: rank 0's
+        if sim.world == 1:
+            self.step()
+            return
+        self._cache.plan = None  # a cached plan has no reduce phase
+        self.comm.begin_step()
+        self._full_step(sim)
+
+    def _full_step(self, simulated: simulated_ranks.SimulatedRanks | None = None) -> None:
+        """The full path: agreement (once), inf/nan check (every ``simulated`` rank's), phases."""
         views = [(group, self.views(group)) for group in self.param_groups]
         ctx = self._context()
+        ctx.simulated = simulated
         self._check_agreement_once(ctx)
         if self.nonfinite != "ignore" and not phases.gradients_finite(ctx, views, self.nonfinite):
             self._skipped += 1
-            return loss
-        self._full_step(ctx, views)
-        return loss
-
-    def _full_step(self, ctx: phases.StepContext, views: list) -> None:
-        """Every phase of one step on ``views`` (their gradients checked already)."""
+            return
         items = phases.plan(ctx, views)
         if not items:
             return
@@ -284,54 +302,6 @@ class FRUGAL(Optimizer):
         routed = phases.route_apply(ctx, items)
         phases.run_apply(ctx, routed)  # W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R))
         self._cache.plan = StepPlan.build(ctx, items, routed)  # the steps until the refresh
-
-    @torch.no_grad()
-    def step_ranks(
-        self, rank_grads: Sequence[Sequence[Tensor | None]], node_size: int | None = None
-    ) -> None:
-        """One step of a W-rank data-parallel run, simulated in this process: the step rank 0
-        of W real ranks takes, with ``rank_grads[r]`` rank r's gradients (one per parameter of
-        ``param_groups``, in order; None where a parameter has none). Needs
-        ``reduce_gradients=True`` and no other rank (a process group of one, no layout); the
-        reduce of ``residual_comm`` runs in process (``optim.simulated_ranks``: exact mean,
-        mean of the compact parts and majority vote of the residual signs, or node means first
-        with ``node_size`` ranks per node for "hierarchical"), the same code and arithmetic as
-        the distributed step. W = 1 is ``step()``. The tensors of ``rank_grads`` serve as
-        buffers (overwritten); afterwards ``p.grad`` is rank 0's, as on rank 0 of a real run.
-        Every step takes the full path (no cached plan)."""
-        if not self.reduce_gradients:
-            raise ValueError(
-                "step_ranks simulates FRUGAL's own gradient reduction; construct the optimizer "
-                "with reduce_gradients=True (and residual_comm 'exact', 'sign' or "
-                "'hierarchical')"
-            )
-        if self._layout is not None or rank_and_world(self._pg)[1] > 1:
-            raise ValueError(
-                "step_ranks simulates the ranks in this process; it needs an optimizer of one "
-                "process and whole tensors (no process group of several ranks, no bound layout)"
-            )
-        params = [p for group in self.param_groups for p in group["params"]]
-        sim = simulated_ranks(params, rank_grads, self.residual_comm, node_size)
-        for p, g in zip(params, sim.grads[0]):
-            p.grad = g
-        if sim.world == 1:
-            self.step()
-            return
-        self._cache.plan = None  # a cached plan has no reduce phase
-        self.comm.begin_step()
-        views = [(group, self.views(group)) for group in self.param_groups]
-        ctx = self._context()
-        ctx.simulated = sim
-        if self.nonfinite != "ignore":
-            names = [v.name for _, vs in views for v in vs]
-            where = {id(p): i for i, p in enumerate(params)}
-            index = [where[id(v.data)] for _, vs in views for v in vs]
-            for gs in sim.grads:  # any rank's inf/nan skips the step (the flag all-reduced)
-                grads = [gs[i] for i in index]
-                if not phases.check_finite(ctx, names, grads, self.nonfinite):
-                    self._skipped += 1
-                    return
-        self._full_step(ctx, views)
 
     def _context(self) -> phases.StepContext:
         rank, world = rank_and_world(self._pg)
@@ -460,6 +430,11 @@ class FRUGAL(Optimizer):
             return None
         k = max(int(view.state["step"].item()) - 1, 0) // group["update_gap"]
         return kind_for(group).current_selection(view, group, k, self._context())
+
+    def step_plan(self) -> StepPlan | None:
+        """The plan the steps until the next refresh replay (``optim.step_plan``; None: the
+        next step takes the full path). For inspection (tests, diagnostics): read-only."""
+        return self._cache.plan
 
     def selections_in_use(self) -> dict[str, tuple[int, Any]]:
         """name -> (refresh index, global coordinate set or projection basis) of the

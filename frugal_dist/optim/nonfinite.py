@@ -26,8 +26,10 @@ collective (the caller passes ``world=1``).
 * ``"ignore"``: no check at all (no sync, no collective).
 
 Cost: one device->host sync per step (reading the flag) plus, for per-rank gradients at world
-size > 1, one 4-byte all-reduce. ``"raise"`` finds the parameter's name with the torch path
-(one more sync), only on the failing step.
+size > 1, one all-reduce of 4 B per rank (counted in ``comm_stats()`` under ``nonfinite_flag``:
+payload 4 B, wire 2 (W-1)/W x 4 B; nothing at world size 1 or for replicated gradients).
+``"raise"`` finds the parameter's name with the torch path (one more sync), only on the failing
+step.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from frugal_dist.comm.collectives import any_rank_flag
+from frugal_dist.comm.stats import CommStats
 from frugal_dist.kernels.finite import NonfiniteTest
 
 NONFINITE_MODES = ("skip", "raise", "ignore")
+FLAG_KEY = "nonfinite_flag"  # the flag all-reduce's key in ``comm_stats()``
 
 
 def validate_nonfinite(mode: Any) -> str:
@@ -116,17 +120,24 @@ class BoundTest:
 
 def grads_are_finite(
     names: list[str], grads: list[Tensor | None], pg: Any, world: int,
-    check: FiniteCheck | None = None, kernels: str = "auto",
+    check: FiniteCheck | None = None, kernels: str = "auto", stats: CommStats | None = None,
 ) -> tuple[bool, str | None]:  # fmt: skip
     """(all finite on every rank, first local offending name or None). One host sync.
-    ``check``: ``FiniteCheck(grads, kernels)``, when the caller has it cached."""
+    ``check``: ``FiniteCheck(grads, kernels)``, when the caller has it cached. ``world`` > 1:
+    the flag is all-reduced over ``pg`` (4 B, counted in ``stats`` under ``nonfinite_flag``;
+    required then)."""
+    if world > 1 and stats is None:
+        raise ValueError(
+            "grads_are_finite: world > 1 all-reduces the flag; pass the step's CommStats as "
+            "stats (its 4 B are counted under 'nonfinite_flag')"
+        )
     if check is None:
         check = FiniteCheck(grads, kernels)
     flag = check.kernel(grads) if check.kernel.fast else None
     if flag is not None:
         if world > 1:
             device = _flag_device(pg, flag)
-            flag = any_rank_flag(flag.to(device=device, dtype=torch.float32), pg)
+            flag = any_rank_flag(flag.to(device=device, dtype=torch.float32), pg, stats, FLAG_KEY)
         if not flag.item():  # the one host sync of the check
             return True, None
         return False, _first_bad(names, grads, max_abs_norms(grads, check.buckets))
@@ -143,7 +154,7 @@ def grads_are_finite(
         all_norms = torch.zeros(0, dtype=torch.float32, device=device)
     ok = (all_norms < float("inf")).all()
     if world > 1:
-        ok = any_rank_flag((~ok).to(torch.float32), pg) == 0.0
+        ok = any_rank_flag((~ok).to(torch.float32), pg, stats, FLAG_KEY) == 0.0
     if ok.item():  # the one host sync of the check
         return True, None
     return False, _first_bad(names, grads, norms)

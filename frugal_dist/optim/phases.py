@@ -158,8 +158,13 @@ def gradients_finite(
 
     Replicated gradients (DDP-reduced, or one rank alone) are equal on every rank: the local
     answer is every rank's, with no collective. Fragments (a layout) and gradients FRUGAL
-    reduces itself differ per rank: the flag is all-reduced over the group (4 B)."""
+    reduces itself differ per rank: the flag is all-reduced over the group (4 B per rank,
+    ``comm_stats()`` key ``nonfinite_flag``)."""
     names = [v.name for _, vs in views for v in vs]
+    if ctx.simulated is not None:  # FRUGAL.step_ranks: any simulated rank's inf/nan skips
+        ctx.simulated.count_flag(ctx.comm)  # the 4 B flag a real rank all-reduces
+        per_rank = ctx.simulated.grads_of([v.data for _, vs in views for v in vs])
+        return all(check_finite(ctx, names, grads, mode) for grads in per_rank)
     grads = [v.grad for _, vs in views for v in vs]
     return check_finite(ctx, names, grads, mode)
 
@@ -172,7 +177,7 @@ def check_finite(
     ``nonfinite.FiniteCheck`` of gradients shaped like these, a step plan's)."""
     per_rank = ctx.layout is not None or ctx.reduce_gradients
     world = ctx.world if per_rank else 1
-    ok, first = grads_are_finite(names, grads, ctx.pg, world, check, ctx.kernels)
+    ok, first = grads_are_finite(names, grads, ctx.pg, world, check, ctx.kernels, ctx.comm)
     if ok:
         return True
     if mode == "raise":

@@ -159,9 +159,8 @@ def _coords(b: _Builder, part, group: dict, kernels: str) -> bool:
         return False
     M, N = matrix_shape(data[0])
     k = int(indices[0].numel())
-    axis = group["coord_choice"]
-    compact = (M, k) if axis == "columns" else (k, N)
-    dim = N if axis == "columns" else M
+    sel = sub[0].sel
+    compact, dim = tuple(sel.compact_shape), sel.axis_length
     gs = [b.grad(it) for it in sub]
     if k == 0 or M * N == 0 or gs[0] is None or gs[0].dtype not in _KERNEL_DTYPES:
         return False
@@ -182,7 +181,7 @@ def _coords(b: _Builder, part, group: dict, kernels: str) -> bool:
     b.add("coordinate", group, sub, rows, 1, 5, fixed_or,
           dict(count=len(sub), gdtype=gd, shape=(M, N), k=k, scale=group["proj_params_lr_scale"],
                free_scale=group["inactive_lr_scale"], free_rule=group["state_free"],
-               axis_rows=axis == "rows"))  # fmt: skip
+               axis_rows=sel.axis == "rows"))  # fmt: skip
     return True
 
 

@@ -26,7 +26,8 @@ gloo / NCCL run; with more terms the collective's summation order may differ in 
 The vote is integer arithmetic on the same packed bits: equal whatever the order.
 
 Bytes: what one real rank would hand to each collective is counted in ``CommStats`` under the
-same keys (``optim.sign_reduce``'s tables), so ``comm_stats()`` reads as a real rank's.
+same keys (``optim.sign_reduce``'s tables, and the 4 B inf/nan flag, ``nonfinite_flag``), so
+``comm_stats()`` reads as a real rank's.
 Nothing is communicated.
 """
 
@@ -39,12 +40,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from frugal_dist.comm.collectives import rank_and_world
 from frugal_dist.comm.stats import CommStats
 from frugal_dist.kernels.sign_bits import pack_signs
 from frugal_dist.optim.fast_apply import local_matrix
+from frugal_dist.optim.nonfinite import FLAG_KEY
 from frugal_dist.optim.sign_reduce import SignParts, split_parts, take_vote
 
 if TYPE_CHECKING:
+    from frugal_dist.optim.frugal import FRUGAL
     from frugal_dist.optim.phases import StepContext
     from frugal_dist.optim.step_items import Item
 
@@ -67,11 +71,45 @@ class SimulatedRanks:
     def nodes(self) -> int:
         return self.world // self.node_size
 
+    def grads_of(self, params: list[Tensor]) -> list[list[Tensor | None]]:
+        """Per rank, its gradients of ``params`` (parameters of ``self.params``) in that order."""
+        where = {id(p): i for i, p in enumerate(self.params)}
+        index = [where[id(p)] for p in params]
+        return [[gs[i] for i in index] for gs in self.grads]
+
+    def count_flag(self, stats: CommStats) -> None:
+        """A real rank's bytes of the inf/nan flag's all-reduce (``optim.nonfinite``): 4 B."""
+        stats.add(FLAG_KEY, 4, 2 * (self.world - 1) / self.world * 4)
+
     def votes(self, residual_comm: str) -> bool:
         """Whether the reduce votes residual signs (``sign_reduce.votes_residual``)."""
         if residual_comm == "hierarchical":
             return self.nodes > 1
         return residual_comm == "sign"
+
+
+def prepare(
+    opt: FRUGAL, rank_grads: Sequence[Sequence[Tensor | None]], node_size: int | None
+) -> SimulatedRanks:
+    """The ranks of one ``opt.step_ranks(rank_grads, node_size)``, checked (``opt`` reduces
+    gradients itself, is alone in its process group and has no layout; ``simulated_ranks``),
+    with every parameter's ``grad`` set to rank 0's, as on rank 0 of a real run."""
+    if not opt.reduce_gradients:
+        raise ValueError(
+            "step_ranks simulates FRUGAL's own gradient reduction; construct the optimizer "
+            "with reduce_gradients=True (and residual_comm 'exact', 'sign' or "
+            "'hierarchical')"
+        )
+    if opt.layout is not None or rank_and_world(opt.process_group)[1] > 1:
+        raise ValueError(
+            "step_ranks simulates the ranks in this process; it needs an optimizer of one "
+            "process and whole tensors (no process group of several ranks, no bound layout)"
+        )
+    params = [p for group in opt.param_groups for p in group["params"]]
+    sim = simulated_ranks(params, rank_grads, opt.residual_comm, node_size)
+    for p, g in zip(params, sim.grads[0]):
+        p.grad = g
+    return sim
 
 
 def simulated_ranks(

@@ -13,7 +13,8 @@ from tests.distributed import workers
 from tests.distributed.hierarchical_workers import BASE, CASES
 
 NODE = 2  # ranks per node of the hierarchical mode (2 nodes x 2 ranks at world 4)
-REDUCE_KEYS = ("grad_full", "grad_projected", "sign_allgather", "grad_intra", "intra_gather")
+REDUCE_KEYS = ("grad_full", "grad_projected", "sign_allgather", "grad_intra", "intra_gather",
+               "nonfinite_flag")  # fmt: skip
 MODES = {
     "exact": dict(residual_comm="exact"),
     "sign": dict(residual_comm="sign"),

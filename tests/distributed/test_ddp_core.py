@@ -77,14 +77,17 @@ def test_projected_and_sign_modes_cut_bytes_as_predicted():
     full_bytes = 4 * sum(math.prod(s) for s in workers.SHAPES + workers.ADAMW_SHAPES)
     adamw_bytes = 4 * sum(math.prod(s) for s in workers.ADAMW_SHAPES)
     for name in ("columns", "projection"):
-        # the first step's participant probe (check_agreement=False): one int32 all-reduce
-        assert stats[name, "exact"] == {"grad_full": full_bytes, "agreement_check": 4}
+        # the first step's participant probe (check_agreement=False): one int32 all-reduce;
+        # the inf/nan flag (nonfinite="skip", gradients FRUGAL reduces): one float32 all-reduce
+        flag = {"nonfinite_flag": 4}
+        assert stats[name, "exact"] == {"grad_full": full_bytes, "agreement_check": 4, **flag}
         if name == "columns":
             compact = sum(m * coordinate_count(n, rho) for m, n in workers.SHAPES)
         else:
             compact = sum(projection_rank((m, n), rho) * max(m, n) for m, n in workers.SHAPES)
         bits = sum(_bits(m * n) for m, n in workers.SHAPES)
         sign = stats[name, "sign"]
+        assert sign["nonfinite_flag"] == 4
         assert sign["grad_full"] == adamw_bytes
         assert sign["grad_projected"] == 4 * compact
         assert sign["sign_allgather"] == bits

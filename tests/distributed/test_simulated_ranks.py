@@ -7,7 +7,7 @@ gloo ranks running the same vote: the quality benchmark's simulated variants
   the 4 ranks' gradients: bit for bit (every sum of dyadic gradients is exact in any order, and
   sums of two terms commute), except sign mode's compact projections (random and svd), a sum
   of 4 GEMM results whose order the collective picks (bound 1e-6; seen: 1.2e-9); the bytes a
-  rank counts for the reduce are equal;
+  rank counts for the reduce and the inf/nan flag are equal;
 * training loop: 2 gloo ranks with ``engine=ddp``, FRUGAL reducing (sign mode), against
   ``simulate_ranks=2``: the same losses bit for bit (2-term sums commute); the validation loss
   up to float32 round-off (one batch of 8 rows against the mean of two batches of 4)."""
@@ -46,7 +46,8 @@ def test_step_ranks_equals_real_ranks(real, case, mode):
                 assert torch.equal(a, b), (case, mode, s, float((a - b).abs().max()))
             else:
                 assert float((a - b).abs().max()) < 1e-6, (case, mode, s)
-    # the reduce's bytes (fingerprints and svd bases are exchanged outside it: not simulated)
+    # the reduce's bytes and the inf/nan flag's (fingerprints and svd bases are exchanged
+    # outside the reduce: not simulated)
     reduce = {k: v for k, v in got["stats"].items() if k in sw.REDUCE_KEYS}
     assert sim["stats"] == reduce
 

@@ -91,7 +91,7 @@ def test_plan_prepares_every_launch(case):
     for grads in grad_stream(SHAPES, 3):
         set_grads(ps, [g.cuda() for g in grads])
         opt.step()
-    plan = opt._cache.plan
+    plan = opt.step_plan()
     assert plan is not None and plan.launches is not None
     assert not plan.rest and not plan.routed
     assert plan.launches.finite_check is not None

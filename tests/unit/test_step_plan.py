@@ -115,7 +115,7 @@ def test_plan_steps_batch_projections_once_per_plan(monkeypatch):
     _run({**CASES["projection"], "proj_precision": "bf16"}, False, steps=8, kernels="triton",
          hook=hook)  # fmt: skip
     per_step.append(len(calls))
-    memo = opts[-1]._cache.plan.batch_memo
+    memo = opts[-1].step_plan().batch_memo
     assert memo and not memo.get(projection_batch.STASH)  # no batch result outlives its step
     done = [b - a for a, b in zip(per_step, per_step[1:])]  # calls made by steps 0..7
     # update_gap 4: steps 0 and 4 refresh, 1 and 5 build the plan, 2 and 6 replay it first (and
@@ -339,7 +339,7 @@ def test_later_plan_steps_hand_projection_batches_over_without_rows(precision, m
 
     _run({**CASES["projection"], "proj_precision": precision}, False, steps=8,
          kernels="triton", hook=hook)  # fmt: skip
-    plan = opts[-1]._cache.plan
+    plan = opts[-1].step_plan()
     assert plan.batch_memo.get(projection_batch.DIRECT)
     assert all(it.g_sf is None and it.u is None and it.g_sf_op is None for it in plan.items)
     # update_gap 4: 2 and 6 replay the plan first (rows), 3 and 7 replay it again (none)
