@@ -58,3 +58,18 @@ def run_distributed(
                         proc.kill()
                 raise TimeoutError(f"{fn.__name__} on {world} processes ran past {deadline_s} s")
         return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+
+
+def _each(rank: int, world: int, fn: Callable, cases: dict[Any, tuple]) -> dict[Any, Any]:
+    return {key: fn(rank, world, *args) for key, args in cases.items()}
+
+
+def run_each(
+    fn: Callable, world: int, cases: dict[Any, tuple], deadline_s: float | None = None
+) -> dict[Any, list[Any]]:
+    """``fn(rank, world, *cases[key])`` for every key, one after another in ONE launch of
+    ``world`` processes (one process start and one process group for all cases instead of one
+    per case); returns ``{key: [every rank's result]}``. For functions that seed what they draw
+    (each case starts from the same state it would in a fresh process)."""
+    got = run_distributed(_each, world, fn, cases, deadline_s=deadline_s)
+    return {key: [g[key] for g in got] for key in cases}
