@@ -3,7 +3,7 @@ run, DCP checkpoints saved at 2 x 2 resumed at 1 process and at 4 x 1, and a ten
 2-D mesh refused with an error naming the parameter and its placements. Everything on 4 ranks
 (every kind's 2 x 2 run, the DCP save and its resume at 4 x 1, meshes, refusals, svd count,
 training loop) runs in one 4-process launch (``hsdp_workers.all_on_four``) and the one-process
-resume and training loop in one more, so the 16 tests start 2 launches instead of 22."""
+resume and training loop in one more: the 16 tests start 2 launches (12 before)."""
 
 from __future__ import annotations
 
