@@ -141,6 +141,19 @@ def resume(rank: int, world: int, stage: int, steps: int, cut: int, opt_kw: dict
     return {"params": full_params(fresh, stage), "pid": os.getpid()}
 
 
+def stage_all(rank: int, world: int, stage: int, steps: int, kinds: dict, common: dict,
+              half_kinds: dict, resume_kw: dict, path: str) -> dict[str, Any]:  # fmt: skip
+    """Everything ``test_deepspeed`` runs under ZeRO ``stage``, in one launch: ``run`` of every
+    kind in float32, ``resume`` (cut at ``steps // 2``) and, at stages 2 and 3, ``run`` of
+    ``half_kinds`` in bf16 and with the optimizer offloaded to the CPU."""
+    out = {"fp32": run(rank, world, stage, False, steps, kinds, common),
+           "resume": resume(rank, world, stage, steps, steps // 2, resume_kw, path)}  # fmt: skip
+    if stage >= 2:
+        out["bf16"] = run(rank, world, stage, True, steps, half_kinds, common)
+        out["offload"] = run(rank, world, stage, False, steps, half_kinds, common, True)
+    return out
+
+
 def bad_config(rank: int, world: int, cfg: dict) -> str:
     import frugal_dist.deepspeed as fds
 

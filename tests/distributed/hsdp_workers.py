@@ -156,3 +156,30 @@ def svd_calls(rank: int, world: int, replicas: int) -> int:
                      update_gap=2, lr=1e-3)  # fmt: skip
         fw._train(model, opt, 4, rank, world)
     return counter[0]
+
+
+def all_on_four(
+    rank: int, world: int, steps: int, kws: dict[str, dict], dcp_kws: dict[str, dict],
+    root: str, first: int, rest: int, refused: dict[str, dict],
+) -> dict[str, Any]:  # fmt: skip
+    """Everything ``test_hsdp`` runs on 4 ranks, in one launch (each piece builds its own model
+    and mesh): the 2 x 2 runs, the DCP save at 2 x 2 (``root``) and its resume at 4 x 1, the
+    default mesh, the refused options' first steps, the svd count, the training loop at 2 x 2
+    and, last, the tensor-parallel refusal (a (dp, tp) mesh)."""
+    out: dict[str, Any] = {"hsdp": hsdp_many(rank, world, 2, steps, kws)}
+    hsdp_save_many(rank, world, 2, first, dcp_kws, root)
+    out["resumed"] = hsdp_resume_many(rank, world, 4, first, rest, dcp_kws, root)
+    out["mesh"] = {replicas: mesh_of(rank, world, replicas) for replicas in (2, 3)}
+    out["refused"] = {k: first_step_error(rank, world, 2, kw) for k, kw in refused.items()}
+    out["svd_calls"] = svd_calls(rank, world, 2)
+    out["train_loop"] = train_loop(rank, world, 2, 12)
+    out["tensor_parallel"] = tensor_parallel_step(rank, world)
+    return out
+
+
+def all_on_one(
+    rank: int, world: int, dcp_kws: dict[str, dict], root: str, first: int, rest: int
+) -> dict[str, Any]:
+    """``test_hsdp``'s one-process runs, in one launch: the DCP resume and the training loop."""
+    return {"resumed": hsdp_resume_many(rank, world, 1, first, rest, dcp_kws, root),
+            "train_loop": train_loop(rank, world, 1, 12)}  # fmt: skip

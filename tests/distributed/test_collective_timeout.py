@@ -10,9 +10,8 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.distributed.launch import free_port
+from tests.distributed.launch import free_port, start_processes
 from tests.distributed.preflight_workers import timeout_entry
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # ~15 s each on 2 busy cores
@@ -24,8 +23,7 @@ def _run(scenario: str) -> tuple[list[dict], float]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
-        mp.start_processes(timeout_entry, args=(2, free_port(), scenario, out), nprocs=2,
-                           join=True, start_method="spawn")  # fmt: skip
+        start_processes(timeout_entry, (2, free_port(), scenario, out), 2, join=True)
         results = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
     return results, time.perf_counter() - t0
 

@@ -1,8 +1,9 @@
 """FRUGAL under HSDP (FSDP2 on a (replicate, shard) = 2 x 2 gloo mesh) against the single-process
 run, DCP checkpoints saved at 2 x 2 resumed at 1 process and at 4 x 1, and a tensor-parallel
-2-D mesh refused with an error naming the parameter and its placements. The 2 x 2 equivalence runs
-every kind in one 4-process launch and the DCP tests in three (save, resume at 1, resume at 4),
-so the 16 tests start 8 launches instead of 22."""
+2-D mesh refused with an error naming the parameter and its placements. Everything on 4 ranks
+(every kind's 2 x 2 run, the DCP save and its resume at 4 x 1, meshes, refusals, svd count,
+training loop) runs in one 4-process launch (``hsdp_workers.all_on_four``) and the one-process
+resume and training loop in one more: the 16 tests start 2 launches (12 before)."""
 
 from __future__ import annotations
 
@@ -44,12 +45,40 @@ def _close(a: dict, b: dict, tol: float) -> float:
     return worst
 
 
+DCP_KINDS = ["block-descending", "columns", "projection-left", "svd"]
+FIRST, REST = 5, 5
+REFUSED = {c: {**COMMON, "subspace": "coordinate", "coord_choice": c} for c in ("rows", "randk")}
+
+
 @pytest.fixture(scope="module")
-def hsdp_runs() -> dict[str, tuple[dict, list[dict]]]:
-    """Every kind's single-process reference and its 2 x 2 run (one 4-process launch for all)."""
+def dcp_root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("hsdp_dcp"))
+
+
+def _dcp_kws() -> dict[str, dict]:
+    return {kind: {**COMMON, **KINDS[kind]} for kind in DCP_KINDS}
+
+
+@pytest.fixture(scope="module")
+def on_four(dcp_root) -> list[dict]:
+    """Every rank's ``hsdp_workers.all_on_four``: one 4-process launch for the file."""
     kws = {kind: {**COMMON, **kw} for kind, kw in KINDS.items()}
-    got = run_distributed(hw.hsdp_many, 4, 2, STEPS, kws)
-    return {kind: (fw.single(STEPS, kw), [g[kind] for g in got]) for kind, kw in kws.items()}
+    return run_distributed(hw.all_on_four, 4, STEPS, kws, _dcp_kws(), dcp_root, FIRST, REST,
+                           REFUSED, deadline_s=600)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def on_one(on_four, dcp_root) -> dict:
+    """``hsdp_workers.all_on_one`` after the 2 x 2 save (one 1-process launch)."""
+    return run_distributed(hw.all_on_one, 1, _dcp_kws(), dcp_root, FIRST, REST)[0]
+
+
+@pytest.fixture(scope="module")
+def hsdp_runs(on_four) -> dict[str, tuple[dict, list[dict]]]:
+    """Every kind's single-process reference and its 2 x 2 run."""
+    kws = {kind: {**COMMON, **kw} for kind, kw in KINDS.items()}
+    return {kind: (fw.single(STEPS, kw), [g["hsdp"][kind] for g in on_four])
+            for kind, kw in kws.items()}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -76,26 +105,15 @@ def test_hsdp_2x2_matches_single_process(kind, hsdp_runs):
     assert got[1]["state_bytes"] == got[3]["state_bytes"]
 
 
-DCP_KINDS = ["block-descending", "columns", "projection-left", "svd"]
-FIRST, REST = 5, 5
-
-
 @pytest.fixture(scope="module")
-def dcp_runs(tmp_path_factory) -> dict[str, tuple[dict, dict[int, list[dict]]]]:
-    """Saved at 2 x 2, resumed at 1 process and at 4 x 1: three launches for all kinds."""
-    kws = {kind: {**COMMON, **KINDS[kind]} for kind in DCP_KINDS}
-    root = str(tmp_path_factory.mktemp("hsdp_dcp"))
-    run_distributed(hw.hsdp_save_many, 4, 2, FIRST, kws, root)
-    resumed = {
-        world: run_distributed(hw.hsdp_resume_many, world, replicas, FIRST, REST, kws, root)
-        for world, replicas in ((1, 1), (4, 4))
-    }
+def dcp_runs(on_four, on_one) -> dict[str, tuple[dict, dict[int, list[dict]]]]:
+    """Saved at 2 x 2, resumed at 1 process and at 4 x 1."""
     return {
         kind: (
             fw.single(FIRST + REST, kw),
-            {w: [g[kind] for g in got] for w, got in resumed.items()},
+            {1: [on_one["resumed"][kind]], 4: [g["resumed"][kind] for g in on_four]},
         )
-        for kind, kw in kws.items()
+        for kind, kw in _dcp_kws().items()
     }
 
 
@@ -109,16 +127,16 @@ def test_hsdp_dcp_checkpoint_resumes_at_one_process_and_at_4x1(kind, dcp_runs):
             _close(got[r]["params"], ref["params"], 1e-4 if kind == "svd" else TOL)
 
 
-def test_tensor_parallel_mesh_is_refused_naming_the_parameter_and_placements():
-    errors = run_distributed(hw.tensor_parallel_step, 4)
+def test_tensor_parallel_mesh_is_refused_naming_the_parameter_and_placements(on_four):
+    errors = [g["tensor_parallel"] for g in on_four]
     for err in errors:
         assert "'0.weight'" in err, err
         assert "Shard(dim=1)" in err and "Tensor parallelism" in err, err
 
 
-def test_default_mesh_replicas_must_divide_the_world():
-    assert run_distributed(hw.mesh_of, 4, 2)[0] == ((2, 2), ("replicate", "shard"))
-    err = run_distributed(hw.mesh_of, 4, 3)[0]
+def test_default_mesh_replicas_must_divide_the_world(on_four):
+    assert on_four[0]["mesh"][2] == ((2, 2), ("replicate", "shard"))
+    err = on_four[0]["mesh"][3]
     assert "fsdp2_replicas=3 must divide the world size 4" in err, err
 
 
@@ -132,9 +150,9 @@ def test_fsdp2_replicas_config_key_is_validated():
         build_config({"engine": "ddp", "fsdp2_replicas": 2})
 
 
-def test_training_loop_with_fsdp2_replicas_matches_single_process():
-    single = run_distributed(hw.train_loop, 1, 1, 12)[0]
-    got = run_distributed(hw.train_loop, 4, 2, 12)[0]
+def test_training_loop_with_fsdp2_replicas_matches_single_process(on_four, on_one):
+    single = on_one["train_loop"]
+    got = on_four[0]["train_loop"]
     # float32 model: gradient averages over 2 x 2 ranks differ from the single-process mean in
     # the last bits (as for the other engines in test_engines_train: bound 1e-5 relative).
     assert len(got) == len(single) == 12
@@ -142,18 +160,17 @@ def test_training_loop_with_fsdp2_replicas_matches_single_process():
         assert abs(a - b) < 1e-5 * abs(b), (got, single)
 
 
-def test_rows_and_randk_are_refused_under_hsdp_with_the_fix():
+def test_rows_and_randk_are_refused_under_hsdp_with_the_fix(on_four):
     # Their compact state is not aligned with the row shards (as under 1-D FSDP2): DCP could not
     # reshard it, so the first step refuses them, naming the option and the fix.
-    for choice in ("rows", "randk"):
-        kw = {**COMMON, "subspace": "coordinate", "coord_choice": choice}
-        for err in run_distributed(hw.first_step_error, 4, 2, kw):
+    for choice in REFUSED:
+        for err in (g["refused"][choice] for g in on_four):
             assert f"coord_choice={choice!r} is not supported" in err, err
             assert "coord_choice='columns'" in err, err
 
 
-def test_each_svd_runs_once_in_the_whole_hsdp_job():
-    calls = run_distributed(hw.svd_calls, 4, 2)
+def test_each_svd_runs_once_in_the_whole_hsdp_job(on_four):
+    calls = [g["svd_calls"] for g in on_four]
     n_split = 14  # tiny LLaMA: 2 layers x 7 matrices, each refreshed at steps 0 and 2
     # One owner per matrix over all 4 ranks (both replicas): its shard group reduces the
     # fragments onto it and its basis is broadcast to every replica -- never one SVD per replica.

@@ -2,7 +2,7 @@
 DDP with ``shard_state`` (only the owner holds and rotates the moments), FRUGAL reducing the
 gradients itself, ZeRO-style flat fragments cut mid-row (right projections rotate their rows'
 moments, left ones their replicated (r, n) moments) and FSDP2 row shards. The rotation needs only
-the global bases, so no engine adds communication."""
+the global bases, so no engine adds communication. One 2-process launch for the file."""
 
 from __future__ import annotations
 
@@ -39,8 +39,24 @@ def _engines(rank, world):
     return out
 
 
-def test_rotate_on_ddp_shard_state_and_flat_fragments():
-    got = run_distributed(_engines, 2)
+FSDP2_NAMES = ("random-right", "randperm-left", "svd-left")
+FSDP2_STEPS = 8  # refreshes at 0, 3, 6
+FSDP2_KWS = {name: {**COMMON, **KINDS[name], "lr": 3e-3, "update_gap": 3} for name in FSDP2_NAMES}
+
+
+def _all(rank, world):
+    fsdp2 = {name: fw.fsdp2(rank, world, FSDP2_STEPS, kw) for name, kw in FSDP2_KWS.items()}
+    return {"engines": _engines(rank, world), "fsdp2": fsdp2}
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[dict]:
+    """Every rank's runs of both tests: one 2-process launch for the file."""
+    return run_distributed(_all, 2)
+
+
+def test_rotate_on_ddp_shard_state_and_flat_fragments(runs):
+    got = [r["engines"] for r in runs]
     for name, kw in KINDS.items():
         ref = workers.synthetic_run(0, 2, STEPS, {**COMMON, **kw}, "single")["params"]
         reset = {**COMMON, **kw, "moment_transfer": "none"}
@@ -56,14 +72,12 @@ def test_rotate_on_ddp_shard_state_and_flat_fragments():
                 assert diff < tol, (name, engine, r, diff)
 
 
-def test_rotate_on_fsdp2_row_shards():
-    for name in ("random-right", "randperm-left", "svd-left"):
-        kw = {**COMMON, **KINDS[name], "lr": 3e-3, "update_gap": 3}
-        steps = 8  # refreshes at 0, 3, 6
-        ref = fw.single(steps, kw)
-        plain = fw.single(steps, {**kw, "moment_transfer": "none"})["params"]
+def test_rotate_on_fsdp2_row_shards(runs):
+    for name, kw in FSDP2_KWS.items():
+        ref = fw.single(FSDP2_STEPS, kw)
+        plain = fw.single(FSDP2_STEPS, {**kw, "moment_transfer": "none"})["params"]
         assert max((plain[k] - v).abs().max().item() for k, v in ref["params"].items()) > 1e-4
-        got = run_distributed(fw.fsdp2, 2, steps, kw)
+        got = [r["fsdp2"][name] for r in runs]
         tol = 1e-4 if name.startswith("svd") else 5e-6
         for r in range(2):
             worst = max((got[r]["params"][k] - v).abs().max().item()

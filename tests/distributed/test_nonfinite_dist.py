@@ -1,6 +1,7 @@
 """Non-finite gradients on real processes (gloo): one rank's inf makes every rank skip the step
 (the flag is all-reduced), so sharded state and collectives stay in lockstep; and DeepSpeed
-ZeRO-2's own fp16 overflow skip drives FRUGAL unchanged."""
+ZeRO-2's own fp16 overflow skip drives FRUGAL unchanged. One launch per kernels option for the
+FRUGAL tests and one for both DeepSpeed tests (``launch.run_each``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from frugal_dist import FRUGAL
 from tests.distributed import workers
-from tests.distributed.launch import run_distributed
+from tests.distributed.launch import run_each
 
 pytestmark = pytest.mark.distributed
 
@@ -66,11 +67,27 @@ def _raise_run(rank: int, world: int, kernels: str = "auto") -> str:
     return "no error"
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
-def test_one_ranks_inf_skips_the_step_on_every_rank(kernels):
-    steps = 8
-    got = run_distributed(_poisoned_run, 2, steps, "optimizer", 1, kernels)
-    ref = _poisoned_run(0, 2, steps, "single", -1, kernels)
+STEPS = 8
+
+
+def _both(rank: int, world: int, kernels: str) -> dict[str, object]:
+    return {
+        "poisoned": _poisoned_run(rank, world, STEPS, "optimizer", 1, kernels),
+        "raise": _raise_run(rank, world, kernels),
+    }
+
+
+@pytest.fixture(scope="module", params=KERNELS)
+def runs(request) -> tuple[str, list[dict]]:
+    """(kernels, every rank's poisoned run and raise message): one 2-process launch each."""
+    kernels = request.param
+    return kernels, run_each(_both, 2, {"runs": (kernels,)})["runs"]
+
+
+def test_one_ranks_inf_skips_the_step_on_every_rank(runs):
+    kernels, both = runs
+    got = [b["poisoned"] for b in both]
+    ref = _poisoned_run(0, 2, STEPS, "single", -1, kernels)
     for r in range(2):
         assert got[r]["skipped"] == 1
         # Exact: gradients are dyadic, so the surviving steps reproduce the single run bitwise.
@@ -81,9 +98,8 @@ def test_one_ranks_inf_skips_the_step_on_every_rank(kernels):
         assert diff <= (0.0 if kernels == "auto" else 1e-6), (r, diff)
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
-def test_raise_names_the_parameter_on_its_rank_and_says_another_rank_elsewhere(kernels):
-    msgs = run_distributed(_raise_run, 2, kernels)
+def test_raise_names_the_parameter_on_its_rank_and_says_another_rank_elsewhere(runs):
+    msgs = [b["raise"] for b in runs[1]]
     assert "on another rank" in msgs[0], msgs[0]
     assert "'extra.0'" in msgs[1], msgs[1]
 
@@ -122,9 +138,16 @@ def _ds_fp16(rank: int, world: int, steps: int, poison_step: int, fp16: bool = T
     return {"scales": scales, "frugal_steps": frugal_steps, "skipped": frugal.skipped_steps()}
 
 
+@pytest.fixture(scope="module")
+def ds_runs() -> dict[bool, list[dict]]:
+    """fp16 -> every rank's ZeRO-2 run (inf at step 2): one 2-process launch for both."""
+    pytest.importorskip("deepspeed")
+    return run_each(_ds_fp16, 2, {True: (5, 2, True), False: (5, 2, False)})
+
+
 @pytest.mark.slow
-def test_deepspeed_zero2_fp16_overflow_skips_frugal_step():
-    res = run_distributed(_ds_fp16, 2, 5, 2)
+def test_deepspeed_zero2_fp16_overflow_skips_frugal_step(ds_runs):
+    res = ds_runs[True]
     if "unsupported" in res[0]:
         pytest.skip(f"DeepSpeed refuses fp16 on this machine: {res[0]['unsupported']}")
     for r in res:
@@ -136,12 +159,12 @@ def test_deepspeed_zero2_fp16_overflow_skips_frugal_step():
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_overflow_skip_never_reaches_frugal():
+def test_deepspeed_zero2_overflow_skip_never_reaches_frugal(ds_runs):
     """Without a loss scaler (float32), ZeRO-2 checks its reduced partitions for overflow too,
     with the same skip path as fp16 (the test above; DeepSpeed 0.19.8 runs fp16 on the CPU): an
     inf forced into one rank's gradient makes DeepSpeed skip the whole iteration, FRUGAL's step
     is not called, and FRUGAL's own check never fires."""
-    res = run_distributed(_ds_fp16, 2, 5, 2, False)
+    res = ds_runs[False]
     for r in res:
         assert r["frugal_steps"] == [1, 2, 2, 3, 4], r["frugal_steps"]
         assert r["skipped"] == 0
