@@ -37,6 +37,19 @@ Rows:
   cross-node bytes: the slow-link regime on one host. Compare ``frugal_*_hierarchical`` with
   ``two_level_allreduce(+adamw)`` and with ``local_step_ms`` + ``two_level_allreduce``.
 
+Link settings (``--links``), recorded in the JSON as ``links`` (``setting``, the backend of each
+group, the ``NCCL_*`` environment): ``default`` (NVLink / PCIe); ``nccl-socket`` sets
+``NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_NET=Socket`` before the process group starts, so
+every NCCL communicator (world, intra and inter groups) goes over TCP sockets. Each ok row has
+``link_wire``: its ring wire bytes per rank by the group that carried them (``world`` for DDP /
+exact / sign, ``intra`` for ``grad_intra`` / ``intra_gather``, ``inter`` for the rest of the
+hierarchical and two-level rows), the input of ``benchmarks/comm_model.py``.
+
+Tokens/s (``--batch-size B --seq-len S``, 0 = off): one forward + backward of the model on B x S
+random tokens per rank is timed alone (``fwd_bwd_ms``; no communication: FRUGAL and the DDP rows
+reduce after the backward), and each row gets ``tokens_per_s = W B S / (fwd_bwd_ms +
+step_ms)``, the sum of two measured medians (the exchange is not overlapped with the backward).
+
 Writes ``benchmarks/results/comm_bench_ws<W>.json`` (or ``--out``), a PNG and a markdown table.
 """
 
@@ -72,7 +85,7 @@ from bench_common import (  # noqa: E402
 from frugal_dist.comm.collectives import allreduce_mean_  # noqa: E402
 from frugal_dist.comm.hierarchical import node_allreduce_mean_  # noqa: E402
 from frugal_dist.comm.stats import CommStats  # noqa: E402
-from frugal_dist.comm.topology import build_node_groups  # noqa: E402
+from frugal_dist.comm.topology import INTER_BACKENDS, build_node_groups  # noqa: E402
 from frugal_dist.train.model import build_model  # noqa: E402
 from frugal_dist.train.optimizers import build_optimizer  # noqa: E402
 
@@ -84,10 +97,26 @@ SUBSPACES = {
     "projection_d0.25": dict(density=0.25, subspace="projection", proj_type="random"),
     "d0": dict(density=0.0, subspace="block"),
 }
+LINK_PRESETS = {  # --links: environment set before the process group starts
+    "default": {},
+    "nccl-socket": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_NET": "Socket"},
+}
+INTRA_KINDS = ("grad_intra", "intra_gather")  # bytes inside a node (hierarchical, two-level)
+
+
+def link_wire(variant: str, wire: dict[str, float]) -> dict[str, float]:
+    """Ring wire bytes per rank by the group that carried them: DDP / exact / sign rows use the
+    world group; hierarchical and two-level rows the intra group (``INTRA_KINDS``) and the inter
+    group (the other kinds)."""
+    out = {"world": 0.0, "intra": 0.0, "inter": 0.0}
+    tiered = variant.endswith("_hierarchical") or variant.startswith("two_level")
+    for kind, nbytes in wire.items():
+        out[("intra" if kind in INTRA_KINDS else "inter") if tiered else "world"] += nbytes
+    return out
 
 
 def _events() -> tuple[Any, Any]:
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     return _CpuEvent(), _CpuEvent()
 
@@ -101,7 +130,7 @@ class _CpuEvent:
 
 
 def _sync() -> None:
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 
@@ -162,7 +191,7 @@ def timed(fn, load, warmup: int, steps: int, deadline: float) -> list[float]:
 
 def _agreed(flag: bool) -> bool:
     """True on every rank if it is true on any (ranks stop together)."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([1.0 if flag else 0.0], device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
@@ -173,7 +202,7 @@ def run(args, rank: int, world: int, device) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     with torch.device(device):
-        model = build_model(args.model, max_seq_len=16).to(dtype)
+        model = build_model(args.model, max_seq_len=max(16, args.seq_len)).to(dtype)
     params = list(model.parameters())
     gen = torch.Generator(device=device).manual_seed(1000 + rank)
     source = [torch.randn(p.shape, generator=gen, device=device, dtype=dtype) * 0.01
@@ -191,12 +220,12 @@ def run(args, rank: int, world: int, device) -> dict[str, Any]:
     modes = args.modes.split(",")
     groups = None
     if "hierarchical" in modes or args.inter_backend:
-        size = args.node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        groups = build_node_groups(None, size, inter_backend=args.inter_backend)
+        groups = build_node_groups(None, node_size(args, world), inter_backend=args.inter_backend)
     two_level = ["two_level_allreduce", "two_level_allreduce+adamw"] if args.inter_backend else []
     plan = ["ddp_allreduce", "ddp_allreduce+adamw", *two_level] + [
         f"frugal_{s}_{m}" for s in args.subspaces.split(",") for m in modes
     ]
+    fwd_bwd = fwd_bwd_ms(model, args, device, budget, len(plan) + 1) if args.batch_size else None
     for i, name in enumerate(plan):
         deadline = time.monotonic() + budget.share(len(plan) - i)
         row: dict[str, Any] = {"variant": name}
@@ -262,16 +291,47 @@ def run(args, rank: int, world: int, device) -> dict[str, Any]:
             row["payload_total"] = sum(row["payload_bytes"].values())
             row["wire_total"] = sum(row["wire_bytes"].values())
             row["payload_vs_ddp"] = row["payload_total"] / grad_bytes
-            fast = ("grad_intra", "intra_gather")  # hierarchical: inside a node
             row["cross_node_payload"] = sum(v for k, v in row["payload_bytes"].items()
-                                            if k not in fast)  # fmt: skip
+                                            if k not in INTRA_KINDS)  # fmt: skip
+            row["link_wire"] = link_wire(name, row["wire_bytes"])
+            if fwd_bwd is not None:
+                tokens = world * args.batch_size * args.seq_len
+                row["tokens_per_s"] = tokens / ((fwd_bwd + row["step_ms_median"]) / 1e3)
         rows.append(row)
         if rank == 0:
             print(f"[{name}] {row['status']} {fmt(row.get('step_ms_median'), ',.2f')} ms, "
                   f"payload {fmt(row.get('payload_total', 0) / 2**20)} MiB "
                   f"({fmt(row.get('payload_vs_ddp'), '.3f')} x DDP) {row.get('note', '')}",
                   flush=True)  # fmt: skip
-    return {"rows": rows, "numel": numel, "grad_bytes": grad_bytes, "elapsed_s": budget.elapsed()}
+    return {"rows": rows, "numel": numel, "grad_bytes": grad_bytes, "fwd_bwd_ms": fwd_bwd,
+            "node_size": groups.node_size if groups else None,
+            "elapsed_s": budget.elapsed()}  # fmt: skip
+
+
+def node_size(args, world: int) -> int:
+    """Ranks per simulated node: ``--node-size`` or LOCAL_WORLD_SIZE; a clear error unless it
+    divides the world size."""
+    size = args.node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if size < 1 or world % size:
+        raise SystemExit(f"--node-size {size} must divide the {world} ranks (torchrun "
+                         "--nproc_per_node); e.g. --node-size 1 on 2 GPUs, 2 on 4 GPUs")  # fmt: skip
+    return size
+
+
+def fwd_bwd_ms(model, args, device, budget: Budget, pending: int) -> float:
+    """Median ms of one forward + backward (mean cross-entropy of next tokens) on
+    ``--batch-size`` x ``--seq-len`` random tokens; the gradients it leaves are overwritten by
+    the rows' ``load``."""
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len),
+                        generator=gen, device=device)  # fmt: skip
+
+    def step() -> None:
+        model(ids, labels=ids)[1].backward()
+
+    times = timed(step, lambda: None, args.warmup, args.steps,
+                  time.monotonic() + budget.share(pending))  # fmt: skip
+    return statistics.median(times)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -331,10 +391,18 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--inter-backend",
         default=None,
-        choices=(None, "gloo", "nccl"),
+        choices=INTER_BACKENDS,
         help="backend of the cross-node groups (gloo: TCP, emulated slow links); adds "
         "two_level_allreduce rows (exact over the same links)",
     )
+    ap.add_argument("--links", choices=tuple(LINK_PRESETS), default="default",
+                    help="nccl-socket: NCCL over TCP sockets for every group (NCCL_P2P_DISABLE=1 "
+                    "NCCL_SHM_DISABLE=1 NCCL_NET=Socket, set before the process group)")  # fmt: skip
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: cuda (NCCL) when available, else cpu (gloo)")  # fmt: skip
+    ap.add_argument("--batch-size", type=int, default=0,
+                    help="sequences per rank for the fwd+bwd timing behind tokens/s (0: off)")  # fmt: skip
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (tokens/s)")
     ap.add_argument("--bucket-mb", type=int, default=25, help="DDP bucket size (its default)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
@@ -354,19 +422,35 @@ def main(argv=None) -> None:
         plot(result, Path(args.replot).with_suffix(".png"))
         print(table(result))
         return
+    if args.batch_size < 0 or args.seq_len < 1:
+        ap.error("--batch-size must be >= 0 and --seq-len >= 1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
         raise SystemExit("comm_bench.py needs torchrun --nproc_per_node >= 2")
     rank = int(os.environ["RANK"])
-    cuda = torch.cuda.is_available()
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available; use --device cpu (gloo)")
+    if args.links != "default" and not cuda:
+        raise SystemExit(f"--links {args.links} sets NCCL variables; it needs --device cuda")
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=180))
+    os.environ.update(LINK_PRESETS[args.links])  # read by NCCL when a communicator starts
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=180))  # fmt: skip
+    backend = dist.get_backend()
+    links = {"setting": args.links, "world": backend, "intra": backend,
+             "inter": args.inter_backend or backend,
+             "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}  # fmt: skip
+    tag = f"{'' if args.links == 'default' else '_' + args.links}" + (
+        f"_inter{args.inter_backend}" if args.inter_backend else "")  # fmt: skip
     out = Path(args.out or REPO / "benchmarks" / "results" /
-               f"comm_bench_ws{world}{'' if cuda else '_cpu'}.json")  # fmt: skip
+               f"comm_bench_ws{world}{tag}{'' if cuda else '_cpu'}.json")  # fmt: skip
     result = {"benchmark": "comm_bench", "config": vars(args), "world_size": world,
-              "provenance": provenance(), "subspaces": SUBSPACES,
+              "links": links, "provenance": provenance(), "subspaces": SUBSPACES,
               "frugal_common": {**FRUGAL_COMMON, **frugal_device_options()}}  # fmt: skip
     result.update(run(args, rank, world, device))
     if rank == 0:
@@ -377,7 +461,8 @@ def main(argv=None) -> None:
         print(f"wrote {out}")
         plot(result, out.with_suffix(".png"))
     dist.barrier()
-    dist.destroy_process_group()
+    if owned:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import torch.distributed as dist
 
 from frugal_dist.comm.collectives import ProcessGroup, rank_and_world
 
+INTER_BACKENDS = (None, "gloo", "nccl")  # build_node_groups(inter_backend=...): None = pg's
+
 
 @dataclass(frozen=True)
 class NodeGroups:
@@ -109,6 +111,11 @@ def build_node_groups(
     DeviceMesh or a ready ``NodeGroups`` to use instead; ``inter_backend``: the backend of the
     new inter groups (default: ``pg``'s). Collective over the member ranks of the two new groups
     (no data: the process-group setup only). Every rank of ``pg`` must call it."""
+    if inter_backend not in INTER_BACKENDS:
+        raise ValueError(
+            f"inter_backend={inter_backend!r}: choose None (the process group's backend), "
+            "'gloo' (TCP sockets: emulated slow cross-node links) or 'nccl'"
+        )
     if isinstance(spec, NodeGroups):
         return spec
     rank, world = rank_and_world(pg)

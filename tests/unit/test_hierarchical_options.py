@@ -64,3 +64,10 @@ def test_one_process_steps_as_plain_frugal():
     assert torch.equal(a[0], b[0])
     assert hier.node_groups().nodes == 1
     assert hier.comm_stats()["last_step"] == {}
+
+
+def test_bad_inter_backend_is_refused_before_any_collective():
+    from frugal_dist.comm.topology import build_node_groups
+
+    with pytest.raises(ValueError, match="inter_backend='mpi'.*choose None.*'gloo'"):
+        build_node_groups(None, 2, inter_backend="mpi")
