@@ -47,7 +47,7 @@ hierarchical and two-level rows), the input of ``benchmarks/comm_model.py``.
 
 Tokens/s (``--batch-size B --seq-len S``, 0 = off): one forward + backward of the model on B x S
 random tokens per rank is timed alone (``fwd_bwd_ms``; no communication: FRUGAL and the DDP rows
-reduce after the backward), and each row gets ``tokens_per_s = W B S / (fwd_bwd_ms +
+reduce after the backward), and each row with an update gets ``tokens_per_s = W B S / (fwd_bwd_ms +
 step_ms)``, the sum of two measured medians (the exchange is not overlapped with the backward).
 
 Writes ``benchmarks/results/comm_bench_ws<W>.json`` (or ``--out``), a PNG and a markdown table.
@@ -101,6 +101,7 @@ LINK_PRESETS = {  # --links: environment set before the process group starts
     "default": {},
     "nccl-socket": {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_NET": "Socket"},
 }
+LINKS = ("world", "intra", "inter")  # the groups a row's bytes can go over
 INTRA_KINDS = ("grad_intra", "intra_gather")  # bytes inside a node (hierarchical, two-level)
 
 
@@ -108,7 +109,7 @@ def link_wire(variant: str, wire: dict[str, float]) -> dict[str, float]:
     """Ring wire bytes per rank by the group that carried them: DDP / exact / sign rows use the
     world group; hierarchical and two-level rows the intra group (``INTRA_KINDS``) and the inter
     group (the other kinds)."""
-    out = {"world": 0.0, "intra": 0.0, "inter": 0.0}
+    out = dict.fromkeys(LINKS, 0.0)
     tiered = variant.endswith("_hierarchical") or variant.startswith("two_level")
     for kind, nbytes in wire.items():
         out[("intra" if kind in INTRA_KINDS else "inter") if tiered else "world"] += nbytes
@@ -294,7 +295,7 @@ def run(args, rank: int, world: int, device) -> dict[str, Any]:
             row["cross_node_payload"] = sum(v for k, v in row["payload_bytes"].items()
                                             if k not in INTRA_KINDS)  # fmt: skip
             row["link_wire"] = link_wire(name, row["wire_bytes"])
-            if fwd_bwd is not None:
+            if fwd_bwd is not None and not name.endswith("allreduce"):  # rows with an update
                 tokens = world * args.batch_size * args.seq_len
                 row["tokens_per_s"] = tokens / ((fwd_bwd + row["step_ms_median"]) / 1e3)
         rows.append(row)
@@ -314,7 +315,7 @@ def node_size(args, world: int) -> int:
     size = args.node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if size < 1 or world % size:
         raise SystemExit(f"--node-size {size} must divide the {world} ranks (torchrun "
-                         "--nproc_per_node); e.g. --node-size 1 on 2 GPUs, 2 on 4 GPUs")  # fmt: skip
+                         "--nproc_per_node); e.g. --node-size 1 on 2 GPUs, 2 on 4")  # fmt: skip
     return size
 
 
@@ -344,10 +345,14 @@ def table(result: dict[str, Any]) -> str:
                      fmt(r["wire_total"] / 2**20, ",.1f") if ok else "-",
                      fmt(r.get("payload_vs_ddp"), ".3f"),
                      fmt(r.get("cross_node_payload", r.get("payload_total", 0)) / 2**20, ",.1f")
-                     if ok else "-"])  # fmt: skip
+                     if ok else "-",
+                     "/".join(fmt(r["link_wire"][k] / 2**20, ",.1f") for k in LINKS)
+                     if "link_wire" in r else "-",
+                     fmt(r.get("tokens_per_s"), ",.0f")])  # fmt: skip
     return markdown_table(["variant", "status", "step ms (median)", "local step ms", "comm ms est",
                            "payload MiB/rank", "wire MiB/rank", "payload / DDP",
-                           "cross-node payload MiB/rank"], rows)  # fmt: skip
+                           "cross-node payload MiB/rank", "wire MiB world/intra/inter",
+                           "tokens/s"], rows)  # fmt: skip
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -396,12 +401,12 @@ def main(argv=None) -> None:
         "two_level_allreduce rows (exact over the same links)",
     )
     ap.add_argument("--links", choices=tuple(LINK_PRESETS), default="default",
-                    help="nccl-socket: NCCL over TCP sockets for every group (NCCL_P2P_DISABLE=1 "
-                    "NCCL_SHM_DISABLE=1 NCCL_NET=Socket, set before the process group)")  # fmt: skip
+                    help="nccl-socket: NCCL over TCP sockets for every group "
+                    "(NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_NET=Socket)")  # fmt: skip
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: cuda (NCCL) when available, else cpu (gloo)")  # fmt: skip
     ap.add_argument("--batch-size", type=int, default=0,
-                    help="sequences per rank for the fwd+bwd timing behind tokens/s (0: off)")  # fmt: skip
+                    help="sequences per rank, fwd+bwd timing for tokens/s (0: off)")  # fmt: skip
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (tokens/s)")
     ap.add_argument("--bucket-mb", type=int, default=25, help="DDP bucket size (its default)")
     ap.add_argument("--warmup", type=int, default=2)
@@ -444,7 +449,7 @@ def main(argv=None) -> None:
     backend = dist.get_backend()
     links = {"setting": args.links, "world": backend, "intra": backend,
              "inter": args.inter_backend or backend,
-             "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}  # fmt: skip
+             "nccl_env": {k: v for k, v in os.environ.items() if k[:5] == "NCCL_"}}  # fmt: skip
     tag = f"{'' if args.links == 'default' else '_' + args.links}" + (
         f"_inter{args.inter_backend}" if args.inter_backend else "")  # fmt: skip
     out = Path(args.out or REPO / "benchmarks" / "results" /
