@@ -231,6 +231,73 @@ def test_resume_mid_outer_iteration_is_exact(cut, wd):
         assert torch.equal(a, b), n
 
 
+def test_resume_with_moments_kept_over_merges_is_exact():
+    model, opt = _fresh(reset_statistics=False)
+    _train(model, opt, 0, 4)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
+    _train(model, opt, 4, 10)  # merges after steps 6 and 9 with the moments carried over
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2, opt2 = _fresh(seed_model=9)  # reset_statistics comes from the checkpoint
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["optim"])
+    _train(model2, opt2, 4, 10)
+    for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def _one_step(model, opt, step):
+    x = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(step))
+    model(x, labels=x)[1].backward()
+    grads = {
+        id(p): p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None
+    }
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_proj_params_lr_scale_multiplies_only_the_b_step():
+    """s_p = 2: B's first Adam step (lr * s_p * g / (|g| + eps)) doubles; the AdamW parameters
+    (embeddings, head, norms) take the same step as with s_p = 1."""
+    (m1, o1), (m2, o2) = _fresh(), _fresh(proj_params_lr_scale=2.0)
+    _one_step(m1, o1, 0)
+    _one_step(m2, o2, 0)
+    for g1, g2 in zip(o1.param_groups, o2.param_groups):
+        for p1, p2 in zip(g1["params"], g2["params"]):
+            if g1["rso"]:
+                assert p1.abs().max() > 0
+                torch.testing.assert_close(p2, 2.0 * p1, rtol=1e-6, atol=0)
+            else:
+                assert torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_reset_statistics_decides_whether_adam_restarts_at_a_merge(reset):
+    """K = 3: step 4 is the first of outer iteration 1. B restarts from 0 either way; with
+    reset_statistics=False m, v and t continue (m = b1 m + (1 - b1) g, t = 4), with True they
+    restart (m = (1 - b1) g, t = 1) -- the update of the module docstring in both cases."""
+    model, opt = _fresh(reset_statistics=reset)
+    for step in range(3):
+        _one_step(model, opt, step)
+    group = next(g for g in opt.param_groups if g["rso"])
+    p = group["params"][0]
+    st = opt.state[p]
+    m0, v0 = st["exp_avg"].clone(), st["exp_avg_sq"].clone()
+    g = _one_step(model, opt, 3)[id(p)]
+    (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
+    if not reset:
+        m, v, t = b1 * m0 + (1 - b1) * g, b2 * v0 + (1 - b2) * g * g, 4
+    else:
+        m, v, t = (1 - b1) * g, (1 - b2) * g * g, 1
+    assert int(st["adam_step"].item()) == t and int(st["outer"].item()) == 1
+    torch.testing.assert_close(st["exp_avg"], m)
+    torch.testing.assert_close(st["exp_avg_sq"], v)
+    b = -lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)  # from B = 0
+    torch.testing.assert_close(p.detach(), b)
+
+
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_lazy_merge_from_master_copies_equals_eager(wd):
     """An engine that keeps fp32 masters (ZeRO) copies B into the module after step(); the layer
@@ -287,6 +354,8 @@ def test_tiny_llama_trains_through_build_optimizer():
         ({"proj_type": "svd"}, "proj_type"),
         ({"inner_steps": 0}, "inner_steps"),
         ({"prox": -1.0}, "prox"),
+        ({"proj_params_lr_scale": 0.0}, "proj_params_lr_scale"),
+        ({"reset_statistics": "no"}, "reset_statistics"),
         ({"update_gap": 5}, "unknown arguments"),
         ({"targets": ["nope"]}, "no nn.Linear"),
     ],
