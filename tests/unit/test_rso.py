@@ -38,6 +38,17 @@ def test_projection_is_a_pure_function_of_seed_name_and_outer():
     assert rso_rank(172, density=0.25) == 43 and rso_rank(64, rank=100) == 64
 
 
+@pytest.mark.parametrize("proj_type, ratio", [("gaussian", 1.0), ("orthonormal", 0.5)])
+def test_step_on_w_has_the_rms_the_docstring_states(proj_type, ratio):
+    """dW = dB P^T for a sign-like Adam step dB (entries +-1): RMS(dW) / RMS(dB) ~ 1 for Gaussian
+    N(0, 1/r) P (AdamW's per-entry step at equal lr) and sqrt(r/n) = 1/2 for orthonormal P."""
+    n, r, m = 512, 128, 256
+    p = rso_projection(n, r, rso_seed(0, "w", 0), proj_type)
+    db = torch.randint(0, 2, (m, r), generator=torch.Generator().manual_seed(0)) * 2.0 - 1.0
+    dw = db.double() @ p.double().t()
+    assert dw.pow(2).mean().sqrt().item() == pytest.approx(ratio, rel=0.05)
+
+
 def test_b_gradient_is_the_projected_full_weight_gradient():
     layer = _layer()
     x = torch.randn(3, 7, 10, dtype=torch.float32, requires_grad=True)
