@@ -20,7 +20,7 @@ moves the layer's weight by dW = dB P^T with RMS(dW) ~ RMS(dB): the same per-ent
 at the same lr, independent of r and n. Haar-orthonormal P (P^T P = I_r) gives
 RMS(dW) = sqrt(r / n) RMS(dB), as GaLore-style projections. ``proj_params_lr_scale`` = s_p
 (default 1, the paper's) multiplies B's step only -- for Adam the same as drawing s_p P instead of
-P -- so the RSO layers' step can be tuned apart from the AdamW parameters' (embeddings, head,
+P (up to eps) -- so the RSO layers' step can be tuned apart from the AdamW parameters' (embeddings, head,
 norms); weight decay is not scaled (as FRUGAL's s_p). ``reset_statistics`` (default True: a fresh
 Adam per sub-problem) False keeps m, v and t across outer iterations (GaLore's choice at a
 subspace change): no bias-corrected, sign-like first steps after each merge, but m (in the
@@ -252,8 +252,13 @@ class RSO(Optimizer):
         return total
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()`` (counters stay float32 on the CPU); sync the layers."""
+        """Load a ``state_dict()`` (counters stay float32 on the CPU); sync the layers. Groups
+        saved before ``proj_params_lr_scale`` / ``reset_statistics`` existed get the defaults
+        (the behaviour they were trained with)."""
         super().load_state_dict(state_dict)
+        for g in self.param_groups:
+            for key in ("proj_params_lr_scale", "reset_statistics"):
+                g.setdefault(key, RSO_DEFAULTS[key])
         saved = state_dict["state"]
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

@@ -258,6 +258,19 @@ def test_resume_with_moments_kept_over_merges_is_exact():
         assert torch.equal(a, b), n
 
 
+def test_checkpoint_from_before_the_new_options_loads_with_the_defaults():
+    model, opt = _fresh()
+    _train(model, opt, 0, 2)
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:  # a checkpoint written before the two options existed
+        del g["proj_params_lr_scale"], g["reset_statistics"]
+    model2, opt2 = _fresh(proj_params_lr_scale=3.0, reset_statistics=False)
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(sd)
+    assert all(g["proj_params_lr_scale"] == 1.0 and g["reset_statistics"] for g in opt2.param_groups)
+    assert _train(model2, opt2, 2, 5) == _train(model, opt, 2, 5)
+
+
 def _one_step(model, opt, step):
     x = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(step))
     model(x, labels=x)[1].backward()
