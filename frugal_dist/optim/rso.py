@@ -19,12 +19,13 @@ Step size on W: with Gaussian P (entries N(0, 1/r), so P^T P ~ (n / r) I_r) an A
 moves the layer's weight by dW = dB P^T with RMS(dW) ~ RMS(dB): the same per-entry step as AdamW
 at the same lr, independent of r and n. Haar-orthonormal P (P^T P = I_r) gives
 RMS(dW) = sqrt(r / n) RMS(dB), as GaLore-style projections. ``proj_params_lr_scale`` = s_p
-(default 1, the paper's) multiplies B's step only -- for Adam the same as drawing s_p P instead of
-P (up to eps) -- so the RSO layers' step can be tuned apart from the AdamW parameters' (embeddings, head,
-norms); weight decay is not scaled (as FRUGAL's s_p). ``reset_statistics`` (default True: a fresh
-Adam per sub-problem) False keeps m, v and t across outer iterations (GaLore's choice at a
-subspace change): no bias-corrected, sign-like first steps after each merge, but m (in the
-previous P's coordinates) acts along a random direction of the new subspace until it decays.
+(default 1, the paper's) multiplies B's step only -- for Adam the same as drawing s_p P instead
+of P (up to eps) -- so the RSO layers' step can be tuned apart from the AdamW parameters'
+(embeddings, head, norms); weight decay is not scaled (as FRUGAL's s_p). ``reset_statistics``
+(default True: a fresh Adam per sub-problem) False keeps m, v and t across outer iterations
+(GaLore's choice at a subspace change): no bias-corrected, sign-like first steps after each
+merge, but m (in the previous P's coordinates) acts along a random direction of the new subspace
+until it decays.
 
 ``prox``: the paper's sub-problem has the proximal term (1 / 2 eta) ||B||^2 with eta_k = 1 / (2 L)
 for an L-smooth loss; L is unknown for a network, so ``prox`` (= 1 / eta = 2 L) is a

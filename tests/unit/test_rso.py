@@ -267,7 +267,8 @@ def test_checkpoint_from_before_the_new_options_loads_with_the_defaults():
     model2, opt2 = _fresh(proj_params_lr_scale=3.0, reset_statistics=False)
     model2.load_state_dict(model.state_dict())
     opt2.load_state_dict(sd)
-    assert all(g["proj_params_lr_scale"] == 1.0 and g["reset_statistics"] for g in opt2.param_groups)
+    for g in opt2.param_groups:
+        assert g["proj_params_lr_scale"] == 1.0 and g["reset_statistics"] is True
     assert _train(model2, opt2, 2, 5) == _train(model, opt, 2, 5)
 
 
