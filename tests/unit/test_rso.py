@@ -261,7 +261,7 @@ def test_resume_with_moments_kept_over_merges_is_exact():
 def test_checkpoint_from_before_the_new_options_loads_with_the_defaults():
     model, opt = _fresh()
     _train(model, opt, 0, 2)
-    sd = opt.state_dict()
+    sd = copy.deepcopy(opt.state_dict())  # shares no tensor with opt
     for g in sd["param_groups"]:  # a checkpoint written before the two options existed
         del g["proj_params_lr_scale"], g["reset_statistics"]
     model2, opt2 = _fresh(proj_params_lr_scale=3.0, reset_statistics=False)
