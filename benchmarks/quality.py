@@ -31,6 +31,25 @@ papers': rho 0.25, update gap 200, lr 1e-3 for 60M). Variants (``--variants``):
     frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
 
+RSO screens (issue 19 part 2: why RSO trails GaLore-style / AdamW; not in the default list). Each
+changes one thing against ``rso`` (Gaussian P ~ N(0, 1/r), Adam restarted at every merge,
+``inner_steps`` = ``--update-gap``, no proximal term, the 7 attention/MLP Linears):
+
+    rso_lr2x           B's step x 2 (``proj_params_lr_scale`` 2 = drawing 2P), AdamW parameters
+                       (embeddings, head, norms) at lr: is the RSO layers' effective lr too small?
+                       (Gaussian P already gives RMS(dW) ~ RMS(dB): the AdamW step size at equal lr)
+    rso_orthonormal    Haar-orthonormal P (P^T P = I): isotropic sub-space, RMS(dW) = sqrt(r/n)
+                       RMS(dB) = half the Gaussian step at density 0.25 (GaLore-style's scale)
+    rso_orthonormal_lr2x  orthonormal P with B's step x 2 = sqrt(n/r): the Gaussian mean step
+                       without its spread (P^T P's eigenvalues span (n/r)(1 -+ sqrt(r/n))^2 =
+                       1..9 for r/n = 1/4): does the Gaussian's conditioning cost quality?
+    rso_keep_moments   ``reset_statistics`` False: Adam's m, v, t carry over each merge (no
+                       bias-corrected sign-like burst of full-lr steps after every merge)
+    rso_inner50        ``inner_steps`` 50: 4x more sub-spaces (and restarts) per run
+    rso_inner50_keep   ``inner_steps`` 50 with moments kept: more sub-spaces without the restarts
+    rso_prox           proximal term prox = 1e-2 (the paper's (1 / 2 eta) ||B||^2 with 1 / eta =
+                       1e-2: the pull prox * B matches a B-gradient entry of ~1e-4 at |B| ~ 1e-2)
+
 Simulated data parallelism (issue 18, item 4; not in the default list): W ranks simulated in
 each run's one process (``launchers/train.py --simulate_ranks=W``, ``frugal_dist.train.
 simulated``): every step, W micro-batches of ``--batch-size / W`` sequences (the rows a real
@@ -130,7 +149,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                "free_scale": "matched"},
     "frugal_d0": {"name": "frugal", "subspace": "block", "density": 0.0},
     "rso": {"name": "rso", "density": 0.25},
+    # RSO screens (issue 19 part 2; module docstring): one suspect each against "rso"
+    "rso_lr2x": {"name": "rso", "density": 0.25, "proj_params_lr_scale": 2.0},
+    "rso_orthonormal": {"name": "rso", "density": 0.25, "proj_type": "orthonormal"},
+    "rso_orthonormal_lr2x": {"name": "rso", "density": 0.25, "proj_type": "orthonormal",
+                             "proj_params_lr_scale": 2.0},
+    "rso_keep_moments": {"name": "rso", "density": 0.25, "reset_statistics": False},
+    "rso_inner50": {"name": "rso", "density": 0.25, "inner_steps": 50},
+    "rso_inner50_keep": {"name": "rso", "density": 0.25, "inner_steps": 50,
+                         "reset_statistics": False},
+    "rso_prox": {"name": "rso", "density": 0.25, "prox": 1e-2},
 }  # fmt: skip
+RSO_SCREENS = ("rso_lr2x", "rso_orthonormal", "rso_orthonormal_lr2x", "rso_keep_moments",
+               "rso_inner50", "rso_inner50_keep", "rso_prox")  # fmt: skip
 # simulated data parallelism (module docstring): variant -> (base variant, residual_comm,
 # simulated ranks W, ranks per node or None)
 SIMULATED: dict[str, tuple[str, str, int, int | None]] = {
@@ -156,6 +187,7 @@ DEFAULT_VARIANTS = [
         "frugal_columns_matched",
     )
     and v not in SIMULATED
+    and v not in RSO_SCREENS
 ]
 GPU_DATA = {  # paths staged by ../shared/gpu/stage.sh
     "train_files": ".gpu/data/enwiki2015/train-*.jsonl.xz",

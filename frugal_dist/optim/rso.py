@@ -9,11 +9,23 @@ sub-problem
 
     g   = dL/dB + prox * B                  (dL/dB = G P_k: the full gradient G projected)
     m   = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2,   t = steps since the outer start
-    B  <- (1 - lr * wd) B - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    B  <- (1 - lr * wd) B - lr * s_p * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
     c  <- (1 - lr * wd) c                   (c = 1 at the outer start; the layer uses c W)
 
 and then merges, ``W_{k+1} = c W_k + B P_k^T``, draws P_{k+1} and starts again from B = 0, c = 1
 with fresh Adam moments (bias correction restarts).
+
+Step size on W: with Gaussian P (entries N(0, 1/r), so P^T P ~ (n / r) I_r) an Adam step dB
+moves the layer's weight by dW = dB P^T with RMS(dW) ~ RMS(dB): the same per-entry step as AdamW
+at the same lr, independent of r and n. Haar-orthonormal P (P^T P = I_r) gives
+RMS(dW) = sqrt(r / n) RMS(dB), as GaLore-style projections. ``proj_params_lr_scale`` = s_p
+(default 1, the paper's) multiplies B's step only -- for Adam the same as drawing s_p P instead
+of P (up to eps) -- so the RSO layers' step can be tuned apart from the AdamW parameters'
+(embeddings, head, norms); weight decay is not scaled (as FRUGAL's s_p). ``reset_statistics``
+(default True: a fresh Adam per sub-problem) False keeps m, v and t across outer iterations
+(GaLore's choice at a subspace change): no bias-corrected, sign-like first steps after each
+merge, but m (in the previous P's coordinates) acts along a random direction of the new subspace
+until it decays.
 
 ``prox``: the paper's sub-problem has the proximal term (1 / 2 eta) ||B||^2 with eta_k = 1 / (2 L)
 for an L-smooth loss; L is unknown for a network, so ``prox`` (= 1 / eta = 2 L) is a
@@ -55,8 +67,9 @@ from frugal_dist.optim.rso_layers import LAYER_KEYS, RSOLinear, apply_rso_from_o
 from frugal_dist.optim.validation import check_group_keys
 
 RSO_DEFAULTS: dict[str, Any] = dict(
-    lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, inner_steps=200, prox=0.0, rso=False
-)
+    lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, inner_steps=200, prox=0.0,
+    proj_params_lr_scale=1.0, reset_statistics=True, rso=False,
+)  # fmt: skip
 SCALARS = ("step", "outer", "adam_step")
 GROUP_KEYS = frozenset(RSO_DEFAULTS) | {"params", "names", "name", "initial_lr"}
 
@@ -73,6 +86,9 @@ class RSO(Optimizer):
         inner_steps: K >= 1, Adam steps per outer iteration (then merge and redraw P).
         prox: coefficient of the proximal term (prox / 2) ||B||^2 = 1 / eta (the paper's
             eta_k = 1 / (2 L)); 0: none (default).
+        proj_params_lr_scale: s_p > 0, multiplier of B's step (RSO groups only; 1: the paper's).
+        reset_statistics: True (default): m, v and t restart at each outer iteration; False:
+            they carry over (B still restarts from 0).
     """
 
     def __init__(
@@ -149,9 +165,10 @@ class RSO(Optimizer):
         s = int(st["step"].item())
         if group["rso"] and s // k_steps > int(st["outer"].item()):  # first step of a new outer
             p.zero_()
-            st["exp_avg"].zero_()
-            st["exp_avg_sq"].zero_()
-            st["adam_step"].zero_()
+            if group["reset_statistics"]:
+                st["exp_avg"].zero_()
+                st["exp_avg_sq"].zero_()
+                st["adam_step"].zero_()
             st["outer"].fill_(s // k_steps)
             if "w_scale" in st:
                 st["w_scale"].fill_(1.0)
@@ -174,7 +191,8 @@ class RSO(Optimizer):
         m.mul_(b1).add_(grad, alpha=1.0 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
         denom = (v.sqrt() / ((1.0 - b2**t) ** 0.5)).add_(eps)
-        p.addcdiv_(m, denom, value=-lr / (1.0 - b1**t))
+        s_p = group["proj_params_lr_scale"] if group["rso"] else 1.0
+        p.addcdiv_(m, denom, value=-lr * s_p / (1.0 - b1**t))
         st["step"] += 1
 
     def _after_rso_group(self, group: dict[str, Any]) -> None:
@@ -235,8 +253,13 @@ class RSO(Optimizer):
         return total
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()`` (counters stay float32 on the CPU); sync the layers."""
+        """Load a ``state_dict()`` (counters stay float32 on the CPU); sync the layers. Groups
+        saved before ``proj_params_lr_scale`` / ``reset_statistics`` existed get the defaults
+        (the behaviour they were trained with)."""
         super().load_state_dict(state_dict)
+        for g in self.param_groups:
+            for key in ("proj_params_lr_scale", "reset_statistics"):
+                g.setdefault(key, RSO_DEFAULTS[key])
         saved = state_dict["state"]
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -279,6 +302,12 @@ def _validate(g: dict[str, Any]) -> None:
         raise ValueError(f"prox must be >= 0 (coefficient of ||B||^2 / 2), got {g['prox']!r}")
     if g["weight_decay"] < 0:
         raise ValueError(f"weight_decay must be >= 0, got {g['weight_decay']!r}")
+    s_p = g["proj_params_lr_scale"]
+    if isinstance(s_p, bool) or not isinstance(s_p, (int, float)) or not s_p > 0:
+        raise ValueError(f"proj_params_lr_scale must be a number > 0 (multiplier of B's step), "
+                         f"got {s_p!r}")  # fmt: skip
+    if not isinstance(g["reset_statistics"], bool):
+        raise ValueError(f"reset_statistics must be True or False, got {g['reset_statistics']!r}")
     b1, b2 = g["betas"]
     if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
         raise ValueError(f"betas must be in [0, 1), got {g['betas']!r}")

@@ -11,7 +11,8 @@
 * ``rso``     -- RSO: targeted Linears become RSO layers (frozen W + B through a random P; the
   loop applies the transform before wrapping), Adam on B for ``inner_steps`` then merge; AdamW on
   the rest. Options: ``rank`` | ``density``, ``inner_steps``, ``proj_type``, ``prox``, ``targets``,
-  ``lr``, ``betas``, ``eps``, ``weight_decay``, ``seed``
+  ``lr``, ``betas``, ``eps``, ``weight_decay``, ``seed``, ``proj_params_lr_scale`` (B's step
+  only), ``reset_statistics`` (False: Adam moments carry over a merge)
 """
 
 from __future__ import annotations

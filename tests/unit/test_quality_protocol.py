@@ -83,3 +83,16 @@ def test_summary_reports_mean_and_spread_over_seeds(quality):
     result = _sweep([("adamw", 1e-3, None, "ok", 4.0), ("adamw", 1e-3, None, "ok", 4.2)])
     line = next(x for x in quality.summary(result).splitlines() if x.startswith("| adamw"))
     assert "4.1000" in line and "0.2000" in line and "4.0000, 4.2000" in line
+
+
+def test_rso_screens_change_one_option_each_and_stay_out_of_the_default_list(quality):
+    assert not set(quality.RSO_SCREENS) & set(quality.DEFAULT_VARIANTS)
+    args = _args(quality, "--variants", ",".join(("rso", *quality.RSO_SCREENS)),
+                 "--update-gap", "200")  # fmt: skip
+    opts = {r["variant"]: r["optimizer"] for r in quality.plan_runs(args, steps=10)}
+    base = opts.pop("rso")
+    assert base["inner_steps"] == 200  # --update-gap
+    assert opts["rso_inner50"]["inner_steps"] == 50  # the variant's own, not --update-gap
+    for v, o in opts.items():
+        changed = {k for k in o.keys() | base.keys() if o.get(k) != base.get(k)}
+        assert 1 <= len(changed) <= 2, (v, changed)  # *_lr2x / *_keep combine two

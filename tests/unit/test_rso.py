@@ -38,6 +38,17 @@ def test_projection_is_a_pure_function_of_seed_name_and_outer():
     assert rso_rank(172, density=0.25) == 43 and rso_rank(64, rank=100) == 64
 
 
+@pytest.mark.parametrize("proj_type, ratio", [("gaussian", 1.0), ("orthonormal", 0.5)])
+def test_step_on_w_has_the_rms_the_docstring_states(proj_type, ratio):
+    """dW = dB P^T for a sign-like Adam step dB (entries +-1): RMS(dW) / RMS(dB) ~ 1 for Gaussian
+    N(0, 1/r) P (AdamW's per-entry step at equal lr) and sqrt(r/n) = 1/2 for orthonormal P."""
+    n, r, m = 512, 128, 256
+    p = rso_projection(n, r, rso_seed(0, "w", 0), proj_type)
+    db = torch.randint(0, 2, (m, r), generator=torch.Generator().manual_seed(0)) * 2.0 - 1.0
+    dw = db.double() @ p.double().t()
+    assert dw.pow(2).mean().sqrt().item() == pytest.approx(ratio, rel=0.05)
+
+
 def test_b_gradient_is_the_projected_full_weight_gradient():
     layer = _layer()
     x = torch.randn(3, 7, 10, dtype=torch.float32, requires_grad=True)
@@ -231,6 +242,87 @@ def test_resume_mid_outer_iteration_is_exact(cut, wd):
         assert torch.equal(a, b), n
 
 
+def test_resume_with_moments_kept_over_merges_is_exact():
+    model, opt = _fresh(reset_statistics=False)
+    _train(model, opt, 0, 4)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
+    _train(model, opt, 4, 10)  # merges after steps 6 and 9 with the moments carried over
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2, opt2 = _fresh(seed_model=9)  # reset_statistics comes from the checkpoint
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["optim"])
+    _train(model2, opt2, 4, 10)
+    for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_checkpoint_from_before_the_new_options_loads_with_the_defaults():
+    model, opt = _fresh()
+    _train(model, opt, 0, 2)
+    sd = copy.deepcopy(opt.state_dict())  # shares no tensor with opt
+    for g in sd["param_groups"]:  # a checkpoint written before the two options existed
+        del g["proj_params_lr_scale"], g["reset_statistics"]
+    model2, opt2 = _fresh(proj_params_lr_scale=3.0, reset_statistics=False)
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(sd)
+    for g in opt2.param_groups:
+        assert g["proj_params_lr_scale"] == 1.0 and g["reset_statistics"] is True
+    assert _train(model2, opt2, 2, 5) == _train(model, opt, 2, 5)
+
+
+def _one_step(model, opt, step):
+    x = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(step))
+    model(x, labels=x)[1].backward()
+    grads = {
+        id(p): p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None
+    }
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_proj_params_lr_scale_multiplies_only_the_b_step():
+    """s_p = 2: B's first Adam step (lr * s_p * g / (|g| + eps)) doubles; the AdamW parameters
+    (embeddings, head, norms) take the same step as with s_p = 1."""
+    (m1, o1), (m2, o2) = _fresh(), _fresh(proj_params_lr_scale=2.0)
+    _one_step(m1, o1, 0)
+    _one_step(m2, o2, 0)
+    for g1, g2 in zip(o1.param_groups, o2.param_groups):
+        for p1, p2 in zip(g1["params"], g2["params"]):
+            if g1["rso"]:
+                assert p1.abs().max() > 0
+                torch.testing.assert_close(p2, 2.0 * p1, rtol=1e-6, atol=0)
+            else:
+                assert torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_reset_statistics_decides_whether_adam_restarts_at_a_merge(reset):
+    """K = 3: step 4 is the first of outer iteration 1. B restarts from 0 either way; with
+    reset_statistics=False m, v and t continue (m = b1 m + (1 - b1) g, t = 4), with True they
+    restart (m = (1 - b1) g, t = 1) -- the update of the module docstring in both cases."""
+    model, opt = _fresh(reset_statistics=reset)
+    for step in range(3):
+        _one_step(model, opt, step)
+    group = next(g for g in opt.param_groups if g["rso"])
+    p = group["params"][0]
+    st = opt.state[p]
+    m0, v0 = st["exp_avg"].clone(), st["exp_avg_sq"].clone()
+    g = _one_step(model, opt, 3)[id(p)]
+    (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
+    if not reset:
+        m, v, t = b1 * m0 + (1 - b1) * g, b2 * v0 + (1 - b2) * g * g, 4
+    else:
+        m, v, t = (1 - b1) * g, (1 - b2) * g * g, 1
+    assert int(st["adam_step"].item()) == t and int(st["outer"].item()) == 1
+    torch.testing.assert_close(st["exp_avg"], m)
+    torch.testing.assert_close(st["exp_avg_sq"], v)
+    b = -lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)  # from B = 0
+    torch.testing.assert_close(p.detach(), b)
+
+
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_lazy_merge_from_master_copies_equals_eager(wd):
     """An engine that keeps fp32 masters (ZeRO) copies B into the module after step(); the layer
@@ -287,6 +379,8 @@ def test_tiny_llama_trains_through_build_optimizer():
         ({"proj_type": "svd"}, "proj_type"),
         ({"inner_steps": 0}, "inner_steps"),
         ({"prox": -1.0}, "prox"),
+        ({"proj_params_lr_scale": 0.0}, "proj_params_lr_scale"),
+        ({"reset_statistics": "no"}, "reset_statistics"),
         ({"update_gap": 5}, "unknown arguments"),
         ({"targets": ["nope"]}, "no nn.Linear"),
     ],
