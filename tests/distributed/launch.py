@@ -86,6 +86,20 @@ def run_distributed(
         return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
 
 
+def per_world(fn: Callable) -> Callable[[int], list[Any]]:
+    """``get(world)``: every rank's ``fn(rank, world)``, launched on the first call for that world
+    and kept (what a module-scoped fixture returns, so that a file's tests share one launch per
+    world size)."""
+    cache: dict[int, list[Any]] = {}
+
+    def get(world: int) -> list[Any]:
+        if world not in cache:
+            cache[world] = run_distributed(fn, world)
+        return cache[world]
+
+    return get
+
+
 def _each(rank: int, world: int, fn: Callable, cases: dict[Any, tuple]) -> dict[Any, Any]:
     return {key: fn(rank, world, *args) for key, args in cases.items()}
 

@@ -13,7 +13,7 @@ import torch
 
 from frugal_dist.core.subspaces import coordinate_count, projection_rank
 from tests.distributed import cases, workers
-from tests.distributed.launch import run_distributed, run_each
+from tests.distributed.launch import per_world, run_each
 
 pytestmark = pytest.mark.distributed
 
@@ -67,14 +67,7 @@ def _world(rank: int, world: int) -> dict:
 @pytest.fixture(scope="module")
 def launched():
     """world -> every rank's ``_world`` results (launched on first use)."""
-    cache: dict[int, list[dict]] = {}
-
-    def get(world: int) -> list[dict]:
-        if world not in cache:
-            cache[world] = run_distributed(_world, world)
-        return cache[world]
-
-    return get
+    return per_world(_world)
 
 
 @pytest.mark.parametrize("world", [2, 3])

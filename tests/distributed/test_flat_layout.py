@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.distributed import cases, workers
-from tests.distributed.launch import run_distributed
+from tests.distributed.launch import per_world
 
 pytestmark = pytest.mark.distributed
 
@@ -46,15 +46,8 @@ def _world(rank, world):
 
 @pytest.fixture(scope="module")
 def launched():
-    """world -> every rank's ``_world`` (launched on first use)."""
-    cache: dict[int, list[dict]] = {}
-
-    def get(world: int) -> list[dict]:
-        if world not in cache:
-            cache[world] = run_distributed(_world, world)
-        return cache[world]
-
-    return get
+    """world -> every rank's ``_world`` results (launched on first use)."""
+    return per_world(_world)
 
 
 @pytest.mark.parametrize("world", [2, 3])

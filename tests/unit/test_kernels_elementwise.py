@@ -9,7 +9,6 @@ Tolerances: float32 results against float64 formulas (moments: a few float32 ulp
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -19,15 +18,9 @@ from frugal_dist.kernels.elementwise import (
     coordinate_adamw_apply_,
     coordinate_positions,
     free_apply_,
-    triton_available,
 )
+from tests.triton_marks import needs_triton
 
-TRITON_RUNS = triton_available() and (
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-)
-needs_triton = pytest.mark.skipif(
-    not TRITON_RUNS, reason="needs triton with CUDA, or TRITON_INTERPRET=1 (CPU interpreter)"
-)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
 BETAS = (0.9, 0.999)

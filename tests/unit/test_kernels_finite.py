@@ -8,20 +8,12 @@ tails stay cheap under the interpreter; one keeps the default tile.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from frugal_dist.kernels.elementwise import triton_available
 from frugal_dist.kernels.finite import NonfiniteTest, any_nonfinite
+from tests.triton_marks import TRITON_RUNS, needs_triton
 
-TRITON_RUNS = triton_available() and (
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-)
-needs_triton = pytest.mark.skipif(
-    not TRITON_RUNS, reason="needs triton with CUDA, or TRITON_INTERPRET=1 (CPU interpreter)"
-)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BADS = [float("inf"), float("-inf"), float("nan")]

@@ -3,9 +3,7 @@ runs torch's fused kernel on the CPU too) and the on-device random projection op
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from frugal_dist.kernels.finite import NonfiniteTest
 from frugal_dist.kernels.refresh import random_bases
 from frugal_dist.optim.nonfinite import BoundTest
 from tests.helpers import SHAPES, clone_params, grad_stream, make_params, max_diff, set_grads
+from tests.triton_marks import needs_interpreter
 
 NAMES = [f"layers.{i}.w" for i in range(len(SHAPES))]
 KINDS = {
@@ -95,10 +94,6 @@ def test_raise_names_the_first_offending_parameter_and_updates_nothing():
         opt.step()
     assert max_diff(before, ps) == 0.0
     assert all(len(st) == 0 for st in opt.state.values())  # not even a step counter
-
-
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton")
-needs_interpreter = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 and triton")
 
 
 def _count_kernel_checks(monkeypatch) -> list[int]:

@@ -16,12 +16,10 @@ import torch
 from frugal_dist import FRUGAL
 from frugal_dist.core.reference import ReferenceFRUGAL
 from frugal_dist.core.rules import state_full_directions
-from frugal_dist.kernels.elementwise import triton_available
 from frugal_dist.optim.projection_batch import stacked
 from tests.helpers import clone_params, grad_stream, make_params, max_diff, set_grads
+from tests.triton_marks import needs_interpreter
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1, triton")
 BETAS = (0.9, 0.999)
 
 # repeated shapes: right (m >= n) and left (m < n) batches of 3 and 2 matrices, and a single one

@@ -9,21 +9,14 @@ votes with ``torch.equal``.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from frugal_dist.comm import bits
 from frugal_dist.kernels import sign_bits
 from frugal_dist.kernels.elementwise import triton_available
+from tests.triton_marks import TRITON_RUNS, needs_triton
 
-TRITON_RUNS = triton_available() and (
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-)
-needs_triton = pytest.mark.skipif(
-    not TRITON_RUNS, reason="needs triton with CUDA, or TRITON_INTERPRET=1 (CPU interpreter)"
-)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
 # sizes: empty, shorter than a byte, whole bytes, a tail, more than one 4096-element tile
