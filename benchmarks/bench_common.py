@@ -31,19 +31,33 @@ ENV_KEYS = ("CUDA_VISIBLE_DEVICES", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_
             "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")  # fmt: skip
 
 
-def git_info(root: Path) -> dict[str, Any]:
-    """Commit of the checkout at ``root`` and whether its ``frugal_dist/`` has uncommitted edits
-    (None where there is no git, e.g. a copied working tree on a GPU machine), plus a sha256 of
-    the package sources (``*.py`` and the ``*.json`` data it reads, such as the kernels' tile
-    tables), which identifies the code either way."""
+MANIFEST = Path(".gpu") / "manifest.json"  # written by ``stage_manifest.py`` before a GPU call
+
+
+def sources_sha256(root: Path) -> str:
+    """sha256 over the package sources under ``root/frugal_dist`` (``*.py`` and the ``*.json``
+    data the package reads, such as the kernels' tile tables), path and bytes of each file."""
     import hashlib
 
     h = hashlib.sha256()
     pkg = root / "frugal_dist"
     for f in sorted([*pkg.rglob("*.py"), *pkg.rglob("*.json")]):
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def git_info(root: Path) -> dict[str, Any]:
+    """Commit of the checkout at ``root`` and whether its ``frugal_dist/`` has uncommitted edits,
+    plus ``frugal_dist_sources_sha256``, which identifies the code either way.
+
+    A copied working tree (a GPU machine's) may carry stale git metadata. Where
+    ``root/.gpu/manifest.json`` exists (``stage_manifest.py``: the commit and sources sha256 of
+    a clean checkout, written before the copy), and the sources here hash to the manifest's
+    sha256, the code *is* that commit's: ``commit`` is the manifest's, ``frugal_dist_dirty``
+    False and ``commit_verified_by`` says so. A manifest whose sha256 differs is recorded under
+    ``manifest_mismatch`` and git's own answer stands."""
     out: dict[str, Any] = {"commit": None, "frugal_dist_dirty": None,
-                           "frugal_dist_sources_sha256": h.hexdigest()}  # fmt: skip
+                           "frugal_dist_sources_sha256": sources_sha256(root)}  # fmt: skip
     try:
         git = ["git", "-C", str(root)]
         run = dict(capture_output=True, text=True, check=True, timeout=10)
@@ -52,6 +66,19 @@ def git_info(root: Path) -> dict[str, Any]:
         out["frugal_dist_dirty"] = bool(dirty.strip())
     except (OSError, subprocess.SubprocessError):
         pass
+    manifest = root / MANIFEST
+    if manifest.is_file():
+        staged = json.loads(manifest.read_text())
+        if staged.get("frugal_dist_sources_sha256") == out["frugal_dist_sources_sha256"]:
+            if out["commit"] != staged["commit"] or out["frugal_dist_dirty"] is not False:
+                out["git_reported"] = {"commit": out["commit"], "dirty": out["frugal_dist_dirty"]}
+            out["commit"], out["frugal_dist_dirty"] = staged["commit"], False
+            out["commit_verified_by"] = (
+                f"frugal_dist sources sha256 equal to {MANIFEST}, staged from a clean checkout "
+                f"of {staged['commit']}"
+            )
+        else:
+            out["manifest_mismatch"] = staged
     return out
 
 
