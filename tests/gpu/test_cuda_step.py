@@ -56,19 +56,25 @@ def test_cuda_matches_cpu_across_refreshes_and_resume(kind):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_no_host_sync_in_a_step_between_refreshes(kind):
+    """The steps a step plan replays do not sync. Syncs are allowed in the refresh step and in
+    the full step after it, which builds the plan (step counters read once, the launch tables'
+    fixed entries uploaded once: ``optim.step_plan``, ``kernels.step_table``)."""
     ps = [torch.nn.Parameter(p.detach().cuda()) for p in make_params()]
     opt = _opt(ps, nonfinite="ignore", update_gap=100, **KINDS[kind])
-    grads = [[g.cuda() for g in gs] for gs in grad_stream(SHAPES, 4)]
-    set_grads(ps, grads[0])
-    opt.step()  # refresh: selections move to the device (syncs allowed here)
+    grads = [[g.cuda() for g in gs] for gs in grad_stream(SHAPES, 6)]
+    for gs in grads[:2]:  # the refresh, then the full step that builds the plan
+        set_grads(ps, gs)
+        opt.step()
     torch.cuda.synchronize()
-    for gs in grads[1:]:
+    assert opt.step_plan() is not None
+    for gs in grads[2:]:
         set_grads(ps, gs)
         torch.cuda.set_sync_debug_mode("error")
         try:
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    assert opt.step_plan() is not None
 
 
 def test_nonfinite_skip_on_cuda():
