@@ -98,7 +98,9 @@ def _flat_run(rank: int, world: int, steps: int, with_norm: bool, kernels: str) 
     from frugal_dist.layouts.flat import FlatEntry, FlatLayout
 
     split, full = workers.named_params()
-    opt = FRUGAL(workers.groups(split, full), kernels=kernels, **KW)
+    # block: kernels="triton" on coordinate fragments of a FlatLayout raises in
+    # fast_apply._positions (a fragment's local index), independently of grad_norm
+    opt = FRUGAL(workers.groups(split, full), kernels=kernels, **dict(KW, subspace="block"))
     entries, flats = [], []
     for group in opt.param_groups:
         named = [(n, p.shape) for n, p in zip(group["names"], group["params"])]
