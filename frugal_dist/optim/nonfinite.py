@@ -36,7 +36,7 @@ training loop that clips first already holds the total norm of the gradients
 (``torch.nn.utils.clip_grad_norm_``, FSDP's ``clip_grad_norm_``, ``OSS.clip_grad_norm``), and
 that norm is inf/nan whenever any element is. Given it, no gradient is read and no flag is
 all-reduced: the verdict is ``isfinite(grad_norm)``, one 4 B device->host read (none for a
-Python float). Exactly the step is then non-finite when the norm is, so:
+Python float). A step is then non-finite exactly when its norm is, so:
 
 * an all-finite gradient whose norm overflows float32 (elements around 1e19: their squares sum
   past 3.4e38) counts as non-finite: "skip" skips it, "raise" raises (without ``grad_norm``

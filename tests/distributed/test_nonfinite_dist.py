@@ -133,6 +133,29 @@ def _flat_run(rank: int, world: int, steps: int, with_norm: bool, kernels: str) 
             "skipped": opt.skipped_steps(), "comm_total": opt.comm_stats()["total"]}  # fmt: skip
 
 
+def _dtensor_norms(rank: int, world: int) -> dict:
+    """``grad_norm`` as a DTensor (FSDP2's ``clip_grad_norm_`` returns one): a replicated one is
+    taken (its local value), a partial one is refused naming ``full_tensor()``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh = init_device_mesh("cpu", (world,))
+    split, full = workers.named_params()
+    opt = FRUGAL(workers.groups(split, full), **KW)
+    for p, g in zip(split + full, workers.rank_grads(0, 0, [p.shape for p in split + full])):
+        p.grad = g.clone()
+    nan = DTensor.from_local(torch.tensor(float("nan")), mesh, [Replicate()])
+    opt.step(grad_norm=nan)
+    partial = DTensor.from_local(torch.tensor(1.0), mesh, [Partial()])
+    try:
+        opt.step(grad_norm=partial)
+        refused = "no error"
+    except ValueError as e:
+        refused = str(e)
+    return {"skipped": opt.skipped_steps(), "refused": refused,
+            "untouched": all(len(opt.state[p]) == 0 for p in split + full)}  # fmt: skip
+
+
 STEPS = 8
 
 
@@ -143,6 +166,7 @@ def _both(rank: int, world: int, kernels: str) -> dict[str, object]:
         "norm": _poisoned_run(rank, world, STEPS, "optimizer", 1, kernels, True, True),
         "flat": _flat_run(rank, world, STEPS, False, kernels),
         "flat_norm": _flat_run(rank, world, STEPS, True, kernels),
+        "dtensor": _dtensor_norms(rank, world),
     }
 
 
@@ -197,6 +221,13 @@ def test_a_nan_in_one_ranks_fragment_skips_on_every_rank_by_the_global_norm(runs
         assert got["skipped"] == ref["skipped"] == 1
         assert "nonfinite_flag" not in got["comm_total"]
         assert all(torch.equal(a, b) for a, b in zip(got["flats"], ref["flats"]))
+
+
+def test_a_replicated_dtensor_norm_is_taken_and_a_partial_one_refused(runs):
+    for r in runs[1]:
+        got = r["dtensor"]
+        assert got["skipped"] == 1 and got["untouched"], got
+        assert "grad_norm is a DTensor" in got["refused"] and "full_tensor()" in got["refused"]
 
 
 def test_raise_names_the_parameter_on_its_rank_and_says_another_rank_elsewhere(runs):
