@@ -40,6 +40,15 @@ DeepSpeed ``bf16``), so every optimizer keeps float32 moments; ``bf16`` casts th
 (AdamW, FRUGAL rho=0), ``--scaling-steps`` steps each, with activation checkpointing, and records
 the peak memory or "oom"; a variant stops at its first OOM.
 
+``--grad-clip MAX_NORM`` (default 0: none): every variant, AdamW included, clips its gradients
+to that total norm in each timed iteration with the training loop's call
+(``train.engine_setup.clip_gradients``: torch's ``get_total_norm`` + ``clip_grads_with_norm_``,
+i.e. ``clip_grad_norm_``, FSDP2's DTensor norm made whole), after backward and before the
+optimizer-step mark (so in ``step_ms``, not in ``opt_ms``), and FRUGAL variants pass the returned
+norm to ``step(grad_norm=...)`` (``engine_setup.step_grad_norm``: their inf/nan verdict, no
+gradient-reading check). ZeRO engines clip inside DeepSpeed (``gradient_clipping``; FRUGAL keeps
+its own check there). Recorded in the JSON (``grad_clip``, ``config.grad_clip``).
+
 ``--max-seconds`` bounds the launch: each pending variant gets an equal share of what is left,
 the number of timed steps shrinks to fit it, and the JSON is rewritten after every variant.
 A CUDA OOM (or any error) in a variant is recorded and the next variant runs.
@@ -76,6 +85,7 @@ from bench_common import (  # noqa: E402
 )  # fmt: skip
 
 from frugal_dist.train import optimizers as presets  # noqa: E402
+from frugal_dist.train.engine_setup import clip_gradients, step_grad_norm  # noqa: E402
 from frugal_dist.train.model import LLAMA_CONFIGS, LlamaConfig, build_model  # noqa: E402
 
 ENGINES = ("single", "fsdp2", "zero2", "zero3")
@@ -132,6 +142,7 @@ class Run:
     def __init__(self, args, engine: str, model_name: str, variant: str, device, world: int,
                  batch_size: int, checkpointing: bool) -> None:  # fmt: skip
         self.device, self.engine, self.ds = device, engine, None
+        self.grad_clip, self.world = args.grad_clip, world
         name, opts = VARIANTS[variant]
         if name == "frugal":
             opts = {**FRUGAL_COMMON, **frugal_device_options(), **opts}
@@ -169,7 +180,8 @@ class Run:
         with open(REPO / "ds_configs" / f"zero{stage}.json") as fh:
             cfg = json.load(fh)
         cfg.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=1,
-                   gradient_clipping=0.0, bf16={"enabled": args.precision == "mixed"})  # fmt: skip
+                   gradient_clipping=args.grad_clip,
+                   bf16={"enabled": args.precision == "mixed"})  # fmt: skip
         cfg.pop("train_batch_size", None)
         if name == "adamw":
             cfg.pop("optimizer")
@@ -198,8 +210,12 @@ class Run:
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 _, loss = self.model(self.batch, labels=self.batch)
             loss.backward()
+            kw = {}
+            if self.grad_clip > 0:  # every variant the same clip; FRUGAL gets its norm
+                norm = clip_gradients(self.engine, self.model, self.opt, self.grad_clip)
+                kw = step_grad_norm(self.opt, norm, self.world)
             _mark(events)
-            self.opt.step()
+            self.opt.step(**kw)
             self.opt.zero_grad(set_to_none=True)
         _mark(events)
 
@@ -461,6 +477,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     try_plot(draw, path)
 
 
+def grad_clip_note(args) -> dict[str, Any]:
+    """The JSON's record of ``--grad-clip`` (also in ``config.grad_clip``)."""
+    if args.grad_clip <= 0:
+        return {"max_norm": 0.0, "how": "no clipping"}
+    if args.engine.startswith("zero"):
+        how = ("DeepSpeed's gradient_clipping inside engine.step() (in opt_ms); FRUGAL runs its "
+               "own inf/nan check")  # fmt: skip
+    else:
+        how = ("train.engine_setup.clip_gradients (torch get_total_norm + clip_grads_with_norm_, "
+               "= clip_grad_norm_; FSDP2's norm made whole) for every variant after backward, "
+               "before the optimizer-step mark (in step_ms, not opt_ms); FRUGAL variants pass "
+               "the norm to step(grad_norm=...)")  # fmt: skip
+    return {"max_norm": args.grad_clip, "how": how}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engine", choices=ENGINES, default="single")
@@ -479,6 +510,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--scaling-batch-size", type=int, default=4)
     ap.add_argument("--scaling-steps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grad-clip", type=float, default=0.0, metavar="MAX_NORM",
+                    help="clip every variant's gradients to this total norm in each timed "
+                    "iteration (FRUGAL: step(grad_norm=...)); 0: no clip")  # fmt: skip
     ap.add_argument("--out", default=None, help="JSON path (PNG and .md alongside)")
     ap.add_argument("--replot", default=None, help="redraw the PNG/table of an existing JSON")
     ap.add_argument(
@@ -490,6 +524,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.merge and not args.out:
         ap.error("--merge needs --out (the joined JSON)")
+    if args.grad_clip < 0:
+        ap.error(f"--grad-clip must be >= 0 (0: no clipping), got {args.grad_clip}")
     if args.precision == "bf16" and args.engine.startswith("zero"):
         ap.error("--precision bf16 is for single/fsdp2; DeepSpeed keeps float32 masters (mixed)")
     for name in (args.only or "").split(",") + args.scaling_variants.split(","):
@@ -530,6 +566,7 @@ def main(argv=None) -> None:
         "benchmark": "gpu_memory_speed", "config": vars(args), "world_size": world,
         "provenance": provenance(), "copy_bandwidth_bytes_per_s": copy_bandwidth(device),
         "frugal_common": {**FRUGAL_COMMON, **frugal_device_options()}, "variants": VARIANTS,
+        "grad_clip": grad_clip_note(args),
         "rows": [], "complete": False,
     }  # fmt: skip
     if args.scaling:

@@ -2,7 +2,9 @@
 """Where ``optimizer.step()`` spends its time at LLaMA-1B shapes: a per-kernel breakdown.
 
 For each variant (the optimizer options of ``gpu_memory_speed.py``'s ``VARIANTS``, plus the same
-with ``nonfinite="ignore"`` where it matters), on one GPU: build LLaMA-1B (float32 parameters),
+with ``nonfinite="ignore"`` where it matters, and ``*_gradnorm``: the same with
+``step(grad_norm=...)``, the norm computed outside the timed step as a loop's clip would; the
+row's ``grad_norm`` says so, None elsewhere), on one GPU: build LLaMA-1B (float32 parameters),
 set fixed random float32 gradients once (seed 1), build the optimizer, take ``--warmup`` steps
 (the first one creates the state and chooses the subspace; ``update_gap`` is larger than the run,
 so no later step refreshes), then
@@ -30,6 +32,7 @@ Writes JSON (default ``benchmarks/results/step_trace_cuda.json``) and prints a t
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -52,6 +55,15 @@ TRACE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                               "nonfinite": "ignore"}),
     "frugal_d0_nocheck": ("frugal", {**VARIANTS["frugal_d0"][1], "nonfinite": "ignore"}),
 }  # fmt: skip
+# ``<variant>_gradnorm``: the variant's options (default ``nonfinite="skip"``), each step given
+# ``grad_norm`` -- the total 2-norm of the fixed gradients, computed once outside every timed
+# region (``torch.nn.utils.get_total_norm``, what a training loop's clip returns each step) --
+# so the inf/nan verdict is isfinite(grad_norm) instead of the gradient-reading check.
+GRAD_NORM_BASES = ("frugal_block_d0.25", "frugal_d0", "frugal_columns_d0.25", "frugal_svd_d0.25")
+GRAD_NORM_OF = {f"{v}_gradnorm": v for v in GRAD_NORM_BASES}
+TRACE_VARIANTS.update({k: TRACE_VARIANTS[v] for k, v in GRAD_NORM_OF.items()})
+GRAD_NORM_NOTE = ("step(grad_norm=n), n = torch.nn.utils.get_total_norm of the fixed gradients, "
+                  "computed once before timing (outside every timed region)")  # fmt: skip
 
 
 def _kernel_table(prof: Any, steps: int, top: int) -> tuple[list[dict[str, Any]], float, int]:
@@ -107,8 +119,9 @@ def _event_ms(step: Any, steps: int) -> list[float]:
     return out
 
 
-def trace_refresh(opt: Any, args: argparse.Namespace) -> dict[str, Any] | None:
-    """The ``--refresh`` figures (module docstring), or None without ``update_gap`` groups."""
+def trace_refresh(opt: Any, args: argparse.Namespace, step: Any) -> dict[str, Any] | None:
+    """The ``--refresh`` figures (module docstring) of ``step()`` (``opt.step``, or with its
+    ``grad_norm``), or None without ``update_gap`` groups."""
     groups = [g for g in opt.param_groups if "update_gap" in g]
     if not groups:
         return None
@@ -116,14 +129,14 @@ def trace_refresh(opt: Any, args: argparse.Namespace) -> dict[str, Any] | None:
     for g in groups:
         g["update_gap"] = 1
     try:
-        opt.step()  # untimed: what only the refresh path compiles
+        step()  # untimed: what only the refresh path compiles
         torch.cuda.synchronize()
-        ms = _event_ms(opt.step, args.refresh_steps)
+        ms = _event_ms(step, args.refresh_steps)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            opt.step()
+            step()
             torch.cuda.synchronize()
         top, kernel_ms, launches = _kernel_table(prof, 1, args.top)
-        host = _host_table(opt.step, 1, args.top) if args.cprofile else []
+        host = _host_table(step, 1, args.top) if args.cprofile else []
     finally:
         for g, gap in zip(groups, old):
             g["update_gap"] = gap
@@ -143,12 +156,16 @@ def trace_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         p.grad = torch.randn(p.shape, generator=gen, device="cuda", dtype=p.dtype) * 1e-3
     kw = {"lr": 1e-3, "weight_decay": 0.0} if name == "adamw" else opts
     opt = presets.build_optimizer(model, name, **kw)
+    step = opt.step
+    if variant in GRAD_NORM_OF:  # the norm a loop's clip would hand over (outside the step)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        step = functools.partial(opt.step, grad_norm=norm)
     t0 = time.perf_counter()
-    opt.step()
+    step()
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     for _ in range(args.warmup - 1):
-        opt.step()
+        step()
     torch.cuda.synchronize()
     step_ms, host_ms = [], []
     for _ in range(args.steps):
@@ -156,25 +173,26 @@ def trace_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize()
         t = time.perf_counter()
         a.record()
-        opt.step()
+        step()
         b.record()
         host_ms.append((time.perf_counter() - t) * 1e3)
         b.synchronize()
         step_ms.append(a.elapsed_time(b))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.profile_steps):
-            opt.step()
+            step()
         torch.cuda.synchronize()
     top, kernel_ms, launches = _kernel_table(prof, args.profile_steps, args.top)
-    host_top = _host_table(opt.step, args.profile_steps, args.top) if args.cprofile else []
+    host_top = _host_table(step, args.profile_steps, args.top) if args.cprofile else []
     row = {
         "variant": variant, "options": kw, "first_step_s": first_s,
         "step_ms": statistics.median(step_ms), "host_ms": statistics.median(host_ms),
         "kernel_ms_per_step": kernel_ms, "launches_per_step": launches,
         "top_kernels": top, "host_top": host_top,
-        "refresh": trace_refresh(opt, args) if args.refresh and name == "frugal" else None,
+        "grad_norm": GRAD_NORM_NOTE if variant in GRAD_NORM_OF else None,
+        "refresh": trace_refresh(opt, args, step) if args.refresh and name == "frugal" else None,
     }  # fmt: skip
-    del opt, model
+    del step, opt, model
     torch.cuda.empty_cache()
     return row
 

@@ -40,8 +40,8 @@ Options of the optimizer, not of a group (``docs/optimizer.md`` has the full tab
 * ``nonfinite="skip"`` -- one fused inf/nan test of every local gradient and one host sync per
   step (``optim.nonfinite``; on plan steps after the host work), the whole step skipped on any
   rank's inf/nan (``skipped_steps()``); ``"raise"`` names the parameter; ``"ignore"``: no check
-  (on CUDA one Triton launch per gradient dtype reading each gradient once, ``kernels.finite``;
-  the earlier ``_foreach_norm`` check cost 1.5 ms of GPU time at LLaMA-1B on an H200).
+  (CUDA: one Triton launch per dtype reading each gradient once, ``kernels.finite``, 1.17 ms at
+  LLaMA-1B on an H200 at c8378ce); ``step(grad_norm=n)``: verdict isfinite(n), no gradient read.
 * ``fused=None`` -- whole-tensor AdamW items of float32 data run one fused kernel per group on
   CUDA (``True``: also on the CPU; ``False``: foreach kernels).
 * ``proj_qr_device="auto"`` -- ``random`` projection bases drawn on the parameter's device for
@@ -63,8 +63,8 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
                                  hyper-parameters and parameter names/shapes (the full
                                  descriptions only when they differ, to name the field)
     first step only [check_agreement=False, and the step communicates]: all_reduce of 4 B
-    0. [nonfinite != "ignore", layout or reduce_gradients] all_reduce(max) of one inf/nan flag
-                                 (``comm_stats()`` key ``nonfinite_flag``)         4 B
+    0. [nonfinite != "ignore", layout or reduce_gradients, no grad_norm] all_reduce(max) of
+                                 one inf/nan flag (``comm_stats()``: ``nonfinite_flag``)  4 B
     1. [reduce_gradients, exact] all_reduce(mean) of every gradient, coalesced     4 B x params
        [reduce_gradients, sign ] all_reduce(mean) of AdamW / active-block / svd-refresh gradients,
                                  all_reduce(mean) of compact G_sf (coord: rho, proj: r x max(m,n)),
@@ -114,7 +114,7 @@ from frugal_dist.optim.group_setup import (
 )
 from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.layout_guard import ParamRegistry
-from frugal_dist.optim.nonfinite import validate_nonfinite
+from frugal_dist.optim.nonfinite import check_grad_norm, validate_nonfinite
 from frugal_dist.optim.sign_reduce import HIERARCHICAL_UNDER_LAYOUT, hierarchy_options
 from frugal_dist.optim.state_loading import (
     SCALAR_KEYS,
@@ -246,9 +246,12 @@ class FRUGAL(Optimizer):
 
     # ------------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One FRUGAL step, phase by phase (``optim.phases`` documents each phase's work and
-        collective; every collective is skipped at world size 1)."""
+    def step(self, closure: Callable[[], float] | None = None, *,  # type: ignore[override]
+             grad_norm: Tensor | float | None = None) -> float | None:  # fmt: skip
+        """One FRUGAL step, phase by phase (``optim.phases``: each phase's work and collective).
+        ``grad_norm``: the clip's total norm of these gradients, global over ranks; the inf/nan
+        verdict is then isfinite(grad_norm), no gradient read (``optim.nonfinite``)."""
+        norm = check_grad_norm(grad_norm, closure, self.nonfinite)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -256,13 +259,13 @@ class FRUGAL(Optimizer):
         self.comm.begin_step()
         plan = self._cache.plan
         if plan is not None:  # between refreshes: the cached plan (optim.step_plan)
-            done = plan.run(self._context(), self.nonfinite)
+            done = plan.run(self._context(), self.nonfinite, norm)
             if done == SKIPPED:
                 self._skipped += 1
             if done != STALE:
                 return loss
             self._cache.plan = None
-        self._full_step()
+        self._full_step(grad_norm=norm)
         return loss
 
     @torch.no_grad()
@@ -282,13 +285,16 @@ class FRUGAL(Optimizer):
         self.comm.begin_step()
         self._full_step(sim)
 
-    def _full_step(self, simulated: simulated_ranks.SimulatedRanks | None = None) -> None:
-        """The full path: agreement (once), inf/nan check (every ``simulated`` rank's), phases."""
+    def _full_step(self, simulated: simulated_ranks.SimulatedRanks | None = None,
+                   grad_norm: Tensor | float | None = None) -> None:  # fmt: skip
+        """The full path: agreement (once), inf/nan check (every ``simulated`` rank's, or
+        ``grad_norm``'s verdict), phases."""
         views = [(group, self.views(group)) for group in self.param_groups]
         ctx = self._context()
         ctx.simulated = simulated
         self._check_agreement_once(ctx)
-        if self.nonfinite != "ignore" and not phases.gradients_finite(ctx, views, self.nonfinite):
+        if self.nonfinite != "ignore" and not phases.gradients_finite(ctx, views, self.nonfinite,
+                                                                        grad_norm):  # fmt: skip
             self._skipped += 1
             return
         items = phases.plan(ctx, views)

@@ -30,11 +30,28 @@ size > 1, one all-reduce of 4 B per rank (counted in ``comm_stats()`` under ``no
 payload 4 B, wire 2 (W-1)/W x 4 B; nothing at world size 1 or for replicated gradients).
 ``"raise"`` finds the parameter's name with the torch path (one more sync), only on the failing
 step.
+
+The verdict from the caller's norm (``FRUGAL.step(grad_norm=...)``, ``check_grad_norm``): a
+training loop that clips first already holds the total norm of the gradients
+(``torch.nn.utils.clip_grad_norm_``, FSDP's ``clip_grad_norm_``, ``OSS.clip_grad_norm``), and
+that norm is inf/nan whenever any element is. Given it, no gradient is read and no flag is
+all-reduced: the verdict is ``isfinite(grad_norm)``, one 4 B device->host read (none for a
+Python float). A step is then non-finite exactly when its norm is, so:
+
+* an all-finite gradient whose norm overflows float32 (elements around 1e19: their squares sum
+  past 3.4e38) counts as non-finite: "skip" skips it, "raise" raises (without ``grad_norm``
+  such a step is taken);
+* the norm must be the TOTAL norm over the same gradients the step reads, global over the
+  ranks whose gradients differ (every engine's clip returns it so; not a norm of the local,
+  unreduced gradients under ``reduce_gradients=True``). A norm of other gradients is the
+  caller's error: the step cannot detect it, and ranks given different verdicts diverge.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +74,63 @@ def validate_nonfinite(mode: Any) -> str:
             "whose gradients hold inf/nan, 'raise' raises, 'ignore' does not check"
         )
     return str(mode)
+
+
+def check_grad_norm(
+    grad_norm: Any, closure: Any = None, mode: str = "skip"
+) -> Tensor | float | None:
+    """``FRUGAL.step``'s ``grad_norm`` checked: None, a Python float (an int is taken as one),
+    or a 0-d floating-point tensor on any device (a DTensor must be replicated: its local
+    tensor is returned). Host-only checks, no sync. TypeError / ValueError name the argument.
+    Returns None under ``mode="ignore"`` (no verdict is taken; the argument is still checked)."""
+    if grad_norm is None:
+        return None
+    checked = _checked_norm(grad_norm, closure)
+    return None if mode == "ignore" else checked
+
+
+def _checked_norm(grad_norm: Any, closure: Any) -> Tensor | float:
+    if closure is not None:
+        raise ValueError(
+            "FRUGAL.step: grad_norm with a closure: the closure recomputes the gradients, so a "
+            "norm computed before the step is not theirs; clip inside the closure and step "
+            "without grad_norm, or compute the gradients and their norm before step()"
+        )
+    if isinstance(grad_norm, numbers.Real) and not isinstance(grad_norm, bool):
+        return float(grad_norm)
+    if not isinstance(grad_norm, Tensor):
+        raise TypeError(
+            "FRUGAL.step: grad_norm must be the total gradient norm as a 0-d tensor or a Python "
+            f"float (what clip_grad_norm_ returns), got {type(grad_norm).__name__}"
+        )
+    placements = getattr(grad_norm, "placements", None)
+    if placements is not None:  # a DTensor (FSDP2's clip_grad_norm_ returns one)
+        if not all(p.is_replicate() for p in placements):
+            raise ValueError(
+                f"FRUGAL.step: grad_norm is a DTensor with placements {tuple(placements)}: its "
+                "local value is not the total norm; pass grad_norm.full_tensor()"
+            )
+        grad_norm = grad_norm.to_local()
+    if grad_norm.dim() != 0 or not grad_norm.is_floating_point():
+        raise ValueError(
+            "FRUGAL.step: grad_norm must be a 0-d floating-point tensor (the total norm), got "
+            f"shape {tuple(grad_norm.shape)} dtype {grad_norm.dtype}"
+        )
+    return grad_norm
+
+
+def norm_is_finite(grad_norm: Tensor | float) -> bool:
+    """The step's verdict from a checked ``grad_norm``: one 4 B device->host read for a tensor
+    (the host sync), none for a float. No collective: the norm is already global."""
+    if isinstance(grad_norm, float):
+        return math.isfinite(grad_norm)
+    return bool(torch.isfinite(grad_norm).item())
+
+
+def first_bad_local(names: list[str], grads: list[Tensor | None]) -> str | None:
+    """The first local name holding inf/nan (torch path, one sync per bucket; None: none
+    here). For ``"raise"`` with ``grad_norm``, on the failing step only."""
+    return _first_bad(names, grads, max_abs_norms(grads, grad_buckets(grads)))  # type: ignore[arg-type]
 
 
 def _flag_device(pg: Any, first: Tensor | None) -> torch.device:

@@ -1,7 +1,8 @@
 """The phases of ``FRUGAL.step``, each a plain function of the step's context and its items.
 
     check     (nonfinite != "ignore") one fused inf/nan test of every local gradient, the flag
-              all-reduced (4 B); a bad step returns here with nothing touched
+              all-reduced (4 B); with ``step(grad_norm=...)`` only isfinite(grad_norm), no
+              gradient read, no collective; a bad step returns here with nothing touched
     plan      step counters, refresh decisions, owners, active sets; per kind (``prepare``):
               selections restricted to the local rows, state resets, float32 gradients. Host
               cost per parameter is kept small (the step is launch-bound on a GPU): whole-tensor
@@ -73,7 +74,12 @@ from frugal_dist.optim.fast_apply import (
 )
 from frugal_dist.optim.free_scale import reduce_scales
 from frugal_dist.optim.kinds import SubspaceKind, kind_for
-from frugal_dist.optim.nonfinite import FiniteCheck, grads_are_finite
+from frugal_dist.optim.nonfinite import (
+    FiniteCheck,
+    first_bad_local,
+    grads_are_finite,
+    norm_is_finite,
+)
 from frugal_dist.optim.projection_batch import apply_batched
 from frugal_dist.optim.sign_reduce import reduce_signs
 from frugal_dist.optim.simulated_ranks import reduce_simulated
@@ -151,16 +157,21 @@ class ApplyBatches:
 
 # ---------------------------------------------------------------------------------------- check
 def gradients_finite(
-    ctx: StepContext, views: list[tuple[dict, list[ParamView]]], mode: str
-) -> bool:
+    ctx: StepContext, views: list[tuple[dict, list[ParamView]]], mode: str,
+    grad_norm: Tensor | float | None = None,
+) -> bool:  # fmt: skip
     """One fused inf/nan check of every local gradient (``optim.nonfinite``); False: skip this
     step (nothing touched). ``mode="raise"`` raises ``FloatingPointError`` instead.
 
     Replicated gradients (DDP-reduced, or one rank alone) are equal on every rank: the local
     answer is every rank's, with no collective. Fragments (a layout) and gradients FRUGAL
     reduces itself differ per rank: the flag is all-reduced over the group (4 B per rank,
-    ``comm_stats()`` key ``nonfinite_flag``)."""
+    ``comm_stats()`` key ``nonfinite_flag``). ``grad_norm`` (the caller's global total norm,
+    checked): the verdict is its finiteness; no gradient read, no collective."""
     names = [v.name for _, vs in views for v in vs]
+    if grad_norm is not None:
+        return check_finite(ctx, names, [v.grad for _, vs in views for v in vs], mode,
+                            grad_norm=grad_norm)  # fmt: skip
     if ctx.simulated is not None:  # FRUGAL.step_ranks: any simulated rank's inf/nan skips
         ctx.simulated.count_flag(ctx.comm)  # the 4 B flag a real rank all-reduces
         per_rank = ctx.simulated.grads_of([v.data for _, vs in views for v in vs])
@@ -171,10 +182,26 @@ def gradients_finite(
 
 def check_finite(
     ctx: StepContext, names: list[str], grads: list[Tensor | None], mode: str,
-    check: FiniteCheck | None = None,
+    check: FiniteCheck | None = None, grad_norm: Tensor | float | None = None,
 ) -> bool:  # fmt: skip
     """``gradients_finite`` over explicit lists (``check``: the cached
-    ``nonfinite.FiniteCheck`` of gradients shaped like these, a step plan's)."""
+    ``nonfinite.FiniteCheck`` of gradients shaped like these, a step plan's; ``grad_norm``:
+    the verdict from the caller's norm instead, the gradients read only to name the parameter
+    for ``"raise"``)."""
+    if grad_norm is not None:
+        if norm_is_finite(grad_norm):  # one 4 B read, no collective
+            return True
+        if mode != "raise":
+            return False
+        first = first_bad_local(names, grads)
+        where = (
+            f"first in parameter {first!r}" if first is not None else
+            "in no local gradient (on another rank, or all finite and the norm overflowed)"
+        )  # fmt: skip
+        raise FloatingPointError(
+            f"FRUGAL.step: grad_norm={float(grad_norm)} is not finite, non-finite (inf/nan) "
+            f"gradient {where}; nothing was updated. Use nonfinite='skip' to skip such steps"
+        )
     per_rank = ctx.layout is not None or ctx.reduce_gradients
     world = ctx.world if per_rank else 1
     ok, first = grads_are_finite(names, grads, ctx.pg, world, check, ctx.kernels, ctx.comm)

@@ -18,7 +18,8 @@ every step) differ. ``StepPlan`` keeps the items of a full step and replays the 
                    tensor, 24 B per state-free tensor, 8 B per gradient for the inf/nan test)
     check          (nonfinite != "ignore") the fused inf/nan test (Triton: launched over the
                    staged table, no upload of its own), its one host sync -- after all
-                   host-side planning, so the update kernels launch right after it
+                   host-side planning, so the update kernels launch right after it; with
+                   ``step(grad_norm=...)`` no test, the sync reads isfinite(grad_norm)
     counters       ``step`` / ``sf_step`` advanced without reads: at the build they become
                    0-dim views of one CPU buffer (``_share_counters``), one ``add_`` per step
     launch         the prepared launches (whole-tensor AdamW, columns / rows coordinates,
@@ -170,9 +171,12 @@ class StepPlan:
         now = [p for g in groups for p in g["params"]]
         return len(now) == len(self.params) and all(map(operator.is_, now, self.params))
 
-    def run(self, ctx: phases.StepContext, nonfinite: str) -> str:
+    def run(
+        self, ctx: phases.StepContext, nonfinite: str, grad_norm: Tensor | float | None = None
+    ) -> str:
         """One steady step: ``DONE``, ``SKIPPED`` (inf/nan, nothing changed) or ``STALE``
-        (nothing done; take the full path, which rebuilds the plan)."""
+        (nothing done; take the full path, which rebuilds the plan). ``grad_norm``: the
+        verdict is its finiteness (the check kernel is not launched)."""
         if not self.valid(ctx):
             return STALE
         grads = list(map(_GRAD, self.params))
@@ -203,7 +207,8 @@ class StepPlan:
         # one sync; the update kernels launch right after it.
         if nonfinite != "ignore":
             try:
-                ok = phases.check_finite(ctx, self.names, grads, nonfinite, self.check)
+                ok = phases.check_finite(ctx, self.names, grads, nonfinite, self.check,
+                                         grad_norm)  # fmt: skip
             except FloatingPointError:
                 self._drop_gradients()
                 raise

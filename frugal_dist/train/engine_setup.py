@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
+from frugal_dist.optim import FRUGAL
 from frugal_dist.train.logs import logger
 from frugal_dist.train.optimizers import PRESETS
 
@@ -63,14 +64,39 @@ def wrap_and_build(
     raise ValueError(f"engine must be one of {list(SHARDED_ENGINES)}, got {engine!r}")
 
 
-def clip_gradients(engine: str, wrapped: nn.Module, optimizer: Any, max_norm: float) -> None:
-    """Clip by the global gradient norm, which no single rank can compute alone here."""
+def clip_gradients(engine: str, wrapped: nn.Module, optimizer: Any, max_norm: float) -> Tensor:
+    """Clip by the global gradient norm; returns that total norm (before clipping) as a plain
+    0-d tensor, the same on every rank: FSDP1's ``clip_grad_norm_`` and ``OSS.clip_grad_norm``
+    all-reduce it themselves; ``single`` / ``ddp`` (reduced, replicated gradients) and
+    ``fsdp2`` use torch's ``get_total_norm`` + ``clip_grads_with_norm_``, and FSDP2's DTensor
+    norm (partial over the shards) is made whole with ``full_tensor()`` (one 4 B all-reduce,
+    which torch's ``clip_grad_norm_`` would spend on the clip coefficient anyway).
+    DeepSpeed clips inside its engine and is not handled here."""
     if engine == "fsdp1":
-        wrapped.clip_grad_norm_(max_norm)
-    elif engine == "fairscale":
-        optimizer.clip_grad_norm(max_norm)
-    else:
-        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), max_norm)
+        return wrapped.clip_grad_norm_(max_norm)
+    if engine == "fairscale":
+        return optimizer.clip_grad_norm(max_norm)
+    params = [p for p in wrapped.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # DTensor (FSDP2): the partial norm made whole
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def step_grad_norm(optimizer: Any, norm: Tensor | None, world: int) -> dict[str, Any]:
+    """The keyword arguments of ``optimizer.step`` that hand it the clip's ``norm``:
+    ``{"grad_norm": norm}`` for FRUGAL (also inside fairscale's ``OSS``, whose ``step`` passes
+    keywords through), which then takes its inf/nan verdict from the norm instead of reading
+    every gradient; ``{}`` for optimizers without that keyword (AdamW, RSO: no inf/nan check),
+    without clipping, and for FRUGAL reducing the gradients itself at world size > 1 (the clip
+    then saw each rank's unreduced gradients: a local norm, not the global one FRUGAL needs)."""
+    inner = getattr(optimizer, "optim", optimizer)  # fairscale OSS: the local optimizer
+    if norm is None or not isinstance(inner, FRUGAL):
+        return {}
+    if inner.reduce_gradients and world > 1:
+        return {}
+    return {"grad_norm": norm}
 
 
 def experiment_over_json(ds_cfg: dict[str, Any], cfg: TrainConfig, name: str,

@@ -1,8 +1,11 @@
 """The training loop: single process or DDP (torchrun / ``mp.spawn``), gloo on CPU, NCCL on GPU.
 
 Each optimizer step: ``grad_accum`` micro-batches per rank (DDP gradient sync only on the last),
-gradient clipping, FRUGAL (or a baseline) step, lr schedule; or, with ``simulate_ranks`` > 1,
-the step of that many data-parallel ranks in this one process (``frugal_dist.train.simulated``).
+gradient clipping (``engine_setup.clip_gradients``; its total norm goes to FRUGAL's
+``step(grad_norm=...)`` for the inf/nan verdict, ``engine_setup.step_grad_norm``; DeepSpeed
+clips inside its engine and steps FRUGAL itself, unchanged), FRUGAL (or a baseline) step, lr
+schedule; or, with ``simulate_ranks`` > 1, the step of that many data-parallel ranks in this one
+process (``frugal_dist.train.simulated``).
 Rank 0 prints progress and, with ``output_dir``, appends one JSON object per logged step to
 ``metrics.jsonl``.
 """
@@ -30,6 +33,7 @@ from frugal_dist.train.engine_setup import (
     SHARDED_ENGINES,
     clip_gradients,
     deepspeed_engine,
+    step_grad_norm,
     wrap_and_build,
 )
 from frugal_dist.train.faults import maybe_kill
@@ -206,11 +210,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
         if ds_engine is None and cfg.simulate_ranks == 1:
-            if cfg.grad_clip > 0 and engine in SHARDED_ENGINES:
-                clip_gradients(engine, wrapped, optimizer, cfg.grad_clip)
-            elif cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            # the clip's total norm gives FRUGAL its inf/nan verdict (no second gradient read)
+            norm = None
+            if cfg.grad_clip > 0:
+                norm = clip_gradients(engine, wrapped, optimizer, cfg.grad_clip)
+            optimizer.step(**step_grad_norm(optimizer, norm, world))
             # fairscale's ShardedDataParallel keeps references to the .grad tensors
             optimizer.zero_grad(set_to_none=engine != "fairscale")
         tokens += cfg.tokens_per_step_per_rank * world

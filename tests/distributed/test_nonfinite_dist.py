@@ -26,12 +26,24 @@ NEEDS_TRITON = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 a
 KERNELS = ["auto", pytest.param("triton", marks=NEEDS_TRITON)]
 
 
+def _global_norm(grads: list[torch.Tensor], world: int) -> torch.Tensor:
+    """What a clip before the step returns: the total 2-norm of every rank's gradients (local
+    sum of squares, all-reduced outside the step, so the optimizer's comm_stats do not see it)."""
+    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+    if world > 1:
+        torch.distributed.all_reduce(sq)
+    return sq.sqrt()
+
+
 def _poisoned_run(
-    rank: int, world: int, steps: int, mode: str, poison_rank: int, kernels: str = "auto"
-) -> dict:
+    rank: int, world: int, steps: int, mode: str, poison_rank: int, kernels: str = "auto",
+    nan: bool = False, with_norm: bool = False,
+) -> dict:  # fmt: skip
     """``mode`` "optimizer": FRUGAL reduces the gradients and shards its state; rank
-    ``poison_rank`` gets an inf at ``POISON_STEP``. "single": one process, mean gradients, the
-    poisoned step left out. ``kernels="triton"``: the one-launch check (and apply kernels)."""
+    ``poison_rank`` gets an inf (``nan``: a nan) at ``POISON_STEP``. "single": one process,
+    mean gradients, the poisoned step left out. ``kernels="triton"``: the one-launch check (and
+    apply kernels). ``with_norm``: every step gets ``grad_norm`` (``_global_norm``), and the
+    poisoned step's ``comm_stats()`` are returned."""
     split, full = workers.named_params()
     params = split + full
     shapes = [tuple(p.shape) for p in params]
@@ -45,11 +57,22 @@ def _poisoned_run(
         else:
             grads = workers.rank_grads(step, rank, shapes)
             if step == POISON_STEP and rank == poison_rank:
-                grads[2][1, 1] = float("inf")
+                grads[2][1, 1] = float("nan") if nan else float("inf")
         for p, g in zip(params, grads):
             p.grad = g.clone()
-        opt.step()
-    return {"params": [p.detach().clone() for p in params], "skipped": opt.skipped_steps()}
+        if not with_norm:
+            opt.step()
+            continue
+        norm = _global_norm(grads, world)
+        opt.step(grad_norm=norm)
+        if step == POISON_STEP:
+            poisoned = {"norm": norm.item(), "comm": opt.comm_stats(),
+                        "skipped_then": opt.skipped_steps()}  # fmt: skip
+    out = {"params": [p.detach().clone() for p in params], "skipped": opt.skipped_steps(),
+           "comm_total": opt.comm_stats()["total"]}  # fmt: skip
+    if with_norm:
+        out["poisoned"] = poisoned
+    return out
 
 
 def _raise_run(rank: int, world: int, kernels: str = "auto") -> str:
@@ -67,6 +90,72 @@ def _raise_run(rank: int, world: int, kernels: str = "auto") -> str:
     return "no error"
 
 
+def _flat_run(rank: int, world: int, steps: int, with_norm: bool, kernels: str) -> dict:
+    """FRUGAL bound to ZeRO-style flat partitions (``FlatLayout``, as ``workers.zero_sim_run``):
+    rank r holds piece r of each group's packed parameters and of the mean gradient; at
+    ``POISON_STEP`` rank 1's piece of the first group holds a nan. ``with_norm``: every step gets
+    the global norm of the pieces (``_global_norm``)."""
+    from frugal_dist.layouts.flat import FlatEntry, FlatLayout
+
+    split, full = workers.named_params()
+    # block: kernels="triton" on coordinate fragments of a FlatLayout raises in
+    # fast_apply._positions (a fragment's local index), independently of grad_norm
+    opt = FRUGAL(workers.groups(split, full), kernels=kernels, **dict(KW, subspace="block"))
+    entries, flats = [], []
+    for group in opt.param_groups:
+        named = [(n, p.shape) for n, p in zip(group["names"], group["params"])]
+        size, frags = workers.partition_evenly(named, rank, world)
+        whole = torch.cat([p.detach().reshape(-1) for p in group["params"]])
+        whole = torch.cat([whole, whole.new_zeros(size * world - whole.numel())])
+        flat = whole[rank * size : (rank + 1) * size].clone()
+        for idx, ((name, shape), (_, off, start, numel)) in enumerate(zip(named, frags)):
+            entries.append(FlatEntry(name, tuple(shape), idx, flat, off, start, numel))
+        group["params"] = [flat]
+        flats.append((flat, size))
+    opt.bind_layout(FlatLayout(entries))
+    shapes = [tuple(p.shape) for p in split + full]
+    poisoned = {}
+    for step in range(steps):
+        grads = workers.mean_grads(step, world, shapes)
+        for (flat, size), gs in zip(flats, [grads[: len(split)], grads[len(split) :]]):
+            g = torch.cat([x.reshape(-1) for x in gs])
+            g = torch.cat([g, g.new_zeros(size * world - g.numel())])
+            flat.grad = g[rank * size : (rank + 1) * size].clone()
+        if step == POISON_STEP and rank == 1:
+            flats[0][0].grad[0] = float("nan")
+        if with_norm:
+            opt.step(grad_norm=_global_norm([f.grad for f, _ in flats], world))
+        else:
+            opt.step()
+        if step == POISON_STEP:
+            poisoned = {"comm": opt.comm_stats()["last_step"], "skipped": opt.skipped_steps()}
+    return {"flats": [f.detach().clone() for f, _ in flats], "poisoned": poisoned,
+            "skipped": opt.skipped_steps(), "comm_total": opt.comm_stats()["total"]}  # fmt: skip
+
+
+def _dtensor_norms(rank: int, world: int) -> dict:
+    """``grad_norm`` as a DTensor (FSDP2's ``clip_grad_norm_`` returns one): a replicated one is
+    taken (its local value), a partial one is refused naming ``full_tensor()``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh = init_device_mesh("cpu", (world,))
+    split, full = workers.named_params()
+    opt = FRUGAL(workers.groups(split, full), **KW)
+    for p, g in zip(split + full, workers.rank_grads(0, 0, [p.shape for p in split + full])):
+        p.grad = g.clone()
+    nan = DTensor.from_local(torch.tensor(float("nan")), mesh, [Replicate()])
+    opt.step(grad_norm=nan)
+    partial = DTensor.from_local(torch.tensor(1.0), mesh, [Partial()])
+    try:
+        opt.step(grad_norm=partial)
+        refused = "no error"
+    except ValueError as e:
+        refused = str(e)
+    return {"skipped": opt.skipped_steps(), "refused": refused,
+            "untouched": all(len(opt.state[p]) == 0 for p in split + full)}  # fmt: skip
+
+
 STEPS = 8
 
 
@@ -74,6 +163,10 @@ def _both(rank: int, world: int, kernels: str) -> dict[str, object]:
     return {
         "poisoned": _poisoned_run(rank, world, STEPS, "optimizer", 1, kernels),
         "raise": _raise_run(rank, world, kernels),
+        "norm": _poisoned_run(rank, world, STEPS, "optimizer", 1, kernels, True, True),
+        "flat": _flat_run(rank, world, STEPS, False, kernels),
+        "flat_norm": _flat_run(rank, world, STEPS, True, kernels),
+        "dtensor": _dtensor_norms(rank, world),
     }
 
 
@@ -96,6 +189,45 @@ def test_one_ranks_inf_skips_the_step_on_every_rank(runs):
         # (measured 1.2e-7).
         diff = max((a - b).abs().max().item() for a, b in zip(got[r]["params"], ref["params"]))
         assert diff <= (0.0 if kernels == "auto" else 1e-6), (r, diff)
+
+
+def test_a_global_nan_norm_skips_on_every_rank_with_no_collective(runs):
+    """``step(grad_norm=...)``: rank 1's nan makes the global norm nan on both ranks; both skip
+    with no collective at all that step (no flag all-reduce, nothing else); no step of the run
+    counts a flag; the finite steps equal the run without grad_norm."""
+    kernels, both = runs
+    ref = [b["poisoned"] for b in both]
+    for r in range(2):
+        got = both[r]["norm"]
+        assert got["poisoned"]["norm"] != got["poisoned"]["norm"]  # nan on both ranks
+        assert got["poisoned"]["skipped_then"] == 1 and got["skipped"] == 1
+        assert got["poisoned"]["comm"]["last_step"] == {}, got["poisoned"]["comm"]
+        assert got["poisoned"]["comm"]["last_step_total"] == 0
+        assert "nonfinite_flag" not in got["comm_total"], got["comm_total"]
+        assert "nonfinite_flag" in ref[r]["comm_total"]  # without grad_norm: counted
+        diff = max((a - b).abs().max().item() for a, b in zip(got["params"], ref[r]["params"]))
+        assert diff == 0.0, (r, diff)
+
+
+def test_a_nan_in_one_ranks_fragment_skips_on_every_rank_by_the_global_norm(runs):
+    """Under a layout (flat ZeRO-style fragments): rank 1's fragment holds the nan, rank 0's are
+    finite; the global norm passed is nan on both, both skip with no collective that step, and
+    the run equals the one checking the fragments (which all-reduces a flag)."""
+    both = runs[1]
+    for r in range(2):
+        got, ref = both[r]["flat_norm"], both[r]["flat"]
+        assert got["poisoned"] == {"comm": {}, "skipped": 1}, got["poisoned"]
+        assert ref["poisoned"]["comm"] == {"nonfinite_flag": 4}, ref["poisoned"]
+        assert got["skipped"] == ref["skipped"] == 1
+        assert "nonfinite_flag" not in got["comm_total"]
+        assert all(torch.equal(a, b) for a, b in zip(got["flats"], ref["flats"]))
+
+
+def test_a_replicated_dtensor_norm_is_taken_and_a_partial_one_refused(runs):
+    for r in runs[1]:
+        got = r["dtensor"]
+        assert got["skipped"] == 1 and got["untouched"], got
+        assert "grad_norm is a DTensor" in got["refused"] and "full_tensor()" in got["refused"]
 
 
 def test_raise_names_the_parameter_on_its_rank_and_says_another_rank_elsewhere(runs):
