@@ -12,7 +12,7 @@ from tests.distributed.launch import per_world
 
 pytestmark = pytest.mark.distributed
 
-KINDS = cases.pick("block", "columns", "rows", "randk", "projection", "projection-device",
+KINDS = cases.pick("block", "block-gradnorm", "columns", "rows", "randk", "projection", "projection-device",
                      "projection-left", "svd", "projection-matched", "projection-left-matched",
                      "columns-matched")  # fmt: skip
 COMMON = dict(lr=1e-2, density=0.4, update_gap=8, weight_decay=0.01)

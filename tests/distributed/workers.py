@@ -11,7 +11,7 @@ from frugal_dist import FRUGAL, build_param_groups
 
 SHAPES = [(12, 8), (8, 12), (10, 10), (6, 16), (16, 6)]
 ADAMW_SHAPES = [(10,), (20, 4)]
-REPLICATED = ("step", "proj_basis")
+REPLICATED = ("step", "proj_basis", "block_active")
 
 
 def named_params(seed: int = 0) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
