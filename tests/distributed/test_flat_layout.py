@@ -12,9 +12,9 @@ from tests.distributed.launch import per_world
 
 pytestmark = pytest.mark.distributed
 
-KINDS = cases.pick("block", "block-gradnorm", "columns", "rows", "randk", "projection", "projection-device",
-                     "projection-left", "svd", "projection-matched", "projection-left-matched",
-                     "columns-matched")  # fmt: skip
+KINDS = cases.pick("block", "block-gradnorm", "columns", "rows", "randk", "projection",
+                   "projection-device", "projection-left", "svd", "projection-matched",
+                   "projection-left-matched", "columns-matched")  # fmt: skip
 COMMON = dict(lr=1e-2, density=0.4, update_gap=8, weight_decay=0.01)
 STEPS = 20
 
