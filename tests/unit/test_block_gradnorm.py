@@ -213,3 +213,24 @@ def test_refused_under_a_layout_holding_part_of_a_group():
     set_grads(ps, next(iter(grad_stream(SHAPES, 1))))
     with pytest.raises(ValueError, match="sees 3 of its 5 tensors.*sub_group_size"):
         opt.step()
+
+
+def test_train_config_takes_it_and_the_builder_refuses_it_off_block():
+    from frugal_dist.train.config import build_config
+    from frugal_dist.train.model import LlamaConfig, build_model
+    from frugal_dist.train.optimizers import build_optimizer
+
+    cfg = build_config({"optimizer": {"name": "frugal", "block_order": "gradnorm"}})
+    assert cfg.optimizer["block_order"] == "gradnorm"
+    torch.manual_seed(0)
+    model = build_model(LlamaConfig(vocab_size=19, dim=8, n_layers=1, n_heads=2,
+                                    intermediate_size=12, max_seq_len=8))  # fmt: skip
+    opt = build_optimizer(model, "frugal", block_order="gradnorm", update_gap=2)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    split = [g for g in opt.param_groups if g["algorithm"] == "frugal"][0]
+    flags = [opt.state[p]["block_active"].item() for p in split["params"]]
+    assert sum(flags) == round(0.25 * len(flags))
+    with pytest.raises(ValueError, match="block_order='gradnorm'.*subspace='projection'"):
+        build_optimizer(model, "galore", block_order="gradnorm")
