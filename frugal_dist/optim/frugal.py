@@ -79,8 +79,7 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
                                  or the (r, n) products (left)                     4 B x r x n
     5. [shard_state]             each owner broadcasts the compact U it computed   4 B x |S|
     6. [free_scale="matched", fragments] all_reduce(sum) of (sum U^2, sum F^2)      8 B x tensors
-    7. [gradnorm refresh] fragments: all_reduce(sum) of float64 sum G^2 per block  8 B x blocks
-       reduce_gradients: mean of copies of the group's grads (optim.block_gradnorm) 4 B x params
+    7. [block_order="gradnorm", refresh] per-block sum G^2 (optim.block_gradnorm)  8 B x blocks
 
 ``step()`` runs these as the phases of ``frugal_dist.optim.phases``; steps between refreshes
 replay a plan cached at the first step after each refresh (``optim.step_plan``: same results,
@@ -146,8 +145,7 @@ class FRUGAL(Optimizer):
         density: rho in [0, 1], the fraction of each split parameter that is state-full.
         update_gap: T >= 1, steps between subspace refreshes.
         subspace: "block" | "coordinate" | "projection".
-        block_order, coord_choice, proj_type, proj_side: choices of each subspace kind
-            (``block_order="gradnorm"``: by gradient norm, ``optim.block_gradnorm``).
+        block_order, coord_choice, proj_type, proj_side: choices of each subspace kind.
         state_full: "adamw" | "sgdm" | "lion"; state_free: "signsgd" | "sgd" | "none".
         reset_statistics: zero the state-full buffers (and restart bias correction) at each refresh.
         moment_transfer: "none" | "rotate" (projections: carry the moments into the new basis at
