@@ -94,6 +94,19 @@ def test_sharded_frugal_equals_single_process(world, mode, single_runs, launched
         assert biggest <= ref["state_bytes"] / world + 2 * largest + counters, name
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_gradnorm_mean_copies_are_counted_at_refreshes_only(world, launched):
+    """block_order="gradnorm" with reduce_gradients: the mean of float32 copies of the block
+    group's gradients at each refresh (4 B x its entries); DDP-averaged gradients: nothing."""
+    split = 4 * sum(math.prod(s) for s in workers.SHAPES)
+    for res in launched(world):
+        for mode, want in (("optimizer", split), ("ddp", 0)):
+            for step, stats in enumerate(res[mode]["block-gradnorm"]["comm"]):
+                refresh = step % COMMON["update_gap"] == 0
+                assert stats.get("block_gradnorm_grads", 0) == (want if refresh else 0), stats
+                assert "block_gradnorm" not in stats, stats
+
+
 def test_fewer_splittable_parameters_than_ranks(launched):
     res = [r["fewer"] for r in launched(3)]
     assert all(torch.equal(res[0][0], r[0]) for r in res)
