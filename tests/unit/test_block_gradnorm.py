@@ -135,16 +135,17 @@ def test_differs_from_the_static_orders():
     assert max_diff(out["gradnorm"], out["descending"]) > 1e-4
 
 
-@pytest.mark.parametrize("mode", ["exact", "sign"])
+@pytest.mark.parametrize("mode", ["exact", "sign", "hierarchical"])
 def test_simulated_ranks_choose_by_the_mean_gradient(mode):
     """``step_ranks``: the choice is that of the mean of the ranks' gradients (the oracle with
-    p.grad = the mean, voters for the sign mode), and the copies' all-reduce is counted."""
-    world = 2
+    p.grad = the mean; voters: the ranks' gradients for sign, the 2 node means of 2 x 2 for
+    hierarchical), and the copies' all-reduce is counted at refreshes only."""
+    world, node = (4, 2) if mode == "hierarchical" else (2, None)
     ps = make_params()
     qs = clone_params(ps)
-    kw = dict(COMMON)
-    opt = FRUGAL([{"params": ps, "names": NAMES}], residual_comm=mode, reduce_gradients=True, **kw)
-    ref = ReferenceFRUGAL(list(zip(NAMES, qs)), **kw)
+    opt = FRUGAL([{"params": ps, "names": NAMES}], residual_comm=mode, reduce_gradients=True,
+                 **COMMON)  # fmt: skip
+    ref = ReferenceFRUGAL(list(zip(NAMES, qs)), **COMMON)
     streams = [list(grad_stream(SHAPES, 6, seed=10 + r)) for r in range(world)]
     for step in range(6):
         rank_grads = [[g * 64 // 1 / 64 for g in streams[r][step]] for r in range(world)]
@@ -154,7 +155,10 @@ def test_simulated_ranks_choose_by_the_mean_gradient(mode):
         if mode == "sign":
             voters = {n: [rank_grads[r][i].clone() for r in range(world)]
                       for i, n in enumerate(NAMES)}  # fmt: skip
-        opt.step_ranks(rank_grads)  # (reuses the lists' tensors as its buffers)
+        elif mode == "hierarchical":
+            voters = {n: [(rank_grads[2 * k][i] + rank_grads[2 * k + 1][i]) / 2 for k in (0, 1)]
+                      for i, n in enumerate(NAMES)}  # fmt: skip
+        opt.step_ranks(rank_grads, node)  # (reuses the lists' tensors as its buffers)
         ref.step(voters)
         assert _active(opt, ps) == ref.gradnorm_active, step
         assert max_diff(ps, qs) < 1e-6, step
