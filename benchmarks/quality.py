@@ -14,6 +14,9 @@ papers': rho 0.25, update gap 200, lr 1e-3 for 60M). Variants (``--variants``):
     galore             GaLore-style: svd projection rho=0.25, no state-free update
     badam              BAdam-style: block rho=0.25, no state-free update
     frugal_block       FRUGAL block (descending) rho=0.25, signSGD state-free
+    frugal_block_gradnorm  block with block_order="gradnorm": at each refresh the rho * n
+                       tensors of largest gradient norm are active (optim.block_gradnorm;
+                       issue 19; not in the default list)
     frugal_columns     FRUGAL coordinate columns rho=0.25
     frugal_projection  FRUGAL svd projection rho=0.25 (the paper's; configs/presets)
     frugal_projection_random   the same with random projections (not in the default list)
@@ -147,6 +150,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "frugal_columns_matched": {"name": "frugal", "subspace": "coordinate",
                                "coord_choice": "columns", "density": 0.25,
                                "free_scale": "matched"},
+    # beyond the paper (issue 19): the active blocks of a refresh chosen by gradient norm
+    "frugal_block_gradnorm": {"name": "frugal", "subspace": "block", "block_order": "gradnorm",
+                              "density": 0.25},
     "frugal_d0": {"name": "frugal", "subspace": "block", "density": 0.0},
     "rso": {"name": "rso", "density": 0.25},
     # RSO screens (issue 19 part 2; module docstring): one suspect each against "rso"
@@ -185,6 +191,7 @@ DEFAULT_VARIANTS = [
         "frugal_projection_rotate",
         "frugal_projection_matched",
         "frugal_columns_matched",
+        "frugal_block_gradnorm",
     )
     and v not in SIMULATED
     and v not in RSO_SCREENS

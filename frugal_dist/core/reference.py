@@ -15,6 +15,10 @@ step (``s`` = steps taken before this one, T = ``update_gap``):
     W   <- W * (1 - lr * wd)
     W   <- W - lr * s_p * up(U) - lr * s_p * s_i * StateFree(R)
 
+``block_order="gradnorm"`` (block): at a step where the parameters refresh, the active set is
+``ref_gradnorm_blocks`` of every parameter's ``p.grad`` at that step (with voters: their mean);
+it holds until the next refresh.
+
 ``free_scale="matched"`` (coordinate, projection) multiplies StateFree(R) by
 s_t = RMS(U) / RMS(StateFree(R)) of that tensor and step (``_matched_scale``: U over its compact
 entries, StateFree(R) over the entries outside the coordinate mask, or all m x n entries of a
@@ -42,6 +46,7 @@ from torch import Tensor
 from frugal_dist.core.reference_selection import (
     ref_active_blocks,
     ref_coordinate_mask,
+    ref_gradnorm_blocks,
     ref_projection,
 )
 from frugal_dist.core.seeding import block_seed, coordinate_seed, projection_seed
@@ -98,6 +103,7 @@ class ReferenceFRUGAL:
         names = [n for n, _ in self.named_params]
         self.block_seed = block_seed(seed, names)
         self.state: dict[str, dict] = {n: {"step": 0} for n in names}
+        self.gradnorm_active: set[int] = set()  # block_order="gradnorm": the current choice
 
     # ---------------------------------------------------------------------------- the rules
     def _state_full(self, st: dict, g: Tensor) -> Tensor:
@@ -186,6 +192,17 @@ class ReferenceFRUGAL:
     def step(self, voters: dict[str, list[Tensor]] | None = None) -> None:
         """One step; ``voters``: per parameter name, the voters' gradients (module docstring)."""
         h = self.h
+        gradnorm = h["subspace"] == "block" and h["block_order"] == "gradnorm"
+        if (
+            gradnorm
+            and h["algorithm"] == "frugal"
+            and any(
+                p.grad is not None and self.state[n]["step"] % h["update_gap"] == 0
+                for n, p in self.named_params
+            )
+        ):
+            grads = [p.grad for _, p in self.named_params]
+            self.gradnorm_active = ref_gradnorm_blocks(grads, h["density"])
         for idx, (name, p) in enumerate(self.named_params):
             if p.grad is None:
                 continue
@@ -209,9 +226,12 @@ class ReferenceFRUGAL:
                 k = s // h["update_gap"]
                 kind = h["subspace"]
                 if kind == "block":
-                    active = idx in ref_active_blocks(
-                        len(self.named_params), h["density"], h["block_order"], self.block_seed, k
-                    )
+                    active = (
+                        idx in self.gradnorm_active
+                        if gradnorm
+                        else idx in ref_active_blocks(len(self.named_params), h["density"],
+                                                      h["block_order"], self.block_seed, k)
+                    )  # fmt: skip
                     g_sf = g if active else None
                     if refresh:
                         if active and (h["reset"] or "m" not in st):

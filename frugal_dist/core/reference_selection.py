@@ -12,7 +12,9 @@ shared. Sizes and orders follow the upstream FRUGAL code (fzmushko/FRUGAL,
 Block orders are simulated the way upstream runs them: a pointer ``next_block_start`` kept across
 refreshes and moved by a (ascending / descending, modulo n) or a/2 (mirror, modulo n//2) at each
 refresh. The project's additions (``strided``, ``random_pass``) are written from their
-definitions in the README.
+definitions in the README; ``gradnorm`` (``ref_gradnorm_blocks``) from its definition in
+docs/optimizer.md: the a tensors of largest sum of squared gradient entries, lower position first
+on ties.
 """
 
 from __future__ import annotations
@@ -86,6 +88,39 @@ def ref_active_blocks(n: int, density: float, order: str, seed: int, refresh: in
         else:
             raise ValueError(f"unknown block order {order!r}")
     return active
+
+
+def ref_gradnorm_blocks(grads: list[Tensor | None], density: float) -> set[int]:
+    """``block_order="gradnorm"``: of the group's n tensors (model order; None: no gradient, a
+    norm of 0), the a = round(n * rho) with the largest sum of squared gradient entries, each
+    square and the running sum in float64, one entry after another; on equal sums the lower
+    position wins; a NaN sum counts below every number."""
+    a = ref_block_count(len(grads), density)
+    norms = []
+    for pos, g in enumerate(grads):
+        total = 0.0
+        if g is not None:
+            for x in g.detach().double().reshape(-1).tolist():
+                total += x * x
+        norms.append((pos, total))
+    chosen: set[int] = set()
+    while len(chosen) < a:  # repeatedly take the best remaining tensor
+        best = None
+        for pos, total in norms:
+            if pos in chosen:
+                continue
+            if best is None or _ref_beats(total, best[1]):
+                best = (pos, total)
+        assert best is not None
+        chosen.add(best[0])
+    return chosen
+
+
+def _ref_beats(x: float, y: float) -> bool:
+    """x ranks strictly above y (positions are visited in order, so an equal x loses)."""
+    if math.isnan(x):
+        return False
+    return math.isnan(y) or x > y
 
 
 def ref_coordinate_mask(shape: tuple[int, int], density: float, choice: str, seed: int) -> Tensor:

@@ -38,6 +38,16 @@ Subspace kinds (the step side of each: ``frugal_dist.optim.kinds``):
                                gives each rank a contiguous range of tensors, the active tensors'
                                state is then spread over the ranks instead of landing on the one or
                                two ranks that own the last (or first) layers.
+                ``gradnorm``   (project addition, issue 19) the a tensors with the largest squared
+                               Frobenius norm of the gradient at the refresh step, sum_ij G_ij^2,
+                               ties broken by the lower position (``top_blocks``). Not normalised
+                               by the tensor's size: the selection then maximises the share of
+                               the gradient's energy ||G||^2 that the state-full rule sees, the
+                               criterion behind svd projections (the top singular vectors
+                               capture the most of ||G||^2); a per-entry mean would favour small
+                               tensors whose state-full part moves little of the gradient. Not a
+                               function of (seed, k): the step computes it from the gradients
+                               (``optim.block_gradnorm``) and ``BlockSchedule`` refuses it.
 * coordinate -- S = a random subset of ``columns`` (k = int(rho*n) of them), ``rows``
                 (k = int(rho*m)), or ``randk`` single entries (k = int(rho*m*n)). The compact
                 coordinates are the selected entries in row-major order, so a contiguous flat
@@ -61,7 +71,9 @@ from torch import Tensor
 
 from frugal_dist.core.seeding import derive_seed, make_generator
 
-BLOCK_ORDERS = ("random", "ascending", "descending", "mirror", "strided", "random_pass")
+STATIC_BLOCK_ORDERS = ("random", "ascending", "descending", "mirror", "strided", "random_pass")
+GRADIENT_BLOCK_ORDERS = ("gradnorm",)  # chosen from the gradient at each refresh
+BLOCK_ORDERS = STATIC_BLOCK_ORDERS + GRADIENT_BLOCK_ORDERS
 COORD_CHOICES = ("columns", "rows", "randk")
 PROJ_TYPES = ("svd", "random", "randperm")
 PROJ_SIDES = ("auto", "left", "right")
@@ -105,8 +117,15 @@ class BlockSchedule:
     seed: int
 
     def __post_init__(self) -> None:
-        if self.order not in BLOCK_ORDERS:
-            raise ValueError(f"block_order must be one of {BLOCK_ORDERS}, got {self.order!r}")
+        if self.order in GRADIENT_BLOCK_ORDERS:
+            raise ValueError(
+                f"block_order={self.order!r} is chosen from the gradient at each refresh, not "
+                "from (seed, refresh): use top_blocks on the per-tensor sums of squares"
+            )
+        if self.order not in STATIC_BLOCK_ORDERS:
+            raise ValueError(
+                f"block_order must be one of {STATIC_BLOCK_ORDERS}, got {self.order!r}"
+            )
         a = self.num_active
         if self.order == "mirror" and a % 2:
             raise ValueError(
@@ -156,6 +175,15 @@ class BlockSchedule:
         ordering = torch.randperm(n, generator=gen).tolist()
         start = min(window * a, n - a)
         return frozenset(ordering[start : start + a])
+
+
+def top_blocks(sumsq: Tensor, count: int) -> frozenset[int]:
+    """``block_order="gradnorm"``: the positions of the ``count`` largest entries of ``sumsq``
+    (one sum of squares per tensor of the group, in model order), ties broken by the lower
+    position; NaN ranks below every number (never chosen before a finite or infinite norm)."""
+    key = torch.nan_to_num(sumsq.detach().to("cpu", torch.float64), nan=-math.inf, posinf=math.inf)
+    order = torch.sort(key, descending=True, stable=True).indices  # stable: ties keep position
+    return frozenset(order[: max(0, int(count))].tolist())
 
 
 @functools.lru_cache(maxsize=256)

@@ -79,6 +79,7 @@ Communication schedule of one ``step()`` (every collective is skipped at world s
                                  or the (r, n) products (left)                     4 B x r x n
     5. [shard_state]             each owner broadcasts the compact U it computed   4 B x |S|
     6. [free_scale="matched", fragments] all_reduce(sum) of (sum U^2, sum F^2)      8 B x tensors
+    7. [block_order="gradnorm", refresh] per-block sum G^2 (optim.block_gradnorm)  8 B x blocks
 
 ``step()`` runs these as the phases of ``frugal_dist.optim.phases``; steps between refreshes
 replay a plan cached at the first step after each refresh (``optim.step_plan``: same results,

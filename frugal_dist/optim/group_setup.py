@@ -7,7 +7,7 @@ group must pass before a step runs (each a ``ValueError`` naming the group, the 
                                                         adds the group)
                               check_added_group         with the defaults filled in: the bound
                                                         layout's options, moment_transfer,
-                                                        free_scale, the
+                                                        free_scale, block_order="gradnorm", the
                                                         subspace kind's own (``check_group``)
     bind_layout(layout)       check_layout_options      what the layout cannot honour
 
@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
+from frugal_dist.optim.block_gradnorm import uses_gradnorm
 from frugal_dist.optim.free_scale import check_free_scale
 from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.moment_transfer import check_moment_transfer
@@ -92,7 +93,21 @@ def check_added_group(groups: list[dict[str, Any]], layout: Any, world: int) -> 
     kind = kind_for(group)
     check_moment_transfer(group, where, kind.has_basis)
     check_free_scale(group, where)
+    check_block_order(group, where)
     kind.check_group(group, where)
+
+
+def check_block_order(group: dict[str, Any], where: str) -> None:
+    """``block_order="gradnorm"`` chooses whole tensors: only for ``subspace="block"`` (a
+    ``ValueError`` naming the field otherwise; groups of another algorithm ignore it)."""
+    if group["block_order"] != "gradnorm" or group["algorithm"] != "frugal":
+        return
+    if group["subspace"] != "block":
+        raise ValueError(
+            f"block_order='gradnorm' (in {where}) chooses which whole tensors are state-full and "
+            f"applies to subspace='block' only, but this group has "
+            f"subspace={group['subspace']!r}; use subspace='block' or leave block_order unset"
+        )
 
 
 def check_layout_options(groups: list[dict[str, Any]], layout: Any, world: int) -> None:
@@ -103,9 +118,19 @@ def check_layout_options(groups: list[dict[str, Any]], layout: Any, world: int) 
     * a layout whose checkpoints reshard the state by rows (``reshards_state_by_rows``: FSDP2)
       cannot place such state at all;
     * over more than one rank (``world``: ZeRO / FSDP fragments), ``reset_statistics=False``
-      would have to move a kept slot's moments between ranks at each refresh."""
+      would have to move a kept slot's moments between ranks at each refresh;
+
+    and ``block_order="gradnorm"`` under a layout that gives each rank a subset of a group
+    (``schedule_names``: fairscale OSS), where no rank sees every tensor's gradient."""
     by_rows = getattr(layout, "reshards_state_by_rows", False)
     for idx, g in enumerate(groups):
+        if getattr(layout, "schedule_names", None) is not None and uses_gradnorm(g):
+            raise ValueError(
+                f"{group_label(g, idx)}: block_order='gradnorm' ranks every tensor of the group "
+                "by its gradient norm, but this layout (fairscale OSS) steps each rank's subset "
+                "of the group with no collective between them. Use DDP / FSDP / ZeRO, or "
+                "another block_order."
+            )
         if kind_for(g).row_aligned_state(g):
             continue
         choice = f"coord_choice={g['coord_choice']!r}"

@@ -52,7 +52,7 @@ def block_owner(ctx: StepContext, group: dict[str, Any], idx: int, k: int) -> in
     """Owner of block tensor ``idx`` during refresh ``k``: the active set is balanced anew at
     each refresh (LPT by size) because statistics restart there anyway. With
     ``reset_statistics=False`` ownership stays static so kept moments never move."""
-    from frugal_dist.optim.kinds.block import schedule
+    from frugal_dist.optim.kinds.block import active_blocks
 
     if not ctx.sharded:
         return ctx.rank
@@ -61,7 +61,7 @@ def block_owner(ctx: StepContext, group: dict[str, Any], idx: int, k: int) -> in
     key = (id(group), k, ctx.world)
     owners = ctx.cache.block_owners
     if key not in owners:
-        active = sorted(schedule(ctx, group).active(k))
+        active = sorted(active_blocks(ctx, group, k))
         weights = {str(i): group["params"][i].numel() for i in active}
         plan = assign_owners(weights, ctx.world)
         owners.clear()

@@ -237,7 +237,9 @@ def _plan_group(ctx: StepContext, group: dict[str, Any], views: list[ParamView])
     live = [view for view in views if view.grad is not None]
     out: list[Item] = []
     bumped: list[Item] = []  # items whose sf_step this step increments
-    for view, s in zip(live, _advance_steps([view.state for view in live])):
+    steps = _advance_steps([view.state for view in live])
+    kind.plan_group(ctx, group, views, steps)  # block gradnorm: the refresh's choice
+    for view, s in zip(live, steps):
         k, refresh = s // gap, s % gap == 0
         owner = kind.owner(ctx, group, view.index, view.name, k) if sharded else rank
         active = kind.is_active(ctx, group, view, k)

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-SCALAR_KEYS = ("step", "sf_step")  # step counters: float32 scalars on the CPU
+# step counters and the gradnorm block choice (``optim.block_gradnorm``): float32 scalars on the
+# CPU, the same on every rank
+SCALAR_KEYS = ("step", "sf_step", "block_active")
 STRUCTURAL_KEYS = ("algorithm", "subspace", "density", "block_order", "coord_choice",
                    "proj_type", "proj_side", "state_full", "state_free")  # fmt: skip
 log = logging.getLogger("frugal_dist")

@@ -38,7 +38,7 @@ OPTIMIZER_KEYS: dict[str, tuple[str, str]] = {
     "density": ("frugal, rso", "rho: fraction of each split matrix with Adam state (RSO: rank)"),
     "update_gap": ("frugal", "T: steps between subspace refreshes"),
     "subspace": ("frugal", "which part of each matrix is state-full"),
-    "block_order": ("frugal", "block subspace: order in which blocks become active"),
+    "block_order": ("frugal", "block subspace: order of active blocks (gradnorm: largest grads)"),
     "coord_choice": ("frugal", "coordinate subspace: rows, columns or single entries"),
     "proj_type": (
         "frugal, rso",

@@ -8,6 +8,9 @@ from collections.abc import Iterator
 SUBSPACES: dict[str, dict] = {
     "block": dict(subspace="block", block_order="random"),
     "block-descending": dict(subspace="block", block_order="descending"),
+    # active blocks chosen by gradient norm at each refresh (optim.block_gradnorm): fragments'
+    # sums of squares all-reduced, the mean gradient under reduce_gradients
+    "block-gradnorm": dict(subspace="block", block_order="gradnorm"),
     "columns": dict(subspace="coordinate", coord_choice="columns"),
     "rows": dict(subspace="coordinate", coord_choice="rows"),
     "randk": dict(subspace="coordinate", coord_choice="randk"),

@@ -17,7 +17,8 @@ from tests.distributed.launch import per_world, run_each
 
 pytestmark = pytest.mark.distributed
 
-KINDS = cases.pick("block", "columns", "randk", "projection", "svd", "projection-matched")
+KINDS = cases.pick("block", "block-gradnorm", "columns", "randk", "projection", "svd",
+                   "projection-matched")  # fmt: skip
 COMMON = dict(lr=1e-2, density=0.4, update_gap=8, weight_decay=0.01)
 STEPS = 20  # spans refreshes at steps 0, 8, 16
 
@@ -91,6 +92,19 @@ def test_sharded_frugal_equals_single_process(world, mode, single_runs, launched
         biggest = max(results[r][name]["state_bytes"] for r in range(world))
         largest = 4 + 8 * max(math.prod(s) for s in workers.SHAPES + workers.ADAMW_SHAPES)
         assert biggest <= ref["state_bytes"] / world + 2 * largest + counters, name
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gradnorm_mean_copies_are_counted_at_refreshes_only(world, launched):
+    """block_order="gradnorm" with reduce_gradients: the mean of float32 copies of the block
+    group's gradients at each refresh (4 B x its entries); DDP-averaged gradients: nothing."""
+    split = 4 * sum(math.prod(s) for s in workers.SHAPES)
+    for res in launched(world):
+        for mode, want in (("optimizer", split), ("ddp", 0)):
+            for step, stats in enumerate(res[mode]["block-gradnorm"]["comm"]):
+                refresh = step % COMMON["update_gap"] == 0
+                assert stats.get("block_gradnorm_grads", 0) == (want if refresh else 0), stats
+                assert "block_gradnorm" not in stats, stats
 
 
 def test_fewer_splittable_parameters_than_ranks(launched):

@@ -16,8 +16,8 @@ from tests.distributed.launch import run_distributed, run_each  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
-KINDS = cases.pick("block", "columns", "rows", "randk", "projection", "svd", "projection-matched",
-                   "columns-matched")  # fmt: skip
+KINDS = cases.pick("block", "block-gradnorm", "columns", "rows", "randk", "projection", "svd",
+                   "projection-matched", "columns-matched")  # fmt: skip
 COMMON = dict(lr=1e-2, density=0.4, update_gap=4, weight_decay=0.01)
 STEPS = 10  # refreshes at 0, 4, 8
 
@@ -108,7 +108,7 @@ def test_bad_configs_say_what_to_write(needle, bad_messages):
     assert needle in msg, msg
 
 
-CONSOLIDATED_KINDS = ["block", "columns", "rows", "projection", "svd"]
+CONSOLIDATED_KINDS = ["block", "block-gradnorm", "columns", "rows", "projection", "svd"]
 CUT = 6  # mid refresh window (refreshes at 0, 4, 8)
 
 

@@ -12,9 +12,9 @@ from tests.distributed.launch import per_world
 
 pytestmark = pytest.mark.distributed
 
-KINDS = cases.pick("block", "columns", "rows", "randk", "projection", "projection-device",
-                     "projection-left", "svd", "projection-matched", "projection-left-matched",
-                     "columns-matched")  # fmt: skip
+KINDS = cases.pick("block", "block-gradnorm", "columns", "rows", "randk", "projection",
+                   "projection-device", "projection-left", "svd", "projection-matched",
+                   "projection-left-matched", "columns-matched")  # fmt: skip
 COMMON = dict(lr=1e-2, density=0.4, update_gap=8, weight_decay=0.01)
 STEPS = 20
 
@@ -37,10 +37,18 @@ def _kept_moments(rank, world):
     return out
 
 
+def _gradnorm_comm(rank, world):
+    """Per step, the bytes of block_order="gradnorm" (8 refreshes at 0, 8, 16)."""
+    comm: list = []
+    workers.zero_sim_run(rank, world, STEPS, {**COMMON, **KINDS["block-gradnorm"]}, comm)
+    return comm
+
+
 def _world(rank, world):
     out = {"kinds": _all(rank, world)}
     if world == 2:
         out["kept"] = _kept_moments(rank, world)
+        out["gradnorm_comm"] = _gradnorm_comm(rank, world)
     return out
 
 
@@ -77,3 +85,13 @@ def test_kept_moments_on_fragments(launched):
         ref = workers.synthetic_run(0, 2, 10, kw, "single")["params"]
         diff = max((a - b).abs().max().item() for a, b in zip(got[r]["columns"], ref))
         assert diff < 1e-5, diff
+
+
+def test_gradnorm_sums_one_float64_vector_per_refresh(launched):
+    """block_order="gradnorm" on fragments: one all-reduce of the (n,) float64 per-block sums at
+    each refresh (8 B x 5 blocks), nothing on the other steps."""
+    for got in launched(2):
+        for step, stats in enumerate(got["gradnorm_comm"]):
+            want = 8 * len(workers.SHAPES) if step % COMMON["update_gap"] == 0 else 0
+            assert stats.get("block_gradnorm", 0) == want, (step, stats)
+            assert "block_gradnorm_grads" not in stats, stats

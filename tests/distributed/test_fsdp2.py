@@ -12,7 +12,8 @@ from tests.distributed.launch import run_distributed, run_each
 
 pytestmark = pytest.mark.distributed
 
-KINDS = cases.pick("block-descending", "columns", "projection", "projection-device", "svd")
+KINDS = cases.pick("block-descending", "block-gradnorm", "columns", "projection",
+                   "projection-device", "svd")  # fmt: skip
 COMMON = dict(lr=3e-3, density=0.25, update_gap=4, weight_decay=0.01)
 STEPS = 10  # refreshes at 0, 4, 8
 
@@ -56,7 +57,7 @@ def test_fsdp2_matches_single_process(kind, world, fsdp2_runs):
             _close({k: v for k, v in got[r]["state"][name].items()}, st, tol)
 
 
-DCP_KINDS = ["block-descending", "columns", "svd"]
+DCP_KINDS = ["block-descending", "block-gradnorm", "columns", "svd"]
 FIRST, REST = 5, 5
 
 
@@ -89,7 +90,7 @@ def test_dcp_checkpoint_reshards_from_two_ranks_to_one_and_four(kind, dcp_runs):
         _close(got["params"], ref["params"], 1e-4 if kind == "svd" else 5e-6)
 
 
-FSDP1_KINDS = ["block-descending", "columns", "projection"]
+FSDP1_KINDS = ["block-descending", "block-gradnorm", "columns", "projection"]
 
 
 @pytest.fixture(scope="module")

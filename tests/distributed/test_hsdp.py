@@ -20,6 +20,7 @@ COMMON = dict(lr=1e-3, density=0.25, update_gap=4, weight_decay=0.01)
 KINDS = {
     **cases.pick(
         "block-descending",
+        "block-gradnorm",
         "columns",
         "projection-left",
         "svd",

@@ -11,7 +11,7 @@ from frugal_dist import FRUGAL, build_param_groups
 
 SHAPES = [(12, 8), (8, 12), (10, 10), (6, 16), (16, 6)]
 ADAMW_SHAPES = [(10,), (20, 4)]
-REPLICATED = ("step", "proj_basis")
+REPLICATED = ("step", "proj_basis", "block_active")
 
 
 def named_params(seed: int = 0) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -177,10 +177,13 @@ def svd_calls(rank: int, world: int) -> int:
     return counter[0]
 
 
-def zero_sim_run(rank: int, world: int, steps: int, opt_kw: dict) -> list[torch.Tensor]:
+def zero_sim_run(
+    rank: int, world: int, steps: int, opt_kw: dict, comm: list | None = None
+) -> list[torch.Tensor]:
     """FRUGAL on ZeRO-style flat partitions built with plain torch.distributed: each group's params
     are packed into one flat vector cut into ``world`` equal pieces (mid-row cuts included); rank r
-    holds piece r and its slice of the mean gradient. Returns the reassembled full parameters."""
+    holds piece r and its slice of the mean gradient. Returns the reassembled full parameters
+    (and appends each step's ``comm_stats()["last_step"]`` to ``comm`` if given)."""
     import torch.distributed as dist
 
     from frugal_dist.layouts.flat import FlatEntry, FlatLayout
@@ -209,6 +212,8 @@ def zero_sim_run(rank: int, world: int, steps: int, opt_kw: dict) -> list[torch.
             g = torch.cat([g, g.new_zeros(size * world - g.numel())])
             flat.grad = g[rank * size : (rank + 1) * size].clone()
         opt.step()
+        if comm is not None:
+            comm.append(opt.comm_stats()["last_step"])
     out = []
     for flat, _size, pshapes in flats:
         parts = [torch.empty_like(flat) for _ in range(world)]

@@ -28,7 +28,7 @@ from frugal_dist.optim.validation import SUBSPACES
 from frugal_dist.train.config import DTYPES, ENGINES, FIELDS, build_config
 from frugal_dist.train.config_validation import frugal_keywords
 from frugal_dist.train.model import LlamaConfig, build_model
-from frugal_dist.train.optimizers import build_optimizer
+from frugal_dist.train.optimizers import PRESETS, build_optimizer
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
@@ -92,8 +92,13 @@ UNKNOWN_KEYS = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).f
 )
 
 
+def _gradnorm_ok(opts: dict[str, Any], subspace: str = "block") -> bool:
+    """block_order="gradnorm" is refused outside subspace="block" (``subspace``: the default)."""
+    return opts.get("block_order") != "gradnorm" or opts.get("subspace", subspace) == "block"
+
+
 def valid_frugal() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({}, optional=VALID_FRUGAL)
+    return st.fixed_dictionaries({}, optional=VALID_FRUGAL).filter(_gradnorm_ok)
 
 
 def _micro_model() -> torch.nn.Module:
@@ -169,7 +174,7 @@ def _optimizer_section() -> st.SearchStrategy[dict[str, Any]]:
         lambda name, o: {"name": name, **o},
         st.sampled_from(["frugal", "galore", "badam", "signsgd"]),
         valid_frugal(),
-    )
+    ).filter(lambda o: _gradnorm_ok(o, PRESETS.get(o["name"], {}).get("subspace", "block")))
     adamw = st.fixed_dictionaries(
         {"name": st.just("adamw")},
         optional={k: VALID_FRUGAL[k] for k in ("lr", "betas", "eps", "weight_decay")},

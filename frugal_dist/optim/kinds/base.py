@@ -4,7 +4,9 @@ A kind is a stateless object (one instance per kind); everything per parameter i
 ``Item``, everything cached between steps in the optimizer's ``StepCache``. The phases
 (``optim.phases``) call these methods in order:
 
-    plan      owner(), is_active(), prepare_group() selection, state resets, float32 gradient
+    plan      plan_group()                          group-level choices from the gradients, before
+                                                    the items exist (block gradnorm)
+              owner(), is_active(), prepare_group() selection, state resets, float32 gradient
                                                     (default: prepare() per item)
     reduce    sign_parts()                          what residual_comm="sign" sends
     select    select()                              svd refresh (projection), fingerprint()
@@ -93,6 +95,15 @@ class SubspaceKind(ABC):
         return True
 
     # ------------------------------------------------------------------ plan
+    def plan_group(
+        self, ctx: StepContext, group: dict[str, Any], views: list[ParamView], steps: list[int]
+    ) -> None:
+        """Before ``owner`` / ``is_active`` are asked: choices of the whole group that need this
+        step's gradients (``views``: every view of the group; ``steps``: the steps each view with
+        a gradient took before this one). May communicate (every rank calls it for the same
+        groups in the same order). Default: nothing."""
+        return
+
     def owner(self, ctx: StepContext, group: dict[str, Any], index: int, name: str, k: int) -> int:
         """Rank that keeps the state-full buffers of parameter ``index`` (``name``) of ``group``
         during refresh ``k`` and computes its U (asked only under ``shard_state``: otherwise

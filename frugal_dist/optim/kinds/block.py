@@ -5,7 +5,9 @@ tensors are active during refresh k (``core.subspaces.BlockSchedule``):
     inactive: W <- W (1 - lr wd) - lr s_p s_i F(G)      no state
 
 The schedule is drawn over the group's names (or the layout's full list, ``schedule_names``:
-fairscale OSS), so every rank and engine activates the same tensors.
+fairscale OSS), so every rank and engine activates the same tensors. ``block_order="gradnorm"``
+chooses the active tensors from the gradient at each refresh instead (``plan_group``,
+``optim.block_gradnorm``: the same choice on every rank, kept in the state as ``block_active``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import Tensor
 from frugal_dist.core.rules import state_free_direction
 from frugal_dist.core.seeding import block_seed
 from frugal_dist.core.subspaces import BlockSchedule
+from frugal_dist.optim import block_gradnorm
 from frugal_dist.optim.fast_apply import can_batch
 from frugal_dist.optim.kinds.base import SubspaceKind, fused_adamw_ok
 from frugal_dist.optim.ownership import block_owner
@@ -37,7 +40,15 @@ class Block(SubspaceKind):
     def owner(self, ctx: StepContext, group: dict[str, Any], index: int, name: str, k: int) -> int:
         return block_owner(ctx, group, index, k)
 
+    def plan_group(
+        self, ctx: StepContext, group: dict[str, Any], views: list[ParamView], steps: list[int]
+    ) -> None:
+        if block_gradnorm.uses_gradnorm(group):
+            block_gradnorm.refresh_choice(ctx, group, views, steps)
+
     def is_active(self, ctx: StepContext, group: dict[str, Any], view: ParamView, k: int) -> bool:
+        if block_gradnorm.uses_gradnorm(group):
+            return block_gradnorm.flag_of(view.state)
         key = ("block-active", id(group), k)  # looked up once per group and refresh per step
         active = ctx.memo.get(key)
         if active is None:
@@ -93,6 +104,15 @@ class Block(SubspaceKind):
         free = self.free_direction(it)
         if free is not None:
             apply_update(it.view.data, free, -lr * s_p * s_i)
+
+
+def active_blocks(ctx: StepContext, group: dict[str, Any], k: int) -> frozenset[int]:
+    """Positions of the group's tensors active during refresh ``k``: the schedule's, or under
+    ``gradnorm`` the choice stored at that refresh (every tensor's state on this rank:
+    replicated parameters, as ``shard_state`` ownership needs)."""
+    if block_gradnorm.uses_gradnorm(group):
+        return block_gradnorm.active_positions(ctx, group)
+    return schedule(ctx, group).active(k)
 
 
 def schedule(ctx: StepContext, group: dict[str, Any]) -> BlockSchedule:
