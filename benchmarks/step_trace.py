@@ -2,7 +2,7 @@
 """Where ``optimizer.step()`` spends its time at LLaMA-1B shapes: a per-kernel breakdown.
 
 For each variant (the optimizer options of ``gpu_memory_speed.py``'s ``VARIANTS``, plus the same
-with ``nonfinite="ignore"`` where it matters, and ``*_gradnorm``: the same with
+with ``nonfinite="ignore"`` where it matters, and ``*_normgiven``: the same with
 ``step(grad_norm=...)``, the norm computed outside the timed step as a loop's clip would; the
 row's ``grad_norm`` says so, None elsewhere), on one GPU: build LLaMA-1B (float32 parameters),
 set fixed random float32 gradients once (seed 1), build the optimizer, take ``--warmup`` steps
@@ -55,12 +55,12 @@ TRACE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                                               "nonfinite": "ignore"}),
     "frugal_d0_nocheck": ("frugal", {**VARIANTS["frugal_d0"][1], "nonfinite": "ignore"}),
 }  # fmt: skip
-# ``<variant>_gradnorm``: the variant's options (default ``nonfinite="skip"``), each step given
+# ``<variant>_normgiven``: the variant's options (default ``nonfinite="skip"``), each step given
 # ``grad_norm`` -- the total 2-norm of the fixed gradients, computed once outside every timed
 # region (``torch.nn.utils.get_total_norm``, what a training loop's clip returns each step) --
 # so the inf/nan verdict is isfinite(grad_norm) instead of the gradient-reading check.
 GRAD_NORM_BASES = ("frugal_block_d0.25", "frugal_d0", "frugal_columns_d0.25", "frugal_svd_d0.25")
-GRAD_NORM_OF = {f"{v}_gradnorm": v for v in GRAD_NORM_BASES}
+GRAD_NORM_OF = {f"{v}_normgiven": v for v in GRAD_NORM_BASES}
 TRACE_VARIANTS.update({k: TRACE_VARIANTS[v] for k, v in GRAD_NORM_OF.items()})
 GRAD_NORM_NOTE = ("step(grad_norm=n), n = torch.nn.utils.get_total_norm of the fixed gradients, "
                   "computed once before timing (outside every timed region)")  # fmt: skip
