@@ -174,8 +174,9 @@ def coordinate_fusable(it: Item, kernels: str, sharded: bool, sign_vote: bool) -
 @dataclass
 class FusedParts:
     """The fixed arguments of a group's fused apply between refreshes (``fused_parts``): per lr
-    scale the whole-tensor AdamW items, their params and moments; per shape the coordinate items,
-    their params, moments, selections and ``coordinate_positions``."""
+    scale the whole-tensor AdamW items, their params and moments; per matrix shape the coordinate
+    items, their params as (m, n) matrices (``coordinate_matrix``), moments, selections and
+    ``coordinate_positions``."""
 
     whole: list[tuple[float, list[Item], list[Tensor], list[Tensor], list[Tensor]]]
     coords: list[tuple[list[Item], list[Tensor], list[Tensor], list[Tensor], list[Tensor],
