@@ -48,6 +48,7 @@ from frugal_dist.kernels.elementwise import (
     coordinate_adamw_apply_,
     coordinate_positions,
     free_apply_,
+    matrix_shape,
     runs_of,
 )
 from frugal_dist.kernels.vote_apply import vote_apply_
@@ -173,8 +174,9 @@ def coordinate_fusable(it: Item, kernels: str, sharded: bool, sign_vote: bool) -
 @dataclass
 class FusedParts:
     """The fixed arguments of a group's fused apply between refreshes (``fused_parts``): per lr
-    scale the whole-tensor AdamW items, their params and moments; per shape the coordinate items,
-    their params, moments, selections and ``coordinate_positions``."""
+    scale the whole-tensor AdamW items, their params and moments; per matrix shape the coordinate
+    items, their params as (m, n) matrices (``coordinate_matrix``), moments, selections and
+    ``coordinate_positions``."""
 
     whole: list[tuple[float, list[Item], list[Tensor], list[Tensor], list[Tensor]]]
     coords: list[tuple[list[Item], list[Tensor], list[Tensor], list[Tensor], list[Tensor],
@@ -187,10 +189,11 @@ def fused_parts(
     """Group ``its`` (fused items of ``group``) for ``run_fused``. ``positions``: the caller's
     cache of ``coordinate_positions`` per parameter name (rebuilt when the selection changes)."""
     by_scale: dict[float, list[Item]] = {}
-    coords: dict[tuple, list[Item]] = {}
+    coords: dict[tuple, list[tuple[Item, Tensor]]] = {}
     for it in its:
         if it.kind.matrix_grad:  # coordinates (``coordinate_fusable``)
-            coords.setdefault(tuple(it.view.data.shape), []).append(it)
+            w = coordinate_matrix(it)
+            coords.setdefault(tuple(w.shape), []).append((it, w))
         else:  # whole tensors: AdamW groups (scale 1), active blocks (s_p)
             by_scale.setdefault(it.kind.lr_scale(group), []).append(it)
     whole = [
@@ -199,10 +202,11 @@ def fused_parts(
         for scale, sub in by_scale.items()
     ]  # fmt: skip
     parts = []
-    for sub in coords.values():
+    for pairs in coords.values():
+        sub = [it for it, _ in pairs]
         dim = sub[0].sel.axis_length
         parts.append((
-            sub, [it.view.data for it in sub], [it.st["exp_avg"] for it in sub],
+            sub, [w for _, w in pairs], [it.st["exp_avg"] for it in sub],
             [it.st["exp_avg_sq"] for it in sub], [it.sel.index for it in sub],
             [_positions(positions, it, dim) for it in sub],
         ))  # fmt: skip
@@ -233,6 +237,17 @@ def run_fused(parts: FusedParts, lr: float, wd: float, group: dict, kernels: str
             free_scale=s_i, betas=(b1, b2), eps=group["eps"], decay=lr * wd,
             free_rule=group["state_free"], axis=sub[0].sel.axis, positions=pos, impl=kernels,
         )  # fmt: skip
+
+
+def coordinate_matrix(it: Item) -> Tensor:
+    """The item's parameter data as the coordinate kernel reads it: a matrix whose (dim 0, the
+    rest) view is the selection's (m, n). Dense data is passed as it is (an (m, ...) parameter);
+    a layout's 1-D fragment (a whole parameter at ``span.is_full``, ``coordinate_fusable``) is
+    viewed as (m, n), so the batch key, the compact moments and the positions all refer to the
+    parameter's matrix and not to a (1, m n) row (no copy: the fragment is contiguous)."""
+    data = it.view.data
+    m, n = it.span.m, it.span.n
+    return data if matrix_shape(data) == (m, n) else data.view(m, n)
 
 
 def _positions(cache: dict[str, tuple[Tensor, Tensor]], it: Item, dim: int) -> Tensor:

@@ -1,7 +1,9 @@
 """FRUGAL on flat partitions cut mid-row (the ZeRO-1/2 layout), built with plain torch.distributed,
 against the single-process run: fragment math (boundary rows, left projections, svd gathered to
 its owner) must not change the result beyond float32 summation order. One launch per world size
-(the 2-rank one also runs the kept-moments case)."""
+(the 2-rank one also runs the kept-moments case and, under the Triton interpreter, the coordinate
+kinds with ``kernels="triton"``: whole fragments take the fused coordinate kernel, cut ones the
+per-phase path)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 
 from tests.distributed import cases, workers
 from tests.distributed.launch import per_world
+from tests.triton_marks import INTERPRETED, needs_interpreter
 
 pytestmark = pytest.mark.distributed
 
@@ -17,6 +20,7 @@ KINDS = cases.pick("block", "block-gradnorm", "columns", "rows", "randk", "proje
                    "projection-left-matched", "columns-matched")  # fmt: skip
 COMMON = dict(lr=1e-2, density=0.4, update_gap=8, weight_decay=0.01)
 STEPS = 20
+TRITON_KINDS = ("columns", "rows", "randk")
 
 
 def _all(rank, world):
@@ -49,6 +53,10 @@ def _world(rank, world):
     if world == 2:
         out["kept"] = _kept_moments(rank, world)
         out["gradnorm_comm"] = _gradnorm_comm(rank, world)
+        if INTERPRETED:
+            out["triton"] = {k: workers.zero_sim_run(rank, world, STEPS,
+                                                     {**COMMON, **KINDS[k], "kernels": "triton"})
+                             for k in TRITON_KINDS}  # fmt: skip
     return out
 
 
@@ -95,3 +103,19 @@ def test_gradnorm_sums_one_float64_vector_per_refresh(launched):
             want = 8 * len(workers.SHAPES) if step % COMMON["update_gap"] == 0 else 0
             assert stats.get("block_gradnorm", 0) == want, (step, stats)
             assert "block_gradnorm_grads" not in stats, stats
+
+
+@needs_interpreter
+def test_flat_partitions_triton_kernels(launched):
+    """kernels="triton" at world 2 (rank 0 holds the first two matrices whole, the third is cut
+    mid-row): the same parameters as kernels="auto" (the torch code on the CPU) on the same
+    partitions, and the single process within the summation-order bound above."""
+    results = launched(2)
+    for name in TRITON_KINDS:
+        ref = workers.synthetic_run(0, 2, STEPS, {**COMMON, **KINDS[name]}, "single")["params"]
+        for r, got in enumerate(results):
+            torch_run = got["kinds"][name]
+            same = max((a - b).abs().max().item() for a, b in zip(got["triton"][name], torch_run))
+            assert same < 1e-6, (name, r, same)
+            diff = max((a - b).abs().max().item() for a, b in zip(got["triton"][name], ref))
+            assert diff < 1e-5, (name, r, diff)
