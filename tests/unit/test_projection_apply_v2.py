@@ -1,0 +1,99 @@
+"""kernels/projection_apply_v2.py: every apply variant equals the plain kernel bit for bit
+(CPU interpreter), and the tile table's 7th field (the variant) is validated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from frugal_dist.kernels.projection import project_down
+from frugal_dist.kernels.refresh import random_bases
+from tests.triton_marks import needs_interpreter
+
+VARIANTS = ["grouped", "early", "persist", "grouped+early+persist3", "tma",
+            "tma+grouped+early+persist2"]  # fmt: skip
+BASE = (32, 32, 16, 4, 1)
+
+
+def _operands(side, shape, r, B=2, seed=0):
+    """W, G, P, X (K-contiguous on the left, as ``apply_projection`` hands it over), U."""
+    gen = torch.Generator().manual_seed(seed)
+    m, n = shape
+    G = [torch.randn(m, n, generator=gen) for _ in range(B)]
+    W = [torch.randn(m, n, generator=gen) for _ in range(B)]
+    P = random_bases(n if side == "right" else m, r, list(range(B)), "cpu")
+    X = project_down(G, P, side, precision="fp32", backend="torch")
+    U = torch.randn(X.shape, generator=gen)
+    if side == "left":
+        X, U = X.mT.contiguous().mT, U.mT.contiguous().mT
+    return W, G, P, X, U
+
+
+CASES = [("right", (70, 40), 20), ("left", (40, 70), 20), ("right", (64, 96), 32),
+         ("left", (96, 64), 32)]  # fmt: skip
+
+
+@needs_interpreter
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rule", ["signsgd", "sgd", "none"])
+@pytest.mark.parametrize("side,shape,r", CASES)
+def test_variant_equals_the_plain_kernel(variant, rule, side, shape, r):
+    """Shapes that are not tile multiples (rows wrap / zero-pad into masked outputs) and a
+    rank that is (32) or is not (20) a multiple of the K tile (16)."""
+    from frugal_dist.kernels.projection_triton import fused_apply
+
+    W, G, P, X, U = _operands(side, shape, r)
+    kw = dict(decay=0.99, c_u=-0.07, c_f=-0.035, rule=rule, precision="fp32")
+    want = [w.clone() for w in W]
+    fused_apply(want, G, P, X, U, side, tile=BASE, **kw)
+    got = [w.clone() for w in W]
+    fused_apply(got, G, P, X, U, side, tile=(*BASE, 0, variant), **kw)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(want[0], W[0])  # the step did something
+
+
+@needs_interpreter
+def test_tma_describes_contiguous_stores_and_declines_others():
+    """``tma`` runs descriptors on (B, rows, r) stores that flatten to (B rows, r); others
+    (here a left X in its (B, r, n) layout) fall back to pointer loads."""
+    from frugal_dist.kernels import projection_apply_v2 as v2
+
+    if not v2.tma_available():
+        pytest.skip("this triton has no host-side tensor descriptors")
+    t = torch.randn(3, 40, 20)
+    d = v2._descriptor(t, [32, 16])
+    assert d is not None and list(d.shape) == [120, 20]
+    assert v2._descriptor(torch.randn(3, 20, 40).mT, [32, 16]) is None
+
+
+def test_variant_strings_parse_and_bad_ones_name_the_token():
+    from frugal_dist.kernels.projection_apply_v2 import parse_variant
+
+    assert parse_variant("base") == {"grouped": False, "early": False, "tma": False, "persist": 0}
+    assert parse_variant("grouped+persist3+tma") == {"grouped": True, "early": False,
+                                                     "tma": True, "persist": 3}  # fmt: skip
+    assert parse_variant("persist")["persist"] == 1
+    for bad, what in (("swizzle", "swizzle"), ("", "variant"), ("persist0", "k >= 1")):
+        with pytest.raises(ValueError, match=what):
+            parse_variant(bad)
+
+
+def test_tiles_file_takes_a_variant_and_rejects_bad_ones(tmp_path):
+    pt = pytest.importorskip("frugal_dist.kernels.projection_triton")
+    f = tmp_path / "tiles.json"
+    f.write_text('{"apply": {"bf16.right": [64, 64, 64, 4, 4, 0, "grouped+early"], '
+                 '"bf16": [64, 64, 64, 4, 4, 1, "base"]}}')  # fmt: skip
+    tiles, _ = pt.load_tiles(f)
+    assert tiles["apply"]["bf16.right"] == (64, 64, 64, 4, 4, 0, "grouped+early")
+    assert pt.tile_variant(tiles["apply"]["bf16.right"])["early"]
+    assert pt.tile_variant(tiles["apply"]["bf16"]) is None
+    for entry, what in (('[64, 64, 64, 4, 4, 0, "fast"]', "unknown token 'fast'"),
+                        ('[64, 64, 64, 4, 4, 1, "early"]', "stacked"),
+                        ('[64, 64, 64, 4, 4, 0, 3]', "variant")):  # fmt: skip
+        f.write_text(f'{{"apply": {{"bf16": {entry}}}}}')
+        with pytest.raises(ValueError, match=f"apply.bf16.*{what}"):
+            pt.load_tiles(f)
+    f.write_text('{"down": {"bf16": [64, 64, 64, 4, 4, 0, "early"]}}')
+    with pytest.raises(ValueError, match="down.bf16"):
+        pt.load_tiles(f)
