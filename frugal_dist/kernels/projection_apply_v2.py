@@ -29,6 +29,7 @@ of ``projection_triton``: read G and W, write W, operand tiles from L2. Communic
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -203,10 +204,12 @@ def _apply_v2_kernel(
 
 
 # ------------------------------------------------------------------------------------ host side
-def _row_store(t: Tensor, side_rows_last: bool) -> Tensor:
-    """An operand as its (B, rows, r) row store: ``t`` itself, or for X / U of a left
-    projection (B, r, n) the (B, n, r) view ``t.mT``."""
-    return t.mT if side_rows_last else t
+def operand_stores(P: Tensor, X: Tensor, U: Tensor, side: str) -> list[Tensor]:
+    """[A1, A2, B1, B2] as (B, rows, r) row stores (module doc): left X and U (B, r, n) are
+    read through their (B, n, r) views ``.mT``."""
+    if side == "left":
+        return [P, P, X.mT, U.mT]
+    return [X, U, P, P]
 
 
 def _descriptor(t: Tensor, block: list[int]) -> Any:
@@ -221,37 +224,41 @@ def _descriptor(t: Tensor, block: list[int]) -> Any:
     return TensorDescriptor(t, [B * rows, r], [t.stride(1), 1], block)
 
 
+def descriptors(stores: list[Tensor], bm: int, bn: int, bk: int) -> list[Any] | None:
+    """TMA descriptors of ``operand_stores`` (A blocks BM x BK, B blocks BN x BK), or None
+    where this triton lacks them or a store cannot be described."""
+    if not tma_available():
+        return None
+    descs = [_descriptor(t, [bm if i < 2 else bn, bk]) for i, t in enumerate(stores)]
+    return descs if all(d is not None for d in descs) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRET_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def launch(
     variant: dict[str, Any], w_table: Tensor, g_table: Tensor, g_strides: tuple[int, int],
     P: Tensor, X: Tensor, U: Tensor, m: int, n: int, side: str, *, decay: float, c_u: float,
     c_f: float, consts: dict[str, Any], bm: int, bn: int, bk: int, warps: int, stages: int,
 ) -> None:  # fmt: skip
     """One launch of ``_apply_v2_kernel`` for the B matrices whose addresses are in the tables.
-    ``consts``: the kernel's RULE, G_ELEM, PREC, OP constexprs (``projection_triton``)."""
+    ``consts``: the kernel's RULE, G_ELEM, PREC, OP constexprs (``projection_triton``). A
+    ``tma`` variant whose operands ``descriptors`` declines runs the pointer loads (the same
+    products: the same result)."""
     B, r = P.shape[0], P.shape[-1]
-    left = side == "left"
-    xs, us = _row_store(X, left), _row_store(U, left)
-    a1, a2, b1, b2 = (P, P, xs, us) if left else (xs, us, P, P)
-    ops: list[Any] = [a1, a2, b1, b2]
-    tma = variant["tma"] and tma_available()
-    if tma:
-        descs = [_descriptor(t, [bm if i < 2 else bn, bk]) for i, t in enumerate(ops)]
-        if all(d is not None for d in descs):
-            ops = descs
-        else:  # the pointer loads: same products, same result
-            tma = False
+    stores = operand_stores(P, X, U, side)
+    descs = descriptors(stores, bm, bn, bk) if variant["tma"] else None
     total = B * triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    grid = total
-    if variant["persist"]:
-        dev = P.device
-        sms = (torch.cuda.get_device_properties(dev).multi_processor_count
-               if dev.type == "cuda" else _INTERPRET_SMS)  # fmt: skip
-        grid = min(total, sms * variant["persist"])
-    strides = [s for t in (a1, a2, b1, b2) for s in t.stride()]
+    grid = min(total, _sm_count(P.device) * variant["persist"]) if variant["persist"] else total
+    strides = [s for t in stores for s in t.stride()]
     _apply_v2_kernel[(grid,)](
-        w_table, g_table, *ops, m, n, B, g_strides[0], g_strides[1], *strides,
+        w_table, g_table, *(descs or stores), m, n, B, g_strides[0], g_strides[1], *strides,
         float(decay), float(c_u), float(c_f),
-        r=r, SHARE_A=left, BM=bm, BN=bn, BK=bk, EVEN_K=r % bk == 0, TMA=tma,
-        GROUP=GROUP_M if variant["grouped"] else 1, EARLY=variant["early"],
-        num_warps=warps, num_stages=stages, **consts,
+        r=r, SHARE_A=side == "left", BM=bm, BN=bn, BK=bk, EVEN_K=r % bk == 0,
+        TMA=descs is not None, GROUP=GROUP_M if variant["grouped"] else 1,
+        EARLY=variant["early"], num_warps=warps, num_stages=stages, **consts,
     )  # fmt: skip

@@ -54,17 +54,22 @@ def test_variant_equals_the_plain_kernel(variant, rule, side, shape, r):
 
 
 @needs_interpreter
-def test_tma_describes_contiguous_stores_and_declines_others():
-    """``tma`` runs descriptors on (B, rows, r) stores that flatten to (B rows, r); others
-    (here a left X in its (B, r, n) layout) fall back to pointer loads."""
+@pytest.mark.parametrize("side,shape,r", CASES[:2])
+def test_tma_describes_the_step_operands_and_declines_others(side, shape, r):
+    """The operands as ``apply_projection`` hands them over (this file's ``_operands``) get
+    descriptors, so the ``tma`` cases above ran them; a left X in its (B, r, n) layout (not
+    flattenable) is declined (pointer loads instead)."""
     from frugal_dist.kernels import projection_apply_v2 as v2
 
     if not v2.tma_available():
         pytest.skip("this triton has no host-side tensor descriptors")
-    t = torch.randn(3, 40, 20)
-    d = v2._descriptor(t, [32, 16])
-    assert d is not None and list(d.shape) == [120, 20]
-    assert v2._descriptor(torch.randn(3, 20, 40).mT, [32, 16]) is None
+    _, _, P, X, U = _operands(side, shape, r)
+    stores = v2.operand_stores(P, X, U, side)
+    descs = v2.descriptors(stores, 32, 32, 16)
+    assert descs is not None and [list(d.shape) for d in descs] == [
+        [t.shape[0] * t.shape[1], r] for t in stores
+    ]
+    assert v2.descriptors(v2.operand_stores(P, X.contiguous(), U, "left"), 32, 32, 16) is None
 
 
 def test_variant_strings_parse_and_bad_ones_name_the_token():
