@@ -17,6 +17,8 @@ K-contiguous storage). The variant (the 7th field of an apply tile) is ``+``-joi
                    reads overlap the products (costs 2 BM BN registers per CTA).
 * ``persist<k>``-- a persistent grid of k programs per SM looping over (matrix, tile) work
                    items (``persist`` = 1 per SM).
+* ``regs<n>``   -- at most n registers per thread (ptxas ``maxnreg``): more programs per SM
+                   (the plain 64 x 64 tiles take ~220; the SM has 64 Ki), at the risk of spills.
 * ``tma``       -- the operand tiles through TMA tensor descriptors (``TensorDescriptor`` of
                    ``triton.tools.tensor_descriptor``) on the stacked operands flattened to
                    (B rows, r); where the running triton lacks them, or the operands cannot be
@@ -43,7 +45,7 @@ try:  # triton >= 3.4 (host-side TMA descriptors)
 except ImportError:  # pragma: no cover - depends on the installed triton
     TensorDescriptor = None
 
-VARIANT_TOKENS = re.compile(r"grouped|early|tma|persist\d*")
+VARIANT_TOKENS = re.compile(r"grouped|early|tma|persist\d*|regs\d+")
 GROUP_M = 8
 _INTERPRET_SMS = 2  # the persistent grid under the CPU interpreter: the loop runs several items
 
@@ -51,22 +53,28 @@ _INTERPRET_SMS = 2  # the persistent grid under the CPU interpreter: the loop ru
 def parse_variant(variant: str) -> dict[str, Any]:
     """The knobs of a variant string (module doc); ``base`` = the plain kernels of
     ``projection_triton``. A ValueError naming the bad token otherwise."""
-    flags: dict[str, Any] = {"grouped": False, "early": False, "tma": False, "persist": 0}
+    flags: dict[str, Any] = {"grouped": False, "early": False, "tma": False, "persist": 0,
+                             "maxnreg": None}  # fmt: skip
     if not isinstance(variant, str) or variant == "":
         raise ValueError(f"an apply tile's variant must be 'base' or '+'-joined tokens of "
-                         f"grouped, early, tma, persist<k>; got {variant!r}")  # fmt: skip
+                         f"grouped, early, tma, persist<k>, regs<n>; got {variant!r}")  # fmt: skip
     if variant == "base":
         return flags
     for tok in variant.split("+"):
         if not VARIANT_TOKENS.fullmatch(tok):
             raise ValueError(f"apply tile variant {variant!r}: unknown token {tok!r} "
-                             "(use grouped, early, tma, persist<k> joined by '+', "
+                             "(use grouped, early, tma, persist<k>, regs<n> joined by '+', "
                              "or 'base')")  # fmt: skip
         if tok.startswith("persist"):
             k = int(tok[len("persist") :] or 1)
             if k < 1:
                 raise ValueError(f"apply tile variant {variant!r}: persist<k> needs k >= 1")
             flags["persist"] = k
+        elif tok.startswith("regs"):
+            n = int(tok[len("regs") :])
+            if not 24 <= n <= 255:
+                raise ValueError(f"apply tile variant {variant!r}: regs<n> needs 24 <= n <= 255")
+            flags["maxnreg"] = n
         else:
             flags[tok] = True
     return flags
@@ -155,7 +163,7 @@ def _apply_v2_kernel(
     r: tl.constexpr, SHARE_A: tl.constexpr, RULE: tl.constexpr, G_ELEM: tl.constexpr,
     PREC: tl.constexpr, OP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, GROUP: tl.constexpr,
-    EARLY: tl.constexpr,
+    EARLY: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Programs loop over the ``count`` x tiles work items (one each unless the grid is
     persistent). ``SHARE_A`` (left): one A tile (P) for both products, else one B tile (P)."""
@@ -170,6 +178,9 @@ def _apply_v2_kernel(
         pid_m, pid_n = _tile_coords(t - b * per, tiles_m, tiles_n, GROUP)
         w_ptr = tl.load(w_addrs + b).to(tl.pointer_type(tl.float32))
         g_ptr = tl.load(g_addrs + b).to(tl.pointer_type(G_ELEM))
+        if ALIGNED:  # the host checked: 16-byte W / G addresses (vector loads and stores)
+            w_ptr = tl.multiple_of(w_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         if EARLY:
@@ -244,9 +255,13 @@ def launch(
     variant: dict[str, Any], w_table: Tensor, g_table: Tensor, g_strides: tuple[int, int],
     P: Tensor, X: Tensor, U: Tensor, m: int, n: int, side: str, *, decay: float, c_u: float,
     c_f: float, consts: dict[str, Any], bm: int, bn: int, bk: int, warps: int, stages: int,
+    aligned: bool,
 ) -> None:  # fmt: skip
     """One launch of ``_apply_v2_kernel`` for the B matrices whose addresses are in the tables.
-    ``consts``: the kernel's RULE, G_ELEM, PREC, OP constexprs (``projection_triton``). A
+    ``consts``: the kernel's RULE, G_ELEM, PREC, OP constexprs (``projection_triton``);
+    ``aligned``: every W and G address is a multiple of 16 bytes (the epilogue's loads and
+    stores are then vectorized where the row length allows: the table's addresses are opaque
+    to the compiler, which otherwise assumes 4-byte alignment and moves scalars). A
     ``tma`` variant whose operands ``descriptors`` declines runs the pointer loads (the same
     products: the same result)."""
     B, r = P.shape[0], P.shape[-1]
@@ -260,5 +275,6 @@ def launch(
         float(decay), float(c_u), float(c_f),
         r=r, SHARE_A=side == "left", BM=bm, BN=bn, BK=bk, EVEN_K=r % bk == 0,
         TMA=descs is not None, GROUP=GROUP_M if variant["grouped"] else 1,
-        EARLY=variant["early"], num_warps=warps, num_stages=stages, **consts,
+        EARLY=variant["early"], ALIGNED=aligned, num_warps=warps, num_stages=stages, **consts,
+        **({"maxnreg": variant["maxnreg"]} if variant["maxnreg"] else {}),
     )  # fmt: skip

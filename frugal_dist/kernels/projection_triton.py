@@ -395,9 +395,10 @@ def fused_apply(
     if variant is not None:
         consts = dict(RULE=RULE_CODES[rule], G_ELEM=_ELEM[Gv[0].dtype],
                       PREC=_INPUT_PRECISION[precision], OP=_OPERAND[precision])  # fmt: skip
+        aligned = all(a % 16 == 0 for a in map(_DATA_PTR, (*W, *Gv)))
         v2.launch(variant, address_table(W), address_table(Gv), Gv[0].stride(), P, X, U, m, n,
                   side, decay=decay, c_u=c_u, c_f=c_f, consts=consts, bm=bm, bn=bn, bk=bk,
-                  warps=warps, stages=stages)  # fmt: skip
+                  warps=warps, stages=stages, aligned=aligned)  # fmt: skip
         return
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), B)
     if rest and rest[0] == 1 and rule != "none":

@@ -11,7 +11,7 @@ from frugal_dist.kernels.refresh import random_bases
 from tests.triton_marks import needs_interpreter
 
 VARIANTS = ["grouped", "early", "persist", "grouped+early+persist3", "tma",
-            "tma+grouped+early+persist2"]  # fmt: skip
+            "tma+grouped+early+persist2+regs128"]  # fmt: skip
 BASE = (32, 32, 16, 4, 1)
 
 
@@ -75,11 +75,14 @@ def test_tma_describes_the_step_operands_and_declines_others(side, shape, r):
 def test_variant_strings_parse_and_bad_ones_name_the_token():
     from frugal_dist.kernels.projection_apply_v2 import parse_variant
 
-    assert parse_variant("base") == {"grouped": False, "early": False, "tma": False, "persist": 0}
-    assert parse_variant("grouped+persist3+tma") == {"grouped": True, "early": False,
-                                                     "tma": True, "persist": 3}  # fmt: skip
+    assert parse_variant("base") == {"grouped": False, "early": False, "tma": False, "persist": 0,
+                                     "maxnreg": None}  # fmt: skip
+    assert parse_variant("grouped+persist3+tma+regs168") == {"grouped": True, "early": False,
+                                                             "tma": True, "persist": 3,
+                                                             "maxnreg": 168}  # fmt: skip
     assert parse_variant("persist")["persist"] == 1
-    for bad, what in (("swizzle", "swizzle"), ("", "variant"), ("persist0", "k >= 1")):
+    for bad, what in (("swizzle", "swizzle"), ("", "variant"), ("persist0", "k >= 1"),
+                      ("regs", "regs"), ("regs300", "n <= 255")):  # fmt: skip
         with pytest.raises(ValueError, match=what):
             parse_variant(bad)
 
@@ -102,3 +105,23 @@ def test_tiles_file_takes_a_variant_and_rejects_bad_ones(tmp_path):
     f.write_text('{"down": {"bf16": [64, 64, 64, 4, 4, 0, "early"]}}')
     with pytest.raises(ValueError, match="down.bf16"):
         pt.load_tiles(f)
+
+
+@needs_interpreter
+def test_unaligned_matrices_take_the_scalar_epilogue():
+    """W / G at addresses that are not 16-byte multiples (views into a flat buffer at an odd
+    offset) run with ALIGNED off and give the plain kernel's result."""
+    from frugal_dist.kernels.projection_triton import fused_apply
+
+    W, G, P, X, U = _operands("right", (70, 40), 20)
+    flat = torch.zeros(1 + 2 * 70 * 40)
+    views = [flat[1 + b * 2800 : 1 + (b + 1) * 2800].view(70, 40) for b in range(2)]
+    assert all(v.data_ptr() % 16 for v in views)
+    kw = dict(decay=0.99, c_u=-0.07, c_f=-0.035, rule="signsgd", precision="fp32")
+    want = [w.clone() for w in W]
+    fused_apply(want, G, P, X, U, "right", tile=BASE, **kw)
+    for v, w in zip(views, W, strict=True):
+        v.copy_(w)
+    fused_apply(views, G, P, X, U, "right", tile=(*BASE, 0, "grouped+early+tma"), **kw)
+    for a, b in zip(views, want, strict=True):
+        assert torch.equal(a, b)
