@@ -15,6 +15,11 @@ K-contiguous storage). The variant (the 7th field of an apply tile) is ``+``-joi
                    L2 ordering): neighbouring programs share A and B operand tiles.
 * ``early``     -- the epilogue's W and G tiles are loaded before the K loop, so their HBM
                    reads overlap the products (costs 2 BM BN registers per CTA).
+* ``seq``       -- the products one after the other (acc1, then c_f F(G - acc1) kept, then
+                   acc2): one accumulator at a time, so larger tiles fit the registers, at
+                   the cost of reading the shared operand tile twice. ``early`` then loads
+                   W and G before the first product. (GPU: F = identity may round
+                   differently, the final add not being fused.)
 * ``persist<k>``-- a persistent grid of k programs per SM looping over (matrix, tile) work
                    items (``persist`` = 1 per SM).
 * ``regs<n>``   -- at most n registers per thread (ptxas ``maxnreg``): more programs per SM
@@ -45,7 +50,7 @@ try:  # triton >= 3.4 (host-side TMA descriptors)
 except ImportError:  # pragma: no cover - depends on the installed triton
     TensorDescriptor = None
 
-VARIANT_TOKENS = re.compile(r"grouped|early|tma|persist\d*|regs\d+")
+VARIANT_TOKENS = re.compile(r"grouped|early|seq|tma|persist\d*|regs\d+")
 GROUP_M = 8
 _INTERPRET_SMS = 2  # the persistent grid under the CPU interpreter: the loop runs several items
 
@@ -53,8 +58,8 @@ _INTERPRET_SMS = 2  # the persistent grid under the CPU interpreter: the loop ru
 def parse_variant(variant: str) -> dict[str, Any]:
     """The knobs of a variant string (module doc); ``base`` = the plain kernels of
     ``projection_triton``. A ValueError naming the bad token otherwise."""
-    flags: dict[str, Any] = {"grouped": False, "early": False, "tma": False, "persist": 0,
-                             "maxnreg": None}  # fmt: skip
+    flags: dict[str, Any] = {"grouped": False, "early": False, "seq": False, "tma": False,
+                             "persist": 0, "maxnreg": None}  # fmt: skip
     if not isinstance(variant, str) or variant == "":
         raise ValueError(f"an apply tile's variant must be 'base' or '+'-joined tokens of "
                          f"grouped, early, tma, persist<k>, regs<n>; got {variant!r}")  # fmt: skip
@@ -86,15 +91,29 @@ def tma_available() -> bool:
 
 
 @triton.jit
+def _masked_tile(ptr, rm, rn, m, n, s_m, s_n):
+    mask = (rm < m)[:, None] & (rn < n)[None, :]
+    return tl.load(ptr + rm[:, None] * s_m + rn[None, :] * s_n, mask=mask, other=0.0)
+
+
+@triton.jit
 def load_wg(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, RULE: tl.constexpr):
     """The (BM x BN) tiles of W (contiguous float32) and G (its own dtype; W again if unused)."""
-    mask = (rm < m)[:, None] & (rn < n)[None, :]
-    w = tl.load(w_ptr + rm[:, None] * n + rn[None, :], mask=mask, other=0.0)
+    w = _masked_tile(w_ptr, rm, rn, m, n, n, 1)
     if RULE != 2:
-        g = tl.load(g_ptr + rm[:, None] * s_gm + rn[None, :] * s_gn, mask=mask, other=0.0)
+        g = _masked_tile(g_ptr, rm, rn, m, n, s_gm, s_gn)
     else:
         g = w
     return w, g
+
+
+@triton.jit
+def free_term(g, acc1, RULE: tl.constexpr):
+    """F(G - acc1): sign (NaN propagates, as ``torch.sign``) or identity."""
+    res = g.to(tl.float32) - acc1
+    if RULE == 0:
+        res = tl.where(res > 0, 1.0, tl.where(res < 0, -1.0, res * 0.0))
+    return res
 
 
 @triton.jit
@@ -103,10 +122,7 @@ def store_update(w_ptr, w, g, rm, rn, m, n, acc1, acc2, decay, c_u, c_f, RULE: t
     mask = (rm < m)[:, None] & (rn < n)[None, :]
     out = w * decay + c_u * acc2
     if RULE != 2:
-        res = g.to(tl.float32) - acc1
-        if RULE == 0:
-            res = tl.where(res > 0, 1.0, tl.where(res < 0, -1.0, res * 0.0))
-        out += c_f * res
+        out += c_f * free_term(g, acc1, RULE)
     tl.store(w_ptr + rm[:, None] * n + rn[None, :], out, mask=mask)
 
 
@@ -154,6 +170,21 @@ def _rows_tile(src, b, row0, k0, rows, s_b, s_r, s_k, r: tl.constexpr, BR: tl.co
 
 
 @triton.jit
+def _product(sa, sb, b, pid_m, pid_n, m, n, s_ab, s_ar, s_ak, s_bb, s_br, s_bk,
+             r: tl.constexpr, PREC: tl.constexpr, OP: tl.constexpr, BM: tl.constexpr,
+             BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+             TMA: tl.constexpr):  # fmt: skip
+    """One (BM x BN) product over K = r: A tiles of ``sa``'s rows times B tiles of ``sb``'s
+    rows transposed, in the K order of the two-product loop (the same float32 sums)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, r, BK):
+        x = _rows_tile(sa, b, pid_m * BM, k0, m, s_ab, s_ar, s_ak, r, BM, BK, EVEN_K, TMA)
+        y = _rows_tile(sb, b, pid_n * BN, k0, n, s_bb, s_br, s_bk, r, BN, BK, EVEN_K, TMA)
+        acc = tl.dot(x.to(OP), y.to(OP).T, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _apply_v2_kernel(
     w_addrs, g_addrs, a1, a2, b1, b2,
     m, n, count,
@@ -163,7 +194,7 @@ def _apply_v2_kernel(
     r: tl.constexpr, SHARE_A: tl.constexpr, RULE: tl.constexpr, G_ELEM: tl.constexpr,
     PREC: tl.constexpr, OP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, GROUP: tl.constexpr,
-    EARLY: tl.constexpr, ALIGNED: tl.constexpr,
+    EARLY: tl.constexpr, ALIGNED: tl.constexpr, SEQ: tl.constexpr,
 ):  # fmt: skip
     """Programs loop over the ``count`` x tiles work items (one each unless the grid is
     persistent). ``SHARE_A`` (left): one A tile (P) for both products, else one B tile (P)."""
@@ -183,34 +214,53 @@ def _apply_v2_kernel(
             g_ptr = tl.multiple_of(g_ptr, 16)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
-        if EARLY:
-            w, g = load_wg(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, RULE)
-        acc1 = tl.zeros((BM, BN), dtype=tl.float32)
-        acc2 = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, r, BK):
-            if SHARE_A:  # left: P tile shared; X, U tiles transposed
-                a = _rows_tile(a1, b, pid_m * BM, k0, m, s_a1b, s_a1r, s_a1k, r, BM, BK,
-                               EVEN_K, TMA).to(OP)  # fmt: skip
-                y2 = _rows_tile(b2, b, pid_n * BN, k0, n, s_b2b, s_b2r, s_b2k, r, BN, BK,
-                                EVEN_K, TMA)  # fmt: skip
-                acc2 = tl.dot(a, y2.to(OP).T, acc2, input_precision=PREC)
-                if RULE != 2:
-                    y1 = _rows_tile(b1, b, pid_n * BN, k0, n, s_b1b, s_b1r, s_b1k, r, BN, BK,
+        if SEQ:  # one product at a time: acc1 -> c_f F(G - acc1), then acc2
+            if EARLY:
+                w, g = load_wg(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, RULE)
+            if RULE != 2:
+                acc1 = _product(a1, b1, b, pid_m, pid_n, m, n, s_a1b, s_a1r, s_a1k, s_b1b,
+                                s_b1r, s_b1k, r, PREC, OP, BM, BN, BK, EVEN_K, TMA)  # fmt: skip
+                if not EARLY:
+                    g = _masked_tile(g_ptr, rm, rn, m, n, s_gm, s_gn)
+                t_free = c_f * free_term(g, acc1, RULE)
+            acc2 = _product(a2, b2, b, pid_m, pid_n, m, n, s_a2b, s_a2r, s_a2k, s_b2b, s_b2r,
+                            s_b2k, r, PREC, OP, BM, BN, BK, EVEN_K, TMA)  # fmt: skip
+            if not EARLY:
+                w = _masked_tile(w_ptr, rm, rn, m, n, n, 1)
+            out = w * decay + c_u * acc2
+            if RULE != 2:
+                out += t_free
+            mask = (rm < m)[:, None] & (rn < n)[None, :]
+            tl.store(w_ptr + rm[:, None] * n + rn[None, :], out, mask=mask)
+        else:
+            if EARLY:
+                w, g = load_wg(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, RULE)
+            acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+            acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, r, BK):
+                if SHARE_A:  # left: P tile shared; X, U tiles transposed
+                    a = _rows_tile(a1, b, pid_m * BM, k0, m, s_a1b, s_a1r, s_a1k, r, BM, BK,
+                                   EVEN_K, TMA).to(OP)  # fmt: skip
+                    y2 = _rows_tile(b2, b, pid_n * BN, k0, n, s_b2b, s_b2r, s_b2k, r, BN, BK,
                                     EVEN_K, TMA)  # fmt: skip
-                    acc1 = tl.dot(a, y1.to(OP).T, acc1, input_precision=PREC)
-            else:  # right: P tile shared (transposed); X, U tiles
-                y = _rows_tile(b1, b, pid_n * BN, k0, n, s_b1b, s_b1r, s_b1k, r, BN, BK,
-                               EVEN_K, TMA).to(OP).T  # fmt: skip
-                x2 = _rows_tile(a2, b, pid_m * BM, k0, m, s_a2b, s_a2r, s_a2k, r, BM, BK,
-                                EVEN_K, TMA)  # fmt: skip
-                acc2 = tl.dot(x2.to(OP), y, acc2, input_precision=PREC)
-                if RULE != 2:
-                    x1 = _rows_tile(a1, b, pid_m * BM, k0, m, s_a1b, s_a1r, s_a1k, r, BM, BK,
+                    acc2 = tl.dot(a, y2.to(OP).T, acc2, input_precision=PREC)
+                    if RULE != 2:
+                        y1 = _rows_tile(b1, b, pid_n * BN, k0, n, s_b1b, s_b1r, s_b1k, r, BN,
+                                        BK, EVEN_K, TMA)  # fmt: skip
+                        acc1 = tl.dot(a, y1.to(OP).T, acc1, input_precision=PREC)
+                else:  # right: P tile shared (transposed); X, U tiles
+                    y = _rows_tile(b1, b, pid_n * BN, k0, n, s_b1b, s_b1r, s_b1k, r, BN, BK,
+                                   EVEN_K, TMA).to(OP).T  # fmt: skip
+                    x2 = _rows_tile(a2, b, pid_m * BM, k0, m, s_a2b, s_a2r, s_a2k, r, BM, BK,
                                     EVEN_K, TMA)  # fmt: skip
-                    acc1 = tl.dot(x1.to(OP), y, acc1, input_precision=PREC)
-        if not EARLY:
-            w, g = load_wg(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, RULE)
-        store_update(w_ptr, w, g, rm, rn, m, n, acc1, acc2, decay, c_u, c_f, RULE)
+                    acc2 = tl.dot(x2.to(OP), y, acc2, input_precision=PREC)
+                    if RULE != 2:
+                        x1 = _rows_tile(a1, b, pid_m * BM, k0, m, s_a1b, s_a1r, s_a1k, r, BM,
+                                        BK, EVEN_K, TMA)  # fmt: skip
+                        acc1 = tl.dot(x1.to(OP), y, acc1, input_precision=PREC)
+            if not EARLY:
+                w, g = load_wg(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, RULE)
+            store_update(w_ptr, w, g, rm, rn, m, n, acc1, acc2, decay, c_u, c_f, RULE)
         t += step
 
 
@@ -275,6 +325,7 @@ def launch(
         float(decay), float(c_u), float(c_f),
         r=r, SHARE_A=side == "left", BM=bm, BN=bn, BK=bk, EVEN_K=r % bk == 0,
         TMA=descs is not None, GROUP=GROUP_M if variant["grouped"] else 1,
-        EARLY=variant["early"], ALIGNED=aligned, num_warps=warps, num_stages=stages, **consts,
+        EARLY=variant["early"], ALIGNED=aligned, SEQ=variant["seq"], num_warps=warps,
+        num_stages=stages, **consts,
         **({"maxnreg": variant["maxnreg"]} if variant["maxnreg"] else {}),
     )  # fmt: skip

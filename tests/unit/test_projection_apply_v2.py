@@ -11,7 +11,7 @@ from frugal_dist.kernels.refresh import random_bases
 from tests.triton_marks import needs_interpreter
 
 VARIANTS = ["grouped", "early", "persist", "grouped+early+persist3", "tma",
-            "tma+grouped+early+persist2+regs128"]  # fmt: skip
+            "tma+grouped+early+persist2+regs128", "seq", "seq+early+tma+persist2"]  # fmt: skip
 BASE = (32, 32, 16, 4, 1)
 
 
@@ -75,11 +75,16 @@ def test_tma_describes_the_step_operands_and_declines_others(side, shape, r):
 def test_variant_strings_parse_and_bad_ones_name_the_token():
     from frugal_dist.kernels.projection_apply_v2 import parse_variant
 
-    assert parse_variant("base") == {"grouped": False, "early": False, "tma": False, "persist": 0,
-                                     "maxnreg": None}  # fmt: skip
-    assert parse_variant("grouped+persist3+tma+regs168") == {"grouped": True, "early": False,
-                                                             "tma": True, "persist": 3,
-                                                             "maxnreg": 168}  # fmt: skip
+    assert parse_variant("base") == {"grouped": False, "early": False, "seq": False,
+                                     "tma": False, "persist": 0, "maxnreg": None}  # fmt: skip
+    assert parse_variant("grouped+persist3+tma+regs168+seq") == {
+        "grouped": True,
+        "early": False,
+        "seq": True,
+        "tma": True,
+        "persist": 3,
+        "maxnreg": 168,
+    }
     assert parse_variant("persist")["persist"] == 1
     for bad, what in (("swizzle", "swizzle"), ("", "variant"), ("persist0", "k >= 1"),
                       ("regs", "regs"), ("regs300", "n <= 255")):  # fmt: skip
