@@ -16,15 +16,16 @@ format of ``frugal_dist/kernels/projection_tiles.json``, rewritten after every c
 ``--out`` (JSON) and a markdown table beside it. Without CUDA: exits 0.
 
 ``--write-tiles`` merges into ``--base-tiles`` (default the package's table): keys this sweep
-did not measure keep their entries. ``--apply-v2`` sweeps only the apply, at the precisions
-given: the table's current tiles (re-measured: the baseline) then ``APPLY_V2`` (the variants of
-``kernels/projection_apply_v2.py``, a 7th tile field). ``--time-cap S``: no candidate starts
-after S seconds (the rest are recorded as skipped). A candidate whose check against the float64
-oracle fails (``CHECK_LIMITS``) or that needs a triton feature this install lacks is recorded
-with its reason and never written to the table.
+did not measure keep their entries. ``--apply-v2`` / ``--down-v2`` sweep only that kernel (or
+both), at the precisions given: the table's current tiles (re-measured: the baseline) then
+``APPLY_V2`` (the variants of ``kernels/projection_apply_v2.py``, a 7th tile field) /
+``DOWN_V2`` (the ``aligned`` down, a 6th field); the ``bmm`` rows are not re-measured.
+``--time-cap S``: no candidate starts after S seconds (the rest are recorded as skipped). A
+candidate whose check against the float64 oracle fails (``CHECK_LIMITS``) or that needs a
+triton feature this install lacks is recorded with its reason and never written to the table.
 
-    python benchmarks/kernels_projection_tiles.py --apply-v2 --precisions bf16 --time-cap 170 \
-        --out $OUT/tiles_v2.json --write-tiles $OUT/projection_tiles.json
+    python benchmarks/kernels_projection_tiles.py --apply-v2 --down-v2 --precisions bf16 \
+        --time-cap 150 --out $OUT/tiles_v2.json --write-tiles $OUT/projection_tiles.json
 """
 
 # ruff: noqa: B023 -- every timed lambda runs inside the loop iteration that defines it
@@ -82,6 +83,14 @@ APPLY_V2 = {
     "tf32": [(64, 64, 32, 4, 3, 0, "grouped+tma+regs168"),
              (64, 128, 32, 8, 3, 0, "grouped+tma+regs128"),
              (64, 64, 32, 4, 3, 0, "grouped+tma")],
+}  # fmt: skip
+# down variants: 'aligned' = vector loads of G where every gradient address is a 16-byte
+# multiple (without it the table's addresses compile to scalar 4-byte copies of G; ptxas sm_90a:
+# 128x256x64x8 226 -> 212 registers, cp.async of 16 bytes)
+DOWN_V2 = {
+    "bf16": [(128, 256, 64, 8, 3, "aligned"), (128, 256, 32, 8, 4, "aligned"),
+             (128, 128, 64, 8, 3, "aligned"), (64, 256, 64, 4, 3, "aligned")],
+    "tf32": [(128, 256, 32, 8, 3, "aligned"), (128, 128, 32, 8, 3, "aligned")],
 }  # fmt: skip
 # a candidate is kept only within these of the float64 oracle (the measured stock kernels:
 # bf16 flip 6e-4, smooth 6.1e-3; tf32 1.5e-4, 2.1e-3)
@@ -240,15 +249,21 @@ def write_tiles(path: str, res: dict[str, Any], base: dict[str, Any] | None = No
     Path(path).write_text(json.dumps(out, indent=1) + "\n")
 
 
-def candidates(precision: str, apply_v2: bool) -> list[tuple[str, list[tuple]]]:
-    """(kernel, tiles) to sweep: ``--apply-v2``: the table's current apply tiles of this
-    precision (the baseline, re-measured) then ``APPLY_V2``; else every list."""
-    if apply_v2:
-        from frugal_dist.kernels.projection_triton import TILES
+def candidates(precision: str, apply_v2: bool, down_v2: bool = False) -> list[tuple[str, list]]:
+    """(kernel, tiles) to sweep: ``--apply-v2`` / ``--down-v2``: the table's current tiles of
+    this precision for that kernel (the baseline, re-measured) then ``APPLY_V2`` / ``DOWN_V2``;
+    neither: every list."""
+    if not (apply_v2 or down_v2):
+        return [("apply", APPLY[precision] + APPLY_V2.get(precision, [])),
+                ("down", DOWN[precision] + DOWN_V2.get(precision, []))]  # fmt: skip
+    from frugal_dist.kernels.projection_triton import TILES
 
-        now = [tuple(t) for k, t in TILES["apply"].items() if k.split(".")[0] == precision]
-        return [("apply", list(dict.fromkeys(now + APPLY_V2.get(precision, []))))]
-    return [("apply", APPLY[precision] + APPLY_V2.get(precision, [])), ("down", DOWN[precision])]
+    out = []
+    for kind, on, new in (("apply", apply_v2, APPLY_V2), ("down", down_v2, DOWN_V2)):
+        if on:
+            now = [tuple(t) for k, t in TILES[kind].items() if k.split(".")[0] == precision]
+            out.append((kind, list(dict.fromkeys(now + new.get(precision, [])))))
+    return out
 
 
 def skip_reason(kind: str, tile: tuple, elapsed: float, cap: float) -> str | None:
@@ -349,7 +364,9 @@ def main(argv=None) -> None:
     ap.add_argument("--base-tiles", default=str(REPO / "frugal_dist/kernels/projection_tiles.json"),
                     help="the table --write-tiles merges into ('' = none)")  # fmt: skip
     ap.add_argument("--apply-v2", action="store_true",
-                    help="only the apply: the table's tiles and the APPLY_V2 variants")  # fmt: skip
+                    help="the apply: the table's tiles and the APPLY_V2 variants only")  # fmt: skip
+    ap.add_argument("--down-v2", action="store_true",
+                    help="the down: the table's tiles and the DOWN_V2 variants only")  # fmt: skip
     ap.add_argument("--time-cap", type=float, default=0.0,
                     help="seconds after which no candidate starts (0: none)")  # fmt: skip
     ap.add_argument("--from-json", default=None,
@@ -377,12 +394,12 @@ def main(argv=None) -> None:
     print(f"apply floor: {res['apply_bytes_floor_ms']:.2f} ms of bytes at {bw / 1e12:.2f} TB/s; "
           f"{flops / 1e12:.2f} TFLOP", flush=True)  # fmt: skip
     for precision in args.precisions.split(","):
-        if not args.apply_v2:
+        if not (args.apply_v2 or args.down_v2):
             res["rows"].append(bmm_row(gs, precision, args.reps))
             print("bmm", precision, [(round(x["down_ms"], 3), round(x["mm_down_ms"], 3),
                                       round(x["apply_ms"], 3)) for x in res["rows"][-1]["groups"]],
                   flush=True)  # fmt: skip
-        for kind, cands in candidates(precision, args.apply_v2):
+        for kind, cands in candidates(precision, args.apply_v2, args.down_v2):
             for tile in cands:
                 row: dict[str, Any] = {"kind": kind, "precision": precision, "tile": list(tile),
                                        "groups": []}  # fmt: skip

@@ -81,8 +81,12 @@ def _tile_key_ok(kind: str, key: str) -> bool:
     return rest == "" or (kind == "apply" and rest in SIDES) or bool(re.fullmatch(r"\d+x\d+", rest))
 
 
+DOWN_VARIANTS = ("base", "aligned")  # a down tile's optional 6th field
+
+
 def _tile_ok(kind: str, t: Any) -> bool:
-    n_ok = len(t) == 5 or (kind == "apply" and len(t) in (6, 7) and t[5] in (0, 1))
+    n_ok = (len(t) == 5 or (kind == "apply" and len(t) in (6, 7) and t[5] in (0, 1))
+            or (kind == "down" and len(t) == 6 and t[5] in DOWN_VARIANTS))  # fmt: skip
     return n_ok and all(isinstance(x, int) and x > 0 for x in t[:5])
 
 
@@ -114,7 +118,8 @@ def load_tiles(path: Path = TILES_FILE) -> tuple[dict[str, dict[str, Tile]], dic
                 if not (_tile_key_ok(kind, prec) and isinstance(t, list) and _tile_ok(kind, t)):
                     raise ValueError(f"{path}: {kind}.{prec} must be five positive ints (BM, "
                                      f"BN, BK, warps, stages; apply: and optionally 'stacked' "
-                                     f"0/1, then a variant string), keyed by a precision "
+                                     f"0/1, then a variant string; down: optionally "
+                                     f"{' or '.join(DOWN_VARIANTS)}), keyed by a precision "
                                      f"(apply: or precision.side), got {t!r}")  # fmt: skip
                 if kind == "apply":
                     try:
@@ -277,15 +282,20 @@ def _down_kernel(
     s_ga, s_gc, s_pb, s_pc, s_pk, s_ob, s_oa, s_ok,
     K: tl.constexpr, r: tl.constexpr, G_ELEM: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """out_b[a, k] = sum_c A_b[a, c] P_b[c, k], A_b[a, c] = G_b[a s_ga + c s_gc] (M x K; K, the
-    contracted side of G, is a compile-time loop bound like r)."""
+    contracted side of G, is a compile-time loop bound like r). ``ALIGNED``: every G address is
+    a multiple of 16 bytes (host-checked), so G's tiles load as vectors (the table's addresses
+    are otherwise assumed 4-byte aligned: scalar loads)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     tiles_k = tl.cdiv(r, BN)
     pid_a = pid // tiles_k  # the r tiles of one row block run side by side: G re-read from L2
     pid_k = pid % tiles_k
     g_ptr = tl.load(g_addrs + b).to(tl.pointer_type(G_ELEM))
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
     p_ptr += b * s_pb
     o_ptr += b * s_ob
     ra = pid_a * BM + tl.arange(0, BM)
@@ -436,6 +446,8 @@ def fused_down(
     B (m, n)-viewable gradients; ``P`` (B, dim, r) float32, or bfloat16 for ``bf16`` (G's tiles,
     and P's if float32, are then rounded to bfloat16 in registers). ``out`` may be any strided
     view (a ``left`` (B, r, n) result stored as (B, n, r): the apply's K-contiguous layout).
+    ``tile``: (BM, BN, BK, warps, stages[, variant]); variant ``aligned`` tells the kernel the
+    gradients' addresses are 16-byte multiples when they all are (vector loads of G).
     One launch. Communication: none."""
     B = len(G)
     r = P.shape[-1]
@@ -447,14 +459,15 @@ def fused_down(
         M, K, s_ga, s_gc, s_oa, s_ok = m, n, s_gm, s_gn, out.stride(1), out.stride(2)
     else:  # a = column j, c = row i; out (r, n) written transposed
         M, K, s_ga, s_gc, s_oa, s_ok = n, m, s_gn, s_gm, out.stride(2), out.stride(1)
-    bm, bn, bk, warps, stages = tile or _tile("down", precision, out.device, (m, n))
+    bm, bn, bk, warps, stages, *rest = tile or _tile("down", precision, out.device, (m, n))
+    aligned = rest == ["aligned"] and all(a % 16 == 0 for a in map(_DATA_PTR, Gv))
     grid = (triton.cdiv(M, bm) * triton.cdiv(r, bn), B)
     _down_kernel[grid](
         address_table(Gv), P, out, M,
         s_ga, s_gc, P.stride(0), P.stride(1), P.stride(2), out.stride(0), s_oa, s_ok,
         K=K, r=r, G_ELEM=_ELEM[Gv[0].dtype], BF16=precision == "bf16",
         PREC=_INPUT_PRECISION[precision], BM=bm, BN=bn, BK=bk, EVEN_K=K % bk == 0,
-        num_warps=warps, num_stages=stages,
+        ALIGNED=aligned, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 

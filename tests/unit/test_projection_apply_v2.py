@@ -107,9 +107,12 @@ def test_tiles_file_takes_a_variant_and_rejects_bad_ones(tmp_path):
         f.write_text(f'{{"apply": {{"bf16": {entry}}}}}')
         with pytest.raises(ValueError, match=f"apply.bf16.*{what}"):
             pt.load_tiles(f)
-    f.write_text('{"down": {"bf16": [64, 64, 64, 4, 4, 0, "early"]}}')
-    with pytest.raises(ValueError, match="down.bf16"):
-        pt.load_tiles(f)
+    for entry in ('[64, 64, 64, 4, 4, 0, "early"]', '[64, 64, 64, 4, 4, "fast"]'):
+        f.write_text(f'{{"down": {{"bf16": {entry}}}}}')
+        with pytest.raises(ValueError, match="down.bf16"):
+            pt.load_tiles(f)
+    f.write_text('{"down": {"bf16.2048x2048": [128, 256, 64, 8, 3, "aligned"]}}')
+    assert pt.load_tiles(f)[0]["down"]["bf16.2048x2048"] == (128, 256, 64, 8, 3, "aligned")
 
 
 @needs_interpreter
@@ -130,3 +133,24 @@ def test_unaligned_matrices_take_the_scalar_epilogue():
     fused_apply(views, G, P, X, U, "right", tile=(*BASE, 0, "grouped+early+tma"), **kw)
     for a, b in zip(views, want, strict=True):
         assert torch.equal(a, b)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("side,shape", [("right", (70, 40)), ("left", (40, 70))])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_aligned_down_equals_the_plain_down(side, shape, offset):
+    """The ``aligned`` down tile (vector loads of G, only where every address is a 16-byte
+    multiple: ``offset`` 1 puts the gradients at odd addresses) gives the plain result."""
+    from frugal_dist.kernels.projection_triton import fused_down
+
+    _, G, P, X, _ = _operands(side, shape, 20)
+    flat = torch.zeros(offset + 2 * G[0].numel())
+    views = [flat[offset + b * g.numel() : offset + (b + 1) * g.numel()].view(g.shape)
+             for b, g in enumerate(G)]  # fmt: skip
+    for v, g in zip(views, G, strict=True):
+        v.copy_(g)
+    want = torch.empty_like(X)
+    fused_down(G, P, side, want, precision="fp32", tile=BASE)
+    got = torch.empty_like(X)
+    fused_down(views, P, side, got, precision="fp32", tile=(*BASE, "aligned"))
+    assert torch.equal(got, want)

@@ -73,11 +73,16 @@ def test_check_gate_and_skip_reasons(sweep, monkeypatch):
     assert sweep.skip_reason("apply", (64, 64, 64, 4, 4, 0, "grouped+early"), 1.0, 0.0) is None
 
 
-def test_apply_v2_candidates_start_with_the_current_table(sweep):
+def test_v2_candidates_start_with_the_current_table(sweep):
     pt = pytest.importorskip("frugal_dist.kernels.projection_triton")
-    [(kind, tiles)] = sweep.candidates("bf16", apply_v2=True)
-    now = {tuple(t) for k, t in pt.TILES["apply"].items() if k.split(".")[0] == "bf16"}
-    assert kind == "apply" and set(tiles[: len(now)]) == now
-    assert tiles[len(now) :] == [t for t in sweep.APPLY_V2["bf16"] if t not in now]
+    got = sweep.candidates("bf16", apply_v2=True, down_v2=True)
+    assert [kind for kind, _ in got] == ["apply", "down"]
+    for (kind, tiles), new in zip(got, (sweep.APPLY_V2, sweep.DOWN_V2), strict=True):
+        now = {tuple(t) for k, t in pt.TILES[kind].items() if k.split(".")[0] == "bf16"}
+        assert set(tiles[: len(now)]) == now
+        assert tiles[len(now) :] == [t for t in new["bf16"] if t not in now]
+    assert [k for k, _ in sweep.candidates("bf16", apply_v2=False, down_v2=True)] == ["down"]
     for t in sweep.APPLY_V2["bf16"] + sweep.APPLY_V2["tf32"]:
         assert pt._tile_ok("apply", t) and pt.tile_variant(t) is not None
+    for t in sweep.DOWN_V2["bf16"] + sweep.DOWN_V2["tf32"]:
+        assert pt._tile_ok("down", t)
