@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests.triton_marks import needs_interpreter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,3 +89,32 @@ def test_v2_candidates_start_with_the_current_table(sweep):
         assert pt._tile_ok("apply", t) and pt.tile_variant(t) is not None
     for t in sweep.DOWN_V2["bf16"] + sweep.DOWN_V2["tf32"]:
         assert pt._tile_ok("down", t)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind,tile", [("apply", (32, 32, 16, 4, 1, 0, "grouped+early+tma")),
+                                       ("apply", (32, 32, 16, 4, 1, 1)),
+                                       ("down", (32, 32, 16, 4, 1, "aligned"))])  # fmt: skip
+def test_measure_checks_and_times_every_group(sweep, monkeypatch, kind, tile):
+    """The sweep's per-candidate path on CPU tensors (fp32; the interpreter's bf16 dot is not
+    usable): operands, the float64 check (within ``CHECK_LIMITS``) and one timed call per
+    group (the CUDA-event timer replaced by a call counter)."""
+    from frugal_dist.kernels.refresh import random_bases
+
+    calls = []
+    monkeypatch.setattr(sweep, "median_ms", lambda fn, reps: calls.append(fn()) or 1.0)
+    gen = torch.Generator().manual_seed(0)
+    gs = []
+    for (m, n), side in (((70, 40), "right"), ((40, 70), "left")):
+        dim, count, r = (n if side == "right" else m), 3, 20
+        gs.append({"shape": (m, n), "side": side, "r": r, "count": count,
+                   "W": [torch.randn(m, n, generator=gen) for _ in range(count)],
+                   "G": [torch.randn(m, n, generator=gen) for _ in range(count)],
+                   "P": random_bases(dim, r, list(range(count)), "cpu"),
+                   "U": torch.randn((count, m, r) if side == "right" else (count, r, n),
+                                    generator=gen)})  # fmt: skip
+    row = sweep.measure(kind, tile, gs, "fp32", reps=1)
+    assert len(calls) == 2 and row["ms"] == 2.0 and row["tile"] == list(tile)
+    for g in row["groups"]:
+        assert sweep.check_failure({k: v for k, v in g.items() if k in sweep.CHECK_LIMITS}) is None
+        assert g.get("tma_ran") is ("tma" in str(tile[-1]) or None)  # descriptors were made
