@@ -72,6 +72,7 @@ APPLY_V2 = {
     "bf16": [(64, 64, 64, 4, 3, 0, "grouped+tma+regs168"),
              (64, 128, 64, 8, 2, 0, "grouped+tma+regs128"),
              (64, 64, 64, 4, 3, 0, "grouped+tma"),
+             (64, 64, 64, 4, 4, 0, "grouped+tma"),
              (128, 64, 64, 8, 2, 0, "grouped+tma+regs128"),
              (64, 64, 64, 4, 2, 0, "grouped+tma+regs128"),
              (64, 128, 64, 8, 3, 0, "grouped+tma"),
