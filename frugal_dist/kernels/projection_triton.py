@@ -44,6 +44,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from frugal_dist.kernels import projection_apply_v2 as v2
+from frugal_dist.kernels.projection_apply_v2 import update_tile
+
 RULE_CODES = {"signsgd": 0, "sgd": 1, "none": 2}
 SIDES = ("left", "right")
 # the down product of the triton backend: this module's kernel, one cuBLAS bmm over G stacked
@@ -64,7 +67,9 @@ _DEFAULT_TILES = {
     "down": {"bf16": (128, 128, 64, 8, 3), "tf32": (128, 128, 32, 8, 3),
              "fp32": (64, 64, 32, 4, 2)},
 }  # fmt: skip
-Tile = tuple[int, ...]  # (BM, BN, BK, warps, stages), apply: optionally a 6th, ``stacked`` (0 / 1)
+# (BM, BN, BK, warps, stages); apply: optionally a 6th, ``stacked`` (0 / 1), and a 7th, the
+# ``variant`` (``projection_apply_v2``: 'base' or e.g. 'grouped+early'; needs stacked = 0)
+Tile = tuple[Any, ...]
 
 
 def _tile_key_ok(kind: str, key: str) -> bool:
@@ -76,9 +81,25 @@ def _tile_key_ok(kind: str, key: str) -> bool:
     return rest == "" or (kind == "apply" and rest in SIDES) or bool(re.fullmatch(r"\d+x\d+", rest))
 
 
+DOWN_VARIANTS = ("base", "aligned")  # a down tile's optional 6th field
+
+
 def _tile_ok(kind: str, t: Any) -> bool:
-    n_ok = len(t) == 5 or (kind == "apply" and len(t) == 6 and t[5] in (0, 1))
+    n_ok = (len(t) == 5 or (kind == "apply" and len(t) in (6, 7) and t[5] in (0, 1))
+            or (kind == "down" and len(t) == 6 and t[5] in DOWN_VARIANTS))  # fmt: skip
     return n_ok and all(isinstance(x, int) and x > 0 for x in t[:5])
+
+
+def tile_variant(t: Tile) -> dict[str, Any] | None:
+    """The knobs of an apply tile's 7th field (None: the plain kernels, 'base' or absent); a
+    ValueError naming the field and the fix for a bad one or one combined with stacked = 1."""
+    if len(t) < 7 or t[6] == "base":
+        return None
+    flags = v2.parse_variant(t[6])
+    if t[5] != 0:
+        raise ValueError(f"apply tile {list(t)!r}: the variant {t[6]!r} is a two-product kernel; "
+                         "set the 6th field (stacked) to 0 or the variant to 'base'")  # fmt: skip
+    return flags
 
 
 def load_tiles(path: Path = TILES_FILE) -> tuple[dict[str, dict[str, Tile]], dict[str, str]]:
@@ -86,7 +107,8 @@ def load_tiles(path: Path = TILES_FILE) -> tuple[dict[str, dict[str, Tile]], dic
     from ``path`` when it exists. Keys may name a matrix shape (``bf16.2048x5461``: the tile of
     the (2048, 5461) matrices) and, for the apply, a side (``bf16.right``); the most specific
     present key wins (shape, side, precision). Apply tiles may carry a 6th entry, 1 =
-    ``_apply_stacked_kernel`` (one dot on stacked operands), 0 / absent = ``_apply_kernel``."""
+    ``_apply_stacked_kernel`` (one dot on stacked operands), 0 / absent = ``_apply_kernel``,
+    and a 7th, the variant of ``projection_apply_v2`` ('base' / absent: the kernels here)."""
     tiles = {k: dict(v) for k, v in _DEFAULT_TILES.items()}
     down_backend = {p: "triton" for p in _INPUT_PRECISION}
     if path.exists():
@@ -96,8 +118,14 @@ def load_tiles(path: Path = TILES_FILE) -> tuple[dict[str, dict[str, Tile]], dic
                 if not (_tile_key_ok(kind, prec) and isinstance(t, list) and _tile_ok(kind, t)):
                     raise ValueError(f"{path}: {kind}.{prec} must be five positive ints (BM, "
                                      f"BN, BK, warps, stages; apply: and optionally 'stacked' "
-                                     f"0/1), keyed by a precision (apply: or precision.side), "
-                                     f"got {t!r}")  # fmt: skip
+                                     f"0/1, then a variant string; down: optionally "
+                                     f"{' or '.join(DOWN_VARIANTS)}), keyed by a precision "
+                                     f"(apply: or precision.side), got {t!r}")  # fmt: skip
+                if kind == "apply":
+                    try:
+                        tile_variant(t)
+                    except ValueError as exc:
+                        raise ValueError(f"{path}: apply.{prec}: {exc}") from None
                 tiles[kind][prec] = tuple(t)
         for prec, how in data.get("down_backend", {}).items():
             if prec not in _INPUT_PRECISION or how not in DOWN_BACKENDS:
@@ -179,24 +207,7 @@ def _apply_kernel(
                 else:
                     a1 = tl.load(x_ptr + x_off, mask=rk[None, :] < r, other=0.0)
                 acc1 = tl.dot(a1.to(OP), bt, acc1, input_precision=PREC)
-    _update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u, c_f, RULE)
-
-
-@triton.jit
-def _update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u, c_f,
-                 RULE: tl.constexpr):  # fmt: skip
-    """W[rm, rn] <- W decay + c_u acc2 + c_f F(G - acc1): reads G and W once, writes W once."""
-    mask = (rm < m)[:, None] & (rn < n)[None, :]
-    w_offs = rm[:, None] * n + rn[None, :]  # W is contiguous
-    w = tl.load(w_ptr + w_offs, mask=mask, other=0.0)
-    out = w * decay + c_u * acc2
-    if RULE != 2:
-        g = tl.load(g_ptr + rm[:, None] * s_gm + rn[None, :] * s_gn, mask=mask, other=0.0)
-        res = g.to(tl.float32) - acc1
-        if RULE == 0:
-            res = tl.where(res > 0, 1.0, tl.where(res < 0, -1.0, res * 0.0))
-        out += c_f * res
-    tl.store(w_ptr + w_offs, out, mask=mask)
+    update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u, c_f, RULE)
 
 
 @triton.jit
@@ -261,7 +272,7 @@ def _apply_stacked_kernel(
                 bt = tl.load(p_ptr + b_off, mask=rk[:, None] < r, other=0.0)
             acc = tl.dot(a.to(OP), bt.to(OP), acc, input_precision=PREC)
         acc1, acc2 = tl.split(tl.permute(tl.reshape(acc, (2, BM, BN)), (1, 2, 0)))
-    _update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u, c_f, RULE)
+    update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u, c_f, RULE)
 
 
 @triton.jit
@@ -271,15 +282,20 @@ def _down_kernel(
     s_ga, s_gc, s_pb, s_pc, s_pk, s_ob, s_oa, s_ok,
     K: tl.constexpr, r: tl.constexpr, G_ELEM: tl.constexpr, BF16: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """out_b[a, k] = sum_c A_b[a, c] P_b[c, k], A_b[a, c] = G_b[a s_ga + c s_gc] (M x K; K, the
-    contracted side of G, is a compile-time loop bound like r)."""
+    contracted side of G, is a compile-time loop bound like r). ``ALIGNED``: every G address is
+    a multiple of 16 bytes (host-checked), so G's tiles load as vectors (the table's addresses
+    are otherwise assumed 4-byte aligned: scalar loads)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     tiles_k = tl.cdiv(r, BN)
     pid_a = pid // tiles_k  # the r tiles of one row block run side by side: G re-read from L2
     pid_k = pid % tiles_k
     g_ptr = tl.load(g_addrs + b).to(tl.pointer_type(G_ELEM))
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
     p_ptr += b * s_pb
     o_ptr += b * s_ob
     ra = pid_a * BM + tl.arange(0, BM)
@@ -375,15 +391,25 @@ def fused_apply(
     ``W``: contiguous float32 (m, n) tensors; ``G``: (m, n)-viewable float32 / bfloat16 / float16;
     ``P`` (B, dim, r), ``X``, ``U`` (B, m, r) right / (B, r, n) left: float32, or (any of them)
     bfloat16 for ``bf16``, where float32 tiles are rounded to bfloat16 in registers (no cast
-    copies). ``tile``: (BM, BN, BK, warps, stages[, stacked]), default the measured table (per
-    precision and side); ``stacked`` = 1 runs ``_apply_stacked_kernel`` (X and U then share one
-    dtype and layout: cast / laid out here if they do not). One launch. Communication: none."""
+    copies). ``tile``: (BM, BN, BK, warps, stages[, stacked[, variant]]), default the measured
+    table (per precision and side); ``stacked`` = 1 runs ``_apply_stacked_kernel`` (X and U then
+    share one dtype and layout: cast / laid out here if they do not); a variant other than
+    'base' runs ``projection_apply_v2``'s kernel. One launch. Communication: none."""
     B = len(W)
     m, n = W[0].shape
     r = P.shape[-1]
     Gv = uniform_strides(G, m, n)
     bm, bn, bk, warps, stages, *rest = tile or _tile("apply", precision, W[0].device, (m, n),
                                                      side)  # fmt: skip
+    variant = tile_variant((bm, bn, bk, warps, stages, *rest))
+    if variant is not None:
+        consts = dict(RULE=RULE_CODES[rule], G_ELEM=_ELEM[Gv[0].dtype],
+                      PREC=_INPUT_PRECISION[precision], OP=_OPERAND[precision])  # fmt: skip
+        aligned = all(a % 16 == 0 for a in map(_DATA_PTR, (*W, *Gv)))
+        v2.launch(variant, address_table(W), address_table(Gv), Gv[0].stride(), P, X, U, m, n,
+                  side, decay=decay, c_u=c_u, c_f=c_f, consts=consts, bm=bm, bn=bn, bk=bk,
+                  warps=warps, stages=stages, aligned=aligned)  # fmt: skip
+        return
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), B)
     if rest and rest[0] == 1 and rule != "none":
         if X.dtype != U.dtype or X.stride() != U.stride():
@@ -420,6 +446,8 @@ def fused_down(
     B (m, n)-viewable gradients; ``P`` (B, dim, r) float32, or bfloat16 for ``bf16`` (G's tiles,
     and P's if float32, are then rounded to bfloat16 in registers). ``out`` may be any strided
     view (a ``left`` (B, r, n) result stored as (B, n, r): the apply's K-contiguous layout).
+    ``tile``: (BM, BN, BK, warps, stages[, variant]); variant ``aligned`` tells the kernel the
+    gradients' addresses are 16-byte multiples when they all are (vector loads of G).
     One launch. Communication: none."""
     B = len(G)
     r = P.shape[-1]
@@ -431,14 +459,15 @@ def fused_down(
         M, K, s_ga, s_gc, s_oa, s_ok = m, n, s_gm, s_gn, out.stride(1), out.stride(2)
     else:  # a = column j, c = row i; out (r, n) written transposed
         M, K, s_ga, s_gc, s_oa, s_ok = n, m, s_gn, s_gm, out.stride(2), out.stride(1)
-    bm, bn, bk, warps, stages = tile or _tile("down", precision, out.device, (m, n))
+    bm, bn, bk, warps, stages, *rest = tile or _tile("down", precision, out.device, (m, n))
+    aligned = rest == ["aligned"] and all(a % 16 == 0 for a in map(_DATA_PTR, Gv))
     grid = (triton.cdiv(M, bm) * triton.cdiv(r, bn), B)
     _down_kernel[grid](
         address_table(Gv), P, out, M,
         s_ga, s_gc, P.stride(0), P.stride(1), P.stride(2), out.stride(0), s_oa, s_ok,
         K=K, r=r, G_ELEM=_ELEM[Gv[0].dtype], BF16=precision == "bf16",
         PREC=_INPUT_PRECISION[precision], BM=bm, BN=bn, BK=bk, EVEN_K=K % bk == 0,
-        num_warps=warps, num_stages=stages,
+        ALIGNED=aligned, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 

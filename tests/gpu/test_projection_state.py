@@ -99,8 +99,9 @@ def test_step_with_the_fused_state_follows_the_oracle(kind, precision, monkeypat
     assert max_diff(qs, [p.cuda() for p in make_params(SHAPES)]) > 0.05
 
 
-# the two apply kernels (``projection_tiles.json`` picks one per shape; 6th tile entry 1: stacked)
-APPLY_KERNELS = ("_apply_kernel", "_apply_stacked_kernel")
+# the apply kernels (``projection_tiles.json`` picks one per shape; 6th tile entry 1: stacked; a
+# 7th, the variant: ``projection_apply_v2``)
+APPLY_KERNELS = ("_apply_kernel", "_apply_stacked_kernel", "_apply_v2_kernel")
 
 
 def _kernels_of_steady_step(precision: str) -> list[str]:
@@ -182,6 +183,20 @@ def test_stacked_apply_kernel_matches_the_two_dot_kernel(precision, side, shape,
     """The stacked-operand apply (one dot on [X; U]) against the two-dot kernel on the same
     bfloat16 / float32 operands: the same products in another accumulation grouping, so
     identical up to float32 summation order -- except sign(R) where |R| is at that level."""
+    _matches_the_two_dot_kernel(precision, side, shape, tile)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("side,shape", [("right", (544, 256)), ("left", (256, 544))])
+@pytest.mark.parametrize("variant", ["grouped+tma", "grouped+early+tma+regs168",
+                                     "seq+tma+persist2", "grouped+regs128"])  # fmt: skip
+def test_apply_v2_variants_match_the_two_dot_kernel(precision, side, shape, variant):
+    """``projection_apply_v2`` (the tile's 7th field) against ``_apply_kernel`` with the same
+    (BM, BN, BK): the same products in the same K order (bit-equal under the interpreter)."""
+    _matches_the_two_dot_kernel(precision, side, shape, (64, 64, 32, 4, 3, 0, variant))
+
+
+def _matches_the_two_dot_kernel(precision, side, shape, tile):
     from frugal_dist.kernels.projection_triton import fused_apply
 
     gen = torch.Generator(device="cuda").manual_seed(5)
@@ -224,3 +239,22 @@ def test_per_matrix_mm_down_matches_bmm():
         finally:
             pt.DOWN_BACKEND["tf32"] = old
         torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-3)  # TF32 products
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("side,shape", [("right", (544, 256)), ("left", (256, 544))])
+def test_aligned_down_matches_the_plain_down(precision, side, shape):
+    """The ``aligned`` down tile (16-byte vector loads of G) computes what the plain tile does."""
+    from frugal_dist.kernels.projection_triton import fused_down
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    m, n = shape
+    B, r = 3, 64
+    P = torch.randn(B, m if side == "left" else n, r, device="cuda", generator=gen)
+    P = P.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    G = [torch.randn(m, n, device="cuda", generator=gen) for _ in range(B)]
+    outs = []
+    for tile in ((128, 128, 32, 8, 3), (128, 128, 32, 8, 3, "aligned")):
+        out = torch.empty((B, m, r) if side == "right" else (B, r, n), device="cuda")
+        outs.append(fused_down(G, P, side, out, precision=precision, tile=tile))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
