@@ -52,7 +52,7 @@ VOTE_BLOCK = 256
 VOTE_WARPS = 8
 VOTE_BITS_BLOCK = 1024
 VOTE_BITS_WARPS = 4
-VOTE_APPLY_BLOCK = 256
+VOTE_APPLY_BLOCK = 128
 VOTE_APPLY_WARPS = 8
 GROUP = 31  # ranks counted bit-sliced at once (5 levels); more are summed per entry
 _GDTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -173,8 +173,7 @@ def _vote_units(g_ptr, stride, units, nunits, full,
             gt, eq = _compare(c2, gt, eq, ALL, ((WORLD // 2) >> 2) & 1)
         if LEVELS > 1:
             gt, eq = _compare(c1, gt, eq, ALL, ((WORLD // 2) >> 1) & 1)
-        gt, eq = _compare(c0, gt, eq, ALL, (WORLD // 2) & 1)
-        return gt, eq
+        pos, tie = _compare(c0, gt, eq, ALL, (WORLD // 2) & 1)
     else:  # many voters: groups of 31 counted bit-sliced, summed per entry
         cols = tl.arange(0, BITS)
         ones = tl.zeros((units.shape[0], BITS), dtype=tl.int32)
@@ -185,9 +184,7 @@ def _vote_units(g_ptr, stride, units, nunits, full,
         d = 2 * ones - WORLD
         pos = tl.sum((d > 0).to(tl.int32) << cols[None, :], axis=1)
         tie = tl.sum((d == 0).to(tl.int32) << cols[None, :], axis=1)
-        if BITS == 32:
-            return pos, tie
-        return pos.to(tl.uint8), tie.to(tl.uint8)
+    return pos, tie
 
 
 @triton.jit
@@ -206,7 +203,7 @@ def _signs(pos, tie, cols, EVEN: tl.constexpr):
 @triton.jit
 def _unit_ptr(ptr, BITS: tl.constexpr):
     if BITS == 32:
-        return ptr.to(tl.pointer_type(tl.int32))
+        ptr = ptr.to(tl.pointer_type(tl.int32))
     return ptr
 
 
@@ -388,7 +385,8 @@ def vote_bits(gathered: Tensor, out: Tensor) -> None:
     if nbytes % 4:  # whole output words only
         bits, stride = 8, gathered.stride(0) if world > 1 else 0
     nunits = nbytes * 8 // bits
-    block = VOTE_BITS_BLOCK
+    # beyond GROUP ranks the count is an int32 (block, bits) tile: keep it in registers
+    block = VOTE_BITS_BLOCK if world <= GROUP else min(VOTE_BITS_BLOCK, 128)
     with _launch_device(gathered.device):
         _vote_bits_kernel[(triton.cdiv(nunits, block),)](
             gathered, out, nunits, stride, nunits, WORLD=world, LEVELS=_levels(world), BITS=bits,
