@@ -1,7 +1,8 @@
 """The 1-bit sign kernels (``kernels.sign_bits``: pack, float32 vote, packed vote;
 ``kernels.vote_apply``) compiled on CUDA against the torch path (itself tested against
 ``comm.bits``): LLaMA-like shapes (many tiles, ragged tails), W = 1..33 voters (bit-sliced
-counts of every depth and the grouped count), rows read as 32-bit words and as bytes (an unaligned slice).
+counts of every depth and the grouped count), rows read as 32-bit words and as bytes (an
+unaligned slice); and a sign-mode step over simulated ranks against ``kernels="torch"``.
 Everything bit-identical but vote-apply with decay (one FMA: within two float32 roundings).
 Skipped without CUDA or triton."""
 
