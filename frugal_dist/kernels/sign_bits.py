@@ -86,7 +86,25 @@ def pack_signs(tensors: Sequence[Tensor], *, impl: str = "auto") -> Tensor:
     if not tensors:
         raise ValueError("pack_signs: pass at least one tensor")
     device = tensors[0].device
-    offsets, total = [], 0
+    if any(t.device != device for t in tensors) or not all(t.is_floating_point() for t in tensors):
+        _bad_pack_input(tensors)
+    numels = [t.numel() for t in tensors]
+    offsets, total = packed_offsets(numels)
+    out = torch.empty(total, dtype=torch.uint8, device=device)
+    if use_triton(impl, device):
+        from frugal_dist.kernels import sign_bits_triton as tk
+
+        rest = tk.pack(tensors, numels, offsets, out, _PACK_DTYPES)
+    else:
+        rest = list(range(len(tensors)))
+    for i in rest:
+        _pack_torch(tensors[i].reshape(-1), out[offsets[i] : offsets[i] + (numels[i] + 7) // 8])
+    return out
+
+
+def _bad_pack_input(tensors: Sequence[Tensor]) -> None:
+    """The clear error for the first tensor ``pack_signs`` cannot take."""
+    device = tensors[0].device
     for i, t in enumerate(tensors):
         if t.device != device:
             raise ValueError(
@@ -95,20 +113,6 @@ def pack_signs(tensors: Sequence[Tensor], *, impl: str = "auto") -> Tensor:
             )
         if not t.is_floating_point():
             raise ValueError(f"pack_signs: tensors[{i}] has dtype {t.dtype}; pass float tensors")
-        offsets.append(total)
-        total += (t.numel() + 7) // 8
-    out = torch.empty(total, dtype=torch.uint8, device=device)
-    if use_triton(impl, device):
-        from frugal_dist.kernels import sign_bits_triton as tk
-
-        rest = tk.pack(tensors, offsets, out, _PACK_DTYPES)
-    else:
-        rest = list(range(len(tensors)))
-    for i in rest:
-        _pack_torch(
-            tensors[i].reshape(-1), out[offsets[i] : offsets[i] + (tensors[i].numel() + 7) // 8]
-        )
-    return out
 
 
 def _pack_torch(flat: Tensor, out: Tensor) -> None:

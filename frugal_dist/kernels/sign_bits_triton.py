@@ -56,6 +56,7 @@ VOTE_APPLY_BLOCK = 128
 VOTE_APPLY_WARPS = 8
 GROUP = 31  # ranks counted bit-sliced at once (5 levels); more are summed per entry
 _GDTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_ESIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 @triton.jit
@@ -330,31 +331,37 @@ def word_units(gathered: Tensor) -> bool:
     return ptr % 4 == 0 and stride % 4 == 0 and ptr + span <= end
 
 
-def pack(tensors: list[Tensor], offsets: list[int], out: Tensor, dtypes: tuple) -> list[int]:
+def pack(
+    tensors: list[Tensor], numels: list[int], offsets: list[int], out: Tensor, dtypes: tuple
+) -> list[int]:
     """Pack every contiguous tensor of a dtype in ``dtypes`` into ``out`` at its byte offset
     (one launch per dtype; runs of memory-adjacent tensors as one row); returns the indices of
-    the tensors left to the caller's torch path (other dtypes, non-contiguous)."""
+    the tensors left to the caller's torch path (other dtypes, non-contiguous). Host work: four
+    attribute reads per tensor, then plain integers."""
+    kinds = [t.dtype for t in tensors]
+    contiguous = [t.is_contiguous() for t in tensors]
+    ptrs = [t.data_ptr() for t in tensors]
     groups: dict[torch.dtype, list[list[int]]] = {}
     rest: list[int] = []
     last: list[int] | None = None  # the row the previous tensor went to
-    for i, t in enumerate(tensors):
-        n = t.numel()
+    last_kind = None
+    for i, n in enumerate(numels):
         if n == 0:
             continue
-        if t.dtype not in dtypes or not t.is_contiguous():
+        kind = kinds[i]
+        if kind not in dtypes or not contiguous[i]:
             rest.append(i)
             last = None
             continue
-        ptr, off = t.data_ptr(), offsets[i]
-        rows = groups.setdefault(t.dtype, [])
+        ptr, off = ptrs[i], offsets[i]
         if (
-            last is not None and rows and rows[-1] is last and last[1] % 8 == 0
-            and last[0] + last[1] * t.element_size() == ptr and last[2] + last[1] // 8 == off
+            last is not None and kind == last_kind and last[1] % 8 == 0
+            and last[0] + last[1] * _ESIZE[kind] == ptr and last[2] + last[1] // 8 == off
         ):  # fmt: skip
             last[1] += n
         else:
-            last = [ptr, n, off]
-            rows.append(last)
+            last, last_kind = [ptr, n, off], kind
+            groups.setdefault(kind, []).append(last)
     device = out.device
     for dtype, rows in groups.items():
         nbytes = tuple((n + 7) // 8 for _, n, _ in rows)
