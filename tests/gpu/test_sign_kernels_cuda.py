@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="needs triton"),
 ]
 SHAPES = [(2048, 5461), (2048,), (7, 3), (0,), (1,), (3, 8193), (256, 2048)]
-WORLDS = [1, 2, 3, 4, 8, 31, 33]  # each count depth, the largest unrolled, the grouped
+WORLDS = [1, 2, 3, 4, 31, 33]  # count depths 1-3, the largest unrolled (5), the grouped
 
 
 def _grads(seed: int, dtype=torch.float32) -> list[torch.Tensor]:
@@ -63,7 +63,7 @@ def test_votes_match_torch_path(world, lead):
     assert torch.equal(sb.majority_bits(part, impl="triton"), sb.majority_bits(part, impl="torch"))
 
 
-@pytest.mark.parametrize("world", [2, 3, 4, 33])
+@pytest.mark.parametrize("world", [2, 3, 33])
 @pytest.mark.parametrize("decay", [0.0, 1e-3])
 def test_vote_apply_matches_torch_path(world, decay):
     ts = _grads(40 + world)
