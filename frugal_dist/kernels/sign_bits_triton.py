@@ -437,12 +437,11 @@ def vote_apply(
         rows = [v for p, u in pairs for v in (p.data_ptr(), p.numel(), u)]
         nunits = tuple(-(-p.numel() // bits) for p, _ in pairs)
         tile_tensor, first_tile, tiles = tile_map(nunits, device, block)
-        span = bits * (max(nunits) + block)
         with _launch_device(device):
             _vote_apply_kernel[(tiles,)](
                 tile_tensor, first_tile, upload(rows, device), gathered, stride, -alpha, keep,
                 WORLD=world, LEVELS=_levels(world), BITS=bits, DECAY=keep != 1.0,
                 ALIGNED=all(p.data_ptr() % 16 == 0 for p, _ in pairs),
-                WIDE=span >= 1 << 31 or world * stride >= 1 << 31, BLOCK=block,
+                WIDE=_wide(max(bits * max(nunits), world * stride), bits * block), BLOCK=block,
                 num_warps=VOTE_APPLY_WARPS,
             )  # fmt: skip

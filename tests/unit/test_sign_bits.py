@@ -117,6 +117,15 @@ def test_triton_int64_offsets_path(monkeypatch):
     vote = sign_bits.majority_vote(gathered.to(DEV), impl="triton")
     want = bits.majority_from_packed(gathered, 8 * packed.numel())
     assert torch.equal(vote.cpu(), want)
+    assert torch.equal(sign_bits.majority_bits(gathered.to(DEV), impl="triton").cpu(),
+                       sign_bits.majority_bits(gathered, impl="torch"))  # fmt: skip
+    from frugal_dist.kernels.vote_apply import vote_apply_
+
+    params = [torch.zeros_like(t) for t in ts]
+    offsets, _ = sign_bits.packed_offsets([t.numel() for t in ts])
+    vote_apply_(params, gathered.to(DEV), offsets, -1.0, impl="triton")  # p <- F
+    assert torch.equal(torch.cat([p.cpu() for p in params]),
+                       torch.cat([v.cpu() for v in sign_bits.vote_views(vote, ts)]))  # fmt: skip
 
 
 def _oracle_bits(gathered: torch.Tensor) -> torch.Tensor:

@@ -39,23 +39,27 @@ def _ptx(fn, signature: dict, constexprs: dict, aligned: list[int], warps: int) 
     return kernel.asm["ptx"]
 
 
-def _votes(world: int, bits: int) -> dict:
-    return {"WORLD": world, "LEVELS": tk._levels(world), "BITS": bits, "WIDE": False}
+def _votes(world: int, bits: int, wide: bool) -> dict:
+    return {"WORLD": world, "LEVELS": tk._levels(world), "BITS": bits, "WIDE": wide}
 
 
-@pytest.mark.parametrize("world", [2, 5, 33])
-@pytest.mark.parametrize("bits", [8, 32])
-def test_vote_kernels_compile(world, bits):
+@pytest.mark.parametrize(
+    "world,bits,wide",
+    [(2, 8, False), (2, 32, False), (5, 8, False), (5, 32, False), (33, 8, False),
+     (33, 32, False), (4, 32, True)],  # True: int64 offsets (buffers near 2^31 entries)
+)  # fmt: skip
+def test_vote_kernels_compile(world, bits, wide):
     sig = {"g_ptr": "*u8", "out_ptr": "*fp32", "nunits": "i32", "nout": "i32", "stride": "i32"}
-    ptx = _ptx(tk._vote_kernel, sig, {**_votes(world, bits), "BLOCK": tk.VOTE_BLOCK}, [0, 1],
-               tk.VOTE_WARPS)  # fmt: skip
+    consts = {**_votes(world, bits, wide), "BLOCK": tk.VOTE_BLOCK}
+    ptx = _ptx(tk._vote_kernel, sig, consts, [0, 1], tk.VOTE_WARPS)
     assert "st.global.v4.b32" in ptx  # the float32 vote tile: 16-byte stores
     sig = {"g_ptr": "*u8", "out_ptr": "*u8", "nunits": "i32", "stride": "i32", "out_stride": "i32"}
-    _ptx(tk._vote_bits_kernel, sig, {**_votes(world, bits), "BLOCK": tk.VOTE_BITS_BLOCK}, [0, 1],
-         tk.VOTE_BITS_WARPS)  # fmt: skip
+    consts = {**_votes(world, bits, wide), "BLOCK": tk.VOTE_BITS_BLOCK}
+    _ptx(tk._vote_bits_kernel, sig, consts, [0, 1], tk.VOTE_BITS_WARPS)
     sig = {"tile_tensor": "*i32", "first_tile": "*i32", "table": "*i64", "g_ptr": "*u8",
            "stride": "i32", "nalpha": "fp32", "keep": "fp32"}  # fmt: skip
-    consts = {**_votes(world, bits), "DECAY": True, "ALIGNED": True, "BLOCK": tk.VOTE_APPLY_BLOCK}
+    consts = {**_votes(world, bits, wide), "DECAY": True, "ALIGNED": True,
+              "BLOCK": tk.VOTE_APPLY_BLOCK}  # fmt: skip
     ptx = _ptx(tk._vote_apply_kernel, sig, consts, [3], tk.VOTE_APPLY_WARPS)
     assert "st.global.v4.b32" in ptx  # p written back in 16-byte stores
 
