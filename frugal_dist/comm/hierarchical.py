@@ -65,9 +65,10 @@ def node_sign_gather(
     tensors: list[Tensor], groups: NodeGroups, stats: CommStats, kernels: str = "auto"
 ) -> Tensor:
     """The N nodes' packed signs of ``tensors`` as an (N, B) uint8 buffer (rows of unit stride,
-    the format of ``collectives.sign_gather``): slice j over the inter group (B / L bytes per
-    rank, ``sign_allgather``), the slices back together over the intra group (N x B / L,
-    ``intra_gather``). The vote is the caller's."""
+    the format of ``collectives.sign_gather``; row starts 4-byte aligned, so the vote kernels
+    read words): slice j over the inter group (B / L bytes per rank, ``sign_allgather``), the
+    slices back together over the intra group (N x B / L, ``intra_gather``). The vote is the
+    caller's."""
     flat = pack_signs(tensors, impl=kernels)
     nbytes = flat.numel()
     _, mine, c = _slice(flat, groups)
@@ -78,4 +79,8 @@ def node_sign_gather(
     every = torch.empty((size, nodes, c), dtype=torch.uint8, device=flat.device)
     all_gather_rows_(every, part, groups.intra)
     stats.add("intra_gather", part.nbytes, (size - 1) * part.nbytes)
-    return every.permute(1, 0, 2).reshape(nodes, size * c)[:, :nbytes]
+    # the (N, L x c) node rows, each starting on a 4-byte boundary: the vote reads words
+    width = size * c
+    rows = torch.empty((nodes, -(-width // 4) * 4), dtype=torch.uint8, device=flat.device)
+    rows[:, :width].view(nodes, size, c).copy_(every.permute(1, 0, 2))
+    return rows[:, :nbytes]

@@ -11,22 +11,27 @@ written as float32 to a flat buffer of 8 * sum(b_t) elements: element 8 o_t + i 
 entry i (``vote_views`` gives each tensor's view; the <= 7 padding entries per tensor are never
 read).
 
+The packed vote (``majority_bits``) keeps F in bits: a (P, B) uint8 buffer in the same layout,
+row 0 bit = [F = +1] and, for even W only (P = 2), row 1 bit = [F = 0], so F = 2 pos + tie - 1.
+
 Two paths, ``impl="auto"`` as the other kernels (``kernels.elementwise``): Triton on CUDA
 tensors, torch on the CPU; ``"triton"`` also on the CPU under ``TRITON_INTERPRET=1``; ``"torch"``
 never Triton.
 
-* pack: one Triton launch per input dtype (float32 / bfloat16 / float16) over every tensor
-  (``sign_bits_triton``): reads each element once (4 or 2 B) and writes 1/8 B. The torch path
-  works in chunks of ``CHUNK`` elements (bounded temporaries), the arithmetic of
-  ``comm.bits.pack_signs``.
-* vote: one launch over the gathered (W, B) bytes: reads W x B bytes, writes 32 B per byte
-  (4 B per element) -- no per-rank unpacked copy, no int8 / bool tensor per element. The torch
-  path counts in chunks of ``CHUNK`` elements.
+* pack: one Triton launch per input dtype over every tensor (``sign_bits_triton``; tensors
+  adjacent in memory, e.g. views of one flat gradient buffer, pack as one run): reads each
+  element once (4 or 2 B) and writes 1/8 B. The torch path works in chunks of ``CHUNK``
+  elements (bounded temporaries), the arithmetic of ``comm.bits.pack_signs``.
+* vote (``majority_vote``): one launch over the gathered (W, B) bytes, read as 32-bit words
+  where aligned and counted bitwise (``sign_bits_triton``): reads W x B bytes, writes 32 B per
+  byte (4 B per element) -- no per-rank unpacked copy, no int8 / bool tensor per element.
+* packed vote (``majority_bits``): the same count, written as bits: reads W x B, writes P x B
+  bytes. The torch paths count in chunks of ``CHUNK`` elements.
 
 Bound (what any implementation must move per element, fp32 input): pack 4 B + 1/8 B, vote
-W/8 B + 4 B. (Where the vote only feeds a state-free update, ``kernels.vote_apply`` applies it
-from the bits instead: W/8 + 8 B, no float32 vote.) ``benchmarks/kernels_sign.py`` times them
-all against one read of the fp32 gradient.
+W/8 B + 4 B, packed vote (W + P)/8 B. (Where the vote only feeds a state-free update,
+``kernels.vote_apply`` applies it from the bits instead: W/8 + 8 B, no float32 vote.)
+``benchmarks/kernels_sign.py`` times them all against one read of the fp32 gradient.
 """
 
 from __future__ import annotations
@@ -81,6 +86,25 @@ def pack_signs(tensors: Sequence[Tensor], *, impl: str = "auto") -> Tensor:
     if not tensors:
         raise ValueError("pack_signs: pass at least one tensor")
     device = tensors[0].device
+    if any(t.device != device for t in tensors) or not all(t.is_floating_point() for t in tensors):
+        _bad_pack_input(tensors)
+    numels = [t.numel() for t in tensors]
+    offsets, total = packed_offsets(numels)
+    out = torch.empty(total, dtype=torch.uint8, device=device)
+    if use_triton(impl, device):
+        from frugal_dist.kernels import sign_bits_triton as tk
+
+        rest = tk.pack(tensors, numels, offsets, out, _PACK_DTYPES)
+    else:
+        rest = list(range(len(tensors)))
+    for i in rest:
+        _pack_torch(tensors[i].reshape(-1), out[offsets[i] : offsets[i] + (numels[i] + 7) // 8])
+    return out
+
+
+def _bad_pack_input(tensors: Sequence[Tensor]) -> None:
+    """The clear error for the first tensor ``pack_signs`` cannot take."""
+    device = tensors[0].device
     for i, t in enumerate(tensors):
         if t.device != device:
             raise ValueError(
@@ -89,19 +113,6 @@ def pack_signs(tensors: Sequence[Tensor], *, impl: str = "auto") -> Tensor:
             )
         if not t.is_floating_point():
             raise ValueError(f"pack_signs: tensors[{i}] has dtype {t.dtype}; pass float tensors")
-    offsets, total = packed_offsets([t.numel() for t in tensors])
-    out = torch.empty(total, dtype=torch.uint8, device=device)
-    if use_triton(impl, device):
-        from frugal_dist.kernels import sign_bits_triton as tk
-
-        rest = tk.pack(tensors, offsets, out, _PACK_DTYPES)
-    else:
-        rest = list(range(len(tensors)))
-    for i in rest:
-        _pack_torch(
-            tensors[i].reshape(-1), out[offsets[i] : offsets[i] + (tensors[i].numel() + 7) // 8]
-        )
-    return out
 
 
 def _pack_torch(flat: Tensor, out: Tensor) -> None:
@@ -127,11 +138,7 @@ def _pack_torch(flat: Tensor, out: Tensor) -> None:
 def majority_vote(gathered: Tensor, *, impl: str = "auto") -> Tensor:
     """``gathered``: (W, B) uint8, W ranks' packed buffers -> float32 (8 B,) of
     sign(2 ones - W) per bit (``comm.bits.majority_from_packed`` over the whole buffer)."""
-    if gathered.dim() != 2 or gathered.dtype != torch.uint8:
-        raise ValueError(
-            f"majority_vote: gathered must be a (world, bytes) uint8 tensor, got "
-            f"{tuple(gathered.shape)} {gathered.dtype}; stack the ranks' packed buffers"
-        )
+    _check_gathered(gathered, "majority_vote")
     if gathered.stride(1) != 1:  # a column slice of a wider buffer is read in place
         gathered = gathered.contiguous()
     nbytes = gathered.shape[1]
@@ -150,14 +157,59 @@ def majority_vote(gathered: Tensor, *, impl: str = "auto") -> Tensor:
     return out
 
 
+@torch.no_grad()
+def majority_bits(gathered: Tensor, *, impl: str = "auto") -> Tensor:
+    """``gathered``: (W, B) uint8, W ranks' packed buffers -> the packed vote, (P, B) uint8
+    (module docstring): row 0 bit = [F = +1]; for even W (P = 2) row 1 bit = [F = 0], a tie.
+    Padding bits stay 0 (padding is 0 in every rank's row)."""
+    _check_gathered(gathered, "majority_bits")
+    if gathered.stride(1) != 1:
+        gathered = gathered.contiguous()
+    world, nbytes = gathered.shape
+    out = torch.empty((2 - world % 2, nbytes), dtype=torch.uint8, device=gathered.device)
+    if nbytes == 0:
+        return out
+    if use_triton(impl, gathered.device):
+        from frugal_dist.kernels import sign_bits_triton as tk
+
+        tk.vote_bits(gathered, out)
+        return out
+    shifts = _SHIFTS.to(gathered.device)
+    step = CHUNK // 8
+    for lo in range(0, nbytes, step):
+        block = gathered[:, lo : lo + step]
+        twice = 2 * _ones(block)
+        hi = lo + block.shape[1]
+        torch.sum((twice > world).to(torch.uint8) << shifts, 1, dtype=torch.uint8,
+                  out=out[0, lo:hi])  # fmt: skip
+        if world % 2 == 0:
+            torch.sum((twice == world).to(torch.uint8) << shifts, 1, dtype=torch.uint8,
+                      out=out[1, lo:hi])  # fmt: skip
+    return out
+
+
+def _check_gathered(gathered: Tensor, name: str) -> None:
+    if gathered.dim() != 2 or gathered.dtype != torch.uint8:
+        raise ValueError(
+            f"{name}: gathered must be a (world, bytes) uint8 tensor, got "
+            f"{tuple(gathered.shape)} {gathered.dtype}; stack the ranks' packed buffers"
+        )
+
+
+def _ones(block: Tensor) -> Tensor:
+    """(b, 8) int32 number of set bits per position of the (W, b) uint8 ``block``."""
+    shifts = _SHIFTS.to(block.device)
+    ones = torch.zeros(block.shape[1], 8, dtype=torch.int32, device=block.device)
+    for r in range(block.shape[0]):
+        ones += ((block[r].unsqueeze(-1) >> shifts) & 1).to(torch.int32)
+    return ones
+
+
 def majority_bytes(block: Tensor, out: Tensor | None = None) -> Tensor:
     """The torch vote of a (W, b) uint8 ``block``: float32 (b, 8) sign(2 ones - W) (into
     ``out`` when given); temporaries of b x 8 int32."""
     world = block.shape[0]
-    shifts = _SHIFTS.to(block.device)
-    ones = torch.zeros(block.shape[1], 8, dtype=torch.int32, device=block.device)
-    for r in range(world):
-        ones += ((block[r].unsqueeze(-1) >> shifts) & 1).to(torch.int32)
+    ones = _ones(block)
     return torch.sign((2 * ones - world).to(torch.float32), out=out)
 
 

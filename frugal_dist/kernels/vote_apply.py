@@ -17,8 +17,10 @@ read-once bound ``benchmarks/kernels_sign.py`` compares against).
 Two paths, ``impl="auto"`` as the other kernels: Triton on CUDA tensors, torch on the CPU;
 ``"triton"`` also on the CPU under ``TRITON_INTERPRET=1``; ``"torch"`` never Triton.
 
-* Triton (``sign_bits_triton.vote_apply``): one launch over every parameter of a call (a table
-  of [pointer, numel, byte offset] and a tile map), decay folded as in ``free_apply_``
+* Triton (``sign_bits_triton.vote_apply``): one launch over every parameter of a call whose bits
+  start on a 4-byte boundary (read as 32-bit words, the majority counted bitwise), one more for
+  any others (read as bytes); a table of [pointer, numel, unit offset] and a tile map; decay
+  folded as in ``free_apply_``
   (``p keep`` then ``+ (-alpha) F``; the compiler may contract the two into one FMA, so with
   decay the result may differ from the torch path in the last bit; without decay it is exact,
   as ``alpha F`` is).

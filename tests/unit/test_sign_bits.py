@@ -117,3 +117,93 @@ def test_triton_int64_offsets_path(monkeypatch):
     vote = sign_bits.majority_vote(gathered.to(DEV), impl="triton")
     want = bits.majority_from_packed(gathered, 8 * packed.numel())
     assert torch.equal(vote.cpu(), want)
+    assert torch.equal(sign_bits.majority_bits(gathered.to(DEV), impl="triton").cpu(),
+                       sign_bits.majority_bits(gathered, impl="torch"))  # fmt: skip
+    from frugal_dist.kernels.vote_apply import vote_apply_
+
+    params = [torch.zeros_like(t) for t in ts]
+    offsets, _ = sign_bits.packed_offsets([t.numel() for t in ts])
+    vote_apply_(params, gathered.to(DEV), offsets, -1.0, impl="triton")  # p <- F
+    assert torch.equal(torch.cat([p.cpu() for p in params]),
+                       torch.cat([v.cpu() for v in sign_bits.vote_views(vote, ts)]))  # fmt: skip
+
+
+def _oracle_bits(gathered: torch.Tensor) -> torch.Tensor:
+    """The packed vote from ``comm.bits``: [F = +1] and, for even W, [F = 0] as packed rows."""
+    world, nbytes = gathered.shape
+    f = bits.majority_from_packed(gathered.cpu(), 8 * nbytes)
+    rows = [bits.pack_signs(torch.where(f > 0, 1.0, -1.0))]
+    if world % 2 == 0:
+        rows.append(bits.pack_signs(torch.where(f == 0, 1.0, -1.0)))
+    return torch.stack(rows)
+
+
+# worlds: each bit-sliced depth (1..5 levels), the largest unrolled (31), the grouped sum (33+)
+WORLDS = [1, 2, 3, 4, 5, 7, 8, 16, 31, 32, 33, 64]
+# (bytes, column offset into a wider buffer): words (aligned, B % 4 == 0), a ragged last word,
+# bytes (an unaligned start), one byte, more than one program of units
+SLICES = [(4, 0), (5, 0), (130, 0), (131, 4), (130, 1), (1, 3), (4099, 0), (4097, 2)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("world", WORLDS)
+def test_vote_and_packed_vote_every_world_and_tail(impl, world):
+    """``majority_vote`` (float32) and ``majority_bits`` (packed) equal ``comm.bits`` for every
+    world (odd: no ties; even: ties vote 0) on word-aligned, ragged and unaligned rows."""
+    gen = torch.Generator().manual_seed(100 + world)
+    for nbytes, col in SLICES:
+        if impl == "torch" and nbytes > 200 and world > 8:
+            continue  # the slow CPU oracle; the small rows cover the torch path
+        wide = torch.randint(0, 256, (world, nbytes + col + 3), dtype=torch.uint8, generator=gen)
+        if world % 2 == 0:  # many exact ties: half the ranks the complement of the other half
+            wide[world // 2 :, : (nbytes + col) // 2] = ~wide[: world // 2, : (nbytes + col) // 2]
+        part = wide.to(DEV)[:, col : col + nbytes]
+        want = bits.majority_from_packed(wide[:, col : col + nbytes], 8 * nbytes)
+        got = sign_bits.majority_vote(part, impl=impl)
+        assert torch.equal(got.cpu(), want), (nbytes, col)
+        packed = sign_bits.majority_bits(part, impl=impl)
+        assert packed.shape == (2 - world % 2, nbytes)
+        assert torch.equal(packed.cpu(), _oracle_bits(wide[:, col : col + nbytes])), (nbytes, col)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_packed_vote_of_packed_tensors_keeps_zero_padding(impl, world):
+    """Votes of real packs (tensors with tails): F = 2 pos + tie - 1 per entry, padding bits 0."""
+    ts = _tensors(6)
+    rows = [sign_bits.pack_signs([t * (1 if r % 3 else -1) + r for t in ts], impl=impl)
+            for r in range(world)]  # fmt: skip
+    gathered = torch.stack(rows)
+    packed = sign_bits.majority_bits(gathered, impl=impl)
+    vote = sign_bits.majority_vote(gathered, impl=impl)
+    shifts = torch.arange(8, device=packed.device)
+    planes = ((packed.unsqueeze(-1).to(torch.int32) >> shifts) & 1).reshape(packed.shape[0], -1)
+    f = 2 * planes[0] - 1 + (planes[1] if world % 2 == 0 else 0)
+    offsets, _ = sign_bits.packed_offsets([t.numel() for t in ts])
+    for t, o in zip(ts, offsets):
+        n, pad = t.numel(), (-t.numel()) % 8
+        assert torch.equal(f[8 * o : 8 * o + n].float(), vote[8 * o : 8 * o + n])
+        assert not planes[:, 8 * o + n : 8 * o + n + pad].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pack_of_adjacent_views_is_one_run(impl, monkeypatch):
+    """Views of one flat buffer (as a flat gradient buffer hands them over) pack to the bytes of
+    the per-tensor oracle; the Triton path sends runs of adjacent views as one table row."""
+    sizes = [64, 8, 4096, 9, 16, 7, 24, 5000]  # a 9 and a 7 end runs (their bytes are padded)
+    flat = torch.randn(sum(sizes), device=DEV)
+    views = list(torch.split(flat, sizes))
+    views[2] = views[2].view(64, 64)
+    rows_sent: list[int] = []
+    if impl == "triton":
+        from frugal_dist.kernels import sign_bits_triton as tk
+
+        upload = tk.upload
+        monkeypatch.setattr(
+            tk, "upload", lambda v, d: rows_sent.append(len(v) // 3) or upload(v, d)
+        )
+    for order in (views, views[::-1], [views[0], views[2], views[1]]):
+        got = sign_bits.pack_signs(order, impl=impl)
+        assert torch.equal(got.cpu(), _oracle_pack(order))
+    if impl == "triton":  # runs [64, 8, 4096, 9] [16, 7] [24, 5000]; reversed: no runs; 3 apart
+        assert rows_sent == [3, 8, 3]

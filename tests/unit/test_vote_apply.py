@@ -58,7 +58,7 @@ def _reference(params, gathered, offsets, alpha, decay):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8, 33])  # 33: the grouped count
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("decay", [0.0, 1e-3])
 def test_vote_apply_matches_vote_then_update(impl, world, ties, decay):
@@ -80,12 +80,14 @@ def test_vote_apply_matches_vote_then_update(impl, world, ties, decay):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_vote_apply_reads_a_column_slice(impl):
+@pytest.mark.parametrize("lead", [0, 3])  # 0: rows read as words; 3: an unaligned start, bytes
+def test_vote_apply_reads_a_column_slice(impl, lead):
     """Params whose bits start after other tensors' (the sign reduce packs the float32-vote
     tensors first), and a gathered buffer whose rows are a slice of a wider one."""
     params, _, gathered, offsets = _case(3, 7, False)
-    wide = torch.cat([gathered, torch.full((3, 5), 255, dtype=torch.uint8, device=DEV)], 1)
-    view = wide[:, : gathered.shape[1]]
+    pad = torch.full((3, 5), 255, dtype=torch.uint8, device=DEV)
+    wide = torch.cat([pad[:, :lead], gathered, pad], 1)
+    view = wide[:, lead : lead + gathered.shape[1]]
     want = _reference(params[4:], gathered, offsets[4:], 1e-2, 0.0)
     got = [p.clone() for p in params[4:]]
     vote_apply_(got, view, offsets[4:], 1e-2, impl=impl)
