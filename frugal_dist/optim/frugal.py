@@ -103,7 +103,7 @@ from frugal_dist.comm.topology import NodeGroups, build_node_groups
 from frugal_dist.core.fragments import RowSpan
 from frugal_dist.core.subspaces import CoordinateSelection, matrix_shape
 from frugal_dist.layouts.base import ParamView
-from frugal_dist.optim import ownership, phases, simulated_ranks
+from frugal_dist.optim import clipping, ownership, phases, simulated_ranks
 from frugal_dist.optim.engine_hooks import auto_layout, logical_shape
 from frugal_dist.optim.group_setup import (
     FRUGAL_DEFAULTS,
@@ -208,6 +208,7 @@ class FRUGAL(Optimizer):
         self.proj_qr_device = proj_qr_device
         self.kernels = kernels
         self._skipped = torch.zeros((), dtype=torch.int64)
+        self._clip = clipping.ClipSlot()  # clip_grad_norm_'s coefficient for the next step
         self.comm = CommStats()
         self._cache = StepCache()
         self._layout: Any = None
@@ -244,14 +245,44 @@ class FRUGAL(Optimizer):
             raise
         self._registry.record(len(self.param_groups) - 1, self.param_groups[-1])
 
+    # ------------------------------------------------------------------------- clip
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, eps: float = 1e-6) -> Tensor:
+        """Returns the total ``norm_type`` norm of the gradients (torch's ``get_total_norm``:
+        the value ``torch.nn.utils.clip_grad_norm_`` computes) and records the coefficient
+        c = clamp(max_norm / (norm + eps), max=1) for the next ``step()``, which then computes
+        exactly what it computes after torch's ``clip_grad_norm_(params, max_norm)``.
+
+        The ``.grad`` tensors are NOT scaled here: the step applies c only where a
+        scale-dependent rule reads them (the state-full parts, ``sgd``; signSGD parts read
+        sign(c g) = sign(g)), in its kernels or by multiplying those gradients in place, so
+        after the step some ``.grad`` tensors are scaled and others are not. The coefficient
+        is consumed by exactly the next step (also a skipped or raising one); its verdict on
+        inf/nan is isfinite(norm) (as ``step(grad_norm=norm)``). A second call before
+        ``step()`` raises; ``zero_grad()`` drops it. Refused for engine layouts, DTensor
+        parameters and ``reduce_gradients`` at world size > 1 (``optim.clipping``)."""
+        return clipping.clip_grad_norm_(self, self._clip, max_norm, norm_type, eps)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; also drops a pending ``clip_grad_norm_`` (new gradients)."""
+        self._clip.clear()
+        super().zero_grad(set_to_none)
+
     # ------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, *,  # type: ignore[override]
              grad_norm: Tensor | float | None = None) -> float | None:  # fmt: skip
         """One FRUGAL step, phase by phase (``optim.phases``: each phase's work and collective).
         ``grad_norm``: the clip's total norm of these gradients, global over ranks; the inf/nan
-        verdict is then isfinite(grad_norm), no gradient read (``optim.nonfinite``)."""
-        norm = check_grad_norm(grad_norm, closure, self.nonfinite)
+        verdict is then isfinite(grad_norm), no gradient read (``optim.nonfinite``). After
+        ``clip_grad_norm_``: its norm gives the verdict, its coefficient is applied here."""
+        clip = self._clip.take()  # consumed by this step, whatever happens
+        norm = check_grad_norm(clipping.step_norm(clip, grad_norm, closure, False), closure,
+                               self.nonfinite)  # fmt: skip
+        if clip is not None and self.nonfinite == "ignore":  # no verdict: c may be 0 or nan
+            clipping.scale_([p.grad for g in self.param_groups for p in g["params"]
+                             if p.grad is not None], clip.coef)  # fmt: skip
+            clip = None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -259,13 +290,13 @@ class FRUGAL(Optimizer):
         self.comm.begin_step()
         plan = self._cache.plan
         if plan is not None:  # between refreshes: the cached plan (optim.step_plan)
-            done = plan.run(self._context(), self.nonfinite, norm)
+            done = plan.run(self._context(), self.nonfinite, norm, clip)
             if done == SKIPPED:
                 self._skipped += 1
             if done != STALE:
                 return loss
             self._cache.plan = None
-        self._full_step(grad_norm=norm)
+        self._full_step(grad_norm=norm, clip=clip)
         return loss
 
     @torch.no_grad()
@@ -277,6 +308,7 @@ class FRUGAL(Optimizer):
         gradients (one per parameter of ``param_groups`` in order, None for none; used as
         buffers), ``node_size`` the ranks per node for "hierarchical". The reduce runs in
         process (``optim.simulated_ranks``); W = 1 is ``step()``; then ``p.grad`` is rank 0's."""
+        clipping.step_norm(self._clip.take(), None, None, True)  # a pending clip: refused
         sim = simulated_ranks.prepare(self, rank_grads, node_size)  # p.grad: rank 0's
         if sim.world == 1:
             self.step()
@@ -286,9 +318,10 @@ class FRUGAL(Optimizer):
         self._full_step(sim)
 
     def _full_step(self, simulated: simulated_ranks.SimulatedRanks | None = None,
-                   grad_norm: Tensor | float | None = None) -> None:  # fmt: skip
+                   grad_norm: Tensor | float | None = None,
+                   clip: clipping.PendingClip | None = None) -> None:  # fmt: skip
         """The full path: agreement (once), inf/nan check (every ``simulated`` rank's, or
-        ``grad_norm``'s verdict), phases."""
+        ``grad_norm``'s verdict), phases; ``clip``: the gradients the step reads scaled."""
         views = [(group, self.views(group)) for group in self.param_groups]
         ctx = self._context()
         ctx.simulated = simulated
@@ -300,6 +333,8 @@ class FRUGAL(Optimizer):
         items = phases.plan(ctx, views)
         if not items:
             return
+        if clip is not None:  # in place where a scale-dependent rule reads (optim.clipping)
+            clipping.scale_items_(items, clip.coef)
         phases.reduce(ctx, items)  # reduce_gradients: mean gradients (full / compact / signs)
         phases.select(ctx, items)  # svd refresh; refresh fingerprints compared
         phases.down(ctx, items)  # G_sf = down(G)
