@@ -118,6 +118,16 @@ def clip_grad_norm_(
     return norm
 
 
+def applies(opt: Any) -> bool:
+    """Whether ``clip_grad_norm_`` accepts ``opt`` (no layout, no DTensor parameter, no
+    ``reduce_gradients`` at world size > 1); the training loop's choice of clip."""
+    try:
+        _check_supported(opt)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_supported(opt: Any) -> None:
     fix = ("use torch.nn.utils.clip_grad_norm_ (or the engine's clip) and pass its norm to "
            "step(grad_norm=...)")  # fmt: skip

@@ -263,6 +263,11 @@ class FRUGAL(Optimizer):
         parameters and ``reduce_gradients`` at world size > 1 (``optim.clipping``)."""
         return clipping.clip_grad_norm_(self, self._clip, max_norm, norm_type, eps)
 
+    @property
+    def clip_pending(self) -> bool:
+        """A ``clip_grad_norm_`` coefficient waits for the next step."""
+        return self._clip.pending is not None
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; also drops a pending ``clip_grad_norm_`` (new gradients)."""
         self._clip.clear()
