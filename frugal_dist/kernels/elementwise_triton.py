@@ -151,7 +151,7 @@ def _free_kernel(
         p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CLIP:
-        g = _clipped(g, clip, G_DTYPE != tl.float32, G_DTYPE, EXACT)
+        g = _clipped(g, clip, tl.float32 != G_DTYPE, G_DTYPE, EXACT)
     if DECAY:
         p = p * keep
     p = p + nalpha * _free_direction(g, free_scale, FREE, False)
@@ -268,7 +268,7 @@ def _coordinate_kernel(
     v = tl.load(v_ptr + c_off, mask=sel, other=0.0)
     gs = g
     if CLIP:
-        gs = _clipped(g, clip, G_DTYPE != tl.float32, G_DTYPE, EXACT)
+        gs = _clipped(g, clip, tl.float32 != G_DTYPE, G_DTYPE, EXACT)
     if FREE == 0:  # sign(c g) = sign(g): the rest reads the unscaled gradient
         gf = g
     else:

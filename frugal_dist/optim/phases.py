@@ -60,6 +60,7 @@ from frugal_dist.comm.collectives import (
 from frugal_dist.comm.stats import CommStats
 from frugal_dist.core.rules import state_full_directions
 from frugal_dist.layouts.base import ParamView
+from frugal_dist.optim.clipping import COMPACT, clip_mode, scaled_compact
 from frugal_dist.optim.fast_apply import (
     FusedParts,
     VotedPart,
@@ -72,7 +73,6 @@ from frugal_dist.optim.fast_apply import (
     run_voted,
     voted_parts,
 )
-from frugal_dist.optim.clipping import COMPACT, clip_mode, scaled_compact
 from frugal_dist.optim.free_scale import reduce_scales
 from frugal_dist.optim.kinds import SubspaceKind, kind_for
 from frugal_dist.optim.nonfinite import (
