@@ -186,6 +186,15 @@ def step_norm(clip: PendingClip | None, grad_norm: Any, closure: Any, simulated:
     return clip.norm
 
 
+def unless_ignored(clip: PendingClip | None, nonfinite: str, groups: list) -> PendingClip | None:
+    """``nonfinite="ignore"`` takes no verdict, so c may be 0 or nan: every gradient is
+    multiplied in place (torch's clip exactly) and None returned; else ``clip``."""
+    if clip is None or nonfinite != "ignore":
+        return clip
+    scale_([p.grad for g in groups for p in g["params"] if p.grad is not None], clip.coef)
+    return None
+
+
 def scale_(grads: list[Tensor], coef: Tensor) -> None:
     """``grads`` multiplied in place by c: torch's ``clip_grads_with_norm_`` op (one
     ``_foreach_mul_`` by the 0-d tensor per (device, dtype)), so the products have its bits."""

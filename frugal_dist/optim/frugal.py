@@ -248,19 +248,11 @@ class FRUGAL(Optimizer):
     # ------------------------------------------------------------------------- clip
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, eps: float = 1e-6) -> Tensor:
-        """Returns the total ``norm_type`` norm of the gradients (torch's ``get_total_norm``:
-        the value ``torch.nn.utils.clip_grad_norm_`` computes) and records the coefficient
-        c = clamp(max_norm / (norm + eps), max=1) for the next ``step()``, which then computes
-        exactly what it computes after torch's ``clip_grad_norm_(params, max_norm)``.
-
-        The ``.grad`` tensors are NOT scaled here: the step applies c only where a
-        scale-dependent rule reads them (the state-full parts, ``sgd``; signSGD parts read
-        sign(c g) = sign(g)), in its kernels or by multiplying those gradients in place, so
-        after the step some ``.grad`` tensors are scaled and others are not. The coefficient
-        is consumed by exactly the next step (also a skipped or raising one); its verdict on
-        inf/nan is isfinite(norm) (as ``step(grad_norm=norm)``). A second call before
-        ``step()`` raises; ``zero_grad()`` drops it. Refused for engine layouts, DTensor
-        parameters and ``reduce_gradients`` at world size > 1 (``optim.clipping``)."""
+        """Returns torch's total norm of the gradients and records c = clamp(max_norm /
+        (norm + eps), max=1) for the next ``step()`` only (also a skipped one), which then
+        computes what it computes after torch's ``clip_grad_norm_``. The ``.grad`` tensors are
+        NOT scaled here: the step applies c where a scale-dependent rule reads them (its
+        kernels, or in place). A second call before ``step()`` raises (``optim.clipping``)."""
         return clipping.clip_grad_norm_(self, self._clip, max_norm, norm_type, eps)
 
     @property
@@ -284,10 +276,7 @@ class FRUGAL(Optimizer):
         clip = self._clip.take()  # consumed by this step, whatever happens
         norm = check_grad_norm(clipping.step_norm(clip, grad_norm, closure, False), closure,
                                self.nonfinite)  # fmt: skip
-        if clip is not None and self.nonfinite == "ignore":  # no verdict: c may be 0 or nan
-            clipping.scale_([p.grad for g in self.param_groups for p in g["params"]
-                             if p.grad is not None], clip.coef)  # fmt: skip
-            clip = None
+        clip = clipping.unless_ignored(clip, self.nonfinite, self.param_groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():

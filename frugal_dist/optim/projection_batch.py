@@ -339,7 +339,7 @@ def state_batched(
         U = both[-1]
         X_op = both[0] if bf16 else None
         adamw_state(X, *moments, [it.sf_t for it in sub], group["betas"], group["eps"], U,
-                    X_op, None if clip is None else clip.to(dev))  # fmt: skip
+                    X_op, clip=None if clip is None else clip.to(dev))  # fmt: skip
         done.update(b.ids)
         if direct:
             _stash(memo, "u", b, U, None)
