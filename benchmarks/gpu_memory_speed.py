@@ -44,10 +44,13 @@ the peak memory or "oom"; a variant stops at its first OOM.
 to that total norm in each timed iteration with the training loop's call
 (``train.engine_setup.clip_gradients``: torch's ``get_total_norm`` + ``clip_grads_with_norm_``,
 i.e. ``clip_grad_norm_``, FSDP2's DTensor norm made whole), after backward and before the
-optimizer-step mark (so in ``step_ms``, not in ``opt_ms``), and FRUGAL variants pass the returned
-norm to ``step(grad_norm=...)`` (``engine_setup.step_grad_norm``: their inf/nan verdict, no
-gradient-reading check). ZeRO engines clip inside DeepSpeed (``gradient_clipping``; FRUGAL keeps
-its own check there). Recorded in the JSON (``grad_clip``, ``config.grad_clip``).
+optimizer-step mark (so in ``step_ms``, not in ``opt_ms``). FRUGAL variants on ``single`` / ``ddp``
+clip with ``FRUGAL.clip_grad_norm_`` there (the same norm, no multiply of every gradient: the
+step applies the coefficient where a scale-dependent rule reads the gradient, inside its
+kernels, ``optim.clipping``; the norm is the step's inf/nan verdict); AdamW keeps torch's clip;
+FRUGAL on other engines passes the returned norm to ``step(grad_norm=...)``
+(``engine_setup.step_grad_norm``). ZeRO engines clip inside DeepSpeed (``gradient_clipping``;
+FRUGAL keeps its own check there). Recorded in the JSON (``grad_clip``, ``config.grad_clip``).
 
 ``--max-seconds`` bounds the launch: each pending variant gets an equal share of what is left,
 the number of timed steps shrinks to fit it, and the JSON is rewritten after every variant.
@@ -487,8 +490,9 @@ def grad_clip_note(args) -> dict[str, Any]:
     else:
         how = ("train.engine_setup.clip_gradients (torch get_total_norm + clip_grads_with_norm_, "
                "= clip_grad_norm_; FSDP2's norm made whole) for every variant after backward, "
-               "before the optimizer-step mark (in step_ms, not opt_ms); FRUGAL variants pass "
-               "the norm to step(grad_norm=...)")  # fmt: skip
+               "before the optimizer-step mark (in step_ms, not opt_ms); FRUGAL variants on "
+               "single/ddp: FRUGAL.clip_grad_norm_ instead (norm only; the step applies the "
+               "coefficient in its kernels), else the norm to step(grad_norm=...)")  # fmt: skip
     return {"max_norm": args.grad_clip, "how": how}
 
 

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 # Elements per program (16 per thread at 8 warps: four 128-bit vectors per array) and warps per
 # program, read at each launch (benchmarks/kernels_elementwise.py sweeps them).
@@ -67,6 +68,22 @@ def _free_direction(g, free_scale, FREE: tl.constexpr, FREE_SCALED: tl.constexpr
     if FREE_SCALED:
         f = f * free_scale
     return f
+
+
+@triton.jit
+def _clipped(g, clip, ROUND: tl.constexpr, G_DTYPE: tl.constexpr, EXACT: tl.constexpr):
+    """c g for the pending clip's coefficient c = *clip (``optim.clipping``), with the bits of
+    torch's in-place multiply of a ``G_DTYPE`` gradient: the float32 product rounded once
+    (``EXACT``: ``mul.rn``, which no FMA contraction may absorb; CUDA only, the interpreter has
+    no libdevice), then to the gradient's dtype when ``ROUND`` (16-bit gradients)."""
+    c = tl.load(clip).to(tl.float32)
+    if EXACT:
+        g = libdevice.mul_rn(g, c)
+    else:
+        g = g * c
+    if ROUND:
+        g = g.to(G_DTYPE).to(tl.float32)
+    return g
 
 
 @triton.jit
@@ -114,11 +131,12 @@ def _ptr(table, slot, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 # ------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _free_kernel(
-    tile_tensor, first_tile, table, nalpha, keep, free_scale,
+    tile_tensor, first_tile, table, nalpha, keep, free_scale, clip,
     FREE: tl.constexpr, DECAY: tl.constexpr, G_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK: tl.constexpr, CLIP: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
-    """p <- p keep + nalpha F(g); table rows [p, g, numel]."""
+    """p <- p keep + nalpha F(g); table rows [p, g, numel]. ``CLIP``: g <- c g first (c =
+    *clip, ``_clipped``)."""
     t, start = _tile(tile_tensor, first_tile, BLOCK, WIDE)
     p_ptr = _ptr(table, 3 * t, tl.float32, ALIGNED)
     g_ptr = _ptr(table, 3 * t + 1, G_DTYPE, ALIGNED)
@@ -132,6 +150,8 @@ def _free_kernel(
     else:
         p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CLIP:
+        g = _clipped(g, clip, tl.float32 != G_DTYPE, G_DTYPE, EXACT)
     if DECAY:
         p = p * keep
     p = p + nalpha * _free_direction(g, free_scale, FREE, False)
@@ -143,11 +163,12 @@ def _free_kernel(
 
 @triton.jit
 def _adamw_kernel(
-    tile_tensor, first_tile, table, coef, nlr, keep, w1, one_minus_w1, b2, w2, eps,
+    tile_tensor, first_tile, table, coef, nlr, keep, w1, one_minus_w1, b2, w2, eps, clip,
     DECAY: tl.constexpr, LERP_HIGH: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, CLIP: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
-    """AdamW on whole tensors; table rows [p, g, m, v, numel, 1/bc1, 1/bc2s (float64 bits), 0]."""
+    """AdamW on whole tensors; table rows [p, g, m, v, numel, 1/bc1, 1/bc2s (float64 bits), 0].
+    ``CLIP``: g <- c g first (c = *clip, ``_clipped``)."""
     t, start = _tile(tile_tensor, first_tile, BLOCK, WIDE)
     row = 8 * t
     p_ptr = _ptr(table, row, tl.float32, ALIGNED)
@@ -170,6 +191,8 @@ def _adamw_kernel(
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    if CLIP:
+        g = _clipped(g, clip, False, tl.float32, EXACT)
     m, v, d = _adamw_direction(g, m, v, w1, one_minus_w1, b2, w2, eps, ibc1, ibc2s, LERP_HIGH)
     if DECAY:
         p = p * keep
@@ -186,10 +209,10 @@ def _adamw_kernel(
 
 @triton.jit
 def _coordinate_kernel(
-    table, coef, numel, N, K, nlr, keep, free_scale, w1, one_minus_w1, b2, w2, eps,
+    table, coef, numel, N, K, nlr, keep, free_scale, w1, one_minus_w1, b2, w2, eps, clip,
     ROWS: tl.constexpr, WRAPS: tl.constexpr, FREE: tl.constexpr, FREE_SCALED: tl.constexpr,
     DECAY: tl.constexpr, LERP_HIGH: tl.constexpr, G_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK: tl.constexpr, CLIP: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
     """Columns (rows) AdamW + state-free rest on same-shape (M, N) matrices, grid (tiles, T).
 
@@ -197,7 +220,8 @@ def _coordinate_kernel(
     columns, M for rows) maps a column (row) to its compact index, -1 when not selected; m / v
     are the compact (M, K) (columns) or (K, N) (rows) moments. ``ALIGNED`` (128-bit W / G
     access) makes the compiler shuffle the gathered m / v / pos values between two register
-    layouts through shared memory; scalar (still coalesced) access avoids that.
+    layouts through shared memory; scalar (still coalesced) access avoids that. ``CLIP``: the
+    AdamW part (and an ``sgd`` rest) reads c g (c = *clip, ``_clipped``); sign(g) does not.
     """
     t = tl.program_id(1)
     start = tl.program_id(0)
@@ -242,8 +266,15 @@ def _coordinate_kernel(
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + c_off, mask=sel, other=0.0)
     v = tl.load(v_ptr + c_off, mask=sel, other=0.0)
-    m, v, u = _adamw_direction(g, m, v, w1, one_minus_w1, b2, w2, eps, ibc1, ibc2s, LERP_HIGH)
-    d = tl.where(sel, u, _free_direction(g, free_scale, FREE, FREE_SCALED))
+    gs = g
+    if CLIP:
+        gs = _clipped(g, clip, tl.float32 != G_DTYPE, G_DTYPE, EXACT)
+    if FREE == 0:  # sign(c g) = sign(g): the rest reads the unscaled gradient
+        gf = g
+    else:
+        gf = gs
+    m, v, u = _adamw_direction(gs, m, v, w1, one_minus_w1, b2, w2, eps, ibc1, ibc2s, LERP_HIGH)
+    d = tl.where(sel, u, _free_direction(gf, free_scale, FREE, FREE_SCALED))
     if DECAY:
         w = w * keep
     w = w + nlr * d
@@ -330,6 +361,11 @@ def wide_offsets(numel: int) -> bool:
     return _wide(numel)
 
 
+def _exact(device: torch.device) -> bool:
+    """``_clipped``'s ``mul.rn`` (CUDA); the interpreter's numpy product is already unfused."""
+    return device.type == "cuda"
+
+
 def _on(device: torch.device):
     """The launch's device context (Triton launches on the current CUDA device)."""
     if device.type == "cuda" and device.index is not None:
@@ -352,15 +388,20 @@ def free_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, gd
 
 
 def launch_free(device, tiles: tuple[Tensor, Tensor, int], table: Tensor, aligned: bool,
-                wide: bool, gdtype, alpha: float, rule: str, keep: float) -> None:  # fmt: skip
+                wide: bool, gdtype, alpha: float, rule: str, keep: float,
+                clip: Tensor | None = None) -> None:  # fmt: skip
     """``free_apply``'s launch on a table already on the device (``tiles``: its ``tile_map``;
-    a step plan's tables live in a ``kernels.step_table.StepTable``)."""
+    a step plan's tables live in a ``kernels.step_table.StepTable``). ``clip``: a pending
+    clip's 0-d coefficient on ``device`` (``optim.clipping``), applied to g for ``sgd`` (the
+    signs are scale-invariant: ignored for ``signsgd`` / ``none``)."""
     tile_tensor, first_tile, count = tiles
+    scaled = clip is not None and rule == "sgd"
     with _on(device):
         _free_kernel[(count,)](
-            tile_tensor, first_tile, table, -alpha, keep, 1.0,
+            tile_tensor, first_tile, table, -alpha, keep, 1.0, clip if scaled else table,
             FREE=FREE_RULE_CODES[rule], DECAY=keep != 1.0, G_DTYPE=_GDTYPES[gdtype],
-            ALIGNED=aligned, WIDE=wide, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            ALIGNED=aligned, WIDE=wide, BLOCK=BLOCK, CLIP=scaled, EXACT=_exact(device),
+            num_warps=NUM_WARPS,
         )  # fmt: skip
 
 
@@ -375,15 +416,16 @@ def adamw_apply(device, rows: list[int], numels: tuple[int, ...], ptr_or: int, l
 
 def launch_adamw(device, tiles: tuple[Tensor, Tensor, int], table: Tensor, coef: Tensor,
                  aligned: bool, wide: bool, lr: float, betas: tuple[float, float], eps: float,
-                 keep: float) -> None:  # fmt: skip
+                 keep: float, clip: Tensor | None = None) -> None:  # fmt: skip
     """``adamw_apply``'s launch on a table already on the device (``coef``: the same table
-    viewed as float64)."""
+    viewed as float64; ``clip``: a pending clip's 0-d coefficient on ``device``, g <- c g)."""
     tile_tensor, first_tile, count = tiles
     with _on(device):
         _adamw_kernel[(count,)](
             tile_tensor, first_tile, table, coef, -lr, keep,
-            **_adam_scalars(tuple(betas), eps), DECAY=keep != 1.0, ALIGNED=aligned,
-            WIDE=wide, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            **_adam_scalars(tuple(betas), eps), clip=table if clip is None else clip,
+            DECAY=keep != 1.0, ALIGNED=aligned, WIDE=wide, BLOCK=BLOCK, CLIP=clip is not None,
+            EXACT=_exact(device), num_warps=NUM_WARPS,
         )  # fmt: skip
 
 
@@ -402,9 +444,11 @@ def coordinate_apply(device, rows: list[int], count: int, ptr_or: int, gdtype,
 def launch_coordinate(device, table: Tensor, coef: Tensor, count: int, aligned: bool, gdtype,
                       shape: tuple[int, int], k: int, lr: float, scale: float,
                       free_scale: float, betas: tuple[float, float], eps: float, keep: float,
-                      free_rule: str, axis_rows: bool) -> None:  # fmt: skip
+                      free_rule: str, axis_rows: bool,
+                      clip: Tensor | None = None) -> None:  # fmt: skip
     """``coordinate_apply``'s launch on a table already on the device (``coef``: the same
-    table viewed as float64; ``aligned``: every w and g pointer 16-byte aligned)."""
+    table viewed as float64; ``aligned``: every w and g pointer 16-byte aligned; ``clip``: a
+    pending clip's 0-d coefficient on ``device``, read by the AdamW part and an ``sgd`` rest)."""
     M, N = shape
     numel = M * N
     block = COORD_BLOCK
@@ -413,10 +457,12 @@ def launch_coordinate(device, table: Tensor, coef: Tensor, count: int, aligned: 
     with _on(device):
         _coordinate_kernel[grid](
             table, coef, numel, N, k, -lr * scale, keep, free_scale,
-            **_adam_scalars(tuple(betas), eps), ROWS=axis_rows, WRAPS=wraps if wraps <= 8 else 0,
+            **_adam_scalars(tuple(betas), eps), clip=table if clip is None else clip,
+            ROWS=axis_rows, WRAPS=wraps if wraps <= 8 else 0,
             FREE=FREE_RULE_CODES[free_rule], FREE_SCALED=free_scale != 1.0, DECAY=keep != 1.0,
             G_DTYPE=_GDTYPES[gdtype], ALIGNED=COORD_VECTOR and aligned,
-            WIDE=_wide(numel), BLOCK=block, num_warps=COORD_WARPS,
+            WIDE=_wide(numel), BLOCK=block, CLIP=clip is not None, EXACT=_exact(device),
+            num_warps=COORD_WARPS,
         )  # fmt: skip
 
 
@@ -425,3 +471,5 @@ def launch_coordinate(device, table: Tensor, coef: Tensor, count: int, aligned: 
 adamw_direction = _adamw_direction
 adam_scalars = _adam_scalars
 launch_device = _on
+clipped = _clipped
+exact_products = _exact

@@ -38,6 +38,8 @@ from frugal_dist.kernels.elementwise_triton import (
     adam_corrections,
     adam_scalars,
     adamw_direction,
+    clipped,
+    exact_products,
     launch_device,
     upload,
 )
@@ -56,13 +58,15 @@ def _adamw_state_kernel(
     m_addrs, v_addrs, coef, x_ptr, u_ptr, xo_ptr,
     A, C,
     s_xb, s_xa, s_xc, s_ub, s_ua, s_uc, s_ob, s_oa, s_oc,
-    ibc1_all, ibc2s_all, w1, one_minus_w1, b2, w2, eps,
+    ibc1_all, ibc2s_all, w1, one_minus_w1, b2, w2, eps, clip,
     PER_ITEM: tl.constexpr, LERP_HIGH: tl.constexpr, U_ELEM: tl.constexpr,
     COPY_X: tl.constexpr, XO_ELEM: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr,
+    CLIP: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
     """Grid (tiles of one (A, C) matrix, B). ``coef``: per-matrix (1/bc1, 1/bc2s) float64 pairs
     when ``PER_ITEM`` (step counts differ), else the scalars ``ibc*_all``. ``COPY_X``: also
-    write X to ``xo_ptr`` (the apply kernel's operand copy)."""
+    write X to ``xo_ptr`` (the apply kernel's operand copy, unscaled). ``CLIP``: the moments
+    read c X (c = *clip, a pending clip's coefficient)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     tiles_c = tl.cdiv(C, BC)
@@ -81,7 +85,10 @@ def _adamw_state_kernel(
     x = tl.load(x_ptr + b * s_xb + ra[:, None] * s_xa + rc[None, :] * s_xc, mask=mask, other=0.0)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    m, v, d = adamw_direction(x, m, v, w1, one_minus_w1, b2, w2, eps, ibc1, ibc2s, LERP_HIGH)
+    xs = x
+    if CLIP:
+        xs = clipped(x, clip, False, tl.float32, EXACT)
+    m, v, d = adamw_direction(xs, m, v, w1, one_minus_w1, b2, w2, eps, ibc1, ibc2s, LERP_HIGH)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     tl.store(u_ptr + b * s_ub + ra[:, None] * s_ua + rc[None, :] * s_uc, d.to(U_ELEM), mask=mask)
@@ -99,6 +106,7 @@ def adamw_state(
     eps: float,
     out: Tensor,
     x_copy: Tensor | None = None,
+    clip: Tensor | None = None,
 ) -> Tensor:
     """One AdamW step of B compact gradients (module docstring), in one launch: ``exp_avgs`` /
     ``exp_avg_sqs`` (contiguous float32, a*c entries each) advance in place; U goes to ``out``.
@@ -107,6 +115,8 @@ def adamw_state(
     (not overlapping ``x``); ``steps``: each matrix's state-full count after this step (>= 1).
     ``x_copy``: optional (B, a, c) float32 / bfloat16 tensor, any strides, that receives x (the
     apply kernel's bfloat16 operand: +2 B per entry here instead of a separate cast pass).
+    ``clip``: a pending clip's 0-d coefficient c on x's device (``optim.clipping``): the moments
+    advance with c x (Z = P^T G is linear in G), ``x_copy`` keeps x (the residual's operand).
     Memory traffic: 4 B (x) + 16 B (m, v read and written) + 4 or 2 B (U) per entry; the tables
     are cached by address (``projection_triton.address_table``). Communication: none."""
     B, A, C = x.shape
@@ -143,8 +153,9 @@ def adamw_state(
             address_table(exp_avgs), address_table(exp_avg_sqs), coef, x, out, xo, A, C,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
             xo.stride(0), xo.stride(1), xo.stride(2),
-            ibc1, ibc2s, **adam_scalars(tuple(betas), eps), PER_ITEM=per_item,
-            U_ELEM=_U_ELEM[out.dtype], COPY_X=x_copy is not None, XO_ELEM=_U_ELEM[xo.dtype],
-            BA=TILE_A, BC=TILE_C, num_warps=NUM_WARPS,
+            ibc1, ibc2s, **adam_scalars(tuple(betas), eps), clip=x if clip is None else clip,
+            PER_ITEM=per_item, U_ELEM=_U_ELEM[out.dtype], COPY_X=x_copy is not None,
+            XO_ELEM=_U_ELEM[xo.dtype], BA=TILE_A, BC=TILE_C, CLIP=clip is not None,
+            EXACT=exact_products(x.device), num_warps=NUM_WARPS,
         )  # fmt: skip
     return out

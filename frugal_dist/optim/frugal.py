@@ -104,7 +104,7 @@ from frugal_dist.comm.topology import NodeGroups, build_node_groups
 from frugal_dist.core.fragments import RowSpan
 from frugal_dist.core.subspaces import CoordinateSelection, matrix_shape
 from frugal_dist.layouts.base import ParamView
-from frugal_dist.optim import ownership, phases, simulated_ranks
+from frugal_dist.optim import clipping, ownership, phases, simulated_ranks
 from frugal_dist.optim.engine_hooks import auto_layout, logical_shape
 from frugal_dist.optim.group_setup import (
     FRUGAL_DEFAULTS,
@@ -209,6 +209,7 @@ class FRUGAL(Optimizer):
         self.proj_qr_device = proj_qr_device
         self.kernels = kernels
         self._skipped = torch.zeros((), dtype=torch.int64)
+        self._clip = clipping.ClipSlot()  # clip_grad_norm_'s coefficient for the next step
         self.comm = CommStats()
         self._cache = StepCache()
         self._layout: Any = None
@@ -245,14 +246,38 @@ class FRUGAL(Optimizer):
             raise
         self._registry.record(len(self.param_groups) - 1, self.param_groups[-1])
 
+    # ------------------------------------------------------------------------- clip
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, eps: float = 1e-6) -> Tensor:
+        """Returns torch's total norm of the gradients and records c = clamp(max_norm /
+        (norm + eps), max=1) for the next ``step()`` only (also a skipped one), which then
+        computes what it computes after torch's ``clip_grad_norm_``. The ``.grad`` tensors are
+        NOT scaled here: the step applies c where a scale-dependent rule reads them (its
+        kernels, or in place). A second call before ``step()`` raises (``optim.clipping``)."""
+        return clipping.clip_grad_norm_(self, self._clip, max_norm, norm_type, eps)
+
+    @property
+    def clip_pending(self) -> bool:
+        """A ``clip_grad_norm_`` coefficient waits for the next step."""
+        return self._clip.pending is not None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; also drops a pending ``clip_grad_norm_`` (new gradients)."""
+        self._clip.clear()
+        super().zero_grad(set_to_none)
+
     # ------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, *,  # type: ignore[override]
              grad_norm: Tensor | float | None = None) -> float | None:  # fmt: skip
         """One FRUGAL step, phase by phase (``optim.phases``: each phase's work and collective).
         ``grad_norm``: the clip's total norm of these gradients, global over ranks; the inf/nan
-        verdict is then isfinite(grad_norm), no gradient read (``optim.nonfinite``)."""
-        norm = check_grad_norm(grad_norm, closure, self.nonfinite)
+        verdict is then isfinite(grad_norm), no gradient read (``optim.nonfinite``). After
+        ``clip_grad_norm_``: its norm gives the verdict, its coefficient is applied here."""
+        clip = self._clip.take()  # consumed by this step, whatever happens
+        norm = check_grad_norm(clipping.step_norm(clip, grad_norm, closure, False), closure,
+                               self.nonfinite)  # fmt: skip
+        clip = clipping.unless_ignored(clip, self.nonfinite, self.param_groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -260,13 +285,13 @@ class FRUGAL(Optimizer):
         self.comm.begin_step()
         plan = self._cache.plan
         if plan is not None:  # between refreshes: the cached plan (optim.step_plan)
-            done = plan.run(self._context(), self.nonfinite, norm)
+            done = plan.run(self._context(), self.nonfinite, norm, clip)
             if done == SKIPPED:
                 self._skipped += 1
             if done != STALE:
                 return loss
             self._cache.plan = None
-        self._full_step(grad_norm=norm)
+        self._full_step(grad_norm=norm, clip=clip)
         return loss
 
     @torch.no_grad()
@@ -278,6 +303,7 @@ class FRUGAL(Optimizer):
         gradients (one per parameter of ``param_groups`` in order, None for none; used as
         buffers), ``node_size`` the ranks per node for "hierarchical". The reduce runs in
         process (``optim.simulated_ranks``); W = 1 is ``step()``; then ``p.grad`` is rank 0's."""
+        clipping.step_norm(self._clip.take(), None, None, True)  # a pending clip: refused
         sim = simulated_ranks.prepare(self, rank_grads, node_size)  # p.grad: rank 0's
         if sim.world == 1:
             self.step()
@@ -287,9 +313,10 @@ class FRUGAL(Optimizer):
         self._full_step(sim)
 
     def _full_step(self, simulated: simulated_ranks.SimulatedRanks | None = None,
-                   grad_norm: Tensor | float | None = None) -> None:  # fmt: skip
+                   grad_norm: Tensor | float | None = None,
+                   clip: clipping.PendingClip | None = None) -> None:  # fmt: skip
         """The full path: agreement (once), inf/nan check (every ``simulated`` rank's, or
-        ``grad_norm``'s verdict), phases."""
+        ``grad_norm``'s verdict), phases; ``clip``: the gradients the step reads scaled."""
         views = [(group, self.views(group)) for group in self.param_groups]
         ctx = self._context()
         ctx.simulated = simulated
@@ -301,6 +328,8 @@ class FRUGAL(Optimizer):
         items = phases.plan(ctx, views)
         if not items:
             return
+        if clip is not None:  # in place where a scale-dependent rule reads (optim.clipping)
+            clipping.scale_items_(items, clip.coef)
         phases.reduce(ctx, items)  # reduce_gradients: mean gradients (full / compact / signs)
         phases.select(ctx, items)  # svd refresh; refresh fingerprints compared
         phases.down(ctx, items)  # G_sf = down(G)

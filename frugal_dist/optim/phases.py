@@ -60,6 +60,7 @@ from frugal_dist.comm.collectives import (
 from frugal_dist.comm.stats import CommStats
 from frugal_dist.core.rules import state_full_directions
 from frugal_dist.layouts.base import ParamView
+from frugal_dist.optim.clipping import COMPACT, clip_mode, scaled_compact
 from frugal_dist.optim.fast_apply import (
     FusedParts,
     VotedPart,
@@ -116,6 +117,9 @@ class StepContext:
     # ``FRUGAL.step_ranks``: the simulated ranks' gradients (``optim.simulated_ranks``), whose
     # reduce runs in this process; None: the real ranks of ``pg``
     simulated: Any = None
+    # a plan step's pending clip coefficient for the ``COMPACT`` items (``optim.clipping``): the
+    # state phase reads c G_sf; None: no clip, or the gradients were scaled (full steps)
+    clip_compact: Tensor | None = None
 
     @property
     def agreement_world(self) -> int:
@@ -333,16 +337,20 @@ def state_batches(ctx: StepContext, items: list[Item]) -> list[list[Item]]:
 
 def run_state(ctx: StepContext, batches: list[list[Item]]) -> None:
     """Per batch of ``state_batches``: the kind's fused ``state_batched`` kernels, then one
-    ``state_full_directions`` call for the rest; sets ``Item.u``."""
+    ``state_full_directions`` call for the rest; sets ``Item.u``. ``ctx.clip_compact``: the
+    ``COMPACT`` items' rule reads c G_sf (``optim.clipping``; G_sf stays unscaled)."""
     for its in batches:
         group = its[0].group
-        done = its[0].kind.state_batched(its, ctx)  # fused kernels (projection batches)
+        clip = ctx.clip_compact
+        if clip is not None and clip_mode(its[0]) != COMPACT:  # one mode per group's batch
+            clip = None
+        done = its[0].kind.state_batched(its, ctx, clip)  # fused kernels (projection batches)
         its = [it for it in its if id(it) not in done]
         if not its:
             continue
         dirs = state_full_directions(
-            its[0].kind.rule(group), [it.g_sf for it in its], [it.st for it in its],
-            [it.sf_t for it in its], group["betas"], group["eps"],
+            its[0].kind.rule(group), [scaled_compact(it.g_sf, clip) for it in its],
+            [it.st for it in its], [it.sf_t for it in its], group["betas"], group["eps"],
         )  # fmt: skip
         for it, d in zip(its, dirs):
             it.u = d

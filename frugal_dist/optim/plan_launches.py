@@ -270,12 +270,16 @@ class PlanLaunches:
                 lc.aligned = lc.fixed_or & 15 == 0
             self._finite_aligned = True
 
-    def launch(self) -> None:
+    def launch(self, clip: Tensor | None = None) -> None:
         """Every prepared launch with the groups' current lr, weight decay, betas and eps (the
-        scalars exactly as ``fast_apply.run_fused`` / ``run_free`` compute them)."""
+        scalars exactly as ``fast_apply.run_fused`` / ``run_free`` compute them). ``clip``: a
+        pending clip's 0-d coefficient c: the kernels read c g where the rule depends on the
+        scale (AdamW, the coordinate AdamW part, ``sgd``; ``optim.clipping``)."""
         from frugal_dist.kernels import elementwise_triton as tk
 
         dev = self.device
+        if clip is not None:
+            clip = clip.to(dev)
         for lc in self.launches:
             g, a = lc.group, lc.args
             lr, wd = g["lr"], g["weight_decay"]
@@ -283,7 +287,7 @@ class PlanLaunches:
                 if a["rule"] == "none" and wd == 0.0:
                     continue
                 tk.launch_free(dev, a["tiles"], lc.table, lc.aligned, a["wide"], a["gdtype"],
-                               lr * a["scale"], a["rule"], 1.0 - lr * wd)  # fmt: skip
+                               lr * a["scale"], a["rule"], 1.0 - lr * wd, clip)  # fmt: skip
                 continue
             b1, b2 = g["betas"]
             betas = (float(b1), float(b2))
@@ -291,12 +295,12 @@ class PlanLaunches:
                 lr_s = lr * a["scale"]
                 keep = 1.0 - lr_s * (wd / a["scale"])
                 tk.launch_adamw(dev, a["tiles"], lc.table, lc.coef, lc.aligned, a["wide"], lr_s,
-                                betas, g["eps"], keep)  # fmt: skip
+                                betas, g["eps"], keep, clip)  # fmt: skip
             else:
                 tk.launch_coordinate(
                     dev, lc.table, lc.coef, a["count"], lc.aligned, a["gdtype"], a["shape"],
                     a["k"], lr, a["scale"], a["free_scale"], betas, g["eps"], 1.0 - lr * wd,
-                    a["free_rule"], a["axis_rows"],
+                    a["free_rule"], a["axis_rows"], clip,
                 )  # fmt: skip
 
 

@@ -286,8 +286,9 @@ def fused_state_usable(kernels: str, device: torch.device) -> bool:
 
 
 def state_batched(
-    its: list[Item], kernels: str, *, sharded: bool, memo: dict | None = None
-) -> set[int]:
+    its: list[Item], kernels: str, *, sharded: bool, memo: dict | None = None,
+    clip: Tensor | None = None,
+) -> set[int]:  # fmt: skip
     """U = AdamW(G_sf) of the batchable items of one group (``state_full="adamw"``), one
     ``adamw_state`` launch per batch (m, v advanced in place, U written once); returns the ids
     of the items done, the others keep the ``core.rules`` foreach path.
@@ -296,7 +297,8 @@ def state_batched(
     ``triton`` backend in its operand dtype and, ``left``, stored (B, n, r); with ``bf16`` the
     kernel also writes G_sf's bfloat16 copy (``it.g_sf_op``). ``shard_state`` keeps U float32
     contiguous (it is broadcast to the other ranks). ``memo``: see ``batches`` (plan steps take
-    X from the down phase's batch result, not from the rows). Communication: none."""
+    X from the down phase's batch result, not from the rows). ``clip``: a pending clip's
+    coefficient c, the moments advance with c G_sf (``optim.clipping``). Communication: none."""
     group = its[0].group
     if its[0].kind.rule(group) != "adamw" or not fused_state_usable(kernels, its[0].g.device):
         return set()
@@ -337,7 +339,7 @@ def state_batched(
         U = both[-1]
         X_op = both[0] if bf16 else None
         adamw_state(X, *moments, [it.sf_t for it in sub], group["betas"], group["eps"], U,
-                    X_op)  # fmt: skip
+                    X_op, clip=None if clip is None else clip.to(dev))  # fmt: skip
         done.update(b.ids)
         if direct:
             _stash(memo, "u", b, U, None)

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from frugal_dist.optim import phases
+from frugal_dist.optim.clipping import COMPACT, FULL, PendingClip, clip_mode, scale_
 from frugal_dist.optim.fast_apply import local_matrix
 from frugal_dist.optim.nonfinite import FiniteCheck
 from frugal_dist.optim.plan_launches import prepare
@@ -126,6 +127,13 @@ class StepPlan:
         # ``projection_batch.apply_batched``, or never set on its direct steps)
         batched = {id(it) for ga in self.routed for it in ga.batches.kernel_projs}
         self.temporaries = [it for it in rest if not it.fused and id(it) not in batched]
+        # a pending clip (``optim.clipping``): the launches scale in registers; of the items
+        # left to the generic phases, FULL ones get their gradient multiplied, COMPACT ones
+        # their state phase's input
+        modes = [clip_mode(it) for it in rest]
+        full = [position[id(it)] for it, mode in zip(rest, modes) if mode == FULL]
+        self.pick_clip = _picker(full, len(items)) if full else None
+        self.clip_compact = COMPACT in modes
         self.batch_memo: dict = {}  # kernel batches of the lists above (``batches``)
         for it in items:  # the plan keeps no gradient (nor any temporary)
             it.view.grad = None
@@ -172,11 +180,14 @@ class StepPlan:
         return len(now) == len(self.params) and all(map(operator.is_, now, self.params))
 
     def run(
-        self, ctx: phases.StepContext, nonfinite: str, grad_norm: Tensor | float | None = None
-    ) -> str:
+        self, ctx: phases.StepContext, nonfinite: str, grad_norm: Tensor | float | None = None,
+        clip: PendingClip | None = None,
+    ) -> str:  # fmt: skip
         """One steady step: ``DONE``, ``SKIPPED`` (inf/nan, nothing changed) or ``STALE``
         (nothing done; take the full path, which rebuilds the plan). ``grad_norm``: the
-        verdict is its finiteness (the check kernel is not launched)."""
+        verdict is its finiteness (the check kernel is not launched). ``clip``: the pending
+        clip, applied where a scale-dependent rule reads the gradient (``optim.clipping``; on
+        ``STALE`` the caller's full step applies it)."""
         if not self.valid(ctx):
             return STALE
         grads = list(map(_GRAD, self.params))
@@ -190,6 +201,10 @@ class StepPlan:
             map(Tensor.is_contiguous, self.pick_launched(grads))
         ):  # a gradient layout the prepared tables cannot read
             return STALE
+        coef = None if clip is None else clip.coef
+        if coef is not None and self.pick_clip is not None:  # before the float32 copies
+            scale_(self.pick_clip(grads), coef)
+        ctx.clip_compact = coef if self.clip_compact else None
         rest = self.pick_rest(grads)
         if self.plain:  # every item's g is its gradient
             for it, g in zip(self.rest, rest):
@@ -218,7 +233,7 @@ class StepPlan:
         if self.counters_first:  # CPU fused AdamW reads the sf_step tensors
             self._advance(n)
         if launches is not None:
-            launches.launch()
+            launches.launch(coef)
         for kind, its in self.downs:
             kind.down(its, ctx)
         phases.run_state(ctx, self.states)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from frugal_dist.optim import FRUGAL
+from frugal_dist.optim import FRUGAL, clipping
 from frugal_dist.train.logs import logger
 from frugal_dist.train.optimizers import PRESETS
 
@@ -71,7 +71,14 @@ def clip_gradients(engine: str, wrapped: nn.Module, optimizer: Any, max_norm: fl
     ``fsdp2`` use torch's ``get_total_norm`` + ``clip_grads_with_norm_``, and FSDP2's DTensor
     norm (partial over the shards) is made whole with ``full_tensor()`` (one 4 B all-reduce,
     which torch's ``clip_grad_norm_`` would spend on the clip coefficient anyway).
-    DeepSpeed clips inside its engine and is not handled here."""
+    DeepSpeed clips inside its engine and is not handled here.
+
+    FRUGAL on ``single`` / ``ddp`` (whole replicated gradients, no ``reduce_gradients`` at world
+    size > 1, every parameter with a gradient in the optimizer): ``FRUGAL.clip_grad_norm_``,
+    the same norm and the same step, without torch's multiply of every gradient (the step
+    applies the coefficient where a scale-dependent rule reads it, ``optim.clipping``)."""
+    if engine in ("single", "ddp") and _fused_clip(wrapped, optimizer):
+        return optimizer.clip_grad_norm_(max_norm)
     if engine == "fsdp1":
         return wrapped.clip_grad_norm_(max_norm)
     if engine == "fairscale":
@@ -84,6 +91,15 @@ def clip_gradients(engine: str, wrapped: nn.Module, optimizer: Any, max_norm: fl
     return norm
 
 
+def _fused_clip(wrapped: nn.Module, optimizer: Any) -> bool:
+    """``FRUGAL.clip_grad_norm_`` gives torch's clip of ``wrapped``'s gradients: a FRUGAL it
+    accepts (``optim.clipping.applies``) holding every parameter that has a gradient."""
+    if not isinstance(optimizer, FRUGAL) or not clipping.applies(optimizer):
+        return False
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return all(id(p) in held for p in wrapped.parameters() if p.grad is not None)
+
+
 def step_grad_norm(optimizer: Any, norm: Tensor | None, world: int) -> dict[str, Any]:
     """The keyword arguments of ``optimizer.step`` that hand it the clip's ``norm``:
     ``{"grad_norm": norm}`` for FRUGAL (also inside fairscale's ``OSS``, whose ``step`` passes
@@ -92,8 +108,8 @@ def step_grad_norm(optimizer: Any, norm: Tensor | None, world: int) -> dict[str,
     without clipping, and for FRUGAL reducing the gradients itself at world size > 1 (the clip
     then saw each rank's unreduced gradients: a local norm, not the global one FRUGAL needs)."""
     inner = getattr(optimizer, "optim", optimizer)  # fairscale OSS: the local optimizer
-    if norm is None or not isinstance(inner, FRUGAL):
-        return {}
+    if norm is None or not isinstance(inner, FRUGAL) or inner.clip_pending:
+        return {}  # (clip_grad_norm_ recorded the norm for the step itself)
     if inner.reduce_gradients and world > 1:
         return {}
     return {"grad_norm": norm}

@@ -27,6 +27,8 @@ def _spy_steps(monkeypatch, cls) -> list[dict]:
 
     def step(self, *args, **kwargs):
         calls.append(dict(kwargs))
+        if getattr(self, "clip_pending", False):  # FRUGAL.clip_grad_norm_ recorded the clip
+            calls[-1]["pending_clip"] = True
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(cls, "step", step)
@@ -48,10 +50,10 @@ def test_frugal_gets_the_clip_norm_and_nothing_without_clipping(grad_clip, monke
                         "optimizer": {"lr": 3e-3, "density": 0.25, "update_gap": 2}})  # fmt: skip
     summary = train(cfg)
     assert len(calls) == RAW["max_steps"]
-    if grad_clip > 0:
+    if grad_clip > 0:  # single engine: FRUGAL.clip_grad_norm_, its norm kept for the step
         assert len(norms) == RAW["max_steps"]
         for kw, norm in zip(calls, norms):
-            assert kw["grad_norm"] is norm and norm.dim() == 0 and torch.isfinite(norm)
+            assert kw == {"pending_clip": True} and norm.dim() == 0 and torch.isfinite(norm)
     else:
         assert norms == [] and all(kw == {} for kw in calls)
     assert all(loss == loss for loss in summary["losses"])  # no nan
@@ -102,3 +104,31 @@ def test_clip_gradients_returns_the_total_norm_and_clips_as_torch_does():
     assert torch.equal(norm, ref_norm) and norm > 0.5
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+def test_clip_gradients_uses_frugal_clip_and_steps_as_after_torch_clip():
+    """single engine + FRUGAL: ``clip_gradients`` records the clip in the optimizer (gradients
+    not scaled), and clip + step equals torch's clip + step bit for bit."""
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4))
+        opt = FRUGAL([{"params": list(model.parameters()),
+                       "names": [n for n, _ in model.named_parameters()]}],
+                     lr=1e-2, density=0.5, update_gap=2)  # fmt: skip
+        x = torch.randn(5, 8)
+        for _ in range(4):
+            (model(x) ** 2).sum().mul(10).backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            if fused:
+                norm = clip_gradients("single", model, opt, 0.5)
+                assert opt.clip_pending and norm > 0.5
+                assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+                assert step_grad_norm(opt, norm, 1) == {}
+                opt.step()
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                opt.step(grad_norm=norm)
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

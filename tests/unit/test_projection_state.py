@@ -213,13 +213,13 @@ def test_bf16_direction_and_operand_copy_are_one_buffer_at_every_refresh(monkeyp
     seen: list[tuple[int, int]] = []
     real = projection_state.adamw_state
 
-    def spy(x, m, v, t, betas, eps, u, x_op=None):
+    def spy(x, m, v, t, betas, eps, u, x_op=None, clip=None):
         assert (
             x_op is not None and u.untyped_storage().data_ptr() == x_op.untyped_storage().data_ptr()
         )
         assert u.stride() == x_op.stride()
         seen.append((u.data_ptr() - x_op.data_ptr(), u.numel() * u.element_size()))
-        return real(x, m, v, t, betas, eps, u, x_op)
+        return real(x, m, v, t, betas, eps, u, x_op, clip=clip)
 
     monkeypatch.setattr(projection_state, "adamw_state", spy)
     ps = make_params(SHAPES)

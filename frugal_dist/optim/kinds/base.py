@@ -177,9 +177,12 @@ class SubspaceKind(ABC):
                 it.g_sf = it.g
 
     # ------------------------------------------------------------------ state
-    def state_batched(self, its: list[Item], ctx: StepContext) -> set[int]:
+    def state_batched(
+        self, its: list[Item], ctx: StepContext, clip: Tensor | None = None
+    ) -> set[int]:
         """Compute U for the items of one group this kind batches in its own kernels; return
-        their ids (the state phase runs ``core.rules`` on the others). Default: none."""
+        their ids (the state phase runs ``core.rules`` on the others). Default: none.
+        ``clip``: the rule reads c G_sf (a pending clip's coefficient, ``optim.clipping``)."""
         return set()
 
     # ------------------------------------------------------------------ apply

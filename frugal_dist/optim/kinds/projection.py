@@ -178,9 +178,12 @@ class Projection(SubspaceKind):
         if partial:
             sum_partial_projections(partial, ctx)
 
-    def state_batched(self, its: list[Item], ctx: StepContext) -> set[int]:
+    def state_batched(
+        self, its: list[Item], ctx: StepContext, clip: Tensor | None = None
+    ) -> set[int]:
         # whole matrices of an AdamW group: one fused kernel per batch (optim.projection_batch)
-        return state_batched(its, ctx.kernels, sharded=ctx.sharded, memo=ctx.batch_memo)
+        return state_batched(its, ctx.kernels, sharded=ctx.sharded, memo=ctx.batch_memo,
+                             clip=clip)  # fmt: skip
 
     def free_direction(self, it: Item) -> Tensor | None:
         if it.free_done:
