@@ -35,6 +35,12 @@ PROJECTION = {"random", "svd"}
 # 1e-2 (tests/unit/test_clip_grad_norm.py). A residual sign flip moves an entry by 2 lr = 2e-2;
 # this bound allows a few of them on the GPU's bf16 GEMMs. The test prints the measured value.
 PROJECTION_TOL = 5e-2
+# the coordinate kernel with a pending clip (c read in-kernel) against torch's multiply then the
+# unclipped kernel: measured on an H200 (b43513c) 1.19e-7 for columns, rows and columns_sgd,
+# one float32 ulp of a parameter in [1, 2): the two kernel variants are compiled separately and
+# contract their later arithmetic differently (bit-equal under the CPU interpreter). Two ulps.
+COORDINATE = {"columns", "rows", "columns_sgd"}
+COORDINATE_TOL = 2.4e-7
 
 
 def _run(case, max_norm, fused, dtype=torch.float32):
@@ -44,7 +50,7 @@ def _run(case, max_norm, fused, dtype=torch.float32):
     opt = FRUGAL(
         [{"params": ps[:4], "names": NAMES[:4]},
          {"params": ps[4:], "names": NAMES[4:], "algorithm": "adamw"}],
-        lr=1e-2, density=0.25, update_gap=3, weight_decay=0.01, **case,
+        **{**dict(lr=1e-2, density=0.25, update_gap=3, weight_decay=0.01), **case},
     )  # fmt: skip
     gen = torch.Generator(device="cuda").manual_seed(1)
     for _ in range(STEPS):
@@ -68,6 +74,9 @@ def test_matches_torch_clip_then_step_cuda(name, max_norm):
     print(f"{name} max_norm={max_norm}: max |diff| {diff:.3g}")
     if name in PROJECTION:
         assert diff <= PROJECTION_TOL
+        return
+    if name in COORDINATE:
+        assert diff <= COORDINATE_TOL
         return
     assert diff == 0.0
     for p, q in zip(ps, qs):
@@ -101,8 +110,10 @@ def test_plan_step_launches_no_gradient_multiply():
         torch.cuda.synchronize()
     names = [e.key for e in prof.key_averages()]
     print(names)
-    # torch's multiply kernels: foreach (std::multiplies) and elementwise (MulFunctor)
-    assert not [n for n in names if "multiplies" in n or "MulFunctor" in n]
+    # torch's multiply kernels: foreach (std::multiplies) and elementwise (MulFunctor); the
+    # verdict's scalar bool product (MulFunctor<bool>, seen on the H200) is not a gradient's
+    muls = [n for n in names if "multiplies" in n or "MulFunctor" in n]
+    assert not [n for n in muls if "MulFunctor<bool>" not in n], muls
     assert any("_adamw_kernel" in n for n in names)  # the launches that read c
 
 
