@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from frugal_dist.comm.collectives import rank_and_world
+from frugal_dist.optim.nonfinite import check_grad_norm
 
 NONE, COMPACT, FULL = "none", "compact", "full"
 _FREE_ONLY = ("signsgd", "none")  # state-free rules invariant under a positive scale of G
@@ -97,6 +98,17 @@ class ClipSlot:
 
     def clear(self) -> None:
         self.pending = None
+
+    def take_for_step(
+        self, grad_norm: Any, closure: Any, nonfinite: str, groups: list
+    ) -> tuple[PendingClip | None, Tensor | float | None]:
+        """``step()``'s start: (the clip the step applies, the norm of its inf/nan verdict).
+        The pending clip is taken (consumed whatever happens next); the norm is its norm or
+        ``grad_norm`` (``step_norm``), checked (``nonfinite.check_grad_norm``: None under
+        "ignore"); under ``nonfinite="ignore"`` the clip is applied now (``unless_ignored``)."""
+        clip = self.take()
+        norm = check_grad_norm(step_norm(clip, grad_norm, closure, False), closure, nonfinite)
+        return unless_ignored(clip, nonfinite, groups), norm
 
 
 def clip_grad_norm_(

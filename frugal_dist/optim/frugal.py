@@ -57,7 +57,8 @@ seed spread of the exact fp32 path) and ``svd_method="warm"`` (one subspace-iter
 the previous basis; the first refresh runs the randomized range finder with a Rayleigh-Ritz
 rotation, so no refresh runs an exact SVD; ``"randomized"``, ``"exact"``: ``optim.svd_refresh``).
 
-Communication schedule of one ``step()`` (every collective is skipped at world size 1):
+Communication schedule of one ``step()`` (every collective is skipped at world size 1; the
+first-step rows: ``optim.agreement``):
 
     first step only [check_agreement]: all_gather of one int64 digest of the options, group
                                  hyper-parameters and parameter names/shapes (the full
@@ -97,15 +98,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from frugal_dist.comm.collectives import agree_on_seed, rank_and_world
-from frugal_dist.comm.participants import probe
-from frugal_dist.comm.preflight import check_optimizer_agreement
 from frugal_dist.comm.stats import CommStats
 from frugal_dist.comm.topology import NodeGroups, build_node_groups
-from frugal_dist.core.fragments import RowSpan
-from frugal_dist.core.subspaces import CoordinateSelection, matrix_shape
 from frugal_dist.layouts.base import ParamView
-from frugal_dist.optim import clipping, ownership, phases, simulated_ranks
-from frugal_dist.optim.engine_hooks import auto_layout, logical_shape
+from frugal_dist.optim import accounting, agreement, clipping, ownership, phases, simulated_ranks
+from frugal_dist.optim.engine_hooks import auto_layout
 from frugal_dist.optim.group_setup import (
     FRUGAL_DEFAULTS,
     check_added_group,
@@ -114,13 +111,13 @@ from frugal_dist.optim.group_setup import (
     prepare_group,
 )
 from frugal_dist.optim.kinds import kind_for
-from frugal_dist.optim.layout_guard import ParamRegistry
-from frugal_dist.optim.nonfinite import check_grad_norm, validate_nonfinite
+from frugal_dist.optim.layout_guard import ParamRegistry, dense_views
+from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.sign_reduce import HIERARCHICAL_UNDER_LAYOUT, hierarchy_options
 from frugal_dist.optim.state_loading import (
     SCALAR_KEYS,
     check_checkpoint_groups,
-    restore_state_dtypes,
+    finish_load,
     saved_state_dtypes,
 )
 from frugal_dist.optim.step_cache import StepCache
@@ -274,10 +271,7 @@ class FRUGAL(Optimizer):
         ``grad_norm``: the clip's total norm of these gradients, global over ranks; the inf/nan
         verdict is then isfinite(grad_norm), no gradient read (``optim.nonfinite``). After
         ``clip_grad_norm_``: its norm gives the verdict, its coefficient is applied here."""
-        clip = self._clip.take()  # consumed by this step, whatever happens
-        norm = check_grad_norm(clipping.step_norm(clip, grad_norm, closure, False), closure,
-                               self.nonfinite)  # fmt: skip
-        clip = clipping.unless_ignored(clip, self.nonfinite, self.param_groups)
+        clip, norm = self._clip.take_for_step(grad_norm, closure, self.nonfinite, self.param_groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -320,7 +314,7 @@ class FRUGAL(Optimizer):
         views = [(group, self.views(group)) for group in self.param_groups]
         ctx = self._context()
         ctx.simulated = simulated
-        self._check_agreement_once(ctx)
+        agreement.check_once(ctx)  # first step: ranks compare settings
         if self.nonfinite != "ignore" and not phases.gradients_finite(ctx, views, self.nonfinite,
                                                                         grad_norm):  # fmt: skip
             self._skipped += 1
@@ -341,37 +335,12 @@ class FRUGAL(Optimizer):
 
     def _context(self) -> phases.StepContext:
         rank, world = rank_and_world(self._pg)
-        agreement = getattr(self._layout, "agreement_group", self._pg)  # HSDP: all mesh dims
+        agree_pg = getattr(self._layout, "agreement_group", self._pg)  # HSDP: all mesh dims
         return phases.StepContext(
-            self, rank, world, self._pg, agreement, self.comm, self._cache, self._layout,
+            self, rank, world, self._pg, agree_pg, self.comm, self._cache, self._layout,
             self.param_groups, self.shard_state, self.reduce_gradients, self.residual_comm,
             self.check_agreement, self.fused, self.proj_qr_device, self.kernels,
         )  # fmt: skip
-
-    def _check_agreement_once(self, ctx: phases.StepContext) -> None:
-        """Once (and after a new group / layout / loaded state): every rank compares the
-        options, group hyper-parameters and parameter names (+ shapes) -- one int64 all-gather
-        when they agree; a mismatch raises on every rank naming the field. Without that check,
-        an optimizer that will issue collectives probes (4 B) that every rank of its group is
-        here. Both bounded in time (``comm.participants``) and counted under ``agreement_check``."""
-        if ctx.agreement_world == 1 or self._cache.agreed:
-            return
-        if self.check_agreement:
-            check_optimizer_agreement(self, ctx.agreement_pg, self.comm, shape_of=logical_shape)
-        elif self._issues_collectives():
-            probe(ctx.agreement_pg, "first step (check_agreement=False)", self.comm)
-        self._cache.agreed = True
-
-    def _issues_collectives(self) -> bool:
-        """Whether steps communicate at world size > 1 beyond the agreement checks: a layout,
-        FRUGAL's own reduction or state sharding, or a kind handing data over between ranks
-        (svd bases computed by their owner)."""
-        return (
-            self._layout is not None
-            or self.reduce_gradients
-            or self.shard_state
-            or any(kind_for(g).hands_over(g) for g in self.param_groups)
-        )
 
     def release_unowned_state(self) -> int:
         """Drop the state-full buffers this rank does not own under ``shard_state`` at the
@@ -408,26 +377,8 @@ class FRUGAL(Optimizer):
             if all_holders and hasattr(self._layout, "entries"):
                 return self._layout.views(self, group, all_holders=True)
             return self._layout.views(self, group)
-        # Whole tensors: the per-parameter skeleton (name, shape, span) is built once per group;
-        # gradient and state are looked up anew at each call, and the views returned are fresh,
-        # so nothing kept here references a gradient after the step.
-        params = group["params"]
-        skeleton = self._cache.dense_views.get(id(group))
-        if skeleton is None or skeleton[0] is not group or not _same_params(skeleton[1], params):
-            # no layout: refuse engine-made tensors (flat partitions, 1-D slices) loudly
-            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-            where = f"param group {gi} ({group.get('name', 'unnamed')})"
-            everything = [p for g in self.param_groups for p in g["params"]]
-            self._registry.check(gi, group, where, everything)
-            entries = []
-            for idx, (p, name) in enumerate(zip(params, group["names"])):
-                m, n = matrix_shape(p.shape)
-                entries.append((name, idx, tuple(p.shape), RowSpan(m, n, 0, p.numel()), p))
-            skeleton = (group, entries)
-            self._cache.dense_views[id(group)] = skeleton
-        state = self.state
-        return [ParamView(name, idx, shape, span, p, p.grad, state[p])
-                for name, idx, shape, span, p in skeleton[1]]  # fmt: skip
+        return dense_views(group, self.param_groups, self._registry, self._cache.dense_views,
+                           self.state)  # fmt: skip
 
     def bind_layout(self, layout: Any) -> None:
         """Let an engine adapter describe where each parameter's local fragment lives (see
@@ -489,27 +440,13 @@ class FRUGAL(Optimizer):
 
     # ------------------------------------------------------------------------- accounting
     def state_bytes(self) -> int:
-        """Bytes of every tensor in the optimizer state on this process."""
-        total = 0
-        for st in self.state.values():
-            for v in st.values():
-                if isinstance(v, Tensor):
-                    local = v.to_local() if hasattr(v, "to_local") else v  # DTensor: this rank's
-                    total += local.numel() * local.element_size()
-        return total
+        """Bytes of every tensor in the optimizer state on this process (``optim.accounting``)."""
+        return accounting.state_bytes(self.state)
 
     def aux_bytes(self) -> int:
         """Bytes of metadata rebuilt from the seed, not saved: coordinate indices and random /
         randperm projection bases (svd bases are state, counted by ``state_bytes``)."""
-        in_state = {
-            id(v) for st in self.state.values() for v in st.values() if isinstance(v, Tensor)
-        }
-        total = 0
-        for _, sel in self._cache.selections.values():
-            t = sel.index if isinstance(sel, CoordinateSelection) else sel.basis
-            if id(t) not in in_state:
-                total += t.numel() * t.element_size()
-        return total
+        return accounting.aux_bytes(self.state, self._cache.selections)
 
     # ------------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -519,19 +456,8 @@ class FRUGAL(Optimizer):
         dtype of a bf16 parameter). The saved seed and hyper-parameters are restored.
         """
         self._cache.invalidate()
-        saved_groups = state_dict["param_groups"]
-        check_checkpoint_groups(saved_groups, self.param_groups)
-        saved_dtypes = saved_state_dtypes(state_dict)
+        check_checkpoint_groups(state_dict["param_groups"], self.param_groups)
+        saved_dtypes = saved_state_dtypes(state_dict)  # before torch's loading casts them
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # options added since the checkpoint: their defaults
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        restore_state_dtypes(self.state, state_dict, saved_dtypes, self.param_groups)
+        finish_load(self.state, state_dict, saved_dtypes, self.param_groups, self.defaults)
         self._cache.invalidate()
-
-
-def _same_params(entries: list[tuple], params: list[Tensor]) -> bool:
-    """The skeleton still describes ``params``: same tensors (identity), same shapes."""
-    return len(entries) == len(params) and all(
-        e[4] is p and e[2] == tuple(p.shape) for e, p in zip(entries, params)
-    )

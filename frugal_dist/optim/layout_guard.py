@@ -20,6 +20,9 @@ group's tensors change) ``check`` compares the group with the record and raises
   views among the optimizer's tensors are 1-D too (FSDP1 wrapped before FRUGAL was built), or a
   ``FlatParameter``.
 
+``dense_views`` builds those views: the per-parameter skeleton (name, index, shape, span) once
+per group, kept in the caller's dict; gradient and state are looked up anew at each call.
+
 Cost: one pass over the group's parameters per view rebuild (not per step); no communication.
 """
 
@@ -30,6 +33,9 @@ from typing import Any
 
 from torch import Tensor
 
+from frugal_dist.core.fragments import RowSpan
+from frugal_dist.core.subspaces import matrix_shape
+from frugal_dist.layouts.base import ParamView
 from frugal_dist.optim.engine_hooks import engine_shape, is_engine_flat, logical_shape
 
 FIXES = (
@@ -100,6 +106,37 @@ class ParamRegistry:
             f"FRUGAL {where}: {what}. No layout is bound, so FRUGAL would take each of these "
             f"tensors for a whole parameter and silently run another algorithm. {FIXES}"
         )
+
+
+def dense_views(
+    group: dict[str, Any], groups: list[dict[str, Any]], registry: ParamRegistry,
+    skeletons: dict[int, tuple[dict, list[tuple]]], state: Any,
+) -> list[ParamView]:  # fmt: skip
+    """Every parameter of ``group`` (one of ``groups``) as a whole tensor (no layout bound).
+    The skeleton is (re)built, after ``registry.check`` refuses engine-made tensors, when
+    ``skeletons`` (id(group) -> (group, [(name, index, shape, span, param)]), the step cache's)
+    has none for these tensors; the views are fresh, so nothing kept references a gradient."""
+    params = group["params"]
+    skeleton = skeletons.get(id(group))
+    if skeleton is None or skeleton[0] is not group or not _same_params(skeleton[1], params):
+        gi = next(i for i, g in enumerate(groups) if g is group)
+        where = f"param group {gi} ({group.get('name', 'unnamed')})"
+        registry.check(gi, group, where, [p for g in groups for p in g["params"]])
+        entries = []
+        for idx, (p, name) in enumerate(zip(params, group["names"])):
+            m, n = matrix_shape(p.shape)
+            entries.append((name, idx, tuple(p.shape), RowSpan(m, n, 0, p.numel()), p))
+        skeleton = (group, entries)
+        skeletons[id(group)] = skeleton
+    return [ParamView(name, idx, shape, span, p, p.grad, state[p])
+            for name, idx, shape, span, p in skeleton[1]]  # fmt: skip
+
+
+def _same_params(entries: list[tuple], params: list[Tensor]) -> bool:
+    """The skeleton still describes ``params``: same tensors (identity), same shapes."""
+    return len(entries) == len(params) and all(
+        e[4] is p and e[2] == tuple(p.shape) for e, p in zip(entries, params)
+    )
 
 
 def _flat_views(params: list[Tensor], names: list[str], all_params: list[Tensor]) -> list[str]:

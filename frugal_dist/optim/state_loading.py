@@ -91,5 +91,17 @@ def restore_state_dtypes(
                 st[key] = state_dict["state"][pid][key].to(device=st[key].device, dtype=dtype)
 
 
+def finish_load(
+    state: Any, state_dict: dict[str, Any], saved: dict[Any, dict[str, torch.dtype]],
+    groups: list[dict], defaults: dict[str, Any],
+) -> None:  # fmt: skip
+    """After torch's loading: options added since the checkpoint take their defaults, and the
+    state tensors their saved dtypes (``restore_state_dtypes``)."""
+    for group in groups:
+        for key, value in defaults.items():
+            group.setdefault(key, value)
+    restore_state_dtypes(state, state_dict, saved, groups)
+
+
 def _at(seq: list[str], i: int) -> str | None:
     return seq[i] if i < len(seq) else None
