@@ -249,21 +249,23 @@ class Run:
         self.ds = self.opt = self.model = self.batch = None
 
 
-def time_refresh(run: Run, steps_taken: int, count: int = 3) -> list[tuple[float, float]] | None:
+def time_refresh(run: Run, count: int = 3) -> list[tuple[float, float]] | None:
     """(whole step ms, optimizer step ms) of ``count`` consecutive steps that each refresh every
-    subspace: before step i each param group with an ``update_gap`` gets T = ``steps_taken + i``
-    (every counter s is at that value, so s % T == 0; k = 1), then its old T back. None without
-    such groups. The first such step may include a one-time cost (a kernel specialisation or a
-    library handle the refresh path is first to use), hence several."""
+    subspace: during them each param group with an ``update_gap`` gets T = 1 (every counter s
+    then refreshes, with refresh index k = s: a new k each step, so random bases and coordinate
+    sets are drawn anew each time -- with one T = ``steps_taken + i`` every refresh had k = 1 and
+    only the first drew), then its old T back. None without such groups. The first such step may
+    include a one-time cost (a kernel specialisation or a library handle the refresh path is
+    first to use), hence several."""
     groups = [g for g in getattr(run.opt, "param_groups", []) if "update_gap" in g]
     if not groups:
         return None
     old = [g["update_gap"] for g in groups]
     out = []
     try:
-        for i in range(count):
-            for g in groups:
-                g["update_gap"] = steps_taken + i
+        for g in groups:
+            g["update_gap"] = 1
+        for _ in range(count):
             events: list = []
             _sync()
             _mark(events)
@@ -340,7 +342,7 @@ def measure(
         _sync()
         step_ms = [_ms(events[3 * i], events[3 * i + 2]) for i in range(n)]
         opt_ms = [_ms(events[3 * i + 1], events[3 * i + 2]) for i in range(n)]
-        refresh = time_refresh(run, warmup + n) if VARIANTS[variant][0] == "frugal" else None
+        refresh = time_refresh(run) if VARIANTS[variant][0] == "frugal" else None
         numel, bp, bg = run.master_numel_and_widths(world)
         state = run.state_bytes()
         out = {
