@@ -35,12 +35,13 @@ PROJECTION = {"random", "svd"}
 # 1e-2 (tests/unit/test_clip_grad_norm.py). A residual sign flip moves an entry by 2 lr = 2e-2;
 # this bound allows a few of them on the GPU's bf16 GEMMs. The test prints the measured value.
 PROJECTION_TOL = 5e-2
-# the coordinate kernel with a pending clip (c read in-kernel) against torch's multiply then the
-# unclipped kernel: measured on an H200 (b43513c) 1.19e-7 for columns, rows and columns_sgd,
-# one float32 ulp of a parameter in [1, 2): the two kernel variants are compiled separately and
-# contract their later arithmetic differently (bit-equal under the CPU interpreter). Two ulps.
-COORDINATE = {"columns", "rows", "columns_sgd"}
-COORDINATE_TOL = 2.4e-7
+# the elementwise kernels with a pending clip (c read in-kernel) against torch's multiply then
+# the unclipped kernels: measured on an H200 (b43513c), max |diff| block 2.38e-7 (max_norm 1)
+# and 1.19e-7 (1e6), block_sgd 9.54e-7, columns / rows / columns_sgd 1.19e-7 (rho 0 not run: the
+# test's density clash, fixed since): one or a few float32 ulps of parameters ~1-8. The two
+# kernel variants are compiled separately and contract their later arithmetic differently
+# (bit-equal under the CPU interpreter: tests/unit/test_clip_grad_norm.py).
+ELEMENTWISE_TOL = 1e-6
 
 
 def _run(case, max_norm, fused, dtype=torch.float32):
@@ -75,13 +76,10 @@ def test_matches_torch_clip_then_step_cuda(name, max_norm):
     if name in PROJECTION:
         assert diff <= PROJECTION_TOL
         return
-    if name in COORDINATE:
-        assert diff <= COORDINATE_TOL
-        return
-    assert diff == 0.0
+    assert diff <= ELEMENTWISE_TOL
     for p, q in zip(ps, qs):
         for k, v in opt.state[p].items():
-            assert torch.equal(v, ref.state[q][k]), (name, k)
+            torch.testing.assert_close(v, ref.state[q][k], rtol=1e-6, atol=1e-9, msg=(name, k))
 
 
 def test_plan_step_launches_no_gradient_multiply():
