@@ -20,7 +20,11 @@ K-contiguous tiles that TF32 tensor-core products need), so U is written where a
 (float32, or bfloat16 for ``proj_precision="bf16"``) the apply reads it: no transpose, cast or
 stacking copy. The moments are reached through a table of B device addresses (they are separate
 state tensors). Tiles are 2-D (``BA`` x ``BC``) so that differently ordered X / U and m / v
-layouts meet in registers.
+layouts meet in registers. A table's addresses are unknown to the compiler (4-byte alignment
+assumed: scalar accesses), so when the host has checked that every m / v address is a multiple
+of 16 bytes and their rows a multiple of 4 entries (``vector_moments``), ``ALIGNED`` says so and
+m, v move in 16-byte vectors like X and U (sm_90 PTX: tests/unit/test_projection_state_compile.py;
+no bit changes). LLaMA-1B's (r, 5461) left batch has odd rows: scalar moments there.
 
 Needs triton (CUDA, or ``TRITON_INTERPRET=1`` on the CPU for tests). Communication: none.
 """
