@@ -20,7 +20,11 @@ K-contiguous tiles that TF32 tensor-core products need), so U is written where a
 (float32, or bfloat16 for ``proj_precision="bf16"``) the apply reads it: no transpose, cast or
 stacking copy. The moments are reached through a table of B device addresses (they are separate
 state tensors). Tiles are 2-D (``BA`` x ``BC``) so that differently ordered X / U and m / v
-layouts meet in registers.
+layouts meet in registers. A table's addresses are unknown to the compiler (4-byte alignment
+assumed: scalar accesses), so when the host has checked that every m / v address is a multiple
+of 16 bytes and their rows a multiple of 4 entries (``vector_moments``), ``ALIGNED`` says so and
+m, v move in 16-byte vectors like X and U (sm_90 PTX: tests/unit/test_projection_state_compile.py;
+no bit changes). LLaMA-1B's (r, 5461) left batch has odd rows: scalar moments there.
 
 Needs triton (CUDA, or ``TRITON_INTERPRET=1`` on the CPU for tests). Communication: none.
 """
@@ -28,6 +32,9 @@ Needs triton (CUDA, or ``TRITON_INTERPRET=1`` on the CPU for tests). Communicati
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import reduce
+from itertools import chain
+from operator import or_
 
 import torch
 import triton
@@ -45,6 +52,8 @@ from frugal_dist.kernels.elementwise_triton import (
 )
 from frugal_dist.kernels.projection_triton import address_table
 
+_DATA_PTR = Tensor.data_ptr
+
 # (rows, columns) of one program's tile and its warps: 2048 entries, 8 per thread at 8 warps.
 # Candidates for the lead's sweep (benchmarks/kernels_projection.py times the kernel).
 TILE_A = 32
@@ -61,12 +70,14 @@ def _adamw_state_kernel(
     ibc1_all, ibc2s_all, w1, one_minus_w1, b2, w2, eps, clip,
     PER_ITEM: tl.constexpr, LERP_HIGH: tl.constexpr, U_ELEM: tl.constexpr,
     COPY_X: tl.constexpr, XO_ELEM: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr,
-    CLIP: tl.constexpr, EXACT: tl.constexpr,
+    CLIP: tl.constexpr, EXACT: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Grid (tiles of one (A, C) matrix, B). ``coef``: per-matrix (1/bc1, 1/bc2s) float64 pairs
     when ``PER_ITEM`` (step counts differ), else the scalars ``ibc*_all``. ``COPY_X``: also
     write X to ``xo_ptr`` (the apply kernel's operand copy, unscaled). ``CLIP``: the moments
-    read c X (c = *clip, a pending clip's coefficient)."""
+    read c X (c = *clip, a pending clip's coefficient). ``ALIGNED``: every m / v address is a
+    multiple of 16 bytes and C of 4 (host-checked, ``vector_moments``), so their rows move in
+    16-byte vectors (the table's addresses are otherwise assumed 4-byte aligned: scalars)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     tiles_c = tl.cdiv(C, BC)
@@ -82,19 +93,37 @@ def _adamw_state_kernel(
         ibc1 = ibc1_all
         ibc2s = ibc2s_all
     offs = ra[:, None] * C + rc[None, :]  # the moments are contiguous (A, C)
+    mv_mask = mask
+    if ALIGNED:  # groups of 4 along C start 16-byte aligned and are masked alike
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        offs = tl.multiple_of(offs, [1, 4])
+        # a mask op of its own: the hint's 1 along A must not reach X's and U's mask
+        mv_mask = tl.max_constancy((rc < C)[None, :] & (ra < A)[:, None], [1, 4])
     x = tl.load(x_ptr + b * s_xb + ra[:, None] * s_xa + rc[None, :] * s_xc, mask=mask, other=0.0)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(m_ptr + offs, mask=mv_mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mv_mask, other=0.0)
     xs = x
     if CLIP:
         xs = clipped(x, clip, False, tl.float32, EXACT)
     m, v, d = adamw_direction(xs, m, v, w1, one_minus_w1, b2, w2, eps, ibc1, ibc2s, LERP_HIGH)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+    tl.store(m_ptr + offs, m, mask=mv_mask)
+    tl.store(v_ptr + offs, v, mask=mv_mask)
     tl.store(u_ptr + b * s_ub + ra[:, None] * s_ua + rc[None, :] * s_uc, d.to(U_ELEM), mask=mask)
     if COPY_X:
         xo = xo_ptr + b * s_ob + ra[:, None] * s_oa + rc[None, :] * s_oc
         tl.store(xo, x.to(XO_ELEM), mask=mask)
+
+
+def vector_moments(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], C: int) -> bool:
+    """Whether the kernel may move the moments in 16-byte vectors (its ``ALIGNED``): every
+    address a multiple of 16 bytes and rows of a multiple of 4 float32 entries, so each aligned
+    group of 4 along a row starts on a 16-byte boundary. (X and U are tensor arguments: Triton
+    specialises their pointers and strides on divisibility by 16 itself.) Host cost: one
+    ``data_ptr`` per moment per launch, as ``address_table``'s cache key."""
+    if C % 4:
+        return False
+    return reduce(or_, map(_DATA_PTR, chain(exp_avgs, exp_avg_sqs)), 0) & 15 == 0
 
 
 def adamw_state(
@@ -156,6 +185,7 @@ def adamw_state(
             ibc1, ibc2s, **adam_scalars(tuple(betas), eps), clip=x if clip is None else clip,
             PER_ITEM=per_item, U_ELEM=_U_ELEM[out.dtype], COPY_X=x_copy is not None,
             XO_ELEM=_U_ELEM[xo.dtype], BA=TILE_A, BC=TILE_C, CLIP=clip is not None,
-            EXACT=exact_products(x.device), num_warps=NUM_WARPS,
+            EXACT=exact_products(x.device), ALIGNED=vector_moments(exp_avgs, exp_avg_sqs, C),
+            num_warps=NUM_WARPS,
         )  # fmt: skip
     return out

@@ -62,6 +62,35 @@ def test_adamw_state_matches_the_foreach_rules(transposed, steps):
     assert torch.equal(x16, x.bfloat16())
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("C", [512, 516])  # 516: not a multiple of 16 (the offset / mask hints)
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("clip", [None, 0.37])
+def test_vector_moments_change_no_bit(transposed, C, precision, clip, monkeypatch):
+    """The compiled ``ALIGNED`` path (16-byte vectors for m and v) against the scalar path
+    (``vector_moments`` forced off) on the same inputs: m, v, U and X's bf16 copy torch.equal."""
+    from frugal_dist.kernels import projection_state as ps
+
+    B, A = 3, 300
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = _stored(B, A, C, transposed).copy_(torch.randn(B, A, C, device="cuda", generator=gen))
+    ms = [0.1 * torch.randn(A, C, device="cuda", generator=gen) for _ in range(B)]
+    vs = [torch.rand(A, C, device="cuda", generator=gen) for _ in range(B)]
+    assert ps.vector_moments(ms, vs, C)
+    coef = None if clip is None else torch.tensor(clip, device="cuda")
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
+    results = []
+    for force_off in (False, True):
+        if force_off:
+            monkeypatch.setattr(ps, "vector_moments", lambda *a: False)
+        m2, v2 = [m.clone() for m in ms], [v.clone() for v in vs]
+        u = _stored(B, A, C, transposed, dt)
+        copy = _stored(B, A, C, transposed, dt) if precision == "bf16" else None
+        ps.adamw_state(x, m2, v2, [3, 8, 3], BETAS, 1e-8, u, copy, clip=coef)
+        results.append([*m2, *v2, u] + ([] if copy is None else [copy]))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 def _pair(steps: int, kernels: str, precision: str, kind: str):
     ps = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(SHAPES)]
     qs = clone_params(ps)

@@ -92,6 +92,63 @@ def test_adamw_state_bf16_outputs_are_the_rounded_float32_ones():
     assert all(torch.equal(a, b) for a, b in zip(ms, ms32))
 
 
+def _offset_moments(B: int, A: int, C: int, seed: int = 0) -> tuple[list, list]:
+    """``_moments``'s values in contiguous tensors that start 4 bytes past a 16-byte boundary."""
+    ms, vs = _moments(B, A, C, seed)
+    shifted = [torch.empty(A * C + 1)[1:].view(A, C).copy_(t) for t in ms + vs]
+    return shifted[:B], shifted[B:]
+
+
+def test_vector_moments_needs_16_byte_addresses_and_rows_of_4():
+    pytest.importorskip("triton")
+    from frugal_dist.kernels.projection_state import vector_moments
+
+    ms, vs = _moments(2, 3, 8)
+    assert vector_moments(ms, vs, 8)
+    assert not vector_moments(ms, vs, 6)  # rows of 6: a group of 4 can straddle 16 bytes
+    oms, ovs = _offset_moments(2, 3, 8)
+    assert not vector_moments(ms, [vs[0], ovs[1]], 8)
+    assert not vector_moments([oms[0], ms[1]], vs, 8)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("transposed", [False, True], ids=["right", "left"])
+@pytest.mark.parametrize("clip", [None, 0.37], ids=["noclip", "clip"])
+@pytest.mark.parametrize("u_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "A,C,offset,vector",
+    [(37, 72, False, True), (37, 70, False, False), (37, 72, True, False)],
+    ids=["aligned", "rows-of-70", "offset-moments"],
+)  # fmt: skip
+def test_adamw_state_vector_moments_path_is_bit_identical(A, C, offset, vector, u_dtype, clip,
+                                                          transposed, monkeypatch):  # fmt: skip
+    """``ALIGNED`` (16-byte m / v addresses, C % 4 == 0: the compiler's vector hints) changes
+    no bit of m, v, U or X's copy against the scalar path (``vector_moments`` forced off);
+    unaligned moments take the scalar path. Masked edges along A and C; X and U stored (B, A, C)
+    or, left, (B, C, A); a per-matrix step count."""
+    from frugal_dist.kernels import projection_state as ps
+
+    B, steps = 3, [2, 5, 2]
+    gen = torch.Generator().manual_seed(5)
+    x = _stored(B, A, C, transposed).copy_(torch.randn(B, A, C, generator=gen))
+    coef = None if clip is None else torch.tensor(clip)
+    real, chosen = ps.vector_moments, []
+
+    def run(force_off: bool):
+        ms, vs = (_offset_moments if offset else _moments)(B, A, C)
+        out = _stored(B, A, C, transposed, u_dtype)
+        copy = _stored(B, A, C, transposed, torch.bfloat16) if u_dtype == torch.bfloat16 else None
+        monkeypatch.setattr(ps, "vector_moments",
+                            (lambda *a: False) if force_off else
+                            (lambda *a: chosen.append(real(*a)) or chosen[-1]))  # fmt: skip
+        ps.adamw_state(x, ms, vs, steps, BETAS, 1e-8, out, copy, clip=coef)
+        return [*ms, *vs, out] + ([] if copy is None else [copy])
+
+    hinted, plain = run(False), run(True)
+    assert chosen == [vector]
+    assert all(torch.equal(a, b) for a, b in zip(hinted, plain, strict=True))
+
+
 def test_adamw_state_rejects_bad_input():
     pytest.importorskip("triton")
     from frugal_dist.kernels.projection_state import adamw_state
