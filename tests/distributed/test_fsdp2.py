@@ -13,7 +13,8 @@ from tests.distributed.launch import run_distributed, run_each
 pytestmark = pytest.mark.distributed
 
 KINDS = cases.pick("block-descending", "block-gradnorm", "columns", "projection",
-                   "projection-device", "svd")  # fmt: skip
+                   "projection-device", "svd", "block-decay", "columns-decay",
+                   "projection-decay")  # fmt: skip
 COMMON = dict(lr=3e-3, density=0.25, update_gap=4, weight_decay=0.01)
 STEPS = 10  # refreshes at 0, 4, 8
 

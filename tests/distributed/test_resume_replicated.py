@@ -70,7 +70,7 @@ def test_replicated_checkpoint_resumes_at_another_world_size(worlds, sharded, tm
     _same_trajectory(out, ref)
 
 
-@pytest.mark.parametrize("kind", ["block", "block-gradnorm", "columns"])
+@pytest.mark.parametrize("kind", ["block", "block-gradnorm", "columns", "columns-decay"])
 def test_shard_state_keeps_only_its_own_state_after_a_full_load(kind):
     """The unit under the merged resume: ``release_unowned_state`` after loading a replicated
     state dict leaves each rank exactly the state a natively sharded run holds (same keys, about
