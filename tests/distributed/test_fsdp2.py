@@ -58,7 +58,7 @@ def test_fsdp2_matches_single_process(kind, world, fsdp2_runs):
             _close({k: v for k, v in got[r]["state"][name].items()}, st, tol)
 
 
-DCP_KINDS = ["block-descending", "block-gradnorm", "columns", "svd"]
+DCP_KINDS = ["block-descending", "block-gradnorm", "columns", "svd", "columns-decay"]
 FIRST, REST = 5, 5
 
 
@@ -91,7 +91,7 @@ def test_dcp_checkpoint_reshards_from_two_ranks_to_one_and_four(kind, dcp_runs):
         _close(got["params"], ref["params"], 1e-4 if kind == "svd" else 5e-6)
 
 
-FSDP1_KINDS = ["block-descending", "block-gradnorm", "columns", "projection"]
+FSDP1_KINDS = ["block-descending", "block-gradnorm", "columns", "projection", "block-decay"]
 
 
 @pytest.fixture(scope="module")
