@@ -31,6 +31,9 @@ papers': rho 0.25, update gap 200, lr 1e-3 for 60M). Variants (``--variants``):
                        tensor to RMS(U) / RMS(sign R) (optim.free_scale; issue 19; not in the
                        default list; sweep --inactive-lr-scales 1 too: s_i still multiplies)
     frugal_columns_matched     columns with free_scale="matched" (the same; not in the default list)
+    frugal_projection_decay    svd with the density decaying linearly 0.25 -> 0.05 over the run
+                       (density_final, density_decay_steps = the run's steps; AdaFRUGAL,
+                       optim.density_schedule; issue 19; not in the default list)
     frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
 
@@ -150,6 +153,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "frugal_columns_matched": {"name": "frugal", "subspace": "coordinate",
                                "coord_choice": "columns", "density": 0.25,
                                "free_scale": "matched"},
+    # beyond the paper (issue 19, AdaFRUGAL): the density decays linearly over the run
+    # (density_decay_steps: the run's steps, set in plan_runs)
+    "frugal_projection_decay": {"name": "frugal", "subspace": "projection", "proj_type": "svd",
+                                "density": 0.25, "density_final": 0.05},
     # beyond the paper (issue 19): the active blocks of a refresh chosen by gradient norm
     "frugal_block_gradnorm": {"name": "frugal", "subspace": "block", "block_order": "gradnorm",
                               "density": 0.25},
@@ -192,6 +199,7 @@ DEFAULT_VARIANTS = [
         "frugal_projection_matched",
         "frugal_columns_matched",
         "frugal_block_gradnorm",
+        "frugal_projection_decay",
     )
     and v not in SIMULATED
     and v not in RSO_SCREENS
@@ -307,6 +315,8 @@ def plan_runs(args, steps: int) -> list[dict[str, Any]]:
             opt.setdefault("weight_decay", 0.0)
         if opt["name"] == "rso":
             opt.setdefault("inner_steps", args.update_gap)
+        if opt.get("density_final") is not None:  # decays over the whole run
+            opt.setdefault("density_decay_steps", steps)
         run = {"name": run_name(variant, lr, scale, seed), "variant": variant, "lr": lr,
                "inactive_lr_scale": scale, "seed": seed, "optimizer": opt,
                "status": "pending"}  # fmt: skip

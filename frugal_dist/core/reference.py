@@ -15,6 +15,10 @@ step (``s`` = steps taken before this one, T = ``update_gap``):
     W   <- W * (1 - lr * wd)
     W   <- W - lr * s_p * up(U) - lr * s_p * s_i * StateFree(R)
 
+``density_final`` (a decaying density, ``density``): refresh k is sized from
+rho(k) = rho0 + (rho_F - rho0) min(1, k T / D) (``density``); block pointers move by each
+refresh's own count.
+
 ``block_order="gradnorm"`` (block): at a step where the parameters refresh, the active set is
 ``ref_gradnorm_blocks`` of every parameter's ``p.grad`` at that step (with voters: their mean);
 it holds until the next refresh.
@@ -62,6 +66,8 @@ class ReferenceFRUGAL:
         algorithm: str = "frugal",
         lr: float = 1e-3,
         density: float = 0.25,
+        density_final: float | None = None,
+        density_decay_steps: int | None = None,
         update_gap: int = 200,
         subspace: str = "block",
         block_order: str = "descending",
@@ -91,8 +97,11 @@ class ReferenceFRUGAL:
             state_free=state_free, s_i=inactive_lr_scale, s_p=proj_params_lr_scale,
             reset=reset_statistics, betas=betas, eps=eps, wd=weight_decay, seed=seed,
             svd_method=svd_method, random_device=random_device, transfer=moment_transfer,
-            free_scale=free_scale,
+            free_scale=free_scale, density_final=density_final,
+            density_decay_steps=density_decay_steps,
         )  # fmt: skip
+        if density_final is not None and not reset_statistics and subspace != "block":
+            raise ValueError("a decaying density with kept statistics needs subspace='block'")
         if free_scale not in ("fixed", "matched"):
             raise ValueError(f"free_scale must be 'fixed' or 'matched', got {free_scale!r}")
         if free_scale == "matched" and algorithm == "frugal" and subspace == "block":
@@ -104,6 +113,16 @@ class ReferenceFRUGAL:
         self.block_seed = block_seed(seed, names)
         self.state: dict[str, dict] = {n: {"step": 0} for n in names}
         self.gradnorm_active: set[int] = set()  # block_order="gradnorm": the current choice
+
+    def density(self, k: int) -> float:
+        """The density that sizes refresh k: ``density``, or when ``density_final`` is set
+        the linear decay rho0 + (rho_F - rho0) * min(1, k T / D) (D = density_decay_steps)."""
+        h = self.h
+        if h["density_final"] is None:
+            return h["density"]
+        step_of_refresh = k * h["update_gap"]
+        progress = min(1.0, step_of_refresh / h["density_decay_steps"])
+        return h["density"] + (h["density_final"] - h["density"]) * progress
 
     # ---------------------------------------------------------------------------- the rules
     def _state_full(self, st: dict, g: Tensor) -> Tensor:
@@ -202,7 +221,10 @@ class ReferenceFRUGAL:
             )
         ):
             grads = [p.grad for _, p in self.named_params]
-            self.gradnorm_active = ref_gradnorm_blocks(grads, h["density"])
+            k = min(self.state[n]["step"] for n, p in self.named_params
+                    if p.grad is not None and self.state[n]["step"] % h["update_gap"] == 0
+                    ) // h["update_gap"]  # fmt: skip
+            self.gradnorm_active = ref_gradnorm_blocks(grads, self.density(k))
         for idx, (name, p) in enumerate(self.named_params):
             if p.grad is None:
                 continue
@@ -229,8 +251,11 @@ class ReferenceFRUGAL:
                     active = (
                         idx in self.gradnorm_active
                         if gradnorm
-                        else idx in ref_active_blocks(len(self.named_params), h["density"],
-                                                      h["block_order"], self.block_seed, k)
+                        else idx in ref_active_blocks(
+                            len(self.named_params), self.density(k), h["block_order"],
+                            self.block_seed, k,
+                            density_of=self.density if h["density_final"] is not None else None,
+                        )
                     )  # fmt: skip
                     g_sf = g if active else None
                     if refresh:
@@ -250,7 +275,7 @@ class ReferenceFRUGAL:
                 elif kind == "coordinate":
                     if refresh:
                         st["mask"] = ref_coordinate_mask(
-                            (m, n), h["density"], h["coord_choice"],
+                            (m, n), self.density(k), h["coord_choice"],
                             coordinate_seed(h["seed"], name, k),
                         ).to(g.device)  # fmt: skip
                     mask = st["mask"]
@@ -273,7 +298,7 @@ class ReferenceFRUGAL:
                     if refresh:
                         prev = st["P"][1] if "P" in st else None
                         st["P"] = ref_projection(
-                            (m, n), h["density"], h["proj_type"], h["proj_side"],
+                            (m, n), self.density(k), h["proj_type"], h["proj_side"],
                             projection_seed(h["seed"], name, k), grad=g,
                             svd_method=h["svd_method"], previous=prev,
                             random_device=h["random_device"],

@@ -20,6 +20,7 @@ on ties.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -31,8 +32,23 @@ def ref_block_count(n: int, density: float) -> int:
     return round(n * density)
 
 
-def ref_active_blocks(n: int, density: float, order: str, seed: int, refresh: int) -> set[int]:
-    """The tensors (model positions) active during refresh ``refresh`` of a group of n."""
+def ref_active_blocks(
+    n: int,
+    density: float,
+    order: str,
+    seed: int,
+    refresh: int,
+    density_of: Callable[[int], float] | None = None,
+) -> set[int]:
+    """The tensors (model positions) active during refresh ``refresh`` of a group of n.
+
+    ``density_of`` (a decaying density): the density of each refresh j; the count of refresh j
+    is then round(n * density_of(j)), and upstream's pointer moves by each refresh's own count
+    (``random``, ``ascending``, ``descending`` only)."""
+    if density_of is not None:
+        if order not in ("random", "ascending", "descending"):
+            raise ValueError(f"a decaying density has no block order {order!r}")
+        density = density_of(refresh)
     a = ref_block_count(n, density)
     if order == "mirror" and a % 2:
         raise ValueError(f"block_order='mirror' needs an even active count, got {a}")
@@ -60,7 +76,9 @@ def ref_active_blocks(n: int, density: float, order: str, seed: int, refresh: in
     # Upstream's pointer, stepped refresh by refresh from the first one.
     active: set[int] = set()
     start = None
-    for _ in range(refresh + 1):
+    for j in range(refresh + 1):
+        if density_of is not None:
+            a = ref_block_count(n, density_of(j))
         active = set()
         if order == "ascending":
             start = 0 if start is None else start

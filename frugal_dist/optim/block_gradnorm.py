@@ -50,6 +50,7 @@ from torch import Tensor
 
 from frugal_dist.comm.collectives import allreduce_mean_, allreduce_sum_
 from frugal_dist.core.subspaces import block_count, top_blocks
+from frugal_dist.optim.density_schedule import density_at
 
 if TYPE_CHECKING:
     from frugal_dist.layouts.base import ParamView
@@ -144,8 +145,9 @@ def refresh_choice(
             "zero_optimization.sub_group_size above the group's size; fairscale OSS gives each "
             "rank a subset). Use another block_order with this engine."
         )
-    chosen = top_blocks(block_sumsq(ctx, group, views), block_count(len(group["names"]),
-                                                                    group["density"]))  # fmt: skip
+    k = min(s for s in steps if s % gap == 0) // gap  # the refresh (optim.density_schedule)
+    count = block_count(len(group["names"]), density_at(group, k))
+    chosen = top_blocks(block_sumsq(ctx, group, views), count)
     for view in views:
         view.state[FLAG] = torch.tensor(float(view.index in chosen), dtype=torch.float32)
 

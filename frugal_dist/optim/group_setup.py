@@ -7,7 +7,8 @@ group must pass before a step runs (each a ``ValueError`` naming the group, the 
                                                         adds the group)
                               check_added_group         with the defaults filled in: the bound
                                                         layout's options, moment_transfer,
-                                                        free_scale, block_order="gradnorm", the
+                                                        free_scale, block_order="gradnorm",
+                                                        density_final, the
                                                         subspace kind's own (``check_group``)
     bind_layout(layout)       check_layout_options      what the layout cannot honour
 
@@ -23,6 +24,7 @@ from typing import Any
 from torch import Tensor
 
 from frugal_dist.optim.block_gradnorm import uses_gradnorm
+from frugal_dist.optim.density_schedule import check_density_decay
 from frugal_dist.optim.free_scale import check_free_scale
 from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.moment_transfer import check_moment_transfer
@@ -32,6 +34,8 @@ FRUGAL_DEFAULTS: dict[str, Any] = dict(
     lr=1e-3,
     algorithm="frugal",
     density=0.25,
+    density_final=None,
+    density_decay_steps=None,
     update_gap=200,
     subspace="block",
     block_order="descending",
@@ -83,7 +87,7 @@ def prepare_group(param_group: dict[str, Any], index: int) -> None:
 def check_added_group(groups: list[dict[str, Any]], layout: Any, world: int) -> None:
     """The checks of the last group of ``groups`` (defaults filled in by torch): the bound
     ``layout``'s (``check_layout_options``, over every group), ``moment_transfer``,
-    ``free_scale``, the
+    ``free_scale``, ``block_order``, ``density_final`` (``optim.density_schedule``), the
     subspace kind's own (``SubspaceKind.check_group``: projection shapes, (in, out)-stored
     weights)."""
     group = groups[-1]
@@ -94,6 +98,7 @@ def check_added_group(groups: list[dict[str, Any]], layout: Any, world: int) -> 
     check_moment_transfer(group, where, kind.has_basis)
     check_free_scale(group, where)
     check_block_order(group, where)
+    check_density_decay(group, where)
     kind.check_group(group, where)
 
 

@@ -19,8 +19,9 @@ from torch import Tensor
 # step counters and the gradnorm block choice (``optim.block_gradnorm``): float32 scalars on the
 # CPU, the same on every rank
 SCALAR_KEYS = ("step", "sf_step", "block_active")
-STRUCTURAL_KEYS = ("algorithm", "subspace", "density", "block_order", "coord_choice",
-                   "proj_type", "proj_side", "state_full", "state_free")  # fmt: skip
+STRUCTURAL_KEYS = ("algorithm", "subspace", "density", "density_final", "density_decay_steps",
+                   "block_order", "coord_choice", "proj_type", "proj_side", "state_full",
+                   "state_free")  # fmt: skip
 log = logging.getLogger("frugal_dist")
 
 

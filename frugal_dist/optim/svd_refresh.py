@@ -49,6 +49,7 @@ from frugal_dist.core.subspaces import (
     resolve_side,
 )
 from frugal_dist.kernels.refresh import svd_bases
+from frugal_dist.optim.density_schedule import density_at
 from frugal_dist.optim.projection_batch import group_precision
 
 WARM_POWER_ITERS = 1
@@ -58,11 +59,11 @@ QR = "cholesky"
 
 
 def basis_shape(it: Any) -> tuple[int, int]:
-    """(dim, r) of the item's svd basis (dim = m for left, n for right)."""
+    """(dim, r) of the item's svd basis at its refresh (dim = m for left, n for right)."""
     group = it.group
     shape = matrix_shape(it.view.shape)
     side = resolve_side(group["proj_side"], shape)
-    r = projection_rank(shape, group["density"], side, "svd")
+    r = projection_rank(shape, density_at(group, it.k), side, "svd")
     return (shape[0] if side == "left" else shape[1], r)
 
 
@@ -104,6 +105,6 @@ def owner_bases(its: list[Any], grads: list[Tensor]) -> list[Tensor]:
 def _exact(it: Any, g: Tensor) -> Tensor:
     group = it.group
     return projection_selection(
-        matrix_shape(it.view.shape), group["density"], "svd", group["proj_side"],
+        matrix_shape(it.view.shape), density_at(group, it.k), "svd", group["proj_side"],
         projection_seed(group["seed"], it.name, it.k), grad=g,
     ).basis  # fmt: skip

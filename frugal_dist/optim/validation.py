@@ -68,6 +68,15 @@ def validate_options(opts: Mapping[str, Any], where: str = "") -> None:
         _check_real(f"lr{at}", opts["lr"], 0.0, None)
     if "density" in opts:
         _check_real(f"density{at}", opts["density"], 0.0, 1.0)
+    if opts.get("density_final") is not None:  # None: no decay (optim.density_schedule)
+        _check_real(f"density_final{at}", opts["density_final"], 0.0, 1.0)
+    steps = opts.get("density_decay_steps")
+    if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool)
+                                  and steps >= 1):  # fmt: skip
+        raise ValueError(
+            f"density_decay_steps must be an integer >= 1 (or None with density_final=None), "
+            f"got {steps!r}{at}"
+        )
     if "update_gap" in opts:
         gap = opts["update_gap"]
         if not (isinstance(gap, int) and not isinstance(gap, bool) and gap >= 1):

@@ -36,6 +36,8 @@ OPTIMIZER_KEYS: dict[str, tuple[str, str]] = {
     "weight_decay": ("all", "decoupled weight decay (norms and biases: none)"),
     "seed": ("all", "base seed of the subspace choices"),
     "density": ("frugal, rso", "rho: fraction of each split matrix with Adam state (RSO: rank)"),
+    "density_final": ("frugal", "density decays linearly to this (null: fixed density)"),
+    "density_decay_steps": ("frugal", "step at which the density reaches density_final"),
     "update_gap": ("frugal", "T: steps between subspace refreshes"),
     "subspace": ("frugal", "which part of each matrix is state-full"),
     "block_order": ("frugal", "block subspace: order of active blocks (gradnorm: largest grads)"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+DECAY = dict(density=0.5, density_final=0.1, density_decay_steps=16)
 SUBSPACES: dict[str, dict] = {
     "block": dict(subspace="block", block_order="random"),
     "block-descending": dict(subspace="block", block_order="descending"),
@@ -27,6 +28,12 @@ SUBSPACES: dict[str, dict] = {
     "projection-left-matched": dict(subspace="projection", proj_type="randperm",
                                     proj_side="left", free_scale="matched"),
     "columns-matched": dict(subspace="coordinate", coord_choice="columns", free_scale="matched"),
+    # density_final (optim.density_schedule): rho 0.5 -> 0.1 over 16 steps, so the subspace
+    # shrinks at the refreshes of every launch (gap 4: 0.5, 0.375, 0.25; gap 8: 0.5, 0.3, 0.1)
+    "block-decay": dict(subspace="block", block_order="descending", **DECAY),
+    "columns-decay": dict(subspace="coordinate", coord_choice="columns", **DECAY),
+    "projection-decay": dict(subspace="projection", proj_type="random", **DECAY),
+    "svd-decay": dict(subspace="projection", proj_type="svd", **DECAY),
 }  # fmt: skip
 
 

@@ -13,7 +13,8 @@ from tests.distributed.launch import run_distributed, run_each
 pytestmark = pytest.mark.distributed
 
 KINDS = cases.pick("block-descending", "block-gradnorm", "columns", "projection",
-                   "projection-device", "svd")  # fmt: skip
+                   "projection-device", "svd", "block-decay", "columns-decay",
+                   "projection-decay")  # fmt: skip
 COMMON = dict(lr=3e-3, density=0.25, update_gap=4, weight_decay=0.01)
 STEPS = 10  # refreshes at 0, 4, 8
 
@@ -57,7 +58,7 @@ def test_fsdp2_matches_single_process(kind, world, fsdp2_runs):
             _close({k: v for k, v in got[r]["state"][name].items()}, st, tol)
 
 
-DCP_KINDS = ["block-descending", "block-gradnorm", "columns", "svd"]
+DCP_KINDS = ["block-descending", "block-gradnorm", "columns", "svd", "columns-decay"]
 FIRST, REST = 5, 5
 
 
@@ -90,7 +91,7 @@ def test_dcp_checkpoint_reshards_from_two_ranks_to_one_and_four(kind, dcp_runs):
         _close(got["params"], ref["params"], 1e-4 if kind == "svd" else 5e-6)
 
 
-FSDP1_KINDS = ["block-descending", "block-gradnorm", "columns", "projection"]
+FSDP1_KINDS = ["block-descending", "block-gradnorm", "columns", "projection", "block-decay"]
 
 
 @pytest.fixture(scope="module")

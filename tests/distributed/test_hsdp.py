@@ -26,6 +26,8 @@ KINDS = {
         "svd",
         "columns-matched",
         "projection-left-matched",
+        "block-decay",
+        "columns-decay",
     ),
     "projection-right": dict(subspace="projection", proj_type="random", proj_side="right"),
     "rho0": dict(subspace="projection", proj_type="random", density=0.0),

@@ -70,7 +70,7 @@ def test_replicated_checkpoint_resumes_at_another_world_size(worlds, sharded, tm
     _same_trajectory(out, ref)
 
 
-@pytest.mark.parametrize("kind", ["block", "block-gradnorm", "columns"])
+@pytest.mark.parametrize("kind", ["block", "block-gradnorm", "columns", "columns-decay"])
 def test_shard_state_keeps_only_its_own_state_after_a_full_load(kind):
     """The unit under the merged resume: ``release_unowned_state`` after loading a replicated
     state dict leaves each rank exactly the state a natively sharded run holds (same keys, about
@@ -79,7 +79,7 @@ def test_shard_state_keeps_only_its_own_state_after_a_full_load(kind):
     from tests.distributed import replicated_workers as rw
     from tests.distributed.launch import run_distributed
 
-    kw = dict(lr=1e-2, density=0.5, update_gap=3, **cases.SUBSPACES[kind])
+    kw = {**dict(lr=1e-2, density=0.5, update_gap=3), **cases.SUBSPACES[kind]}
     got = run_distributed(rw.prune_after_full_load, 2, kw, 4, 8, deadline_s=120)
     for r in got:
         assert r["pruned"] > 0

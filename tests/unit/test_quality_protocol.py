@@ -96,3 +96,29 @@ def test_rso_screens_change_one_option_each_and_stay_out_of_the_default_list(qua
     for v, o in opts.items():
         changed = {k for k in o.keys() | base.keys() if o.get(k) != base.get(k)}
         assert 1 <= len(changed) <= 2, (v, changed)  # *_lr2x / *_keep combine two
+
+
+def test_decay_variant_decays_over_the_run_and_builds(quality):
+    """``frugal_projection_decay``: density 0.25 -> 0.05 with density_decay_steps = the run's
+    steps, a valid optimizer section the train loop builds (and steps), off the default list."""
+    import torch
+
+    from frugal_dist.train.config_validation import validate_optimizer_section
+    from frugal_dist.train.optimizers import build_optimizer
+
+    assert "frugal_projection_decay" not in quality.DEFAULT_VARIANTS
+    args = _args(quality, "--variants", "frugal_projection_decay", "--update-gap", "2")
+    (run,) = quality.plan_runs(args, steps=6)
+    opt = run["optimizer"]
+    assert (opt["density"], opt["density_final"], opt["density_decay_steps"]) == (0.25, 0.05, 6)
+    validate_optimizer_section(opt)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    kw = {k: v for k, v in opt.items() if k != "name"}
+    optimizer = build_optimizer(model, opt["name"], **kw)
+    ranks = []
+    for _ in range(6):
+        model(torch.randn(4, 16)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ranks.append(optimizer.state[model[0].weight]["exp_avg"].shape[1])
+    assert ranks == [4, 4, 3, 3, 2, 2]  # round(16 rho): rho 0.25, 0.1833, 0.1167

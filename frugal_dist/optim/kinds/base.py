@@ -57,11 +57,14 @@ class SubspaceKind(ABC):
         return group["state_free"]
 
     @abstractmethod
-    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
-        """Entries of the state-full subspace of a parameter of ``shape`` (0: no state)."""
+    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any], k: int = 0) -> int:
+        """Entries of the state-full subspace of a parameter of ``shape`` (0: no state) at
+        refresh ``k`` (the density may decay, ``optim.density_schedule``: refresh 0 is the
+        largest)."""
 
     def expected_state_bytes(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
-        """Float32 state-full bytes (#buffers of the rule x 4 B x state_numel)."""
+        """Float32 state-full bytes (#buffers of the rule x 4 B x state_numel), at refresh 0:
+        the largest when the density decays (``shard_state``'s static weights)."""
         n = self.state_numel(shape, group)
         return 0 if n == 0 else 4 * len(state_full_keys(self.rule(group))) * n
 

@@ -1,5 +1,6 @@
 """Block subspaces (BAdam-style): S = whole tensors; ``block_count(n, rho)`` of a group's n
-tensors are active during refresh k (``core.subspaces.BlockSchedule``):
+tensors are active during refresh k (``core.subspaces.BlockSchedule``; rho = rho(k) when the
+density decays, ``optim.density_schedule``):
 
     active:   W <- W (1 - lr wd) - lr s_p U(G)          state shaped like W, reset at refresh
     inactive: W <- W (1 - lr wd) - lr s_p s_i F(G)      no state
@@ -19,8 +20,9 @@ from torch import Tensor
 
 from frugal_dist.core.rules import state_free_direction
 from frugal_dist.core.seeding import block_seed
-from frugal_dist.core.subspaces import BlockSchedule
-from frugal_dist.optim import block_gradnorm
+from frugal_dist.core.subspaces import BlockSchedule, block_count
+from frugal_dist.optim import block_gradnorm, density_schedule
+from frugal_dist.optim.density_schedule import density_at
 from frugal_dist.optim.fast_apply import can_batch
 from frugal_dist.optim.kinds.base import SubspaceKind, fused_adamw_ok
 from frugal_dist.optim.ownership import block_owner
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 class Block(SubspaceKind):
     name = "block"
 
-    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
+    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any], k: int = 0) -> int:
         return math.prod(shape)  # while active (the sharding weight of a block tensor)
 
     def owner(self, ctx: StepContext, group: dict[str, Any], index: int, name: str, k: int) -> int:
@@ -52,7 +54,7 @@ class Block(SubspaceKind):
         key = ("block-active", id(group), k)  # looked up once per group and refresh per step
         active = ctx.memo.get(key)
         if active is None:
-            active = ctx.memo[key] = schedule(ctx, group).active(k)
+            active = ctx.memo[key] = static_active(ctx, group, k)
         return view.index in active
 
     def fuses(self, it: Item, ctx: StepContext) -> bool:
@@ -80,7 +82,10 @@ class Block(SubspaceKind):
         return it.group["proj_params_lr_scale"], it.group["inactive_lr_scale"]
 
     def fingerprint(self, it: Item) -> int | None:
-        return it.k * 2 + int(it.active)
+        # the refresh, whether this tensor is active, and the refresh's active count (its size)
+        n = len(it.group["names"])
+        count = block_count(n, density_at(it.group, it.k))
+        return (it.k * 2 + int(it.active)) * (n + 1) + count
 
     def free_direction(self, it: Item) -> Tensor | None:
         if it.free_done:
@@ -112,7 +117,23 @@ def active_blocks(ctx: StepContext, group: dict[str, Any], k: int) -> frozenset[
     replicated parameters, as ``shard_state`` ownership needs)."""
     if block_gradnorm.uses_gradnorm(group):
         return block_gradnorm.active_positions(ctx, group)
-    return schedule(ctx, group).active(k)
+    return static_active(ctx, group, k)
+
+
+def static_active(ctx: StepContext, group: dict[str, Any], k: int) -> frozenset[int]:
+    """The active positions of a static order at refresh ``k``: the group's ``BlockSchedule``,
+    or, when the density decays, the count of that refresh (``optim.density_schedule``)."""
+    if not density_schedule.decays(group):
+        return schedule(ctx, group).active(k)
+    names = schedule_names(ctx, group)
+    return density_schedule.active_blocks(len(names), group, block_seed(group["seed"], names), k)
+
+
+def schedule_names(ctx: StepContext, group: dict[str, Any]) -> list[str]:
+    """The names a group's schedule is drawn over: the layout's full list when the bound layout
+    says this group holds a subset (``schedule_names``: fairscale OSS), else the group's."""
+    full = getattr(ctx.layout, "schedule_names", None)
+    return full(ctx.optimizer, group) if full is not None else group["names"]
 
 
 def schedule(ctx: StepContext, group: dict[str, Any]) -> BlockSchedule:
@@ -120,8 +141,7 @@ def schedule(ctx: StepContext, group: dict[str, Any]) -> BlockSchedule:
     seed hashes every name of the group). It is drawn over the layout's full name list when the
     bound layout says this group holds a subset (``schedule_names``: fairscale OSS), so every
     rank picks the blocks the unsharded run picks."""
-    full = getattr(ctx.layout, "schedule_names", None)
-    names = full(ctx.optimizer, group) if full is not None else group["names"]
+    names = schedule_names(ctx, group)
     key = (id(group), len(names), group["density"], group["block_order"], group["seed"])
     cache = ctx.cache.schedules
     if key not in cache:

@@ -1,5 +1,6 @@
 """Coordinate subspaces: S = ``coordinate_count(dim, rho)`` random columns / rows / entries of
-the (m, n) matrix view, redrawn from (seed, name, k) at each refresh:
+the (m, n) matrix view, redrawn from (seed, name, k) at each refresh (rho = rho(k) when the
+density decays, ``optim.density_schedule``):
 
     G_sf = G[S]    U = StateFull(G_sf)     W <- W (1 - lr wd) - lr s_p D,
     D = U on S, s_i F(G) elsewhere          state: compact (m, k) / (k, n) / (k,) tensors
@@ -26,6 +27,7 @@ from frugal_dist.core.subspaces import (
     matrix_shape,
     tensor_fingerprint,
 )
+from frugal_dist.optim.density_schedule import density_at
 from frugal_dist.optim.fast_apply import can_batch, coordinate_fusable, local_matrix
 from frugal_dist.optim.free_scale import item_scale, matched
 from frugal_dist.optim.kinds.base import SubspaceKind
@@ -42,9 +44,9 @@ class Coordinate(SubspaceKind):
     name = "coordinate"
     matrix_grad = True
 
-    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
+    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any], k: int = 0) -> int:
         m, n = matrix_shape(shape)
-        rho = group["density"]
+        rho = density_at(group, k)
         choice = group["coord_choice"]
         if choice == "columns":
             return m * coordinate_count(n, rho)
@@ -141,7 +143,7 @@ class Coordinate(SubspaceKind):
 
     def matched_sizes(self, it: Item) -> tuple[int, int]:
         m, n = it.span.m, it.span.n
-        n_u = self.state_numel(it.view.shape, it.group)
+        n_u = self.state_numel(it.view.shape, it.group, it.k)
         return n_u, m * n - n_u
 
     def update_sumsq(self, it: Item, ctx: StepContext) -> Tensor:
@@ -161,7 +163,7 @@ def global_selection(
     cached = ctx.cache.selections.get(view.name)
     if cached is None or cached[0] != k:
         sel = coordinate_selection(
-            matrix_shape(view.shape), group["density"], group["coord_choice"],
+            matrix_shape(view.shape), density_at(group, k), group["coord_choice"],
             coordinate_seed(group["seed"], view.name, k),
         ).to(view.data.device)  # fmt: skip
         ctx.cache.selections[view.name] = (k, sel)

@@ -1,5 +1,6 @@
 """Projection subspaces (GaLore-style): S = span of an orthonormal basis P with
-r = ``projection_rank`` columns (``core.subspaces``), right (P: n x r) or left (P: m x r):
+r = ``projection_rank`` columns (``core.subspaces``; of rho(k) when the density decays,
+``optim.density_schedule``), right (P: n x r) or left (P: m x r):
 
     G_sf = down(G)     U = StateFull(G_sf)     R = G - up(G_sf)
     W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(R))        state: (m, r) right / (r, n) left
@@ -44,6 +45,7 @@ from frugal_dist.core.subspaces import (
     tensor_fingerprint,
 )
 from frugal_dist.kernels.refresh import random_bases
+from frugal_dist.optim.density_schedule import density_at
 from frugal_dist.optim.engine_hooks import logical_shape
 from frugal_dist.optim.fast_apply import can_batch, local_matrix
 from frugal_dist.optim.free_scale import item_scale, matched
@@ -70,16 +72,17 @@ class Projection(SubspaceKind):
     matrix_grad = True
     has_basis = True
 
-    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
+    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any], k: int = 0) -> int:
         m, n = matrix_shape(shape)
-        r = projection_rank((m, n), group["density"], group["proj_side"], group["proj_type"])
+        rho = density_at(group, k)
+        r = projection_rank((m, n), rho, group["proj_side"], group["proj_type"])
         return r * (n if resolve_side(group["proj_side"], (m, n)) == "left" else m)
 
     def compact_shape(self, it: Item) -> tuple[int, ...]:
         group = it.group
         shape = matrix_shape(it.view.shape)
         side = resolve_side(group["proj_side"], shape)
-        r = projection_rank(shape, group["density"], side, group["proj_type"])
+        r = projection_rank(shape, density_at(group, it.k), side, group["proj_type"])
         return (r, shape[1]) if side == "left" else (it.span.rows_touched, r)
 
     def state_role(self, group: dict[str, Any], shape: tuple[int, ...], key: str) -> str:
@@ -227,7 +230,7 @@ class Projection(SubspaceKind):
 
     def matched_sizes(self, it: Item) -> tuple[int, int]:
         m, n = it.span.m, it.span.n
-        return self.state_numel(it.view.shape, it.group), m * n
+        return self.state_numel(it.view.shape, it.group, it.k), m * n
 
     def update_sumsq(self, it: Item, ctx: StepContext) -> Tensor:
         u = it.u.float()
@@ -266,7 +269,7 @@ def global_basis(
                            "drawn in the plan phase (draw_random_bases)")  # fmt: skip
     else:
         sel = projection_selection(
-            shape, group["density"], group["proj_type"], group["proj_side"],
+            shape, density_at(group, k), group["proj_type"], group["proj_side"],
             projection_seed(group["seed"], view.name, k),
         )  # fmt: skip
         sel = ProjectionSelection(sel.side, sel.basis.to(view.data.device))
@@ -321,7 +324,7 @@ def _draw_random(
         shape = matrix_shape(it.view.shape)
         side = resolve_side(group["proj_side"], shape)
         dim = shape[0] if side == "left" else shape[1]
-        r = projection_rank(shape, group["density"], side, "random")
+        r = projection_rank(shape, density_at(group, k), side, "random")
         seed = projection_seed(group["seed"], it.name, k)
         batches.setdefault((dim, r, it.view.data.device), []).append((it.name, side, seed))
     out: dict[str, ProjectionSelection] = {}

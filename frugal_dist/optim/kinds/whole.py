@@ -29,7 +29,7 @@ class WholeStateFull(SubspaceKind):
     def rule(self, group: dict[str, Any]) -> str:
         return "adamw" if group["algorithm"] == "adamw" else group["state_full"]
 
-    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
+    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any], k: int = 0) -> int:
         return math.prod(shape)
 
     def fuses(self, it: Item, ctx: StepContext) -> bool:
@@ -59,7 +59,7 @@ class WholeFree(SubspaceKind):
     def free_rule(self, group: dict[str, Any]) -> str:
         return group["algorithm"]
 
-    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any]) -> int:
+    def state_numel(self, shape: tuple[int, ...], group: dict[str, Any], k: int = 0) -> int:
         return 0
 
     def is_active(self, ctx: StepContext, group: dict[str, Any], view: Any, k: int) -> bool:
