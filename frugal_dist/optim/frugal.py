@@ -140,6 +140,9 @@ class FRUGAL(Optimizer):
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (decoupled weight decay on every
             parameter; state-free lr = lr * proj_params_lr_scale * inactive_lr_scale).
         density: rho in [0, 1], the fraction of each split parameter that is state-full.
+        density_final, density_decay_steps: rho decays linearly to ``density_final`` at step
+            ``density_decay_steps``, each refresh sized from its step (AdaFRUGAL; a project
+            addition, ``optim.density_schedule``); None: fixed.
         update_gap: T >= 1, steps between subspace refreshes.
         subspace: "block" | "coordinate" | "projection".
         block_order, coord_choice, proj_type, proj_side: choices of each subspace kind.
