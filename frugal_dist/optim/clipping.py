@@ -112,18 +112,39 @@ class ClipSlot:
 
 
 def clip_grad_norm_(
-    opt: Any, slot: ClipSlot, max_norm: float, norm_type: float = 2.0, eps: float = 1e-6
+    opt: Any,
+    slot: ClipSlot,
+    max_norm: float,
+    norm_type: float = 2.0,
+    eps: float = 1e-6,
+    total_norm: Tensor | None = None,
 ) -> Tensor:
     """The total ``norm_type`` norm of ``opt``'s gradients (torch's ``get_total_norm``), with c =
-    clamp(max_norm / (norm + eps), max=1) recorded for the next step (module docstring)."""
+    clamp(max_norm / (norm + eps), max=1) recorded for the next step (module docstring).
+
+    ``total_norm``: that norm as the caller computed it over the same gradients (a 0-d floating
+    tensor), used instead of computing it here. torch's clip stacks the per-tensor norms in the
+    order it is given the parameters (the model's, for ``clip_grad_norm_(model.parameters())``);
+    this function's order is the param groups', and the two sums may differ in the last bit, so
+    a caller that must match torch's clip of the model bit for bit passes the model-order norm
+    (``train.engine_setup.clip_gradients`` does)."""
     max_norm, norm_type, eps = float(max_norm), float(norm_type), float(eps)
     if not max_norm > 0.0:
         raise ValueError(f"clip_grad_norm_: max_norm must be > 0, got {max_norm}")
     if not eps >= 0.0:
         raise ValueError(f"clip_grad_norm_: eps must be >= 0, got {eps}")
     _check_supported(opt)
-    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, norm_type)
+    if total_norm is None:
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type)
+    elif not (isinstance(total_norm, Tensor) and total_norm.dim() == 0
+              and total_norm.is_floating_point()):  # fmt: skip
+        raise TypeError(
+            "clip_grad_norm_: total_norm must be a 0-d floating tensor (the total norm of these "
+            f"gradients, e.g. torch.nn.utils.get_total_norm), got {type(total_norm).__name__}"
+        )
+    else:
+        norm = total_norm
     # torch's clip_grads_with_norm_ arithmetic (its eps is 1e-6), so c has the same bits
     coef = torch.clamp(max_norm / (norm + eps), max=1.0)
     slot.put(PendingClip(coef, norm))

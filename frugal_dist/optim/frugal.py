@@ -248,13 +248,17 @@ class FRUGAL(Optimizer):
 
     # ------------------------------------------------------------------------- clip
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, eps: float = 1e-6) -> Tensor:
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, eps: float = 1e-6, *,
+        total_norm: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         """Returns torch's total norm of the gradients and records c = clamp(max_norm /
         (norm + eps), max=1) for the next ``step()`` only (also a skipped one), which then
         computes what it computes after torch's ``clip_grad_norm_``. The ``.grad`` tensors are
         NOT scaled here: the step applies c where a scale-dependent rule reads them (its
-        kernels, or in place). A second call before ``step()`` raises (``optim.clipping``)."""
-        return clipping.clip_grad_norm_(self, self._clip, max_norm, norm_type, eps)
+        kernels, or in place). A second call before ``step()`` raises. ``total_norm``: the
+        caller's norm of these gradients, used as is (``optim.clipping.clip_grad_norm_``)."""
+        return clipping.clip_grad_norm_(self, self._clip, max_norm, norm_type, eps, total_norm)
 
     @property
     def clip_pending(self) -> bool:

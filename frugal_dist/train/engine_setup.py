@@ -78,7 +78,10 @@ def clip_gradients(engine: str, wrapped: nn.Module, optimizer: Any, max_norm: fl
     the same norm and the same step, without torch's multiply of every gradient (the step
     applies the coefficient where a scale-dependent rule reads it, ``optim.clipping``)."""
     if engine in ("single", "ddp") and _fused_clip(wrapped, optimizer):
-        return optimizer.clip_grad_norm_(max_norm)
+        # the norm in the model's parameter order, as torch's clip sums it (bit for bit)
+        grads = [p.grad for p in wrapped.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads)
+        return optimizer.clip_grad_norm_(max_norm, total_norm=total)
     if engine == "fsdp1":
         return wrapped.clip_grad_norm_(max_norm)
     if engine == "fairscale":

@@ -180,6 +180,28 @@ def test_second_clip_raises_and_zero_grad_drops():
         FRUGAL(make_params()).clip_grad_norm_(0.0)
 
 
+def test_total_norm_given_is_used_as_is():
+    """``total_norm``: the caller's norm (e.g. in the model's parameter order, as torch's clip of
+    ``model.parameters()`` sums it) replaces the one computed in param-group order."""
+    runs = []
+    for given in (False, True):
+        ps = make_params()
+        opt = _opt(ps, **CASES["columns"])
+        for gs in _grads():
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            total = torch.nn.utils.get_total_norm([p.grad for p in reversed(ps)])
+            got = opt.clip_grad_norm_(0.5, total_norm=total if given else None)
+            if given:
+                assert got is total
+            opt.step()
+        runs.append(ps)
+    assert max_diff(*runs) < 1e-6  # the two summation orders differ by float32 rounding at most
+    opt = _opt(make_params(), **CASES["columns"])
+    with pytest.raises(TypeError, match="total_norm"):
+        opt.clip_grad_norm_(0.5, total_norm=1.0)
+
+
 def test_nonfinite_ignore_scales_every_gradient():
     """No verdict under nonfinite='ignore': the step multiplies every gradient, as torch (an
     inf norm gives c = 0: the state-free signs are then 0 too, not sign(g))."""

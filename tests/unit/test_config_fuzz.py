@@ -21,8 +21,15 @@ from hypothesis import strategies as st
 
 from frugal_dist import FRUGAL, build_param_groups
 from frugal_dist.core.rules import STATE_FREE_RULES, STATE_FULL_RULES
-from frugal_dist.core.subspaces import BLOCK_ORDERS, COORD_CHOICES, PROJ_SIDES, PROJ_TYPES
+from frugal_dist.core.subspaces import (
+    BLOCK_ORDERS,
+    COORD_CHOICES,
+    PROJ_SIDES,
+    PROJ_TYPES,
+    block_count,
+)
 from frugal_dist.optim.free_scale import FREE_SCALES
+from frugal_dist.optim.group_setup import FRUGAL_DEFAULTS
 from frugal_dist.optim.moment_transfer import MOMENT_TRANSFERS
 from frugal_dist.optim.validation import SUBSPACES
 from frugal_dist.train.config import DTYPES, ENGINES, FIELDS, build_config
@@ -37,6 +44,8 @@ FUZZ_STEPS = settings(FUZZ, max_examples=25)  # examples that build an optimizer
 MICRO = LlamaConfig(vocab_size=19, dim=8, n_layers=1, n_heads=2, intermediate_size=12,
                     max_seq_len=8)  # fmt: skip
 NAN, INF = float("nan"), float("inf")
+MICRO_SPLIT = sum(len(g["params"]) for g in build_param_groups(build_model(MICRO))
+                  if g.get("algorithm", "frugal") == "frugal")  # fmt: skip
 
 # ----------------------------------------------------------------------------- FRUGAL options
 VALID_FRUGAL: dict[str, st.SearchStrategy] = {
@@ -97,8 +106,16 @@ def _gradnorm_ok(opts: dict[str, Any], subspace: str = "block") -> bool:
     return opts.get("block_order") != "gradnorm" or opts.get("subspace", subspace) == "block"
 
 
+def _mirror_ok(opts: dict[str, Any]) -> bool:
+    """block_order="mirror" needs an even active count round(density x tensors) over the micro
+    model's split tensors (refused when the group is added, naming block_order)."""
+    if opts.get("block_order") != "mirror" or opts.get("subspace", "block") != "block":
+        return True
+    return block_count(MICRO_SPLIT, opts.get("density", FRUGAL_DEFAULTS["density"])) % 2 == 0
+
+
 def valid_frugal() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({}, optional=VALID_FRUGAL).filter(_gradnorm_ok)
+    return st.fixed_dictionaries({}, optional=VALID_FRUGAL).filter(_gradnorm_ok).filter(_mirror_ok)
 
 
 def _micro_model() -> torch.nn.Module:

@@ -389,3 +389,14 @@ def test_rules_come_first_and_coverage_errors_name_the_parameter():
     assert groups[0]["names"] == ["proj.weight", "proj.bias"]
     with pytest.raises(ValueError, match="lm_head.weight"):
         check_param_coverage(model, [g for g in groups if g["name"] != "state_full"])
+
+
+def test_mirror_with_an_odd_active_count_is_refused_when_the_group_is_added():
+    """round(density x tensors) odd: a ValueError naming block_order at construction and at
+    add_param_group (which leaves the optimizer as it was), not at the first step."""
+    with pytest.raises(ValueError, match="block_order='mirror'.*even"):
+        FRUGAL(make_params()[:3], density=1.0, block_order="mirror")
+    opt = FRUGAL(make_params()[:2], density=1.0, block_order="mirror")
+    with pytest.raises(ValueError, match="param group 1.*block_order='mirror'"):
+        opt.add_param_group({"params": make_params()[:3]})
+    assert len(opt.param_groups) == 1

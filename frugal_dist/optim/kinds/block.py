@@ -42,6 +42,17 @@ class Block(SubspaceKind):
     def owner(self, ctx: StepContext, group: dict[str, Any], index: int, name: str, k: int) -> int:
         return block_owner(ctx, group, index, k)
 
+    def check_group(self, group: dict[str, Any], where: str) -> None:
+        """``block_order="mirror"`` needs an even active count, round(density x tensors): refused
+        when the group is added, not at its first step (a layout that schedules over a longer
+        name list, fairscale OSS, is checked again there)."""
+        n = len(group["params"])
+        if group.get("block_order") == "mirror" and n and block_count(n, group["density"]) % 2:
+            try:
+                BlockSchedule(n, group["density"], "mirror", 0)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+
     def plan_group(
         self, ctx: StepContext, group: dict[str, Any], views: list[ParamView], steps: list[int]
     ) -> None:
