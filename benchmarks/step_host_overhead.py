@@ -86,6 +86,8 @@ def variants() -> list[dict[str, Any]]:
              opts=dict(subspace="coordinate", coord_choice="columns", density=0.25)),
         dict(name="frugal_projection_d0.25", kind="frugal",
              opts=dict(subspace="projection", proj_type="random", density=0.25)),
+        dict(name="frugal_projection_svd_d0.25", kind="frugal",
+             opts=dict(subspace="projection", proj_type="svd", density=0.25)),
     ]  # fmt: skip
 
 

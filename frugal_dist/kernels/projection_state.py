@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from functools import reduce
 from itertools import chain
 from operator import or_
+from typing import NamedTuple
 
 import torch
 import triton
@@ -50,7 +51,7 @@ from frugal_dist.kernels.elementwise_triton import (
     launch_device,
     upload,
 )
-from frugal_dist.kernels.projection_triton import address_table
+from frugal_dist.kernels.projection_triton import addresses
 
 _DATA_PTR = Tensor.data_ptr
 
@@ -115,21 +116,57 @@ def _adamw_state_kernel(
         tl.store(xo, x.to(XO_ELEM), mask=mask)
 
 
-def vector_moments(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], C: int) -> bool:
+def vector_moments(
+    exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], C: int, ors: int | None = None
+) -> bool:
     """Whether the kernel may move the moments in 16-byte vectors (its ``ALIGNED``): every
     address a multiple of 16 bytes and rows of a multiple of 4 float32 entries, so each aligned
     group of 4 along a row starts on a 16-byte boundary. (X and U are tensor arguments: Triton
-    specialises their pointers and strides on divisibility by 16 itself.) Host cost: one
-    ``data_ptr`` per moment per launch, as ``address_table``'s cache key."""
+    specialises their pointers and strides on divisibility by 16 itself.) ``ors``: the bitwise
+    OR of every moment's address when the caller has it (``projection_triton.addresses``
+    caches it with the address tables: no pass over the addresses here)."""
     if C % 4:
         return False
-    return reduce(or_, map(_DATA_PTR, chain(exp_avgs, exp_avg_sqs)), 0) & 15 == 0
+    if ors is None:
+        ors = reduce(or_, map(_DATA_PTR, chain(exp_avgs, exp_avg_sqs)), 0)
+    return ors & 15 == 0
+
+
+class Moments(NamedTuple):
+    """B matrices' AdamW moments checked once, with their address tables (``moments``): what
+    ``adamw_state`` takes where the very same moments come back at every step (the step plan's
+    batches, ``optim.projection_batch``: state tensors are replaced only at refreshes and loads,
+    which drop the plan), so such a step makes no per-moment check, ``data_ptr`` or lookup. It
+    holds the tensors, so their addresses stay theirs while it lives."""
+
+    exp_avgs: tuple[Tensor, ...]
+    exp_avg_sqs: tuple[Tensor, ...]
+    entries: int  # a*c, of every moment
+    m_table: Tensor  # int64 addresses on the moments' device (``projection_triton.addresses``)
+    v_table: Tensor
+    ors: int  # the bitwise OR of every address (``vector_moments``)
+
+
+def moments(exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], entries: int) -> Moments:
+    """``Moments`` of B matrices of ``entries`` entries each: every one a contiguous float32
+    tensor of that many entries (a clear error naming the first that is not); a host-to-device
+    copy of two B-entry address tables where they are not cached. Communication: none."""
+    if len(exp_avgs) != len(exp_avg_sqs) or not exp_avgs:
+        raise ValueError(f"exp_avg and exp_avg_sq must list the same B >= 1 matrices, got "
+                         f"{len(exp_avgs)} and {len(exp_avg_sqs)}")  # fmt: skip
+    for what, ts in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
+        for i, t in enumerate(ts):
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != entries:
+                raise ValueError(f"{what}[{i}] must be a contiguous float32 tensor of {entries} "
+                                 f"entries, got {t.dtype} {tuple(t.shape)}")  # fmt: skip
+    (m_table, m_or), (v_table, v_or) = addresses(exp_avgs), addresses(exp_avg_sqs)
+    return Moments(tuple(exp_avgs), tuple(exp_avg_sqs), entries, m_table, v_table, m_or | v_or)
 
 
 def adamw_state(
     x: Tensor,
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor] | Moments,
+    exp_avg_sqs: Sequence[Tensor] | None,
     steps: Sequence[int],
     betas: tuple[float, float],
     eps: float,
@@ -139,6 +176,8 @@ def adamw_state(
 ) -> Tensor:
     """One AdamW step of B compact gradients (module docstring), in one launch: ``exp_avgs`` /
     ``exp_avg_sqs`` (contiguous float32, a*c entries each) advance in place; U goes to ``out``.
+    ``exp_avgs`` may instead be the ``Moments`` of both (``exp_avg_sqs`` then None): checked and
+    tabled once by ``moments``, only their count and size are compared here.
 
     ``x``: (B, a, c) float32, any strides; ``out``: (B, a, c) float32 or bfloat16, any strides
     (not overlapping ``x``); ``steps``: each matrix's state-full count after this step (>= 1).
@@ -147,7 +186,8 @@ def adamw_state(
     ``clip``: a pending clip's 0-d coefficient c on x's device (``optim.clipping``): the moments
     advance with c x (Z = P^T G is linear in G), ``x_copy`` keeps x (the residual's operand).
     Memory traffic: 4 B (x) + 16 B (m, v read and written) + 4 or 2 B (U) per entry; the tables
-    are cached by address (``projection_triton.address_table``). Communication: none."""
+    are cached by address with their alignment (``projection_triton.addresses``).
+    Communication: none."""
     B, A, C = x.shape
     for what, t in (("out", out), ("x_copy", x_copy)):
         if t is not None and (t.shape != x.shape or t.dtype not in _U_ELEM):
@@ -155,15 +195,26 @@ def adamw_state(
                              f"{tuple(x.shape)}, got {t.dtype} {tuple(t.shape)}")  # fmt: skip
     if x.dtype != torch.float32:
         raise ValueError(f"x must be float32, got {x.dtype}")
-    if not (len(exp_avgs) == len(exp_avg_sqs) == len(steps) == B):
+    if isinstance(exp_avgs, Moments):
+        mo = exp_avgs
+        if exp_avg_sqs is not None:
+            raise ValueError("exp_avg_sqs must be None when exp_avgs is a Moments (it has both)")
+        if mo.entries != A * C and B > 0:
+            raise ValueError(f"the moments have {mo.entries} entries each, x's matrices {A}x{C}")
+    elif exp_avg_sqs is None:
+        raise ValueError("exp_avg_sqs is needed with a list of exp_avgs (or pass Moments)")
+    else:
+        mo = None
+    n_m = len(exp_avgs if mo is None else mo.exp_avgs)
+    n_v = len(exp_avg_sqs if mo is None else mo.exp_avg_sqs)
+    if not (n_m == n_v == len(steps) == B):
         raise ValueError(f"{B} compact gradients need {B} exp_avg, exp_avg_sq and steps, got "
-                         f"{len(exp_avgs)}, {len(exp_avg_sqs)} and {len(steps)}")  # fmt: skip
-    for what, ts in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
-        for i, t in enumerate(ts):
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != A * C:
-                raise ValueError(f"{what}[{i}] must be a contiguous float32 tensor of {A}x{C} "
-                                 f"entries, got {t.dtype} {tuple(t.shape)}")  # fmt: skip
-    if B == 0 or A * C == 0:
+                         f"{n_m}, {n_v} and {len(steps)}")  # fmt: skip
+    if B == 0:
+        return out
+    if mo is None:
+        mo = moments(exp_avgs, exp_avg_sqs, A * C)
+    if A * C == 0:
         return out
     b1, b2 = betas
     first = steps[0]
@@ -176,16 +227,16 @@ def adamw_state(
         coef = x  # unused
         ibc1, ibc2s = (1.0 / (1.0 - b1**first), 1.0 / (1.0 - b2**first) ** 0.5)
     xo = out if x_copy is None else x_copy  # unused without a copy
+    aligned = vector_moments(mo.exp_avgs, mo.exp_avg_sqs, C, mo.ors)
     grid = (triton.cdiv(A, TILE_A) * triton.cdiv(C, TILE_C), B)
     with launch_device(x.device):
         _adamw_state_kernel[grid](
-            address_table(exp_avgs), address_table(exp_avg_sqs), coef, x, out, xo, A, C,
+            mo.m_table, mo.v_table, coef, x, out, xo, A, C,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
             xo.stride(0), xo.stride(1), xo.stride(2),
             ibc1, ibc2s, **adam_scalars(tuple(betas), eps), clip=x if clip is None else clip,
             PER_ITEM=per_item, U_ELEM=_U_ELEM[out.dtype], COPY_X=x_copy is not None,
             XO_ELEM=_U_ELEM[xo.dtype], BA=TILE_A, BC=TILE_C, CLIP=clip is not None,
-            EXACT=exact_products(x.device), ALIGNED=vector_moments(exp_avgs, exp_avg_sqs, C),
-            num_warps=NUM_WARPS,
+            EXACT=exact_products(x.device), ALIGNED=aligned, num_warps=NUM_WARPS,
         )  # fmt: skip
     return out

@@ -324,7 +324,7 @@ def _down_kernel(
 
 
 # ------------------------------------------------------------------------------------ host side
-_ADDR_CACHE: OrderedDict[tuple, Tensor] = OrderedDict()
+_ADDR_CACHE: OrderedDict[tuple, tuple[Tensor, int]] = OrderedDict()
 _ADDR_CACHE_SIZE = 256
 
 
@@ -332,24 +332,36 @@ _DATA_PTR = Tensor.data_ptr
 
 
 def address_table(mats: Sequence[Tensor]) -> Tensor:
-    """An int64 tensor of the matrices' data addresses on their device. Cached by the addresses
-    (parameters and gradient buffers keep theirs from step to step); a miss copies through
-    pinned memory without blocking the host on the stream."""
+    """An int64 tensor of the matrices' data addresses on their device (``addresses``)."""
+    return addresses(mats)[0]
+
+
+def addresses(mats: Sequence[Tensor]) -> tuple[Tensor, int]:
+    """(the address table, the bitwise OR of the addresses): an int64 tensor of the matrices'
+    data addresses on their device, and ``ors & 15 == 0`` says every one is 16-byte aligned
+    (the launches' ``ALIGNED`` decisions, no second pass over the addresses). Cached by the
+    addresses (parameters and gradient buffers keep theirs from step to step): a hit is one
+    ``data_ptr`` per matrix and one dict lookup; a miss copies through pinned memory without
+    blocking the host on the stream."""
     dev = mats[0].device
     key = (str(dev), *map(_DATA_PTR, mats))  # no Python frame per matrix
     hit = _ADDR_CACHE.get(key)
     if hit is not None:
         _ADDR_CACHE.move_to_end(key)
         return hit
-    host = torch.tensor([t.data_ptr() for t in mats], dtype=torch.int64)
+    ptrs = key[1:]
+    host = torch.tensor(ptrs, dtype=torch.int64)
     if dev.type == "cuda":
         table = host.pin_memory().to(dev, non_blocking=True)
     else:
         table = host
-    _ADDR_CACHE[key] = table
+    ors = 0
+    for a in ptrs:
+        ors |= a
+    _ADDR_CACHE[key] = (table, ors)
     if len(_ADDR_CACHE) > _ADDR_CACHE_SIZE:
         _ADDR_CACHE.popitem(last=False)
-    return table
+    return table, ors
 
 
 def uniform_strides(mats: Sequence[Tensor], m: int, n: int) -> list[Tensor]:
@@ -405,10 +417,10 @@ def fused_apply(
     if variant is not None:
         consts = dict(RULE=RULE_CODES[rule], G_ELEM=_ELEM[Gv[0].dtype],
                       PREC=_INPUT_PRECISION[precision], OP=_OPERAND[precision])  # fmt: skip
-        aligned = all(a % 16 == 0 for a in map(_DATA_PTR, (*W, *Gv)))
-        v2.launch(variant, address_table(W), address_table(Gv), Gv[0].stride(), P, X, U, m, n,
+        (w_table, w_or), (g_table, g_or) = addresses(W), addresses(Gv)
+        v2.launch(variant, w_table, g_table, Gv[0].stride(), P, X, U, m, n,
                   side, decay=decay, c_u=c_u, c_f=c_f, consts=consts, bm=bm, bn=bn, bk=bk,
-                  warps=warps, stages=stages, aligned=aligned)  # fmt: skip
+                  warps=warps, stages=stages, aligned=(w_or | g_or) & 15 == 0)  # fmt: skip
         return
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), B)
     if rest and rest[0] == 1 and rule != "none":
@@ -460,10 +472,11 @@ def fused_down(
     else:  # a = column j, c = row i; out (r, n) written transposed
         M, K, s_ga, s_gc, s_oa, s_ok = n, m, s_gn, s_gm, out.stride(2), out.stride(1)
     bm, bn, bk, warps, stages, *rest = tile or _tile("down", precision, out.device, (m, n))
-    aligned = rest == ["aligned"] and all(a % 16 == 0 for a in map(_DATA_PTR, Gv))
+    g_table, g_or = addresses(Gv)
+    aligned = rest == ["aligned"] and g_or & 15 == 0
     grid = (triton.cdiv(M, bm) * triton.cdiv(r, bn), B)
     _down_kernel[grid](
-        address_table(Gv), P, out, M,
+        g_table, P, out, M,
         s_ga, s_gc, P.stride(0), P.stride(1), P.stride(2), out.stride(0), s_oa, s_ok,
         K=K, r=r, G_ELEM=_ELEM[Gv[0].dtype], BF16=precision == "bf16",
         PREC=_INPUT_PRECISION[precision], BM=bm, BN=bn, BK=bk, EVEN_K=K % bk == 0,

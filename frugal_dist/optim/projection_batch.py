@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -55,6 +55,9 @@ from frugal_dist.kernels.elementwise import triton_available
 from frugal_dist.kernels.projection import apply_projection, matmul_precision, project_down
 from frugal_dist.optim.free_scale import matched
 from frugal_dist.optim.step_items import Item
+
+if TYPE_CHECKING:  # triton is optional: kernels.projection_state imports it
+    from frugal_dist.kernels.projection_state import Moments
 
 
 def projection_backend(it: Item, kernels: str) -> str | None:
@@ -120,7 +123,7 @@ class ProjBatch:
     ids: tuple[int, ...]  # the items' identities: the key of the per-step results in ``memo``
     params: list[Tensor]
     bases: Tensor | None = None
-    moments: tuple[list[Tensor], list[Tensor]] | None = None
+    moments: Moments | None = None
 
 
 def batches(its: list[Item], kernels: str, memo: dict | None = None) -> list[ProjBatch]:
@@ -338,7 +341,7 @@ def state_batched(
             both = torch.empty(halves, B, a, c, device=dev, dtype=dt)
         U = both[-1]
         X_op = both[0] if bf16 else None
-        adamw_state(X, *moments, [it.sf_t for it in sub], group["betas"], group["eps"], U,
+        adamw_state(X, moments, None, [it.sf_t for it in sub], group["betas"], group["eps"], U,
                     X_op, clip=None if clip is None else clip.to(dev))  # fmt: skip
         done.update(b.ids)
         if direct:
@@ -358,18 +361,24 @@ def state_batched(
     return done
 
 
-def _moments(b: ProjBatch, memo: dict | None) -> tuple[list[Tensor], list[Tensor]] | None:
-    """The batch's AdamW moments (None: some item has none yet); on plan steps listed once per
-    plan (state tensors are replaced only at refreshes and loads, which drop the plan)."""
+def _moments(b: ProjBatch, memo: dict | None) -> Moments | None:
+    """The batch's AdamW moments, checked and with their address tables
+    (``kernels.projection_state.moments``; None: some item has none yet); on plan steps made
+    once per plan (state tensors are replaced only at refreshes and loads, which drop the plan):
+    a plan step makes no per-moment check or address lookup."""
     if memo is not None and b.moments is not None:
         return b.moments
     sts = [it.st for it in b.items]
     if any("exp_avg" not in st for st in sts):
         return None
-    moments = ([st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts])
+    from frugal_dist.kernels.projection_state import moments
+
+    exp_avgs = [st["exp_avg"] for st in sts]
+    # every moment as large as the first; ``adamw_state`` checks that size against X's
+    found = moments(exp_avgs, [st["exp_avg_sq"] for st in sts], exp_avgs[0].numel())
     if memo is not None:
-        b.moments = moments
-    return moments
+        b.moments = found
+    return found
 
 
 def apply_batched(
