@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -209,7 +210,7 @@ def project_down(
         raise ValueError(f"bases has {P.shape[0]} matrices for {B} gradients")
     dev = g0.device
     dt = operand_dtype(precision)
-    Pc = P.to(dt)
+    Pc = _as(P, dt)
     how = resolve_backend(backend, dev)
     if side == "right":
         out = torch.empty(B, m, r, device=dev, dtype=torch.float32)
@@ -268,6 +269,29 @@ def _finish(params: list[Tensor], bufs: list[Tensor], lr: float, wd: float) -> N
         torch._foreach_add_(params, bufs, alpha=lr * wd)
 
 
+@dataclass(eq=False)
+class ParamBatch:
+    """The B parameters of a batch that comes back with the very same parameters at every step
+    (the step plan's batches, ``optim.projection_batch``): ``apply_projection`` checks them and
+    makes their (m, n) views once (``views``), and the ``triton`` backend keeps their address
+    table and its alignment here (``addresses``), so such a step makes no per-parameter check,
+    ``data_ptr`` or lookup. It holds the tensors: their addresses stay theirs while it lives."""
+
+    tensors: list[Tensor]
+    checked: tuple[int, int, list[Tensor]] | None = None  # (m, n, views) once checked
+    addresses: tuple[Tensor, int] | None = None  # (table, OR of the addresses), triton backend
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def views(self, m: int, n: int) -> list[Tensor]:
+        """The parameters as checked contiguous float32 (m, n) views (``_param_views``, made on
+        the first call for these dims)."""
+        if self.checked is None or self.checked[:2] != (m, n):
+            self.checked = (m, n, _param_views(self.tensors, m, n))
+        return self.checked[2]
+
+
 def _param_views(params: Sequence[Tensor], m: int, n: int) -> list[Tensor]:
     out = []
     mn = (m, n)
@@ -286,7 +310,7 @@ def _param_views(params: Sequence[Tensor], m: int, n: int) -> list[Tensor]:
 
 @torch.no_grad()
 def apply_projection(
-    params: Sequence[Tensor],
+    params: Sequence[Tensor] | ParamBatch,
     grads: Batch,
     bases: Batch,
     g_sf: Batch,
@@ -303,7 +327,8 @@ def apply_projection(
     chunk_elems: int = CHUNK_ELEMS,
 ) -> None:
     """W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(G - up(G_sf))) for B same-shape matrices, in
-    place in ``params`` (contiguous float32 tensors with m*n entries each).
+    place in ``params`` (contiguous float32 tensors with m*n entries each; or a ``ParamBatch`` of
+    them, checked once).
 
     ``g_sf`` and ``u``: what ``project_down`` returned and the state-full direction, (B, m, r)
     (right) or (B, r, n) (left). ``rule``: the state-free F (``signsgd`` sign, ``sgd`` identity,
@@ -320,7 +345,8 @@ def apply_projection(
     U = as_batch(u, "u")
     P = as_batch(bases, "bases")
     r = int(P.shape[-1])
-    m, n = matrix_dims(params[0].numel(), P, side)
+    first = params.tensors[0] if isinstance(params, ParamBatch) else params[0]
+    m, n = matrix_dims(first.numel(), P, side)
     for what, t in (("g_sf", X), ("u", U), ("bases", P)):
         if t.shape[0] != B:
             raise ValueError(f"{what} has {t.shape[0]} matrices for {B} params")
@@ -329,17 +355,25 @@ def apply_projection(
         if tuple(t.shape[1:]) != want:
             raise ValueError(f"{what} must be (B, {want[0]}, {want[1]}) for a {side} "
                              f"projection of {m}x{n}, got {tuple(t.shape)}")  # fmt: skip
-    W = _param_views(params, m, n)
+    held = isinstance(params, ParamBatch)
+    W = params.views(m, n) if held else _param_views(params, m, n)
     dev = W[0].device
     dt = operand_dtype(precision)
     how = resolve_backend(backend, dev)
     if how == "triton":  # float32 X is rounded in registers; the others are cast if they must be
-        Xk, Uk = X, U.to(dt)
+        kern = _triton_module(dev)
+        Xk, Uk = X, _as(U, dt)
         if side == "left" and precision != "fp32":  # K-contiguous B tiles: (B, n, r) storage
             Xk, Uk = _k_contiguous(Xk), _k_contiguous(Uk)
-        _triton_module(dev).fused_apply(
-            W, grads, P.to(dt), Xk, Uk, side, decay=1.0 - lr * weight_decay, c_u=-lr * s_p,
-            c_f=-lr * s_p * s_i, rule=rule, precision=precision)  # fmt: skip
+        w_addresses = None
+        if held:
+            if params.addresses is None:
+                params.addresses = kern.addresses(W)
+            w_addresses = params.addresses
+        kern.fused_apply(
+            W, grads, _as(P, dt), Xk, Uk, side, decay=1.0 - lr * weight_decay, c_u=-lr * s_p,
+            c_f=-lr * s_p * s_i, rule=rule, precision=precision,
+            w_addresses=w_addresses)  # fmt: skip
         return
     Pc, Xc, Uc = P.to(dt), X.to(dt), U.to(dt)
     c, c_free = _coefficients(lr, weight_decay, s_p, s_i)
@@ -383,6 +417,11 @@ def apply_projection(
                 _stack_into(S, grads[lo:hi], m, n)
             fill(S, lo, hi, grads)
             _finish(W[lo:hi], list(S.unbind(0)), lr, weight_decay)
+
+
+def _as(t: Tensor, dt: torch.dtype) -> Tensor:
+    """``t.to(dt)`` without a dispatcher call where ``t`` is of ``dt`` already (``t`` itself)."""
+    return t if t.dtype == dt else t.to(dt)
 
 
 def _k_contiguous(t: Tensor) -> Tensor:

@@ -331,11 +331,6 @@ _ADDR_CACHE_SIZE = 256
 _DATA_PTR = Tensor.data_ptr
 
 
-def address_table(mats: Sequence[Tensor]) -> Tensor:
-    """An int64 tensor of the matrices' data addresses on their device (``addresses``)."""
-    return addresses(mats)[0]
-
-
 def addresses(mats: Sequence[Tensor]) -> tuple[Tensor, int]:
     """(the address table, the bitwise OR of the addresses): an int64 tensor of the matrices'
     data addresses on their device, and ``ors & 15 == 0`` says every one is 16-byte aligned
@@ -397,7 +392,7 @@ def down_on_triton(precision: str, device: torch.device) -> bool:
 def fused_apply(
     W: Sequence[Tensor], G: Sequence[Tensor], P: Tensor, X: Tensor, U: Tensor, side: str, *,
     decay: float, c_u: float, c_f: float, rule: str, precision: str,
-    tile: Tile | None = None,
+    tile: Tile | None = None, w_addresses: tuple[Tensor, int] | None = None,
 ) -> None:  # fmt: skip
     """W_b <- W_b decay + c_u up(U_b) + c_f F(G_b - up(X_b)) in place for B matrices (module doc).
     ``W``: contiguous float32 (m, n) tensors; ``G``: (m, n)-viewable float32 / bfloat16 / float16;
@@ -406,18 +401,20 @@ def fused_apply(
     copies). ``tile``: (BM, BN, BK, warps, stages[, stacked[, variant]]), default the measured
     table (per precision and side); ``stacked`` = 1 runs ``_apply_stacked_kernel`` (X and U then
     share one dtype and layout: cast / laid out here if they do not); a variant other than
-    'base' runs ``projection_apply_v2``'s kernel. One launch. Communication: none."""
+    'base' runs ``projection_apply_v2``'s kernel. ``w_addresses``: ``addresses(W)`` where the
+    caller holds it (the same W at every step, ``projection.ParamBatch``). One launch.
+    Communication: none."""
     B = len(W)
     m, n = W[0].shape
     r = P.shape[-1]
     Gv = uniform_strides(G, m, n)
+    (w_table, w_or), (g_table, g_or) = w_addresses or addresses(W), addresses(Gv)
     bm, bn, bk, warps, stages, *rest = tile or _tile("apply", precision, W[0].device, (m, n),
                                                      side)  # fmt: skip
     variant = tile_variant((bm, bn, bk, warps, stages, *rest))
     if variant is not None:
         consts = dict(RULE=RULE_CODES[rule], G_ELEM=_ELEM[Gv[0].dtype],
                       PREC=_INPUT_PRECISION[precision], OP=_OPERAND[precision])  # fmt: skip
-        (w_table, w_or), (g_table, g_or) = addresses(W), addresses(Gv)
         v2.launch(variant, w_table, g_table, Gv[0].stride(), P, X, U, m, n,
                   side, decay=decay, c_u=c_u, c_f=c_f, consts=consts, bm=bm, bn=bn, bk=bk,
                   warps=warps, stages=stages, aligned=(w_or | g_or) & 15 == 0)  # fmt: skip
@@ -431,7 +428,7 @@ def fused_apply(
             X = torch.empty_like(U).copy_(X)
             delta = (U.data_ptr() - X.data_ptr()) // X.element_size()
         _apply_stacked_kernel[grid](
-            address_table(W), address_table(Gv), P, X, m, n, delta,
+            w_table, g_table, P, X, m, n, delta,
             Gv[0].stride(0), Gv[0].stride(1), P.stride(0), P.stride(1), P.stride(2),
             X.stride(0), X.stride(1), X.stride(2), float(decay), float(c_u), float(c_f),
             r=r, LEFT=side == "left", RULE=RULE_CODES[rule], G_ELEM=_ELEM[Gv[0].dtype],
@@ -440,7 +437,7 @@ def fused_apply(
         )  # fmt: skip
         return
     _apply_kernel[grid](
-        address_table(W), address_table(Gv), P, X, U, m, n,
+        w_table, g_table, P, X, U, m, n,
         Gv[0].stride(0), Gv[0].stride(1), P.stride(0), P.stride(1), P.stride(2),
         X.stride(0), X.stride(1), X.stride(2), U.stride(0), U.stride(1), U.stride(2),
         float(decay), float(c_u), float(c_f),

@@ -52,7 +52,12 @@ import torch
 from torch import Tensor
 
 from frugal_dist.kernels.elementwise import triton_available
-from frugal_dist.kernels.projection import apply_projection, matmul_precision, project_down
+from frugal_dist.kernels.projection import (
+    ParamBatch,
+    apply_projection,
+    matmul_precision,
+    project_down,
+)
 from frugal_dist.optim.free_scale import matched
 from frugal_dist.optim.step_items import Item
 
@@ -121,7 +126,7 @@ class ProjBatch:
     group: dict[str, Any]
     precision: str
     ids: tuple[int, ...]  # the items' identities: the key of the per-step results in ``memo``
-    params: list[Tensor]
+    params: ParamBatch  # checked, with their address table, once per batch (once per plan)
     bases: Tensor | None = None
     moments: Moments | None = None
 
@@ -143,9 +148,9 @@ def batches(its: list[Item], kernels: str, memo: dict | None = None) -> list[Pro
             out.setdefault(_key(it, backend), []).append(it)
     found = []
     for key, sub in out.items():
-        group = sub[0].group
+        group, params = sub[0].group, ParamBatch([it.view.data for it in sub])
         found.append(ProjBatch(key[0], sub, group, group_precision(group, sub[0].g.device),
-                               tuple(map(id, sub)), [it.view.data for it in sub]))  # fmt: skip
+                               tuple(map(id, sub)), params))  # fmt: skip
     if memo is not None:
         memo[id(its)] = (its, found)
     return found
