@@ -265,6 +265,13 @@ def _apply_v2_kernel(
 
 
 # ------------------------------------------------------------------------------------ host side
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of positive ints: ``triton.cdiv`` on the host without its
+    ``constexpr_function`` wrapper (argument unwrapping: a few microseconds per call, several
+    calls per launch)."""
+    return -(-a // b)
+
+
 def operand_stores(P: Tensor, X: Tensor, U: Tensor, side: str) -> list[Tensor]:
     """[A1, A2, B1, B2] as (B, rows, r) row stores (module doc): left X and U (B, r, n) are
     read through their (B, n, r) views ``.mT``."""
@@ -317,7 +324,7 @@ def launch(
     B, r = P.shape[0], P.shape[-1]
     stores = operand_stores(P, X, U, side)
     descs = descriptors(stores, bm, bn, bk) if variant["tma"] else None
-    total = B * triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    total = B * cdiv(m, bm) * cdiv(n, bn)
     grid = min(total, _sm_count(P.device) * variant["persist"]) if variant["persist"] else total
     strides = [s for t in stores for s in t.stride()]
     _apply_v2_kernel[(grid,)](

@@ -51,6 +51,7 @@ from frugal_dist.kernels.elementwise_triton import (
     launch_device,
     upload,
 )
+from frugal_dist.kernels.projection_apply_v2 import cdiv
 from frugal_dist.kernels.projection_triton import addresses
 
 _DATA_PTR = Tensor.data_ptr
@@ -228,7 +229,7 @@ def adamw_state(
         ibc1, ibc2s = (1.0 / (1.0 - b1**first), 1.0 / (1.0 - b2**first) ** 0.5)
     xo = out if x_copy is None else x_copy  # unused without a copy
     aligned = vector_moments(mo.exp_avgs, mo.exp_avg_sqs, C, mo.ors)
-    grid = (triton.cdiv(A, TILE_A) * triton.cdiv(C, TILE_C), B)
+    grid = (cdiv(A, TILE_A) * cdiv(C, TILE_C), B)
     with launch_device(x.device):
         _adamw_state_kernel[grid](
             mo.m_table, mo.v_table, coef, x, out, xo, A, C,

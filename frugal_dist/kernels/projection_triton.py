@@ -36,6 +36,7 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from frugal_dist.kernels import projection_apply_v2 as v2
-from frugal_dist.kernels.projection_apply_v2 import update_tile
+from frugal_dist.kernels.projection_apply_v2 import cdiv, update_tile
 
 RULE_CODES = {"signsgd": 0, "sgd": 1, "none": 2}
 SIDES = ("left", "right")
@@ -329,6 +330,9 @@ _ADDR_CACHE_SIZE = 256
 
 
 _DATA_PTR = Tensor.data_ptr
+_IS_CONTIGUOUS = Tensor.is_contiguous
+_SHAPE = attrgetter("shape")
+_DTYPE = attrgetter("dtype")
 
 
 def addresses(mats: Sequence[Tensor]) -> tuple[Tensor, int]:
@@ -360,12 +364,20 @@ def addresses(mats: Sequence[Tensor]) -> tuple[Tensor, int]:
 
 
 def uniform_strides(mats: Sequence[Tensor], m: int, n: int) -> list[Tensor]:
-    """``mats`` as (m, n) views sharing one dtype and one stride pair (others are copied)."""
+    """``mats`` as (m, n) views sharing one dtype and one stride pair (others are copied).
+    Contiguous (m, n) matrices of one dtype (a step's gradients) are recognised by C-level
+    passes (no Python frame per matrix)."""
     mn = (m, n)
-    views = [t if t.shape == mn else t.reshape(m, n) for t in mats]  # (m, n) already: no view op
+    if all(map(mn.__eq__, map(_SHAPE, mats))):  # (m, n) already: no view op
+        views = list(mats)
+    else:
+        views = [t if t.shape == mn else t.reshape(m, n) for t in mats]
     dt, st = views[0].dtype, views[0].stride()
     if dt not in _ELEM:
         raise ValueError(f"gradients must be float32, bfloat16 or float16, got {dt}")
+    fast = m > 1 and n > 1 and st == (n, 1)  # then contiguous (m, n) means strides (n, 1)
+    if fast and all(map(_IS_CONTIGUOUS, views)) and all(map(dt.__eq__, map(_DTYPE, views))):
+        return views
     if all(v.dtype == dt and v.stride() == st for v in views):
         return views
     return [v.to(dt).contiguous() for v in views]
@@ -419,7 +431,7 @@ def fused_apply(
                   side, decay=decay, c_u=c_u, c_f=c_f, consts=consts, bm=bm, bn=bn, bk=bk,
                   warps=warps, stages=stages, aligned=(w_or | g_or) & 15 == 0)  # fmt: skip
         return
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), B)
+    grid = (cdiv(m, bm) * cdiv(n, bn), B)
     if rest and rest[0] == 1 and rule != "none":
         if X.dtype != U.dtype or X.stride() != U.stride():
             X = torch.empty_like(U).copy_(X)  # a fallback; the step hands them over alike
@@ -471,7 +483,7 @@ def fused_down(
     bm, bn, bk, warps, stages, *rest = tile or _tile("down", precision, out.device, (m, n))
     g_table, g_or = addresses(Gv)
     aligned = rest == ["aligned"] and g_or & 15 == 0
-    grid = (triton.cdiv(M, bm) * triton.cdiv(r, bn), B)
+    grid = (cdiv(M, bm) * cdiv(r, bn), B)
     _down_kernel[grid](
         g_table, P, out, M,
         s_ga, s_gc, P.stride(0), P.stride(1), P.stride(2), out.stride(0), s_oa, s_ok,
