@@ -345,6 +345,8 @@ def run_state(ctx: StepContext, batches: list[list[Item]]) -> None:
         if clip is not None and clip_mode(its[0]) != COMPACT:  # one mode per group's batch
             clip = None
         done = its[0].kind.state_batched(its, ctx, clip)  # fused kernels (projection batches)
+        if len(done) == len(its):  # all of them (``done``: ids of ``its`` items)
+            continue
         its = [it for it in its if id(it) not in done]
         if not its:
             continue
@@ -441,6 +443,8 @@ def run_apply(ctx: StepContext, routed: list[GroupApply]) -> None:
         if batches.kernel_projs:
             apply_batched(batches.kernel_projs, lr, wd, ctx.kernels, ctx.cache.kernel_cache,
                           ctx.batch_memo)  # fmt: skip
+        if not (batches.rest or batches.coords or batches.projs):
+            continue  # no per-item work: no GEMM precision context to enter and leave
         with kind.gemm_context(group, ga.device):  # per-item projection GEMMs
             for it in batches.rest:
                 kind.apply_one(it, ctx)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 import torch
@@ -60,6 +61,7 @@ from frugal_dist.optim.step_items import EXACT_COUNT, Item
 
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
+_PARAMS = operator.itemgetter("params")
 PER_STEP_KEYS = frozenset({"params", "names", "lr", "betas", "eps", "weight_decay", "initial_lr"})
 DONE, SKIPPED, STALE = "done", "skipped", "stale"
 
@@ -176,7 +178,7 @@ class StepPlan:
             return False
         if not all(_route_keys(g) == k for g, k in zip(groups, self.keys)):
             return False
-        now = [p for g in groups for p in g["params"]]
+        now = list(chain.from_iterable(map(_PARAMS, groups)))  # no Python frame per parameter
         return len(now) == len(self.params) and all(map(operator.is_, now, self.params))
 
     def run(
