@@ -36,7 +36,8 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
-from operator import attrgetter
+from itertools import repeat
+from operator import attrgetter, is_
 from pathlib import Path
 from typing import Any
 
@@ -376,7 +377,8 @@ def uniform_strides(mats: Sequence[Tensor], m: int, n: int) -> list[Tensor]:
     if dt not in _ELEM:
         raise ValueError(f"gradients must be float32, bfloat16 or float16, got {dt}")
     fast = m > 1 and n > 1 and st == (n, 1)  # then contiguous (m, n) means strides (n, 1)
-    if fast and all(map(_IS_CONTIGUOUS, views)) and all(map(dt.__eq__, map(_DTYPE, views))):
+    # dtypes are singletons (``==`` is identity; ``dt.__eq__`` is NotImplemented, truthy)
+    if fast and all(map(_IS_CONTIGUOUS, views)) and all(map(is_, map(_DTYPE, views), repeat(dt))):
         return views
     if all(v.dtype == dt and v.stride() == st for v in views):
         return views
