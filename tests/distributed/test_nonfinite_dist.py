@@ -95,24 +95,9 @@ def _flat_run(rank: int, world: int, steps: int, with_norm: bool, kernels: str) 
     rank r holds piece r of each group's packed parameters and of the mean gradient; at
     ``POISON_STEP`` rank 1's piece of the first group holds a nan. ``with_norm``: every step gets
     the global norm of the pieces (``_global_norm``)."""
-    from frugal_dist.layouts.flat import FlatEntry, FlatLayout
-
     split, full = workers.named_params()
-    # block: kernels="triton" on coordinate fragments of a FlatLayout raises in
-    # fast_apply._positions (a fragment's local index), independently of grad_norm
-    opt = FRUGAL(workers.groups(split, full), kernels=kernels, **dict(KW, subspace="block"))
-    entries, flats = [], []
-    for group in opt.param_groups:
-        named = [(n, p.shape) for n, p in zip(group["names"], group["params"])]
-        size, frags = workers.partition_evenly(named, rank, world)
-        whole = torch.cat([p.detach().reshape(-1) for p in group["params"]])
-        whole = torch.cat([whole, whole.new_zeros(size * world - whole.numel())])
-        flat = whole[rank * size : (rank + 1) * size].clone()
-        for idx, ((name, shape), (_, off, start, numel)) in enumerate(zip(named, frags)):
-            entries.append(FlatEntry(name, tuple(shape), idx, flat, off, start, numel))
-        group["params"] = [flat]
-        flats.append((flat, size))
-    opt.bind_layout(FlatLayout(entries))
+    opt = FRUGAL(workers.groups(split, full), kernels=kernels, **KW)
+    flats = workers.bind_flat_partitions(opt, rank, world)
     shapes = [tuple(p.shape) for p in split + full]
     poisoned = {}
     for step in range(steps):

@@ -177,6 +177,27 @@ def svd_calls(rank: int, world: int) -> int:
     return counter[0]
 
 
+def bind_flat_partitions(opt: Any, rank: int, world: int) -> list[tuple[torch.Tensor, int]]:
+    """Bind ``opt`` to ZeRO-style flat partitions: each group's params packed into one flat
+    vector, padded to ``world`` equal pieces (mid-row cuts included); rank r's piece replaces the
+    group's params. Returns each group's (piece, piece size)."""
+    from frugal_dist.layouts.flat import FlatEntry, FlatLayout
+
+    entries, out = [], []
+    for group in opt.param_groups:
+        named = [(n, p.shape) for n, p in zip(group["names"], group["params"])]
+        size, frags = partition_evenly(named, rank, world)
+        whole = torch.cat([p.detach().reshape(-1) for p in group["params"]])
+        whole = torch.cat([whole, whole.new_zeros(size * world - whole.numel())])
+        flat = whole[rank * size : (rank + 1) * size].clone()
+        for idx, ((name, shape), (_, off, start, numel)) in enumerate(zip(named, frags)):
+            entries.append(FlatEntry(name, tuple(shape), idx, flat, off, start, numel))
+        group["params"] = [flat]
+        out.append((flat, size))
+    opt.bind_layout(FlatLayout(entries))
+    return out
+
+
 def zero_sim_run(
     rank: int, world: int, steps: int, opt_kw: dict, comm: list | None = None
 ) -> list[torch.Tensor]:
@@ -186,23 +207,10 @@ def zero_sim_run(
     (and appends each step's ``comm_stats()["last_step"]`` to ``comm`` if given)."""
     import torch.distributed as dist
 
-    from frugal_dist.layouts.flat import FlatEntry, FlatLayout
-
     split, full = named_params()
     opt = FRUGAL(groups(split, full), **opt_kw)
-    entries, flats, layouts = [], [], []
-    for gi, group in enumerate(opt.param_groups):
-        named = [(n, p.shape) for n, p in zip(group["names"], group["params"])]
-        size, frags = partition_evenly(named, rank, world)
-        whole = torch.cat([p.detach().reshape(-1) for p in group["params"]])
-        whole = torch.cat([whole, whole.new_zeros(size * world - whole.numel())])
-        flat = whole[rank * size : (rank + 1) * size].clone()
-        for idx, ((name, shape), (_, off, start, numel)) in enumerate(zip(named, frags)):
-            entries.append(FlatEntry(name, tuple(shape), idx, flat, off, start, numel))
-        group["params"] = [flat]
-        flats.append((flat, size, [p.shape for p in (split if gi == 0 else full)]))
-        layouts.append(named)
-    opt.bind_layout(FlatLayout(entries))
+    pieces = bind_flat_partitions(opt, rank, world)
+    flats = [(flat, size, [p.shape for p in ps]) for (flat, size), ps in zip(pieces, (split, full))]
     shapes = [tuple(p.shape) for p in split + full]
     for step in range(steps):
         grads = mean_grads(step, world, shapes)
