@@ -86,11 +86,22 @@ is a grid; ``--best-from SWEEP/quality.json`` instead runs each variant's best (
 sweep (lowest final validation loss) once per ``--seeds``. ``quality.md`` starts with one row per
 variant (best setting, mean over seeds, per-seed values, spread), then lists every run.
 
-Steps: (1) the data are tokenised once in this process (``build_data`` with ``data.cache_dir``),
-so the parallel runs only read the token cache; (2) runs are started on free slots
-(``CUDA_VISIBLE_DEVICES=<gpu>``, ``--jobs-per-gpu`` processes per GPU; without ``--gpus`` they
-run on the CPU, ``--cpu-jobs`` at a time), each with ``--output_dir`` under
-``<out-dir>/runs/<variant>_lr<lr>/`` (``metrics.jsonl`` + ``stdout.log``); (3) every run's
+Test split (issue 19's protocol): ``--test-files GLOB`` is passed to every run as
+``--data.test_files`` (``files`` source only); each run then evaluates the test split once after
+its last step (``eval_batches`` batches, the validation batch shape) and its last ``metrics.jsonl``
+record carries ``test_loss`` / ``test_ppl``. A run's summary gets ``final_test_loss`` /
+``final_test_ppl``; ``quality.md``'s per-variant table gains ``mean final test loss`` and ``test
+ppl of mean`` (over the same seeds as the validation mean; "-" unless every one has a test loss)
+and the every-run table a ``test loss`` column -- only when some run has a test loss, so older
+quality.json files (``--replot``) render as before. Settings are chosen on the validation loss
+only (``--best-from`` and the per-variant best); the test loss never selects anything.
+
+Steps: (1) the data (train, validation and ``--test-files``) are tokenised once in this process
+(``build_data`` with ``data.cache_dir``), so the parallel runs only read the token cache; (2)
+runs are started on free slots (``CUDA_VISIBLE_DEVICES=<gpu>``, ``--jobs-per-gpu`` processes per
+GPU; without ``--gpus`` they run on the CPU, ``--cpu-jobs`` at a time), each with
+``--output_dir`` under ``<out-dir>/runs/<variant>_lr<lr>/`` (``metrics.jsonl`` + ``stdout.log``);
+(3) every run's
 ``metrics.jsonl`` is collected into ``<out-dir>/quality.json``, a PNG (validation perplexity and
 training loss vs tokens) and a markdown table ``quality.md``.
 
@@ -215,8 +226,11 @@ def data_section(args) -> dict[str, Any]:
     if args.data_source == "embedded":
         return {"source": "embedded", "max_bytes": args.max_bytes}
     cache = str(Path(args.cache_dir).resolve())
-    return {"source": "files", "train_files": args.train_files, "val_files": args.val_files,
+    data = {"source": "files", "train_files": args.train_files, "val_files": args.val_files,
             "tokenizer": args.tokenizer, "cache_dir": cache}  # fmt: skip
+    if args.test_files:
+        data["test_files"] = args.test_files
+    return data
 
 
 def pretokenize(data: dict[str, Any], seq_len: int, seed: int) -> dict[str, Any]:
@@ -229,6 +243,8 @@ def pretokenize(data: dict[str, Any], seq_len: int, seed: int) -> dict[str, Any]
     info = {"seconds": time.perf_counter() - t, "vocab_size": bundle.vocab_size,
             "train_tokens": _num_tokens(bundle.train),
             "val_tokens": _num_tokens(bundle.val)}  # fmt: skip
+    if bundle.test is not None:
+        info["test_tokens"] = _num_tokens(bundle.test)
     print(f"[quality] data ready in {info['seconds']:.1f}s: {info}", flush=True)
     return info
 
@@ -272,14 +288,17 @@ def settings(args) -> list[tuple[str, float, float | None, int]]:
     return out
 
 
-def losses_by_setting(result: dict[str, Any]) -> dict[tuple, list[float]]:
-    """(variant, lr, inactive_lr_scale) -> final validation losses of its finished runs (one per
-    seed); stopped, failed or skipped runs are left out."""
+def losses_by_setting(
+    result: dict[str, Any], field: str = "final_val_loss"
+) -> dict[tuple, list[float]]:
+    """(variant, lr, inactive_lr_scale) -> the ``field`` (final validation loss, or
+    ``final_test_loss``) of its finished runs (one per seed); stopped, failed or skipped runs, and
+    runs without the value, are left out."""
     out: dict[tuple, list[float]] = {}
     for r in result["runs"]:
-        if r.get("status") == "ok" and r.get("final_val_loss") is not None:
+        if r.get("status") == "ok" and r.get(field) is not None:
             key = (r["variant"], r["lr"], r.get("inactive_lr_scale"))
-            out.setdefault(key, []).append(r["final_val_loss"])
+            out.setdefault(key, []).append(r[field])
     return out
 
 
@@ -446,6 +465,9 @@ def collect(run: dict[str, Any], out_dir: Path) -> None:
     run["final_val_loss"] = vals[-1]["val_loss"] if vals else None
     run["final_val_ppl"] = math.exp(min(vals[-1]["val_loss"], 50)) if vals else None
     run["best_val_loss"] = min(r["val_loss"] for r in vals) if vals else None
+    tests = [r for r in records if r.get("test_loss") is not None]  # the last step's only
+    run["final_test_loss"] = tests[-1]["test_loss"] if tests else None
+    run["final_test_ppl"] = math.exp(min(tests[-1]["test_loss"], 50)) if tests else None
     tail = [r["loss"] for r in records[-5:] if "loss" in r]
     run["final_train_loss"] = sum(tail) / len(tail) if tail else None
     tps = [r["tokens_per_s"] for r in records[1:] if r.get("tokens_per_s")]
@@ -458,25 +480,37 @@ def _scale(r: dict[str, Any]) -> str:
     return "-" if r.get("inactive_lr_scale") is None else f"{r['inactive_lr_scale']:g}"
 
 
+def has_test(result: dict[str, Any]) -> bool:
+    """Whether any run has a test loss (``--test-files``; older quality.json files have none)."""
+    return any(r.get("final_test_loss") is not None for r in result["runs"])
+
+
 def table(result: dict[str, Any]) -> str:
     runs = sorted(result["runs"], key=lambda r: (r.get("final_val_loss") is None,
                                                   r.get("final_val_loss") or 0))  # fmt: skip
+    test = has_test(result)
     rows = [[r["variant"], f"{r['lr']:g}", _scale(r), str(r.get("seed", result["config"]["seed"])),
              r["status"], fmt(r.get("tokens"), ",d"),
              fmt(r.get("final_val_loss"), ".4f"), fmt(r.get("final_val_ppl"), ",.2f"),
-             fmt(r.get("best_val_loss"), ".4f"), fmt(r.get("final_train_loss"), ".4f"),
+             fmt(r.get("best_val_loss"), ".4f"),
+             *([fmt(r.get("final_test_loss"), ".4f")] if test else []),
+             fmt(r.get("final_train_loss"), ".4f"),
              fmt(r.get("opt_state_mib"), ",.1f"), fmt(r.get("tokens_per_s"), ",.0f"),
              fmt(r.get("wall_s"), ",.0f")] for r in runs]  # fmt: skip
     return markdown_table(["variant", "lr", "free lr scale", "seed", "status", "tokens",
                            "final val loss", "val ppl", "best val loss",
+                           *(["test loss"] if test else []),
                            "train loss (last 5 logs)", "opt state MiB", "tokens/s", "wall s"],
                           rows)  # fmt: skip
 
 
 def summary(result: dict[str, Any]) -> str:
     """One row per variant: its best setting (lowest mean final validation loss over seeds), the
-    mean, the per-seed values and their spread (max - min), best first."""
+    mean, the per-seed values and their spread (max - min), best first. With test losses
+    (``has_test``): the mean final test loss of the same runs and its perplexity ("-" unless every
+    run of the setting has one); the test loss plays no part in choosing the setting."""
     groups = losses_by_setting(result)
+    tests = losses_by_setting(result, "final_test_loss") if has_test(result) else None
     best: dict[str, tuple] = {}
     for key, vals in groups.items():
         mean = sum(vals) / len(vals)
@@ -487,10 +521,15 @@ def summary(result: dict[str, Any]) -> str:
         scale = "-" if key[2] is None else f"{key[2]:g}"
         spread = fmt(max(vals) - min(vals), ".4f") if len(vals) > 1 else "-"
         per_seed = ", ".join(f"{x:.4f}" for x in vals)
-        rows.append([v, f"{key[1]:g}", scale, str(len(vals)), f"{mean:.4f}",
-                     f"{math.exp(mean):,.2f}", per_seed, spread])  # fmt: skip
+        row = [v, f"{key[1]:g}", scale, str(len(vals)), f"{mean:.4f}", f"{math.exp(mean):,.2f}"]
+        if tests is not None:
+            t = tests.get(key, [])
+            t_mean = sum(t) / len(t) if t and len(t) == len(vals) else None
+            row += [fmt(t_mean, ".4f"), fmt(None if t_mean is None else math.exp(t_mean), ",.2f")]
+        rows.append(row + [per_seed, spread])
+    test_cols = ["mean final test loss", "test ppl of mean"] if tests is not None else []
     return markdown_table(["variant", "best lr", "free lr scale", "seeds", "mean final val loss",
-                           "ppl of mean", "per seed", "spread"], rows)  # fmt: skip
+                           "ppl of mean", *test_cols, "per seed", "spread"], rows)  # fmt: skip
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -577,6 +616,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data-source", choices=("files", "embedded"), default="files")
     ap.add_argument("--train-files", default=GPU_DATA["train_files"])
     ap.add_argument("--val-files", default=GPU_DATA["val_files"])
+    ap.add_argument(
+        "--test-files",
+        default=None,
+        help="glob of a test split (--data.test_files): each run evaluates it once at the end",
+    )
     ap.add_argument("--tokenizer", default=GPU_DATA["tokenizer"])
     ap.add_argument("--cache-dir", default=".gpu/cache/tokens")
     ap.add_argument("--max-bytes", type=int, default=2_000_000, help="embedded source only")
@@ -600,6 +644,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if v in SIMULATED and args.batch_size % SIMULATED[v][2]:
             ap.error(f"--batch-size {args.batch_size}: variant {v!r} splits it over "
                      f"{SIMULATED[v][2]} simulated ranks; pass a multiple of it")  # fmt: skip
+    if args.test_files is not None and args.data_source != "files":
+        ap.error(f"--test-files needs --data-source files (got {args.data_source!r}: the "
+                 "embedded corpus has no test split)")  # fmt: skip
+    if args.test_files is not None and not args.test_files:
+        ap.error("--test-files is empty; give a glob or leave it out")
     if args.best_from and not Path(args.best_from).is_file():
         ap.error(f"--best-from {args.best_from!r}: no such file (a quality.json of a sweep)")
     return args

@@ -90,6 +90,7 @@ DATA_KEYS: dict[str, tuple[str, str]] = {
     "max_bytes": ("embedded", "bytes of stdlib source read per split"),
     "train_files": ("files", "glob or list: .txt .jsonl(.gz/.xz) .parquet"),
     "val_files": ("files", "same; absent: val_fraction of documents held out by hash"),
+    "test_files": ("files", "same formats; evaluated once after the last step (test_loss)"),
     "val_fraction": ("files, hf", "share of documents held out when no validation files/split"),
     "text_field": ("files, hf", "JSON field / parquet or dataset column with the text"),
     "txt_split": ("files", "file (one document per .txt) | blank_line"),

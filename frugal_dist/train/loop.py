@@ -7,7 +7,10 @@ clips inside its engine and steps FRUGAL itself, unchanged), FRUGAL (or a baseli
 schedule; or, with ``simulate_ranks`` > 1, the step of that many data-parallel ranks in this one
 process (``frugal_dist.train.simulated``).
 Rank 0 prints progress and, with ``output_dir``, appends one JSON object per logged step to
-``metrics.jsonl``.
+``metrics.jsonl``. With ``data.test_files``, the last step's record also has ``test_loss`` /
+``test_ppl``: one ``evaluate`` on the test split (every rank; the same all-reduce as validation)
+after the last step, whatever ``eval_every`` is. A run resumed at ``max_steps`` takes no step
+and so no test evaluation.
 """
 
 from __future__ import annotations
@@ -87,6 +90,11 @@ def compute_context(cfg: TrainConfig, device: torch.device):
 def evaluate(
     model: torch.nn.Module, data, cfg: TrainConfig, rank: int, world: int, device
 ) -> float:
+    """Mean loss of ``cfg.eval_batches`` batches of ``data`` (validation or test split).
+
+    Every rank evaluates its rows of each global batch; with ``world`` > 1 one all-reduce of
+    (sum of losses, count): 16 bytes (float64) per rank. Must be called on every rank.
+    """
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(cfg.eval_batches):
@@ -162,7 +170,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             # FRUGAL reduces the gradients itself (compressed): DDP must not all-reduce them too.
             wrapped.register_comm_hook(None, defer_to_optimizer_hook)
 
-        train_data, val_data = data.train, data.val
+        train_data, val_data, test_data = data.train, data.val, data.test
         out_dir = Path(cfg.output_dir) if cfg.output_dir else None
         start = checkpoint.resume_into(cfg, engine, model=model, optimizer=optimizer,
                                        ds_engine=ds_engine, train_data=train_data,
@@ -180,6 +188,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     t_last = time.perf_counter()
     tokens_last = tokens
     val_loss = start.val_loss
+    test_loss = None
     for step in range(start.step, cfg.max_steps):
         set_phase(f"training step {step + 1} (forward/backward, gradient sync, optimizer step)")
         factor = lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
@@ -233,6 +242,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             record["val_loss"] = val_loss
             record["val_ppl"] = math.exp(min(val_loss, 50.0))
         final = step + 1 == cfg.max_steps  # the first and last steps are always logged
+        if final and test_data is not None:  # data.test_files: once, on every rank
+            set_phase(f"test evaluation after step {step + 1}")
+            test_loss = evaluate(wrapped, test_data, cfg, rank, world, device)
+            record["test_loss"] = test_loss
+            record["test_ppl"] = math.exp(min(test_loss, 50.0))
         logged = (step + 1) % cfg.log_every == 0 or step == start.step or do_eval or final
         if logged:
             now = time.perf_counter()
@@ -258,7 +272,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         maybe_kill(step + 1, rank)
     progress.close()
     summary = run_summary(history, val_loss=val_loss, tokens=tokens, world=world, engine=engine,
-                          elapsed_s=time.perf_counter() - t_start, optimizer=optimizer)  # fmt: skip
+                          elapsed_s=time.perf_counter() - t_start, optimizer=optimizer,
+                          test_loss=test_loss)  # fmt: skip
     if rank == 0:
         report(summary, out_dir)
     return summary

@@ -1,7 +1,9 @@
 """Where rank 0's logged scalars go besides ``metrics.jsonl``: TensorBoard and Weights & Biases.
 
 Tags: validation scalars under ``val/`` (``val_loss`` -> ``val/loss``, ``val_ppl`` -> ``val/ppl``),
-everything else under ``train/`` (``train/loss``, ``train/lr``, ``train/tokens_per_s``, ...).
+the test split's (``data.test_files``, last step only) under ``test/`` (``test/loss``,
+``test/ppl``), everything else under ``train/`` (``train/loss``, ``train/lr``,
+``train/tokens_per_s``, ...).
 
 * ``TensorBoardSink(log_dir, start_step)`` -- ``torch.utils.tensorboard``; events after
   ``start_step`` are purged on resume. ``tensorboard_sink`` returns None when tensorboard is not
@@ -20,7 +22,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 WANDB_MODES = ("offline", "online")
-VAL_KEYS = {"val_loss": "val/loss", "val_ppl": "val/ppl"}
+VAL_KEYS = {
+    "val_loss": "val/loss",
+    "val_ppl": "val/ppl",
+    "test_loss": "test/loss",
+    "test_ppl": "test/ppl",
+}
 
 
 def tag(key: str) -> str:

@@ -1,9 +1,10 @@
-"""The training data pipeline: ``data:`` config keys -> train/val datasets + tokenizer.
+"""The training data pipeline: ``data:`` config keys -> train/val(/test) datasets + tokenizer.
 
 ``build_data(cfg_data, seq_len, seed)`` returns a ``DataBundle(train, val, tokenizer,
-vocab_size)``. Both datasets serve ``batch(step, batch_size, rank, world) -> int64 (batch_size,
-seq_len)`` (inputs = labels; the model shifts) and ``state_dict()`` / ``load_state_dict(d)``
-(small JSON-able dicts) for checkpoint/resume.
+vocab_size, test)`` (``test`` is None unless ``test_files`` is given). The datasets serve
+``batch(step, batch_size, rank, world) -> int64 (batch_size, seq_len)`` (inputs = labels; the
+model shifts) and ``state_dict()`` / ``load_state_dict(d)`` (small JSON-able dicts) for
+checkpoint/resume.
 
 Keys of the ``data:`` section (``validate_data_config`` checks them):
 
@@ -16,6 +17,8 @@ eos_token      all            document separator token; default: the tokenizer's
 max_bytes      embedded       bytes of stdlib source read per split (2,000,000)
 train_files    files          glob or list of globs: .txt .jsonl .jsonl.gz .jsonl.xz .parquet
 val_files      files          same; if absent, ``val_fraction`` of documents held out by hash
+test_files     files          same formats; a test split evaluated once after the last step
+                              (``test_loss``/``test_ppl``); none: no test evaluation (none)
 val_fraction   files, hf      fraction of train documents held out by hash when there are no
                               val_files / ``val_split: null`` (0.01)
 text_field     files, hf      JSON field / parquet column / dataset column ("text")
@@ -41,6 +44,11 @@ disjoint, deterministic share of the documents for a fixed world size, but the g
 depends on the world size; its resume restores the ``datasets`` stream position (datasets >=
 2.18, no shuffle buffer) instead of re-reading the consumed documents. Validation data are
 always finite and world-size independent.
+
+Test split. Only the ``files`` source takes ``test_files`` (the embedded corpus and HF datasets
+have no test split here; the key is refused with them like any other key of another source).
+The test files must share no file with ``train_files`` or ``val_files``; they are tokenised
+(and cached) like the validation files and packed with seed ``seed + 2``.
 
 Example (enwiki with a 32k BPE)::
 
@@ -69,6 +77,7 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "files": {
         "train_files": None,
         "val_files": None,
+        "test_files": None,
         "val_fraction": 0.01,
         "text_field": "text",
         "txt_split": "file",
@@ -100,6 +109,7 @@ class DataBundle:
     val: PackedDataset
     tokenizer: Any  # TextTokenizer
     vocab_size: int
+    test: PackedDataset | None = None  # data.test_files (source files only)
 
 
 def _fail(key: str, msg: str) -> ValueError:
@@ -146,6 +156,8 @@ def validate_data_config(cfg_data: dict[str, Any] | None) -> dict[str, Any]:
             raise _fail("train_files", "is required with source 'files' (a glob or a list)")
         if out["txt_split"] not in ("file", "blank_line"):
             raise _fail("txt_split", f"must be 'file' or 'blank_line', got {out['txt_split']!r}")
+        if out["test_files"] is not None and not out["test_files"]:
+            raise _fail("test_files", "is empty; give a glob or a list of globs, or leave it out")
     if source == "hf":
         if not isinstance(out["name"], str) or not out["name"]:
             raise _fail("name", "is required with source 'hf' (e.g. allenai/c4, or json)")
@@ -171,7 +183,8 @@ def validate_data_config(cfg_data: dict[str, Any] | None) -> dict[str, Any]:
 def build_data(cfg_data: dict[str, Any] | None, seq_len: int, seed: int = 0) -> DataBundle:
     """Datasets and tokenizer for a ``data:`` section (see the module docstring).
 
-    The validation set uses seed ``seed + 1``, as ``load_embedded`` does.
+    The validation set uses seed ``seed + 1``, as ``load_embedded`` does; the test set
+    (``test_files``) ``seed + 2``.
     """
     from frugal_dist.train.tokenization import load_tokenizer
 
@@ -187,7 +200,8 @@ def build_data(cfg_data: dict[str, Any] | None, seq_len: int, seed: int = 0) -> 
         train = PackedDataset(embedded_token_stream("train", tok, cfg["max_bytes"]), seq_len, seed)
         val = PackedDataset(embedded_token_stream("val", tok, cfg["max_bytes"]), seq_len, seed + 1)
     elif source == "files":
-        train, val = _files_datasets(cfg, tok, seq_len, seed)
+        train, val, test = _files_datasets(cfg, tok, seq_len, seed)
+        return DataBundle(train, val, tok, int(tok.vocab_size), test)
     else:
         from frugal_dist.train.streaming import hf_datasets
 
@@ -201,6 +215,11 @@ def _files_datasets(cfg: dict[str, Any], tok: Any, seq_len: int, seed: int):
 
     train_files = expand_files(cfg["train_files"], "train_files")
     val_files = expand_files(cfg["val_files"], "val_files")
+    test_files = expand_files(cfg["test_files"], "test_files")  # before any tokenisation
+    for other, files in (("train_files", train_files), ("val_files", val_files)):
+        overlap = set(test_files) & set(files)
+        if overlap:
+            raise _fail("test_files", f"files also in {other}: {sorted(map(str, overlap))}")
     opts = {"text_field": cfg["text_field"], "txt_split": cfg["txt_split"]}
     cache = cfg["cache_dir"]
     if val_files:
@@ -217,11 +236,16 @@ def _files_datasets(cfg: dict[str, Any], tok: Any, seq_len: int, seed: int):
         val_tokens, _ = file_tokens(
             train_files, tok, holdout=("val", frac), cache_dir=cache, **opts
         )
-    for name, toks in (("train", train_tokens), ("val", val_tokens)):
+    splits = [("train", train_tokens), ("val", val_tokens)]
+    if test_files:
+        splits.append(("test", file_tokens(test_files, tok, cache_dir=cache, **opts)[0]))
+    for name, toks in splits:
         if toks.shape[0] < seq_len:
             raise _fail(
-                f"{name}_files" if name == "train" or val_files else "val_fraction",
+                f"{name}_files" if name != "val" or val_files else "val_fraction",
                 f"the {name} split has {toks.shape[0]} tokens, fewer than one sequence "
                 f"of seq_len={seq_len}; give more text or a smaller seq_len",
             )
-    return PackedDataset(train_tokens, seq_len, seed), PackedDataset(val_tokens, seq_len, seed + 1)
+    test = PackedDataset(splits[2][1], seq_len, seed + 2) if test_files else None
+    return (PackedDataset(train_tokens, seq_len, seed),
+            PackedDataset(val_tokens, seq_len, seed + 1), test)  # fmt: skip

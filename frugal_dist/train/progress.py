@@ -3,7 +3,8 @@
 * terminal: a tqdm bar when stdout is a TTY (and tqdm is installed), one plain line per logged
   step otherwise -- loss, validation loss, lr, tokens/s, memory, ETA;
 * ``<output_dir>/metrics.jsonl``: one JSON object per logged step (step, tokens, loss, lr,
-  tokens_per_s, mem_gib, elapsed_s; val_loss and val_ppl where evaluated; opt_state_mib,
+  tokens_per_s, mem_gib, elapsed_s; val_loss and val_ppl where evaluated; test_loss and
+  test_ppl in the last step's record with ``data.test_files``; opt_state_mib,
   comm_bytes where known). On resume from step s the records after s are dropped first, so the
   file is the curve of one run;
 * ``<output_dir>/tensorboard/``: the same scalars (``torch.utils.tensorboard``; skipped when
@@ -30,8 +31,8 @@ import torch
 from frugal_dist.train.logs import logger
 from frugal_dist.train.metric_sinks import Sink, tensorboard_sink
 
-NUMERIC = ("loss", "lr", "val_loss", "val_ppl", "tokens_per_s", "mem_gib", "opt_state_mib",
-           "comm_bytes", "skipped_steps")  # fmt: skip
+NUMERIC = ("loss", "lr", "val_loss", "val_ppl", "test_loss", "test_ppl", "tokens_per_s",
+           "mem_gib", "opt_state_mib", "comm_bytes", "skipped_steps")  # fmt: skip
 
 
 def memory_gib(device: torch.device | str | None = None) -> float:
@@ -142,6 +143,8 @@ class Progress:
             parts = [f"step {step:5d}/{self.max_steps}", f"loss {record['loss']:.4f}"]
             if "val_loss" in record:
                 parts.append(f"val {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})")
+            if "test_loss" in record:
+                parts.append(f"test {record['test_loss']:.4f} (ppl {record['test_ppl']:.2f})")
             parts += [f"lr {record['lr']:.2e}", f"{record.get('tokens_per_s', 0):,.0f} tok/s",
                       f"mem {record.get('mem_gib', 0):.2f} GiB"]  # fmt: skip
             if "opt_state_mib" in record:

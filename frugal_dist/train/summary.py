@@ -3,6 +3,7 @@
 ``first_loss`` and ``last_loss`` are the training losses of this run's first and last steps, the
 same numbers the progress lines show for those steps (both steps are always logged). The whole
 curve is ``metrics.jsonl`` (and ``summary["losses"]`` in the returned dict, not in the file).
+``test_loss`` (the test split's loss after the last step) is there only with ``data.test_files``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from frugal_dist.train.logs import logger
 
 
 def run_summary(history: list[dict[str, Any]], *, val_loss: float, tokens: int, elapsed_s: float,
-                world: int, engine: str, optimizer: Any) -> dict[str, Any]:  # fmt: skip
+                world: int, engine: str, optimizer: Any,
+                test_loss: float | None = None) -> dict[str, Any]:  # fmt: skip
     """The summary of a run whose per-step records are ``history``."""
     stats = optimizer.comm_stats() if hasattr(optimizer, "comm_stats") else None
-    return {
+    out = {
         "steps": len(history),
         "first_step": history[0]["step"] if history else None,
         "last_step": history[-1]["step"] if history else None,
@@ -34,6 +36,9 @@ def run_summary(history: list[dict[str, Any]], *, val_loss: float, tokens: int, 
         "comm_bytes_last_step": stats["last_step_total"] if stats else None,
         "losses": [r["loss"] for r in history],
     }
+    if test_loss is not None:
+        out["test_loss"] = test_loss
+    return out
 
 
 def summary_line(s: dict[str, Any]) -> str:
@@ -44,6 +49,9 @@ def summary_line(s: dict[str, Any]) -> str:
                      f"{s['last_loss']:.4f} (step {s['last_step']})")  # fmt: skip
     if s["val_loss"] is not None and not math.isnan(s["val_loss"]):
         parts.append(f"val loss {s['val_loss']:.4f} (ppl {math.exp(min(s['val_loss'], 50)):.2f})")
+    if s.get("test_loss") is not None:
+        t = s["test_loss"]
+        parts.append(f"test loss {t:.4f} (ppl {math.exp(min(t, 50)):.2f})")
     if s["state_bytes"] is not None:
         parts.append(f"optimizer state {s['state_bytes'] / 2**20:.2f} MiB/rank")
     return " | ".join(parts)

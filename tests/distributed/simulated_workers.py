@@ -74,9 +74,12 @@ def simulate_optimizer(case: str, mode: str, world: int, steps: int) -> dict[str
     return {"traj": traj, "stats": dict(opt.comm_stats()["last_step"])}
 
 
-def train_config(world: int, simulate: int, steps: int, comm: str) -> dict[str, Any]:
+def train_config(
+    world: int, simulate: int, steps: int, comm: str, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A tiny run on a fixed global batch of 8 sequences: ``world`` real ranks (DDP with
-    FRUGAL reducing) or ``simulate`` ranks in one process."""
+    FRUGAL reducing) or ``simulate`` ranks in one process; ``data``: the data section (default:
+    200 kB of the embedded corpus)."""
     raw = {"model": "tiny", "seq_len": 32, "batch_size": 8 // max(world, simulate),
            "max_steps": steps, "warmup_steps": 2, "eval_every": steps, "eval_batches": 2,
            "log_every": 1, "engine": "ddp" if world > 1 else "single", "grad_clip": 0.5,
@@ -84,22 +87,26 @@ def train_config(world: int, simulate: int, steps: int, comm: str) -> dict[str, 
            "optimizer": {"name": "frugal", "lr": 3e-3, "density": 0.25, "update_gap": 4,
                          "subspace": "block", "inactive_lr_scale": 0.1,
                          "reduce_gradients": True, "residual_comm": comm},
-           "data": {"source": "embedded", "max_bytes": 200_000}}  # fmt: skip
+           "data": data or {"source": "embedded", "max_bytes": 200_000}}  # fmt: skip
     return raw
 
 
-def run_training(rank: int, world: int, steps: int, comm: str) -> dict[str, Any]:
+def run_training(
+    rank: int, world: int, steps: int, comm: str, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The training loop on ``world`` real gloo ranks (``engine=ddp``)."""
     from frugal_dist.train.config import build_config
     from frugal_dist.train.loop import train
 
-    return train(build_config(train_config(world, 1, steps, comm)))
+    return train(build_config(train_config(world, 1, steps, comm, data)))
 
 
-def simulate_training(world: int, steps: int, comm: str) -> dict[str, Any]:
+def simulate_training(
+    world: int, steps: int, comm: str, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The same run in this process with ``simulate_ranks=world``."""
     from frugal_dist.train.config import build_config
     from frugal_dist.train.loop import train
 
     with one_thread():
-        return train(build_config(train_config(1, world, steps, comm)))
+        return train(build_config(train_config(1, world, steps, comm, data)))

@@ -10,9 +10,12 @@ gloo ranks running the same vote: the quality benchmark's simulated variants
   rank counts for the reduce and the inf/nan flag are equal;
 * training loop: 2 gloo ranks with ``engine=ddp``, FRUGAL reducing (sign mode), against
   ``simulate_ranks=2``: the same losses bit for bit (2-term sums commute); the validation loss
-  up to float32 round-off (one batch of 8 rows against the mean of two batches of 4)."""
+  up to float32 round-off (one batch of 8 rows against the mean of two batches of 4); the same
+  for the test split (``data.test_files``, evaluated once after the last step on every rank)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -66,3 +69,20 @@ def test_simulated_training_equals_ddp_ranks():
     sim = sw.simulate_training(2, TRAIN_STEPS, "sign")
     assert sim["losses"] == got["losses"]
     assert abs(sim["val_loss"] - got["val_loss"]) < 1e-6 * abs(got["val_loss"])
+
+
+def test_test_split_at_two_ranks_equals_simulated(tmp_path):
+    """``data.test_files`` at world size 2: every rank evaluates the test split after the last
+    step (one all-reduce, as validation) and gets the simulated run's test loss."""
+    for name, lo, hi in (("train", 0, 400), ("val", 400, 450), ("test", 450, 500)):
+        with open(tmp_path / f"{name}.jsonl", "w") as fh:
+            fh.writelines(json.dumps({"text": f"{name} document {i}: " + "xyz"[i % 3] * (i % 17)})
+                          + "\n" for i in range(lo, hi))  # fmt: skip
+    data = {"source": "files", "train_files": str(tmp_path / "train.jsonl"),
+            "val_files": str(tmp_path / "val.jsonl"),
+            "test_files": str(tmp_path / "test.jsonl")}  # fmt: skip
+    got = run_distributed(sw.run_training, 2, 3, "sign", data, deadline_s=300)
+    sim = sw.simulate_training(2, 3, "sign", data)
+    assert got[0]["test_loss"] == got[1]["test_loss"]  # the reduced value on every rank
+    assert abs(sim["test_loss"] - got[0]["test_loss"]) < 1e-6 * abs(got[0]["test_loss"])
+    assert sim["test_loss"] != sim["val_loss"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -122,3 +123,66 @@ def test_decay_variant_decays_over_the_run_and_builds(quality):
         optimizer.zero_grad()
         ranks.append(optimizer.state[model[0].weight]["exp_avg"].shape[1])
     assert ranks == [4, 4, 3, 3, 2, 2]  # round(16 rho): rho 0.25, 0.1833, 0.1167
+
+
+def _runs_with_test(test: list) -> dict:
+    result = _sweep([("adamw", 1e-3, None, "ok", 4.0), ("adamw", 1e-3, None, "ok", 4.2),
+                     ("galore", 1e-3, None, "ok", 4.5)])  # fmt: skip
+    for r, (seed, t) in zip(result["runs"], enumerate(test)):
+        r.update(seed=seed, final_test_loss=t)
+    result["config"] = {"seed": 0}
+    return result
+
+
+def test_tables_without_test_losses_keep_their_columns(quality, tmp_path, capsys):
+    """An older quality.json (no final_test_loss key at all) renders as before (--replot)."""
+    result = _runs_with_test([None, None, None])
+    for r in result["runs"]:
+        del r["final_test_loss"]
+    assert "test" not in quality.summary(result) + quality.table(result)
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps(result))
+    quality.main(["--replot", str(path)])
+    out = "\n".join(x for x in capsys.readouterr().out.splitlines() if x.startswith("|"))
+    assert "| mean final val loss | ppl of mean | per seed | spread |" in out
+    assert "| best val loss | train loss (last 5 logs) |" in out and "test" not in out
+
+
+def test_tables_with_test_losses(quality):
+    result = _runs_with_test([4.1, 4.3, None])  # galore's run has no test loss
+    summary = quality.summary(result).splitlines()
+    assert "| mean final test loss | test ppl of mean |" in summary[0]
+    cols = [c.strip() for c in summary[0].strip("|").split("|")]
+    adamw = [c.strip() for c in next(x for x in summary if x.startswith("| adamw")).strip("|")
+             .split("|")]  # fmt: skip
+    row = dict(zip(cols, adamw))
+    assert row["mean final val loss"] == "4.1000" and row["mean final test loss"] == "4.2000"
+    assert row["test ppl of mean"] == f"{math.exp(4.2):,.2f}" and row["spread"] == "0.2000"
+    galore = dict(zip(cols, [c.strip() for c in next(x for x in summary if x.startswith(
+        "| galore")).strip("|").split("|")]))  # fmt: skip
+    assert galore["mean final test loss"] == "-" and galore["test ppl of mean"] == "-"
+    table = quality.table(result).splitlines()
+    cols = [c.strip() for c in table[0].strip("|").split("|")]
+    assert "test loss" in cols
+    tests = sorted(row.split("|")[cols.index("test loss") + 1].strip() for row in table[2:])
+    assert tests == ["-", "4.1000", "4.3000"]
+
+
+def test_test_files_flag_reaches_every_run_and_collect_reads_it(quality, tmp_path):
+    args = _args(quality, "--variants", "adamw", "--test-files", "t/*.jsonl",
+                 "--cache-dir", str(tmp_path))  # fmt: skip
+    data = quality.data_section(args)
+    assert data["test_files"] == "t/*.jsonl"
+    (run,) = quality.plan_runs(args, steps=3)
+    assert "--data.test_files=t/*.jsonl" in quality.command(args, run, data, 3, tmp_path)
+    no_test = quality.data_section(_args(quality, "--cache-dir", str(tmp_path)))
+    assert "test_files" not in no_test
+    rdir = tmp_path / "runs" / run["name"]
+    rdir.mkdir(parents=True)
+    records = [{"step": 3, "tokens": 9, "loss": 5.0, "val_loss": 4.5, "test_loss": 4.25}]
+    (rdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run["status"] = "ok"
+    quality.collect(run, tmp_path)
+    assert run["final_test_loss"] == 4.25 and run["final_test_ppl"] == pytest.approx(math.exp(4.25))
+    with pytest.raises(SystemExit):
+        _args(quality, "--data-source", "embedded", "--test-files", "t/*.jsonl")
