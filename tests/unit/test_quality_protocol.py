@@ -122,3 +122,32 @@ def test_decay_variant_decays_over_the_run_and_builds(quality):
         optimizer.zero_grad()
         ranks.append(optimizer.state[model[0].weight]["exp_avg"].shape[1])
     assert ranks == [4, 4, 3, 3, 2, 2]  # round(16 rho): rho 0.25, 0.1833, 0.1167
+
+
+def test_adaptive_refresh_variant_builds_and_feeds_the_loss(quality):
+    """``frugal_projection_adaT``: svd rho 0.25 with refresh_policy="loss", a valid optimizer
+    section the train loop builds, off the default list; stepped with a flat loss, T doubles
+    from --update-gap up to 8 x --update-gap."""
+    import torch
+
+    from frugal_dist.train.config_validation import validate_optimizer_section
+    from frugal_dist.train.optimizers import build_optimizer
+
+    assert "frugal_projection_adaT" not in quality.DEFAULT_VARIANTS
+    args = _args(quality, "--variants", "frugal_projection_adaT", "--update-gap", "2")
+    (run,) = quality.plan_runs(args, steps=40)
+    opt = run["optimizer"]
+    assert (opt["subspace"], opt["proj_type"], opt["density"]) == ("projection", "svd", 0.25)
+    assert (opt["refresh_policy"], opt["refresh_threshold"], opt["update_gap"]) == ("loss", 0.02, 2)
+    validate_optimizer_section(opt)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    kw = {k: v for k, v in opt.items() if k != "name"}
+    optimizer = build_optimizer(model, opt["name"], **kw)
+    gaps = []
+    for _ in range(40):
+        model(torch.randn(4, 16)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        optimizer.observe_loss(1.0)  # no progress: every decision doubles T
+        gaps.append(int(optimizer.state[model[0].weight]["refresh_gap"].item()))
+    assert sorted(set(gaps)) == [2, 4, 8, 16]

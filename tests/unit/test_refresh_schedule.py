@@ -254,3 +254,41 @@ def test_other_algorithms_ignore_the_policy():
         set_grads(ps, grads)
         opt.step()
     assert not any(key in opt.state[ps[0]] for key in SCHEDULE_KEYS)
+
+
+def test_train_loop_feeds_the_logged_loss(monkeypatch):
+    """``launchers/train.py``'s loop reports each step's logged (all-reduced) loss with
+    ``observe_loss`` after the step; the config's optimizer section takes the options. A
+    threshold no gain reaches doubles T at every decision: 1, 2, 4 (the cap)."""
+    from frugal_dist.train.config import build_config
+    from frugal_dist.train.loop import train
+
+    seen: list[float] = []
+    original = FRUGAL.observe_loss
+
+    def spy(self, loss):
+        seen.append(float(loss))
+        return original(self, loss)
+
+    monkeypatch.setattr(FRUGAL, "observe_loss", spy)
+    built: list[FRUGAL] = []
+    init = FRUGAL.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(FRUGAL, "__init__", keep)
+    raw = {"model": "tiny", "seq_len": 32, "batch_size": 2, "max_steps": 9, "warmup_steps": 1,
+           "log_every": 1, "eval_every": 0, "eval_batches": 1, "engine": "single",
+           "data": {"source": "embedded", "max_bytes": 100_000},
+           "optimizer": {"lr": 3e-3, "density": 0.25, "update_gap": 1, "subspace": "coordinate",
+                         "refresh_policy": "loss", "update_gap_max": 4,
+                         "refresh_threshold": 1e9}}  # fmt: skip
+    summary = train(build_config(raw))
+    assert seen == summary["losses"]  # the very values logged, one per step
+    (opt,) = built
+    split = [g for g in opt.param_groups if g["algorithm"] == "frugal"]
+    st = opt.state[split[0]["params"][0]]
+    # refreshes at steps 0, 1, 2 (T 1, the first decision at 2 doubles), 4 (T 4 from 4), 8
+    assert (int(st["refresh_k"].item()), int(st["refresh_gap"].item())) == (4, 4)
