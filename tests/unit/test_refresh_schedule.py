@@ -292,3 +292,32 @@ def test_train_loop_feeds_the_logged_loss(monkeypatch):
     st = opt.state[split[0]["params"][0]]
     # refreshes at steps 0, 1, 2 (T 1, the first decision at 2 doubles), 4 (T 4 from 4), 8
     assert (int(st["refresh_k"].item()), int(st["refresh_gap"].item())) == (4, 4)
+
+
+def test_consolidated_export_import_keeps_the_schedule():
+    """The world-size-free consolidated state (``optim.consolidate``, what resharding resumes
+    load) carries the schedule state as counters, float64 kept: the continuation is bit-equal."""
+    from frugal_dist.optim.consolidate import export_state, import_state
+
+    kw = {**COMMON, **CASES["columns"]}
+    grads = list(grad_stream(SHAPES, 30))
+    ps, opt = _opt(kw)
+    for step, g in enumerate(grads):
+        set_grads(ps, g)
+        opt.step()
+        opt.observe_loss(loss_at(step))
+    qs, opt2 = _opt(kw)
+    for step, g in enumerate(grads[:19]):
+        set_grads(qs, g)
+        opt2.step()
+        opt2.observe_loss(loss_at(step))
+    blob = copy.deepcopy(export_state(opt2))
+    rs = clone_params(qs)
+    _, opt3 = _opt(kw, rs)
+    import_state(opt3, blob)
+    assert opt3.state[rs[0]]["loss_sum"].dtype == torch.float64
+    for step, g in enumerate(grads[19:], start=19):
+        set_grads(rs, g)
+        opt3.step()
+        opt3.observe_loss(loss_at(step))
+    assert max_diff(ps, rs) == 0.0
