@@ -34,6 +34,10 @@ papers': rho 0.25, update gap 200, lr 1e-3 for 60M). Variants (``--variants``):
     frugal_projection_decay    svd with the density decaying linearly 0.25 -> 0.05 over the run
                        (density_final, density_decay_steps = the run's steps; AdaFRUGAL,
                        optim.density_schedule; issue 19; not in the default list)
+    frugal_projection_adaT     svd with the loss-driven refresh interval (refresh_policy="loss",
+                       refresh_threshold 0.02, update_gap_max 8 x --update-gap: T doubles when
+                       the mean train loss improves less than 2 % per update gap; the project's
+                       own rule, optim.refresh_schedule; issue 19; not in the default list)
     frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
 
@@ -168,6 +172,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # (density_decay_steps: the run's steps, set in plan_runs)
     "frugal_projection_decay": {"name": "frugal", "subspace": "projection", "proj_type": "svd",
                                 "density": 0.25, "density_final": 0.05},
+    # beyond the paper (issue 19, AdaFRUGAL's loss-driven T; the rule is this project's own,
+    # optim.refresh_schedule): threshold 0.02 because on quality_60m_40m's frugal_projection
+    # train curve (seed 0, lr 3e-3; the loss logged every 10 steps, averaged per 200 steps)
+    # the gain between consecutive 200-step means is 0.22, 0.077, 0.050, 0.034, 0.023, 0.026,
+    # 0.028, 0.016, 0.021, 0.005, 0.011: T would first grow at step 1800 of that 2448-step run
+    # (at 10 M tokens, 610 steps, the first decision is at step 400 and the early gains are
+    # far above 0.02: expect frugal_projection's result there)
+    "frugal_projection_adaT": {"name": "frugal", "subspace": "projection", "proj_type": "svd",
+                               "density": 0.25, "refresh_policy": "loss",
+                               "refresh_threshold": 0.02},
     # beyond the paper (issue 19): the active blocks of a refresh chosen by gradient norm
     "frugal_block_gradnorm": {"name": "frugal", "subspace": "block", "block_order": "gradnorm",
                               "density": 0.25},
@@ -211,6 +225,7 @@ DEFAULT_VARIANTS = [
         "frugal_columns_matched",
         "frugal_block_gradnorm",
         "frugal_projection_decay",
+        "frugal_projection_adaT",
     )
     and v not in SIMULATED
     and v not in RSO_SCREENS

@@ -19,6 +19,14 @@ step (``s`` = steps taken before this one, T = ``update_gap``):
 rho(k) = rho0 + (rho_F - rho0) min(1, k T / D) (``density``); block pointers move by each
 refresh's own count.
 
+``refresh_policy="loss"`` (``refresh_due`` / ``_take_refresh``, the project's own rule of
+``optim.refresh_schedule`` written out again): every parameter refreshes at its step 0, then
+``interval`` steps after its last refresh (``interval`` starts at T). At each refresh after the
+first, the interval just ended is summarised as (mean of the losses ``observe_loss`` recorded
+during it, its length); when two such summaries (L_a, T_a), (L_b, T_b) exist, the last two, the
+gain (L_a - L_b) / max(|L_a|, 1e-12) * T / ((T_a + T_b) / 2) below ``refresh_threshold`` doubles
+the interval, capped at ``update_gap_max``. The refresh index k counts the refreshes taken.
+
 ``block_order="gradnorm"`` (block): at a step where the parameters refresh, the active set is
 ``ref_gradnorm_blocks`` of every parameter's ``p.grad`` at that step (with voters: their mean);
 it holds until the next refresh.
@@ -69,6 +77,9 @@ class ReferenceFRUGAL:
         density_final: float | None = None,
         density_decay_steps: int | None = None,
         update_gap: int = 200,
+        refresh_policy: str = "fixed",
+        update_gap_max: int | None = None,
+        refresh_threshold: float | None = None,
         subspace: str = "block",
         block_order: str = "descending",
         coord_choice: str = "columns",
@@ -98,8 +109,14 @@ class ReferenceFRUGAL:
             reset=reset_statistics, betas=betas, eps=eps, wd=weight_decay, seed=seed,
             svd_method=svd_method, random_device=random_device, transfer=moment_transfer,
             free_scale=free_scale, density_final=density_final,
-            density_decay_steps=density_decay_steps,
+            density_decay_steps=density_decay_steps, refresh_policy=refresh_policy,
+            gap_cap=8 * update_gap if update_gap_max is None else update_gap_max,
+            tau=0.01 if refresh_threshold is None else refresh_threshold,
         )  # fmt: skip
+        if refresh_policy not in ("fixed", "loss"):
+            raise ValueError(f"refresh_policy must be 'fixed' or 'loss', got {refresh_policy!r}")
+        if refresh_policy == "loss" and density_final is not None:
+            raise ValueError("refresh_policy='loss' cannot be combined with density_final")
         if density_final is not None and not reset_statistics and subspace != "block":
             raise ValueError("a decaying density with kept statistics needs subspace='block'")
         if free_scale not in ("fixed", "matched"):
@@ -123,6 +140,46 @@ class ReferenceFRUGAL:
         step_of_refresh = k * h["update_gap"]
         progress = min(1.0, step_of_refresh / h["density_decay_steps"])
         return h["density"] + (h["density_final"] - h["density"]) * progress
+
+    # ---------------------------------------------------------------------------- refreshes
+    def refresh_due(self, name: str) -> tuple[bool, int]:
+        """(does the next step of ``name`` refresh, its refresh index k)."""
+        h, st = self.h, self.state[name]
+        s = st["step"]
+        if h["refresh_policy"] == "fixed":
+            return s % h["update_gap"] == 0, s // h["update_gap"]
+        taken = st.get("refreshes", [])
+        if not taken:
+            return True, 0
+        due = s == taken[-1] + st["interval"]
+        return due, len(taken) if due else len(taken) - 1
+
+    def observe_loss(self, loss: float) -> None:
+        """Record the loss of the step just taken (``refresh_policy="loss"``)."""
+        if not math.isfinite(float(loss)):
+            return
+        for st in self.state.values():
+            if "losses" in st:
+                st["losses"].append(float(loss))
+
+    def _take_refresh(self, name: str) -> None:
+        """``refresh_policy="loss"``: record a refresh at this step; set the next interval."""
+        h, st = self.h, self.state[name]
+        s = st["step"]
+        if "refreshes" not in st:
+            st.update(refreshes=[s], interval=h["update_gap"], losses=[], intervals=[])
+            return
+        if not st["losses"]:
+            raise ValueError(f"no loss observed before the refresh of {name!r} at step {s}")
+        length = s - st["refreshes"][-1]
+        st["intervals"].append((sum(st["losses"]) / len(st["losses"]), length))
+        if len(st["intervals"]) >= 2:
+            (l_a, t_a), (l_b, t_b) = st["intervals"][-2:]
+            gain = (l_a - l_b) / max(abs(l_a), 1e-12) * h["update_gap"] / ((t_a + t_b) / 2)
+            if gain < h["tau"]:
+                st["interval"] = min(2 * st["interval"], h["gap_cap"])
+        st["refreshes"].append(s)
+        st["losses"] = []
 
     # ---------------------------------------------------------------------------- the rules
     def _state_full(self, st: dict, g: Tensor) -> Tensor:
@@ -212,24 +269,19 @@ class ReferenceFRUGAL:
         """One step; ``voters``: per parameter name, the voters' gradients (module docstring)."""
         h = self.h
         gradnorm = h["subspace"] == "block" and h["block_order"] == "gradnorm"
-        if (
-            gradnorm
-            and h["algorithm"] == "frugal"
-            and any(
-                p.grad is not None and self.state[n]["step"] % h["update_gap"] == 0
-                for n, p in self.named_params
-            )
-        ):
+        due = {n: self.refresh_due(n) for n, p in self.named_params if p.grad is not None}
+        if gradnorm and h["algorithm"] == "frugal" and any(r for r, _ in due.values()):
             grads = [p.grad for _, p in self.named_params]
-            k = min(self.state[n]["step"] for n, p in self.named_params
-                    if p.grad is not None and self.state[n]["step"] % h["update_gap"] == 0
-                    ) // h["update_gap"]  # fmt: skip
+            k = min(k for r, k in due.values() if r)
             self.gradnorm_active = ref_gradnorm_blocks(grads, self.density(k))
         for idx, (name, p) in enumerate(self.named_params):
             if p.grad is None:
                 continue
             st = self.state[name]
             s = st["step"]
+            refresh, k = due[name]
+            if refresh and h["refresh_policy"] == "loss" and h["algorithm"] == "frugal":
+                self._take_refresh(name)
             st["step"] = s + 1
             m = p.shape[0] if p.dim() >= 2 else 1  # the (d0, d1*d2*...) matrix; 1-D: (1, n)
             n = p.numel() // m
@@ -244,8 +296,6 @@ class ReferenceFRUGAL:
             elif h["algorithm"] in ("signsgd", "sgd"):
                 w = w - h["lr"] * self._state_free(g, h["algorithm"])
             else:
-                refresh = s % h["update_gap"] == 0
-                k = s // h["update_gap"]
                 kind = h["subspace"]
                 if kind == "block":
                     active = (

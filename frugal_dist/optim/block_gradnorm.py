@@ -125,15 +125,15 @@ def block_sumsq(ctx: StepContext, group: dict[str, Any], views: list[ParamView])
 
 
 def refresh_choice(
-    ctx: StepContext, group: dict[str, Any], views: list[ParamView], steps: list[int]
-) -> None:
-    """At a step where any of the group's tensors refreshes (``steps``: the steps each live
-    view took before this one, in the order of the views with a gradient), choose the active
+    ctx: StepContext, group: dict[str, Any], views: list[ParamView],
+    clocks: list[tuple[int, bool]],
+) -> None:  # fmt: skip
+    """At a step where any of the group's tensors refreshes (``clocks``: (refresh index,
+    refreshes now) of each view with a gradient, ``optim.refresh_schedule``), choose the active
     blocks from this step's gradients and store the choice in every view's state. A no-op on
     other steps. Collective on fragments and under ``reduce_gradients`` (every rank reaches it
-    at the same step: the step counts are the same on every rank)."""
-    gap = group["update_gap"]
-    if not any(s % gap == 0 for s in steps):
+    at the same step: the schedules are the same on every rank)."""
+    if not any(refresh for _, refresh in clocks):
         return
     n = len(group["names"])
     seen = sorted({v.index for v in views})
@@ -145,7 +145,7 @@ def refresh_choice(
             "zero_optimization.sub_group_size above the group's size; fairscale OSS gives each "
             "rank a subset). Use another block_order with this engine."
         )
-    k = min(s for s in steps if s % gap == 0) // gap  # the refresh (optim.density_schedule)
+    k = min(k for k, refresh in clocks if refresh)  # the refresh (optim.density_schedule)
     count = block_count(len(group["names"]), density_at(group, k))
     chosen = top_blocks(block_sumsq(ctx, group, views), count)
     for view in views:

@@ -28,6 +28,7 @@ from torch import Tensor
 from frugal_dist.comm.collectives import all_gather_objects
 from frugal_dist.core.fragments import RowSpan, compact_rows, local_coordinates
 from frugal_dist.core.subspaces import CoordinateSelection
+from frugal_dist.optim.refresh_schedule import SCHEDULE_KEYS
 
 FORMAT = "frugal_dist.consolidated/1"
 
@@ -111,8 +112,9 @@ def import_state(opt: Any, blob: dict[str, Any]) -> None:
             for key in list(view.state):
                 del view.state[key]
             for key, t in full.items():
-                if opt.state_role(group, view, key) == "counter":
-                    view.state[key] = t.clone().float()
+                if opt.state_role(group, view, key) == "counter":  # schedule sums: float64
+                    view.state[key] = t.clone().to(torch.float64 if key in SCHEDULE_KEYS
+                                                   else torch.float32)  # fmt: skip
             sel = opt.selection(view, group)
             dev = view.data.device
             for key, t in full.items():

@@ -64,6 +64,8 @@ first-step rows: ``optim.agreement``):
                                  hyper-parameters and parameter names/shapes (the full
                                  descriptions only when they differ, to name the field)
     first step only [check_agreement=False, and the step communicates]: all_reduce of 4 B
+    observe_loss(loss)           none: the caller's loss, already the same on every rank
+                                 (refresh_policy="loss", ``optim.refresh_schedule``)
     0. [nonfinite != "ignore", layout or reduce_gradients, no grad_norm] all_reduce(max) of
                                  one inf/nan flag (``comm_stats()``: ``nonfinite_flag``)  4 B
     1. [reduce_gradients, exact] all_reduce(mean) of every gradient, coalesced     4 B x params
@@ -113,6 +115,12 @@ from frugal_dist.optim.group_setup import (
 from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.layout_guard import ParamRegistry, dense_views
 from frugal_dist.optim.nonfinite import validate_nonfinite
+from frugal_dist.optim.refresh_schedule import (
+    follows_loss,
+    loss_slots,
+    observe,
+    refresh_of_last_step,
+)
 from frugal_dist.optim.sign_reduce import HIERARCHICAL_UNDER_LAYOUT, hierarchy_options
 from frugal_dist.optim.state_loading import (
     SCALAR_KEYS,
@@ -144,6 +152,11 @@ class FRUGAL(Optimizer):
             ``density_decay_steps``, each refresh sized from its step (AdaFRUGAL; a project
             addition, ``optim.density_schedule``); None: fixed.
         update_gap: T >= 1, steps between subspace refreshes.
+        refresh_policy, update_gap_max, refresh_threshold: "fixed" (refresh every
+            ``update_gap`` steps) | "loss" (the interval doubles, from ``update_gap`` up to
+            ``update_gap_max``, when the mean loss reported with ``observe_loss`` improved by
+            less than ``refresh_threshold`` per ``update_gap`` steps; this project's own rule,
+            issue 19, ``optim.refresh_schedule``).
         subspace: "block" | "coordinate" | "projection".
         block_order, coord_choice, proj_type, proj_side: choices of each subspace kind.
         state_full: "adamw" | "sgdm" | "lion"; state_free: "signsgd" | "sgd" | "none".
@@ -313,6 +326,25 @@ class FRUGAL(Optimizer):
         self.comm.begin_step()
         self._full_step(sim)
 
+    @torch.no_grad()
+    def observe_loss(self, loss: Tensor | float) -> None:
+        """Report the training loss of the step just taken, for ``refresh_policy="loss"``
+        groups (``optim.refresh_schedule``: the refresh interval grows when the loss stops
+        improving). Call it after every ``step()`` with the same value on every rank -- the
+        loss averaged over all ranks, e.g. the all-reduced value a training loop logs (no
+        collective here; a tensor is read with ``item()``). A non-finite loss is not counted;
+        without a loss-driven group this does nothing."""
+        if not any(follows_loss(g) for g in self.param_groups):
+            return
+        value = float(loss.item() if isinstance(loss, Tensor) else loss)
+        slots = self._cache.loss_slots
+        if slots is None:  # gathered from the views again (after a new state or a load)
+            slots = self._cache.loss_slots = loss_slots(
+                view.state for g in self.param_groups if follows_loss(g)
+                for view in self.views(g, all_holders=True)
+            )  # fmt: skip
+        observe(slots, value)
+
     def _full_step(self, simulated: simulated_ranks.SimulatedRanks | None = None,
                    grad_norm: Tensor | float | None = None,
                    clip: clipping.PendingClip | None = None) -> None:  # fmt: skip
@@ -422,7 +454,7 @@ class FRUGAL(Optimizer):
         its last step; coordinate subspaces only, else None)."""
         if "step" not in view.state:
             return None
-        k = max(int(view.state["step"].item()) - 1, 0) // group["update_gap"]
+        k = refresh_of_last_step(group, view.state)
         return kind_for(group).current_selection(view, group, k, self._context())
 
     def step_plan(self) -> StepPlan | None:

@@ -8,7 +8,8 @@ group must pass before a step runs (each a ``ValueError`` naming the group, the 
                               check_added_group         with the defaults filled in: the bound
                                                         layout's options, moment_transfer,
                                                         free_scale, block_order="gradnorm",
-                                                        density_final, the
+                                                        density_final,
+                                                        refresh_policy, the
                                                         subspace kind's own (``check_group``)
     bind_layout(layout)       check_layout_options      what the layout cannot honour
 
@@ -28,6 +29,7 @@ from frugal_dist.optim.density_schedule import check_density_decay
 from frugal_dist.optim.free_scale import check_free_scale
 from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.moment_transfer import check_moment_transfer
+from frugal_dist.optim.refresh_schedule import check_refresh_policy
 from frugal_dist.optim.validation import check_group_keys, validate_options
 
 FRUGAL_DEFAULTS: dict[str, Any] = dict(
@@ -37,6 +39,9 @@ FRUGAL_DEFAULTS: dict[str, Any] = dict(
     density_final=None,
     density_decay_steps=None,
     update_gap=200,
+    refresh_policy="fixed",
+    update_gap_max=None,
+    refresh_threshold=None,
     subspace="block",
     block_order="descending",
     coord_choice="columns",
@@ -87,7 +92,8 @@ def prepare_group(param_group: dict[str, Any], index: int) -> None:
 def check_added_group(groups: list[dict[str, Any]], layout: Any, world: int) -> None:
     """The checks of the last group of ``groups`` (defaults filled in by torch): the bound
     ``layout``'s (``check_layout_options``, over every group), ``moment_transfer``,
-    ``free_scale``, ``block_order``, ``density_final`` (``optim.density_schedule``), the
+    ``free_scale``, ``block_order``, ``density_final`` (``optim.density_schedule``),
+    ``refresh_policy`` (``optim.refresh_schedule``), the
     subspace kind's own (``SubspaceKind.check_group``: projection shapes, (in, out)-stored
     weights)."""
     group = groups[-1]
@@ -99,6 +105,7 @@ def check_added_group(groups: list[dict[str, Any]], layout: Any, world: int) -> 
     check_free_scale(group, where)
     check_block_order(group, where)
     check_density_decay(group, where)
+    check_refresh_policy(group, where)
     kind.check_group(group, where)
 
 

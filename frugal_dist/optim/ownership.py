@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from frugal_dist.optim.refresh_schedule import refresh_of_last_step
 from frugal_dist.optim.sharding import ShardPlan, assign_owners
 from frugal_dist.optim.step_items import drop_buffers
 
@@ -86,8 +87,7 @@ def release_unowned_state(ctx: StepContext, state: Any) -> int:
             st = state.get(p)
             if not st or "sf_step" not in st:
                 continue
-            done = int(st["step"].item()) if "step" in st else 0
-            k = max(done - 1, 0) // group["update_gap"]  # the refresh of its last step
+            k = refresh_of_last_step(group, st)  # the refresh of its last step
             if kind.owner(ctx, group, idx, name, k) != ctx.rank:
                 drop_buffers(st, kind.rule(group))
                 pruned += 1

@@ -82,6 +82,12 @@ from frugal_dist.optim.nonfinite import (
     norm_is_finite,
 )
 from frugal_dist.optim.projection_batch import apply_batched
+from frugal_dist.optim.refresh_schedule import (
+    check_observed,
+    clocks,
+    fold_fingerprint,
+    follows_loss,
+)
 from frugal_dist.optim.sign_reduce import reduce_signs
 from frugal_dist.optim.simulated_ranks import reduce_simulated
 from frugal_dist.optim.step_cache import StepCache
@@ -235,16 +241,20 @@ def plan(ctx: StepContext, views: list[tuple[dict, list[ParamView]]]) -> list[It
 
 def _plan_group(ctx: StepContext, group: dict[str, Any], views: list[ParamView]) -> list[Item]:
     kind = kind_for(group)
-    gap = group["update_gap"]
     sharded, rank = ctx.sharded, ctx.rank
     keep_dtype = not ctx.reduced_here
     live = [view for view in views if view.grad is not None]
     out: list[Item] = []
     bumped: list[Item] = []  # items whose sf_step this step increments
-    steps = _advance_steps([view.state for view in live])
-    kind.plan_group(ctx, group, views, steps)  # block gradnorm: the refresh's choice
-    for view, s in zip(live, steps):
-        k, refresh = s // gap, s % gap == 0
+    states = [view.state for view in live]
+    if follows_loss(group):  # a refresh due without an observed loss: refused, nothing moved
+        check_observed(group, states, [view.name for view in live])
+    steps = _advance_steps(states)
+    times, created = clocks(group, states, steps)  # (k, refresh): optim.refresh_schedule
+    if created:
+        ctx.cache.loss_slots = None
+    kind.plan_group(ctx, group, views, times)  # block gradnorm: the refresh's choice
+    for view, (k, refresh) in zip(live, times):
         owner = kind.owner(ctx, group, view.index, view.name, k) if sharded else rank
         active = kind.is_active(ctx, group, view, k)
         # State-free-only tensors need no float32 copy of a 16-bit gradient (sign and the
@@ -294,6 +304,8 @@ def select(ctx: StepContext, items: list[Item]) -> None:
         fps: list[int] = []
         for it in items:
             fp = it.kind.fingerprint(it) if it.refresh else None
+            if fp is not None and follows_loss(it.group):  # the next refresh step, too
+                fp = fold_fingerprint(it.group, it.st, fp)
             if fp is not None:
                 names.append(it.name)
                 fps.append(fp)

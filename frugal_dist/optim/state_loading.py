@@ -16,12 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from frugal_dist.optim.refresh_schedule import SCHEDULE_KEYS
+
 # step counters and the gradnorm block choice (``optim.block_gradnorm``): float32 scalars on the
-# CPU, the same on every rank
-SCALAR_KEYS = ("step", "sf_step", "block_active")
+# CPU, the same on every rank; the loss-driven refresh schedule (``optim.refresh_schedule``):
+# float64 scalars on the CPU, the same on every rank
+SCALAR_KEYS = ("step", "sf_step", "block_active", *SCHEDULE_KEYS)
 STRUCTURAL_KEYS = ("algorithm", "subspace", "density", "density_final", "density_decay_steps",
                    "block_order", "coord_choice", "proj_type", "proj_side", "state_full",
-                   "state_free")  # fmt: skip
+                   "state_free", "refresh_policy")  # fmt: skip
 log = logging.getLogger("frugal_dist")
 
 
@@ -87,7 +90,8 @@ def restore_state_dtypes(
         st = state[p]
         for key, dtype in dtypes.items():
             if key in SCALAR_KEYS:
-                st[key] = state_dict["state"][pid][key].detach().to("cpu", torch.float32).clone()
+                kept = torch.float64 if key in SCHEDULE_KEYS else torch.float32
+                st[key] = state_dict["state"][pid][key].detach().to("cpu", kept).clone()
             elif key in st and st[key].dtype != dtype:
                 st[key] = state_dict["state"][pid][key].to(device=st[key].device, dtype=dtype)
 

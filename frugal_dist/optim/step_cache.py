@@ -33,7 +33,10 @@ class StepCache:
     * ``coord_positions``: name -> (coordinate index, its ``coordinate_positions``) for the
       fused coordinate kernel (``fast_apply.run_fused``);
     * ``kernel_cache``: stacked projection bases per batch (``optim.projection_batch``);
-    * ``plan``: the step plan replayed until the next refresh (``optim.step_plan``).
+    * ``plan``: the step plan replayed until the next refresh (``optim.step_plan``);
+    * ``loss_slots``: the (S, n) tensors ``FRUGAL.observe_loss`` adds to (the schedule state of
+      every held parameter of a ``refresh_policy="loss"`` group, ``optim.refresh_schedule``;
+      None: gathered again from the views at the next call).
     """
 
     def __init__(self) -> None:
@@ -51,3 +54,4 @@ class StepCache:
         self.coord_positions: dict[str, tuple[Tensor, Tensor]] = {}
         self.kernel_cache: dict[Any, Any] = {}
         self.plan: Any = None
+        self.loss_slots: tuple[list[Tensor], list[Tensor]] | None = None

@@ -57,6 +57,7 @@ from frugal_dist.optim.fast_apply import local_matrix
 from frugal_dist.optim.nonfinite import FiniteCheck
 from frugal_dist.optim.plan_launches import prepare
 from frugal_dist.optim.projection_batch import STASH
+from frugal_dist.optim.refresh_schedule import steps_until_refresh
 from frugal_dist.optim.step_items import EXACT_COUNT, Item
 
 _GRAD = operator.attrgetter("grad")
@@ -158,11 +159,10 @@ class StepPlan:
             return None
         left = None
         for it in items:
-            gap = it.group["update_gap"]
             done = int(it.st["step"].item())  # steps taken, this one included
-            if done + gap >= EXACT_COUNT:
+            until = steps_until_refresh(it.group, it.st, done)  # steady steps before its refresh
+            if done + max(until, it.group["update_gap"]) >= EXACT_COUNT:
                 return None
-            until = (gap - done % gap) % gap  # steady steps before this item's next refresh
             left = until if left is None else min(left, until)
         if not left:
             return None

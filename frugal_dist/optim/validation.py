@@ -16,6 +16,7 @@ from frugal_dist.kernels.refresh import METHODS as SVD_METHODS
 from frugal_dist.optim.fast_apply import KERNELS
 from frugal_dist.optim.free_scale import FREE_SCALES
 from frugal_dist.optim.moment_transfer import MOMENT_TRANSFERS
+from frugal_dist.optim.refresh_schedule import REFRESH_POLICIES
 
 # "state_full": the group's ``state_full`` rule (AdamW, SGDM or Lion) on whole tensors.
 ALGORITHMS = ("frugal", "adamw", "state_full", "signsgd", "sgd")
@@ -37,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "svd_method": SVD_METHODS,
     "moment_transfer": MOMENT_TRANSFERS,
     "free_scale": FREE_SCALES,
+    "refresh_policy": REFRESH_POLICIES,
 }
 
 
@@ -81,6 +83,14 @@ def validate_options(opts: Mapping[str, Any], where: str = "") -> None:
         gap = opts["update_gap"]
         if not (isinstance(gap, int) and not isinstance(gap, bool) and gap >= 1):
             raise ValueError(f"update_gap must be an integer >= 1, got {gap!r}{at}")
+    cap = opts.get("update_gap_max")  # None: 8 x update_gap (optim.refresh_schedule)
+    if cap is not None and not (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1):
+        raise ValueError(
+            f"update_gap_max must be an integer >= update_gap (or None: 8 x update_gap), got "
+            f"{cap!r}{at}"
+        )
+    if opts.get("refresh_threshold") is not None:  # None: 0.01
+        _check_real(f"refresh_threshold{at}", opts["refresh_threshold"], 0.0, None)
     for key in ("inactive_lr_scale", "proj_params_lr_scale", "weight_decay"):
         if key in opts:
             _check_real(f"{key}{at}", opts[key], 0.0, None)

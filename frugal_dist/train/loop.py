@@ -231,7 +231,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if world > 1:
             dist.all_reduce(loss_t)
             loss_t /= world
-        record: dict[str, Any] = {"step": step + 1, "tokens": tokens, "loss": loss_t.item(),
+        loss_value = loss_t.item()  # the mean over ranks and micro-batches: the same everywhere
+        observe = getattr(optimizer, "observe_loss", None)
+        if observe is not None:  # FRUGAL refresh_policy="loss" (no collective: this value)
+            observe(loss_value)
+        record: dict[str, Any] = {"step": step + 1, "tokens": tokens, "loss": loss_value,
                                   "lr": optimizer.param_groups[0]["lr"]}  # fmt: skip
         do_eval = cfg.eval_every > 0 and (
             (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps

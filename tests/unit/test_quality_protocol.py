@@ -186,3 +186,32 @@ def test_test_files_flag_reaches_every_run_and_collect_reads_it(quality, tmp_pat
     assert run["final_test_loss"] == 4.25 and run["final_test_ppl"] == pytest.approx(math.exp(4.25))
     with pytest.raises(SystemExit):
         _args(quality, "--data-source", "embedded", "--test-files", "t/*.jsonl")
+
+
+def test_adaptive_refresh_variant_builds_and_feeds_the_loss(quality):
+    """``frugal_projection_adaT``: svd rho 0.25 with refresh_policy="loss", a valid optimizer
+    section the train loop builds, off the default list; stepped with a flat loss, T doubles
+    from --update-gap up to 8 x --update-gap."""
+    import torch
+
+    from frugal_dist.train.config_validation import validate_optimizer_section
+    from frugal_dist.train.optimizers import build_optimizer
+
+    assert "frugal_projection_adaT" not in quality.DEFAULT_VARIANTS
+    args = _args(quality, "--variants", "frugal_projection_adaT", "--update-gap", "2")
+    (run,) = quality.plan_runs(args, steps=40)
+    opt = run["optimizer"]
+    assert (opt["subspace"], opt["proj_type"], opt["density"]) == ("projection", "svd", 0.25)
+    assert (opt["refresh_policy"], opt["refresh_threshold"], opt["update_gap"]) == ("loss", 0.02, 2)
+    validate_optimizer_section(opt)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    kw = {k: v for k, v in opt.items() if k != "name"}
+    optimizer = build_optimizer(model, opt["name"], **kw)
+    gaps = []
+    for _ in range(40):
+        model(torch.randn(4, 16)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        optimizer.observe_loss(1.0)  # no progress: every decision doubles T
+        gaps.append(int(optimizer.state[model[0].weight]["refresh_gap"].item()))
+    assert sorted(set(gaps)) == [2, 4, 8, 16]

@@ -99,12 +99,14 @@ class SubspaceKind(ABC):
 
     # ------------------------------------------------------------------ plan
     def plan_group(
-        self, ctx: StepContext, group: dict[str, Any], views: list[ParamView], steps: list[int]
-    ) -> None:
+        self, ctx: StepContext, group: dict[str, Any], views: list[ParamView],
+        clocks: list[tuple[int, bool]],
+    ) -> None:  # fmt: skip
         """Before ``owner`` / ``is_active`` are asked: choices of the whole group that need this
-        step's gradients (``views``: every view of the group; ``steps``: the steps each view with
-        a gradient took before this one). May communicate (every rank calls it for the same
-        groups in the same order). Default: nothing."""
+        step's gradients (``views``: every view of the group; ``clocks``: (refresh index,
+        refreshes now) of each view with a gradient, ``optim.refresh_schedule``). May
+        communicate (every rank calls it for the same groups in the same order). Default:
+        nothing."""
         return
 
     def owner(self, ctx: StepContext, group: dict[str, Any], index: int, name: str, k: int) -> int:

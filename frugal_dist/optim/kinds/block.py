@@ -54,10 +54,11 @@ class Block(SubspaceKind):
                 raise ValueError(f"{where}: {err}") from None
 
     def plan_group(
-        self, ctx: StepContext, group: dict[str, Any], views: list[ParamView], steps: list[int]
-    ) -> None:
+        self, ctx: StepContext, group: dict[str, Any], views: list[ParamView],
+        clocks: list[tuple[int, bool]],
+    ) -> None:  # fmt: skip
         if block_gradnorm.uses_gradnorm(group):
-            block_gradnorm.refresh_choice(ctx, group, views, steps)
+            block_gradnorm.refresh_choice(ctx, group, views, clocks)
 
     def is_active(self, ctx: StepContext, group: dict[str, Any], view: ParamView, k: int) -> bool:
         if block_gradnorm.uses_gradnorm(group):
