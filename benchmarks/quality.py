@@ -38,6 +38,7 @@ papers': rho 0.25, update gap 200, lr 1e-3 for 60M). Variants (``--variants``):
                        refresh_threshold 0.02, update_gap_max 8 x --update-gap: T doubles when
                        the mean train loss improves less than 2 % per update gap; the project's
                        own rule, optim.refresh_schedule; issue 19; not in the default list)
+    frugal_projection_matched_adaT  the two together (FRUGAL+ candidate; --inactive-lr-scales 1)
     frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
 
@@ -182,6 +183,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "frugal_projection_adaT": {"name": "frugal", "subspace": "projection", "proj_type": "svd",
                                "density": 0.25, "refresh_policy": "loss",
                                "refresh_threshold": 0.02},
+    "frugal_projection_matched_adaT": {"name": "frugal", "subspace": "projection",
+                                       "proj_type": "svd", "density": 0.25,
+                                       "free_scale": "matched", "refresh_policy": "loss",
+                                       "refresh_threshold": 0.02},
     # beyond the paper (issue 19): the active blocks of a refresh chosen by gradient norm
     "frugal_block_gradnorm": {"name": "frugal", "subspace": "block", "block_order": "gradnorm",
                               "density": 0.25},
@@ -226,6 +231,7 @@ DEFAULT_VARIANTS = [
         "frugal_block_gradnorm",
         "frugal_projection_decay",
         "frugal_projection_adaT",
+        "frugal_projection_matched_adaT",
     )
     and v not in SIMULATED
     and v not in RSO_SCREENS
