@@ -87,8 +87,10 @@ def test_summary_reports_mean_and_spread_over_seeds(quality):
 
 
 def test_rso_screens_change_one_option_each_and_stay_out_of_the_default_list(quality):
-    assert not set(quality.RSO_SCREENS) & set(quality.DEFAULT_VARIANTS)
-    args = _args(quality, "--variants", ",".join(("rso", *quality.RSO_SCREENS)),
+    import quality_variants  # on sys.path since the fixture (benchmarks/)
+
+    assert not set(quality_variants.RSO_SCREENS) & set(quality.DEFAULT_VARIANTS)
+    args = _args(quality, "--variants", ",".join(("rso", *quality_variants.RSO_SCREENS)),
                  "--update-gap", "200")  # fmt: skip
     opts = {r["variant"]: r["optimizer"] for r in quality.plan_runs(args, steps=10)}
     base = opts.pop("rso")
