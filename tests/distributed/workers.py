@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from frugal_dist import FRUGAL, build_param_groups
+from tests.distributed.cases import FLAT_LOSS
 
 SHAPES = [(12, 8), (8, 12), (10, 10), (6, 16), (16, 6)]
 ADAMW_SHAPES = [(10,), (20, 4)]
@@ -62,6 +63,7 @@ def synthetic_run(rank: int, world: int, steps: int, opt_kw: dict, mode: str) ->
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
+        opt.observe_loss(FLAT_LOSS)  # refresh_policy="loss": the same on every rank
         comm.append(opt.comm_stats()["last_step"])
     return {
         "params": [p.detach().clone() for p in params],
@@ -220,6 +222,7 @@ def zero_sim_run(
             g = torch.cat([g, g.new_zeros(size * world - g.numel())])
             flat.grad = g[rank * size : (rank + 1) * size].clone()
         opt.step()
+        opt.observe_loss(FLAT_LOSS)  # refresh_policy="loss": as synthetic_run's
         if comm is not None:
             comm.append(opt.comm_stats()["last_step"])
     out = []
