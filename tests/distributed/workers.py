@@ -237,8 +237,10 @@ def zero_sim_run(
     return out
 
 
-def train_engine(rank: int, world: int, engine: str, ds_config: str | None, steps: int) -> dict:
-    """The training loop on a fixed global batch (8 sequences split over the ranks)."""
+def train_engine(rank: int, world: int, engine: str, ds_config: str | None, steps: int,
+                 optimizer: dict | None = None) -> dict:  # fmt: skip
+    """The training loop on a fixed global batch (8 sequences split over the ranks);
+    ``optimizer``: options over the FRUGAL section's."""
     from frugal_dist.train.config import build_config
     from frugal_dist.train.loop import train
 
@@ -248,6 +250,7 @@ def train_engine(rank: int, world: int, engine: str, ds_config: str | None, step
            "optimizer": {"name": "frugal", "lr": 3e-3, "density": 0.25, "update_gap": 5,
                          "subspace": "coordinate"},
            "data": {"source": "embedded", "max_bytes": 200_000}}  # fmt: skip
+    raw["optimizer"].update(optimizer or {})
     if ds_config:
         raw["deepspeed_config"] = ds_config
     return train(build_config(raw))
