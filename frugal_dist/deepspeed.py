@@ -11,7 +11,8 @@ Overridden here: ``initialize`` -- ``deepspeed.initialize`` that builds FRUGAL (
 ``"optimizer": {"type": "FRUGAL", "params": {...}}`` section of the config and binds it to the
 engine's ZeRO layout; the config comes, as in DeepSpeed, from ``config=`` / ``config_params=``
 or from ``args.deepspeed_config`` (giving both is an error). Also ``bind``, ``frugal_options``,
-``mpi_environment`` (``frugal_dist.engines.deepspeed``). Every other attribute
+``mpi_environment`` and ``frugal_optimizer(engine)`` (the FRUGAL the engine steps, e.g. for
+``observe_loss``; ``frugal_dist.engines.deepspeed``). Every other attribute
 (``add_config_arguments``, ``init_distributed``, ``zero``, ``comm``, ``DeepSpeedEngine``, ...)
 is DeepSpeed's own, imported on first use.
 """
@@ -20,9 +21,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from frugal_dist.engines.deepspeed import bind, frugal_options, initialize, mpi_environment
+from frugal_dist.engines.deepspeed import (
+    bind,
+    frugal_optimizer,
+    frugal_options,
+    initialize,
+    mpi_environment,
+)
 
-__all__ = ["bind", "frugal_options", "initialize", "mpi_environment"]
+__all__ = ["bind", "frugal_optimizer", "frugal_options", "initialize", "mpi_environment"]
 
 
 def __getattr__(name: str) -> Any:

@@ -187,6 +187,25 @@ def _skip_cpu_shm_build() -> None:
         pass
 
 
+def frugal_optimizer(engine: Any) -> Any:
+    """The FRUGAL (or RSO) optimizer that a DeepSpeed ``engine`` steps: the object to call
+    ``observe_loss(loss)`` on after ``engine.step()`` (``refresh_policy="loss"``), and
+    ``state_bytes()`` / ``comm_stats()``. ZeRO-0 in fp32 steps it as ``engine.optimizer``;
+    ZeRO-1/2/3, bf16 and offload wrap it, as ``engine.optimizer.optimizer`` (DeepSpeed's
+    attribute for the client optimizer). ``ValueError`` when the engine steps another one."""
+    from frugal_dist.optim.rso import RSO
+
+    outer = getattr(engine, "optimizer", None)
+    for opt in (outer, getattr(outer, "optimizer", None)):
+        if isinstance(opt, (FRUGAL, RSO)):
+            return opt
+    raise ValueError(
+        f"this DeepSpeed engine steps {type(outer).__name__}, not FRUGAL or RSO: build it with "
+        "frugal_dist.deepspeed.initialize and a config whose optimizer section has "
+        '"type": "FRUGAL" (or "RSO")'
+    )
+
+
 def bind(engine: Any, frugal: FRUGAL) -> None:
     """Bind ``frugal`` to the layout of ``engine`` (see module doc)."""
     entries = fragments(engine, frugal)

@@ -139,9 +139,12 @@ def build_oss(
         return opt
 
     oss = OSS(groups, optim=make_local, group=group, broadcast_fp16=broadcast_fp16, **options)
-    # This rank's FRUGAL answers the accounting questions (state bytes and comm of this rank).
+    # This rank's FRUGAL answers the accounting questions (state bytes and comm of this rank)
+    # and takes the loss of refresh_policy="loss" (the caller's all-reduced loss: every local
+    # FRUGAL decides the same for its own parameters; no collective).
     oss.state_bytes = oss.optim.state_bytes
     oss.comm_stats = oss.optim.comm_stats
+    oss.observe_loss = oss.optim.observe_loss
     return oss
 
 

@@ -21,6 +21,15 @@ matrices are split:
    as a client optimizer; at ``on_train_begin`` ``FrugalTrainer`` binds it to the ZeRO layout
    (``frugal_dist.engines.deepspeed.bind``) so FRUGAL sees each parameter's flat fragment.
 
+``refresh_policy="loss"`` (``optim.refresh_schedule``): ``FrugalTrainer`` reports the loss of
+every optimizer step with ``FRUGAL.observe_loss`` after the step (at ``on_step_end``) -- the
+sum of ``training_step``'s losses over the step's gradient-accumulation micro-batches (each
+already divided as Trainer divides it, so their sum is the step's mean loss, the value Trainer
+logs), averaged over the processes with ``accelerator.gather`` (an all-gather of 4 B per step,
+only with a loss-driven group; every rank then computes the same mean from the same vector).
+This also holds for an optimizer passed with ``optimizers=``; a plain ``Trainer`` never reports
+the loss (FRUGAL raises ``ValueError`` at the first refresh due).
+
 ``FrugalTrainer`` takes ``lr``, ``weight_decay``, ``betas`` and ``eps`` from the
 ``TrainingArguments`` (``learning_rate``, ``weight_decay``, ``adam_beta1/2``, ``adam_epsilon``)
 unless ``frugal_options`` gives them; as in ``Trainer``, norms and biases (the ``no_decay``
@@ -34,9 +43,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from frugal_dist.optim import FRUGAL, build_param_groups, check_param_coverage, pop_group_options
+from frugal_dist.optim.refresh_schedule import follows_loss
 
 
 def create_frugal_optimizer(
@@ -77,15 +88,31 @@ def _find_frugal(opt: Any) -> FRUGAL | None:
     return None
 
 
+def _observe_step_loss(trainer: Any, step_loss: torch.Tensor | None) -> None:
+    """After an optimizer step: the step's loss on this rank (``step_loss``, the sum over its
+    micro-batches), averaged over the processes, to FRUGAL's ``observe_loss`` -- only when a
+    group follows the loss (the gather is a collective: every rank takes this branch alike)."""
+    frugal = _find_frugal(trainer.optimizer)
+    if step_loss is None or frugal is None:
+        return
+    if not any(follows_loss(g) for g in frugal.param_groups):
+        return
+    gathered = trainer.accelerator.gather(step_loss.detach().float().reshape(1))
+    frugal.observe_loss(gathered.mean().item())
+
+
 def _make_trainer_class() -> type:
     from transformers import Trainer, TrainerCallback
 
-    class _BindCallback(TrainerCallback):
+    class _FrugalCallback(TrainerCallback):
         def __init__(self, trainer: Any) -> None:
             self.trainer = trainer
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             _bind_to_deepspeed(self.trainer)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            _observe_step_loss(self.trainer, self.trainer.take_step_loss())
 
     class FrugalTrainer(Trainer):
         """``transformers.Trainer`` that builds FRUGAL (see module doc)."""
@@ -95,8 +122,23 @@ def _make_trainer_class() -> type:
                      **kwargs: Any) -> None:  # fmt: skip
             self.frugal_options = dict(frugal_options or {})
             self.frugal_rules = list(frugal_rules)
+            self._step_loss: torch.Tensor | None = None
             super().__init__(*args, **kwargs)
-            self.add_callback(_BindCallback(self))
+            self.add_callback(_FrugalCallback(self))
+
+        def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            """``Trainer.training_step``; its loss (this micro-batch's share of the step's
+            loss) is added up for ``refresh_policy="loss"`` (module doc)."""
+            loss = super().training_step(*args, **kwargs)
+            step = loss.detach()
+            self._step_loss = step if self._step_loss is None else self._step_loss + step
+            return loss
+
+        def take_step_loss(self) -> torch.Tensor | None:
+            """The loss added up since the last call (this rank's, over the micro-batches of
+            the optimizer step just taken), and restart the sum."""
+            out, self._step_loss = self._step_loss, None
+            return out
 
         def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
             if self.optimizer is None:

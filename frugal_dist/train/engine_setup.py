@@ -155,7 +155,7 @@ def experiment_over_json(ds_cfg: dict[str, Any], cfg: TrainConfig, name: str,
 
 def deepspeed_engine(model: nn.Module, cfg: TrainConfig, name: str, opt_cfg: dict[str, Any]):
     """``(engine, FRUGAL or RSO)`` from ``cfg.deepspeed_config`` (precedence: module docstring)."""
-    from frugal_dist.engines.deepspeed import initialize, read_config
+    from frugal_dist.engines.deepspeed import frugal_optimizer, initialize, read_config
 
     if name not in ("frugal", "rso"):
         raise ValueError(
@@ -169,8 +169,5 @@ def deepspeed_engine(model: nn.Module, cfg: TrainConfig, name: str, opt_cfg: dic
     if replaced:
         logger.info(f"{cfg.deepspeed_config}: the experiment config wins over these DeepSpeed "
                     f"JSON values: {'; '.join(replaced)}")  # fmt: skip
-    engine, optimizer, _, _ = initialize(model=model, config=ds_cfg)
-    inner = (
-        optimizer if hasattr(optimizer, "state_bytes") else getattr(optimizer, "optimizer", None)
-    )
-    return engine, inner
+    engine, _, _, _ = initialize(model=model, config=ds_cfg)
+    return engine, frugal_optimizer(engine)

@@ -6,6 +6,14 @@ import contextlib
 from collections.abc import Iterator
 
 DECAY = dict(density=0.5, density_final=0.1, density_decay_steps=16)
+# refresh_policy="loss" (optim.refresh_schedule), T0 = 2, T_max = 8. Every worker reports with
+# observe_loss after each step a loss that is the same on every rank and in the single-process
+# reference: the all-reduced mean loss (fsdp_workers: FSDP2, HSDP, FSDP1, fairscale) or FLAT_LOSS
+# (synthetic gradients: workers, ds_workers). tau = 1: a positive loss's gain, (L_a - L_b) / L_a
+# * T0 / mean(T), is below 1 whatever its rounding, so T doubles at every decision (refreshes at
+# 0, 2, 4, 8, 16) instead of a decision flipping on the last bits of an engine's mean loss.
+LOSS_DRIVEN = dict(update_gap=2, refresh_policy="loss", update_gap_max=8, refresh_threshold=1.0)
+FLAT_LOSS = 1.0
 SUBSPACES: dict[str, dict] = {
     "block": dict(subspace="block", block_order="random"),
     "block-descending": dict(subspace="block", block_order="descending"),
@@ -34,6 +42,8 @@ SUBSPACES: dict[str, dict] = {
     "columns-decay": dict(subspace="coordinate", coord_choice="columns", **DECAY),
     "projection-decay": dict(subspace="projection", proj_type="random", **DECAY),
     "svd-decay": dict(subspace="projection", proj_type="svd", **DECAY),
+    "columns-loss": dict(subspace="coordinate", coord_choice="columns", **LOSS_DRIVEN),
+    "projection-loss": dict(subspace="projection", proj_type="random", **LOSS_DRIVEN),
 }  # fmt: skip
 
 

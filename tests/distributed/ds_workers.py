@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from frugal_dist import FRUGAL, build_param_groups
+from tests.distributed.cases import FLAT_LOSS
 
 SHAPES = {"blocks.0": (12, 8), "blocks.1": (8, 12), "blocks.2": (10, 10), "blocks.3": (6, 16),
           "blocks.4": (16, 6)}  # fmt: skip
@@ -70,6 +71,7 @@ def single(steps: int, world: int, opt_kw: dict) -> dict[str, torch.Tensor]:
     for step in range(steps):
         model(mean_coefficients(step, world)).backward()
         opt.step()
+        opt.observe_loss(FLAT_LOSS)
         opt.zero_grad(set_to_none=True)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -100,11 +102,15 @@ def full_params(engine, stage: int) -> dict[str, torch.Tensor]:
 
 
 def _train(engine, steps: int, rank: int, bf16: bool, start: int = 0) -> None:
+    """``steps`` engine steps on rank ``rank``'s coefficients; after each, the FRUGAL the
+    engine steps observes FLAT_LOSS (``refresh_policy="loss"``; the probe's own loss is linear
+    in the weights, of either sign)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     for step in range(start, start + steps):
         loss = engine(coefficients(step, rank, dtype))
         engine.backward(loss)
         engine.step()
+        _frugal(engine).observe_loss(FLAT_LOSS)
 
 
 def run(rank: int, world: int, stage: int, bf16: bool, steps: int, kinds: dict, common: dict,
@@ -120,10 +126,8 @@ def run(rank: int, world: int, stage: int, bf16: bool, steps: int, kinds: dict, 
             cfg["zero_force_ds_cpu_optimizer"] = False
         engine, opt, _, _ = fds.initialize(model=Probe(), config=cfg)
         _train(engine, steps, rank, bf16)
-        frugal = (
-            engine.optimizer if isinstance(engine.optimizer, FRUGAL) else engine.optimizer.optimizer
-        )
-        out[name] = {"params": full_params(engine, stage), "state_bytes": frugal.state_bytes()}
+        out[name] = {"params": full_params(engine, stage),
+                     "state_bytes": _frugal(engine).state_bytes()}  # fmt: skip
     return out
 
 
@@ -164,8 +168,10 @@ def bad_config(rank: int, world: int, cfg: dict) -> str:
     return "no error"
 
 
-def _frugal(engine):
-    return engine.optimizer if isinstance(engine.optimizer, FRUGAL) else engine.optimizer.optimizer
+def _frugal(engine) -> FRUGAL:
+    from frugal_dist.deepspeed import frugal_optimizer
+
+    return frugal_optimizer(engine)
 
 
 def export_run(rank: int, world: int, stage: int, steps: int, opt_kw: dict, path: str) -> None:

@@ -36,7 +36,9 @@ def _local(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def _train(model, opt, steps, rank, world, start=0, set_to_none=True, device=None) -> list[float]:
-    """Train on this rank's slice of the fixed global batches; the rank-mean loss per step."""
+    """Train on this rank's slice of the fixed global batches; the rank-mean loss per step,
+    which ``refresh_policy="loss"`` observes after each step, as the train loop does (the same
+    on every rank; the full-batch loss in the single process)."""
     import torch.distributed as dist
 
     losses = []
@@ -51,6 +53,7 @@ def _train(model, opt, steps, rank, world, start=0, set_to_none=True, device=Non
             dist.all_reduce(t)
             t /= world
         losses.append(t.item())
+        opt.observe_loss(losses[-1])  # FRUGAL, or fairscale's OSS (build_oss forwards it)
     return losses
 
 

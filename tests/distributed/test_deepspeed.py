@@ -18,7 +18,7 @@ pytestmark = pytest.mark.distributed
 
 KINDS = cases.pick("block", "block-gradnorm", "columns", "rows", "randk", "projection", "svd",
                    "projection-matched", "columns-matched", "block-decay", "columns-decay",
-                   "projection-decay")  # fmt: skip
+                   "projection-decay", "columns-loss", "projection-loss")  # fmt: skip
 COMMON = dict(lr=1e-2, density=0.4, update_gap=4, weight_decay=0.01)
 STEPS = 10  # refreshes at 0, 4, 8
 

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.distributed
 KINDS = cases.pick("block", "block-gradnorm", "columns", "rows", "randk", "projection",
                    "projection-device", "projection-left", "svd", "projection-matched",
                    "projection-left-matched", "columns-matched", "block-decay",
-                   "columns-decay", "projection-decay", "svd-decay")  # fmt: skip
+                   "columns-decay", "projection-decay", "svd-decay", "columns-loss",
+                   "projection-loss")  # fmt: skip
 COMMON = dict(lr=1e-2, density=0.4, update_gap=8, weight_decay=0.01)
 STEPS = 20
 TRITON_KINDS = ("columns", "rows", "randk")

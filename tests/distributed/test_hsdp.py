@@ -28,6 +28,7 @@ KINDS = {
         "projection-left-matched",
         "block-decay",
         "columns-decay",
+        "columns-loss",
     ),
     "projection-right": dict(subspace="projection", proj_type="random", proj_side="right"),
     "rho0": dict(subspace="projection", proj_type="random", density=0.0),

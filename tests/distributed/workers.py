@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from frugal_dist import FRUGAL, build_param_groups
+from tests.distributed.cases import FLAT_LOSS
 
 SHAPES = [(12, 8), (8, 12), (10, 10), (6, 16), (16, 6)]
 ADAMW_SHAPES = [(10,), (20, 4)]
@@ -62,6 +63,7 @@ def synthetic_run(rank: int, world: int, steps: int, opt_kw: dict, mode: str) ->
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
+        opt.observe_loss(FLAT_LOSS)  # refresh_policy="loss": the same on every rank
         comm.append(opt.comm_stats()["last_step"])
     return {
         "params": [p.detach().clone() for p in params],
@@ -220,6 +222,7 @@ def zero_sim_run(
             g = torch.cat([g, g.new_zeros(size * world - g.numel())])
             flat.grad = g[rank * size : (rank + 1) * size].clone()
         opt.step()
+        opt.observe_loss(FLAT_LOSS)  # refresh_policy="loss": as synthetic_run's
         if comm is not None:
             comm.append(opt.comm_stats()["last_step"])
     out = []
@@ -234,8 +237,10 @@ def zero_sim_run(
     return out
 
 
-def train_engine(rank: int, world: int, engine: str, ds_config: str | None, steps: int) -> dict:
-    """The training loop on a fixed global batch (8 sequences split over the ranks)."""
+def train_engine(rank: int, world: int, engine: str, ds_config: str | None, steps: int,
+                 optimizer: dict | None = None) -> dict:  # fmt: skip
+    """The training loop on a fixed global batch (8 sequences split over the ranks);
+    ``optimizer``: options over the FRUGAL section's."""
     from frugal_dist.train.config import build_config
     from frugal_dist.train.loop import train
 
@@ -245,6 +250,7 @@ def train_engine(rank: int, world: int, engine: str, ds_config: str | None, step
            "optimizer": {"name": "frugal", "lr": 3e-3, "density": 0.25, "update_gap": 5,
                          "subspace": "coordinate"},
            "data": {"source": "embedded", "max_bytes": 200_000}}  # fmt: skip
+    raw["optimizer"].update(optimizer or {})
     if ds_config:
         raw["deepspeed_config"] = ds_config
     return train(build_config(raw))

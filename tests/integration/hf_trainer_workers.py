@@ -42,11 +42,11 @@ class Repeating(torch.utils.data.Dataset):
 def args(out: str, steps: int, **extra: Any):
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=steps,
-                             learning_rate=3e-3, warmup_steps=2, lr_scheduler_type="cosine",
-                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                             dataloader_num_workers=0, seed=0, disable_tqdm=True,
-                             **extra)  # fmt: skip
+    kw = dict(output_dir=out, per_device_train_batch_size=4, max_steps=steps,
+              learning_rate=3e-3, warmup_steps=2, lr_scheduler_type="cosine", logging_steps=1,
+              report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
+              disable_tqdm=True)  # fmt: skip
+    return TrainingArguments(**{**kw, **extra})
 
 
 def losses(trainer) -> list[float]:
@@ -76,3 +76,48 @@ def deepspeed_zero2(rank: int, world: int, out: str, steps: int) -> dict[str, An
     frugal = _find_frugal(trainer.optimizer)
     return {"losses": losses(trainer), "layout": getattr(frugal.layout, "name", None),
             "state_bytes": frugal.state_bytes()}  # fmt: skip
+
+
+# refresh_policy="loss" with T0 = 2 and tau = 1: the gain of a positive loss is below 1, so T
+# doubles at every decision (refreshes at 0, 2, 4, 8 in 12 steps) whatever the loss's last bits.
+LOSS_DRIVEN = dict(subspace="coordinate", density=0.25, update_gap=2, refresh_policy="loss",
+                   update_gap_max=8, refresh_threshold=1.0)  # fmt: skip
+
+
+def loss_driven(rank: int, world: int, out: str, steps: int, accum: int) -> dict[str, Any]:
+    """FrugalTrainer with ``refresh_policy="loss"`` and ``accum`` gradient-accumulation steps
+    on ``world`` processes (each its own slice of the data): the values FRUGAL observed, the
+    logged losses, this rank's own step losses and each split matrix's schedule state."""
+    from frugal_dist import FRUGAL
+    from frugal_dist.integrations.hf_trainer import FrugalTrainer, _find_frugal
+
+    observed: list[float] = []
+    original = FRUGAL.observe_loss
+
+    def spy(self: FRUGAL, loss: Any) -> None:
+        observed.append(float(loss))
+        original(self, loss)
+
+    FRUGAL.observe_loss = spy  # type: ignore[method-assign]
+    try:
+        trainer = FrugalTrainer(model=tiny_llama(), train_dataset=Repeating(),
+                                args=args(out, steps, per_device_train_batch_size=4 // world,
+                                          gradient_accumulation_steps=accum),
+                                frugal_options=LOSS_DRIVEN)  # fmt: skip
+        take, local = trainer.take_step_loss, []
+
+        def take_and_record() -> Any:  # this rank's own step losses, before the average
+            value = take()
+            local.append(float(value))
+            return value
+
+        trainer.take_step_loss = take_and_record
+        trainer.train()
+    finally:
+        FRUGAL.observe_loss = original  # type: ignore[method-assign]
+    frugal = _find_frugal(trainer.optimizer)
+    split = next(g for g in frugal.param_groups if g["name"] == "split")
+    schedule = {name: (int(frugal.state[p]["refresh_k"]), int(frugal.state[p]["refresh_gap"]))
+                for p, name in zip(split["params"], split["names"])}  # fmt: skip
+    return {"observed": observed, "losses": losses(trainer), "schedule": schedule,
+            "local": local, "processes": trainer.accelerator.num_processes}  # fmt: skip

@@ -85,3 +85,37 @@ def test_frugal_trainer_with_deepspeed_zero2(tmp_path):
     assert got["layout"] == "flat"  # bound to ZeRO-2's flat partition
     losses = got["losses"]
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def _check_loss_driven(got: dict, steps: int) -> None:
+    # one observation per optimizer step, after it: the step's loss as Trainer logs it (the
+    # micro-batches' mean, averaged over the processes)
+    assert got["observed"] == pytest.approx(got["losses"], rel=1e-6), got
+    assert len(got["observed"]) == steps
+    # T doubled at each decision (tau 1): refreshes at steps 0, 2, 4, 8 (k = 0..3), T now 8
+    assert set(got["schedule"].values()) == {(3, 8)}, got["schedule"]
+
+
+def test_frugal_trainer_feeds_the_loss_to_loss_driven_refresh(tmp_path):
+    """refresh_policy="loss" under FrugalTrainer with 2 gradient-accumulation micro-batches: no
+    "no loss was observed" error, the loss of every step observed, T grown."""
+    got = hw.loss_driven(0, 1, str(tmp_path / "loss"), STEPS, 2)
+    _check_loss_driven(got, STEPS)
+    assert got["observed"] == pytest.approx(got["local"], rel=1e-6)
+
+
+@pytest.mark.distributed
+def test_frugal_trainer_loss_driven_refresh_on_two_ranks(tmp_path):
+    """2 gloo processes, each its own half of the batch (different losses): both observe the
+    same, process-averaged loss, so their refresh decisions agree (the refresh fingerprint
+    comparison would stop them otherwise) and match the logged losses."""
+    from tests.distributed.launch import run_distributed
+
+    got = run_distributed(hw.loss_driven, 2, str(tmp_path / "loss2"), STEPS, 2)
+    assert [g["processes"] for g in got] == [2, 2]
+    assert all(a != b for a, b in zip(got[0]["local"], got[1]["local"]))  # own halves
+    assert got[0]["observed"] == got[1]["observed"]
+    mean = [(a + b) / 2 for a, b in zip(got[0]["local"], got[1]["local"])]
+    assert got[0]["observed"] == pytest.approx(mean, rel=1e-6)
+    for g in got:
+        _check_loss_driven(g, STEPS)
