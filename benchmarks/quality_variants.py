@@ -32,6 +32,9 @@ gets (lr, ``inactive_lr_scale`` and ``update_gap`` are added per run by ``qualit
                        the mean train loss improves less than 2 % per update gap; the project's
                        own rule, optim.refresh_schedule; issue 19; not in the default list)
     frugal_projection_matched_adaT  the two together (FRUGAL+ candidate; --inactive-lr-scales 1)
+    frugal_projection_matched_sgd  matched with state_free="sgd": the raw residual R scaled per
+                       tensor to RMS(U) (Fira's idea, Adam's output norm carried to the residual,
+                       in FRUGAL's form; FRUGAL+ candidate; not in the default list)
     frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
 
@@ -137,6 +140,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                        "proj_type": "svd", "density": 0.25,
                                        "free_scale": "matched", "refresh_policy": "loss",
                                        "refresh_threshold": 0.02},
+    "frugal_projection_matched_sgd": {"name": "frugal", "subspace": "projection",
+                                      "proj_type": "svd", "density": 0.25,
+                                      "free_scale": "matched", "state_free": "sgd"},
     # beyond the paper (issue 19): the active blocks of a refresh chosen by gradient norm
     "frugal_block_gradnorm": {"name": "frugal", "subspace": "block", "block_order": "gradnorm",
                               "density": 0.25},
@@ -182,6 +188,7 @@ DEFAULT_VARIANTS = [
         "frugal_projection_decay",
         "frugal_projection_adaT",
         "frugal_projection_matched_adaT",
+        "frugal_projection_matched_sgd",
     )
     and v not in SIMULATED
     and v not in RSO_SCREENS
