@@ -23,7 +23,7 @@ def test_the_expected_files_exist():
     assert {p.stem for p in MODEL_CONFIGS} >= {f"llama-{s}" for s in PAPER}
     assert {p.stem for p in PRESETS} == {"adamw", "galore", "badam", "frugal-block",
                                          "frugal-columns", "frugal-projection", "frugal-rho0",
-                                         "rso"}  # fmt: skip
+                                         "frugal-plus", "rso"}  # fmt: skip
 
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
