@@ -206,3 +206,21 @@ def test_a_fragment_is_refused_at_the_step():
         matrix_free.whole_matrix(frag, torch.zeros(12))
     whole = SimpleNamespace(span=RowSpan(4, 6, 0, 24), group=group, name="w")
     assert matrix_free.whole_matrix(whole, torch.zeros(24)).shape == (4, 6)
+
+
+def test_clip_grad_norm_without_the_multiply_matches_torch_clipping():
+    """``FRUGAL.clip_grad_norm_`` hands swan items the scaled gradient (clip mode FULL: swan
+    is not in the sign-only rules), so the step equals torch's clip then step."""
+    for kw in (dict(density=0.0), dict(density=0.4, subspace="projection", proj_type="svd")):
+        ps = make_params()
+        qs = clone_params(ps)
+        a = FRUGAL(ps, lr=1e-2, state_free="swan", update_gap=3, **kw)
+        b = FRUGAL(qs, lr=1e-2, state_free="swan", update_gap=3, **kw)
+        for grads in grad_stream(SHAPES, 6):
+            set_grads(ps, [g * 10 for g in grads])
+            set_grads(qs, [g * 10 for g in grads])
+            a.clip_grad_norm_(1.0)
+            a.step()
+            torch.nn.utils.clip_grad_norm_(qs, 1.0)
+            b.step()
+        assert max_diff(ps, qs) < 1e-6, kw
