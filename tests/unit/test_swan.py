@@ -224,3 +224,11 @@ def test_clip_grad_norm_without_the_multiply_matches_torch_clipping():
             torch.nn.utils.clip_grad_norm_(qs, 1.0)
             b.step()
         assert max_diff(ps, qs) < 1e-6, kw
+
+
+def test_a_swan_group_added_under_the_sign_vote_is_refused():
+    ps = make_params()
+    opt = FRUGAL(ps[:2], residual_comm="sign", reduce_gradients=True)
+    with pytest.raises(ValueError, match=r"residual_comm='sign'.*state_free='swan'"):
+        opt.add_param_group({"params": ps[2:], "state_free": "swan", "density": 0.0})
+    assert len(opt.param_groups) == 1  # not added
