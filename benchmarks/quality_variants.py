@@ -40,10 +40,13 @@ gets (lr, ``inactive_lr_scale`` and ``update_gap`` are added per run by ``qualit
                        update (Ma et al., arXiv 2412.13148: rows standardised, whitened by
                        (N N^T)^{-1/2} with 10 Newton-Schulz steps, scaled to unit RMS like
                        sign) instead of signSGD; no state beyond frugal_d0's (core.swan; issue
-                       19 FRUGAL+ target "rho 0 beats AdamW"; not in the default list; the same
-                       --inactive-lr-scales grid applies: F has sign's RMS). Single GPU / DDP
-                       only (refused under ZeRO / FSDP). Optimizer step: 2 x 10 float32 GEMMs
-                       of min(m, n)^2 per matrix more than frugal_d0
+                       19 FRUGAL+ target "rho 0 beats AdamW"; not in the default list). F has
+                       sign's RMS, so s_i means what it means for frugal_d0; sweep
+                       --inactive-lr-scales 0.1,1 (a 150-step tiny-cpu smoke run, 2 gloo ranks,
+                       lr 3e-3, one seed: val 2.040 at s_i 1 vs 2.376 at 0.1; frugal_d0 2.389 /
+                       2.390, AdamW 2.350 -- a toy, not a 60M result). Single GPU / DDP only
+                       (refused under ZeRO / FSDP). Optimizer step: ~0.35 TFLOP of float32
+                       GEMMs at 60M on top of frugal_d0's (docs/optimizer.md)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
 
 RSO screens (issue 19 part 2: why RSO trails GaLore-style / AdamW; not in the default list). Each
