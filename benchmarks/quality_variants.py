@@ -36,6 +36,17 @@ gets (lr, ``inactive_lr_scale`` and ``update_gap`` are added per run by ``qualit
                        tensor to RMS(U) (Fira's idea, Adam's output norm carried to the residual,
                        in FRUGAL's form; FRUGAL+ candidate; not in the default list)
     frugal_d0          FRUGAL rho=0 (AdamW on embeddings/head/norms, signSGD elsewhere)
+    frugal_d0_swan     rho=0 with state_free="swan": every split weight takes SWAN's stateless
+                       update (Ma et al., arXiv 2412.13148: rows standardised, whitened by
+                       (N N^T)^{-1/2} with 10 Newton-Schulz steps, scaled to unit RMS like
+                       sign) instead of signSGD; no state beyond frugal_d0's (core.swan; issue
+                       19 FRUGAL+ target "rho 0 beats AdamW"; not in the default list). F has
+                       sign's RMS, so s_i means what it means for frugal_d0; sweep
+                       --inactive-lr-scales 0.1,1 (a 150-step tiny-cpu smoke run, 2 gloo ranks,
+                       lr 3e-3, one seed: val 2.040 at s_i 1 vs 2.376 at 0.1; frugal_d0 2.389 /
+                       2.390, AdamW 2.350 -- a toy, not a 60M result). Single GPU / DDP only
+                       (refused under ZeRO / FSDP). Optimizer step: ~0.35 TFLOP of float32
+                       GEMMs at 60M on top of frugal_d0's (docs/optimizer.md)
     rso                RSO rank 0.25 (skipped with a note if this checkout has no "rso" preset)
 
 RSO screens (issue 19 part 2: why RSO trails GaLore-style / AdamW; not in the default list). Each
@@ -147,6 +158,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "frugal_block_gradnorm": {"name": "frugal", "subspace": "block", "block_order": "gradnorm",
                               "density": 0.25},
     "frugal_d0": {"name": "frugal", "subspace": "block", "density": 0.0},
+    # beyond the paper (issue 19): SWAN's stateless update as the rho 0 state-free step
+    "frugal_d0_swan": {"name": "frugal", "subspace": "block", "density": 0.0,
+                       "state_free": "swan"},
     "rso": {"name": "rso", "density": 0.25},
     # RSO screens (issue 19 part 2; module docstring): one suspect each against "rso"
     "rso_lr2x": {"name": "rso", "density": 0.25, "proj_params_lr_scale": 2.0},
@@ -189,6 +203,7 @@ DEFAULT_VARIANTS = [
         "frugal_projection_adaT",
         "frugal_projection_matched_adaT",
         "frugal_projection_matched_sgd",
+        "frugal_d0_swan",
     )
     and v not in SIMULATED
     and v not in RSO_SCREENS

@@ -43,6 +43,10 @@ residuals instead of sign(R):
 
     F = sign(2 * #{k : R(g_k) >= 0} - N)      (0 where coordinates are selected, 0 on a tie)
 
+``state_free="swan"``: StateFree(R) is SWAN's normalised, whitened R at unit RMS on the (m, n)
+matrix (``core.reference_swan``, float64 with an eigendecomposition; ``subspace="coordinate"`` is
+refused, as by FRUGAL).
+
 ``algorithm="adamw"`` is plain AdamW on every tensor, ``algorithm="state_full"`` the ``state_full``
 rule (AdamW, SGDM or Lion) on every tensor; ``algorithm="signsgd"`` / ``"sgd"`` is the
 state-free rule on every tensor (W <- W*(1-lr*wd) - lr*D).
@@ -61,7 +65,10 @@ from frugal_dist.core.reference_selection import (
     ref_gradnorm_blocks,
     ref_projection,
 )
+from frugal_dist.core.reference_swan import ref_swan_direction
 from frugal_dist.core.seeding import block_seed, coordinate_seed, projection_seed
+
+SWAN_STEPS = 10  # Newton-Schulz steps of state_free="swan" (core.swan.NS_STEPS, stated again)
 
 
 class ReferenceFRUGAL:
@@ -121,6 +128,8 @@ class ReferenceFRUGAL:
             raise ValueError("a decaying density with kept statistics needs subspace='block'")
         if free_scale not in ("fixed", "matched"):
             raise ValueError(f"free_scale must be 'fixed' or 'matched', got {free_scale!r}")
+        if state_free == "swan" and algorithm == "frugal" and subspace == "coordinate":
+            raise ValueError("state_free='swan' needs subspace='block' or 'projection'")
         if free_scale == "matched" and algorithm == "frugal" and subspace == "block":
             raise ValueError("free_scale='matched' needs subspace='coordinate' or 'projection'")
         # ``proj_precision`` is accepted for keyword parity with FRUGAL: the oracle always runs
@@ -206,6 +215,8 @@ class ReferenceFRUGAL:
             return torch.sign(r)
         if rule == "sgd":
             return r
+        if rule == "swan":
+            return ref_swan_direction(r, SWAN_STEPS)
         return torch.zeros_like(r)
 
     @staticmethod

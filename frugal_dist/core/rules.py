@@ -12,7 +12,9 @@ since the last reset, starting at 1):
 * ``lion``:  D = sign(b1 m + (1-b1) g);  m <- b2 m + (1-b2) g
 
 State-free rules act on the residual R = G - up(down(G)): ``signsgd`` D = sign(R), ``sgd`` D = R,
-``none`` D = 0.
+``none`` D = 0, ``swan`` D = SWAN's normalised and whitened R at unit RMS (``core.swan``; a project
+addition beyond the FRUGAL paper). ``swan`` is a matrix rule (``MATRIX_FREE_RULES``): R must be
+the whole (m, n) matrix, not a fragment or a flattened view.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import math
 import torch
 from torch import Tensor
 
+from frugal_dist.core.swan import swan_direction
+
 STATE_FULL_RULES = ("adamw", "sgdm", "lion")
-STATE_FREE_RULES = ("signsgd", "sgd", "none")
+STATE_FREE_RULES = ("signsgd", "sgd", "none", "swan")
+MATRIX_FREE_RULES = ("swan",)  # need the whole (m, n) residual matrix
 
 STATE_KEYS: dict[str, tuple[str, ...]] = {
     "adamw": ("exp_avg", "exp_avg_sq"),
@@ -83,22 +88,28 @@ def state_full_directions(
 
 
 def state_free_direction(rule: str, residual: Tensor) -> Tensor | None:
-    """D for the state-free part (a new tensor), or None for ``none``."""
+    """D for the state-free part (a new tensor), or None for ``none``. ``swan``: ``residual`` is
+    the (m, n) matrix; D is float32."""
     if rule == "signsgd":
         return torch.sign(residual)
     if rule == "sgd":
         return residual.clone()
+    if rule == "swan":
+        return swan_direction(residual)
     if rule == "none":
         return None
     raise ValueError(f"state_free must be one of {STATE_FREE_RULES}, got {rule!r}")
 
 
 def state_free_direction_(rule: str, residual: Tensor) -> Tensor | None:
-    """``state_free_direction`` computed in place in ``residual`` (a temporary the caller owns)."""
+    """``state_free_direction`` computed in place in ``residual`` (a temporary the caller owns);
+    ``swan`` returns a new tensor (whitening is not an elementwise map)."""
     if rule == "signsgd":
         return residual.sign_()
     if rule == "sgd":
         return residual
+    if rule == "swan":
+        return swan_direction(residual)
     if rule == "none":
         return None
     raise ValueError(f"state_free must be one of {STATE_FREE_RULES}, got {rule!r}")

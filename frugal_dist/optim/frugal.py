@@ -114,6 +114,7 @@ from frugal_dist.optim.group_setup import (
 )
 from frugal_dist.optim.kinds import kind_for
 from frugal_dist.optim.layout_guard import ParamRegistry, dense_views
+from frugal_dist.optim.matrix_free import refuse_sign_comm
 from frugal_dist.optim.nonfinite import validate_nonfinite
 from frugal_dist.optim.refresh_schedule import (
     follows_loss,
@@ -159,7 +160,8 @@ class FRUGAL(Optimizer):
             issue 19, ``optim.refresh_schedule``).
         subspace: "block" | "coordinate" | "projection".
         block_order, coord_choice, proj_type, proj_side: choices of each subspace kind.
-        state_full: "adamw" | "sgdm" | "lion"; state_free: "signsgd" | "sgd" | "none".
+        state_full: "adamw" | "sgdm" | "lion"; state_free: "signsgd" | "sgd" | "none" | "swan"
+            (SWAN's whitened step; a project addition, ``core.swan``, ``optim.matrix_free``).
         reset_statistics: zero the state-full buffers (and restart bias correction) at each refresh.
         moment_transfer: "none" | "rotate" (projections: carry the moments into the new basis at
             a refresh instead of zeroing them; a project addition, ``optim.moment_transfer``).
@@ -254,6 +256,7 @@ class FRUGAL(Optimizer):
         layout = getattr(self, "_layout", None)  # None while torch's __init__ adds groups
         try:
             check_added_group(self.param_groups, layout, rank_and_world(self._pg)[1])
+            refuse_sign_comm(self.param_groups[-1], getattr(self, "residual_comm", "exact"))
         except ValueError:
             self.param_groups.pop()  # the optimizer stays as it was
             raise

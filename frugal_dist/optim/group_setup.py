@@ -3,15 +3,18 @@ group must pass before a step runs (each a ``ValueError`` naming the group, the 
 
     FRUGAL(params, ...)       check_optimizer_groups    names unique over groups; residual_comm
                                                         "sign" / "hierarchical" need signSGD
+                                                        (not "sgd" / "swan")
     add_param_group(group)    prepare_group             keys, option values, names (before torch
                                                         adds the group)
                               check_added_group         with the defaults filled in: the bound
                                                         layout's options, moment_transfer,
                                                         free_scale, block_order="gradnorm",
                                                         density_final,
-                                                        refresh_policy, the
+                                                        refresh_policy, state_free="swan"
+                                                        (``optim.matrix_free``), the
                                                         subspace kind's own (``check_group``)
-    bind_layout(layout)       check_layout_options      what the layout cannot honour
+    bind_layout(layout)       check_layout_options      what the layout cannot honour (swan:
+                                                        fragments over > 1 rank)
 
 No communication: every rank runs the same checks on the same groups (the first step's agreement
 check compares them, ``comm.preflight``).
@@ -24,6 +27,7 @@ from typing import Any
 
 from torch import Tensor
 
+from frugal_dist.optim import matrix_free
 from frugal_dist.optim.block_gradnorm import uses_gradnorm
 from frugal_dist.optim.density_schedule import check_density_decay
 from frugal_dist.optim.free_scale import check_free_scale
@@ -106,6 +110,7 @@ def check_added_group(groups: list[dict[str, Any]], layout: Any, world: int) -> 
     check_block_order(group, where)
     check_density_decay(group, where)
     check_refresh_policy(group, where)
+    matrix_free.check_group_rule(group, where)
     kind.check_group(group, where)
 
 
@@ -133,7 +138,9 @@ def check_layout_options(groups: list[dict[str, Any]], layout: Any, world: int) 
       would have to move a kept slot's moments between ranks at each refresh;
 
     and ``block_order="gradnorm"`` under a layout that gives each rank a subset of a group
-    (``schedule_names``: fairscale OSS), where no rank sees every tensor's gradient."""
+    (``schedule_names``: fairscale OSS), where no rank sees every tensor's gradient; and
+    ``state_free="swan"`` on fragments over more than one rank (``optim.matrix_free``)."""
+    matrix_free.check_layout(groups, layout, world, group_label)
     by_rows = getattr(layout, "reshards_state_by_rows", False)
     for idx, g in enumerate(groups):
         if getattr(layout, "schedule_names", None) is not None and uses_gradnorm(g):
@@ -164,7 +171,7 @@ def check_layout_options(groups: list[dict[str, Any]], layout: Any, world: int) 
 def check_optimizer_groups(groups: list[dict[str, Any]], residual_comm: str) -> None:
     """Checks over all groups of a new optimizer: parameter names unique across groups (the
     subspaces are seeded by name); ``residual_comm`` other than ``"exact"`` sends 1-bit signs
-    of the state-free residual, which ``state_free="sgd"`` cannot use."""
+    of the state-free residual, which ``state_free="sgd"`` and ``"swan"`` cannot use."""
     counts = Counter(n for g in groups for n in g["names"])
     dup = sorted(n for n, c in counts.items() if c > 1)
     if dup:
@@ -178,3 +185,4 @@ def check_optimizer_groups(groups: list[dict[str, Any]], residual_comm: str) -> 
                 f"residual, which state_free='sgd' cannot use (group {g.get('name')!r}); "
                 "use state_free='signsgd' or residual_comm='exact'"
             )
+        matrix_free.refuse_sign_comm(g, residual_comm)

@@ -37,9 +37,10 @@ pre-kernel per-item path stays (bit-identical) unless ``proj_precision="bf16"`` 
 backend: per-matrix bfloat16 GEMMs) or ``kernels="triton"`` (interpreter tests).
 
 Which items: projection items with r > 0 of whole (unsharded) float32 contiguous matrices whose
-G_sf is not precomputed by the sign vote. Fragments (flat ZeRO layouts, FSDP rows), other dtypes
-and rho = 0 keep the per-item path of ``kinds.projection``, whose CUDA GEMMs run at the group's
-precision too (``gemm_precision``; ``bf16`` as TF32 there). Communication: none.
+G_sf is not precomputed by the sign vote, in groups with an elementwise state-free rule (not
+``free_scale="matched"`` or ``state_free="swan"``). Fragments (flat ZeRO layouts, FSDP rows),
+other dtypes and rho = 0 keep the per-item path of ``kinds.projection``, whose CUDA GEMMs run at
+the group's precision too (``gemm_precision``; ``bf16`` as TF32 there). Communication: none.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from frugal_dist.core.rules import MATRIX_FREE_RULES
 from frugal_dist.kernels.elementwise import triton_available
 from frugal_dist.kernels.projection import (
     ParamBatch,
@@ -70,6 +72,8 @@ def projection_backend(it: Item, kernels: str) -> str | None:
     path."""
     if it.sel is None or it.free_done or it.sel.rank == 0 or matched(it.group):
         return None  # matched: a per-tensor device scale, the per-item path (optim.free_scale)
+    if it.group["state_free"] in MATRIX_FREE_RULES:
+        return None  # swan: F of the whole matrix, the per-item path (optim.matrix_free)
     data = it.view.data
     if not it.span.is_full or data.dtype != torch.float32 or not data.is_contiguous():
         return None

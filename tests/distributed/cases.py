@@ -42,6 +42,10 @@ SUBSPACES: dict[str, dict] = {
     "columns-decay": dict(subspace="coordinate", coord_choice="columns", **DECAY),
     "projection-decay": dict(subspace="projection", proj_type="random", **DECAY),
     "svd-decay": dict(subspace="projection", proj_type="svd", **DECAY),
+    # state_free="swan" (core.swan, optim.matrix_free): the whole-matrix state-free rule on
+    # replicated parameters (DDP), every rank whitening the exact mean gradient / residual
+    "block-d0-swan": dict(subspace="block", density=0.0, state_free="swan"),
+    "projection-swan": dict(subspace="projection", proj_type="random", state_free="swan"),
     "columns-loss": dict(subspace="coordinate", coord_choice="columns", **LOSS_DRIVEN),
     "projection-loss": dict(subspace="projection", proj_type="random", **LOSS_DRIVEN),
 }  # fmt: skip

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.distributed
 
 KINDS = cases.pick("block", "block-gradnorm", "columns", "randk", "projection", "svd",
                    "projection-matched", "block-decay", "columns-decay", "projection-decay",
-                   "svd-decay")  # fmt: skip
+                   "svd-decay", "block-d0-swan", "projection-swan")  # fmt: skip
 COMMON = dict(lr=1e-2, density=0.4, update_gap=8, weight_decay=0.01)
 STEPS = 20  # spans refreshes at steps 0, 8, 16
 

@@ -106,6 +106,11 @@ def _gradnorm_ok(opts: dict[str, Any], subspace: str = "block") -> bool:
     return opts.get("block_order") != "gradnorm" or opts.get("subspace", subspace) == "block"
 
 
+def _swan_ok(opts: dict[str, Any], subspace: str = "block") -> bool:
+    """state_free="swan" is refused with subspace="coordinate" (``optim.matrix_free``)."""
+    return opts.get("state_free") != "swan" or opts.get("subspace", subspace) != "coordinate"
+
+
 def _mirror_ok(opts: dict[str, Any]) -> bool:
     """block_order="mirror" needs an even active count round(density x tensors) over the micro
     model's split tensors (refused when the group is added, naming block_order)."""
@@ -115,7 +120,12 @@ def _mirror_ok(opts: dict[str, Any]) -> bool:
 
 
 def valid_frugal() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({}, optional=VALID_FRUGAL).filter(_gradnorm_ok).filter(_mirror_ok)
+    return (
+        st.fixed_dictionaries({}, optional=VALID_FRUGAL)
+        .filter(_gradnorm_ok)
+        .filter(_mirror_ok)
+        .filter(_swan_ok)
+    )
 
 
 def _micro_model() -> torch.nn.Module:
@@ -186,12 +196,18 @@ def test_invalid_option_in_a_param_group_names_the_field(opts, data):
 
 
 # ----------------------------------------------------------------------------- TrainConfig
+def _section_ok(section: dict[str, Any]) -> bool:
+    """The cross-field rules above, with the subspace of the section's preset as default."""
+    subspace = PRESETS.get(section["name"], {}).get("subspace", "block")
+    return _gradnorm_ok(section, subspace) and _swan_ok(section, subspace)
+
+
 def _optimizer_section() -> st.SearchStrategy[dict[str, Any]]:
     frugal = st.builds(
         lambda name, o: {"name": name, **o},
         st.sampled_from(["frugal", "galore", "badam", "signsgd"]),
         valid_frugal(),
-    ).filter(lambda o: _gradnorm_ok(o, PRESETS.get(o["name"], {}).get("subspace", "block")))
+    ).filter(_section_ok)
     adamw = st.fixed_dictionaries(
         {"name": st.just("adamw")},
         optional={k: VALID_FRUGAL[k] for k in ("lr", "betas", "eps", "weight_decay")},

@@ -217,3 +217,30 @@ def test_adaptive_refresh_variant_builds_and_feeds_the_loss(quality):
         optimizer.observe_loss(1.0)  # no progress: every decision doubles T
         gaps.append(int(optimizer.state[model[0].weight]["refresh_gap"].item()))
     assert sorted(set(gaps)) == [2, 4, 8, 16]
+
+
+def test_swan_variant_is_rho0_swan_off_the_default_list_and_builds(quality):
+    """``frugal_d0_swan``: frugal_d0 with state_free="swan" (one option changed), a valid
+    optimizer section the train loop builds and steps, off the default list."""
+    import torch
+
+    from frugal_dist.train.config_validation import validate_optimizer_section
+    from frugal_dist.train.optimizers import build_optimizer
+
+    assert "frugal_d0_swan" not in quality.DEFAULT_VARIANTS
+    args = _args(quality, "--variants", "frugal_d0,frugal_d0_swan", "--update-gap", "2")
+    opts = {r["variant"]: r["optimizer"] for r in quality.plan_runs(args, steps=4)}
+    base, swan = opts["frugal_d0"], opts["frugal_d0_swan"]
+    assert {k for k in base.keys() | swan.keys() if base.get(k) != swan.get(k)} == {"state_free"}
+    assert (swan["state_free"], swan["density"]) == ("swan", 0.0)
+    validate_optimizer_section(swan)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(12, 16))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = build_optimizer(model, swan["name"], **{k: v for k, v in swan.items()
+                                                         if k != "name"})  # fmt: skip
+    for _ in range(4):
+        model(torch.randn(4, 16)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -5,6 +5,9 @@ density decays, ``optim.density_schedule``):
     active:   W <- W (1 - lr wd) - lr s_p U(G)          state shaped like W, reset at refresh
     inactive: W <- W (1 - lr wd) - lr s_p s_i F(G)      no state
 
+(``state_free="swan"`` whitens the whole matrix of an inactive tensor: ``optim.matrix_free``; its
+items take the per-item path.)
+
 The schedule is drawn over the group's names (or the layout's full list, ``schedule_names``:
 fairscale OSS), so every rank and engine activates the same tensors. ``block_order="gradnorm"``
 chooses the active tensors from the gradient at each refresh instead (``plan_group``,
@@ -18,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from frugal_dist.core.rules import state_free_direction
+from frugal_dist.core.rules import MATRIX_FREE_RULES, state_free_direction
 from frugal_dist.core.seeding import block_seed
 from frugal_dist.core.subspaces import BlockSchedule, block_count
 from frugal_dist.optim import block_gradnorm, density_schedule
 from frugal_dist.optim.density_schedule import density_at
 from frugal_dist.optim.fast_apply import can_batch
 from frugal_dist.optim.kinds.base import SubspaceKind, fused_adamw_ok
+from frugal_dist.optim.matrix_free import whole_matrix
 from frugal_dist.optim.ownership import block_owner
 from frugal_dist.optim.step_items import Item, apply_update, drop_buffers, reset_buffers
 
@@ -102,10 +106,14 @@ class Block(SubspaceKind):
     def free_direction(self, it: Item) -> Tensor | None:
         if it.free_done:
             return it.free
-        return state_free_direction(self.free_rule(it.group), it.g)
+        rule = self.free_rule(it.group)
+        if rule in MATRIX_FREE_RULES:
+            return state_free_direction(rule, whole_matrix(it, it.g))
+        return state_free_direction(rule, it.g)
 
     def route(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
-        if not it.active and can_batch(it):
+        elementwise = self.free_rule(it.group) not in MATRIX_FREE_RULES
+        if not it.active and elementwise and can_batch(it):
             scale = it.group["proj_params_lr_scale"] * it.group["inactive_lr_scale"]
             batches.free.append((it, self.free_rule(it.group), scale))
         else:

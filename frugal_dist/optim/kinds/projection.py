@@ -34,7 +34,12 @@ from frugal_dist.comm.collectives import (
     reduce_to_owners,
 )
 from frugal_dist.core.fragments import local_projection
-from frugal_dist.core.rules import state_free_direction, state_free_direction_, state_full_keys
+from frugal_dist.core.rules import (
+    MATRIX_FREE_RULES,
+    state_free_direction,
+    state_free_direction_,
+    state_full_keys,
+)
 from frugal_dist.core.seeding import projection_seed
 from frugal_dist.core.subspaces import (
     ProjectionSelection,
@@ -50,6 +55,7 @@ from frugal_dist.optim.engine_hooks import logical_shape
 from frugal_dist.optim.fast_apply import can_batch, local_matrix
 from frugal_dist.optim.free_scale import item_scale, matched
 from frugal_dist.optim.kinds.base import SubspaceKind
+from frugal_dist.optim.matrix_free import whole_matrix
 from frugal_dist.optim.moment_transfer import basis_change, rotate_moments
 from frugal_dist.optim.param_groups import refuse_in_out
 from frugal_dist.optim.projection_batch import (
@@ -192,6 +198,9 @@ class Projection(SubspaceKind):
         if it.free_done:
             return it.free
         rule = self.free_rule(it.group)
+        if rule in MATRIX_FREE_RULES:  # the whole (m, n) residual (optim.matrix_free)
+            resid = it.g if it.sel.rank == 0 else it.sel.residual(it.g, it.g_sf)
+            return state_free_direction(rule, whole_matrix(it, resid))
         if it.sel.rank == 0:  # rho = 0: R = G, no projection at all
             return state_free_direction(rule, it.g)
         return state_free_direction_(rule, it.sel.residual(it.g, it.g_sf))
@@ -199,7 +208,9 @@ class Projection(SubspaceKind):
     def route(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
         group = it.group
         batchable = can_batch(it)
-        if matched(group):  # a per-tensor device scale: the per-item path (optim.free_scale)
+        if matched(group) or self.free_rule(group) in MATRIX_FREE_RULES:
+            # a per-tensor device scale (optim.free_scale), or a whole-matrix F (matrix_free):
+            # the per-item path
             batches.rest.append(it)
         elif batchable and group["inactive_lr_scale"] == 1.0 and it.sel.rank == 0:  # rho = 0
             batches.free.append((it, self.free_rule(group), group["proj_params_lr_scale"]))
