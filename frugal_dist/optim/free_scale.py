@@ -78,6 +78,12 @@ def matched(group: Mapping[str, Any]) -> bool:
     return group.get("free_scale") == "matched" and group.get("algorithm") == "frugal"
 
 
+def fragments(ctx: StepContext) -> bool:
+    """A bound layout at world > 1: ``matched`` items take the per-item path there
+    (``reduce_scales`` all-reduces their sums, walking the per-item lists on every rank)."""
+    return ctx.layout is not None and ctx.world > 1
+
+
 def check_free_scale(group: Mapping[str, Any], where: str) -> None:
     """``free_scale="matched"`` needs a state-full part to match: refused (``ValueError``
     naming the field and the fix) for ``subspace="block"`` and ``density=0``."""
@@ -128,7 +134,7 @@ def reduce_scales(ctx: StepContext, routed: list[GroupApply]) -> None:
     coalesced all-reduce(sum) of the (sum U^2, sum F^2) pairs over ``process_group``,
     8 B per tensor; stored in ``Item.free_scale``. Every rank walks the same items (layouts give
     empty fragments a view). A no-op elsewhere."""
-    if ctx.layout is None or ctx.world == 1:
+    if not fragments(ctx):
         return
     its = [it for ga in routed if matched(ga.group) for it in ga.batches.rest]
     if not its:

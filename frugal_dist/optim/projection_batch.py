@@ -68,13 +68,18 @@ if TYPE_CHECKING:  # triton is optional: kernels.projection_state imports it
 def projection_backend(it: Item, kernels: str) -> str | None:
     """The ``kernels.projection`` backend for this projection item, or None: the per-item
     path."""
-    if it.sel is None or it.free_done or it.sel.rank == 0 or matched(it.group):
-        return None  # matched: a per-tensor device scale, the per-item path (optim.free_scale)
+    if it.sel is None or it.free_done or it.sel.rank == 0:
+        return None
     data = it.view.data
     if not it.span.is_full or data.dtype != torch.float32 or not data.is_contiguous():
         return None
     if data.numel() == 0:
         return None
+    if matched(it.group):  # the Triton apply scales per matrix on the device, at every precision
+        if it.group["state_free"] not in ("signsgd", "none"):
+            return None  # sgd: sum R^2 is needed before the apply (optim.free_scale)
+        cuda_auto = kernels == "auto" and data.device.type == "cuda" and triton_available()
+        return "triton" if kernels == "triton" or cuda_auto else None
     precision = group_precision(it.group, data.device)
     if kernels == "triton":
         return "triton"
@@ -416,7 +421,7 @@ def apply_batched(
             U, sub[0].sel.side,
             lr=lr, weight_decay=wd, s_p=group["proj_params_lr_scale"],
             s_i=group["inactive_lr_scale"], rule=group["state_free"],
-            precision=b.precision, backend=b.backend,
+            precision=b.precision, backend=b.backend, matched=matched(group),
         )  # fmt: skip
         if not direct:
             for it in sub:
