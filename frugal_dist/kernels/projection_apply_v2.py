@@ -122,7 +122,7 @@ def count_zeros(f, mask, cnt_ptr):
     the matrix's int32 counter (an integer atomic: the total does not depend on the order)."""
     zeros = tl.sum(tl.sum(tl.where(mask & (f == 0.0), 1, 0), axis=1), axis=0)
     if zeros > 0:
-        tl.atomic_add(cnt_ptr, zeros)
+        tl.atomic_add(cnt_ptr, zeros, sem="relaxed")  # read by the next launch
 
 
 @triton.jit
