@@ -37,7 +37,10 @@ pre-kernel per-item path stays (bit-identical) unless ``proj_precision="bf16"`` 
 backend: per-matrix bfloat16 GEMMs) or ``kernels="triton"`` (interpreter tests).
 
 Which items: projection items with r > 0 of whole (unsharded) float32 contiguous matrices whose
-G_sf is not precomputed by the sign vote. Fragments (flat ZeRO layouts, FSDP rows), other dtypes
+G_sf is not precomputed by the sign vote; ``free_scale="matched"`` groups only with a
+``signsgd`` / ``none`` residual and the ``triton`` backend (at every precision, fp32 included:
+the device scale lives in the Triton apply, ``kernels.projection_matched``), and not on
+fragments (``kinds.projection.route``). Fragments (flat ZeRO layouts, FSDP rows), other dtypes
 and rho = 0 keep the per-item path of ``kinds.projection``, whose CUDA GEMMs run at the group's
 precision too (``gemm_precision``; ``bf16`` as TF32 there). Communication: none.
 """
