@@ -107,6 +107,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "frugal_svd_d0.25": ("frugal", dict(density=0.25, subspace="projection", proj_type="svd")),
     "frugal_svd_tf32_d0.25": ("frugal", dict(density=0.25, subspace="projection", proj_type="svd",
                                              proj_precision="tf32")),
+    # FRUGAL+ (configs/presets/frugal-plus.yaml): the state-free step matched to RMS(U) per
+    # tensor, on the batched Triton apply (kernels.projection_matched)
+    "frugal_svd_matched_d0.25": ("frugal", dict(density=0.25, subspace="projection",
+                                                proj_type="svd", free_scale="matched",
+                                                inactive_lr_scale=1.0)),
     "frugal_d0": ("frugal", dict(density=0.0, subspace="block")),
     "rso": ("rso", dict(lr=1e-3, weight_decay=0.0, density=0.25, inner_steps=100_000)),
 }  # fmt: skip

@@ -59,7 +59,13 @@ TRACE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 # ``grad_norm`` -- the total 2-norm of the fixed gradients, computed once outside every timed
 # region (``torch.nn.utils.get_total_norm``, what a training loop's clip returns each step) --
 # so the inf/nan verdict is isfinite(grad_norm) instead of the gradient-reading check.
-GRAD_NORM_BASES = ("frugal_block_d0.25", "frugal_d0", "frugal_columns_d0.25", "frugal_svd_d0.25")
+GRAD_NORM_BASES = (
+    "frugal_block_d0.25",
+    "frugal_d0",
+    "frugal_columns_d0.25",
+    "frugal_svd_d0.25",
+    "frugal_svd_matched_d0.25",
+)
 GRAD_NORM_OF = {f"{v}_normgiven": v for v in GRAD_NORM_BASES}
 TRACE_VARIANTS.update({k: TRACE_VARIANTS[v] for k, v in GRAD_NORM_OF.items()})
 GRAD_NORM_NOTE = ("step(grad_norm=n), n = torch.nn.utils.get_total_norm of the fixed gradients, "

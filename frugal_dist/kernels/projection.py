@@ -325,6 +325,7 @@ def apply_projection(
     precision: str = "tf32",
     backend: str = "auto",
     chunk_elems: int = CHUNK_ELEMS,
+    matched: bool = False,
 ) -> None:
     """W <- W (1 - lr wd) - lr s_p (up(U) + s_i F(G - up(G_sf))) for B same-shape matrices, in
     place in ``params`` (contiguous float32 tensors with m*n entries each; or a ``ParamBatch`` of
@@ -333,7 +334,9 @@ def apply_projection(
     ``g_sf`` and ``u``: what ``project_down`` returned and the state-full direction, (B, m, r)
     (right) or (B, r, n) (left). ``rule``: the state-free F (``signsgd`` sign, ``sgd`` identity,
     ``none`` 0). Temporaries: one (B_chunk, m, n) buffer per chunk (``bmm``) or one (m, n) per
-    matrix (``torch``), of the precision's operand dtype. Communication: none."""
+    matrix (``torch``), of the precision's operand dtype. ``matched`` (``free_scale="matched"``,
+    ``triton`` backend): s_i F(R) of each matrix times s_t = RMS(U_b) / RMS(F_b), computed on the
+    device (``kernels.projection_matched``; a no-op for ``none``). Communication: none."""
     check_choice("rule", rule, RULES)
     check_choice("precision", precision, PRECISIONS)
     if weight_decay < 0.0 or lr < 0.0:
@@ -360,8 +363,15 @@ def apply_projection(
     dev = W[0].device
     dt = operand_dtype(precision)
     how = resolve_backend(backend, dev)
+    if matched and how != "triton":
+        raise ValueError(f"matched=True runs on backend='triton' only, got {how!r}")
     if how == "triton":  # float32 X is rounded in registers; the others are cast if they must be
         kern = _triton_module(dev)
+        c_f, scales = -lr * s_p * s_i, None
+        if matched and rule == "signsgd":  # ||U_b|| from U as given (before an operand cast)
+            from frugal_dist.kernels.projection_matched import matched_c_f, matched_operands
+
+            scales, c_f = matched_operands(U), matched_c_f(c_f, U.shape[1] * U.shape[2])
         Xk, Uk = X, _as(U, dt)
         if side == "left" and precision != "fp32":  # K-contiguous B tiles: (B, n, r) storage
             Xk, Uk = _k_contiguous(Xk), _k_contiguous(Uk)
@@ -372,8 +382,8 @@ def apply_projection(
             w_addresses = params.addresses
         kern.fused_apply(
             W, grads, _as(P, dt), Xk, Uk, side, decay=1.0 - lr * weight_decay, c_u=-lr * s_p,
-            c_f=-lr * s_p * s_i, rule=rule, precision=precision,
-            w_addresses=w_addresses)  # fmt: skip
+            c_f=c_f, rule=rule, precision=precision, w_addresses=w_addresses,
+            matched=scales)  # fmt: skip
         return
     Pc, Xc, Uc = P.to(dt), X.to(dt), U.to(dt)
     c, c_free = _coefficients(lr, weight_decay, s_p, s_i)

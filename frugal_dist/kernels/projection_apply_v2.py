@@ -117,21 +117,44 @@ def free_term(g, acc1, RULE: tl.constexpr):
 
 
 @triton.jit
-def store_update(w_ptr, w, g, rm, rn, m, n, acc1, acc2, decay, c_u, c_f, RULE: tl.constexpr):
-    """W[rm, rn] <- w decay + c_u acc2 + c_f F(g - acc1) (F by ``RULE``: sign, identity, 0)."""
+def count_zeros(f, mask, cnt_ptr):
+    """``free_scale="matched"``: add the tile's number of exact zeros of F (inside ``mask``) to
+    the matrix's int32 counter (an integer atomic: the total does not depend on the order)."""
+    zeros = tl.sum(tl.sum(tl.where(mask & (f == 0.0), 1, 0), axis=1), axis=0)
+    if zeros > 0:
+        tl.atomic_add(cnt_ptr, zeros, sem="relaxed")  # read by the next launch
+
+
+@triton.jit
+def matched_coef(c_f, fs_ptr, b, MATCHED: tl.constexpr):
+    """The matrix's state-free coefficient: ``c_f`` times its per-matrix factor ``fs_ptr[b]``
+    (``free_scale="matched"``: ||U_b||, ``kernels.projection_matched``), else ``c_f``."""
+    if MATCHED:
+        c_f = c_f * tl.load(fs_ptr + b)
+    return c_f
+
+
+@triton.jit
+def store_update(w_ptr, w, g, rm, rn, m, n, acc1, acc2, decay, c_u, c_f, RULE: tl.constexpr,
+                 cnt_ptr, MATCHED: tl.constexpr):  # fmt: skip
+    """W[rm, rn] <- w decay + c_u acc2 + c_f F(g - acc1) (F by ``RULE``: sign, identity, 0);
+    ``MATCHED``: F's exact zeros counted at ``cnt_ptr`` (``count_zeros``)."""
     mask = (rm < m)[:, None] & (rn < n)[None, :]
     out = w * decay + c_u * acc2
     if RULE != 2:
-        out += c_f * free_term(g, acc1, RULE)
+        f = free_term(g, acc1, RULE)
+        out += c_f * f
+        if MATCHED:
+            count_zeros(f, mask, cnt_ptr)
     tl.store(w_ptr + rm[:, None] * n + rn[None, :], out, mask=mask)
 
 
 @triton.jit
 def update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u, c_f,
-                RULE: tl.constexpr):  # fmt: skip
+                RULE: tl.constexpr, cnt_ptr, MATCHED: tl.constexpr):  # fmt: skip
     """W[rm, rn] <- W decay + c_u acc2 + c_f F(G - acc1): reads G and W once, writes W once."""
     w, g = load_wg(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, RULE)
-    store_update(w_ptr, w, g, rm, rn, m, n, acc1, acc2, decay, c_u, c_f, RULE)
+    store_update(w_ptr, w, g, rm, rn, m, n, acc1, acc2, decay, c_u, c_f, RULE, cnt_ptr, MATCHED)
 
 
 @triton.jit
@@ -190,14 +213,15 @@ def _apply_v2_kernel(
     m, n, count,
     s_gm, s_gn,
     s_a1b, s_a1r, s_a1k, s_a2b, s_a2r, s_a2k, s_b1b, s_b1r, s_b1k, s_b2b, s_b2r, s_b2k,
-    decay, c_u, c_f,
+    decay, c_u, c_f, fs_ptr, cnt_ptr,
     r: tl.constexpr, SHARE_A: tl.constexpr, RULE: tl.constexpr, G_ELEM: tl.constexpr,
     PREC: tl.constexpr, OP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, GROUP: tl.constexpr,
-    EARLY: tl.constexpr, ALIGNED: tl.constexpr, SEQ: tl.constexpr,
+    EARLY: tl.constexpr, ALIGNED: tl.constexpr, SEQ: tl.constexpr, MATCHED: tl.constexpr,
 ):  # fmt: skip
     """Programs loop over the ``count`` x tiles work items (one each unless the grid is
-    persistent). ``SHARE_A`` (left): one A tile (P) for both products, else one B tile (P)."""
+    persistent). ``SHARE_A`` (left): one A tile (P) for both products, else one B tile (P).
+    ``MATCHED``: c_f times ``fs_ptr[b]``, F's zeros counted at ``cnt_ptr[b]`` (``store_update``)."""
     tiles_m = tl.cdiv(m, BM)
     tiles_n = tl.cdiv(n, BN)
     per = tiles_m * tiles_n
@@ -207,6 +231,7 @@ def _apply_v2_kernel(
     while t < total:  # (a while loop: the CPU interpreter cannot range() over run-time bounds)
         b = t // per
         pid_m, pid_n = _tile_coords(t - b * per, tiles_m, tiles_n, GROUP)
+        c_fb = matched_coef(c_f, fs_ptr, b, MATCHED)
         w_ptr = tl.load(w_addrs + b).to(tl.pointer_type(tl.float32))
         g_ptr = tl.load(g_addrs + b).to(tl.pointer_type(G_ELEM))
         if ALIGNED:  # the host checked: 16-byte W / G addresses (vector loads and stores)
@@ -222,7 +247,10 @@ def _apply_v2_kernel(
                                 s_b1r, s_b1k, r, PREC, OP, BM, BN, BK, EVEN_K, TMA)  # fmt: skip
                 if not EARLY:
                     g = _masked_tile(g_ptr, rm, rn, m, n, s_gm, s_gn)
-                t_free = c_f * free_term(g, acc1, RULE)
+                f = free_term(g, acc1, RULE)
+                t_free = c_fb * f
+                if MATCHED:
+                    count_zeros(f, (rm < m)[:, None] & (rn < n)[None, :], cnt_ptr + b)
             acc2 = _product(a2, b2, b, pid_m, pid_n, m, n, s_a2b, s_a2r, s_a2k, s_b2b, s_b2r,
                             s_b2k, r, PREC, OP, BM, BN, BK, EVEN_K, TMA)  # fmt: skip
             if not EARLY:
@@ -260,7 +288,8 @@ def _apply_v2_kernel(
                         acc1 = tl.dot(x1.to(OP), y, acc1, input_precision=PREC)
             if not EARLY:
                 w, g = load_wg(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, RULE)
-            store_update(w_ptr, w, g, rm, rn, m, n, acc1, acc2, decay, c_u, c_f, RULE)
+            store_update(w_ptr, w, g, rm, rn, m, n, acc1, acc2, decay, c_u, c_fb, RULE,
+                         cnt_ptr + b, MATCHED)  # fmt: skip
         t += step
 
 
@@ -302,7 +331,9 @@ def descriptors(stores: list[Tensor], bm: int, bn: int, bk: int) -> list[Any] | 
 
 
 @functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (``_INTERPRET_SMS`` elsewhere): the size of a
+    persistent grid."""
     if device.type != "cuda":
         return _INTERPRET_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -312,27 +343,31 @@ def launch(
     variant: dict[str, Any], w_table: Tensor, g_table: Tensor, g_strides: tuple[int, int],
     P: Tensor, X: Tensor, U: Tensor, m: int, n: int, side: str, *, decay: float, c_u: float,
     c_f: float, consts: dict[str, Any], bm: int, bn: int, bk: int, warps: int, stages: int,
-    aligned: bool,
+    aligned: bool, matched: tuple[Tensor, Tensor] | None = None,
 ) -> None:  # fmt: skip
     """One launch of ``_apply_v2_kernel`` for the B matrices whose addresses are in the tables.
     ``consts``: the kernel's RULE, G_ELEM, PREC, OP constexprs (``projection_triton``);
     ``aligned``: every W and G address is a multiple of 16 bytes (the epilogue's loads and
     stores are then vectorized where the row length allows: the table's addresses are opaque
-    to the compiler, which otherwise assumes 4-byte alignment and moves scalars). A
+    to the compiler, which otherwise assumes 4-byte alignment and moves scalars);
+    ``matched``: (the (B,) float32 factors of c_f, the (B,) int32 zero counters) of
+    ``free_scale="matched"`` (``kernels.projection_matched``). A
     ``tma`` variant whose operands ``descriptors`` declines runs the pointer loads (the same
     products: the same result)."""
     B, r = P.shape[0], P.shape[-1]
     stores = operand_stores(P, X, U, side)
     descs = descriptors(stores, bm, bn, bk) if variant["tma"] else None
     total = B * cdiv(m, bm) * cdiv(n, bn)
-    grid = min(total, _sm_count(P.device) * variant["persist"]) if variant["persist"] else total
+    grid = min(total, sm_count(P.device) * variant["persist"]) if variant["persist"] else total
     strides = [s for t in stores for s in t.stride()]
+    fs, cnt = matched if matched is not None else (w_table, w_table)  # unread without MATCHED
     _apply_v2_kernel[(grid,)](
         w_table, g_table, *(descs or stores), m, n, B, g_strides[0], g_strides[1], *strides,
-        float(decay), float(c_u), float(c_f),
+        float(decay), float(c_u), float(c_f), fs, cnt,
         r=r, SHARE_A=side == "left", BM=bm, BN=bn, BK=bk, EVEN_K=r % bk == 0,
         TMA=descs is not None, GROUP=GROUP_M if variant["grouped"] else 1,
-        EARLY=variant["early"], ALIGNED=aligned, SEQ=variant["seq"], num_warps=warps,
+        EARLY=variant["early"], ALIGNED=aligned, SEQ=variant["seq"],
+        MATCHED=matched is not None, num_warps=warps,
         num_stages=stages, **consts,
         **({"maxnreg": variant["maxnreg"]} if variant["maxnreg"] else {}),
     )  # fmt: skip

@@ -47,7 +47,7 @@ import triton.language as tl
 from torch import Tensor
 
 from frugal_dist.kernels import projection_apply_v2 as v2
-from frugal_dist.kernels.projection_apply_v2 import cdiv, update_tile
+from frugal_dist.kernels.projection_apply_v2 import cdiv, matched_coef, update_tile
 
 RULE_CODES = {"signsgd": 0, "sgd": 1, "none": 2}
 SIDES = ("left", "right")
@@ -146,14 +146,16 @@ def _apply_kernel(
     w_addrs, g_addrs, p_ptr, x_ptr, u_ptr,
     m, n,
     s_gm, s_gn, s_pb, s_p0, s_p1, s_xb, s_x0, s_x1, s_ub, s_u0, s_u1,
-    decay, c_u, c_f,
+    decay, c_u, c_f, fs_ptr, cnt_ptr,
     r: tl.constexpr,  # the rank: a compile-time loop bound (few distinct values per model)
     LEFT: tl.constexpr, RULE: tl.constexpr, G_ELEM: tl.constexpr, PREC: tl.constexpr,
     OP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, MATCHED: tl.constexpr,
 ):  # fmt: skip
     """``OP``: the products' operand dtype; P, X, U tiles of another dtype (float32 X in the
-    ``bf16`` precision) are rounded to it in registers."""
+    ``bf16`` precision) are rounded to it in registers. ``MATCHED`` (``free_scale="matched"``,
+    ``kernels.projection_matched``): c_f times ``fs_ptr[b]``, F's zeros counted at
+    ``cnt_ptr[b]``."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     tiles_n = tl.cdiv(n, BN)
@@ -209,7 +211,8 @@ def _apply_kernel(
                 else:
                     a1 = tl.load(x_ptr + x_off, mask=rk[None, :] < r, other=0.0)
                 acc1 = tl.dot(a1.to(OP), bt, acc1, input_precision=PREC)
-    update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u, c_f, RULE)
+    update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u,
+                matched_coef(c_f, fs_ptr, b, MATCHED), RULE, cnt_ptr + b, MATCHED)  # fmt: skip
 
 
 @triton.jit
@@ -217,10 +220,10 @@ def _apply_stacked_kernel(
     w_addrs, g_addrs, p_ptr, x_ptr,
     m, n, u_delta,
     s_gm, s_gn, s_pb, s_p0, s_p1, s_xb, s_x0, s_x1,
-    decay, c_u, c_f,
+    decay, c_u, c_f, fs_ptr, cnt_ptr,
     r: tl.constexpr, LEFT: tl.constexpr, RULE: tl.constexpr, G_ELEM: tl.constexpr,
     PREC: tl.constexpr, OP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BK: tl.constexpr, EVEN_K: tl.constexpr,
+    BK: tl.constexpr, EVEN_K: tl.constexpr, MATCHED: tl.constexpr,
 ):  # fmt: skip
     """``_apply_kernel`` with both products as ONE ``tl.dot`` on stacked operands: right,
     A' = [X rows; U rows] (2 BM x BK) times the shared P^T tile -> (2 BM x BN); left, the shared
@@ -274,7 +277,8 @@ def _apply_stacked_kernel(
                 bt = tl.load(p_ptr + b_off, mask=rk[:, None] < r, other=0.0)
             acc = tl.dot(a.to(OP), bt.to(OP), acc, input_precision=PREC)
         acc1, acc2 = tl.split(tl.permute(tl.reshape(acc, (2, BM, BN)), (1, 2, 0)))
-    update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u, c_f, RULE)
+    update_tile(w_ptr, g_ptr, rm, rn, m, n, s_gm, s_gn, acc1, acc2, decay, c_u,
+                matched_coef(c_f, fs_ptr, b, MATCHED), RULE, cnt_ptr + b, MATCHED)  # fmt: skip
 
 
 @triton.jit
@@ -407,6 +411,7 @@ def fused_apply(
     W: Sequence[Tensor], G: Sequence[Tensor], P: Tensor, X: Tensor, U: Tensor, side: str, *,
     decay: float, c_u: float, c_f: float, rule: str, precision: str,
     tile: Tile | None = None, w_addresses: tuple[Tensor, int] | None = None,
+    matched: tuple[Tensor, Tensor] | None = None,
 ) -> None:  # fmt: skip
     """W_b <- W_b decay + c_u up(U_b) + c_f F(G_b - up(X_b)) in place for B matrices (module doc).
     ``W``: contiguous float32 (m, n) tensors; ``G``: (m, n)-viewable float32 / bfloat16 / float16;
@@ -416,8 +421,10 @@ def fused_apply(
     table (per precision and side); ``stacked`` = 1 runs ``_apply_stacked_kernel`` (X and U then
     share one dtype and layout: cast / laid out here if they do not); a variant other than
     'base' runs ``projection_apply_v2``'s kernel. ``w_addresses``: ``addresses(W)`` where the
-    caller holds it (the same W at every step, ``projection.ParamBatch``). One launch.
-    Communication: none."""
+    caller holds it (the same W at every step, ``projection.ParamBatch``). ``matched``:
+    (factors, counters), each matrix's c_f times factors[b] and F's zeros added to the int32
+    counters[b], then ``projection_matched.launch_fix`` (rule ``signsgd``). One launch (two
+    with ``matched``). Communication: none."""
     B = len(W)
     m, n = W[0].shape
     r = P.shape[-1]
@@ -426,15 +433,18 @@ def fused_apply(
     bm, bn, bk, warps, stages, *rest = tile or _tile("apply", precision, W[0].device, (m, n),
                                                      side)  # fmt: skip
     variant = tile_variant((bm, bn, bk, warps, stages, *rest))
-    if variant is not None:
-        consts = dict(RULE=RULE_CODES[rule], G_ELEM=_ELEM[Gv[0].dtype],
-                      PREC=_INPUT_PRECISION[precision], OP=_OPERAND[precision])  # fmt: skip
-        v2.launch(variant, w_table, g_table, Gv[0].stride(), P, X, U, m, n,
-                  side, decay=decay, c_u=c_u, c_f=c_f, consts=consts, bm=bm, bn=bn, bk=bk,
-                  warps=warps, stages=stages, aligned=(w_or | g_or) & 15 == 0)  # fmt: skip
-        return
+    if matched is not None and rule != "signsgd":
+        raise ValueError(f"matched scales a sign residual (rule 'signsgd'), got rule={rule!r}")
+    consts = dict(G_ELEM=_ELEM[Gv[0].dtype], PREC=_INPUT_PRECISION[precision],
+                  OP=_OPERAND[precision])  # fmt: skip
+    fs, cnt = matched if matched is not None else (w_table, w_table)  # unread without MATCHED
     grid = (cdiv(m, bm) * cdiv(n, bn), B)
-    if rest and rest[0] == 1 and rule != "none":
+    if variant is not None:
+        v2.launch(variant, w_table, g_table, Gv[0].stride(), P, X, U, m, n,
+                  side, decay=decay, c_u=c_u, c_f=c_f, consts=dict(RULE=RULE_CODES[rule],
+                  **consts), bm=bm, bn=bn, bk=bk, warps=warps, stages=stages,
+                  aligned=(w_or | g_or) & 15 == 0, matched=matched)  # fmt: skip
+    elif rest and rest[0] == 1 and rule != "none":
         if X.dtype != U.dtype or X.stride() != U.stride():
             X = torch.empty_like(U).copy_(X)  # a fallback; the step hands them over alike
         delta, rem = divmod(U.data_ptr() - X.data_ptr(), X.element_size())
@@ -444,21 +454,26 @@ def fused_apply(
         _apply_stacked_kernel[grid](
             w_table, g_table, P, X, m, n, delta,
             Gv[0].stride(0), Gv[0].stride(1), P.stride(0), P.stride(1), P.stride(2),
-            X.stride(0), X.stride(1), X.stride(2), float(decay), float(c_u), float(c_f),
-            r=r, LEFT=side == "left", RULE=RULE_CODES[rule], G_ELEM=_ELEM[Gv[0].dtype],
-            PREC=_INPUT_PRECISION[precision], OP=_OPERAND[precision], BM=bm, BN=bn, BK=bk,
-            EVEN_K=r % bk == 0, num_warps=warps, num_stages=stages,
+            X.stride(0), X.stride(1), X.stride(2), float(decay), float(c_u), float(c_f), fs,
+            cnt, r=r, LEFT=side == "left", RULE=RULE_CODES[rule], BM=bm, BN=bn, BK=bk,
+            EVEN_K=r % bk == 0, MATCHED=matched is not None, num_warps=warps,
+            num_stages=stages, **consts,
         )  # fmt: skip
-        return
-    _apply_kernel[grid](
-        w_table, g_table, P, X, U, m, n,
-        Gv[0].stride(0), Gv[0].stride(1), P.stride(0), P.stride(1), P.stride(2),
-        X.stride(0), X.stride(1), X.stride(2), U.stride(0), U.stride(1), U.stride(2),
-        float(decay), float(c_u), float(c_f),
-        r=r, LEFT=side == "left", RULE=RULE_CODES[rule], G_ELEM=_ELEM[Gv[0].dtype],
-        PREC=_INPUT_PRECISION[precision], OP=_OPERAND[precision], BM=bm, BN=bn, BK=bk,
-        EVEN_K=r % bk == 0, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    else:
+        _apply_kernel[grid](
+            w_table, g_table, P, X, U, m, n,
+            Gv[0].stride(0), Gv[0].stride(1), P.stride(0), P.stride(1), P.stride(2),
+            X.stride(0), X.stride(1), X.stride(2), U.stride(0), U.stride(1), U.stride(2),
+            float(decay), float(c_u), float(c_f), fs, cnt,
+            r=r, LEFT=side == "left", RULE=RULE_CODES[rule], BM=bm, BN=bn, BK=bk,
+            EVEN_K=r % bk == 0, MATCHED=matched is not None, num_warps=warps,
+            num_stages=stages, **consts,
+        )  # fmt: skip
+    if matched is not None:  # the zeros' part of the scale (kernels.projection_matched)
+        from frugal_dist.kernels.projection_matched import launch_fix
+
+        launch_fix(w_table, g_table, Gv[0].stride(), P, X, matched, m, n, side, c_f=c_f,
+                   consts=consts, bm=bm, bn=bn, bk=bk, warps=warps, stages=stages)  # fmt: skip
 
 
 def fused_down(

@@ -51,9 +51,23 @@ held by both ranks) is counted by the rank holding the row's first entry, and a 
 replicated (r, n) U by rank 0 only. F itself is computed twice on fragments (for the sums, then
 for the update) so that no full-size temporary is kept across parameters.
 
-Speed: the items of a ``matched`` group take the per-item torch path (``apply_one``); the Triton
-apply kernels (coordinate ``coordinate_adamw_apply_``, ``projection_batch``) take the host
-scale s_i, not a per-tensor device scale. s_t is computed on the device (no host sync).
+Speed: s_t is computed on the device (no host sync) on every path.
+
+* Projections, whole float32 matrices with a ``signsgd`` (or ``none``) residual, replicated
+  (not fragments), on CUDA with Triton (``kernels="auto"``, every ``proj_precision``: fp32 too,
+  which the ``fixed`` scale runs as ``bmm``) or with ``kernels="triton"``: the batched path of
+  ``optim.projection_batch`` (batched down, fused AdamW state, fused apply), the apply kernel
+  reading ||U_b|| from a device array and counting the exact zeros of sign(R) in the same pass,
+  then a correction launch that exits on the device unless a matrix had zeros
+  (``kernels.projection_matched``: the equation, why it is exact, its cost -- per batch one
+  ``vector_norm`` over the compact U, one counter memset, one early-exit launch).
+* The per-item torch path (``apply_one``) elsewhere: coordinates (the fused
+  ``coordinate_adamw_apply_`` takes the host scale s_i), an ``sgd`` residual (sum R^2 is needed
+  before any entry is applied: a separate pass over R), the sign vote
+  (``residual_comm="sign"`` / ``"hierarchical"``: G_sf and the residual's voted signs are
+  precomputed per item, and vote ties give zeros often), fragments (the sums are all-reduced
+  across ranks by ``reduce_scales``, before the apply), other dtypes, rank 0, the CPU with
+  ``kernels="auto"`` (unchanged, the comparison for the batched path).
 """
 
 from __future__ import annotations
@@ -76,6 +90,12 @@ FREE_SCALES = ("fixed", "matched")
 def matched(group: Mapping[str, Any]) -> bool:
     """The group's split parameters take the magnitude-matched state-free step."""
     return group.get("free_scale") == "matched" and group.get("algorithm") == "frugal"
+
+
+def fragments(ctx: StepContext) -> bool:
+    """A bound layout at world > 1: ``matched`` items take the per-item path there
+    (``reduce_scales`` all-reduces their sums, walking the per-item lists on every rank)."""
+    return ctx.layout is not None and ctx.world > 1
 
 
 def check_free_scale(group: Mapping[str, Any], where: str) -> None:
@@ -128,7 +148,7 @@ def reduce_scales(ctx: StepContext, routed: list[GroupApply]) -> None:
     coalesced all-reduce(sum) of the (sum U^2, sum F^2) pairs over ``process_group``,
     8 B per tensor; stored in ``Item.free_scale``. Every rank walks the same items (layouts give
     empty fragments a view). A no-op elsewhere."""
-    if ctx.layout is None or ctx.world == 1:
+    if not fragments(ctx):
         return
     its = [it for ga in routed if matched(ga.group) for it in ga.batches.rest]
     if not its:

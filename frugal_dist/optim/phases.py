@@ -36,9 +36,10 @@
               pure state-free updates go through ``free_apply_``, whole projection matrices
               through ``apply_projection`` per (shape, side, rank) batch -- these fold the weight
               decay; the rest decays first, then applies (``optim.fast_apply``,
-              ``optim.projection_batch``). ``free_scale="matched"`` groups go per item; on
-              fragments their scales first take one all-reduce of 8 B per tensor
-              (``optim.free_scale``)
+              ``optim.projection_batch``). ``free_scale="matched"``: whole projection
+              matrices on the Triton path are batched (device scale,
+              ``kernels.projection_matched``), the other items go per item; on fragments
+              their scales first take one all-reduce of 8 B per tensor (``optim.free_scale``)
 
 At world size 1 every collective is skipped and the pipeline is the plain FRUGAL step.
 """

@@ -38,9 +38,13 @@ backend: per-matrix bfloat16 GEMMs) or ``kernels="triton"`` (interpreter tests).
 
 Which items: projection items with r > 0 of whole (unsharded) float32 contiguous matrices whose
 G_sf is not precomputed by the sign vote, in groups with an elementwise state-free rule (not
-``free_scale="matched"`` or ``state_free="swan"``). Fragments (flat ZeRO layouts, FSDP rows),
-other dtypes and rho = 0 keep the per-item path of ``kinds.projection``, whose CUDA GEMMs run at
-the group's precision too (``gemm_precision``; ``bf16`` as TF32 there). Communication: none.
+``state_free="swan"``, whose F needs the whole matrix: ``optim.matrix_free``);
+``free_scale="matched"`` groups only with a ``signsgd`` / ``none`` residual and the ``triton``
+backend (at every precision, fp32 included: the device scale lives in the Triton apply,
+``kernels.projection_matched``), and not on fragments (``kinds.projection.route``). Fragments
+(flat ZeRO layouts, FSDP rows), other dtypes and rho = 0 keep the per-item path of
+``kinds.projection``, whose CUDA GEMMs run at the group's precision too (``gemm_precision``;
+``bf16`` as TF32 there). Communication: none.
 """
 
 from __future__ import annotations
@@ -70,8 +74,8 @@ if TYPE_CHECKING:  # triton is optional: kernels.projection_state imports it
 def projection_backend(it: Item, kernels: str) -> str | None:
     """The ``kernels.projection`` backend for this projection item, or None: the per-item
     path."""
-    if it.sel is None or it.free_done or it.sel.rank == 0 or matched(it.group):
-        return None  # matched: a per-tensor device scale, the per-item path (optim.free_scale)
+    if it.sel is None or it.free_done or it.sel.rank == 0:
+        return None
     if it.group["state_free"] in MATRIX_FREE_RULES:
         return None  # swan: F of the whole matrix, the per-item path (optim.matrix_free)
     data = it.view.data
@@ -79,6 +83,11 @@ def projection_backend(it: Item, kernels: str) -> str | None:
         return None
     if data.numel() == 0:
         return None
+    if matched(it.group):  # the Triton apply scales per matrix on the device, at every precision
+        if it.group["state_free"] not in ("signsgd", "none"):
+            return None  # sgd: sum R^2 is needed before the apply (optim.free_scale)
+        cuda_auto = kernels == "auto" and data.device.type == "cuda" and triton_available()
+        return "triton" if kernels == "triton" or cuda_auto else None
     precision = group_precision(it.group, data.device)
     if kernels == "triton":
         return "triton"
@@ -420,7 +429,7 @@ def apply_batched(
             U, sub[0].sel.side,
             lr=lr, weight_decay=wd, s_p=group["proj_params_lr_scale"],
             s_i=group["inactive_lr_scale"], rule=group["state_free"],
-            precision=b.precision, backend=b.backend,
+            precision=b.precision, backend=b.backend, matched=matched(group),
         )  # fmt: skip
         if not direct:
             for it in sub:

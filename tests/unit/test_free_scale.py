@@ -178,10 +178,11 @@ def test_other_groups_are_unaffected():
     reason="needs TRITON_INTERPRET=1, triton",
 )
 @pytest.mark.parametrize("name", ["svd-right", "random", "columns", "rows"])
-def test_matched_with_triton_kernels_takes_the_torch_path(name):
-    """``kernels="triton"`` (the CUDA routing, interpreted): matched items are neither fused
-    (coordinates) nor batched (projections), so they match the oracle as on the torch path,
-    step plans included."""
+def test_matched_with_triton_kernels_matches_oracle(name):
+    """``kernels="triton"`` (the CUDA routing, interpreted): matched projections take the batched
+    kernels (``kernels.projection_matched``; against the per-item path:
+    tests/unit/test_projection_matched.py), coordinates the per-item path; both match the
+    oracle, step plans included."""
     kw = {**COMMON, **CASES[name], "proj_precision": "fp32"}
     tol = 1e-4 if CASES[name].get("proj_type") == "svd" else 1e-5
     ps = make_params()

@@ -53,7 +53,7 @@ from frugal_dist.kernels.refresh import random_bases
 from frugal_dist.optim.density_schedule import density_at
 from frugal_dist.optim.engine_hooks import logical_shape
 from frugal_dist.optim.fast_apply import can_batch, local_matrix
-from frugal_dist.optim.free_scale import item_scale, matched
+from frugal_dist.optim.free_scale import fragments, item_scale, matched
 from frugal_dist.optim.kinds.base import SubspaceKind
 from frugal_dist.optim.matrix_free import whole_matrix
 from frugal_dist.optim.moment_transfer import basis_change, rotate_moments
@@ -190,7 +190,10 @@ class Projection(SubspaceKind):
     def state_batched(
         self, its: list[Item], ctx: StepContext, clip: Tensor | None = None
     ) -> set[int]:
-        # whole matrices of an AdamW group: one fused kernel per batch (optim.projection_batch)
+        # whole matrices of an AdamW group: one fused kernel per batch (optim.projection_batch);
+        # matched on fragments: the per-item apply reads float32 U (optim.free_scale)
+        if matched(its[0].group) and fragments(ctx):
+            return set()
         return state_batched(its, ctx.kernels, sharded=ctx.sharded, memo=ctx.batch_memo,
                              clip=clip)  # fmt: skip
 
@@ -208,10 +211,10 @@ class Projection(SubspaceKind):
     def route(self, it: Item, ctx: StepContext, batches: ApplyBatches) -> None:
         group = it.group
         batchable = can_batch(it)
-        if matched(group) or self.free_rule(group) in MATRIX_FREE_RULES:
-            # a per-tensor device scale (optim.free_scale), or a whole-matrix F (matrix_free):
-            # the per-item path
-            batches.rest.append(it)
+        if self.free_rule(group) in MATRIX_FREE_RULES:
+            batches.rest.append(it)  # a whole-matrix F (optim.matrix_free): the per-item path
+        elif matched(group) and (fragments(ctx) or projection_backend(it, ctx.kernels) is None):
+            batches.rest.append(it)  # the per-item scale (optim.free_scale)
         elif batchable and group["inactive_lr_scale"] == 1.0 and it.sel.rank == 0:  # rho = 0
             batches.free.append((it, self.free_rule(group), group["proj_params_lr_scale"]))
         elif projection_backend(it, ctx.kernels) is not None:
