@@ -9,7 +9,13 @@ import torch
 import torch.distributed as dist
 
 from frugal_dist import FRUGAL
-from tests.distributed.workers import groups, mean_grads, named_params, rank_grads
+from tests.distributed.workers import (
+    groups,
+    mean_grads,
+    named_params,
+    set_synthetic_grads,
+    synthetic_setup,
+)
 
 COMMON = dict(lr=1e-2, density=0.4, update_gap=2, weight_decay=0.01, refresh_policy="loss",
               update_gap_max=8, refresh_threshold=0.02)  # fmt: skip
@@ -31,24 +37,10 @@ def loss_run(rank: int, world: int, steps: int, opt_kw: dict, mode: str) -> dict
     "ddp" (mean gradients, sharded state) or "single" (one process, mean gradients). The loss
     observed is the all-reduced mean of the ranks' losses (as the train loop logs it), or the
     same mean computed in one process."""
-    split, full = named_params()
-    params = split + full
-    shapes = [tuple(p.shape) for p in params]
-    dist_kw = {}
-    if mode == "optimizer":
-        dist_kw = dict(reduce_gradients=True, shard_state=True)
-    elif mode == "ddp":
-        dist_kw = dict(shard_state=True)
-    opt = FRUGAL(groups(split, full), **dist_kw, **opt_kw)
+    split, params, opt = synthetic_setup(mode, opt_kw)
     refreshes: list[list[int]] = [[] for _ in split]
     for step in range(steps):
-        grads = (
-            rank_grads(step, rank, shapes)
-            if mode == "optimizer"
-            else mean_grads(step, world, shapes)
-        )
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
+        set_synthetic_grads(params, step, rank, world, mode)
         before = [int(opt.state[p]["refresh_k"].item()) if p in opt.state else -1 for p in split]
         opt.step()
         for i, p in enumerate(split):

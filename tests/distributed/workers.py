@@ -41,27 +41,36 @@ def mean_grads(step: int, world: int, shapes) -> list[torch.Tensor]:
     return [sum(gs[i] for gs in per) / world for i in range(len(shapes))]
 
 
-def synthetic_run(rank: int, world: int, steps: int, opt_kw: dict, mode: str) -> dict[str, Any]:
-    """``mode``: "optimizer" -- each rank sets its own gradient and FRUGAL reduces;
-    "ddp" -- gradients arrive averaged (as DDP hands them); "single" -- one process, mean grads."""
+def synthetic_setup(mode: str, opt_kw: dict) -> tuple[list, list, FRUGAL]:
+    """(split params, all params, FRUGAL) of a synthetic run: ``mode`` "optimizer" -- FRUGAL
+    reduces each rank's own gradients, sharded state; "ddp" -- gradients arrive averaged,
+    sharded state; "single" -- one process."""
     split, full = named_params()
-    params = split + full
-    shapes = [tuple(p.shape) for p in params]
     dist_kw = {}
     if mode == "optimizer":
         dist_kw = dict(reduce_gradients=True, shard_state=True)
     elif mode == "ddp":
         dist_kw = dict(shard_state=True)
-    opt = FRUGAL(groups(split, full), **dist_kw, **opt_kw)
+    return split, split + full, FRUGAL(groups(split, full), **dist_kw, **opt_kw)
+
+
+def set_synthetic_grads(params: list, step: int, rank: int, world: int, mode: str) -> None:
+    """Step ``step``'s gradients: this rank's own ("optimizer") or the ranks' mean (else)."""
+    shapes = [tuple(p.shape) for p in params]
+    grads = (
+        rank_grads(step, rank, shapes) if mode == "optimizer" else mean_grads(step, world, shapes)
+    )
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+def synthetic_run(rank: int, world: int, steps: int, opt_kw: dict, mode: str) -> dict[str, Any]:
+    """``mode``: "optimizer" -- each rank sets its own gradient and FRUGAL reduces;
+    "ddp" -- gradients arrive averaged (as DDP hands them); "single" -- one process, mean grads."""
+    split, params, opt = synthetic_setup(mode, opt_kw)
     comm = []
     for step in range(steps):
-        grads = (
-            rank_grads(step, rank, shapes)
-            if mode == "optimizer"
-            else mean_grads(step, world, shapes)
-        )
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
+        set_synthetic_grads(params, step, rank, world, mode)
         opt.step()
         opt.observe_loss(FLAT_LOSS)  # refresh_policy="loss": the same on every rank
         comm.append(opt.comm_stats()["last_step"])
