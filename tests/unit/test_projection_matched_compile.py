@@ -8,19 +8,13 @@ accepts them. Runs where triton with its NVIDIA backend imports and the interpre
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
-triton = pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("the interpreter replaces compiled kernels", allow_module_level=True)
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError:  # pragma: no cover - another triton layout
-    pytest.skip("triton without ASTSource / GPUTarget", allow_module_level=True)
+from tests.triton_compile import ptx_sm90, require_compiler  # noqa: E402
+
+triton = require_compiler()
 
 import triton.language as tl  # noqa: E402
 
@@ -48,15 +42,7 @@ def _ptx(fn, consts: dict, operand: str = "*bf16", warps: int = 4) -> str:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-    src = ASTSource(fn, sig, consts)
-    try:
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": warps})  # fmt: skip
-    except RuntimeError as exc:  # no ptxas / backend for the target on this machine
-        if "ptxas" in str(exc).lower():
-            pytest.skip(f"no ptxas: {exc}")
-        raise
-    return kernel.asm["ptx"]
+    return ptx_sm90(fn, sig, consts, num_warps=warps)
 
 
 BF16 = dict(G_ELEM=tl.float32, PREC="tf32", OP=tl.bfloat16)

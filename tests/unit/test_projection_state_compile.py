@@ -9,26 +9,19 @@ machine); skipped otherwise."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 
 import pytest
 
-triton = pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("the interpreter replaces compiled kernels", allow_module_level=True)
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError:  # pragma: no cover - another triton layout
-    pytest.skip("triton without ASTSource / GPUTarget", allow_module_level=True)
+from tests.triton_compile import ALIGNED, ptx_sm90, require_compiler  # noqa: E402
+
+triton = require_compiler()
 
 import triton.language as tl  # noqa: E402
 
 from frugal_dist.kernels import projection_state as ps  # noqa: E402
 
-D16 = [["tt.divisibility", 16]]
 ARGS = ("m_addrs", "v_addrs", "coef", "x_ptr", "u_ptr", "xo_ptr", "A", "C", "s_xb", "s_xa",
         "s_xc", "s_ub", "s_ua", "s_uc", "s_ob", "s_oa", "s_oc", "ibc1_all", "ibc2s_all", "w1",
         "one_minus_w1", "b2", "w2", "eps", "clip")  # fmt: skip
@@ -50,25 +43,18 @@ def _global_accesses(left: bool, bf16: bool, clip: bool, aligned: bool) -> Count
     sig, attrs = {}, {}
     for i, name in enumerate(ARGS):
         if name in ptrs:
-            sig[name], attrs[(i,)] = ptrs[name], D16
+            sig[name], attrs[(i,)] = ptrs[name], ALIGNED
         elif ints.get(name) == 1:
             sig[name], consts[name] = "constexpr", 1
         elif name in ints:
             sig[name] = "i32"
             if ints[name] % 16 == 0:
-                attrs[(i,)] = D16
+                attrs[(i,)] = ALIGNED
         else:
             sig[name] = "fp32"
     sig.update({k: "constexpr" for k in consts if k not in sig})
-    src = ASTSource(ps._adamw_state_kernel, sig, consts, attrs)
-    try:
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": ps.NUM_WARPS})  # fmt: skip
-    except RuntimeError as exc:  # no ptxas / backend for the target on this machine
-        if "ptxas" in str(exc).lower():
-            pytest.skip(f"no ptxas: {exc}")
-        raise
-    return Counter(re.findall(r"\b((?:ld|st)\.global(?:\.[a-z0-9]+)*)", kernel.asm["ptx"]))
+    ptx = ptx_sm90(ps._adamw_state_kernel, sig, consts, attrs, num_warps=ps.NUM_WARPS)
+    return Counter(re.findall(r"\b((?:ld|st)\.global(?:\.[a-z0-9]+)*)", ptx))
 
 
 @pytest.mark.parametrize("left,bf16,clip", [(False, False, False), (True, True, True)],

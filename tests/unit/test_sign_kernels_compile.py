@@ -7,36 +7,20 @@ machine); skipped otherwise."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-triton = pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("the interpreter replaces compiled kernels", allow_module_level=True)
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError:  # pragma: no cover - another triton layout
-    pytest.skip("triton without ASTSource / GPUTarget", allow_module_level=True)
+from tests.triton_compile import ALIGNED, ptx_sm90, require_compiler  # noqa: E402
+
+triton = require_compiler()
 
 import triton.language as tl  # noqa: E402
 
 from frugal_dist.kernels import sign_bits_triton as tk  # noqa: E402
 
-ALIGNED = [["tt.divisibility", 16]]
-
 
 def _ptx(fn, signature: dict, constexprs: dict, aligned: list[int], warps: int) -> str:
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
-    src = ASTSource(fn, sig, constexprs, {(i,): ALIGNED for i in aligned})
-    try:
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    except RuntimeError as exc:  # no ptxas / backend for the target on this machine
-        if "ptxas" in str(exc).lower():
-            pytest.skip(f"no ptxas: {exc}")
-        raise
-    return kernel.asm["ptx"]
+    return ptx_sm90(fn, sig, constexprs, {(i,): ALIGNED for i in aligned}, num_warps=warps)
 
 
 def _votes(world: int, bits: int, wide: bool) -> dict:
