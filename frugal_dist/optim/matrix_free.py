@@ -32,7 +32,7 @@ from typing import Any
 from torch import Tensor
 
 from frugal_dist.core.rules import MATRIX_FREE_RULES
-from frugal_dist.optim.param_groups import IN_OUT_ATTR
+from frugal_dist.optim.param_groups import refuse_in_out
 from frugal_dist.optim.step_items import Item
 
 
@@ -54,13 +54,8 @@ def check_group_rule(group: dict[str, Any], where: str) -> None:
             "whitened step would move them too. Use subspace='projection' or 'block' (or "
             "density=0), or state_free='signsgd'"
         )
-    for name, p in zip(group["names"], group["params"]):
-        if getattr(p, IN_OUT_ATTR, False):
-            raise ValueError(
-                f"state_free={rule!r} (in {where}) normalises each row of a weight as nn.Linear "
-                f"stores it (out, in), but {name!r} is a Conv1D weight stored (in, out). Put it "
-                "in a group with state_free='signsgd'"
-            )
+    refuse_in_out(group, where, f"state_free={rule!r} (row-wise GradNorm)",
+                  fix="Put it in a group with state_free='signsgd'")  # fmt: skip
 
 
 def refuse_sign_comm(group: dict[str, Any], residual_comm: str) -> None:

@@ -147,17 +147,24 @@ def pop_group_options(options: dict[str, Any]) -> dict[str, Any]:
     return {key: options.pop(key) for key in ("non_split",) if key in options}
 
 
-def refuse_in_out(group: Mapping[str, Any], where: str, choice: str) -> None:
-    """Refuse ``choice`` (an orientation-dependent option, e.g. ``coord_choice='columns'``) for
-    the group's weights stored (in, out) (see module doc). The subspace kinds say which of
-    their choices depend on the orientation (``SubspaceKind.check_group``)."""
+ORIENTATION_FIX = (
+    "Use coord_choice='randk', proj_side='auto' or subspace='block' for it, or put "
+    "it in its own group (build_param_groups rules) with the transposed choice"
+)
+
+
+def refuse_in_out(group: Mapping[str, Any], where: str, choice: str,
+                  fix: str = ORIENTATION_FIX) -> None:  # fmt: skip
+    """Refuse ``choice`` (an orientation-dependent option, e.g. ``coord_choice='columns'`` or
+    ``state_free='swan'``) for the group's weights stored (in, out) (see module doc), with
+    ``fix`` as the way out. The subspace kinds say which of their choices depend on the
+    orientation (``SubspaceKind.check_group``)."""
     for name, p in zip(group["names"], group["params"]):
         if getattr(p, IN_OUT_ATTR, False):
             raise ValueError(
-                f"{name!r} in {where} is a Conv1D weight stored (in, out), the transpose of "
-                f"nn.Linear's, so {choice} would select the other dimension than for a Linear. "
-                "Use coord_choice='randk', proj_side='auto' or subspace='block' for it, or put "
-                "it in its own group (build_param_groups rules) with the transposed choice"
+                f"{choice} (in {where}) depends on nn.Linear's (out, in) orientation, but "
+                f"{name!r} is a Conv1D weight stored (in, out), the transpose, so it would act "
+                f"on the other dimension. {fix}"
             )
 
 

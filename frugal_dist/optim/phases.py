@@ -304,9 +304,8 @@ def select(ctx: StepContext, items: list[Item]) -> None:
         names: list[str] = []
         fps: list[int] = []
         for it in items:
-            fp = it.kind.fingerprint(it) if it.refresh else None
-            if fp is not None and follows_loss(it.group):  # the next refresh step, too
-                fp = fold_fingerprint(it.group, it.st, fp)
+            # loss policy: the next refresh step folded in too (refresh_schedule)
+            fp = fold_fingerprint(it.group, it.st, it.kind.fingerprint(it)) if it.refresh else None
             if fp is not None:
                 names.append(it.name)
                 fps.append(fp)
