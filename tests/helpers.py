@@ -31,3 +31,26 @@ def set_grads(params, grads) -> None:
 
 def max_diff(a, b) -> float:
     return max((x.detach().float() - y.detach().float()).abs().max().item() for x, y in zip(a, b))
+
+
+def count_matched_launches(monkeypatch) -> dict[str, int]:
+    """From now on, count ``kernels.projection_matched.launch_fix`` launches (``"fix"``) and
+    per-item projection applies (``"item"``, ``Projection.apply_one``) in the returned dict:
+    which path a ``free_scale="matched"`` projection step took (needs triton)."""
+    from frugal_dist.kernels import projection_matched as pm
+    from frugal_dist.optim.kinds.projection import Projection
+
+    calls = {"fix": 0, "item": 0}
+    fix, item = pm.launch_fix, Projection.apply_one
+
+    def count_fix(*a, **k):
+        calls["fix"] += 1
+        return fix(*a, **k)
+
+    def count_item(self, it, ctx):
+        calls["item"] += 1
+        return item(self, it, ctx)
+
+    monkeypatch.setattr(pm, "launch_fix", count_fix)
+    monkeypatch.setattr(Projection, "apply_one", count_item)
+    return calls

@@ -12,7 +12,14 @@ import torch
 
 from frugal_dist import FRUGAL
 from frugal_dist.core.reference import ReferenceFRUGAL
-from tests.helpers import clone_params, grad_stream, make_params, max_diff, set_grads
+from tests.helpers import (
+    clone_params,
+    count_matched_launches,
+    grad_stream,
+    make_params,
+    max_diff,
+    set_grads,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -72,22 +79,7 @@ def _grads(step: int) -> list[torch.Tensor]:
 def _batched_vs_item(kw: dict, steps: int, monkeypatch, clip: float | None = None):
     """Per step, the differences |batched - per-item| of every entry, and the batched run's
     ``launch_fix`` calls and per-item projection applies."""
-    from frugal_dist.kernels import projection_matched as pm
-    from frugal_dist.optim.kinds.projection import Projection
-
-    calls = {"fix": 0, "item": 0}
-    fix, item = pm.launch_fix, Projection.apply_one
-
-    def count_fix(*a, **k):
-        calls["fix"] += 1
-        return fix(*a, **k)
-
-    def count_item(self, it, ctx):
-        calls["item"] += 1
-        return item(self, it, ctx)
-
-    monkeypatch.setattr(pm, "launch_fix", count_fix)
-    monkeypatch.setattr(Projection, "apply_one", count_item)
+    calls = count_matched_launches(monkeypatch)
     ps = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(BATCH_SHAPES)]
     qs = clone_params(ps)
     fast = FRUGAL([{"params": ps, "names": BATCH_NAMES}], kernels="auto", **kw)

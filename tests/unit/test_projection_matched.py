@@ -16,7 +16,7 @@ import torch
 from frugal_dist import FRUGAL
 from frugal_dist.kernels.projection import apply_projection, project_down
 from frugal_dist.kernels.refresh import random_bases
-from tests.helpers import clone_params, make_params, max_diff, set_grads
+from tests.helpers import clone_params, count_matched_launches, make_params, max_diff, set_grads
 from tests.triton_marks import needs_interpreter
 
 BASE = (32, 32, 16, 4, 1)
@@ -152,22 +152,7 @@ def _run_pair(kw, steps, zero_lines=0, clip=None, monkeypatch=None):
     """The same run with ``kernels="triton"`` (batched) and ``"auto"`` (the CPU per-item path):
     (the largest parameter difference after each step, per step of the batched run its
     (``launch_fix`` launches, per-item projection applies))."""
-    from frugal_dist.kernels import projection_matched as pm
-    from frugal_dist.optim.kinds.projection import Projection
-
-    calls = {"fix": 0, "item": 0}
-    fix, item = pm.launch_fix, Projection.apply_one
-
-    def count_fix(*a, **k):
-        calls["fix"] += 1
-        return fix(*a, **k)
-
-    def count_item(self, it, ctx):
-        calls["item"] += 1
-        return item(self, it, ctx)
-
-    monkeypatch.setattr(pm, "launch_fix", count_fix)
-    monkeypatch.setattr(Projection, "apply_one", count_item)
+    calls = count_matched_launches(monkeypatch)
     ps = make_params(SHAPES)
     qs = clone_params(ps)
     fast = FRUGAL([{"params": ps, "names": NAMES}], kernels="triton", **kw)
